@@ -1,0 +1,173 @@
+"""iLoRA's gated mixture of LoRA experts, written out by hand.
+
+One LoRA pair per adapted linear layer (lora_A: in -> r, lora_B: r -> out). Expert e owns the rank
+slice e*r/E .. (e+1)*r/E, and a per-sample gate g [batch, E] mixes the experts:
+
+    y = W x + b + scaling * sum_e g_e * B_e A_e dropout(x),    scaling = alpha / (r / E)
+
+"einsum" materialises every expert's output [batch, seq, E, out] as iLoRA does; "lean" uses
+sum_e g_e B_e A_e x = B (concat_e g_e A_e x): it gates the rank slices of A x and applies B once,
+so it stores no more than plain LoRA. With one expert both are PEFT's LoRA and need no gate.
+
+The gate comes from the user's item history: a frozen SASRec-like encoder gives a 64-d user vector,
+one router shared by all layers turns it into E weights. A projector maps the same encoder's item
+vectors to the language model's hidden size; they replace the embeddings at the placeholder tokens.
+"""
+import contextlib
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+IMPLS = ("lean", "einsum")
+REC_DIM = 64  # SASRec's hidden size in iLoRA
+MAX_HISTORY = 10
+
+# The gate of the sample batch being computed. It lives only inside a use_gate() scope, never on a
+# module, so nothing from one step can survive into the next through the LoRA layers.
+_gate_stack = []
+
+
+@contextlib.contextmanager
+def use_gate(gate):
+    """Supply `gate` [batch, E] to every GatedLoraLinear called inside this scope."""
+    _gate_stack.append(gate)
+    try:
+        yield gate
+    finally:
+        _gate_stack.pop()
+
+
+def current_gate():
+    return _gate_stack[-1] if _gate_stack else None
+
+
+class GatedLoraLinear(nn.Module):
+    def __init__(self, base: nn.Linear, r=8, alpha=32, n_experts=4, dropout=0.0, impl="lean",
+                 lora_dtype=None):
+        super().__init__()
+        if r < 1 or r % n_experts:
+            raise ValueError(f"r={r} must be a positive multiple of n_experts={n_experts}")
+        if impl not in IMPLS:
+            raise ValueError(f"impl={impl!r}: expected one of {', '.join(IMPLS)}")
+        self.base = base
+        self.r, self.n_experts, self.impl = r, n_experts, impl
+        self.scaling = alpha / (r / n_experts)
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        factory = dict(device=base.weight.device, dtype=lora_dtype or base.weight.dtype)
+        self.lora_A = nn.Linear(base.in_features, r, bias=False, **factory)
+        self.lora_B = nn.Linear(r, base.out_features, bias=False, **factory)
+        # PEFT's initialisation: the adapter starts as an exact no-op.
+        nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
+        nn.init.zeros_(self.lora_B.weight)
+
+    def forward(self, x, gate=None):
+        result = self.base(x)
+        x = self.dropout(x.to(self.lora_A.weight.dtype))
+        if self.n_experts == 1:
+            delta = self.lora_B(self.lora_A(x))
+        else:
+            gate = gate if gate is not None else current_gate()
+            if gate is None:
+                raise RuntimeError(f"GatedLoraLinear with {self.n_experts} experts needs a gate: "
+                                   "call it inside ilora.use_gate(gate) or pass gate=")
+            delta = (_lean if self.impl == "lean" else _einsum)(self, x, gate)
+        return result + (delta * self.scaling).to(result.dtype)
+
+    def extra_repr(self):
+        return f"r={self.r}, n_experts={self.n_experts}, scaling={self.scaling:g}, impl={self.impl}"
+
+
+def _lean(layer, x, gate):
+    a = layer.lora_A(x)                                          # [..., r]
+    a = a.unflatten(-1, (layer.n_experts, -1))                   # [..., E, r/E]
+    gate = gate.to(a.dtype).view(gate.shape[0], *[1] * (a.dim() - 3), layer.n_experts, 1)
+    return layer.lora_B((a * gate).flatten(-2))                  # [..., out]
+
+
+def _einsum(layer, x, gate):
+    # iLoRA's form: every expert's output [batch, seq, E, out] is materialised and saved.
+    a = layer.lora_A(x).unflatten(-1, (layer.n_experts, -1))     # [B, L, E, r/E]
+    b = layer.lora_B.weight.t().unflatten(0, (layer.n_experts, -1))  # [E, r/E, out]
+    per_expert = torch.einsum("blek,eko->bleo", a, b)
+    return (per_expert * gate.to(a.dtype)[:, None, :, None]).sum(dim=2)
+
+
+def add_gated_lora(model, targets=("q_proj", "v_proj"), r=8, alpha=32, n_experts=4, dropout=0.0,
+                   impl="lean", lora_dtype=None):
+    """Replace every nn.Linear named like a target by a GatedLoraLinear, freeze everything else.
+
+    targets: leaf names ("q_proj"), or the single name "all-linear" for every linear layer inside the
+    decoder layers. Returns the qualified names of the replaced layers.
+    """
+    for p in model.parameters():
+        p.requires_grad_(False)
+    wanted = set(targets)
+    replaced = []
+    for name, module in list(model.named_modules()):
+        leaf = name.rpartition(".")[2]
+        if not isinstance(module, nn.Linear) or module is model.get_output_embeddings():
+            continue
+        if leaf in wanted or ("all-linear" in wanted and ".layers." in f".{name}"):
+            parent = model.get_submodule(name.rpartition(".")[0])
+            setattr(parent, leaf, GatedLoraLinear(module, r, alpha, n_experts, dropout, impl,
+                                                  lora_dtype))
+            replaced.append(name)
+    return replaced
+
+
+def linear_names(model):
+    """The leaf names of the linear layers inside the decoder layers (what targets may name)."""
+    return sorted({n.rpartition(".")[2] for n, m in model.named_modules()
+                   if isinstance(m, nn.Linear) and ".layers." in f".{n}"})
+
+
+class SASRec(nn.Module):
+    """A small SASRec-like user encoder: item embeddings + one causal self-attention block.
+
+    Frozen, as in iLoRA where it is pre-trained; its weights here are seeded, which changes no memory.
+    """
+
+    def __init__(self, n_items, dim=REC_DIM, max_len=MAX_HISTORY):
+        super().__init__()
+        self.item_embeddings = nn.Embedding(n_items + 1, dim, padding_idx=0)
+        self.positions = nn.Embedding(max_len, dim)
+        self.block = nn.TransformerEncoderLayer(dim, nhead=1, dim_feedforward=dim, dropout=0.0,
+                                                batch_first=True)
+
+    def forward(self, history, lengths):
+        """history [B, max_len] item ids (0 pads the end), lengths [B] -> user vectors [B, dim]."""
+        steps = history.shape[1]
+        h = self.item_embeddings(history) + self.positions.weight[:steps]
+        causal = torch.triu(torch.full((steps, steps), float("-inf"), device=h.device), 1)
+        h = self.block(h, src_mask=causal)
+        return h[torch.arange(len(h), device=h.device), lengths - 1]
+
+
+class ItemModules(nn.Module):
+    """Everything iLoRA adds around the LoRA layers: the frozen encoder, the router, the projector."""
+
+    def __init__(self, n_items, hidden_size, n_experts):
+        super().__init__()
+        self.sasrec = SASRec(n_items).requires_grad_(False)
+        # One router for all layers (iLoRA's is a small conv stack ending in Linear(64 -> E)).
+        self.router = nn.Linear(REC_DIM, n_experts) if n_experts > 1 else None
+        self.projector = nn.Sequential(nn.Linear(REC_DIM, hidden_size), nn.GELU(),
+                                       nn.Linear(hidden_size, hidden_size))
+
+    def gate(self, history, lengths):
+        """[B, E] expert weights, or None with one expert (plain LoRA needs none)."""
+        if self.router is None:
+            return None
+        with torch.no_grad():
+            user = self.sasrec(history, lengths)
+        return F.softmax(self.router(user), dim=-1)
+
+    def inject(self, embeds, item_ids):
+        """Overwrite embeds [B, L, H] where item_ids [B, L] is non-zero with projected item vectors."""
+        where = item_ids.nonzero(as_tuple=True)
+        with torch.no_grad():
+            item_vectors = self.sasrec.item_embeddings(item_ids[where])
+        projected = self.projector(item_vectors.to(self.projector[0].weight.dtype))
+        return embeds.index_put(where, projected.to(embeds.dtype))

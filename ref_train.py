@@ -1,0 +1,388 @@
+"""The reference trainer: iLoRA on a causal LM in plain PyTorch, with exact memory figures.
+
+    python ref_train.py --bs 2 --seq 128
+
+Trains the gated LoRA (ilora.py) on LLaRA-style prompts (data.py) with AdamW, manual gradient
+checkpointing and Lightning's precision names, and measures every phase with memcheck.Probe. Its
+peak is what the training should cost; compare your own stack's with `memcheck.py diff`.
+Nothing is downloaded: the model comes from a local path or the local Hugging Face cache, and the
+default falls back to opt-125m's architecture with seeded random weights (memory does not depend on
+weight values).
+"""
+import argparse
+import contextlib
+import functools
+import os
+import sys
+import time
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for a hub, even by accident
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+import data
+import ilora
+import memcheck
+
+DEFAULT_MODEL = "facebook/opt-125m"
+PRECISIONS = {  # Lightning's names -> (weights' dtype, autocast dtype or None)
+    "32": (torch.float32, None),
+    "16-mixed": (torch.float32, torch.float16),
+    "bf16-mixed": (torch.float32, torch.bfloat16),
+    "16-true": (torch.float16, None),
+    "bf16-true": (torch.bfloat16, None),
+}
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+MIN_SEQ = 16
+
+
+class UsageError(ValueError):
+    """Bad input: reported in one line with exit code 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, no usage block: the message names the value
+        raise UsageError(message)
+
+
+def build_parser():
+    p = _Parser(description=__doc__.split("\n\n")[0] + " Figures are MiB (2^20 bytes).",
+                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    g = p.add_argument_group("model and data")
+    g.add_argument("--model", default=DEFAULT_MODEL,
+                   help="local directory or a name in the local Hugging Face cache; the default "
+                        "falls back to its architecture with random weights when not cached")
+    g.add_argument("--data", metavar="DIR",
+                   help="a MovieLens-100K directory (u.data, u.item); default: synthetic users")
+    g.add_argument("--no-add-tokens", dest="add_tokens", action="store_false",
+                   help="skip the placeholder tokens and resize_token_embeddings (suspect #1)")
+    g.add_argument("--no-inject-items", dest="inject_items", action="store_false",
+                   help="keep the token embeddings at the placeholders (no item projector)")
+    g.add_argument("--attn", choices=("sdpa", "eager"), default="sdpa",
+                   help="attention kernel: eager stores bs x heads x seq^2 scores")
+    g = p.add_argument_group("shape of the run")
+    g.add_argument("--bs", type=int, default=2, help="batch size")
+    g.add_argument("--seq", type=int, default=128, help="tokens per sample (pad or cut to exactly this)")
+    g.add_argument("--steps", type=int, default=5, help="optimizer steps (>= 3 to see a leak)")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--lr", type=float, default=1e-4)
+    g.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    g = p.add_argument_group("gated LoRA")
+    g.add_argument("--r", type=int, default=8, help="total LoRA rank, shared by the experts")
+    g.add_argument("--alpha", type=float, default=32)
+    g.add_argument("--experts", type=int, default=4, help="experts; each has rank r/experts")
+    g.add_argument("--dropout", type=float, default=0.0, help="LoRA dropout (iLoRA uses 0.1)")
+    g.add_argument("--targets", default="q_proj,v_proj", help="comma list of linear names, or all-linear")
+    g.add_argument("--impl", choices=ilora.IMPLS, default="lean",
+                   help="lean: gate the rank slices, apply B once; einsum: iLoRA's per-expert outputs")
+    g.add_argument("--lora-dtype", choices=("fp32", "match"), default="fp32",
+                   help="fp32 LoRA weights on any model (iLoRA), or the model's dtype")
+    g = p.add_argument_group("memory")
+    g.add_argument("--ckpt", choices=("manual", "hf", "none"), default="manual",
+                   help="gradient checkpointing: per decoder layer in this loop, the model's own, or off")
+    g.add_argument("--precision", choices=tuple(PRECISIONS), default="32",
+                   help="Lightning's precision names; *-mixed keeps fp32 weights under autocast")
+    g.add_argument("--weights-dtype", choices=tuple(DTYPES),
+                   help="override the weights' dtype (bf16 under 16-mixed is iLoRA's setup)")
+    g.add_argument("--loss-chunks", type=int, default=1,
+                   help="compute lm_head + loss over N checkpointed slices of the sequence, so the "
+                        "bs x seq x vocab logits never exist at once")
+    g.add_argument("--max-memory", type=float, metavar="MiB",
+                   help="raise out-of-memory when live tensors pass this (tests the OOM path on CPU)")
+    g.add_argument("--inject-leak", action="store_true",
+                   help="keep every step's gate with its graph in a list, as a careless loop would")
+    g = p.add_argument_group("output")
+    g.add_argument("--report", metavar="PATH", help="write the memcheck JSON report here")
+    g.add_argument("--snapshot", metavar="PATH",
+                   help="CUDA only: dump torch.cuda.memory's snapshot for pytorch.org/memory_viz")
+    g.add_argument("--markdown", action="store_true", help="also print a block for a GitHub issue")
+    return p
+
+
+def parse_args(argv=None):
+    args = build_parser().parse_args(argv)
+    checks = [
+        (args.bs >= 1, f"--bs {args.bs}: must be 1 or more"),
+        (args.seq >= MIN_SEQ, f"--seq {args.seq}: must be {MIN_SEQ} or more"),
+        (args.steps >= 1, f"--steps {args.steps}: must be 1 or more"),
+        (args.r >= 1, f"--r {args.r}: must be 1 or more"),
+        (args.experts >= 1, f"--experts {args.experts}: must be 1 or more"),
+        (args.r % max(args.experts, 1) == 0,
+         f"--r {args.r}: must be divisible by --experts {args.experts} (each expert owns r/experts rows)"),
+        (0 <= args.dropout < 1, f"--dropout {args.dropout}: must be in [0, 1)"),
+        (args.loss_chunks >= 1, f"--loss-chunks {args.loss_chunks}: must be 1 or more"),
+        (args.max_memory is None or args.max_memory > 0,
+         f"--max-memory {args.max_memory}: must be a positive number of MiB"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise UsageError(message)
+    if args.device == "auto":
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda: this torch build sees no CUDA device; use --device cpu or auto")
+    if args.snapshot and args.device != "cuda":
+        raise UsageError(f"--snapshot {args.snapshot}: needs --device cuda (the snapshot is the CUDA "
+                         "allocator's history)")
+    if args.model != DEFAULT_MODEL and (os.sep in args.model or args.model.startswith(".")) \
+            and not os.path.isdir(args.model):
+        raise UsageError(f"--model {args.model}: no such directory")
+    if args.data is not None and not os.path.isdir(args.data):
+        raise UsageError(f"--data {args.data}: no such directory (expected MovieLens-100K's u.data, u.item)")
+    args.targets = tuple(t for t in args.targets.split(",") if t)
+    return args
+
+
+def dtypes(args):
+    """(weights' dtype, autocast dtype or None) for the precision and the override."""
+    weights, autocast = PRECISIONS[args.precision]
+    return DTYPES.get(args.weights_dtype, weights), autocast
+
+
+# ---------------------------------------------------------------- model, tokenizer, data
+
+def load_model(args, weights_dtype):
+    """(model, tokenizer or None, a line saying where the weights came from). Never downloads."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer, OPTConfig, OPTForCausalLM
+    from transformers.utils import logging
+
+    logging.set_verbosity_error()  # keep the output to the figures; errors still show
+
+    try:
+        model = AutoModelForCausalLM.from_pretrained(args.model, local_files_only=True,
+                                                     dtype=weights_dtype, attn_implementation=args.attn)
+    except OSError as e:
+        if args.model != DEFAULT_MODEL:
+            raise UsageError(f"--model {args.model}: not a local model directory and not in the local "
+                             f"Hugging Face cache ({_hf_cache()}); nothing is downloaded") from e
+        torch.manual_seed(args.seed)
+        config = OPTConfig(attn_implementation=args.attn)  # OPTConfig()'s defaults are opt-125m's
+        model = OPTForCausalLM(config).to(weights_dtype)
+        return model, None, (f"model: {DEFAULT_MODEL} is not in the local cache ({_hf_cache()}); using "
+                             "its architecture from OPTConfig() with seeded random weights "
+                             "(memory does not depend on weight values)")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(args.model, local_files_only=True)
+    except (OSError, ValueError):
+        tokenizer = None
+    return model, tokenizer, f"model: {args.model} from local files"
+
+
+def _hf_cache():
+    from huggingface_hub.constants import HF_HUB_CACHE
+    return HF_HUB_CACHE
+
+
+def prepare_vocabulary(model, tokenizer, stand_in):
+    """Add the placeholder tokens and resize the embeddings, as the real stack does.
+
+    A stand-in tokenizer trained here has a small vocabulary of its own, so the model keeps its size
+    and grows by the added tokens, as it would with its real tokenizer.
+    """
+    added = data.add_special_tokens(tokenizer)
+    model.resize_token_embeddings(model.config.vocab_size + added if stand_in else len(tokenizer))
+
+
+def decoder_layers(model):
+    n_layers = model.config.num_hidden_layers
+    for module in model.modules():
+        if isinstance(module, nn.ModuleList) and len(module) == n_layers:
+            return module
+    raise UsageError(f"--model {model.name_or_path}: no list of {n_layers} decoder layers found")
+
+
+def checkpoint_layers(model):
+    """Manual gradient checkpointing: each decoder layer keeps only its inputs for backward.
+
+    The gate goes through torch.utils.checkpoint as an input, so the recomputation in backward runs
+    under the same gate even though the use_gate() scope of the forward pass has closed.
+    """
+    for layer in decoder_layers(model):
+        layer.forward = functools.partial(_checkpointed, layer.forward)
+
+
+def _checkpointed(forward, *args, **kwargs):
+    def run(gate, *args):
+        with ilora.use_gate(gate):
+            return forward(*args, **kwargs)
+    return checkpoint(run, ilora.current_gate(), *args, use_reentrant=False)
+
+
+def build(args):
+    """Everything the loop needs, built in the order the real stack builds it."""
+    weights_dtype, _ = dtypes(args)
+    device = torch.device(args.device)
+    model, tokenizer, source = load_model(args, weights_dtype)
+    max_positions = model.config.max_position_embeddings
+    if args.seq > max_positions:
+        raise UsageError(f"--seq {args.seq}: {args.model} holds at most {max_positions} positions")
+    known = ilora.linear_names(model)
+    unknown = [t for t in args.targets if t != "all-linear" and t not in known]
+    if unknown or not args.targets:
+        raise UsageError(f"--targets {','.join(args.targets) or '(empty)'}: unknown "
+                         f"{', '.join(unknown) or 'list'}; the decoder's linear layers are "
+                         f"{', '.join(known)}, or all-linear")
+    titles, samples = (data.movielens_catalogue(args.data, args.seed) if args.data
+                       else data.synthetic_catalogue(args.seed))
+    stand_in = tokenizer is None
+    if stand_in:
+        tokenizer = data.train_tokenizer(titles)
+    if args.add_tokens:
+        prepare_vocabulary(model, tokenizer, stand_in)
+    model.to(device)
+    lora_dtype = torch.float32 if args.lora_dtype == "fp32" else None
+    torch.manual_seed(args.seed)
+    adapted = ilora.add_gated_lora(model, args.targets, args.r, args.alpha, args.experts,
+                                   args.dropout, args.impl, lora_dtype)
+    items = ilora.ItemModules(max(titles), model.get_input_embeddings().embedding_dim, args.experts)
+    items.to(device=device, dtype=lora_dtype or weights_dtype)
+    if args.ckpt == "manual":
+        checkpoint_layers(model)
+    elif args.ckpt == "hf":
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    items.train()
+    ids = data.placeholder_ids(tokenizer, args.add_tokens)
+    batches = data.batches(samples, titles, tokenizer, args.bs, args.seq, ids, args.seed)
+    return model, items, batches, source, adapted
+
+
+# ---------------------------------------------------------------- the step
+
+def lm_loss(head, hidden, labels, chunks=1):
+    """Mean next-token cross-entropy over the labelled positions, optionally in sequence chunks.
+
+    With chunks > 1 each slice's logits are made, used and dropped inside a checkpoint, and made
+    again in backward: only one slice of bs x seq x vocab logits exists at a time.
+    """
+    hidden, labels = hidden[:, :-1], labels[:, 1:]
+    n_targets = (labels != data.IGNORE).sum()
+    if chunks == 1:
+        return _loss_sum(head, hidden, labels) / n_targets
+    total = sum(checkpoint(_loss_sum, head, h, y, use_reentrant=False)
+                for h, y in zip(hidden.tensor_split(chunks, dim=1), labels.tensor_split(chunks, dim=1)))
+    return total / n_targets
+
+
+def _loss_sum(head, hidden, labels):
+    logits = head(hidden).float()  # the loss in fp32, as transformers computes it
+    return F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=data.IGNORE,
+                           reduction="sum")
+
+
+def forward_loss(model, items, batch, args):
+    embeds = model.get_input_embeddings()(batch["input_ids"])
+    if args.inject_items:
+        embeds = items.inject(embeds, batch["item_ids"])
+    hidden = model.get_decoder()(inputs_embeds=embeds, attention_mask=batch["attention_mask"],
+                                 use_cache=False).last_hidden_state
+    return lm_loss(model.get_output_embeddings(), hidden, batch["labels"], args.loss_chunks)
+
+
+def train_step(model, items, optimizer, scaler, batch, args, probe, leaked):
+    """One optimizer step, each phase measured. Returns the loss as a float, for logging only."""
+    _, autocast_dtype = dtypes(args)
+    batch = {k: v.to(args.device) for k, v in batch.items()}
+    with probe.phase("forward"), torch.autocast(args.device, autocast_dtype,
+                                                enabled=autocast_dtype is not None):
+        gate = items.gate(batch["history"], batch["history_len"])
+        with ilora.use_gate(gate):
+            loss = forward_loss(model, items, batch, args)
+    if args.inject_leak and gate is not None:
+        leaked.append(gate)  # the careless pattern: a list that outlives the step
+    # The model's own checkpointing (--ckpt hf) recomputes layers in backward and finds the gate
+    # through the scope, so backward runs inside it too.
+    with probe.phase("backward"), ilora.use_gate(gate):
+        scaler.scale(loss).backward()
+    with probe.phase("optimizer"):
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+    return loss.item()
+
+
+# ---------------------------------------------------------------- the run
+
+def count_params(*modules):
+    params = {id(p): p for m in modules for p in m.parameters()}.values()
+    trainable = sum(p.numel() for p in params if p.requires_grad)
+    return trainable, sum(p.numel() for p in params) - trainable
+
+
+def train(args, log=print):
+    """Train and measure; returns the report dict (also written to --report, even on OOM)."""
+    config = {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(args).items()}
+    probe = memcheck.Probe(device=args.device, max_memory_mib=args.max_memory, config=config)
+    if args.snapshot:
+        torch.cuda.memory._record_memory_history(max_entries=200_000)
+    extra = {}
+    leaked = []
+    try:
+        with probe:
+            with probe.phase("load"):
+                model, items, batches, source, adapted = build(args)
+                trainable = [p for m in (model, items) for p in m.parameters() if p.requires_grad]
+                optimizer = torch.optim.AdamW(trainable, lr=args.lr)
+                scaler = torch.amp.GradScaler(args.device, enabled=args.precision == "16-mixed")
+                modules = nn.ModuleDict({"lm": model, "ilora": items})
+                probe.attach(modules, optimizer)
+            log(source)
+            n_trainable, n_frozen = count_params(modules)
+            extra["params"] = {"trainable": n_trainable, "frozen": n_frozen, "adapted": len(adapted)}
+            log(f"adapted {len(adapted)} linear layers ({', '.join(args.targets)}), "
+                f"r={args.r}, experts={args.experts}, impl={args.impl}, ckpt={args.ckpt}, "
+                f"precision={args.precision}, weights={dtypes(args)[0]}, device={args.device}")
+            torch.manual_seed(args.seed)
+            for _ in range(args.steps):
+                loss = train_step(model, items, optimizer, scaler, next(batches), args, probe, leaked)
+                s = probe.step(loss)
+                log(f"step {s['step']:>3} | loss {s['loss']:.4f} | {s['seconds'] * 1e3:7.0f} ms | "
+                    f"live {memcheck.mib(s['live_bytes']):>7} MiB | peak {memcheck.mib(s['peak_bytes']):>7} MiB")
+    except torch.OutOfMemoryError:
+        log(f"OUT OF MEMORY in {probe.oom['phase']} at step {probe.oom['step']}: {probe.oom['message']}")
+        raise
+    finally:
+        if args.snapshot and torch.cuda.is_available():
+            torch.cuda.memory._dump_snapshot(args.snapshot)
+            torch.cuda.memory._record_memory_history(enabled=None)
+        report = dict(probe.report(), **extra)
+        if args.report:
+            memcheck.write_report(args.report, report)
+    return report
+
+
+def summary(report):
+    lines = [f"peak {memcheck.mib(report['peak_bytes'])} MiB in {report['peak_phase']}"]
+    for name in memcheck.PHASES:
+        stats = report["phases"].get(name)
+        if stats:
+            lines.append(f"  after {name:<9} {memcheck.mib(stats['live_bytes']):>8} MiB live, "
+                         f"{memcheck.mib(stats['peak_bytes']):>8} MiB peak")
+    lines.append("  at the peak: " + ", ".join(f"{k} {memcheck.mib(v)}" for k, v in
+                                               report["categories"].items() if v))
+    params = report.get("params")
+    if params:
+        lines.append(f"  parameters: {params['trainable']:,} trainable, {params['frozen']:,} frozen")
+    leak = report["leak"]
+    lines.append(f"  leak: {'GROWS ' + format(leak['bytes_per_step'], ',.0f') + ' bytes per step' if leak['detected'] else 'none'}")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    try:
+        args = parse_args(argv)
+        report = train(args)
+    except (UsageError, data.DataError) as e:
+        print(f"{os.path.basename(sys.argv[0])}: error: {e}", file=sys.stderr)
+        return 2
+    except torch.OutOfMemoryError:
+        return 1
+    print(summary(report))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
