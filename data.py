@@ -52,15 +52,16 @@ def synthetic_catalogue(seed=0, n_items=SYNTHETIC_ITEMS, n_users=SYNTHETIC_USERS
     samples = []
     for _ in range(n_users):
         items = rng.sample(range(1, n_items + 1), rng.randint(MIN_HISTORY, MAX_HISTORY) + 1)
-        samples.append(_sample(items[:-1], items[-1], n_items, rng))
+        samples.append(_sample(items[:-1], items[-1], range(1, n_items + 1), rng))
     return titles, samples
 
 
-def _sample(history, target, n_items, rng):
+def _sample(history, target, catalogue, rng):
+    """catalogue: the item ids to draw negatives from (any sequence; gaps in the ids are fine)."""
     seen = set(history) | {target}
     negatives = []
     while len(negatives) < N_CANDIDATES - 1:
-        item = rng.randint(1, n_items)
+        item = catalogue[rng.randrange(len(catalogue))]  # rng.randint(1, n)'s stream for 1..n
         if item not in seen:
             seen.add(item)
             negatives.append(item)
@@ -81,10 +82,14 @@ def movielens_catalogue(directory, seed=0):
     titles = {}
     for line_no, line in _lines(os.path.join(directory, "u.item")):
         fields = line.split("|")
-        if len(fields) < 2 or not fields[0].isdigit() or not fields[1]:
-            raise DataError(f"{directory}/u.item line {line_no}: expected 'id|title|...', "
-                            f"got {line[:60]!r}")
+        if len(fields) < 2 or not fields[0].isdigit() or int(fields[0]) < 1 or not fields[1]:
+            # id 0 is the padding id of item_ids and histories
+            raise DataError(f"{directory}/u.item line {line_no}: expected 'id|title|...' with an "
+                            f"id of 1 or more, got {line[:60]!r}")
         titles[int(fields[0])] = fields[1]
+    if len(titles) < MAX_HISTORY + N_CANDIDATES:  # fewer could leave no negatives to draw
+        raise DataError(f"{directory}/u.item: {len(titles)} items; a sample needs up to "
+                        f"{MAX_HISTORY + N_CANDIDATES} distinct ones (history and candidates)")
     ratings = {}
     for line_no, line in _lines(os.path.join(directory, "u.data")):
         fields = line.split()
@@ -96,12 +101,12 @@ def movielens_catalogue(directory, seed=0):
             raise DataError(f"{directory}/u.data line {line_no}: item {item} is not in u.item")
         ratings.setdefault(user, []).append((stamp, item))
     rng = random.Random(seed)
-    n_items = max(titles)
+    catalogue = sorted(titles)  # MovieLens ids are 1..n, but any file's ids may have gaps
     samples = []
     for user in sorted(ratings):
         items = [item for _, item in sorted(ratings[user])]
         if len(items) > MIN_HISTORY:
-            samples.append(_sample(items[-MAX_HISTORY - 1:-1], items[-1], n_items, rng))
+            samples.append(_sample(items[-MAX_HISTORY - 1:-1], items[-1], catalogue, rng))
     if not samples:
         raise DataError(f"{directory}/u.data: no user has more than {MIN_HISTORY} ratings")
     return titles, samples

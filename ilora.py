@@ -79,19 +79,25 @@ class GatedLoraLinear(nn.Module):
         return f"r={self.r}, n_experts={self.n_experts}, scaling={self.scaling:g}, impl={self.impl}"
 
 
+def _per_sample(a, gate, n_experts):
+    # Decoder layers may flatten [batch, seq, d] to [batch * seq, d] (OPT's MLP does): regroup the
+    # rows by sample, so that the gate [batch, E] broadcasts over each sample's tokens.
+    return a.reshape(gate.shape[0], -1, n_experts, a.shape[-1] // n_experts), gate.to(a.dtype)
+
+
 def _lean(layer, x, gate):
-    a = layer.lora_A(x)                                          # [..., r]
-    a = a.unflatten(-1, (layer.n_experts, -1))                   # [..., E, r/E]
-    gate = gate.to(a.dtype).view(gate.shape[0], *[1] * (a.dim() - 3), layer.n_experts, 1)
-    return layer.lora_B((a * gate).flatten(-2))                  # [..., out]
+    a, gate = _per_sample(layer.lora_A(x), gate, layer.n_experts)  # [B, T, E, r/E]
+    gated = (a * gate[:, None, :, None]).reshape(*x.shape[:-1], layer.r)
+    return layer.lora_B(gated)
 
 
 def _einsum(layer, x, gate):
     # iLoRA's form: every expert's output [batch, seq, E, out] is materialised and saved.
-    a = layer.lora_A(x).unflatten(-1, (layer.n_experts, -1))     # [B, L, E, r/E]
+    a, gate = _per_sample(layer.lora_A(x), gate, layer.n_experts)  # [B, T, E, r/E]
     b = layer.lora_B.weight.t().unflatten(0, (layer.n_experts, -1))  # [E, r/E, out]
-    per_expert = torch.einsum("blek,eko->bleo", a, b)
-    return (per_expert * gate.to(a.dtype)[:, None, :, None]).sum(dim=2)
+    per_expert = torch.einsum("btek,eko->bteo", a, b)
+    delta = (per_expert * gate[:, None, :, None]).sum(dim=2)
+    return delta.reshape(*x.shape[:-1], -1)
 
 
 def add_gated_lora(model, targets=("q_proj", "v_proj"), r=8, alpha=32, n_experts=4, dropout=0.0,
@@ -104,10 +110,11 @@ def add_gated_lora(model, targets=("q_proj", "v_proj"), r=8, alpha=32, n_experts
     for p in model.parameters():
         p.requires_grad_(False)
     wanted = set(targets)
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     replaced = []
     for name, module in list(model.named_modules()):
         leaf = name.rpartition(".")[2]
-        if not isinstance(module, nn.Linear) or module is model.get_output_embeddings():
+        if not isinstance(module, nn.Linear) or module is head:  # any nn.Module, not only HF's
             continue
         if leaf in wanted or ("all-linear" in wanted and ".layers." in f".{name}"):
             parent = model.get_submodule(name.rpartition(".")[0])

@@ -34,6 +34,7 @@ CATEGORIES = ("trainable_params", "frozen_params", "gradients", "optimizer_state
               "temporaries")
 TOP_MODULES = 10
 TOP_SURVIVORS = 20
+NO_MODULE = "(no module)"
 
 
 def mib(n_bytes):
@@ -97,7 +98,7 @@ class Tracker(TorchDispatchMode):
         if nbytes == 0 or key in self.live:
             return self.live.get(key)
         self.event += 1
-        module = self.module_stack[-1] if self.module_stack else "-"
+        module = self.module_stack[-1] if self.module_stack else NO_MODULE
         record = _Storage(nbytes, self.event, self.step, self.phase, module, op, tensor)
         record.ref = weakref.ref(storage, lambda _, key=key: self._free(key))
         self.live[key] = record
@@ -145,7 +146,7 @@ class Tracker(TorchDispatchMode):
         by_module = {}
         for r in self.window:
             if r.category == "activations" and r.alive_at(event):
-                where = r.module if r.module != "-" else f"({r.op}, outside any module)"
+                where = r.module if r.module != NO_MODULE else f"({r.op}, outside any module)"
                 by_module[where] = by_module.get(where, 0) + r.nbytes
         ranked = sorted(by_module.items(), key=lambda kv: -kv[1])[:TOP_MODULES]
         return [{"module": m, "bytes": b} for m, b in ranked]
@@ -178,7 +179,7 @@ class Probe:
         self.phases, self.steps, self.oom = {}, [], None
         self.peak = {"peak_bytes": 0}
         self._hooks, self._stack = [], contextlib.ExitStack()
-        self._step_started = None
+        self._step_started, self._step_peak = None, 0
         self._pending = (model, optimizer)
 
     # -- scope
@@ -264,6 +265,8 @@ class Probe:
             stats["peak_bytes"] = torch.cuda.max_memory_allocated(self.device)
             stats["live_bytes"] = torch.cuda.memory_allocated(self.device)
             stats["reserved_bytes"] = torch.cuda.max_memory_reserved(self.device)
+        if name != "load":
+            self._step_peak = max(self._step_peak, stats["peak_bytes"])
         if stats["peak_bytes"] >= self.phases.get(name, {"peak_bytes": -1})["peak_bytes"]:
             self.phases[name] = stats
         else:
@@ -278,15 +281,14 @@ class Probe:
         if self.cuda:
             torch.cuda.synchronize(self.device)
         now = time.perf_counter()
-        step_phases = [p for name, p in self.phases.items()
-                       if p["step"] == self.tracker.step and name != "load"]
         self.steps.append({
             "step": self.tracker.step,
             "loss": None if loss is None else float(loss),
             "seconds": now - (self._step_started or now),
             "live_bytes": self.live_bytes(),
-            "peak_bytes": max((p["peak_bytes"] for p in step_phases), default=self.live_bytes()),
+            "peak_bytes": self._step_peak or self.live_bytes(),
         })
+        self._step_peak = 0
         self.tracker.step += 1
         self._step_started = None
         return self.steps[-1]
@@ -394,3 +396,651 @@ def read_report(path):
     if report["schema"] != SCHEMA:
         raise ReportError(f"{path}: schema {report['schema']!r}, this memcheck reads {SCHEMA!r}")
     return report
+
+
+# ---------------------------------------------------------------- the budget
+
+# Which decoder linears share an input: adapting any of them makes autograd save that input once.
+_SHARED_INPUTS = {"q_proj": "attention input", "k_proj": "attention input", "v_proj": "attention input",
+                  "fc1": "mlp input", "up_proj": "mlp input", "gate_proj": "mlp input"}
+# Inputs autograd saves anyway: the attention output (saved by SDPA) and the MLP activation.
+_ALREADY_SAVED = {"out_proj", "o_proj", "fc2"}
+
+
+def _dtype_bytes(dtype):
+    return torch.empty((), dtype=dtype, device="meta").element_size()
+
+
+def _structure(model):
+    """The few numbers the budget needs, read off a model (on the meta device or not)."""
+    import ilora
+    config = model.config
+    layer = next(iter(_decoder_layer_list(model)))
+    linears = {n.rpartition(".")[2]: m for n, m in layer.named_modules() if isinstance(m, torch.nn.Linear)}
+    adapted = {n.rpartition(".")[2]: m for n, m in layer.named_modules()
+               if isinstance(m, ilora.GatedLoraLinear)}
+    hidden = model.get_input_embeddings().embedding_dim
+    kv = next((m.out_features for n, m in linears.items() if n in ("k_proj",)), hidden)
+    return {
+        "layers": config.num_hidden_layers,
+        "hidden": hidden,
+        "kv": kv,
+        "heads": config.num_attention_heads,
+        "ffn": getattr(config, "ffn_dim", None) or config.intermediate_size,
+        "gated_mlp": "gate_proj" in linears,
+        "vocab": model.get_output_embeddings().out_features,
+        "dropout": float(getattr(config, "dropout", 0.0) or 0.0),
+        "linears": {n: (m.in_features, m.out_features) for n, m in linears.items()},
+        "adapted": adapted,
+    }
+
+
+def _decoder_layer_list(model):
+    n_layers = model.config.num_hidden_layers
+    for module in model.modules():
+        if isinstance(module, torch.nn.ModuleList) and len(module) == n_layers:
+            return module
+    raise ValueError(f"no list of {n_layers} decoder layers in {type(model).__name__}")
+
+
+def budget(args, model=None, items=None, full=False):
+    """Predict training memory from the configuration alone; every term in bytes.
+
+    args: ref_train's flags. model/items: the built modules (any device, meta included); by default
+    they are built on the meta device, which allocates nothing. full=True budgets full fine-tuning
+    (every parameter trained) for the same shapes, as the seed's "about 1 GB" estimate does.
+
+    The activation terms count what autograd saves, per token, in an OPT-style decoder layer
+    (calibrated on OPT with SDPA; for other architectures they are an estimate):
+      layer input, the residual before the MLP, q, k, v and the attention output, SDPA's
+      log-sum-exp, the MLP activation (three of them for a gated MLP), two residual-dropout masks,
+      the inputs of adapted linears, and each adapter's own: r/E-wide expert activations (lean),
+      or E x out per-expert outputs (einsum); LoRA dropout keeps its output and its mask.
+    """
+    import ref_train
+    if model is None:
+        model, items, *_ = ref_train.build(args, meta=True)
+    s = _structure(model)
+    weights_dtype, autocast_dtype = ref_train.dtypes(args)
+    act = _dtype_bytes(autocast_dtype or weights_dtype)
+    on_cuda = args.device == "cuda"
+    mask = 1 if on_cuda else act                       # dropout masks: bool on CUDA, act dtype on CPU
+    b, seq = args.bs, args.seq
+    tokens = b * seq
+    h, ffn, layers = s["hidden"], s["ffn"], s["layers"]
+
+    params = [p for m in (model, items) if m is not None for p in m.parameters()]
+    params = list({id(p): p for p in params}.values())
+    by_dtype = {}
+    for p in params:
+        key = str(p.dtype).replace("torch.", "")
+        by_dtype[key] = by_dtype.get(key, 0) + p.numel() * p.element_size()
+    trained = params if full else [p for p in params if p.requires_grad]
+    trainable_bytes = sum(p.numel() * p.element_size() for p in trained)
+    param_bytes = sum(by_dtype.values())
+
+    # Saved per token in one decoder layer, in bytes.
+    per_token = act * (2 * h + h + 2 * s["kv"] + h + (3 if s["gated_mlp"] else 1) * ffn)
+    per_token += 4 * s["heads"] if args.attn == "sdpa" else 0   # log-sum-exp, fp32
+    per_token += 2 * h * mask if s["dropout"] > 0 else 0
+    adapted = s["linears"] if full else {n: (m.base.in_features, m.base.out_features)
+                                         for n, m in s["adapted"].items()}
+    lora_dropout = 0 if full else args.dropout
+    groups = {_SHARED_INPUTS.get(n, n) for n in adapted if n not in _ALREADY_SAVED}
+    if lora_dropout == 0:
+        per_token += sum(act * (h if g.endswith("input") else adapted[g][0]) for g in groups)
+    lora_per_token = 0
+    if not full:
+        for name, (d_in, d_out) in adapted.items():
+            r, experts = args.r, args.experts
+            if experts == 1:
+                lora_per_token += 4 * r
+            elif args.impl == "lean":
+                lora_per_token += 4 * 2 * r
+            else:
+                lora_per_token += 4 * (r + experts * d_out)
+            if lora_dropout > 0:
+                lora_per_token += d_in * (4 + mask)
+    layer_bytes = tokens * (per_token + lora_per_token)
+    eager_scores = b * s["heads"] * seq * seq * 4 if args.attn == "eager" else 0  # softmax in fp32
+    layer_bytes += eager_scores
+
+    ckpt = args.ckpt != "none"
+    terms = {
+        "params": param_bytes,
+        "trainable_params": trainable_bytes,
+        "gradients": trainable_bytes,
+        "optimizer_state": 2 * trainable_bytes,
+        "activations_per_layer": layer_bytes,
+        "lora_activations_per_layer": tokens * lora_per_token,
+        "einsum_expert_outputs_per_layer": (tokens * 4 * args.experts * sum(o for _, o in adapted.values())
+                                            if args.impl == "einsum" and args.experts > 1 and not full
+                                            else 0),
+        "dropout_masks_per_layer": tokens * ((2 * h * mask if s["dropout"] > 0 else 0)
+                                             + (sum(d for d, _ in adapted.values()) * mask
+                                                if lora_dropout > 0 else 0)),
+        "checkpointed_inputs": layers * tokens * h * act if ckpt else 0,
+        "saved_activations": (layers * tokens * h * act if ckpt else layers * layer_bytes)
+                             + tokens * h * act,   # + the final norm's input
+        "logits": b * (seq - 1) * s["vocab"] * 4 // args.loss_chunks,   # one fp32 copy
+        "logits_16bit": (b * (seq - 1) * s["vocab"] * act // args.loss_chunks) if act < 4 else 0,
+        "autocast_weight_copies": 0,
+    }
+    if autocast_dtype is not None and autocast_dtype != weights_dtype:
+        # Autocast re-casts each frozen weight at every call and the copy is saved for backward;
+        # under checkpointing only one layer's copies (and lm_head's) exist at a time.
+        layer_weights = sum(i * o for i, o in s["linears"].values())
+        head = s["vocab"] * h
+        terms["autocast_weight_copies"] = _dtype_bytes(autocast_dtype) * (
+            head + layer_weights * (1 if ckpt else layers))
+    steady = terms["params"] + terms["optimizer_state"]
+    saved = terms["saved_activations"] + terms["autocast_weight_copies"]
+    logits = terms["logits"] + terms["logits_16bit"]
+    if args.loss_chunks == 1:
+        # forward ends with the logits and their log-softmax; backward starts with the log-softmax
+        # (saved), the loss's gradient and the logits' gradient.
+        forward_peak = steady + saved + 2 * terms["logits"] + terms["logits_16bit"]
+        backward_start = steady + saved + 3 * terms["logits"] + 2 * terms["logits_16bit"]
+    else:
+        forward_peak = steady + saved + 2 * logits
+        backward_start = steady + saved + 4 * logits + tokens * h * 4
+    recompute = 0
+    if ckpt:
+        # one layer recomputed, plus its gradients in flight, while the other inputs stay
+        recompute = (steady + terms["checkpointed_inputs"] + tokens * h * act + layer_bytes
+                     + tokens * act * (ffn + 2 * h) + terms["gradients"])
+    optimizer_peak = steady + terms["gradients"] + trainable_bytes  # foreach AdamW: one temporary
+    phases = {"forward": forward_peak, "backward": max(backward_start, recompute),
+              "optimizer": optimizer_peak}
+    peak_phase = max(phases, key=phases.get)
+    categories = {
+        "trainable_params": trainable_bytes, "frozen_params": param_bytes - trainable_bytes,
+        "gradients": terms["gradients"] if peak_phase == "optimizer" else 0,
+        "optimizer_state": terms["optimizer_state"],
+        "activations": saved + (terms["logits"] if peak_phase != "optimizer" else 0),
+    }
+    categories["temporaries"] = phases[peak_phase] - sum(categories.values())
+    if peak_phase == "optimizer":
+        categories["activations"] = 0
+        categories["temporaries"] = phases[peak_phase] - sum(categories.values())
+    return {"full": full, "terms": terms, "params_by_dtype": by_dtype, "phases": phases,
+            "peak_phase": peak_phase, "peak_bytes": phases[peak_phase], "categories": categories}
+
+
+def verdict(report):
+    """The measured training peak against the budget, in plain words."""
+    planned = report.get("budget")
+    if not planned or not report.get("peak_bytes"):
+        return "no budget to compare with"
+    ratio = report["peak_bytes"] / planned["peak_bytes"]
+    if report.get("oom"):
+        return f"out of memory: {ratio:.2f}x the budget when it stopped"
+    if abs(ratio - 1) <= BUDGET_TOLERANCE:
+        return f"measured peak {ratio:.2f}x the budget: as expected"
+    if ratio < 1:
+        return f"measured peak {ratio:.2f}x the budget: below it, the budget overcounts this configuration"
+    excess = {c: report["categories"].get(c, 0) - planned["categories"].get(c, 0) for c in CATEGORIES}
+    worst = max(excess, key=excess.get)
+    return (f"measured peak {ratio:.1f}x the budget: the excess is in {worst.replace('_', ' ')} "
+            f"(+{mib(excess[worst])} MiB) during {report['peak_phase']}")
+
+
+BUDGET_TOLERANCE = 0.10
+
+
+# ---------------------------------------------------------------- tables
+
+def _table(header, rows):
+    widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
+    fmt = lambda row: "  ".join(str(x).rjust(w) if i else str(x).ljust(w)
+                                for i, (x, w) in enumerate(zip(row, widths)))
+    return "\n".join([fmt(header)] + [fmt(r) for r in rows])
+
+
+def _markdown_table(header, rows):
+    lines = ["| " + " | ".join(map(str, header)) + " |", "|" + "---|" * len(header)]
+    return "\n".join(lines + ["| " + " | ".join(map(str, r)) + " |" for r in rows])
+
+
+def _phase_rows(report):
+    planned = (report.get("budget") or {}).get("phases", {})
+    return [(name, mib(stats["live_bytes"]), mib(stats["peak_bytes"]),
+             mib(planned[name]) if name in planned else "-")
+            for name, stats in report["phases"].items()]
+
+
+def format_report(report):
+    """The summary a person reads at a glance: phases, verdict, categories, modules, leak."""
+    lines = [_table(("phase", "live MiB", "peak MiB", "budget MiB"), _phase_rows(report)), ""]
+    if report.get("oom"):
+        oom = report["oom"]
+        lines.append(f"OUT OF MEMORY in {oom['phase']} at step {oom['step']}: {oom['message']}")
+    lines.append(f"peak {mib(report['peak_bytes'])} MiB in {report['peak_phase']}; {verdict(report)}")
+    cats = report.get("categories") or {}
+    lines.append("at the peak: " + " | ".join(f"{c.replace('_', ' ')} {mib(v)}"
+                                             for c, v in cats.items() if v))
+    if report.get("modules"):
+        lines.append("saved activations by module: " + ", ".join(
+            f"{m['module']} {mib(m['bytes'])}" for m in report["modules"][:5]))
+    if report.get("params"):
+        p = report["params"]
+        lines.append(f"parameters: {p['trainable']:,} trainable, {p['frozen']:,} frozen")
+    leak = report["leak"]
+    if leak["detected"]:
+        lines.append(f"LEAK: live memory grows {leak['bytes_per_step']:,.0f} bytes every step; "
+                     f"{len(leak['survivors'])} tensors from earlier steps survive, e.g. "
+                     + "; ".join(f"{s['shape']} {s['dtype']} {s['bytes']:,} B from {s['op']} in "
+                                 f"{s['module']} (step {s['step']})" for s in leak["survivors"][:3]))
+    elif len(leak["step_end_bytes"]) < 2:
+        lines.append("leak: not measured (it takes two finished steps or more)")
+    else:
+        lines.append("leak: none (live memory at the end of each step does not grow)")
+    return "\n".join(lines)
+
+
+def markdown_block(title, tables, env=None, command=None):
+    """A block to paste into a GitHub issue: versions, device, command line, then the tables."""
+    env = env or environment("cpu")
+    lines = [f"### {title}", "",
+             f"- command: `{command or ' '.join(['python'] + sys.argv)}`",
+             f"- device: {env['device']} ({env['cpu_cores']} cores)",
+             f"- python {env['python']}, torch {env['torch']}, transformers {env['transformers']}, "
+             f"CUDA {env['cuda'] or 'none'}", ""]
+    for header, rows in tables:
+        lines += [_markdown_table(header, rows), ""]
+    return "\n".join(lines).rstrip()
+
+
+def markdown_report(report):
+    cats = [(c.replace("_", " "), mib(v)) for c, v in (report.get("categories") or {}).items()]
+    return markdown_block(
+        f"memcheck: peak {mib(report['peak_bytes'])} MiB in {report['peak_phase']} ({verdict(report)})",
+        [(("phase", "live MiB", "peak MiB", "budget MiB"), _phase_rows(report)),
+         (("at the peak", "MiB"), cats)],
+        report["env"], report["command"])
+
+
+# ---------------------------------------------------------------- diff
+
+def diff(a, b):
+    """Rows (what, A bytes, B bytes) for everything two reports measure, largest excess of B first."""
+    rows = [("peak", a["peak_bytes"], b["peak_bytes"])]
+    for name in PHASES:
+        pa, pb = a["phases"].get(name, {}), b["phases"].get(name, {})
+        if pa or pb:
+            rows.append((f"{name} peak", pa.get("peak_bytes", 0), pb.get("peak_bytes", 0)))
+    for c in CATEGORIES:
+        rows.append((f"at peak: {c.replace('_', ' ')}", a["categories"].get(c, 0),
+                     b["categories"].get(c, 0)))
+    ma = {m["module"]: m["bytes"] for m in a.get("modules", [])}
+    mb = {m["module"]: m["bytes"] for m in b.get("modules", [])}
+    for m in sorted(set(ma) | set(mb)):
+        rows.append((f"module {m}", ma.get(m, 0), mb.get(m, 0)))
+    rows.append(("leak per step", a["leak"]["bytes_per_step"], b["leak"]["bytes_per_step"]))
+    head, rest = rows[:1], rows[1:]
+    rest.sort(key=lambda r: -(r[2] - r[1]))
+    return head + rest
+
+
+def config_differences(a, b):
+    keys = sorted(set(a.get("config", {})) | set(b.get("config", {})))
+    return [(k, a["config"].get(k), b["config"].get(k)) for k in keys
+            if a["config"].get(k) != b["config"].get(k)]
+
+
+def format_diff(a, b, name_a="A", name_b="B", markdown=False):
+    header = ("", f"{name_a} MiB", f"{name_b} MiB", "B - A MiB", "B / A")
+    rows = [(what, mib(x), mib(y), f"{(y - x) / MiB:+.1f}", f"{y / x:.2f}x" if x else "-")
+            for what, x, y in diff(a, b) if x or y]
+    changed = config_differences(a, b)
+    notes = ([f"different configurations: " + ", ".join(f"{k}: {x!r} -> {y!r}" for k, x, y in changed)]
+             if changed else ["same configuration"])
+    if markdown:
+        return markdown_block(f"memcheck diff: {name_a} vs {name_b}",
+                              [(("config", name_a, name_b), changed)] if changed else [],
+                              a["env"], " ".join(["python"] + sys.argv)) + "\n\n" + _markdown_table(header, rows)
+    return "\n".join(notes + ["", _table(header, rows)])
+
+
+# ---------------------------------------------------------------- ablate: one run per suspect
+
+def ablation_variants(args):
+    """(name, extra flags) for each suspect, one change from the baseline; the baseline first."""
+    other_targets = "all-linear" if args.targets != ("all-linear",) else "q_proj,v_proj"
+    variants = [
+        ("baseline", []),
+        ("added tokens + resize " + ("off" if args.add_tokens else "on"),
+         ["--no-add-tokens" if args.add_tokens else "--add-tokens"]),
+        *[(f"checkpointing {c}", ["--ckpt", c]) for c in ("manual", "hf", "none") if c != args.ckpt],
+        *[(f"{i} implementation", ["--impl", i]) for i in ("lean", "einsum") if i != args.impl],
+        ("1 expert" if args.experts != 1 else "4 experts", ["--experts", "1" if args.experts != 1 else "4"]),
+        ("LoRA dropout " + ("0" if args.dropout else "0.1"), ["--dropout", "0" if args.dropout else "0.1"]),
+        *[(f"precision {p}", ["--precision", p, "--weights-dtype", "fp32"])
+          for p in ("32", "16-mixed") if (p, None) != (args.precision, args.weights_dtype)],
+        ("bf16 weights under 16-mixed", ["--precision", "16-mixed", "--weights-dtype", "bf16"]),
+        ("item injection " + ("off" if args.inject_items else "on"),
+         ["--no-inject-items" if args.inject_items else "--inject-items"]),
+        (f"targets {other_targets}", ["--targets", other_targets]),
+        ("injected leak", ["--inject-leak"]),
+    ]
+    return variants
+
+
+def _run_reference(argv, report_path, timeout=600):
+    """ref_train.py in its own process; (report or None, error line or None)."""
+    import subprocess
+    here = os.path.dirname(os.path.abspath(__file__))
+    cmd = [sys.executable, os.path.join(here, "ref_train.py"), *argv, "--report", report_path]
+    try:
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=here)
+    except subprocess.TimeoutExpired:
+        return None, f"timed out after {timeout} s"
+    report = read_report(report_path) if os.path.exists(report_path) else None
+    if done.returncode != 0:
+        lines = [l for l in (done.stderr + done.stdout).splitlines() if l.strip()]
+        oom = [l for l in lines if "OUT OF MEMORY" in l]
+        return report, (oom or lines or [f"exit code {done.returncode}"])[-1]
+    return report, None
+
+
+def ablate(base_argv, log=print, steps=3):
+    """Run the reference once per suspect, each in its own process; returns the rows, sorted."""
+    import ref_train
+    args = ref_train.parse_args(base_argv)
+    if "--steps" not in base_argv:
+        base_argv = [*base_argv, "--steps", str(steps)]
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for i, (name, flags) in enumerate(ablation_variants(args)):
+            started = time.perf_counter()
+            report, error = _run_reference([*base_argv, *flags], os.path.join(tmp, f"{i}.json"))
+            row = {"variant": name, "flags": flags, "error": error,
+                   "peak_bytes": report["peak_bytes"] if report and not error else None,
+                   "leak_bytes_per_step": report["leak"]["bytes_per_step"] if report and not error else None,
+                   "budget_peak_bytes": (report.get("budget") or {}).get("peak_bytes") if report else None,
+                   "verdict": verdict(report) if report and not error else None}
+            rows.append(row)
+            took = time.perf_counter() - started
+            log(f"{name:<34} " + (f"peak {mib(row['peak_bytes']):>8} MiB  ({took:.0f} s)"
+                                  if not error else f"FAILED: {error}"))
+    base = rows[0]["peak_bytes"]
+    for row in rows:
+        row["delta_bytes"] = row["peak_bytes"] - base if row["peak_bytes"] is not None and base else None
+    rows[1:] = sorted(rows[1:], key=lambda r: (r["delta_bytes"] is None, -(r["delta_bytes"] or 0)))
+    return rows
+
+
+def ablation_table(rows):
+    header = ("variant", "peak MiB", "change MiB", "ratio", "leak B/step", "budget MiB", "verdict")
+    base = rows[0]["peak_bytes"]
+    out = []
+    for r in rows:
+        if r["error"]:
+            out.append((r["variant"], "failed", "-", "-", "-", "-", r["error"][:80]))
+            continue
+        out.append((r["variant"], mib(r["peak_bytes"]), f"{r['delta_bytes'] / MiB:+.1f}",
+                    f"{r['peak_bytes'] / base:.2f}x" if base else "-",
+                    f"{r['leak_bytes_per_step']:,.0f}",
+                    mib(r["budget_peak_bytes"]) if r["budget_peak_bytes"] else "-", r["verdict"]))
+    return header, out
+
+
+# ---------------------------------------------------------------- sweep: memory against each variable
+
+SWEEP_VARIABLES = {"bs": "sample", "seq": "token", "r": "unit of rank"}
+
+
+def sweep(points, base_argv, log=print, steps=2):
+    """Measure and predict each point ({flag: value}); returns one row per point."""
+    import ref_train
+    rows = []
+    for point in points:
+        argv = [*base_argv, "--steps", str(steps)]
+        for flag, value in point.items():
+            argv += [f"--{flag}", str(value)]
+        row = dict(point)
+        try:
+            report = ref_train.train(ref_train.parse_args(argv), log=lambda *_: None)
+            row.update(peak_bytes=report["peak_bytes"], budget_bytes=report["budget"]["peak_bytes"])
+            row["error"] = row["peak_bytes"] / row["budget_bytes"] - 1
+        except (ref_train.UsageError, torch.OutOfMemoryError) as e:
+            row.update(peak_bytes=None, budget_bytes=None, error=None, failed=str(e).splitlines()[0])
+        rows.append(row)
+        log("  ".join(f"{k} {v}" for k, v in point.items()) + "  " + (
+            f"measured {mib(row['peak_bytes'])} MiB, budget {mib(row['budget_bytes'])} MiB, "
+            f"error {row['error']:+.1%}" if row["peak_bytes"] else f"FAILED: {row['failed']}"))
+    return rows
+
+
+def _slope(xs, ys):
+    mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
+    var = sum((x - mx) ** 2 for x in xs)
+    return sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / var if var else None
+
+
+def fit_growth(rows):
+    """MiB per unit of each swept variable (mean slope over the other variables held fixed), and
+    whether the peak grows linearly or quadratically in sequence length."""
+    ok = [r for r in rows if r.get("peak_bytes")]
+    growth = {}
+    for var in SWEEP_VARIABLES:
+        slopes = []
+        others = lambda r: tuple((k, v) for k, v in r.items() if k != var and k in
+                                 ("bs", "seq", "r", "targets", "experts", "ckpt", "impl"))
+        groups = {}
+        for r in ok:
+            if var in r:
+                groups.setdefault(others(r), []).append(r)
+        for group in groups.values():
+            slope = _slope([float(r[var]) for r in group], [r["peak_bytes"] / MiB for r in group])
+            if slope is not None:
+                slopes.append(slope)
+        if slopes:
+            growth[var] = sum(slopes) / len(slopes)
+    # Quadratic in seq when peak/seq still rises with seq: a linear law has peak/seq falling
+    # towards a constant, a quadratic one keeps climbing.
+    shape = None
+    by_seq = {}
+    for r in ok:
+        if "seq" in r:
+            key = tuple((k, v) for k, v in r.items() if k in ("bs", "r", "targets", "experts", "ckpt", "impl"))
+            by_seq.setdefault(key, []).append(r)
+    curvatures = []
+    for group in by_seq.values():
+        if len({r["seq"] for r in group}) >= 3:
+            group.sort(key=lambda r: r["seq"])
+            xs = [float(r["seq"]) for r in group]
+            ys = [float(r["peak_bytes"]) for r in group]
+            curvatures.append(_quadratic_share(xs, ys))
+    if curvatures:
+        share = sum(curvatures) / len(curvatures)
+        shape = {"quadratic_share": share,
+                 "law": "quadratic (attention scores grow as seq^2)" if share > QUADRATIC_SHARE
+                 else "linear"}
+    return {"mib_per_unit": growth, "seq": shape}
+
+
+QUADRATIC_SHARE = 0.05
+
+
+def _quadratic_share(xs, ys):
+    """Share of the peak's growth over the swept range that a seq^2 term explains (least squares)."""
+    a = torch.tensor([[1.0, x, x * x] for x in xs], dtype=torch.float64)
+    coef = torch.linalg.lstsq(a, torch.tensor(ys, dtype=torch.float64)[:, None]).solution[:, 0]
+    quad = abs(float(coef[2])) * (xs[-1] ** 2 - xs[0] ** 2)
+    return quad / max(abs(ys[-1] - ys[0]), 1.0)
+
+
+def sweep_table(rows):
+    keys = [k for k in rows[0] if k not in ("peak_bytes", "budget_bytes", "error", "failed")]
+    header = (*keys, "measured MiB", "budget MiB", "error")
+    out = [(*[r[k] for k in keys],
+            mib(r["peak_bytes"]) if r["peak_bytes"] else "failed",
+            mib(r["budget_bytes"]) if r["budget_bytes"] else "-",
+            f"{r['error']:+.1%}" if r["error"] is not None else r.get("failed", "-")[:60]) for r in rows]
+    return header, out
+
+
+def growth_lines(growth):
+    lines = [f"{v / 1:.2f} MiB per extra {SWEEP_VARIABLES[k]}" for k, v in growth["mib_per_unit"].items()]
+    if growth["seq"]:
+        lines.append(f"sequence length: {growth['seq']['law']} "
+                     f"(seq^2 explains {growth['seq']['quadratic_share']:.0%} of the growth)")
+    return lines
+
+
+def _plot(rows, path):
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise ReportError("--plot needs matplotlib, which is optional: pip install matplotlib")
+    ok = [r for r in rows if r.get("peak_bytes")]
+    variables = [v for v in SWEEP_VARIABLES if len({r[v] for r in ok if v in r}) > 1]
+    fig, axes = plt.subplots(1, max(len(variables), 1), figsize=(5 * max(len(variables), 1), 4))
+    for ax, var in zip(axes if len(variables) > 1 else [axes], variables):
+        for label, key, style in (("measured", "peak_bytes", "o"), ("budget", "budget_bytes", "x")):
+            ax.plot([r[var] for r in ok], [r[key] / MiB for r in ok], style, label=label)
+        ax.set_xlabel(var)
+        ax.set_ylabel("peak MiB")
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+
+
+# ---------------------------------------------------------------- command line
+
+def _budget_command(argv):
+    import ref_train
+    full = "--full" in argv
+    args = ref_train.parse_args([a for a in argv if a != "--full"])
+    lora = budget(args)
+    columns = [("LoRA (this config)", lora)] + ([("full fine-tuning", budget(args, full=True))] if full else [])
+    names = list(lora["terms"]) + [f"{p} peak" for p in lora["phases"]] + ["predicted peak"]
+    rows = []
+    for name in names:
+        row = [name]
+        for _, b in columns:
+            value = (b["terms"].get(name) if name in b["terms"] else
+                     b["peak_bytes"] if name == "predicted peak" else b["phases"][name.split()[0]])
+            row.append(mib(value))
+        rows.append(row)
+    print(f"budget for --bs {args.bs} --seq {args.seq}, ckpt {args.ckpt}, precision {args.precision}, "
+          f"{args.experts} experts of rank {args.r // args.experts}, targets {','.join(args.targets)}")
+    print(_table(("term (MiB)", *[c for c, _ in columns]), rows))
+    print("params by dtype: " + ", ".join(f"{k} {mib(v)} MiB" for k, v in lora["params_by_dtype"].items()))
+    return 0
+
+
+def _take(argv, flag, has_value=True):
+    """Remove `flag` (and its value) from argv; returns (value or True/None, the rest)."""
+    if flag not in argv:
+        return None, argv
+    i = argv.index(flag)
+    if not has_value:
+        return True, argv[:i] + argv[i + 1:]
+    if i + 1 >= len(argv):
+        raise ReportError(f"{flag} needs a value")
+    return argv[i + 1], argv[:i] + argv[i + 2:]
+
+
+def _ablate_command(argv):
+    report_path, argv = _take(argv, "--report")
+    markdown, argv = _take(argv, "--markdown", has_value=False)
+    rows = ablate(argv)
+    header, table = ablation_table(rows)
+    print()
+    print(_table(header, table))
+    if markdown:
+        print("\n" + markdown_block("memcheck ablate", [(header, table)]))
+    if report_path:
+        write_report_list(report_path, rows)
+    return 0
+
+
+def write_report_list(path, rows):
+    directory = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".memcheck-", suffix=".json")
+    with os.fdopen(fd, "w") as f:
+        json.dump(rows, f, indent=1)
+    os.replace(tmp, path)
+
+
+_SWEEP_LISTS = {"--bs": ",", "--seq": ",", "--r": ",", "--experts": ",", "--ckpt": ",",
+                "--impl": ",", "--targets": "|"}
+
+
+def _sweep_command(argv):
+    import itertools
+    report_path, argv = _take(argv, "--report")
+    plot_path, argv = _take(argv, "--plot")
+    markdown, argv = _take(argv, "--markdown", has_value=False)
+    axes = {}
+    for flag, sep in _SWEEP_LISTS.items():
+        value, argv = _take(argv, flag)
+        if value is not None:
+            axes[flag[2:]] = [v for v in value.split(sep) if v]
+    if not axes:
+        raise ReportError("sweep needs at least one of " + ", ".join(_SWEEP_LISTS) +
+                          " with a list of values, e.g. --bs 1,2,4")
+    points = [dict(zip(axes, values)) for values in itertools.product(*axes.values())]
+    for point in points:
+        for k in ("bs", "seq", "r", "experts"):
+            if k in point:
+                try:
+                    point[k] = int(point[k])
+                except ValueError:
+                    raise ReportError(f"--{k} {point[k]}: expected a comma list of integers")
+    rows = sweep(points, argv)
+    growth = fit_growth(rows)
+    header, table = sweep_table(rows)
+    print()
+    print(_table(header, table))
+    errors = [abs(r["error"]) for r in rows if r["error"] is not None]
+    if errors:
+        print(f"worst budget error {max(errors):.1%} over {len(errors)} points")
+    for line in growth_lines(growth):
+        print(line)
+    if markdown:
+        print("\n" + markdown_block("memcheck sweep", [(header, table)]) + "\n\n" +
+              "\n".join(f"- {line}" for line in growth_lines(growth)))
+    if report_path:
+        write_report_list(report_path, {"points": rows, "growth": growth})
+    if plot_path:
+        _plot(rows, plot_path)
+    return 0
+
+
+def _diff_command(argv):
+    markdown, argv = _take(argv, "--markdown", has_value=False)
+    if len(argv) != 2:
+        raise ReportError(f"diff takes two report files, got {len(argv)}: memcheck.py diff A.json B.json")
+    a, b = (read_report(p) for p in argv)
+    print(format_diff(a, b, os.path.basename(argv[0]), os.path.basename(argv[1]), markdown=markdown))
+    return 0
+
+
+COMMANDS = {"budget": _budget_command, "diff": _diff_command, "ablate": _ablate_command,
+            "sweep": _sweep_command}
+
+
+def main(argv=None):
+    import ref_train
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
+        print(__doc__.strip())
+        if argv and argv[0] not in ("-h", "--help"):
+            print(f"memcheck.py: error: unknown command {argv[0]!r}; expected one of "
+                  f"{', '.join(COMMANDS)}", file=sys.stderr)
+            return 2
+        return 0 if argv else 2
+    try:
+        return COMMANDS[argv[0]](argv[1:])
+    except (ReportError, ref_train.UsageError) as e:
+        print(f"memcheck.py {argv[0]}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

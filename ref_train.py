@@ -57,10 +57,10 @@ def build_parser():
                         "falls back to its architecture with random weights when not cached")
     g.add_argument("--data", metavar="DIR",
                    help="a MovieLens-100K directory (u.data, u.item); default: synthetic users")
-    g.add_argument("--no-add-tokens", dest="add_tokens", action="store_false",
-                   help="skip the placeholder tokens and resize_token_embeddings (suspect #1)")
-    g.add_argument("--no-inject-items", dest="inject_items", action="store_false",
-                   help="keep the token embeddings at the placeholders (no item projector)")
+    g.add_argument("--add-tokens", action=argparse.BooleanOptionalAction, default=True,
+                   help="add the placeholder tokens and call resize_token_embeddings (suspect #1)")
+    g.add_argument("--inject-items", action=argparse.BooleanOptionalAction, default=True,
+                   help="overwrite the placeholders' embeddings with projected item vectors")
     g.add_argument("--attn", choices=("sdpa", "eager"), default="sdpa",
                    help="attention kernel: eager stores bs x heads x seq^2 scores")
     g = p.add_argument_group("shape of the run")
@@ -144,31 +144,41 @@ def dtypes(args):
 
 # ---------------------------------------------------------------- model, tokenizer, data
 
-def load_model(args, weights_dtype):
-    """(model, tokenizer or None, a line saying where the weights came from). Never downloads."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer, OPTConfig, OPTForCausalLM
+def load_model(args, weights_dtype, meta=False):
+    """(model, tokenizer or None, a line saying where the weights came from). Never downloads.
+
+    meta=True builds the same architecture on the meta device: shapes only, no memory, for the budget.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, OPTConfig
     from transformers.utils import logging
 
     logging.set_verbosity_error()  # keep the output to the figures; errors still show
-
+    logging.disable_progress_bar()
     try:
-        model = AutoModelForCausalLM.from_pretrained(args.model, local_files_only=True,
-                                                     dtype=weights_dtype, attn_implementation=args.attn)
+        config = AutoConfig.from_pretrained(args.model, local_files_only=True)
     except OSError as e:
         if args.model != DEFAULT_MODEL:
             raise UsageError(f"--model {args.model}: not a local model directory and not in the local "
                              f"Hugging Face cache ({_hf_cache()}); nothing is downloaded") from e
+        config = None
+    if config is None or meta:
+        config = config or OPTConfig()  # OPTConfig()'s defaults are exactly opt-125m's
+        config._attn_implementation = args.attn
         torch.manual_seed(args.seed)
-        config = OPTConfig(attn_implementation=args.attn)  # OPTConfig()'s defaults are opt-125m's
-        model = OPTForCausalLM(config).to(weights_dtype)
-        return model, None, (f"model: {DEFAULT_MODEL} is not in the local cache ({_hf_cache()}); using "
-                             "its architecture from OPTConfig() with seeded random weights "
-                             "(memory does not depend on weight values)")
+        with torch.device("meta" if meta else "cpu"):
+            model = AutoModelForCausalLM.from_config(config).to(weights_dtype)
+        source = (f"model: {DEFAULT_MODEL} is not in the local cache ({_hf_cache()}); using its "
+                  "architecture from OPTConfig() with seeded random weights (memory does not depend "
+                  "on weight values)")
+    else:
+        model = AutoModelForCausalLM.from_pretrained(args.model, local_files_only=True,
+                                                     dtype=weights_dtype, attn_implementation=args.attn)
+        source = f"model: {args.model} from local files"
     try:
         tokenizer = AutoTokenizer.from_pretrained(args.model, local_files_only=True)
     except (OSError, ValueError):
         tokenizer = None
-    return model, tokenizer, f"model: {args.model} from local files"
+    return model, tokenizer, source
 
 
 def _hf_cache():
@@ -176,14 +186,15 @@ def _hf_cache():
     return HF_HUB_CACHE
 
 
-def prepare_vocabulary(model, tokenizer, stand_in):
+def prepare_vocabulary(model, tokenizer, stand_in, mean_resizing=True):
     """Add the placeholder tokens and resize the embeddings, as the real stack does.
 
     A stand-in tokenizer trained here has a small vocabulary of its own, so the model keeps its size
     and grows by the added tokens, as it would with its real tokenizer.
     """
     added = data.add_special_tokens(tokenizer)
-    model.resize_token_embeddings(model.config.vocab_size + added if stand_in else len(tokenizer))
+    model.resize_token_embeddings(model.config.vocab_size + added if stand_in else len(tokenizer),
+                                  mean_resizing=mean_resizing)
 
 
 def decoder_layers(model):
@@ -211,11 +222,15 @@ def _checkpointed(forward, *args, **kwargs):
     return checkpoint(run, ilora.current_gate(), *args, use_reentrant=False)
 
 
-def build(args):
-    """Everything the loop needs, built in the order the real stack builds it."""
+def build(args, meta=False):
+    """Everything the loop needs, built in the order the real stack builds it.
+
+    Returns (model, item modules, batches, where the weights came from, adapted layer names).
+    meta=True gives the same modules on the meta device and no batches: what the budget reads.
+    """
     weights_dtype, _ = dtypes(args)
-    device = torch.device(args.device)
-    model, tokenizer, source = load_model(args, weights_dtype)
+    device = torch.device("meta" if meta else args.device)
+    model, tokenizer, source = load_model(args, weights_dtype, meta)
     max_positions = model.config.max_position_embeddings
     if args.seq > max_positions:
         raise UsageError(f"--seq {args.seq}: {args.model} holds at most {max_positions} positions")
@@ -231,14 +246,19 @@ def build(args):
     if stand_in:
         tokenizer = data.train_tokenizer(titles)
     if args.add_tokens:
-        prepare_vocabulary(model, tokenizer, stand_in)
+        # The real stack resizes with transformers' default, mean_resizing, and so do we.
+        prepare_vocabulary(model, tokenizer, stand_in, mean_resizing=not meta)
     model.to(device)
     lora_dtype = torch.float32 if args.lora_dtype == "fp32" else None
     torch.manual_seed(args.seed)
     adapted = ilora.add_gated_lora(model, args.targets, args.r, args.alpha, args.experts,
                                    args.dropout, args.impl, lora_dtype)
-    items = ilora.ItemModules(max(titles), model.get_input_embeddings().embedding_dim, args.experts)
-    items.to(device=device, dtype=lora_dtype or weights_dtype)
+    with torch.device(device):
+        items = ilora.ItemModules(max(titles), model.get_input_embeddings().embedding_dim,
+                                  args.experts)
+    items.to(dtype=lora_dtype or weights_dtype)
+    if meta:
+        return model, items, None, source, adapted
     if args.ckpt == "manual":
         checkpoint_layers(model)
     elif args.ckpt == "hf":
@@ -332,6 +352,7 @@ def train(args, log=print):
             log(source)
             n_trainable, n_frozen = count_params(modules)
             extra["params"] = {"trainable": n_trainable, "frozen": n_frozen, "adapted": len(adapted)}
+            extra["budget"] = memcheck.budget(args, model, items)
             log(f"adapted {len(adapted)} linear layers ({', '.join(args.targets)}), "
                 f"r={args.r}, experts={args.experts}, impl={args.impl}, ckpt={args.ckpt}, "
                 f"precision={args.precision}, weights={dtypes(args)[0]}, device={args.device}")
@@ -341,9 +362,6 @@ def train(args, log=print):
                 s = probe.step(loss)
                 log(f"step {s['step']:>3} | loss {s['loss']:.4f} | {s['seconds'] * 1e3:7.0f} ms | "
                     f"live {memcheck.mib(s['live_bytes']):>7} MiB | peak {memcheck.mib(s['peak_bytes']):>7} MiB")
-    except torch.OutOfMemoryError:
-        log(f"OUT OF MEMORY in {probe.oom['phase']} at step {probe.oom['step']}: {probe.oom['message']}")
-        raise
     finally:
         if args.snapshot and torch.cuda.is_available():
             torch.cuda.memory._dump_snapshot(args.snapshot)
@@ -351,24 +369,10 @@ def train(args, log=print):
         report = dict(probe.report(), **extra)
         if args.report:
             memcheck.write_report(args.report, report)
+        if probe.oom:
+            log(memcheck.format_report(report))
+            log(f"report written to {args.report}" if args.report else "(no --report given)")
     return report
-
-
-def summary(report):
-    lines = [f"peak {memcheck.mib(report['peak_bytes'])} MiB in {report['peak_phase']}"]
-    for name in memcheck.PHASES:
-        stats = report["phases"].get(name)
-        if stats:
-            lines.append(f"  after {name:<9} {memcheck.mib(stats['live_bytes']):>8} MiB live, "
-                         f"{memcheck.mib(stats['peak_bytes']):>8} MiB peak")
-    lines.append("  at the peak: " + ", ".join(f"{k} {memcheck.mib(v)}" for k, v in
-                                               report["categories"].items() if v))
-    params = report.get("params")
-    if params:
-        lines.append(f"  parameters: {params['trainable']:,} trainable, {params['frozen']:,} frozen")
-    leak = report["leak"]
-    lines.append(f"  leak: {'GROWS ' + format(leak['bytes_per_step'], ',.0f') + ' bytes per step' if leak['detected'] else 'none'}")
-    return "\n".join(lines)
 
 
 def main(argv=None):
@@ -380,7 +384,9 @@ def main(argv=None):
         return 2
     except torch.OutOfMemoryError:
         return 1
-    print(summary(report))
+    print(memcheck.format_report(report))
+    if args.markdown:
+        print("\n" + memcheck.markdown_report(report))
     return 0
 
 
