@@ -155,13 +155,15 @@ class SASRec(nn.Module):
 class ItemModules(nn.Module):
     """Everything iLoRA adds around the LoRA layers: the frozen encoder, the router, the projector."""
 
-    def __init__(self, n_items, hidden_size, n_experts):
+    def __init__(self, n_items, hidden_size, n_experts, inject=True):
         super().__init__()
-        self.sasrec = SASRec(n_items).requires_grad_(False)
         # One router for all layers (iLoRA's is a small conv stack ending in Linear(64 -> E)).
         self.router = nn.Linear(REC_DIM, n_experts) if n_experts > 1 else None
+        # Without injection there is no projector at all: no parameters that are never trained.
         self.projector = nn.Sequential(nn.Linear(REC_DIM, hidden_size), nn.GELU(),
-                                       nn.Linear(hidden_size, hidden_size))
+                                       nn.Linear(hidden_size, hidden_size)) if inject else None
+        needed = self.router is not None or inject
+        self.sasrec = SASRec(n_items).requires_grad_(False) if needed else None
 
     def gate(self, history, lengths):
         """[B, E] expert weights, or None with one expert (plain LoRA needs none)."""

@@ -82,9 +82,12 @@ class Tracker(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
-        for t in pytree.tree_leaves(out):
-            if isinstance(t, torch.Tensor):
-                self.track(t, func.overloadpacket.__name__)
+        if isinstance(out, torch.Tensor):  # the common case, without walking a pytree
+            self.track(out, func)
+        else:
+            for t in pytree.tree_leaves(out):
+                if isinstance(t, torch.Tensor):
+                    self.track(t, func)
         return out
 
     def track(self, tensor, op):
@@ -99,6 +102,7 @@ class Tracker(TorchDispatchMode):
             return self.live.get(key)
         self.event += 1
         module = self.module_stack[-1] if self.module_stack else NO_MODULE
+        op = op if isinstance(op, str) else op.overloadpacket.__name__  # named only when kept
         record = _Storage(nbytes, self.event, self.step, self.phase, module, op, tensor)
         record.ref = weakref.ref(storage, lambda _, key=key: self._free(key))
         self.live[key] = record
@@ -542,8 +546,10 @@ def budget(args, model=None, items=None, full=False):
         forward_peak = steady + saved + 2 * terms["logits"] + terms["logits_16bit"]
         backward_start = steady + saved + 3 * terms["logits"] + 2 * terms["logits_16bit"]
     else:
+        # one chunk at a time: its logits and log-softmax, then in backward their two gradients
+        # while the recomputed log-softmax is held, and the hidden states' gradient filling up
         forward_peak = steady + saved + 2 * logits
-        backward_start = steady + saved + 4 * logits + tokens * h * 4
+        backward_start = steady + saved + 3 * logits + tokens * h * 4
     recompute = 0
     if ckpt:
         # one layer recomputed, plus its gradients in flight, while the other inputs stay
@@ -909,6 +915,181 @@ def _plot(rows, path):
     fig.savefig(path)
 
 
+# ---------------------------------------------------------------- bench: the reference against its peers
+
+BENCH_BASE = ["--ckpt", "manual", "--impl", "lean", "--experts", "1", "--targets", "q_proj,v_proj",
+              "--r", "8", "--precision", "32", "--no-inject-items"]
+BENCH_LOSS_CHUNKS = 8
+
+
+class _Untracked:
+    """Stands in for a Probe when only time is measured: no tracker, no overhead."""
+
+    def phase(self, name):
+        return contextlib.nullcontext()
+
+
+def _reference_loop(args):
+    """(step(probe) -> loss, modules, optimizer) for the reference trainer."""
+    import ref_train
+    model, items, batches, _, _ = ref_train.build(args)
+    trainable = [p for m in (model, items) for p in m.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=args.lr)
+    scaler = torch.amp.GradScaler(args.device, enabled=False)
+    step = lambda probe: ref_train.train_step(model, items, optimizer, scaler, next(batches), args,
+                                              probe, [])
+    return step, torch.nn.ModuleDict({"lm": model, "ilora": items}), optimizer
+
+
+def _peft_loop(args):
+    """The same model, data and shapes through PEFT's LoRA and the model's own checkpointing."""
+    from peft import LoraConfig, get_peft_model
+    import ref_train
+    model, batches, _, _ = ref_train.build_base(args)
+    ref_train.enable_hf_checkpointing(model)
+    torch.manual_seed(args.seed)
+    model = get_peft_model(model, LoraConfig(r=args.r, lora_alpha=args.alpha, lora_dropout=args.dropout,
+                                             target_modules=list(args.targets)))
+    model.train()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr)
+
+    def step(probe):
+        batch = {k: v.to(args.device) for k, v in next(batches).items()}
+        with probe.phase("forward"):
+            loss = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                         labels=batch["labels"], use_cache=False).loss
+        with probe.phase("backward"):
+            loss.backward()
+        with probe.phase("optimizer"):
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        return loss.item()
+    return step, model, optimizer
+
+
+def _measure(make_loop, args, steps):
+    """Peak bytes over `steps` tracked steps, and the median seconds of `steps` untracked ones."""
+    step, model, optimizer = make_loop(args)
+    with Probe(model, optimizer, device=args.device) as probe:
+        for _ in range(steps):
+            probe.step(step(probe))
+    peak = probe.peak["peak_bytes"]
+    tracked = _median([s["seconds"] for s in probe.steps[1:]])
+    del probe
+    untracked = []
+    for i in range(steps + 1):   # the first step warms up
+        if args.device == "cuda":
+            torch.cuda.synchronize()
+        started = time.perf_counter()
+        step(_Untracked())
+        if args.device == "cuda":
+            torch.cuda.synchronize()
+        if i:
+            untracked.append(time.perf_counter() - started)
+    return {"peak_bytes": peak, "seconds": _median(untracked), "tracked_seconds": tracked}
+
+
+def _median(xs):
+    xs = sorted(xs)
+    return (xs[(len(xs) - 1) // 2] + xs[len(xs) // 2]) / 2 if xs else float("nan")
+
+
+def profiler_peak(fn):
+    """fn()'s peak allocation above its start, from torch.profiler's CPU memory events."""
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"
+              and e.device_type() == torch.autograd.DeviceType.CPU]
+    live = peak = 0
+    for e in sorted(events, key=lambda e: e.start_ns()):
+        live += e.nbytes()
+        peak = max(peak, live)
+    return peak
+
+
+def tracker_against_profiler(args):
+    """One training step measured by both: (tracker's peak above start, the profiler's)."""
+    step, model, optimizer = _reference_loop(args)
+    step(_Untracked())  # the optimizer state exists before the measured step, as in any later step
+    with Probe(model, optimizer, device="cpu") as probe:
+        start = probe.tracker.live_bytes
+        by_profiler = profiler_peak(lambda: step(probe))
+    return probe.peak["peak_bytes"] - start, by_profiler
+
+
+def bench(base_argv, steps=5, log=print):
+    """Every comparison of the benchmark issue; returns rows (what, A, B, ratio, target, met)."""
+    import ref_train
+    args = ref_train.parse_args([*BENCH_BASE, *base_argv])
+    rows = []
+
+    def add(what, a, b, unit, target=None):
+        ratio = a / b
+        rows.append({"comparison": what, "a": a, "b": b, "unit": unit, "ratio": ratio,
+                     "target": target, "met": None if target is None else ratio <= target})
+        log(f"{what}: {ratio:.2f}" + (f" (target <= {target})" if target else ""))
+
+    ref = _measure(_reference_loop, args, steps)
+    peft = _measure(_peft_loop, args, steps)
+    add("reference / PEFT: peak", ref["peak_bytes"], peft["peak_bytes"], "bytes", 1.0)
+    add("reference / PEFT: median step", ref["seconds"], peft["seconds"], "s", 1.05)
+    gated = ref_train.parse_args([*BENCH_BASE, *base_argv, "--experts", "4", "--inject-items"])
+    lean = _measure(_reference_loop, gated, steps)
+    einsum = _measure(_reference_loop, ref_train.parse_args(
+        [*BENCH_BASE, *base_argv, "--experts", "4", "--inject-items", "--impl", "einsum"]), steps)
+    add("E=4 lean / einsum: peak", lean["peak_bytes"], einsum["peak_bytes"], "bytes")
+    add("E=4 lean / einsum: median step", lean["seconds"], einsum["seconds"], "s")
+    add("tracker overhead: tracked / untracked step", ref["tracked_seconds"], ref["seconds"], "s", 1.3)
+    if args.device == "cpu":
+        tracked, profiled = tracker_against_profiler(args)
+        rows.append({"comparison": "tracker / torch.profiler: peak above start", "a": tracked,
+                     "b": profiled, "unit": "bytes", "ratio": tracked / profiled, "target": "1 +- 0.01",
+                     "met": abs(tracked / profiled - 1) <= 0.01})
+        log(f"tracker / profiler: {tracked / profiled:.4f}")
+    chunked_args = ref_train.parse_args([*BENCH_BASE, *base_argv, "--loss-chunks", str(BENCH_LOSS_CHUNKS)])
+    chunked = _measure(_reference_loop, chunked_args, steps)
+    add(f"reference --loss-chunks {BENCH_LOSS_CHUNKS} / PEFT: peak", chunked["peak_bytes"],
+        peft["peak_bytes"], "bytes", 0.85)
+    floor = memory_floor(chunked_args)
+    add(f"reference --loss-chunks {BENCH_LOSS_CHUNKS} / memory floor", chunked["peak_bytes"], floor, "bytes")
+    add(f"reference --loss-chunks {BENCH_LOSS_CHUNKS} / untracked reference: median step",
+        chunked["seconds"], ref["seconds"], "s")
+    return rows
+
+
+def memory_floor(args):
+    """What this training cannot do with less: parameters, LoRA state (weights, gradients, Adam),
+    the checkpointed layer inputs, one layer's recomputation and one chunk of logits."""
+    planned = budget(args)
+    t = planned["terms"]
+    return (t["params"] + t["gradients"] + t["optimizer_state"] + t["checkpointed_inputs"]
+            + t["activations_per_layer"] + t["logits"])
+
+
+def bench_table(rows):
+    fmt = lambda v, unit: f"{v / MiB:.1f} MiB" if unit == "bytes" else f"{v * 1e3:.0f} ms"
+    header = ("comparison", "A", "B", "A / B", "target", "met")
+    return header, [(r["comparison"], fmt(r["a"], r["unit"]), fmt(r["b"], r["unit"]),
+                     f"{r['ratio']:.3f}", r["target"] if r["target"] is not None else "-",
+                     {True: "yes", False: "NO", None: "-"}[r["met"]]) for r in rows]
+
+
+def _bench_command(argv):
+    report_path, argv = _take(argv, "--report")
+    markdown, argv = _take(argv, "--markdown", has_value=False)
+    steps, argv = _take(argv, "--steps")
+    rows = bench(argv, steps=int(steps or 5))
+    header, table = bench_table(rows)
+    print()
+    print(_table(header, table))
+    if markdown:
+        print("\n" + markdown_block("memcheck bench", [(header, table)]))
+    if report_path:
+        write_report_list(report_path, rows)
+    return 0
+
+
 # ---------------------------------------------------------------- command line
 
 def _budget_command(argv):
@@ -1022,7 +1203,7 @@ def _diff_command(argv):
 
 
 COMMANDS = {"budget": _budget_command, "diff": _diff_command, "ablate": _ablate_command,
-            "sweep": _sweep_command}
+            "sweep": _sweep_command, "bench": _bench_command}
 
 
 def main(argv=None):

@@ -178,6 +178,8 @@ def load_model(args, weights_dtype, meta=False):
         tokenizer = AutoTokenizer.from_pretrained(args.model, local_files_only=True)
     except (OSError, ValueError):
         tokenizer = None
+    if tokenizer is not None and tokenizer.vocab_size == 0:
+        tokenizer = None  # transformers returns an empty tokenizer for a folder without one
     return model, tokenizer, source
 
 
@@ -215,6 +217,15 @@ def checkpoint_layers(model):
         layer.forward = functools.partial(_checkpointed, layer.forward)
 
 
+def enable_hf_checkpointing(model):
+    """The model's own gradient checkpointing, non-reentrant, under either of transformers' names."""
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):  # the name since transformers 5.x
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
 def _checkpointed(forward, *args, **kwargs):
     def run(gate, *args):
         with ilora.use_gate(gate):
@@ -222,14 +233,9 @@ def _checkpointed(forward, *args, **kwargs):
     return checkpoint(run, ilora.current_gate(), *args, use_reentrant=False)
 
 
-def build(args, meta=False):
-    """Everything the loop needs, built in the order the real stack builds it.
-
-    Returns (model, item modules, batches, where the weights came from, adapted layer names).
-    meta=True gives the same modules on the meta device and no batches: what the budget reads.
-    """
+def build_base(args, meta=False):
+    """The model with its vocabulary prepared, the tokenizer and the catalogue; no adapters yet."""
     weights_dtype, _ = dtypes(args)
-    device = torch.device("meta" if meta else args.device)
     model, tokenizer, source = load_model(args, weights_dtype, meta)
     max_positions = model.config.max_position_embeddings
     if args.seq > max_positions:
@@ -248,25 +254,37 @@ def build(args, meta=False):
     if args.add_tokens:
         # The real stack resizes with transformers' default, mean_resizing, and so do we.
         prepare_vocabulary(model, tokenizer, stand_in, mean_resizing=not meta)
-    model.to(device)
+    model.to("meta" if meta else args.device)
+    ids = data.placeholder_ids(tokenizer, args.add_tokens)
+    batches = None if meta else data.batches(samples, titles, tokenizer, args.bs, args.seq, ids, args.seed)
+    return model, batches, max(titles), source
+
+
+def build(args, meta=False):
+    """Everything the loop needs, built in the order the real stack builds it.
+
+    Returns (model, item modules, batches, where the weights came from, adapted layer names).
+    meta=True gives the same modules on the meta device and no batches: what the budget reads.
+    """
+    weights_dtype, _ = dtypes(args)
+    device = torch.device("meta" if meta else args.device)
+    model, batches, n_items, source = build_base(args, meta)
     lora_dtype = torch.float32 if args.lora_dtype == "fp32" else None
     torch.manual_seed(args.seed)
     adapted = ilora.add_gated_lora(model, args.targets, args.r, args.alpha, args.experts,
                                    args.dropout, args.impl, lora_dtype)
     with torch.device(device):
-        items = ilora.ItemModules(max(titles), model.get_input_embeddings().embedding_dim,
-                                  args.experts)
+        items = ilora.ItemModules(n_items, model.get_input_embeddings().embedding_dim, args.experts,
+                                  args.inject_items)
     items.to(dtype=lora_dtype or weights_dtype)
     if meta:
         return model, items, None, source, adapted
     if args.ckpt == "manual":
         checkpoint_layers(model)
     elif args.ckpt == "hf":
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_hf_checkpointing(model)
     model.train()
     items.train()
-    ids = data.placeholder_ids(tokenizer, args.add_tokens)
-    batches = data.batches(samples, titles, tokenizer, args.bs, args.seq, ids, args.seed)
     return model, items, batches, source, adapted
 
 
