@@ -159,7 +159,7 @@ class Tracker(TorchDispatchMode):
 # ---------------------------------------------------------------- the probe
 
 class Probe:
-    """Measure any training loop; see the module docstring of README.md for where to put it.
+    """Measure any training loop; README.md shows it inside Lightning and the HF Trainer.
 
         probe = Probe(model, optimizer)
         with probe:
@@ -235,6 +235,20 @@ class Probe:
     # -- measurement
     @contextlib.contextmanager
     def phase(self, name):
+        """Measure the code inside as phase `name` (forward, backward, optimizer, or your own)."""
+        self.begin(name)
+        try:
+            yield
+        except torch.OutOfMemoryError as e:
+            self.oom = {"phase": name, "step": self.tracker.step, "message": str(e).splitlines()[0]}
+            raise
+        finally:
+            self.end()
+
+    def begin(self, name):
+        """Open a phase without a with-block: for callbacks (Lightning, HF Trainer). Pair with end()."""
+        if self.tracker.phase is not None:
+            self.end()
         tracker = self.tracker
         tracker.phase, tracker.module_stack[:] = name, []
         if self._step_started is None:
@@ -244,13 +258,10 @@ class Probe:
         if self.cuda:
             torch.cuda.synchronize(self.device)
             torch.cuda.reset_peak_memory_stats(self.device)
-        try:
-            yield
-        except torch.OutOfMemoryError as e:
-            self.oom = {"phase": name, "step": tracker.step, "message": str(e).splitlines()[0]}
-            raise
-        finally:
-            self._end_phase(name)
+
+    def end(self):
+        if self.tracker.phase is not None:
+            self._end_phase(self.tracker.phase)
 
     def _end_phase(self, name):
         tracker = self.tracker
@@ -287,7 +298,7 @@ class Probe:
         now = time.perf_counter()
         self.steps.append({
             "step": self.tracker.step,
-            "loss": None if loss is None else float(loss),
+            "loss": None if loss is None else float(torch.as_tensor(loss).detach()),
             "seconds": now - (self._step_started or now),
             "live_bytes": self.live_bytes(),
             "peak_bytes": self._step_peak or self.live_bytes(),
@@ -671,7 +682,8 @@ def markdown_report(report):
 def diff(a, b):
     """Rows (what, A bytes, B bytes) for everything two reports measure, largest excess of B first."""
     rows = [("peak", a["peak_bytes"], b["peak_bytes"])]
-    for name in PHASES:
+    named = [p for p in PHASES if p in a["phases"] or p in b["phases"]]
+    for name in named + sorted((set(a["phases"]) | set(b["phases"])) - set(named)):
         pa, pb = a["phases"].get(name, {}), b["phases"].get(name, {})
         if pa or pb:
             rows.append((f"{name} peak", pa.get("peak_bytes", 0), pb.get("peak_bytes", 0)))
@@ -689,15 +701,18 @@ def diff(a, b):
 
 
 def config_differences(a, b):
-    keys = sorted(set(a.get("config", {})) | set(b.get("config", {})))
+    keys = sorted((set(a.get("config", {})) | set(b.get("config", {}))) - OUTPUT_FLAGS)
     return [(k, a["config"].get(k), b["config"].get(k)) for k in keys
             if a["config"].get(k) != b["config"].get(k)]
+
+
+OUTPUT_FLAGS = {"report", "snapshot", "markdown"}  # where results go, not what was measured
 
 
 def format_diff(a, b, name_a="A", name_b="B", markdown=False):
     header = ("", f"{name_a} MiB", f"{name_b} MiB", "B - A MiB", "B / A")
     rows = [(what, mib(x), mib(y), f"{(y - x) / MiB:+.1f}", f"{y / x:.2f}x" if x else "-")
-            for what, x, y in diff(a, b) if x or y]
+            for what, x, y in diff(a, b) if x or y or what in ("peak", "leak per step")]
     changed = config_differences(a, b)
     notes = ([f"different configurations: " + ", ".join(f"{k}: {x!r} -> {y!r}" for k, x, y in changed)]
              if changed else ["same configuration"])
@@ -749,9 +764,14 @@ def _run_reference(argv, report_path, timeout=600):
     return report, None
 
 
-def ablate(base_argv, log=print, steps=3):
-    """Run the reference once per suspect, each in its own process; returns the rows, sorted."""
+def ablate(base_argv, log=print, steps=3, run=None):
+    """Run the reference once per suspect, each in its own process; returns the rows, sorted.
+
+    run(argv, report_path) -> (report or None, error line or None) runs one variant; the default
+    starts `python ref_train.py`, so that no variant inherits another's memory or state.
+    """
     import ref_train
+    run = run or _run_reference
     args = ref_train.parse_args(base_argv)
     if "--steps" not in base_argv:
         base_argv = [*base_argv, "--steps", str(steps)]
@@ -759,7 +779,7 @@ def ablate(base_argv, log=print, steps=3):
     with tempfile.TemporaryDirectory() as tmp:
         for i, (name, flags) in enumerate(ablation_variants(args)):
             started = time.perf_counter()
-            report, error = _run_reference([*base_argv, *flags], os.path.join(tmp, f"{i}.json"))
+            report, error = run([*base_argv, *flags], os.path.join(tmp, f"{i}.json"))
             row = {"variant": name, "flags": flags, "error": error,
                    "peak_bytes": report["peak_bytes"] if report and not error else None,
                    "leak_bytes_per_step": report["leak"]["bytes_per_step"] if report and not error else None,

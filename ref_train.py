@@ -124,6 +124,11 @@ def parse_args(argv=None):
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     if args.device == "cuda" and not torch.cuda.is_available():
         raise UsageError("--device cuda: this torch build sees no CUDA device; use --device cpu or auto")
+    weights, autocast = dtypes(args)
+    if args.device == "cpu" and autocast is not None and weights not in (torch.float32, autocast):
+        raise UsageError(f"--weights-dtype {args.weights_dtype} with --precision {args.precision}: CPU "
+                         "autocast leaves layer_norm's weights in the weights' dtype and cannot mix "
+                         "them with its activations; run this combination with --device cuda")
     if args.snapshot and args.device != "cuda":
         raise UsageError(f"--snapshot {args.snapshot}: needs --device cuda (the snapshot is the CUDA "
                          "allocator's history)")
@@ -252,7 +257,9 @@ def build_base(args, meta=False):
     if stand_in:
         tokenizer = data.train_tokenizer(titles)
     if args.add_tokens:
-        # The real stack resizes with transformers' default, mean_resizing, and so do we.
+        # The real stack resizes with transformers' default, mean_resizing, and so do we; the new
+        # rows are drawn at random, so seed first: a run must not depend on what ran before it.
+        torch.manual_seed(args.seed)
         prepare_vocabulary(model, tokenizer, stand_in, mean_resizing=not meta)
     model.to("meta" if meta else args.device)
     ids = data.placeholder_ids(tokenizer, args.add_tokens)

@@ -1,0 +1,899 @@
+"""Tests of the reference trainer: the gated LoRA, the data, the memory tracker and the command line.
+
+Training runs use the tiny OPT of conftest.py (2 layers of width 64) in fp32 on the CPU; only
+test_full_size_smoke_run uses opt-125m's architecture. The whole file runs in about a minute.
+"""
+import contextlib
+import copy
+import itertools
+import json
+import math
+import os
+from collections import OrderedDict
+from types import SimpleNamespace
+
+import pytest
+import torch
+from torch import nn
+
+import data
+import ilora
+import memcheck
+import ref_train
+from conftest import memcheck_cli, run_ref_train
+
+
+def rel_err(a, b):
+    return ((a - b).norm() / b.norm()).item()
+
+
+def gated_layer(n_experts=4, impl="lean", r=8, seed=0):
+    """A GatedLoraLinear(32 -> 48) with a random, non-zero B: with B = 0 every expert is a no-op."""
+    torch.manual_seed(seed)
+    layer = ilora.GatedLoraLinear(nn.Linear(32, 48), r=r, n_experts=n_experts, impl=impl)
+    nn.init.normal_(layer.lora_B.weight)
+    return layer
+
+
+def random_gate(batch, n_experts, seed=1):
+    return torch.randn(batch, n_experts, generator=torch.Generator().manual_seed(seed)).softmax(-1)
+
+
+# ---------------------------------------------------------------- the gated LoRA
+
+def run_with_gradients(layer, x, gate, upstream):
+    """Forward, backward with `upstream` as the output's gradient; output and every gradient."""
+    x, gate = x.clone().requires_grad_(), gate.clone().requires_grad_()
+    y = layer(x, gate=gate)
+    y.backward(upstream)
+    grads = {"x": x.grad, "gate": gate.grad}
+    grads.update({name: p.grad for name, p in layer.named_parameters()})
+    return y, grads
+
+
+@pytest.mark.parametrize("flatten", [False, True], ids=["batch-seq-features", "flattened-rows"])
+def test_lean_equals_einsum_forward_and_gradients(flatten):
+    lean = gated_layer(impl="lean")
+    einsum = ilora.GatedLoraLinear(nn.Linear(32, 48), r=8, n_experts=4, impl="einsum")
+    einsum.load_state_dict(lean.state_dict())
+    x = torch.randn(3, 5, 32)
+    if flatten:  # OPT's MLP calls its linears on [batch * seq, features]
+        x = x.flatten(0, 1)
+    gate = random_gate(3, 4)
+    upstream = torch.randn(*x.shape[:-1], 48)  # a random output gradient weighs every element
+
+    y_lean, g_lean = run_with_gradients(lean, x, gate, upstream)
+    y_einsum, g_einsum = run_with_gradients(einsum, x, gate, upstream)
+
+    assert rel_err(y_lean, y_einsum) <= 1e-5
+    assert set(g_lean) == {"x", "gate", "base.weight", "base.bias", "lora_A.weight", "lora_B.weight"}
+    for name in g_lean:
+        assert g_lean[name].abs().sum() > 0, name  # an all-zero pair would compare equal for nothing
+        assert rel_err(g_lean[name], g_einsum[name]) <= 1e-5, name
+
+
+def test_flattened_rows_are_gated_by_their_own_sample():
+    # The same tokens, once as [batch, seq, d] and once flattened: each row must keep its sample's gate.
+    layer = gated_layer()
+    x, gate = torch.randn(3, 5, 32), random_gate(3, 4)
+    assert rel_err(layer(x.flatten(0, 1), gate=gate), layer(x, gate=gate).flatten(0, 1)) <= 1e-6
+
+
+def test_one_expert_equals_peft_lora_forward_and_gradients():
+    import peft
+
+    torch.manual_seed(0)
+    base = nn.Sequential(OrderedDict(q_proj=nn.Linear(32, 48)))
+    theirs = peft.inject_adapter_in_model(
+        peft.LoraConfig(r=8, lora_alpha=32, target_modules=["q_proj"], lora_dropout=0.0),
+        copy.deepcopy(base))
+    ours = copy.deepcopy(base)
+    assert ilora.add_gated_lora(ours, targets=("q_proj",), r=8, alpha=32, n_experts=1) == ["q_proj"]
+    with torch.no_grad():
+        nn.init.normal_(theirs.q_proj.lora_B["default"].weight)  # PEFT's B starts at zero too
+        ours.q_proj.lora_A.weight.copy_(theirs.q_proj.lora_A["default"].weight)
+        ours.q_proj.lora_B.weight.copy_(theirs.q_proj.lora_B["default"].weight)
+
+    x = torch.randn(3, 5, 32)
+    upstream = torch.randn(3, 5, 48)
+    results = []
+    for model in (theirs, ours):
+        xi = x.clone().requires_grad_()
+        y = model(xi)  # no use_gate scope: one expert must not need a gate
+        y.backward(upstream)
+        results.append((y, xi.grad))
+    (y_peft, x_grad_peft), (y_ours, x_grad_ours) = results
+
+    assert rel_err(y_ours, y_peft) <= 1e-5
+    assert rel_err(x_grad_ours, x_grad_peft) <= 1e-5
+    assert rel_err(ours.q_proj.lora_A.weight.grad, theirs.q_proj.lora_A["default"].weight.grad) <= 1e-5
+    assert rel_err(ours.q_proj.lora_B.weight.grad, theirs.q_proj.lora_B["default"].weight.grad) <= 1e-5
+    # Both freeze the base layer: only the adapter trains.
+    assert [n for n, p in ours.named_parameters() if p.requires_grad] == \
+        ["q_proj.lora_A.weight", "q_proj.lora_B.weight"]
+
+
+def test_different_gates_give_different_outputs_per_sample():
+    layer = gated_layer()
+    x, gate = torch.randn(2, 5, 32), random_gate(2, 4)
+    other = gate.clone()
+    other[0] = random_gate(1, 4, seed=7)[0]  # change sample 0's gate only
+    y, y_other = layer(x, gate=gate), layer(x, gate=other)
+    assert not torch.allclose(y[0], y_other[0])
+    assert torch.equal(y[1], y_other[1])  # a sample's output depends on its own gate alone
+    with ilora.use_gate(gate):  # the scope supplies the same gate as the argument
+        assert torch.equal(layer(x), y)
+
+
+def test_router_gets_a_gradient_through_use_gate():
+    torch.manual_seed(0)
+    items = ilora.ItemModules(n_items=50, hidden_size=32, n_experts=4)
+    layer = gated_layer()
+    lengths = torch.tensor([3, 10])
+    history = torch.randint(1, 51, (2, ilora.MAX_HISTORY))
+    history[0, 3:] = 0  # padding after the history, as data.collate writes it
+    gate = items.gate(history, lengths)
+    with ilora.use_gate(gate):
+        layer(torch.randn(2, 5, 32)).square().sum().backward()
+    assert items.router.weight.grad is not None and items.router.weight.grad.abs().sum() > 0
+    assert all(p.grad is None for p in items.sasrec.parameters())  # the encoder stays frozen
+
+
+def test_several_experts_without_a_gate_raise_a_clear_error():
+    with pytest.raises(RuntimeError, match="4 experts needs a gate.*use_gate"):
+        gated_layer(n_experts=4)(torch.randn(2, 5, 32))
+
+
+def test_one_expert_needs_no_gate():
+    layer = gated_layer(n_experts=1)
+    x = torch.randn(2, 5, 32)
+    expected = layer.base(x) + layer.scaling * layer.lora_B(layer.lora_A(x))
+    assert torch.allclose(layer(x), expected, rtol=1e-5, atol=1e-6)
+    assert ilora.ItemModules(n_items=50, hidden_size=32, n_experts=1).gate(
+        torch.ones(2, ilora.MAX_HISTORY, dtype=torch.long), torch.tensor([3, 3])) is None
+
+
+# ---------------------------------------------------------------- checkpointing
+
+def one_step_gradients(model_dir, ckpt):
+    """ref_train.train_step on a fresh build, with an optimizer that keeps the gradients for us.
+
+    B is set to the same random values in every build: with PEFT's zero B, the gradients of A and of
+    the router are exactly zero whatever the checkpointing does, and comparing them would prove nothing.
+    """
+    args = ref_train.parse_args(["--model", model_dir, "--device", "cpu", "--ckpt", ckpt,
+                                 "--bs", "2", "--seq", "64", "--steps", "1"])
+    model, items, batches, _, _ = ref_train.build(args)
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, ilora.GatedLoraLinear):
+                module.lora_B.weight.copy_(torch.randn(module.lora_B.weight.shape, generator=generator))
+    keep_grads = SimpleNamespace(step=lambda: None, zero_grad=lambda set_to_none=True: None)
+    scaler = torch.amp.GradScaler("cpu", enabled=False)   # disabled: step() is optimizer.step()
+    probe = SimpleNamespace(phase=lambda name: contextlib.nullcontext())
+    torch.manual_seed(args.seed)
+    loss = ref_train.train_step(model, items, keep_grads, scaler, next(batches), args, probe, [])
+    grads = {f"{prefix}.{name}": p.grad.clone()
+             for prefix, module in (("lm", model), ("ilora", items))
+             for name, p in module.named_parameters() if p.requires_grad}
+    return loss, grads
+
+
+@pytest.fixture(scope="module")
+def ckpt_reports(train_tiny):
+    # A shape where activations dominate the peak, so that checkpointing has something to save.
+    return {ckpt: train_tiny("--ckpt", ckpt, "--seq", 128, "--bs", 4, "--steps", 1)
+            for ckpt in ("none", "manual", "hf")}
+
+
+def test_checkpointing_modes_give_the_same_loss_and_gradients(tiny_model, ckpt_reports):
+    reported = {ckpt: r["steps"][0]["loss"] for ckpt, r in ckpt_reports.items()}
+    assert reported["manual"] == pytest.approx(reported["none"], rel=1e-6)
+    assert reported["hf"] == pytest.approx(reported["none"], rel=1e-6)
+
+    loss, grads = one_step_gradients(tiny_model, "none")
+    kinds = ("lora_A", "lora_B", "router", "projector")
+    for kind in kinds:  # each kind is there and alive, so the comparisons below mean something
+        assert any(kind in name and g.abs().sum() > 0 for name, g in grads.items()), kind
+    for ckpt in ("manual", "hf"):
+        ckpt_loss, ckpt_grads = one_step_gradients(tiny_model, ckpt)
+        assert ckpt_loss == pytest.approx(loss, rel=1e-6), ckpt
+        assert ckpt_grads.keys() == grads.keys(), ckpt
+        for name, g in grads.items():
+            assert torch.allclose(ckpt_grads[name], g, rtol=1e-5, atol=1e-7), (ckpt, name)
+
+
+def test_checkpointing_lowers_the_measured_peak(ckpt_reports):
+    peaks = {ckpt: r["peak_bytes"] for ckpt, r in ckpt_reports.items()}
+    # Without checkpointing both decoder layers' activations are alive at once; with it, one layer's
+    # inputs are. At bs 4 x seq 128 that is about a third of the peak; 15% leaves room for noise-free
+    # but version-dependent allocations while still failing if checkpointing silently does nothing.
+    assert peaks["manual"] < 0.85 * peaks["none"], peaks
+    assert peaks["hf"] < 0.85 * peaks["none"], peaks
+
+
+# ---------------------------------------------------------------- the memory tracker
+
+def test_cpu_tracker_is_exact_on_known_allocations():
+    with memcheck.Tracker("cpu") as tracker:
+        start = tracker.live_bytes
+        x = torch.empty(1000, dtype=torch.float32)
+        assert tracker.live_bytes - start == 4000
+        views = (x.view(10, 100), x[10:], x.t())
+        assert tracker.live_bytes - start == 4000  # views share the storage: nothing new
+        y = torch.empty(250, dtype=torch.float64)
+        assert tracker.live_bytes - start == 6000
+        torch.empty(1000, device="meta")  # another device: not counted, and nothing to free
+        del x
+        assert tracker.live_bytes - start == 6000  # the views still hold x's storage
+        del views
+        assert tracker.live_bytes - start == 2000
+        del y
+        assert tracker.live_bytes - start == 0
+        assert tracker.peak_bytes - start == 6000
+
+
+def test_cpu_tracker_matches_the_profiler_on_a_training_step(tiny_model):
+    from torch.profiler import ProfilerActivity, profile
+
+    args = ref_train.parse_args(["--model", tiny_model, "--device", "cpu", "--ckpt", "none",
+                                 "--bs", "4", "--seq", "128"])
+    model, items, batches, _, _ = ref_train.build(args)
+    trainable = [p for m in (model, items) for p in m.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=1e-3)
+    batch = next(batches)
+    tracker = memcheck.Tracker("cpu")
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof, tracker:
+        # What exists before the step is adopted, so that its frees are not counted as negative.
+        tracker.tag([*model.parameters(), *model.buffers(), *items.parameters(), *items.buffers(),
+                     *batch.values()], "frozen_params")
+        start = tracker.live_bytes
+        gate = items.gate(batch["history"], batch["history_len"])
+        with ilora.use_gate(gate):
+            loss = ref_train.forward_loss(model, items, batch, args)
+            loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        del loss, gate
+        tracked_peak, tracked_end = tracker.peak_bytes - start, tracker.live_bytes - start
+
+    events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
+    if events and hasattr(events[0], "device_type"):
+        assert {str(e.device_type()) for e in events} == {"DeviceType.CPU"}
+    assert len(events) > 100  # a real step, not an empty trace
+    running = list(itertools.accumulate(e.nbytes() for e in sorted(events, key=lambda e: e.start_ns())))
+    profiled_peak, profiled_end = max(running), running[-1]
+
+    assert tracked_peak > 1_000_000  # activations of bs 4 x seq 128: megabytes, not bookkeeping
+    assert abs(tracked_peak - profiled_peak) <= 0.01 * profiled_peak, (tracked_peak, profiled_peak)
+    # What the step leaves (AdamW's state) agrees as well.
+    assert abs(tracked_end - profiled_end) <= 0.01 * profiled_end, (tracked_end, profiled_end)
+
+
+# ---------------------------------------------------------------- data
+
+@pytest.fixture(scope="module")
+def catalogue():
+    """(titles, samples, stand-in tokenizer with the placeholders, placeholder ids)."""
+    titles, samples = data.synthetic_catalogue(0)
+    tokenizer = data.train_tokenizer(titles)
+    data.add_special_tokens(tokenizer)
+    return titles, samples, tokenizer, data.placeholder_ids(tokenizer, added_tokens=True)
+
+
+def test_synthetic_catalogue_is_deterministic_and_well_formed():
+    titles, samples = data.synthetic_catalogue(0)
+    assert (titles, samples) == data.synthetic_catalogue(0)
+    assert samples != data.synthetic_catalogue(1)[1]
+    # Pinned: the same seed gives these samples in any process and after any refactoring.
+    assert samples[0] == data.Sample([579, 85, 783, 229, 684, 444],
+                                     [165, 12, 743, 162, 67, 464, 648, 282, 294, 472, 935, 644, 965,
+                                      326, 219, 391, 713, 649, 22, 660], 326)
+    for s in samples:
+        assert data.MIN_HISTORY <= len(s.history) <= data.MAX_HISTORY
+        assert len(s.candidates) == data.N_CANDIDATES == len(set(s.candidates))
+        assert s.target in s.candidates and s.target not in s.history
+        assert set(s.history) | set(s.candidates) <= set(titles)
+
+
+def prompt_and_answer(row_ids, row_labels, row_mask):
+    """Split one row into (prompt tokens, answer tokens, padding length) by its labels and mask."""
+    length = int(row_mask.sum())
+    answer_at = (row_labels != data.IGNORE).nonzero().flatten()
+    start = int(answer_at[0])
+    assert answer_at.tolist() == list(range(start, length))  # the answer is one block at the end
+    return row_ids[:start].tolist(), row_ids[start:length].tolist(), len(row_ids) - length
+
+
+@pytest.mark.parametrize("seq", [48, 400], ids=["cut-from-the-left", "padded"])
+def test_batches_are_exactly_bs_by_seq_with_answer_labels(catalogue, seq):
+    titles, samples, tokenizer, ids = catalogue
+    bs = 3
+    for batch in itertools.islice(data.batches(samples, titles, tokenizer, bs, seq, ids), 20):
+        for name in ("input_ids", "attention_mask", "labels", "item_ids"):
+            assert batch[name].shape == (bs, seq), name
+        assert batch["history"].shape == (bs, data.MAX_HISTORY)
+        assert batch["history_len"].shape == (bs,)
+        answered = batch["labels"] != data.IGNORE
+        assert torch.equal(batch["labels"][answered], batch["input_ids"][answered])
+        assert not (answered & (batch["attention_mask"] == 0)).any()  # padding carries no loss
+
+    # Row by row on known samples: the labels are the target's title and </s>, nothing else.
+    known = samples[:4]
+    batch = data.collate(known, titles, tokenizer, seq, ids)
+    full = data.collate(known, titles, tokenizer, 1000, ids)  # long enough for any prompt
+    for i, s in enumerate(known):
+        prompt, answer, pad = prompt_and_answer(batch["input_ids"][i], batch["labels"][i],
+                                                batch["attention_mask"][i])
+        full_prompt, _, _ = prompt_and_answer(full["input_ids"][i], full["labels"][i],
+                                              full["attention_mask"][i])
+        expected = tokenizer.encode(" " + titles[s.target], add_special_tokens=False)
+        assert answer == expected + [tokenizer.eos_token_id]
+        assert batch["input_ids"][i, len(prompt) + len(answer):].eq(ids[2]).all()  # pad id
+        if seq == 48:  # every prompt is longer: cut from the left, the answer kept whole
+            assert pad == 0 and len(prompt) < len(full_prompt)
+            assert prompt == full_prompt[-len(prompt):]
+        else:
+            assert pad > 0 and prompt == full_prompt
+            assert prompt[:3] == tokenizer.encode("This user has watched", add_special_tokens=False)[:3]
+
+
+@pytest.mark.parametrize("seq", [48, 400], ids=["cut-from-the-left", "padded"])
+def test_item_ids_mark_exactly_the_placeholder_tokens(catalogue, seq):
+    titles, samples, tokenizer, ids = catalogue
+    history_id, candidate_id, _ = ids
+    batch = data.collate(samples[:8], titles, tokenizer, seq, ids)
+    placeholders = (batch["input_ids"] == history_id) | (batch["input_ids"] == candidate_id)
+    assert placeholders.any()
+    assert torch.equal(batch["item_ids"] != 0, placeholders)
+    if seq == 400:  # nothing cut: each placeholder carries its item, in prompt order
+        for i, s in enumerate(samples[:8]):
+            row = batch["item_ids"][i]
+            assert row[batch["input_ids"][i] == history_id].tolist() == s.history
+            assert row[batch["input_ids"][i] == candidate_id].tolist() == s.candidates
+
+
+def test_inject_replaces_exactly_the_placeholder_embeddings(catalogue):
+    titles, samples, tokenizer, ids = catalogue
+    batch = data.collate(samples[:3], titles, tokenizer, 128, ids)
+    torch.manual_seed(0)
+    items = ilora.ItemModules(n_items=len(titles), hidden_size=16, n_experts=4)
+    embeds = torch.randn(3, 128, 16)
+    injected = items.inject(embeds, batch["item_ids"])
+    at = batch["item_ids"] != 0
+    assert at.sum() > 10
+    assert torch.equal(injected[~at], embeds[~at])  # every other position untouched, bit for bit
+    expected = items.projector(items.sasrec.item_embeddings(batch["item_ids"][at]))
+    assert torch.allclose(injected[at], expected, rtol=1e-6, atol=1e-6)
+    assert not torch.allclose(injected[at], embeds[at])
+
+
+# ---------------------------------------------------------------- MovieLens directories
+
+def write_movielens(directory, n_items=40, item_ids=None, ratings=None, item_lines=None):
+    """A MovieLens-100K-format directory: u.item 'id|title|...', u.data 'user item rating time'.
+
+    By default 5 users rate 12 items each, written out of time order so that the loader must sort.
+    """
+    os.makedirs(directory, exist_ok=True)
+    item_ids = item_ids or list(range(1, n_items + 1))
+    if item_lines is None:
+        item_lines = [f"{i}|Movie number {i} ({1950 + i % 70})|01-Jan-1995||http://x|0|1|0"
+                      for i in item_ids]
+    if ratings is None:
+        ratings = [(user, item_ids[(user * 7 + k * 3) % len(item_ids)], 1 + k % 5, 880000000 + 97 * k)
+                   for user in range(1, 6) for k in reversed(range(12))]
+    with open(os.path.join(directory, "u.item"), "w", encoding="latin-1") as f:
+        f.write("\n".join(item_lines) + "\n")
+    with open(os.path.join(directory, "u.data"), "w") as f:
+        f.write("".join(line if isinstance(line, str) else "\t".join(map(str, line)) + "\n"
+                        for line in ratings))
+    return str(directory)
+
+
+def test_movielens_directory_trains(tmp_path, train_tiny):
+    directory = write_movielens(tmp_path / "ml")
+    titles, samples = data.movielens_catalogue(directory)
+    assert len(titles) == 40 and len(samples) == 5
+    for user, s in enumerate(samples, 1):  # the latest rating is the target, the 10 before it history
+        by_time = [(user * 7 + k * 3) % 40 + 1 for k in range(12)]
+        assert s.target == by_time[-1] and s.history == by_time[-11:-1]
+        assert s.target in s.candidates and set(s.candidates) <= set(titles)
+    report = train_tiny("--data", directory, "--steps", 2, "--bs", 2, "--seq", 128)
+    assert report["config"]["data"] == directory
+    assert [s["step"] for s in report["steps"]] == [1, 2]
+    assert all(math.isfinite(s["loss"]) and s["loss"] > 0 for s in report["steps"])
+
+
+def test_movielens_ids_with_gaps_draw_candidates_from_the_catalogue(tmp_path):
+    directory = write_movielens(tmp_path / "ml", item_ids=list(range(2, 82, 2)))  # 40 even ids
+    titles, samples = data.movielens_catalogue(directory)
+    for s in samples:  # an id outside u.item has no title: encode() would fail with a KeyError
+        assert set(s.candidates) <= set(titles)
+
+
+GOOD = None  # write_movielens' default for that file
+
+
+@pytest.mark.parametrize("item_lines, ratings, message", [
+    (["1|Toy Story (1995)|x", "two|Heat (1995)|x"], GOOD, "u.item line 2: expected 'id|title|...'"),
+    (["0|Toy Story (1995)|x"] + [f"{i}|T{i}" for i in range(1, 40)], GOOD, "u.item line 1"),
+    ([f"{i}|T{i}" for i in range(1, 26)], GOOD, "u.item: 25 items"),
+    (GOOD, ["1\t1\t5\t880000000\n", "1\t2\t5\n"], "u.data line 2: expected 'user item rating"),
+    (GOOD, ["1\t1\t5\t880000000\n", "\n", "1\t99\t5\t880000001\n"], "u.data line 3: item 99 is not"),
+    (GOOD, ["1\t1\t5\t880000000\n"], "u.data: no user has more than 3 ratings"),
+], ids=["u.item-bad-id", "u.item-id-0-is-padding", "too-few-items", "u.data-3-fields",
+        "u.data-unknown-item", "no-usable-user"])
+def test_malformed_movielens_names_the_file_and_line(tmp_path, item_lines, ratings, message):
+    directory = write_movielens(tmp_path / "ml", item_lines=item_lines, ratings=ratings)
+    with pytest.raises(data.DataError, match=message.replace("|", r"\|").replace(".", r"\.")):
+        data.movielens_catalogue(directory)
+
+
+def test_movielens_missing_file_is_named(tmp_path):
+    directory = write_movielens(tmp_path / "ml")
+    os.remove(os.path.join(directory, "u.data"))
+    with pytest.raises(data.DataError, match="u.data: missing"):
+        data.movielens_catalogue(directory)
+
+
+# ---------------------------------------------------------------- the command line
+
+def bad_movielens(directory):
+    ratings = ["1\t1\t5\t880000000\n", "1\t2\t5\t880000001\n", "1\tthree\t5\t880000002\n"]
+    return write_movielens(directory, ratings=ratings)
+
+
+# (flags, what the message must name); "{tiny}" is the tiny model, whose 256 positions keep it fast
+BAD_INPUTS = {
+    "bs-0": (["--bs", "0"], ["--bs 0"]),
+    "seq-8": (["--seq", "8"], ["--seq 8"]),
+    "seq-beyond-positions": (["--model", "{tiny}", "--seq", "100000"], ["--seq 100000", "256"]),
+    "r-0": (["--r", "0"], ["--r 0"]),
+    "r-not-divisible": (["--r", "6", "--experts", "4"], ["--r 6", "--experts 4"]),
+    "unknown-target": (["--model", "{tiny}", "--targets", "nope"], ["nope", "q_proj", "v_proj"]),
+    "cuda-without-cuda": (["--device", "cuda"], ["--device cuda"]),
+    "precision-64": (["--precision", "64"], ["64", "bf16-mixed"]),
+    "missing-model": (["--model", "/no/such/dir"], ["/no/such/dir"]),
+    "missing-data": (["--data", "/no/such/dir"], ["/no/such/dir"]),
+    "malformed-u.data": (["--model", "{tiny}", "--data", "{bad_data}"],
+                         ["{bad_data}/u.data line 3", "three"]),
+}
+
+
+SMOKE_RUN = ["--bs", "2", "--seq", "128", "--steps", "2", "--report", "{report}"]
+
+
+@pytest.fixture(scope="module")
+def command_runs(tiny_model, tmp_path_factory, ref_train_cli):
+    """Every `python ref_train.py` of this file, three at a time: each is a fresh Python, mostly
+    torch's import, and the full-size smoke run (~20 s) overlaps the short ones instead of adding."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    tmp = tmp_path_factory.mktemp("commands")
+    values = {"tiny": tiny_model, "bad_data": bad_movielens(tmp / "bad-ml"),
+              "report": str(tmp / "report.json")}
+    commands = {"smoke": SMOKE_RUN}  # the longest first
+    commands.update({case: flags + ["--steps", "1"] for case, (flags, _) in BAD_INPUTS.items()})
+    with ThreadPoolExecutor(max_workers=3) as pool:
+        runs = {name: pool.submit(ref_train_cli, *(f.format(**values) for f in flags))
+                for name, flags in commands.items()}
+    return values, {name: run.result() for name, run in runs.items()}
+
+
+@pytest.mark.parametrize("case", BAD_INPUTS)
+def test_bad_input_is_one_line_naming_the_value_with_exit_code_2(case, command_runs):
+    if case == "cuda-without-cuda" and torch.cuda.is_available():
+        pytest.skip("this machine has CUDA: --device cuda is valid here")
+    values, runs = command_runs
+    result = runs[case]
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr
+    assert len(lines) == 1, result.stderr
+    for value in BAD_INPUTS[case][1]:
+        assert value.format(**values) in lines[0], value
+
+
+# ---------------------------------------------------------------- reproducibility and runs
+
+# growing_vocab_model: the resize draws new embedding rows at random, from the global RNG.
+@pytest.mark.parametrize("model_fixture", ["tiny_model", "growing_vocab_model"])
+def test_same_flags_and_seed_give_the_same_losses_bit_for_bit(model_fixture, request, train_tiny):
+    model = request.getfixturevalue(model_fixture)
+    first = [s["loss"] for s in train_tiny("--steps", 2, "--seq", 64, model=model)["steps"]]
+    torch.manual_seed(12345)  # whatever ran before must not matter: only --seed does
+    second = [s["loss"] for s in train_tiny("--steps", 2, "--seq", 64, model=model)["steps"]]
+    assert first == second
+    other_seed = [s["loss"] for s in train_tiny("--steps", 2, "--seq", 64, "--seed", 1,
+                                                 model=model)["steps"]]
+    assert other_seed != first  # the seed does reach the run
+
+
+def test_model_dir_without_tokenizer_gets_the_stand_in_tokenizer(bare_tiny_model):
+    args = ref_train.parse_args(["--model", bare_tiny_model, "--device", "cpu", "--seq", "128"])
+    model, _, batches, _, _ = ref_train.build(args)
+    # The stand-in keeps the model's 4200 rows and adds the 4 placeholders ("<pad>" exists).
+    assert model.get_input_embeddings().num_embeddings == 4200 + 4
+    batch = next(batches)
+    answer_lengths = (batch["labels"] != data.IGNORE).sum(dim=1)
+    assert (answer_lengths > 1).all()  # a title and </s>, not </s> alone
+
+
+def test_full_size_smoke_run(command_runs):
+    # SMOKE_RUN: opt-125m's architecture (random weights: it is not cached here), 2 steps.
+    values, runs = command_runs
+    result = runs["smoke"]
+    assert result.returncode == 0, result.stderr
+    assert "step   1 | loss" in result.stdout and "step   2 | loss" in result.stdout
+    with open(values["report"]) as f:
+        report = json.load(f)
+    assert report["schema"] == "memcheck/1"
+    for phase in ("load", "forward", "backward", "optimizer"):
+        assert report["phases"][phase]["peak_bytes"] > 0, phase
+        assert report["phases"][phase]["live_bytes"] > 0, phase
+    assert [s["step"] for s in report["steps"]] == [1, 2]
+    for s in report["steps"]:
+        assert math.isfinite(s["loss"]) and s["seconds"] > 0, s
+        assert s["live_bytes"] > 0 and s["peak_bytes"] >= s["live_bytes"], s
+    assert set(report["config"]) == set(vars(ref_train.parse_args([]))), "a flag is missing"
+    assert report["config"]["bs"] == 2 and report["config"]["seq"] == 128
+    import transformers
+    assert report["env"]["python"].count(".") == 2
+    assert report["env"]["torch"] == torch.__version__
+    assert report["env"]["transformers"] == transformers.__version__
+
+
+# ---------------------------------------------------------------- memcheck: categories, budget, leaks
+
+def test_categories_add_up_to_the_peak_in_every_phase(train_tiny):
+    report = train_tiny("--steps", 2)
+    assert sum(report["categories"].values()) == report["peak_bytes"]
+    for name, phase in report["phases"].items():
+        assert sum(phase["categories"].values()) == phase["peak_bytes"], name
+    # Each kind of memory is where it should be, not lumped into one bucket.
+    backward = report["phases"]["backward"]["categories"]
+    assert backward["frozen_params"] > 0 and backward["activations"] > 0
+    assert report["phases"]["optimizer"]["categories"]["gradients"] > 0
+    assert report["phases"]["optimizer"]["categories"]["optimizer_state"] > 0
+
+
+def test_saved_activations_are_attributed_to_modules(train_tiny):
+    report = train_tiny("--ckpt", "none", "--steps", 1)
+    modules = [m["module"] for m in report["modules"]]
+    assert any(".layers." in m for m in modules), modules
+    assert [m["bytes"] for m in report["modules"]] == sorted((m["bytes"] for m in report["modules"]),
+                                                             reverse=True)
+
+
+BUDGET_GRID = [  # (flags): every variable of the budget moves at least once
+    (), ("--ckpt", "none"), ("--bs", 4, "--seq", 32), ("--bs", 1, "--seq", 192),
+    ("--impl", "einsum"), ("--impl", "einsum", "--ckpt", "none", "--targets", "all-linear"),
+    ("--experts", 1, "--r", 16), ("--targets", "all-linear"), ("--dropout", 0.1, "--ckpt", "none"),
+    ("--loss-chunks", 4), ("--attn", "eager", "--ckpt", "none"), ("--no-add-tokens", "--no-inject-items"),
+]
+
+
+@pytest.mark.parametrize("flags", BUDGET_GRID, ids=lambda f: " ".join(map(str, f)) or "defaults")
+def test_budget_predicts_the_measured_peak_within_ten_percent(train_tiny, flags):
+    report = train_tiny("--steps", 2, *flags)
+    predicted = report["budget"]["peak_bytes"]
+    assert abs(report["peak_bytes"] / predicted - 1) <= 0.10, (report["peak_bytes"], predicted)
+    assert memcheck.verdict(report).endswith("as expected")
+
+
+def test_budget_runs_on_the_meta_device_without_allocating(tiny_model):
+    args = ref_train.parse_args(["--model", tiny_model, "--device", "cpu"])
+    with memcheck.Tracker("cpu") as tracker:
+        planned = memcheck.budget(args)
+    assert tracker.peak_bytes == 0
+    assert planned["peak_bytes"] > planned["terms"]["params"] > 0
+    full = memcheck.budget(args, full=True)
+    assert full["terms"]["optimizer_state"] == 2 * full["terms"]["params"]  # Adam on every weight
+    assert full["peak_bytes"] > planned["peak_bytes"]
+
+
+def test_budget_command_prints_lora_and_full_side_by_side(tiny_model):
+    done = memcheck_cli("budget", "--model", tiny_model, "--bs", 2, "--seq", 64, "--full")
+    assert done.returncode == 0, done.stderr
+    assert "LoRA (this config)" in done.stdout and "full fine-tuning" in done.stdout
+    assert "predicted peak" in done.stdout
+
+
+def test_verdict_names_the_category_in_excess():
+    report = {"peak_bytes": 10 * memcheck.MiB, "peak_phase": "forward", "oom": None,
+              "categories": dict(dict.fromkeys(memcheck.CATEGORIES, 0), activations=9 * memcheck.MiB,
+                                 frozen_params=memcheck.MiB),
+              "budget": {"peak_bytes": 2 * memcheck.MiB,
+                         "categories": dict(dict.fromkeys(memcheck.CATEGORIES, 0),
+                                            activations=memcheck.MiB, frozen_params=memcheck.MiB)}}
+    assert memcheck.verdict(report) == ("measured peak 5.0x the budget: the excess is in activations "
+                                        "(+8.0 MiB) during forward")
+
+
+def test_injected_leak_is_flagged_with_the_gate_bytes_per_step(train_tiny):
+    leaky = train_tiny("--inject-leak", "--steps", 4, "--bs", 2, "--experts", 4)
+    leak = leaky["leak"]
+    assert leak["detected"]
+    # Each step keeps its gate: bs x experts fp32 values, and nothing else of its graph.
+    assert leak["bytes_per_step"] == 2 * 4 * 4
+    assert leak["survivors"] and all(s["shape"] == [2, 4] and s["dtype"] == "float32"
+                                     for s in leak["survivors"])
+    assert {s["step"] for s in leak["survivors"]} == {1, 2, 3}
+
+    clean = train_tiny("--steps", 4, "--bs", 2, "--experts", 4)["leak"]
+    assert not clean["detected"] and clean["bytes_per_step"] == 0 and clean["survivors"] == []
+
+
+def test_a_leak_that_grows_every_step_is_found_in_a_hand_written_loop():
+    kept = []
+    model = nn.Linear(16, 16)
+    optimizer = torch.optim.AdamW(model.parameters())
+    with memcheck.Probe(model, optimizer) as probe:
+        for _ in range(4):
+            with probe.phase("forward"):
+                loss = model(torch.randn(8, 16)).square().mean()
+                kept.append(torch.randn(1000))          # 4000 bytes that never go away
+            with probe.phase("backward"):
+                loss.backward()
+            with probe.phase("optimizer"):
+                optimizer.step()
+                optimizer.zero_grad()
+            probe.step(loss)
+    leak = probe.report()["leak"]
+    assert leak["detected"] and leak["bytes_per_step"] == 4000
+    assert leak["survivors"][0]["bytes"] == 4000 and leak["survivors"][0]["op"] == "randn"
+
+
+# ---------------------------------------------------------------- the probe, reports and diff
+
+def probe_loop(steps=3, width=32):
+    model = nn.Sequential(nn.Linear(width, width), nn.ReLU(), nn.Linear(width, 1))
+    optimizer = torch.optim.AdamW(model.parameters())
+    probe = memcheck.Probe(model, optimizer)
+    with probe:
+        for _ in range(steps):
+            with probe.phase("forward"):
+                loss = model(torch.randn(64, width)).square().mean()
+            with probe.phase("backward"):
+                loss.backward()
+            with probe.phase("optimizer"):
+                optimizer.step()
+                optimizer.zero_grad()
+            probe.step(loss)
+    return probe
+
+
+def test_probe_report_has_the_schema_and_diff_reads_it(tmp_path):
+    probe = probe_loop()
+    path = tmp_path / "stack.json"
+    probe.save(path)
+    saved = memcheck.read_report(path)
+    assert saved == json.loads(json.dumps(probe.report()))
+    assert saved["schema"] == "memcheck/1" and len(saved["steps"]) == 3
+    assert saved["peak_bytes"] > 0 and set(saved["phases"]) == {"forward", "backward", "optimizer"}
+    assert "forward peak" in memcheck.format_diff(saved, saved)
+
+
+def test_diff_of_a_report_with_itself_shows_no_excess(train_tiny, tmp_path):
+    report = json.loads(json.dumps(train_tiny("--steps", 2)))
+    rows = memcheck.diff(report, report)
+    assert rows and all(a == b for _, a, b in rows)
+    assert memcheck.config_differences(report, report) == []
+    assert "same configuration" in memcheck.format_diff(report, report)
+
+
+def test_diff_lists_configuration_differences_first_and_the_largest_excess_first(train_tiny):
+    small = train_tiny("--steps", 2, "--seq", 64)
+    large = train_tiny("--steps", 2, "--seq", 192, "--impl", "einsum")
+    text = memcheck.format_diff(small, large)
+    assert text.splitlines()[0].startswith("different configurations: ")
+    assert "seq: 64 -> 192" in text
+    excess = [b - a for what, a, b in memcheck.diff(small, large)[1:]]
+    assert excess == sorted(excess, reverse=True)
+
+
+def test_diff_markdown_is_a_valid_table(train_tiny):
+    report = train_tiny("--steps", 2)
+    assert_markdown_tables(memcheck.format_diff(report, report, markdown=True))
+
+
+@pytest.mark.parametrize("content, message", [
+    ("not json at all", "not JSON"),
+    ('{"peak_bytes": 1}', "not a memcheck report"),
+    ('{"schema": "memcheck/0", "peak_bytes": 1}', "schema 'memcheck/0'"),
+])
+def test_diff_rejects_files_that_are_not_reports_of_this_schema(tmp_path, content, message):
+    good = tmp_path / "good.json"
+    probe_loop(steps=1).save(good)
+    bad = tmp_path / "bad.json"
+    bad.write_text(content)
+    done = memcheck_cli("diff", good, bad)
+    assert done.returncode == 2
+    lines = [line for line in done.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and message in lines[0] and "bad.json" in lines[0]
+    assert "Traceback" not in done.stderr
+
+
+def test_out_of_memory_still_writes_the_report_naming_phase_and_step(tiny_model, train_tiny,
+                                                                    tmp_path):
+    # A limit between what loading needs and what training needs: training runs out, loading not.
+    fits = train_tiny("--steps", 1)
+    assert fits["phases"]["load"]["peak_bytes"] < fits["peak_bytes"]
+    limit = (fits["phases"]["load"]["peak_bytes"] + fits["peak_bytes"]) / 2 / memcheck.MiB
+    path = tmp_path / "oom.json"
+    done = run_ref_train("--model", tiny_model, "--max-memory", limit, "--report", path)
+    assert done.returncode == 1
+    assert "OUT OF MEMORY in" in done.stdout and "Traceback" not in done.stderr
+    report = memcheck.read_report(path)
+    assert report["oom"]["phase"] in ("forward", "backward", "optimizer")
+    assert report["oom"]["step"] == 1 and "--max-memory" in report["oom"]["message"]
+    assert report["phases"]["load"]["peak_bytes"] > 0   # the table so far is there
+
+
+def test_report_holds_the_environment_and_command_line(train_tiny):
+    report = train_tiny("--steps", 1)
+    assert {"python", "torch", "transformers", "cuda", "device"} <= set(report["env"])
+    assert "ref_train" in report["command"] or "pytest" in report["command"]
+    assert set(vars(ref_train.parse_args([]))) <= set(report["config"])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_peak_comes_from_the_allocator_and_the_snapshot_is_written(tiny_model, tmp_path):
+    snapshot = tmp_path / "snapshot.pickle"
+    args = ref_train.parse_args(["--model", tiny_model, "--device", "cuda", "--steps", 2,
+                                 "--snapshot", str(snapshot)])
+    report = ref_train.train(args, log=lambda *a: None)
+    assert snapshot.stat().st_size > 0
+    backward = report["phases"]["backward"]
+    # The allocator rounds each block up to 512 bytes: its figure is at least the tracker's.
+    assert backward["peak_bytes"] >= backward["tracked_peak_bytes"] > 0
+    assert backward["reserved_bytes"] >= backward["peak_bytes"]
+
+
+# ---------------------------------------------------------------- ablate, sweep, markdown
+
+def assert_markdown_tables(text):
+    """Every table in `text`: a header row, a separator row, rows with the same number of cells."""
+    blocks = [[]]
+    for line in text.splitlines():
+        if line.startswith("|"):
+            blocks[-1].append(line)
+        elif blocks[-1]:
+            blocks.append([])
+    tables = [b for b in blocks if b]
+    assert tables, text
+    for table in tables:
+        assert all(line.endswith("|") for line in table), table
+        cells = [line.count("|") for line in table]
+        assert len(set(cells)) == 1, table
+        assert set(table[1].replace("|", "")) <= {"-", ":", " "}, table[1]
+
+
+def in_process_runner(argv, report_path):
+    """ablate's runner, in this process: the real one starts a process per variant (slow in tests)."""
+    try:
+        report = ref_train.train(ref_train.parse_args([*argv, "--report", report_path]),
+                                 log=lambda *a: None)
+        return report, None
+    except (ref_train.UsageError, torch.OutOfMemoryError) as e:
+        return None, str(e)
+
+
+def test_ablate_runs_every_suspect_and_writes_the_table(tiny_model, tmp_path):
+    rows = memcheck.ablate(["--model", tiny_model, "--device", "cpu"], log=lambda *a: None,
+                           run=in_process_runner)
+    names = [r["variant"] for r in rows]
+    assert names[0] == "baseline"
+    for suspect in ("added tokens + resize off", "checkpointing hf", "checkpointing none",
+                    "einsum implementation", "1 expert", "LoRA dropout 0.1", "precision 16-mixed",
+                    "bf16 weights under 16-mixed", "item injection off", "targets all-linear",
+                    "injected leak"):
+        assert suspect in names
+    on_cuda_only = "bf16 weights under 16-mixed"   # CPU autocast cannot run it: a row saying so
+    assert "--device cuda" in next(r for r in rows if r["variant"] == on_cuda_only)["error"]
+    assert all(r["error"] is None and r["peak_bytes"] > 0 for r in rows if r["variant"] != on_cuda_only)
+    deltas = [r["delta_bytes"] for r in rows[1:] if r["delta_bytes"] is not None]
+    assert deltas == sorted(deltas, reverse=True)
+    assert next(r for r in rows if r["variant"] == "injected leak")["leak_bytes_per_step"] > 0
+    header, table = memcheck.ablation_table(rows)
+    assert len(table) == len(rows)
+    assert_markdown_tables(memcheck.markdown_block("ablate", [(header, table)]))
+    path = tmp_path / "ablate.json"
+    memcheck.write_report_list(path, rows)
+    for row in json.loads(path.read_text()):
+        assert {"variant", "flags", "peak_bytes", "leak_bytes_per_step", "budget_peak_bytes"} <= set(row)
+
+
+def test_a_failing_variant_is_a_row_that_says_so(tiny_model):
+    # r 2 with one expert: the "4 experts" variant cannot split rank 2 four ways.
+    rows = memcheck.ablate(["--model", tiny_model, "--device", "cpu", "--experts", "1", "--r", "2"],
+                           log=lambda *a: None, run=in_process_runner)
+    failed = [r for r in rows if r["error"] and "--device cuda" not in r["error"]]
+    assert [r["variant"] for r in failed] == ["4 experts"]
+    assert "--r 2" in failed[0]["error"]
+    assert "failed" in memcheck.ablation_table(rows)[1][-1]
+    assert sum(r["peak_bytes"] is not None for r in rows) >= len(rows) - 2   # the others went on
+
+
+def test_ablate_variant_runs_in_its_own_process(tiny_model, tmp_path):
+    report, error = memcheck._run_reference(["--model", tiny_model, "--steps", "1"],
+                                            str(tmp_path / "one.json"))
+    assert error is None and report["peak_bytes"] > 0
+
+
+def test_sweep_fits_more_memory_for_more_tokens_and_samples(tiny_model, tmp_path):
+    points = [{"bs": bs, "seq": seq} for bs in (1, 3) for seq in (32, 96, 160)]
+    rows = memcheck.sweep(points, ["--model", tiny_model, "--device", "cpu"], log=lambda *a: None)
+    assert all(abs(r["error"]) <= 0.10 for r in rows), rows
+    growth = memcheck.fit_growth(rows)
+    per_token, per_sample = growth["mib_per_unit"]["seq"], growth["mib_per_unit"]["bs"]
+    assert per_token > 0 and per_sample > 0
+    # A sample is 32..160 tokens, so it must cost more than a token and less than 200 of them.
+    assert per_token < per_sample < 200 * per_token
+    assert growth["seq"]["law"] == "linear"
+    header, table = memcheck.sweep_table(rows)
+    assert_markdown_tables(memcheck.markdown_block("sweep", [(header, table)]))
+
+
+def test_sweep_sees_quadratic_growth_with_eager_attention(tiny_model):
+    points = [{"seq": seq} for seq in (64, 128, 192, 256)]
+    rows = memcheck.sweep(points, ["--model", tiny_model, "--device", "cpu", "--attn", "eager",
+                                   "--ckpt", "none", "--bs", "4"], log=lambda *a: None)
+    assert memcheck.fit_growth(rows)["seq"]["law"].startswith("quadratic")
+
+
+def test_sweep_command_writes_json_and_explains_a_missing_matplotlib(tiny_model, tmp_path):
+    path = tmp_path / "sweep.json"
+    done = memcheck_cli("sweep", "--model", tiny_model, "--bs", "1,2", "--seq", "32,64,96",
+                        "--report", path, "--markdown")
+    assert done.returncode == 0, done.stderr
+    saved = json.loads(path.read_text())
+    assert len(saved["points"]) == 6 and "mib_per_unit" in saved["growth"]
+    assert "MiB per extra token" in done.stdout
+    assert_markdown_tables(done.stdout[done.stdout.index("### memcheck sweep"):])
+
+
+def test_ref_train_markdown_block_is_valid(tiny_model):
+    done = run_ref_train("--model", tiny_model, "--steps", 1, "--markdown")
+    assert done.returncode == 0, done.stderr
+    block = done.stdout[done.stdout.index("### memcheck"):]
+    assert "- command: `" in block and "torch" in block
+    assert_markdown_tables(block)
+
+
+# ---------------------------------------------------------------- bench and the chunked loss
+
+def test_chunked_loss_equals_the_full_loss_and_lowers_the_peak(tiny_model, train_tiny):
+    args = ref_train.parse_args(["--model", tiny_model, "--device", "cpu", "--seq", "128"])
+    model, items, batches, _, _ = ref_train.build(args)
+    batch = next(batches)
+    hidden = torch.randn(2, 128, model.config.hidden_size, requires_grad=True)
+    head = model.get_output_embeddings()
+    results = []
+    for chunks in (1, 5):
+        hidden.grad = None
+        loss = ref_train.lm_loss(head, hidden, batch["labels"], chunks)
+        loss.backward()
+        results.append((loss.detach(), hidden.grad.clone()))
+    (full_loss, full_grad), (chunked_loss, chunked_grad) = results
+    assert rel_err(chunked_loss, full_loss) <= 1e-5
+    assert rel_err(chunked_grad, full_grad) <= 1e-5
+
+    plain = train_tiny("--seq", 128, "--bs", 4, "--steps", 1)
+    chunked = train_tiny("--seq", 128, "--bs", 4, "--steps", 1, "--loss-chunks", 8)
+    assert chunked["steps"][0]["loss"] == pytest.approx(plain["steps"][0]["loss"], rel=1e-5)
+    assert chunked["peak_bytes"] < 0.8 * plain["peak_bytes"]
+
+
+def test_bench_runs_end_to_end_on_a_tiny_model(tiny_model):
+    rows = memcheck.bench(["--model", tiny_model, "--device", "cpu"], steps=2, log=lambda *a: None)
+    by_name = {r["comparison"]: r for r in rows}
+    assert by_name["reference / PEFT: peak"]["ratio"] > 0
+    assert by_name["tracker / torch.profiler: peak above start"]["met"]
+    assert any(name.startswith("reference --loss-chunks") and name.endswith("/ PEFT: peak")
+               for name in by_name)
+    assert all(r["a"] > 0 and r["b"] > 0 for r in rows)
+    header, table = memcheck.bench_table(rows)
+    assert len(table) == len(rows)
