@@ -12,8 +12,8 @@ CPU build torch.cuda's counters return 0, so this is the only honest CPU figure;
 CUDA allocator calls "allocated", apart from its 512-byte rounding. On CUDA the allocator's own
 counters give the peak and the tracker still splits it into categories.
 """
-import argparse
 import contextlib
+import gc
 import json
 import os
 import platform
@@ -368,12 +368,13 @@ def find_leak(steps, tracker):
     """Memory that grows at every step after the first optimizer step is a leak.
 
     The first step allocates the optimizer state, so growth is measured from the end of step 1.
-    Growth at every later step, by any amount, is flagged: the tracker is exact, so a clean loop
+    Growth at every later step (three steps or more), by any amount, is flagged: the tracker is exact, so a clean loop
     ends every step at the same byte count, and a one-off cache does not grow every step.
     """
     ends = [s["live_bytes"] for s in steps]
     growth = [b - a for a, b in zip(ends, ends[1:])]
-    detected = bool(growth) and all(g > 0 for g in growth)
+    # Two intervals at least: a single one cannot tell a leak from a one-off allocation.
+    detected = len(growth) >= 2 and all(g > 0 for g in growth)
     survivors = []
     if detected:
         last = steps[-1]["step"]
@@ -390,7 +391,7 @@ def find_leak(steps, tracker):
 # ---------------------------------------------------------------- reports
 
 def write_report(path, report):
-    """Write atomically: a reader never sees half a report, even if the run dies while writing."""
+    """Write JSON atomically: a reader never sees half a report, even if the run dies while writing."""
     directory = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(dir=directory, prefix=".memcheck-", suffix=".json")
     with os.fdopen(fd, "w") as f:
@@ -410,7 +411,13 @@ def read_report(path):
         raise ReportError(f"{path}: not a memcheck report (no 'schema' field)")
     if report["schema"] != SCHEMA:
         raise ReportError(f"{path}: schema {report['schema']!r}, this memcheck reads {SCHEMA!r}")
+    missing = [k for k in REPORT_FIELDS if k not in report]
+    if missing:
+        raise ReportError(f"{path}: a {SCHEMA} report without {', '.join(missing)}")
     return report
+
+
+REPORT_FIELDS = ("config", "env", "peak_bytes", "peak_phase", "phases", "categories", "steps", "leak")
 
 
 # ---------------------------------------------------------------- the budget
@@ -419,7 +426,7 @@ def read_report(path):
 _SHARED_INPUTS = {"q_proj": "attention input", "k_proj": "attention input", "v_proj": "attention input",
                   "fc1": "mlp input", "up_proj": "mlp input", "gate_proj": "mlp input"}
 # Inputs autograd saves anyway: the attention output (saved by SDPA) and the MLP activation.
-_ALREADY_SAVED = {"out_proj", "o_proj", "fc2"}
+_ALREADY_SAVED = {"out_proj", "o_proj", "fc2", "down_proj"}
 
 
 def _dtype_bytes(dtype):
@@ -429,33 +436,30 @@ def _dtype_bytes(dtype):
 def _structure(model):
     """The few numbers the budget needs, read off a model (on the meta device or not)."""
     import ilora
+    import ref_train
     config = model.config
-    layer = next(iter(_decoder_layer_list(model)))
-    linears = {n.rpartition(".")[2]: m for n, m in layer.named_modules() if isinstance(m, torch.nn.Linear)}
-    adapted = {n.rpartition(".")[2]: m for n, m in layer.named_modules()
-               if isinstance(m, ilora.GatedLoraLinear)}
+    layer = ref_train.decoder_layers(model)[0]
+    # Leaf name -> the original linear, seen through any adapter wrapped around it.
+    linears, adapted = {}, {}
+    for name, module in layer.named_modules():
+        leaf = name.rpartition(".")[2]
+        if isinstance(module, ilora.GatedLoraLinear):
+            adapted[leaf] = linears[leaf] = module.base
+        elif isinstance(module, torch.nn.Linear) and leaf not in ("base", "lora_A", "lora_B"):
+            linears[leaf] = module
     hidden = model.get_input_embeddings().embedding_dim
-    kv = next((m.out_features for n, m in linears.items() if n in ("k_proj",)), hidden)
     return {
         "layers": config.num_hidden_layers,
         "hidden": hidden,
-        "kv": kv,
+        "kv": linears["k_proj"].out_features if "k_proj" in linears else hidden,
         "heads": config.num_attention_heads,
         "ffn": getattr(config, "ffn_dim", None) or config.intermediate_size,
         "gated_mlp": "gate_proj" in linears,
         "vocab": model.get_output_embeddings().out_features,
         "dropout": float(getattr(config, "dropout", 0.0) or 0.0),
         "linears": {n: (m.in_features, m.out_features) for n, m in linears.items()},
-        "adapted": adapted,
+        "adapted": {n: (m.in_features, m.out_features) for n, m in adapted.items()},
     }
-
-
-def _decoder_layer_list(model):
-    n_layers = model.config.num_hidden_layers
-    for module in model.modules():
-        if isinstance(module, torch.nn.ModuleList) and len(module) == n_layers:
-            return module
-    raise ValueError(f"no list of {n_layers} decoder layers in {type(model).__name__}")
 
 
 def budget(args, model=None, items=None, full=False):
@@ -498,8 +502,7 @@ def budget(args, model=None, items=None, full=False):
     per_token = act * (2 * h + h + 2 * s["kv"] + h + (3 if s["gated_mlp"] else 1) * ffn)
     per_token += 4 * s["heads"] if args.attn == "sdpa" else 0   # log-sum-exp, fp32
     per_token += 2 * h * mask if s["dropout"] > 0 else 0
-    adapted = s["linears"] if full else {n: (m.base.in_features, m.base.out_features)
-                                         for n, m in s["adapted"].items()}
+    adapted = s["linears"] if full else s["adapted"]
     lora_dropout = 0 if full else args.dropout
     groups = {_SHARED_INPUTS.get(n, n) for n in adapted if n not in _ALREADY_SAVED}
     if lora_dropout == 0:
@@ -554,8 +557,9 @@ def budget(args, model=None, items=None, full=False):
     if args.loss_chunks == 1:
         # forward ends with the logits and their log-softmax; backward starts with the log-softmax
         # (saved), the loss's gradient and the logits' gradient.
+        # (16-bit logits exist only until .float() has copied them: a spike in forward.)
         forward_peak = steady + saved + 2 * terms["logits"] + terms["logits_16bit"]
-        backward_start = steady + saved + 3 * terms["logits"] + 2 * terms["logits_16bit"]
+        backward_start = steady + saved + 3 * terms["logits"]
     else:
         # one chunk at a time: its logits and log-softmax, then in backward their two gradients
         # while the recomputed log-softmax is held, and the hidden states' gradient filling up
@@ -574,14 +578,16 @@ def budget(args, model=None, items=None, full=False):
         "trainable_params": trainable_bytes, "frozen_params": param_bytes - trainable_bytes,
         "gradients": terms["gradients"] if peak_phase == "optimizer" else 0,
         "optimizer_state": terms["optimizer_state"],
-        "activations": saved + (terms["logits"] if peak_phase != "optimizer" else 0),
+        "activations": saved + terms["logits"],
     }
-    categories["temporaries"] = phases[peak_phase] - sum(categories.values())
     if peak_phase == "optimizer":
         categories["activations"] = 0
-        categories["temporaries"] = phases[peak_phase] - sum(categories.values())
+    categories["temporaries"] = phases[peak_phase] - sum(categories.values())
     return {"full": full, "terms": terms, "params_by_dtype": by_dtype, "phases": phases,
             "peak_phase": peak_phase, "peak_bytes": phases[peak_phase], "categories": categories}
+
+
+BUDGET_TOLERANCE = 0.10  # the budget's accuracy target: within it, a run is "as expected"
 
 
 def verdict(report):
@@ -601,8 +607,6 @@ def verdict(report):
     return (f"measured peak {ratio:.1f}x the budget: the excess is in {worst.replace('_', ' ')} "
             f"(+{mib(excess[worst])} MiB) during {report['peak_phase']}")
 
-
-BUDGET_TOLERANCE = 0.10
 
 
 # ---------------------------------------------------------------- tables
@@ -700,13 +704,14 @@ def diff(a, b):
     return head + rest
 
 
+OUTPUT_FLAGS = {"report", "snapshot", "markdown"}  # where results go, not what was measured
+
+
 def config_differences(a, b):
     keys = sorted((set(a.get("config", {})) | set(b.get("config", {}))) - OUTPUT_FLAGS)
     return [(k, a["config"].get(k), b["config"].get(k)) for k in keys
             if a["config"].get(k) != b["config"].get(k)]
 
-
-OUTPUT_FLAGS = {"report", "snapshot", "markdown"}  # where results go, not what was measured
 
 
 def format_diff(a, b, name_a="A", name_b="B", markdown=False):
@@ -714,7 +719,7 @@ def format_diff(a, b, name_a="A", name_b="B", markdown=False):
     rows = [(what, mib(x), mib(y), f"{(y - x) / MiB:+.1f}", f"{y / x:.2f}x" if x else "-")
             for what, x, y in diff(a, b) if x or y or what in ("peak", "leak per step")]
     changed = config_differences(a, b)
-    notes = ([f"different configurations: " + ", ".join(f"{k}: {x!r} -> {y!r}" for k, x, y in changed)]
+    notes = (["different configurations: " + ", ".join(f"{k}: {x!r} -> {y!r}" for k, x, y in changed)]
              if changed else ["same configuration"])
     if markdown:
         return markdown_block(f"memcheck diff: {name_a} vs {name_b}",
@@ -742,7 +747,7 @@ def ablation_variants(args):
         ("item injection " + ("off" if args.inject_items else "on"),
          ["--no-inject-items" if args.inject_items else "--inject-items"]),
         (f"targets {other_targets}", ["--targets", other_targets]),
-        ("injected leak", ["--inject-leak"]),
+        ("injected leak", ["--inject-leak"] if args.experts > 1 else ["--inject-leak", "--experts", "4"]),
     ]
     return variants
 
@@ -804,7 +809,8 @@ def ablation_table(rows):
         if r["error"]:
             out.append((r["variant"], "failed", "-", "-", "-", "-", r["error"][:80]))
             continue
-        out.append((r["variant"], mib(r["peak_bytes"]), f"{r['delta_bytes'] / MiB:+.1f}",
+        out.append((r["variant"], mib(r["peak_bytes"]),
+                    f"{r['delta_bytes'] / MiB:+.1f}" if base else "-",
                     f"{r['peak_bytes'] / base:.2f}x" if base else "-",
                     f"{r['leak_bytes_per_step']:,.0f}",
                     mib(r["budget_peak_bytes"]) if r["budget_peak_bytes"] else "-", r["verdict"]))
@@ -842,6 +848,9 @@ def _slope(xs, ys):
     mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
     var = sum((x - mx) ** 2 for x in xs)
     return sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / var if var else None
+
+
+QUADRATIC_SHARE = 0.05  # seq^2 explaining more of the growth than this is a quadratic law
 
 
 def fit_growth(rows):
@@ -886,8 +895,6 @@ def fit_growth(rows):
     return {"mib_per_unit": growth, "seq": shape}
 
 
-QUADRATIC_SHARE = 0.05
-
 
 def _quadratic_share(xs, ys):
     """Share of the peak's growth over the swept range that a seq^2 term explains (least squares)."""
@@ -908,7 +915,7 @@ def sweep_table(rows):
 
 
 def growth_lines(growth):
-    lines = [f"{v / 1:.2f} MiB per extra {SWEEP_VARIABLES[k]}" for k, v in growth["mib_per_unit"].items()]
+    lines = [f"{v:.2f} MiB per extra {SWEEP_VARIABLES[k]}" for k, v in growth["mib_per_unit"].items()]
     if growth["seq"]:
         lines.append(f"sequence length: {growth['seq']['law']} "
                      f"(seq^2 explains {growth['seq']['quadratic_share']:.0%} of the growth)")
@@ -1032,9 +1039,16 @@ def tracker_against_profiler(args):
     """One training step measured by both: (tracker's peak above start, the profiler's)."""
     step, model, optimizer = _reference_loop(args)
     step(_Untracked())  # the optimizer state exists before the measured step, as in any later step
-    with Probe(model, optimizer, device="cpu") as probe:
-        start = probe.tracker.live_bytes
-        by_profiler = profiler_peak(lambda: step(probe))
+    # Garbage freed during the step that was allocated before it would count as negative in the
+    # profiler and not at all in the tracker: collect it now and hold the collector off.
+    gc.collect()
+    gc.disable()
+    try:
+        with Probe(model, optimizer, device="cpu") as probe:
+            start = probe.tracker.live_bytes
+            by_profiler = profiler_peak(lambda: step(probe))
+    finally:
+        gc.enable()
     return probe.peak["peak_bytes"] - start, by_profiler
 
 
@@ -1099,6 +1113,8 @@ def _bench_command(argv):
     report_path, argv = _take(argv, "--report")
     markdown, argv = _take(argv, "--markdown", has_value=False)
     steps, argv = _take(argv, "--steps")
+    if steps is not None and not (steps.isdigit() and int(steps) >= 2):
+        raise ReportError(f"--steps {steps}: bench needs a whole number of steps, 2 or more")
     rows = bench(argv, steps=int(steps or 5))
     header, table = bench_table(rows)
     print()
@@ -1106,7 +1122,7 @@ def _bench_command(argv):
     if markdown:
         print("\n" + markdown_block("memcheck bench", [(header, table)]))
     if report_path:
-        write_report_list(report_path, rows)
+        write_report(report_path, rows)
     return 0
 
 
@@ -1156,16 +1172,8 @@ def _ablate_command(argv):
     if markdown:
         print("\n" + markdown_block("memcheck ablate", [(header, table)]))
     if report_path:
-        write_report_list(report_path, rows)
+        write_report(report_path, rows)
     return 0
-
-
-def write_report_list(path, rows):
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".memcheck-", suffix=".json")
-    with os.fdopen(fd, "w") as f:
-        json.dump(rows, f, indent=1)
-    os.replace(tmp, path)
 
 
 _SWEEP_LISTS = {"--bs": ",", "--seq": ",", "--r": ",", "--experts": ",", "--ckpt": ",",
@@ -1182,6 +1190,8 @@ def _sweep_command(argv):
         value, argv = _take(argv, flag)
         if value is not None:
             axes[flag[2:]] = [v for v in value.split(sep) if v]
+            if not axes[flag[2:]]:
+                raise ReportError(f"{flag} {value!r}: expected values separated by {sep!r}")
     if not axes:
         raise ReportError("sweep needs at least one of " + ", ".join(_SWEEP_LISTS) +
                           " with a list of values, e.g. --bs 1,2,4")
@@ -1207,10 +1217,10 @@ def _sweep_command(argv):
         print("\n" + markdown_block("memcheck sweep", [(header, table)]) + "\n\n" +
               "\n".join(f"- {line}" for line in growth_lines(growth)))
     if report_path:
-        write_report_list(report_path, {"points": rows, "growth": growth})
+        write_report(report_path, {"points": rows, "growth": growth})
     if plot_path:
         _plot(rows, plot_path)
-    return 0
+    return 0 if errors else 1  # no point measured: say so in the exit code
 
 
 def _diff_command(argv):
@@ -1228,17 +1238,19 @@ COMMANDS = {"budget": _budget_command, "diff": _diff_command, "ablate": _ablate_
 
 def main(argv=None):
     import ref_train
+    import data
     argv = sys.argv[1:] if argv is None else list(argv)
-    if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
+    if argv[:1] in (["-h"], ["--help"]):
         print(__doc__.strip())
-        if argv and argv[0] not in ("-h", "--help"):
-            print(f"memcheck.py: error: unknown command {argv[0]!r}; expected one of "
-                  f"{', '.join(COMMANDS)}", file=sys.stderr)
-            return 2
-        return 0 if argv else 2
+        return 0
+    if not argv or argv[0] not in COMMANDS:
+        what = f"unknown command {argv[0]!r}" if argv else "no command"
+        print(f"memcheck.py: error: {what}; expected one of {', '.join(COMMANDS)} (--help explains)",
+              file=sys.stderr)
+        return 2
     try:
         return COMMANDS[argv[0]](argv[1:])
-    except (ReportError, ref_train.UsageError) as e:
+    except (ReportError, ref_train.UsageError, data.DataError) as e:
         print(f"memcheck.py {argv[0]}: error: {e}", file=sys.stderr)
         return 2
 

@@ -10,11 +10,10 @@ default falls back to opt-125m's architecture with seeded random weights (memory
 weight values).
 """
 import argparse
-import contextlib
 import functools
+import math
 import os
 import sys
-import time
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for a hub, even by accident
 
@@ -113,7 +112,13 @@ def parse_args(argv=None):
         (args.r % max(args.experts, 1) == 0,
          f"--r {args.r}: must be divisible by --experts {args.experts} (each expert owns r/experts rows)"),
         (0 <= args.dropout < 1, f"--dropout {args.dropout}: must be in [0, 1)"),
-        (args.loss_chunks >= 1, f"--loss-chunks {args.loss_chunks}: must be 1 or more"),
+        (1 <= args.loss_chunks < args.seq,
+         f"--loss-chunks {args.loss_chunks}: must be between 1 and seq - 1 = {args.seq - 1}"),
+        (math.isfinite(args.lr) and args.lr > 0, f"--lr {args.lr}: must be a positive number"),
+        (math.isfinite(args.alpha) and args.alpha > 0, f"--alpha {args.alpha}: must be a positive number"),
+        (not (args.inject_leak and args.experts == 1),
+         "--inject-leak with --experts 1: one expert needs no gate, so there is no gate to keep; "
+         "use --experts 2 or more"),
         (args.max_memory is None or args.max_memory > 0,
          f"--max-memory {args.max_memory}: must be a positive number of MiB"),
     ]
@@ -129,16 +134,33 @@ def parse_args(argv=None):
         raise UsageError(f"--weights-dtype {args.weights_dtype} with --precision {args.precision}: CPU "
                          "autocast leaves layer_norm's weights in the weights' dtype and cannot mix "
                          "them with its activations; run this combination with --device cuda")
+    if (args.precision == "16-mixed" and args.lora_dtype == "match"
+            and DTYPES.get(args.weights_dtype) == torch.float16):
+        raise UsageError("--lora-dtype match with fp16 weights under --precision 16-mixed: the "
+                         "gradient scaler cannot unscale fp16 gradients; use --lora-dtype fp32")
+    for flag, path in (("--report", args.report), ("--snapshot", args.snapshot)):
+        check_output_path(flag, path)
     if args.snapshot and args.device != "cuda":
         raise UsageError(f"--snapshot {args.snapshot}: needs --device cuda (the snapshot is the CUDA "
                          "allocator's history)")
-    if args.model != DEFAULT_MODEL and (os.sep in args.model or args.model.startswith(".")) \
-            and not os.path.isdir(args.model):
+    looks_like_path = args.model.startswith((".", os.sep, "~")) or os.path.exists(args.model)
+    if looks_like_path and not os.path.isdir(os.path.expanduser(args.model)):
         raise UsageError(f"--model {args.model}: no such directory")
     if args.data is not None and not os.path.isdir(args.data):
         raise UsageError(f"--data {args.data}: no such directory (expected MovieLens-100K's u.data, u.item)")
     args.targets = tuple(t for t in args.targets.split(",") if t)
     return args
+
+
+def check_output_path(flag, path):
+    """Fail now, not after the run, on a file that cannot be written."""
+    if path is None:
+        return
+    if os.path.isdir(path):
+        raise UsageError(f"{flag} {path}: is a directory; give a file name")
+    if not os.path.isdir(os.path.dirname(os.path.abspath(path))):
+        raise UsageError(f"{flag} {path}: the directory {os.path.dirname(os.path.abspath(path))} "
+                         "does not exist")
 
 
 def dtypes(args):
@@ -387,6 +409,11 @@ def train(args, log=print):
                 s = probe.step(loss)
                 log(f"step {s['step']:>3} | loss {s['loss']:.4f} | {s['seconds'] * 1e3:7.0f} ms | "
                     f"live {memcheck.mib(s['live_bytes']):>7} MiB | peak {memcheck.mib(s['peak_bytes']):>7} MiB")
+    except torch.OutOfMemoryError as e:
+        if probe.oom is None:  # raised between phases (moving the model, the batch)
+            probe.oom = {"phase": "between phases", "step": probe.tracker.step,
+                         "message": str(e).splitlines()[0]}
+        raise
     finally:
         if args.snapshot and torch.cuda.is_available():
             torch.cuda.memory._dump_snapshot(args.snapshot)

@@ -5,6 +5,8 @@ test_full_size_smoke_run uses opt-125m's architecture. The whole file runs in ab
 """
 import contextlib
 import copy
+import gc
+import importlib.util
 import itertools
 import json
 import math
@@ -144,6 +146,22 @@ def test_several_experts_without_a_gate_raise_a_clear_error():
         gated_layer(n_experts=4)(torch.randn(2, 5, 32))
 
 
+def test_gated_lora_follows_ilora_formula_expert_by_expert():
+    # Written out independently of the implementation: expert e owns rank rows e*r/E..(e+1)*r/E of
+    # A and the matching columns of B, and the scaling is alpha / (r / E), not alpha / r.
+    r, experts, alpha = 8, 4, 32
+    for impl in ilora.IMPLS:
+        layer = gated_layer(n_experts=experts, impl=impl, r=r)
+        x, gate = torch.randn(3, 5, 32), random_gate(3, experts)
+        a, b = layer.lora_A.weight, layer.lora_B.weight
+        k = r // experts
+        expected = layer.base(x)
+        for e in range(experts):
+            expert = x @ a[e * k:(e + 1) * k].t() @ b[:, e * k:(e + 1) * k].t()
+            expected = expected + alpha / k * gate[:, e, None, None] * expert
+        assert rel_err(layer(x, gate=gate), expected) <= 1e-5, impl
+
+
 def test_one_expert_needs_no_gate():
     layer = gated_layer(n_experts=1)
     x = torch.randn(2, 5, 32)
@@ -204,6 +222,34 @@ def test_checkpointing_modes_give_the_same_loss_and_gradients(tiny_model, ckpt_r
             assert torch.allclose(ckpt_grads[name], g, rtol=1e-5, atol=1e-7), (ckpt, name)
 
 
+def test_manual_checkpointing_carries_the_gate_into_recomputation(tiny_model):
+    # Backward runs here outside any use_gate() scope: the recomputed layers can only see the gate
+    # because the checkpoint took it as an input. Gradients must match the run without checkpoints.
+    def router_and_lora_grads(ckpt):
+        args = ref_train.parse_args(["--model", tiny_model, "--device", "cpu", "--ckpt", ckpt,
+                                     "--seq", "64"])
+        model, items, batches, _, _ = ref_train.build(args)
+        generator = torch.Generator().manual_seed(1)
+        with torch.no_grad():
+            for module in model.modules():
+                if isinstance(module, ilora.GatedLoraLinear):
+                    module.lora_B.weight.copy_(torch.randn(module.lora_B.weight.shape, generator=generator))
+        batch = next(batches)
+        torch.manual_seed(0)
+        gate = items.gate(batch["history"], batch["history_len"])
+        with ilora.use_gate(gate):
+            loss = ref_train.forward_loss(model, items, batch, args)
+        loss.backward()  # outside the scope
+        grads = [items.router.weight.grad] + [m.lora_A.weight.grad for m in model.modules()
+                                              if isinstance(m, ilora.GatedLoraLinear)]
+        return [g.clone() for g in grads]
+
+    plain, checkpointed = router_and_lora_grads("none"), router_and_lora_grads("manual")
+    assert plain[0].abs().sum() > 0
+    for g, h in zip(checkpointed, plain):
+        assert torch.allclose(g, h, rtol=1e-5, atol=1e-7)
+
+
 def test_checkpointing_lowers_the_measured_peak(ckpt_reports):
     peaks = {ckpt: r["peak_bytes"] for ckpt, r in ckpt_reports.items()}
     # Without checkpointing both decoder layers' activations are alive at once; with it, one layer's
@@ -244,6 +290,10 @@ def test_cpu_tracker_matches_the_profiler_on_a_training_step(tiny_model):
     optimizer = torch.optim.AdamW(trainable, lr=1e-3)
     batch = next(batches)
     tracker = memcheck.Tracker("cpu")
+    # Garbage of earlier tests freed during the step would count as negative in the profiler
+    # (allocated before it started) and not at all in the tracker: collect it first, then hold gc.
+    gc.collect()
+    gc.disable()
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof, tracker:
         # What exists before the step is adopted, so that its frees are not counted as negative.
         tracker.tag([*model.parameters(), *model.buffers(), *items.parameters(), *items.buffers(),
@@ -257,6 +307,7 @@ def test_cpu_tracker_matches_the_profiler_on_a_training_step(tiny_model):
         optimizer.zero_grad(set_to_none=True)
         del loss, gate
         tracked_peak, tracked_end = tracker.peak_bytes - start, tracker.live_bytes - start
+    gc.enable()
 
     events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
     if events and hasattr(events[0], "device_type"):
@@ -459,6 +510,11 @@ BAD_INPUTS = {
     "missing-data": (["--data", "/no/such/dir"], ["/no/such/dir"]),
     "malformed-u.data": (["--model", "{tiny}", "--data", "{bad_data}"],
                          ["{bad_data}/u.data line 3", "three"]),
+    "lr-negative": (["--lr", "-1"], ["--lr -1.0", "positive"]),
+    "alpha-zero": (["--alpha", "0"], ["--alpha 0.0", "positive"]),
+    "loss-chunks-beyond-seq": (["--seq", "16", "--loss-chunks", "100"], ["--loss-chunks 100", "15"]),
+    "report-in-missing-dir": (["--report", "/no/such/dir/r.json"], ["/no/such/dir/r.json"]),
+    "leak-without-gate": (["--inject-leak", "--experts", "1"], ["--inject-leak", "--experts 1"]),
 }
 
 
@@ -568,6 +624,8 @@ def test_saved_activations_are_attributed_to_modules(train_tiny):
 
 
 BUDGET_GRID = [  # (flags): every variable of the budget moves at least once
+    ("--precision", "bf16-mixed"), ("--precision", "16-mixed", "--ckpt", "none"),
+    ("--precision", "bf16-true"),
     (), ("--ckpt", "none"), ("--bs", 4, "--seq", 32), ("--bs", 1, "--seq", 192),
     ("--impl", "einsum"), ("--impl", "einsum", "--ckpt", "none", "--targets", "all-linear"),
     ("--experts", 1, "--r", 16), ("--targets", "all-linear"), ("--dropout", 0.1, "--ckpt", "none"),
@@ -626,29 +684,8 @@ def test_injected_leak_is_flagged_with_the_gate_bytes_per_step(train_tiny):
     assert not clean["detected"] and clean["bytes_per_step"] == 0 and clean["survivors"] == []
 
 
-def test_a_leak_that_grows_every_step_is_found_in_a_hand_written_loop():
-    kept = []
-    model = nn.Linear(16, 16)
-    optimizer = torch.optim.AdamW(model.parameters())
-    with memcheck.Probe(model, optimizer) as probe:
-        for _ in range(4):
-            with probe.phase("forward"):
-                loss = model(torch.randn(8, 16)).square().mean()
-                kept.append(torch.randn(1000))          # 4000 bytes that never go away
-            with probe.phase("backward"):
-                loss.backward()
-            with probe.phase("optimizer"):
-                optimizer.step()
-                optimizer.zero_grad()
-            probe.step(loss)
-    leak = probe.report()["leak"]
-    assert leak["detected"] and leak["bytes_per_step"] == 4000
-    assert leak["survivors"][0]["bytes"] == 4000 and leak["survivors"][0]["op"] == "randn"
-
-
-# ---------------------------------------------------------------- the probe, reports and diff
-
-def probe_loop(steps=3, width=32):
+def probe_loop(steps=3, width=32, in_forward=lambda: None):
+    """A hand-written loop measured by a Probe; in_forward() runs inside every forward phase."""
     model = nn.Sequential(nn.Linear(width, width), nn.ReLU(), nn.Linear(width, 1))
     optimizer = torch.optim.AdamW(model.parameters())
     probe = memcheck.Probe(model, optimizer)
@@ -656,6 +693,7 @@ def probe_loop(steps=3, width=32):
         for _ in range(steps):
             with probe.phase("forward"):
                 loss = model(torch.randn(64, width)).square().mean()
+                in_forward()
             with probe.phase("backward"):
                 loss.backward()
             with probe.phase("optimizer"):
@@ -664,6 +702,16 @@ def probe_loop(steps=3, width=32):
             probe.step(loss)
     return probe
 
+
+def test_a_leak_that_grows_every_step_is_found_in_a_hand_written_loop():
+    kept = []
+    probe = probe_loop(steps=4, in_forward=lambda: kept.append(torch.randn(1000)))  # 4000 B a step
+    leak = probe.report()["leak"]
+    assert leak["detected"] and leak["bytes_per_step"] == 4000
+    assert leak["survivors"][0]["bytes"] == 4000 and leak["survivors"][0]["op"] == "randn"
+
+
+# ---------------------------------------------------------------- the probe, reports and diff
 
 def test_probe_report_has_the_schema_and_diff_reads_it(tmp_path):
     probe = probe_loop()
@@ -732,11 +780,14 @@ def test_out_of_memory_still_writes_the_report_naming_phase_and_step(tiny_model,
     assert report["phases"]["load"]["peak_bytes"] > 0   # the table so far is there
 
 
-def test_report_holds_the_environment_and_command_line(train_tiny):
-    report = train_tiny("--steps", 1)
-    assert {"python", "torch", "transformers", "cuda", "device"} <= set(report["env"])
-    assert "ref_train" in report["command"] or "pytest" in report["command"]
-    assert set(vars(ref_train.parse_args([]))) <= set(report["config"])
+def test_report_holds_the_environment_and_command_line(tiny_model, tmp_path):
+    path = tmp_path / "r.json"
+    done = run_ref_train("--model", tiny_model, "--steps", 1, "--r", 4, "--report", path)
+    assert done.returncode == 0, done.stderr
+    report = memcheck.read_report(path)
+    assert report["command"].endswith(f"ref_train.py --model {tiny_model} --steps 1 --r 4 --report {path}")
+    assert report["config"]["r"] == 4 and report["config"]["model"] == tiny_model
+    assert report["env"]["device"] and report["env"]["torch"] == torch.__version__
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -801,20 +852,21 @@ def test_ablate_runs_every_suspect_and_writes_the_table(tiny_model, tmp_path):
     assert len(table) == len(rows)
     assert_markdown_tables(memcheck.markdown_block("ablate", [(header, table)]))
     path = tmp_path / "ablate.json"
-    memcheck.write_report_list(path, rows)
+    memcheck.write_report(path, rows)
     for row in json.loads(path.read_text()):
         assert {"variant", "flags", "peak_bytes", "leak_bytes_per_step", "budget_peak_bytes"} <= set(row)
 
 
 def test_a_failing_variant_is_a_row_that_says_so(tiny_model):
-    # r 2 with one expert: the "4 experts" variant cannot split rank 2 four ways.
+    # r 2 with one expert: the variants with 4 experts (the leak needs a gate, so it takes 4 too)
+    # cannot split rank 2 four ways.
     rows = memcheck.ablate(["--model", tiny_model, "--device", "cpu", "--experts", "1", "--r", "2"],
                            log=lambda *a: None, run=in_process_runner)
     failed = [r for r in rows if r["error"] and "--device cuda" not in r["error"]]
-    assert [r["variant"] for r in failed] == ["4 experts"]
-    assert "--r 2" in failed[0]["error"]
+    assert sorted(r["variant"] for r in failed) == ["4 experts", "injected leak"]
+    assert all("--r 2" in r["error"] for r in failed)
     assert "failed" in memcheck.ablation_table(rows)[1][-1]
-    assert sum(r["peak_bytes"] is not None for r in rows) >= len(rows) - 2   # the others went on
+    assert sum(r["peak_bytes"] is not None for r in rows) >= len(rows) - 3   # the others went on
 
 
 def test_ablate_variant_runs_in_its_own_process(tiny_model, tmp_path):
@@ -845,10 +897,15 @@ def test_sweep_sees_quadratic_growth_with_eager_attention(tiny_model):
 
 
 def test_sweep_command_writes_json_and_explains_a_missing_matplotlib(tiny_model, tmp_path):
-    path = tmp_path / "sweep.json"
+    path, plot = tmp_path / "sweep.json", tmp_path / "sweep.png"
     done = memcheck_cli("sweep", "--model", tiny_model, "--bs", "1,2", "--seq", "32,64,96",
-                        "--report", path, "--markdown")
-    assert done.returncode == 0, done.stderr
+                        "--report", path, "--markdown", "--plot", plot)
+    if importlib.util.find_spec("matplotlib"):  # optional: either it draws, or the user is told
+        assert done.returncode == 0 and plot.stat().st_size > 0, done.stderr
+    else:
+        assert done.returncode == 2
+        assert done.stderr.strip().splitlines() == [
+            "memcheck.py sweep: error: --plot needs matplotlib, which is optional: pip install matplotlib"]
     saved = json.loads(path.read_text())
     assert len(saved["points"]) == 6 and "mib_per_unit" in saved["growth"]
     assert "MiB per extra token" in done.stdout
