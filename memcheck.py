@@ -13,6 +13,7 @@ CUDA allocator calls "allocated", apart from its 512-byte rounding. On CUDA the 
 counters give the peak and the tracker still splits it into categories.
 """
 import contextlib
+import functools
 import gc
 import json
 import os
@@ -752,13 +753,23 @@ def ablation_variants(args):
     return variants
 
 
-def _run_reference(argv, report_path, timeout=600):
+# 16-bit matmuls on a CPU without bf16/fp16 units are emulated: minutes a step at opt-125m's size
+# (and CPU autocast cannot run bf16 weights under fp16 at all), so ablate budgets them instead.
+SLOW_ON_CPU = "16-bit precision on CPU takes minutes a step: measure it with --device cuda"
+
+
+def _slow_on_cpu(args):
+    return args.device == "cpu" and (args.precision != "32" or args.weights_dtype not in (None, "fp32"))
+
+
+def _run_reference(argv, report_path, timeout=600, threads=None):
     """ref_train.py in its own process; (report or None, error line or None)."""
     import subprocess
     here = os.path.dirname(os.path.abspath(__file__))
     cmd = [sys.executable, os.path.join(here, "ref_train.py"), *argv, "--report", report_path]
+    env = dict(os.environ, **({"OMP_NUM_THREADS": str(threads)} if threads else {}))
     try:
-        done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=here)
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=here, env=env)
     except subprocess.TimeoutExpired:
         return None, f"timed out after {timeout} s"
     report = read_report(report_path) if os.path.exists(report_path) else None
@@ -773,27 +784,42 @@ def ablate(base_argv, log=print, steps=3, run=None):
     """Run the reference once per suspect, each in its own process; returns the rows, sorted.
 
     run(argv, report_path) -> (report or None, error line or None) runs one variant; the default
-    starts `python ref_train.py`, so that no variant inherits another's memory or state.
+    starts `python ref_train.py`, so that no variant inherits another's memory or state. On CPU one
+    process per core runs at a time, each on one thread: a process spends seconds starting up on
+    one core, and the figures are per process, so running side by side changes none of them.
     """
+    from concurrent.futures import ThreadPoolExecutor
     import ref_train
-    run = run or _run_reference
     args = ref_train.parse_args(base_argv)
+    jobs = 1 if args.device == "cuda" or run else max(1, os.cpu_count() or 1)
+    run = run or functools.partial(_run_reference, threads=None if jobs == 1 else 1)
     if "--steps" not in base_argv:
         base_argv = [*base_argv, "--steps", str(steps)]
-    rows = []
-    with tempfile.TemporaryDirectory() as tmp:
-        for i, (name, flags) in enumerate(ablation_variants(args)):
+    variants = ablation_variants(args)
+    rows = [None] * len(variants)
+    with tempfile.TemporaryDirectory() as tmp, ThreadPoolExecutor(jobs) as pool:
+        def one(i):
+            name, flags = variants[i]
             started = time.perf_counter()
-            report, error = run([*base_argv, *flags], os.path.join(tmp, f"{i}.json"))
-            row = {"variant": name, "flags": flags, "error": error,
-                   "peak_bytes": report["peak_bytes"] if report and not error else None,
-                   "leak_bytes_per_step": report["leak"]["bytes_per_step"] if report and not error else None,
-                   "budget_peak_bytes": (report.get("budget") or {}).get("peak_bytes") if report else None,
-                   "verdict": verdict(report) if report and not error else None}
-            rows.append(row)
-            took = time.perf_counter() - started
-            log(f"{name:<34} " + (f"peak {mib(row['peak_bytes']):>8} MiB  ({took:.0f} s)"
-                                  if not error else f"FAILED: {error}"))
+            try:
+                variant_args = ref_train.parse_args([*base_argv, *flags])
+            except ref_train.UsageError:
+                variant_args = None   # a bad combination: the run below says why, in its row
+            if variant_args and _slow_on_cpu(variant_args) and not _slow_on_cpu(args):
+                report, error = None, f"skipped: {SLOW_ON_CPU}"
+                planned = budget(variant_args)["peak_bytes"]
+            else:
+                report, error = run([*base_argv, *flags], os.path.join(tmp, f"{i}.json"))
+                planned = (report.get("budget") or {}).get("peak_bytes") if report else None
+            ok = report is not None and error is None
+            rows[i] = {"variant": name, "flags": flags, "error": error,
+                       "peak_bytes": report["peak_bytes"] if ok else None,
+                       "leak_bytes_per_step": report["leak"]["bytes_per_step"] if ok else None,
+                       "budget_peak_bytes": planned,
+                       "verdict": verdict(report) if ok else None}
+            log(f"{name:<34} " + (f"peak {mib(rows[i]['peak_bytes']):>8} MiB  "
+                                  f"({time.perf_counter() - started:.0f} s)" if ok else f"FAILED: {error}"))
+        list(pool.map(one, range(len(variants))))
     base = rows[0]["peak_bytes"]
     for row in rows:
         row["delta_bytes"] = row["peak_bytes"] - base if row["peak_bytes"] is not None and base else None
@@ -807,7 +833,9 @@ def ablation_table(rows):
     out = []
     for r in rows:
         if r["error"]:
-            out.append((r["variant"], "failed", "-", "-", "-", "-", r["error"][:80]))
+            skipped = r["error"].startswith("skipped")
+            out.append((r["variant"], "skipped" if skipped else "failed", "-", "-", "-",
+                        mib(r["budget_peak_bytes"]) if r["budget_peak_bytes"] else "-", r["error"][:90]))
             continue
         out.append((r["variant"], mib(r["peak_bytes"]),
                     f"{r['delta_bytes'] / MiB:+.1f}" if base else "-",

@@ -129,11 +129,6 @@ def parse_args(argv=None):
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     if args.device == "cuda" and not torch.cuda.is_available():
         raise UsageError("--device cuda: this torch build sees no CUDA device; use --device cpu or auto")
-    weights, autocast = dtypes(args)
-    if args.device == "cpu" and autocast is not None and weights not in (torch.float32, autocast):
-        raise UsageError(f"--weights-dtype {args.weights_dtype} with --precision {args.precision}: CPU "
-                         "autocast leaves layer_norm's weights in the weights' dtype and cannot mix "
-                         "them with its activations; run this combination with --device cuda")
     if (args.precision == "16-mixed" and args.lora_dtype == "match"
             and DTYPES.get(args.weights_dtype) == torch.float16):
         raise UsageError("--lora-dtype match with fp16 weights under --precision 16-mixed: the "
@@ -381,6 +376,12 @@ def count_params(*modules):
 
 def train(args, log=print):
     """Train and measure; returns the report dict (also written to --report, even on OOM)."""
+    weights, autocast = dtypes(args)
+    if args.device == "cpu" and autocast is not None and weights not in (torch.float32, autocast):
+        # (the budget of this combination works anywhere; only running it needs a GPU)
+        raise UsageError(f"--weights-dtype {args.weights_dtype} with --precision {args.precision}: CPU "
+                         "autocast leaves layer_norm's weights in the weights' dtype and cannot mix "
+                         "them with its activations; run this combination with --device cuda")
     config = {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(args).items()}
     probe = memcheck.Probe(device=args.device, max_memory_mib=args.max_memory, config=config)
     if args.snapshot:
