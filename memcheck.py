@@ -818,7 +818,8 @@ def ablate(base_argv, log=print, steps=3, run=None):
                        "budget_peak_bytes": planned,
                        "verdict": verdict(report) if ok else None}
             log(f"{name:<34} " + (f"peak {mib(rows[i]['peak_bytes']):>8} MiB  "
-                                  f"({time.perf_counter() - started:.0f} s)" if ok else f"FAILED: {error}"))
+                                  f"({time.perf_counter() - started:.0f} s)" if ok
+                                  else error if error.startswith("skipped") else f"FAILED: {error}"))
         list(pool.map(one, range(len(variants))))
     base = rows[0]["peak_bytes"]
     for row in rows:
