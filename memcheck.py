@@ -718,7 +718,11 @@ def config_differences(a, b):
 def format_diff(a, b, name_a="A", name_b="B", markdown=False):
     header = ("", f"{name_a} MiB", f"{name_b} MiB", "B - A MiB", "B / A")
     rows = [(what, mib(x), mib(y), f"{(y - x) / MiB:+.1f}", f"{y / x:.2f}x" if x else "-")
-            for what, x, y in diff(a, b) if x or y or what in ("peak", "leak per step")]
+            for what, x, y in diff(a, b) if (x or y or what == "peak") and what != "leak per step"]
+    leak_a, leak_b = a["leak"]["bytes_per_step"], b["leak"]["bytes_per_step"]
+    # A leak is often bytes, not MiB, per step; and it is flagged by its growth, not its size.
+    rows.append(("leak per step (bytes)", f"{leak_a:,.0f}", f"{leak_b:,.0f}", f"{leak_b - leak_a:+,.0f}",
+                 "LEAK in B" if b["leak"]["detected"] and not a["leak"]["detected"] else "-"))
     changed = config_differences(a, b)
     notes = (["different configurations: " + ", ".join(f"{k}: {x!r} -> {y!r}" for k, x, y in changed)]
              if changed else ["same configuration"])
