@@ -956,3 +956,18 @@ def test_bench_runs_end_to_end_on_a_tiny_model(tiny_model):
     assert all(r["a"] > 0 and r["b"] > 0 for r in rows)
     header, table = memcheck.bench_table(rows)
     assert len(table) == len(rows)
+
+
+def test_a_llama_model_trains_in_the_same_loop(tmp_path, train_tiny):
+    # Nothing OPT-specific beyond the default: a Llama (gated MLP, grouped-query attention, rotary
+    # positions) with the same targets trains, checkpointed, and the budget still holds.
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    LlamaForCausalLM(LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                 num_attention_heads=4, num_key_value_heads=2, vocab_size=4200,
+                                 max_position_embeddings=256)).save_pretrained(tmp_path)
+    report = train_tiny("--steps", 2, "--targets", "q_proj,v_proj,gate_proj", model=str(tmp_path))
+    assert all(math.isfinite(s["loss"]) for s in report["steps"])
+    assert report["params"]["adapted"] == 2 * 3
+    assert abs(report["peak_bytes"] / report["budget"]["peak_bytes"] - 1) <= 0.10
