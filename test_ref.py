@@ -173,6 +173,15 @@ def test_one_expert_needs_no_gate():
 
 # ---------------------------------------------------------------- checkpointing
 
+def randomize_lora_b(model):
+    """The same random, non-zero B in every build: with B = 0 the gradients of A and the router are 0."""
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, ilora.GatedLoraLinear):
+                module.lora_B.weight.copy_(torch.randn(module.lora_B.weight.shape, generator=generator))
+
+
 def one_step_gradients(model_dir, ckpt):
     """ref_train.train_step on a fresh build, with an optimizer that keeps the gradients for us.
 
@@ -182,11 +191,7 @@ def one_step_gradients(model_dir, ckpt):
     args = ref_train.parse_args(["--model", model_dir, "--device", "cpu", "--ckpt", ckpt,
                                  "--bs", "2", "--seq", "64", "--steps", "1"])
     model, items, batches, _, _ = ref_train.build(args)
-    generator = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for module in model.modules():
-            if isinstance(module, ilora.GatedLoraLinear):
-                module.lora_B.weight.copy_(torch.randn(module.lora_B.weight.shape, generator=generator))
+    randomize_lora_b(model)
     keep_grads = SimpleNamespace(step=lambda: None, zero_grad=lambda set_to_none=True: None)
     scaler = torch.amp.GradScaler("cpu", enabled=False)   # disabled: step() is optimizer.step()
     probe = SimpleNamespace(phase=lambda name: contextlib.nullcontext())
@@ -229,11 +234,7 @@ def test_manual_checkpointing_carries_the_gate_into_recomputation(tiny_model):
         args = ref_train.parse_args(["--model", tiny_model, "--device", "cpu", "--ckpt", ckpt,
                                      "--seq", "64"])
         model, items, batches, _, _ = ref_train.build(args)
-        generator = torch.Generator().manual_seed(1)
-        with torch.no_grad():
-            for module in model.modules():
-                if isinstance(module, ilora.GatedLoraLinear):
-                    module.lora_B.weight.copy_(torch.randn(module.lora_B.weight.shape, generator=generator))
+        randomize_lora_b(model)
         batch = next(batches)
         torch.manual_seed(0)
         gate = items.gate(batch["history"], batch["history_len"])
