@@ -11,8 +11,10 @@ from dataclasses import dataclass
 
 import torch
 
+from ilora import MAX_HISTORY  # SASRec's position table bounds the history
+
 N_CANDIDATES = 20
-MIN_HISTORY, MAX_HISTORY = 3, 10
+MIN_HISTORY = 3
 SYNTHETIC_ITEMS = 1000
 SYNTHETIC_USERS = 500
 IGNORE = -100  # cross_entropy's ignore_index: prompt and padding positions carry no loss

@@ -28,6 +28,7 @@ import torch.utils._pytree as pytree
 from torch.utils._python_dispatch import TorchDispatchMode
 
 SCHEMA = "memcheck/1"
+REPORT_FIELDS = ("config", "env", "peak_bytes", "peak_phase", "phases", "categories", "steps", "leak")
 MiB = 2 ** 20
 PHASES = ("load", "forward", "backward", "optimizer")
 # Highest priority first: a storage that is both a parameter and saved for backward is a parameter.
@@ -416,9 +417,6 @@ def read_report(path):
     if missing:
         raise ReportError(f"{path}: a {SCHEMA} report without {', '.join(missing)}")
     return report
-
-
-REPORT_FIELDS = ("config", "env", "peak_bytes", "peak_phase", "phases", "categories", "steps", "leak")
 
 
 # ---------------------------------------------------------------- the budget
@@ -1149,14 +1147,19 @@ def _bench_command(argv):
     if steps is not None and not (steps.isdigit() and int(steps) >= 2):
         raise ReportError(f"--steps {steps}: bench needs a whole number of steps, 2 or more")
     rows = bench(argv, steps=int(steps or 5))
-    header, table = bench_table(rows)
+    _print_and_save("memcheck bench", bench_table(rows), rows, markdown, report_path)
+    return 0
+
+
+def _print_and_save(title, table, rows, markdown, report_path):
+    """The ending of ablate and bench: the table, the Markdown block if asked, the JSON if asked."""
+    header, body = table
     print()
-    print(_table(header, table))
+    print(_table(header, body))
     if markdown:
-        print("\n" + markdown_block("memcheck bench", [(header, table)]))
+        print("\n" + markdown_block(title, [(header, body)]))
     if report_path:
         write_report(report_path, rows)
-    return 0
 
 
 # ---------------------------------------------------------------- command line
@@ -1199,13 +1202,7 @@ def _ablate_command(argv):
     report_path, argv = _take(argv, "--report")
     markdown, argv = _take(argv, "--markdown", has_value=False)
     rows = ablate(argv)
-    header, table = ablation_table(rows)
-    print()
-    print(_table(header, table))
-    if markdown:
-        print("\n" + markdown_block("memcheck ablate", [(header, table)]))
-    if report_path:
-        write_report(report_path, rows)
+    _print_and_save("memcheck ablate", ablation_table(rows), rows, markdown, report_path)
     return 0
 
 
