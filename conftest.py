@@ -90,6 +90,10 @@ def memcheck_cli(*flags, timeout=300):
     return run_script("memcheck.py", *flags, timeout=timeout)
 
 
+def drive_cli(*flags, timeout=300):
+    return run_script("drive.py", *flags, timeout=timeout)
+
+
 @pytest.fixture(scope="session")
 def ref_train_cli():
     return run_ref_train

@@ -1,10 +1,21 @@
-"""Where training memory goes: an exact tracker, a probe for any loop, a budget, a diff.
+"""memcheck: where training memory goes. One file that needs only torch: copy it next to your code.
 
-    python memcheck.py budget --bs 2 --seq 128 [ref_train flags]   predict without training
-    python memcheck.py diff A.json B.json [--markdown]             compare two reports
-    python memcheck.py ablate [ref_train flags]                    one run per suspect
-    python memcheck.py sweep --bs 1,2,4 --seq 64,128,256           measured against predicted
-    python memcheck.py bench                                       the reference against PEFT
+In your loop (README.md, "The probe in your own loop"):
+
+    probe = memcheck.Probe(model, optimizer, path="stack.json")
+    with probe:
+        for batch in batches:
+            with probe.phase("forward"):   loss = model(**batch).loss
+            with probe.phase("backward"):  loss.backward()
+            with probe.phase("optimizer"): optimizer.step(); optimizer.zero_grad()
+            probe.step(loss)
+
+    lightning.Trainer(callbacks=[memcheck.lightning_callback("stack.json")])
+    transformers.Trainer(..., callbacks=[memcheck.hf_callback("stack.json")])
+
+Then compare with the reference:
+
+    python memcheck.py diff baseline.json stack.json [--markdown | --json] [--max-ratio R]
 
 The tracker counts live tensor storage bytes exactly: every op's outputs are seen by a
 TorchDispatchMode, each storage is counted once, and a weak reference tells when it is freed. On a
@@ -12,12 +23,13 @@ CPU build torch.cuda's counters return 0, so this is the only honest CPU figure;
 CUDA allocator calls "allocated", apart from its 512-byte rounding. On CUDA the allocator's own
 counters give the peak and the tracker still splits it into categories.
 """
+import argparse
 import contextlib
 import functools
-import gc
 import json
 import os
 import platform
+import re
 import sys
 import tempfile
 import time
@@ -28,13 +40,14 @@ import torch.utils._pytree as pytree
 from torch.utils._python_dispatch import TorchDispatchMode
 
 SCHEMA = "memcheck/1"
-REPORT_FIELDS = ("config", "env", "peak_bytes", "peak_phase", "phases", "categories", "steps", "leak")
+REPORT_FIELDS = {"config": dict, "env": dict, "peak_bytes": int, "peak_phase": (str, type(None)),
+                 "phases": dict, "categories": dict, "steps": list, "leak": dict}
 MiB = 2 ** 20
 PHASES = ("load", "forward", "backward", "optimizer")
 # Highest priority first: a storage that is both a parameter and saved for backward is a parameter.
 CATEGORIES = ("trainable_params", "frozen_params", "gradients", "optimizer_state", "activations",
               "temporaries")
-TOP_MODULES = 10
+STATUSES = ("ok", "oom", "error", "interrupted")
 TOP_SURVIVORS = 20
 NO_MODULE = "(no module)"
 
@@ -44,7 +57,17 @@ def mib(n_bytes):
 
 
 class ReportError(ValueError):
-    """A file that is not a memcheck report of this schema."""
+    """A file that is not a memcheck report of this schema, or a bad argument: one line, exit 2."""
+
+
+def is_out_of_memory(error):
+    """CUDA's OutOfMemoryError, or a failed CPU allocation, which PyTorch raises as a RuntimeError."""
+    return isinstance(error, torch.OutOfMemoryError) or (
+        isinstance(error, RuntimeError) and "can't allocate memory" in str(error))
+
+
+def _first_line(error):
+    return (str(error).strip().splitlines() or [type(error).__name__])[0]
 
 
 # ---------------------------------------------------------------- the tracker
@@ -65,17 +88,29 @@ class _Storage:
         return self.created <= seq and (self.freed is None or self.freed > seq)
 
 
+_ALIASING = {}  # op -> whether its outputs alias its inputs (views, in-place and out= ops)
+
+
+def _aliases_input(func):
+    if func not in _ALIASING:
+        _ALIASING[func] = any(r.alias_info is not None for r in func._schema.returns)
+    return _ALIASING[func]
+
+
 class Tracker(TorchDispatchMode):
     """Exact live bytes of the tensor storages on one device, with a peak and a per-phase history.
 
     Events are numbered; a storage remembers when it was created and freed, so the composition of
     memory at the peak can be rebuilt when the phase ends instead of being copied at every new peak.
+    A storage first seen as the output of a view or in-place op existed before the tracker started
+    (a preloaded batch, say): it is not an allocation, and is not counted.
     """
 
-    def __init__(self, device, limit_bytes=None):
+    def __init__(self, device, limit_bytes=None, on_error=None):
         super().__init__()
         self.device_type = torch.device(device).type
         self.limit_bytes = limit_bytes
+        self.on_error = on_error  # called with any exception an op raises, before it propagates
         self.live = {}            # storage data_ptr -> _Storage
         self.window = []          # every storage alive at the phase start or created since
         self.live_bytes = self.peak_bytes = self.peak_event = self.event = 0
@@ -83,16 +118,23 @@ class Tracker(TorchDispatchMode):
         self.module_stack = []
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        if isinstance(out, torch.Tensor):  # the common case, without walking a pytree
-            self.track(out, func)
-        else:
-            for t in pytree.tree_leaves(out):
-                if isinstance(t, torch.Tensor):
-                    self.track(t, func)
-        return out
+        try:
+            out = func(*args, **(kwargs or {}))
+            adopt = not _aliases_input(func)
+            if isinstance(out, torch.Tensor):  # the common case, without walking a pytree
+                self.track(out, func, adopt)
+            else:
+                for t in pytree.tree_leaves(out):
+                    if isinstance(t, torch.Tensor):
+                        self.track(t, func, adopt)
+            return out
+        except BaseException as e:
+            if self.on_error is not None:
+                self.on_error(e)
+            raise
 
-    def track(self, tensor, op):
+    def track(self, tensor, op, adopt=True):
+        """The record of `tensor`'s storage; an unseen storage is counted from now if `adopt`."""
         if tensor.device.type != self.device_type:
             return None
         try:
@@ -100,7 +142,7 @@ class Tracker(TorchDispatchMode):
         except (NotImplementedError, RuntimeError):  # tensor subclasses without a plain storage
             return None
         key, nbytes = storage.data_ptr(), storage.nbytes()
-        if nbytes == 0 or key in self.live:
+        if nbytes == 0 or key in self.live or not adopt:
             return self.live.get(key)
         self.event += 1
         module = self.module_stack[-1] if self.module_stack else NO_MODULE
@@ -114,8 +156,8 @@ class Tracker(TorchDispatchMode):
             self.peak_bytes, self.peak_event = self.live_bytes, self.event
         if self.limit_bytes is not None and self.live_bytes > self.limit_bytes:
             raise torch.OutOfMemoryError(
-                f"memcheck --max-memory: live tensors reached {mib(self.live_bytes)} MiB, over the "
-                f"limit of {mib(self.limit_bytes)} MiB (allocating {tuple(tensor.shape)} "
+                f"live tensors reached {mib(self.live_bytes)} MiB, over the --max-memory / "
+                f"max_memory_mib limit of {mib(self.limit_bytes)} MiB (allocating {tuple(tensor.shape)} "
                 f"{record.dtype} in {op}, module {module})")
         return record
 
@@ -126,11 +168,11 @@ class Tracker(TorchDispatchMode):
             record.freed = self.event
             self.live_bytes -= record.nbytes
 
-    def tag(self, tensors, category):
+    def tag(self, tensors, category, adopt=False):
         """Mark the storages of `tensors` as `category` unless they already hold a higher one."""
         rank = CATEGORIES.index(category)
         for t in tensors:
-            record = self.track(t, "preexisting")
+            record = self.track(t, "preexisting", adopt)
             if record is not None and CATEGORIES.index(record.category) > rank:
                 record.category = category
 
@@ -148,91 +190,208 @@ class Tracker(TorchDispatchMode):
         return totals
 
     def modules(self, event):
-        """Activation bytes alive at `event`, by the module that created them, largest first."""
+        """Activation bytes alive at `event`, by the module (or op, outside any) that made them."""
         by_module = {}
         for r in self.window:
             if r.category == "activations" and r.alive_at(event):
-                where = r.module if r.module != NO_MODULE else f"({r.op}, outside any module)"
-                by_module[where] = by_module.get(where, 0) + r.nbytes
-        ranked = sorted(by_module.items(), key=lambda kv: -kv[1])[:TOP_MODULES]
-        return [{"module": m, "bytes": b} for m, b in ranked]
+                where = r.module if r.module != NO_MODULE else f"(op {r.op}, outside any module)"
+                entry = by_module.setdefault(where, {"module": where, "bytes": 0, "ops": {}})
+                entry["bytes"] += r.nbytes
+                entry["ops"][r.op] = entry["ops"].get(r.op, 0) + r.nbytes
+        return sorted(by_module.values(), key=lambda m: -m["bytes"])
 
 
 # ---------------------------------------------------------------- the probe
 
-class Probe:
-    """Measure any training loop; README.md shows it inside Lightning and the HF Trainer.
+class _Saved:
+    """What autograd keeps for one saved tensor while the probe watches.
 
-        probe = Probe(model, optimizer)
+    A detached alias, not the tensor itself: a saved output would otherwise hold its own grad_fn,
+    a reference cycle that keeps a graph nobody backpropagates (an eval forward without no_grad,
+    retain_graph=True) alive, and the probe would report a leak it made itself.
+    """
+    __slots__ = ("tensor", "phase", "__weakref__")
+
+    def __init__(self, tensor, phase):
+        self.tensor, self.phase = tensor, phase
+
+
+class Probe:
+    """Measure any training loop: phases, categories, leaks, and the pathologies it can name.
+
+        probe = Probe(model, optimizer, path="stack.json")
         with probe:
             for batch in batches:
                 with probe.phase("forward"):   loss = ...
                 with probe.phase("backward"):  loss.backward()
                 with probe.phase("optimizer"): optimizer.step(); optimizer.zero_grad()
                 probe.step(loss)
-        probe.save("stack.json")
+
+    With `path`, the report is written when the scope closes, however it closes (out of memory
+    included: then also at the moment the allocation fails). begin()/end() and close() are the
+    same without with-blocks, for callbacks.
     """
 
-    def __init__(self, model=None, optimizer=None, device=None, max_memory_mib=None, config=None):
+    def __init__(self, model=None, optimizer=None, device=None, max_memory_mib=None, config=None,
+                 path=None, log=print):
         if device is None:
             device = next(model.parameters()).device if model is not None else "cpu"
         self.device = torch.device(device)
         self.cuda = self.device.type == "cuda"
         limit = None if max_memory_mib is None else int(max_memory_mib * MiB)
-        self.tracker = Tracker(self.device, limit)
+        self.tracker = Tracker(self.device, limit, on_error=self._on_op_error)
         self.config = config or {}
+        self.path, self.log = path, log
         self.model = self.optimizer = None
         self.phases, self.steps, self.oom = {}, [], None
+        self.status, self.error = "ok", None
         self.peak = {"peak_bytes": 0}
-        self._hooks, self._stack = [], contextlib.ExitStack()
+        self._hooks, self._stack, self._open = [], contextlib.ExitStack(), False
         self._step_started, self._step_peak = None, 0
         self._pending = (model, optimizer)
+        # What the probe sees of the stack, for its warnings and the inferred configuration.
+        self._seen = {}                # bs, seq, autocast dtype: read at the first forward
+        self._names, self._layers = {}, []  # module -> name; the decoder layers' names
+        self._backward_steps = self._steps_saving_in_layers = 0
+        self._graded = set()
+        self._survivors = []
+        self._events = {}              # warning kind -> details, first seen
+        self._new_step_watch()
 
     # -- scope
     def __enter__(self):
         self._stack.enter_context(self.tracker)
-        self._stack.enter_context(torch.autograd.graph.saved_tensors_hooks(self._pack, _unpack))
+        self._stack.enter_context(torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack))
+        self._open = True
         if self._pending[0] is not None:
             self.attach(*self._pending)
         return self
 
-    def __exit__(self, *exc):
+    def __exit__(self, exc_type, exc, tb):
+        self.close(exc)
+        return False
+
+    def close(self, error=None):
+        """Stop measuring: remove every hook and the dispatch mode, record how the run ended, and
+        write the report to `path` if one was given. Safe to call twice."""
+        if error is not None:
+            if isinstance(error, KeyboardInterrupt):
+                self.status, self.error = "interrupted", "interrupted (Ctrl-C)"
+            elif is_out_of_memory(error):
+                self._record_oom(error)
+            elif self.status == "ok":
+                self.status, self.error = "error", f"{type(error).__name__}: {_first_line(error)}"
+        if not self._open:
+            return
+        self._open = False
+        self.end()
         for h in self._hooks:
             h.remove()
         self._hooks.clear()
         self._stack.close()
-        return False
+        if self._step_started is not None:  # a step that never finished still has its checks
+            self._check_step()
+        if self.path:
+            self.save(self.path)
 
     def attach(self, model, optimizer=None):
         """Watch `model` (module names, parameter roles) and `optimizer` (its state)."""
         self.model, self.optimizer = model, optimizer
         self._step_started = None
-        for name, module in model.named_modules():
+        self._names = names = module_names(model)
+        for module, name in names.items():
             self._hooks.append(module.register_forward_pre_hook(
-                lambda *_, name=name or "<root>": self.tracker.module_stack.append(name)))
+                lambda *_, name=name: self.tracker.module_stack.append(name)))
             self._hooks.append(module.register_forward_hook(self._leave_module, always_call=True))
-        self._tag_roles()
+        lm = _language_model(model)
+        if lm is not None:
+            self._hooks.append(lm.get_input_embeddings().register_forward_pre_hook(self._first_forward))
+            layers = decoder_layers(lm)
+            self._layers = [names[layer] for layer in layers] if layers is not None else []
+        self._tag_roles(adopt=True)  # what exists now is counted from now, and never as new
 
     def _leave_module(self, *_):
         if self.tracker.module_stack:
             self.tracker.module_stack.pop()  # returning anything here would replace the output
 
-    def _pack(self, tensor):
-        # Called for every tensor autograd saves for backward outside a checkpointed region.
-        self.tracker.tag([tensor], "activations")
-        return tensor
+    def _first_forward(self, module, args):
+        if "bs" not in self._seen and args and isinstance(args[0], torch.Tensor) and args[0].dim() == 2:
+            self._seen["bs"], self._seen["seq"] = args[0].shape
+            kind = self.device.type
+            self._seen["autocast"] = (str(torch.get_autocast_dtype(kind)).replace("torch.", "")
+                                      if torch.is_autocast_enabled(kind) else None)
 
-    def _tag_roles(self):
+    def _tag_roles(self, adopt=False):
         if self.model is None:
             return
         params = list(self.model.parameters())
-        self.tracker.tag([p for p in params if p.requires_grad], "trainable_params")
-        self.tracker.tag([p for p in params if not p.requires_grad], "frozen_params")
-        self.tracker.tag(list(self.model.buffers()), "frozen_params")
-        self.tracker.tag([p.grad for p in params if p.grad is not None], "gradients")
+        self.tracker.tag([p for p in params if p.requires_grad], "trainable_params", adopt)
+        self.tracker.tag([p for p in params if not p.requires_grad], "frozen_params", adopt)
+        self.tracker.tag(list(self.model.buffers()), "frozen_params", adopt)
+        grads = [p.grad for p in params if p.grad is not None]
+        self.tracker.tag(grads, "gradients", adopt)
+        self._graded.update(id(p) for p in params if p.grad is not None)
         if self.optimizer is not None:
             self.tracker.tag([v for state in self.optimizer.state.values() for v in state.values()
-                              if isinstance(v, torch.Tensor)], "optimizer_state")
+                              if isinstance(v, torch.Tensor)], "optimizer_state", adopt)
+
+    # -- what autograd saves
+    def _pack(self, tensor):
+        # Called for every tensor autograd saves for backward outside a checkpointed region.
+        tracker = self.tracker
+        record = tracker.track(tensor, "saved", adopt=False)
+        if record is not None and CATEGORIES.index(record.category) > CATEGORIES.index("activations"):
+            record.category = "activations"
+        module = tracker.module_stack[-1] if tracker.module_stack else NO_MODULE
+        saved = _Saved(tensor.detach(), tracker.phase)
+        watch = self._watch
+        watch["saved"].append(weakref.ref(saved))
+        if record is not None:
+            watch["bytes"].setdefault(tracker.phase, {})[id(record)] = record.nbytes
+            if torch._C._current_autograd_node() is None:  # not a reentrant recomputation in backward
+                watch["modules"][module] = watch["modules"].get(module, 0) + record.nbytes
+        return saved
+
+    def _unpack(self, saved):
+        self._watch["unpacked"].add(saved.phase)
+        return saved.tensor
+
+    def _new_step_watch(self):
+        self._watch = {"saved": [], "bytes": {}, "modules": {}, "unpacked": set()}
+
+    def _check_step(self):
+        """The end-of-step checks: graphs kept past their backward, saves no backward used,
+        checkpointing that did not happen, and the leak's survivors while memory grows."""
+        watch, step = self._watch, self.tracker.step
+        backward_ran = bool(watch["unpacked"])
+        for phase, storages in watch["bytes"].items():
+            if phase not in watch["unpacked"]:
+                self._event("grad_in_eval", step, phase=phase, bytes=sum(storages.values()))
+        if backward_ran:
+            self._backward_steps += 1
+            self._steps_saving_in_layers += any(_inside(m, self._layers) for m in watch["modules"])
+            kept = {}
+            for ref in watch["saved"]:
+                saved = ref()
+                if saved is not None:
+                    storage = saved.tensor.untyped_storage()
+                    kept[storage.data_ptr()] = storage.nbytes()
+            if kept:
+                self._event("graph_kept", step, bytes=sum(kept.values()), tensors=len(kept))
+            checkpointed = ([self._names[m] for m in _checkpointed_layers(self.model)]
+                            if self.model is not None else [])
+            inside = {m: b for m, b in watch["modules"].items() if _inside(m, checkpointed)}
+            if inside:
+                self._event("checkpointing_inactive", step, bytes=sum(inside.values()),
+                            modules=sorted(inside, key=inside.get, reverse=True)[:3])
+        ends = [s["live_bytes"] for s in self.steps]
+        if len(ends) >= 2 and ends[-1] > ends[-2]:
+            self._survivors = _survivors(self.tracker, self.tracker.step)
+        self._new_step_watch()
+
+    def _event(self, kind, step, **details):
+        event = self._events.setdefault(kind, dict(details, first_step=step, steps=0))
+        event["steps"] += 1
 
     # -- measurement
     @contextlib.contextmanager
@@ -241,8 +400,9 @@ class Probe:
         self.begin(name)
         try:
             yield
-        except torch.OutOfMemoryError as e:
-            self.oom = {"phase": name, "step": self.tracker.step, "message": str(e).splitlines()[0]}
+        except BaseException as e:
+            if is_out_of_memory(e):
+                self._record_oom(e)
             raise
         finally:
             self.end()
@@ -295,6 +455,7 @@ class Probe:
 
     def step(self, loss=None):
         """Close a training step: record its loss, time and the live bytes it leaves behind."""
+        self.end()
         if self.cuda:
             torch.cuda.synchronize(self.device)
         now = time.perf_counter()
@@ -305,6 +466,7 @@ class Probe:
             "live_bytes": self.live_bytes(),
             "peak_bytes": self._step_peak or self.live_bytes(),
         })
+        self._check_step()
         self._step_peak = 0
         self.tracker.step += 1
         self._step_started = None
@@ -313,12 +475,94 @@ class Probe:
     def live_bytes(self):
         return torch.cuda.memory_allocated(self.device) if self.cuda else self.tracker.live_bytes
 
+    # -- failures
+    def _record_oom(self, error):
+        self.status = "oom"
+        self.error = _first_line(error)
+        if self.oom is None:
+            self.oom = {"phase": self.tracker.phase or "between phases", "step": self.tracker.step,
+                        "message": self.error}
+
+    def _on_op_error(self, error):
+        # The allocation that fails is the moment to write: the process may not live to close().
+        if is_out_of_memory(error) and self.oom is None:
+            self._record_oom(error)
+            if self.path:
+                self.save(self.path)
+
     # -- results
+    def inferred_config(self):
+        """What the probe can tell of the stack it watched, as ref_train's flags would say it."""
+        if self.model is None:
+            return {}
+        lm = _language_model(self.model)
+        params = list({id(p): p for p in self.model.parameters()}.values())
+        dtypes = {}
+        for p in params:
+            key = str(p.dtype).replace("torch.", "")
+            dtypes[key] = dtypes.get(key, 0) + p.numel() * p.element_size()
+        adapters = _adapters(self.model)
+        flagged = bool(_checkpointed_layers(self.model))
+        config = {"probe": True, "model_class": type(lm or self.model).__name__,
+                  "model": getattr(getattr(lm, "config", None), "_name_or_path", None) or None,
+                  "param_bytes_by_dtype": dtypes,
+                  "bs": self._seen.get("bs"), "seq": self._seen.get("seq"),
+                  "autocast": self._seen.get("autocast"),
+                  "checkpointing_enabled": flagged, "checkpointing": self._checkpointing(),
+                  **adapters}
+        config["baseline_command"] = baseline_command(config)
+        return config
+
+    def budget(self):
+        """The budget of the watched model at the observed shapes, or None when they are unknown."""
+        lm = _language_model(self.model) if self.model is not None else None
+        seen = self._seen
+        if lm is None or "bs" not in seen or self._checkpointing() is None:
+            return None
+        try:
+            return budget(lm, bs=int(seen["bs"]), seq=int(seen["seq"]),
+                          checkpointing=self._checkpointing(),
+                          autocast_dtype=getattr(torch, seen["autocast"]) if seen["autocast"] else None,
+                          device=self.device, extra=[self.model])
+        except (ValueError, AttributeError, KeyError):  # not a decoder the budget can read
+            return None
+
+    def _checkpointing(self):
+        """Whether the decoder layers ran checkpointed, as measured: in every step with a backward,
+        nothing inside them was saved for it. None before a backward, or with no layers found."""
+        if not self._backward_steps or not self._layers:
+            return None
+        return self._steps_saving_in_layers == 0
+
+    def warnings(self):
+        """Each pathology seen, as {"kind", "message", ...}; a clean loop has none."""
+        found = []
+        leak = find_leak(self.steps, self._survivors)
+        if leak["detected"]:
+            found.append({"kind": "leak", "bytes_per_step": leak["bytes_per_step"],
+                          "message": leak_message(leak)})
+        if self._backward_steps and self.model is not None:
+            trainable = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
+            missing = [n for n, p in trainable if id(p) not in self._graded]
+            if missing:
+                found.append({"kind": "no_grad", "count": len(missing), "of": len(trainable),
+                              "names": missing[:5], "message": (
+                    f"{len(missing)} of {len(trainable)} trainable parameters never received a "
+                    f"gradient, e.g. {', '.join(missing[:3])}: with reentrant checkpointing and "
+                    "frozen input embeddings, call model.enable_input_require_grads() or use "
+                    "use_reentrant=False")})
+        for kind, e in self._events.items():
+            found.append(dict(e, kind=kind, message=_EVENT_MESSAGES[kind].format(mib=mib(e["bytes"]), **e)))
+        return found
+
     def report(self):
-        return {
+        config = self.config or self.inferred_config()
+        report = {
             "schema": SCHEMA,
             "command": " ".join([os.path.basename(sys.executable)] + sys.argv),
-            "config": self.config,
+            "status": self.status,
+            "error": self.error,
+            "config": config,
             "env": environment(self.device),
             "peak_bytes": self.peak["peak_bytes"],
             "peak_phase": self.peak.get("phase"),
@@ -327,25 +571,234 @@ class Probe:
             "phases": {name: {k: v for k, v in stats.items() if k != "modules"}
                        for name, stats in self.phases.items()},
             "steps": self.steps,
-            "leak": find_leak(self.steps, self.tracker),
+            "leak": find_leak(self.steps, self._survivors),
             "oom": self.oom,
+            "warnings": self.warnings(),
         }
+        if not self.config:
+            report["budget"] = self.budget()
+        return report
 
-    def save(self, path, extra=None):
+    def save(self, path=None, extra=None):
+        path = path or self.path
         write_report(path, dict(self.report(), **(extra or {})))
 
 
-def _unpack(tensor):
-    return tensor
+_EVENT_MESSAGES = {
+    "graph_kept": "a graph outlived its backward: {tensors} tensors ({mib} MiB) saved for backward "
+                  "were still alive at the end of step {first_step} ({steps} steps in all); a loss "
+                  "or output kept with its graph, or backward(retain_graph=True)",
+    "grad_in_eval": "autograd saved {mib} MiB for backward during '{phase}' at step {first_step} "
+                    "({steps} steps in all) and no backward used it: run evaluation under "
+                    "torch.no_grad()",
+    "checkpointing_inactive": "gradient checkpointing is enabled but did not run: checkpointed "
+                              "layers saved {mib} MiB for backward at step {first_step} (e.g. "
+                              "{modules[0]}); is the model in train() mode?",
+}
+
+
+def module_names(model):
+    """{module: name}, named from the language model down, so that the same layer has the same name
+    in every stack: PEFT's `base_model.model.`, a LightningModule's attribute and the reference's
+    `lm.` are dropped, and the model itself and its wrappers count as no module at all (what they
+    compute directly, the loss for one, is then attributed to its op)."""
+    lm = _language_model(model)
+    full = {m: n for n, m in model.named_modules()}
+    if lm is None:
+        return {m: n or NO_MODULE for m, n in full.items()}
+    root = full[lm]
+    names = {}
+    for m, n in full.items():
+        if root == "" or n == root or n.startswith(root + "."):
+            names[m] = n[len(root):].lstrip(".") or NO_MODULE
+        elif root.startswith(n + ".") or n == "":
+            names[m] = NO_MODULE   # a wrapper around the language model
+        else:
+            names[m] = n           # beside it: iLoRA's router and projector, say
+    return names
+
+
+def _inside(module_name, layers):
+    # Strictly inside: what a checkpointed layer saves at its own level is checkpoint's input.
+    return any(module_name.startswith(layer + ".") for layer in layers)
+
+
+def _language_model(model):
+    """The innermost-named Hugging Face model in `model` (the first PreTrainedModel), or None."""
+    try:
+        from transformers import PreTrainedModel
+    except ImportError:
+        PreTrainedModel = ()
+    for m in model.modules():
+        if (PreTrainedModel and isinstance(m, PreTrainedModel)) or (
+                not PreTrainedModel and hasattr(m, "config") and hasattr(m, "get_input_embeddings")):
+            return m
+    return None
+
+
+def _checkpointed_layers(model):
+    """The modules Hugging Face's gradient checkpointing would wrap: the innermost flagged ones."""
+    flagged = {m for m in model.modules() if getattr(m, "gradient_checkpointing", False) is True}
+    return [m for m in flagged if not any(o in flagged for o in m.modules() if o is not m)]
+
+
+def _adapters(model):
+    """The LoRA adapters in `model`: their kind, rank, alpha, experts, dropout and target names."""
+    kinds, targets, lora = set(), set(), None
+    for name, module in model.named_modules():
+        found = _adapter(module)
+        if found is not None:
+            kinds.add("gated_lora" if hasattr(module, "n_experts") else "peft_lora")
+            targets.add(name.rpartition(".")[2])
+            lora = lora or found[1]
+    if lora is None:
+        return {"adapters": None}
+    alpha = lora.get("alpha")
+    if alpha is None:  # a gated layer keeps its scaling, alpha / (r / experts)
+        module = next(m for m in model.modules() if hasattr(m, "n_experts") and hasattr(m, "base"))
+        alpha = module.scaling * lora["r"] / lora["experts"]
+    return {"adapters": ",".join(sorted(kinds)), "r": lora["r"], "alpha": alpha,
+            "experts": lora["experts"], "dropout": lora["dropout"], "targets": sorted(targets)}
+
+
+def baseline_command(config):
+    """The ref_train.py command that trains what a probed stack trains, done right."""
+    if not config.get("bs"):
+        return None
+    weights = max(config["param_bytes_by_dtype"], key=config["param_bytes_by_dtype"].get, default="float32")
+    short = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}.get(weights, "fp32")
+    if config.get("autocast"):
+        precision = {"float16": "16-mixed", "bfloat16": "bf16-mixed"}[config["autocast"]]
+        precision += f" --weights-dtype {short}" if short != "fp32" else ""
+    else:
+        precision = {"fp32": "32", "bf16": "bf16-true", "fp16": "16-true"}[short]
+    flags = [f"--bs {config['bs']} --seq {config['seq']}"]
+    if config.get("model"):
+        flags.append(f"--model {config['model']}")
+    if config.get("adapters"):
+        flags.append(f"--r {config['r']} --alpha {config['alpha']:g} --experts {config['experts']} "
+                     f"--dropout {config['dropout']:g} --targets {','.join(config['targets'])}")
+        if config["experts"] == 1:
+            flags.append("--no-inject-items")
+    flags.append(f"--precision {precision}")
+    flags.append("--ckpt " + ("manual" if config.get("checkpointing") else "none"))
+    return "python ref_train.py " + " ".join(flags)
+
+
+# ---------------------------------------------------------------- callbacks for Lightning and the HF Trainer
+
+def lightning_callback(path, **probe_kwargs):
+    """A Lightning Callback that measures fit() into the report at `path`, however fit() ends.
+
+    Works with `lightning.pytorch` or `pytorch_lightning`, whichever is installed.
+    """
+    try:
+        from lightning.pytorch import Callback
+    except ImportError:
+        from pytorch_lightning import Callback
+
+    class MemcheckCallback(Callback):
+        probe = None
+
+        def on_train_start(self, trainer, pl_module):
+            optimizer = trainer.optimizers[0] if trainer.optimizers else None
+            self.probe = Probe(pl_module, optimizer, path=path, **probe_kwargs).__enter__()
+
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            self.probe.begin("forward")
+
+        def on_before_backward(self, trainer, pl_module, loss):
+            self.probe.begin("backward")  # begin() closes the open phase
+
+        def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+            self.probe.begin("optimizer")
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
+            self.probe.step(loss)
+
+        def on_train_end(self, trainer, pl_module):
+            self.probe.close()
+
+        def on_exception(self, trainer, pl_module, exception):
+            if self.probe is not None:
+                self.probe.close(exception)
+
+    return MemcheckCallback()
+
+
+def hf_callback(path, **probe_kwargs):
+    """A transformers TrainerCallback that measures train() into the report at `path`.
+
+    The Trainer has no hook between forward and backward, so they are one phase, "forward+backward";
+    and none for exceptions, so the callback wraps the trainer's training_step and its optimizer's
+    step: an error in either closes the probe and writes the report before it propagates.
+    """
+    from transformers import Trainer, TrainerCallback
+
+    class MemcheckCallback(TrainerCallback):
+        probe = None
+
+        def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
+            self.probe = Probe(model, optimizer, path=path, **probe_kwargs).__enter__()
+            self.wrapped = [(owner, name) for owner, name in ((_calling(Trainer), "training_step"),
+                                                              (optimizer, "step")) if owner is not None]
+            for owner, name in self.wrapped:
+                setattr(owner, name, self._closing_on_error(getattr(owner, name)))
+
+        def _closing_on_error(self, fn):
+            @functools.wraps(fn)  # keeps the LR scheduler's mark on optimizer.step
+            def wrapped(*args, **kwargs):
+                try:
+                    return fn(*args, **kwargs)
+                except BaseException as e:
+                    self._close(e)
+                    raise
+            return wrapped
+
+        def _close(self, error=None):
+            for owner, name in self.wrapped:  # the instance attribute goes, the method is back
+                if name in vars(owner):
+                    delattr(owner, name)
+            self.probe.close(error)
+
+        def on_step_begin(self, args, state, control, **kwargs):
+            self.probe.begin("forward+backward")
+
+        def on_pre_optimizer_step(self, args, state, control, **kwargs):
+            self.probe.begin("optimizer")
+
+        def on_step_end(self, args, state, control, **kwargs):
+            self.probe.step()
+
+        def on_train_end(self, args, state, control, **kwargs):
+            self._close()
+
+    return MemcheckCallback()
+
+
+def _calling(cls):
+    """The instance of `cls` whose method is running further up this thread's stack, or None."""
+    frame = sys._getframe(1)
+    while frame is not None:
+        owner = frame.f_locals.get("self")
+        if isinstance(owner, cls):
+            return owner
+        frame = frame.f_back
+    return None
 
 
 def environment(device):
-    import transformers
+    try:
+        import transformers
+        transformers_version = transformers.__version__
+    except ImportError:
+        transformers_version = None
     device = torch.device(device)
     return {
         "python": platform.python_version(),
         "torch": torch.__version__,
-        "transformers": transformers.__version__,
+        "transformers": transformers_version,
         "cuda": torch.version.cuda,
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_name(),
         "cpu_cores": os.cpu_count(),
@@ -366,28 +819,38 @@ def _cpu_name():
 
 # ---------------------------------------------------------------- leaks
 
-def find_leak(steps, tracker):
+def _survivors(tracker, step):
+    """Activations and temporaries made before `step` and still alive: a leak's evidence."""
+    kept = [r for r in tracker.live.values()
+            if r.step < step and r.category in ("activations", "temporaries")]
+    kept.sort(key=lambda r: (-r.nbytes, r.created))
+    return [{"shape": list(r.shape), "dtype": r.dtype, "bytes": r.nbytes, "step": r.step,
+             "module": r.module, "op": r.op} for r in kept[:TOP_SURVIVORS]]
+
+
+def find_leak(steps, survivors=()):
     """Memory that grows at every step after the first optimizer step is a leak.
 
     The first step allocates the optimizer state, so growth is measured from the end of step 1.
-    Growth at every later step (three steps or more), by any amount, is flagged: the tracker is exact, so a clean loop
-    ends every step at the same byte count, and a one-off cache does not grow every step.
+    Growth at every later step (three steps or more), by any amount, is flagged: the tracker is
+    exact, so a clean loop ends every step at the same byte count, and a one-off cache does not
+    grow every step. `survivors` were collected at the last step that grew.
     """
     ends = [s["live_bytes"] for s in steps]
     growth = [b - a for a, b in zip(ends, ends[1:])]
     # Two intervals at least: a single one cannot tell a leak from a one-off allocation.
     detected = len(growth) >= 2 and all(g > 0 for g in growth)
-    survivors = []
-    if detected:
-        last = steps[-1]["step"]
-        kept = [r for r in tracker.live.values()
-                if r.step < last and r.category in ("activations", "temporaries")]
-        kept.sort(key=lambda r: (-r.nbytes, r.created))
-        survivors = [{"shape": list(r.shape), "dtype": r.dtype, "bytes": r.nbytes, "step": r.step,
-                      "module": r.module, "op": r.op} for r in kept[:TOP_SURVIVORS]]
     return {"detected": detected,
             "bytes_per_step": (ends[-1] - ends[0]) / (len(ends) - 1) if len(ends) > 1 else 0.0,
-            "step_end_bytes": ends, "survivors": survivors}
+            "step_end_bytes": ends, "survivors": list(survivors) if detected else []}
+
+
+def leak_message(leak):
+    survivors = leak["survivors"]
+    return (f"live memory grows {leak['bytes_per_step']:,.0f} bytes every step; "
+            f"{len(survivors)} tensors from earlier steps survive" + (", e.g. " if survivors else "")
+            + "; ".join(f"{s['shape']} {s['dtype']} {s['bytes']:,} B from {s['op']} in {s['module']} "
+                        f"(step {s['step']})" for s in survivors[:3]))
 
 
 # ---------------------------------------------------------------- reports
@@ -398,15 +861,21 @@ def write_report(path, report):
     fd, tmp = tempfile.mkstemp(dir=directory, prefix=".memcheck-", suffix=".json")
     with os.fdopen(fd, "w") as f:
         json.dump(report, f, indent=1)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # the usual permissions, not the temporary file's 0600
     os.replace(tmp, path)
 
 
 def read_report(path):
+    """A memcheck report from `path`, checked field by field; ReportError says what is wrong."""
     try:
         with open(path) as f:
             report = json.load(f)
     except OSError as e:
         raise ReportError(f"{path}: cannot read ({e.strerror})")
+    except UnicodeDecodeError:
+        raise ReportError(f"{path}: a binary file, not JSON; expected a memcheck report")
     except json.JSONDecodeError as e:
         raise ReportError(f"{path}: not JSON ({e.msg} at line {e.lineno}); expected a memcheck report")
     if not isinstance(report, dict) or "schema" not in report:
@@ -416,7 +885,19 @@ def read_report(path):
     missing = [k for k in REPORT_FIELDS if k not in report]
     if missing:
         raise ReportError(f"{path}: a {SCHEMA} report without {', '.join(missing)}")
+    for key, kind in REPORT_FIELDS.items():
+        if not isinstance(report[key], kind) or isinstance(report[key], bool):
+            raise ReportError(f"{path}: field {key!r} is {type(report[key]).__name__} "
+                              f"{report[key]!r:.40}, expected {_kind_name(kind)}")
+    if report.get("status", "ok") not in STATUSES:
+        raise ReportError(f"{path}: status {report['status']!r}, expected one of {', '.join(STATUSES)}")
     return report
+
+
+def _kind_name(kind):
+    kinds = kind if isinstance(kind, tuple) else (kind,)
+    return " or ".join({"NoneType": "null", "dict": "an object", "list": "a list", "int": "an integer",
+                        "str": "a string"}[k.__name__] for k in kinds)
 
 
 # ---------------------------------------------------------------- the budget
@@ -432,19 +913,50 @@ def _dtype_bytes(dtype):
     return torch.empty((), dtype=dtype, device="meta").element_size()
 
 
+def decoder_layers(model):
+    """The ModuleList of decoder layers (the one as long as the config's layer count), or None."""
+    n_layers = getattr(getattr(model, "config", None), "num_hidden_layers", None)
+    for module in model.modules():
+        if isinstance(module, torch.nn.ModuleList) and len(module) == n_layers:
+            return module
+    return None
+
+
+def _adapter(module):
+    """(base linear, {r, experts, impl, dropout}) if `module` is a LoRA adapter, else None.
+
+    Duck-typed, so that this file needs nothing of the stack it measures: a gated LoRA layer
+    (ilora.GatedLoraLinear: .base, .n_experts) or PEFT's LoRA layer (.base_layer, per-adapter dicts).
+    """
+    if hasattr(module, "n_experts") and hasattr(module, "base"):
+        p = getattr(module.dropout, "p", 0.0)
+        return module.base, {"r": module.r, "experts": module.n_experts, "impl": module.impl,
+                             "dropout": p}
+    if hasattr(module, "base_layer") and isinstance(getattr(module, "r", None), dict) and module.r:
+        name = next(iter(module.r))
+        p = getattr(module.lora_dropout[name], "p", 0.0)
+        return module.base_layer, {"r": module.r[name], "experts": 1, "impl": "lean", "dropout": p,
+                                   "alpha": module.lora_alpha[name]}
+    return None
+
+
 def _structure(model):
     """The few numbers the budget needs, read off a model (on the meta device or not)."""
-    import ilora
-    import ref_train
     config = model.config
-    layer = ref_train.decoder_layers(model)[0]
+    layers = decoder_layers(model)
+    if layers is None:
+        raise ValueError(f"{type(model).__name__}: no list of decoder layers found")
     # Leaf name -> the original linear, seen through any adapter wrapped around it.
-    linears, adapted = {}, {}
-    for name, module in layer.named_modules():
+    linears, adapted, lora = {}, {}, None
+    inner = set()
+    for name, module in layers[0].named_modules():
         leaf = name.rpartition(".")[2]
-        if isinstance(module, ilora.GatedLoraLinear):
-            adapted[leaf] = linears[leaf] = module.base
-        elif isinstance(module, torch.nn.Linear) and leaf not in ("base", "lora_A", "lora_B"):
+        found = _adapter(module)
+        if found is not None:
+            base, lora = found
+            adapted[leaf] = linears[leaf] = base
+            inner.update(id(m) for m in module.modules() if m is not module)
+        elif isinstance(module, torch.nn.Linear) and id(module) not in inner:
             linears[leaf] = module
     hidden = model.get_input_embeddings().embedding_dim
     return {
@@ -456,17 +968,23 @@ def _structure(model):
         "gated_mlp": "gate_proj" in linears,
         "vocab": model.get_output_embeddings().out_features,
         "dropout": float(getattr(config, "dropout", 0.0) or 0.0),
+        "attn": getattr(config, "_attn_implementation", None) or "sdpa",
+        "weights_dtype": model.get_input_embeddings().weight.dtype,
         "linears": {n: (m.in_features, m.out_features) for n, m in linears.items()},
         "adapted": {n: (m.in_features, m.out_features) for n, m in adapted.items()},
+        "lora": lora or {"r": 0, "experts": 1, "impl": "lean", "dropout": 0.0},
     }
 
 
-def budget(args, model=None, items=None, full=False):
-    """Predict training memory from the configuration alone; every term in bytes.
+def budget(model, *, bs, seq, checkpointing, autocast_dtype=None, loss_chunks=1, device="cpu",
+           extra=(), full=False):
+    """Predict training memory from a model and the run's shapes; every term in bytes.
 
-    args: ref_train's flags. model/items: the built modules (any device, meta included); by default
-    they are built on the meta device, which allocates nothing. full=True budgets full fine-tuning
-    (every parameter trained) for the same shapes, as the seed's "about 1 GB" estimate does.
+    model: the causal LM with its adapters (any device, the meta device included: nothing is
+    allocated). extra: other modules whose parameters train with it (iLoRA's router and projector).
+    The LoRA rank, experts, form and dropout are read off the adapted layers, the attention kernel
+    and the weights' dtype off the model. full=True budgets full fine-tuning (every parameter
+    trained) for the same shapes, as the seed's "about 1 GB" estimate does.
 
     The activation terms count what autograd saves, per token, in an OPT-style decoder layer
     (calibrated on OPT with SDPA; for other architectures they are an estimate):
@@ -475,19 +993,16 @@ def budget(args, model=None, items=None, full=False):
       the inputs of adapted linears, and each adapter's own: r/E-wide expert activations (lean),
       or E x out per-expert outputs (einsum); LoRA dropout keeps its output and its mask.
     """
-    import ref_train
-    if model is None:
-        model, items, *_ = ref_train.build(args, meta=True)
     s = _structure(model)
-    weights_dtype, autocast_dtype = ref_train.dtypes(args)
-    act = _dtype_bytes(autocast_dtype or weights_dtype)
-    on_cuda = args.device == "cuda"
+    lora = s["lora"]
+    act = _dtype_bytes(autocast_dtype or s["weights_dtype"])
+    on_cuda = torch.device(device).type == "cuda"
     mask = 1 if on_cuda else act                       # dropout masks: bool on CUDA, act dtype on CPU
-    b, seq = args.bs, args.seq
+    b = bs
     tokens = b * seq
     h, ffn, layers = s["hidden"], s["ffn"], s["layers"]
 
-    params = [p for m in (model, items) if m is not None for p in m.parameters()]
+    params = [p for m in (model, *extra) if m is not None for p in m.parameters()]
     params = list({id(p): p for p in params}.values())
     by_dtype = {}
     for p in params:
@@ -499,30 +1014,30 @@ def budget(args, model=None, items=None, full=False):
 
     # Saved per token in one decoder layer, in bytes.
     per_token = act * (2 * h + h + 2 * s["kv"] + h + (3 if s["gated_mlp"] else 1) * ffn)
-    per_token += 4 * s["heads"] if args.attn == "sdpa" else 0   # log-sum-exp, fp32
+    per_token += 4 * s["heads"] if s["attn"] == "sdpa" else 0   # log-sum-exp, fp32
     per_token += 2 * h * mask if s["dropout"] > 0 else 0
     adapted = s["linears"] if full else s["adapted"]
-    lora_dropout = 0 if full else args.dropout
+    lora_dropout = 0 if full else lora["dropout"]
     groups = {_SHARED_INPUTS.get(n, n) for n in adapted if n not in _ALREADY_SAVED}
     if lora_dropout == 0:
         per_token += sum(act * (h if g.endswith("input") else adapted[g][0]) for g in groups)
     lora_per_token = 0
     if not full:
         for name, (d_in, d_out) in adapted.items():
-            r, experts = args.r, args.experts
+            r, experts = lora["r"], lora["experts"]
             if experts == 1:
                 lora_per_token += 4 * r
-            elif args.impl == "lean":
+            elif lora["impl"] == "lean":
                 lora_per_token += 4 * 2 * r
             else:
                 lora_per_token += 4 * (r + experts * d_out)
             if lora_dropout > 0:
                 lora_per_token += d_in * (4 + mask)
     layer_bytes = tokens * (per_token + lora_per_token)
-    eager_scores = b * s["heads"] * seq * seq * 4 if args.attn == "eager" else 0  # softmax in fp32
+    eager_scores = b * s["heads"] * seq * seq * 4 if s["attn"] == "eager" else 0  # softmax in fp32
     layer_bytes += eager_scores
 
-    ckpt = args.ckpt != "none"
+    ckpt = checkpointing
     terms = {
         "params": param_bytes,
         "trainable_params": trainable_bytes,
@@ -530,8 +1045,8 @@ def budget(args, model=None, items=None, full=False):
         "optimizer_state": 2 * trainable_bytes,
         "activations_per_layer": layer_bytes,
         "lora_activations_per_layer": tokens * lora_per_token,
-        "einsum_expert_outputs_per_layer": (tokens * 4 * args.experts * sum(o for _, o in adapted.values())
-                                            if args.impl == "einsum" and args.experts > 1 and not full
+        "einsum_expert_outputs_per_layer": (tokens * 4 * lora["experts"] * sum(o for _, o in adapted.values())
+                                            if lora["impl"] == "einsum" and lora["experts"] > 1 and not full
                                             else 0),
         "dropout_masks_per_layer": tokens * ((2 * h * mask if s["dropout"] > 0 else 0)
                                              + (sum(d for d, _ in adapted.values()) * mask
@@ -539,11 +1054,11 @@ def budget(args, model=None, items=None, full=False):
         "checkpointed_inputs": layers * tokens * h * act if ckpt else 0,
         "saved_activations": (layers * tokens * h * act if ckpt else layers * layer_bytes)
                              + tokens * h * act,   # + the final norm's input
-        "logits": b * (seq - 1) * s["vocab"] * 4 // args.loss_chunks,   # one fp32 copy
-        "logits_16bit": (b * (seq - 1) * s["vocab"] * act // args.loss_chunks) if act < 4 else 0,
+        "logits": b * (seq - 1) * s["vocab"] * 4 // loss_chunks,   # one fp32 copy
+        "logits_16bit": (b * (seq - 1) * s["vocab"] * act // loss_chunks) if act < 4 else 0,
         "autocast_weight_copies": 0,
     }
-    if autocast_dtype is not None and autocast_dtype != weights_dtype:
+    if autocast_dtype is not None and autocast_dtype != s["weights_dtype"]:
         # Autocast re-casts each frozen weight at every call and the copy is saved for backward;
         # under checkpointing only one layer's copies (and lm_head's) exist at a time.
         layer_weights = sum(i * o for i, o in s["linears"].values())
@@ -553,7 +1068,7 @@ def budget(args, model=None, items=None, full=False):
     steady = terms["params"] + terms["optimizer_state"]
     saved = terms["saved_activations"] + terms["autocast_weight_copies"]
     logits = terms["logits"] + terms["logits_16bit"]
-    if args.loss_chunks == 1:
+    if loss_chunks == 1:
         # forward ends with the logits and their log-softmax; backward starts with the log-softmax
         # (saved), the loss's gradient and the logits' gradient.
         # (16-bit logits exist only until .float() has copied them: a spike in forward.)
@@ -610,14 +1125,14 @@ def verdict(report):
 
 # ---------------------------------------------------------------- tables
 
-def _table(header, rows):
+def text_table(header, rows):
     widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
     fmt = lambda row: "  ".join(str(x).rjust(w) if i else str(x).ljust(w)
                                 for i, (x, w) in enumerate(zip(row, widths)))
     return "\n".join([fmt(header)] + [fmt(r) for r in rows])
 
 
-def _markdown_table(header, rows):
+def markdown_table(header, rows):
     lines = ["| " + " | ".join(map(str, header)) + " |", "|" + "---|" * len(header)]
     return "\n".join(lines + ["| " + " | ".join(map(str, r)) + " |" for r in rows])
 
@@ -630,15 +1145,21 @@ def _phase_rows(report):
 
 
 def format_report(report):
-    """The summary a person reads at a glance: phases, verdict, categories, modules, leak."""
-    lines = [_table(("phase", "live MiB", "peak MiB", "budget MiB"), _phase_rows(report)), ""]
+    """The summary a person reads at a glance: phases, verdict, categories, modules, leak, warnings."""
+    lines = [text_table(("phase", "live MiB", "peak MiB", "budget MiB"), _phase_rows(report)), ""]
     if report.get("oom"):
         oom = report["oom"]
         lines.append(f"OUT OF MEMORY in {oom['phase']} at step {oom['step']}: {oom['message']}")
-    lines.append(f"peak {mib(report['peak_bytes'])} MiB in {report['peak_phase']}; {verdict(report)}")
+    elif report.get("status", "ok") != "ok":
+        lines.append(f"run {report['status'].upper()}: {report.get('error')}")
+    if report["peak_phase"] is None:
+        lines.append("peak: not measured (no training phase finished)")
+    else:
+        lines.append(f"peak {mib(report['peak_bytes'])} MiB in {report['peak_phase']}; {verdict(report)}")
     cats = report.get("categories") or {}
-    lines.append("at the peak: " + " | ".join(f"{c.replace('_', ' ')} {mib(v)}"
-                                             for c, v in cats.items() if v))
+    if any(cats.values()):
+        lines.append("at the peak: " + " | ".join(f"{c.replace('_', ' ')} {mib(v)}"
+                                                 for c, v in cats.items() if v))
     if report.get("modules"):
         lines.append("saved activations by module: " + ", ".join(
             f"{m['module']} {mib(m['bytes'])}" for m in report["modules"][:5]))
@@ -646,15 +1167,15 @@ def format_report(report):
         p = report["params"]
         lines.append(f"parameters: {p['trainable']:,} trainable, {p['frozen']:,} frozen")
     leak = report["leak"]
-    if leak["detected"]:
-        lines.append(f"LEAK: live memory grows {leak['bytes_per_step']:,.0f} bytes every step; "
-                     f"{len(leak['survivors'])} tensors from earlier steps survive, e.g. "
-                     + "; ".join(f"{s['shape']} {s['dtype']} {s['bytes']:,} B from {s['op']} in "
-                                 f"{s['module']} (step {s['step']})" for s in leak["survivors"][:3]))
-    elif len(leak["step_end_bytes"]) < 2:
+    if len(leak["step_end_bytes"]) < 2:
         lines.append("leak: not measured (it takes two finished steps or more)")
-    else:
+    elif not leak["detected"]:
         lines.append("leak: none (live memory at the end of each step does not grow)")
+    for w in report.get("warnings") or []:
+        lines.append(f"WARNING {w['kind']}: {w['message']}")
+    baseline = (report.get("config") or {}).get("baseline_command")
+    if baseline:
+        lines.append(f"the reference for this stack: {baseline}")
     return "\n".join(lines)
 
 
@@ -667,7 +1188,7 @@ def markdown_block(title, tables, env=None, command=None):
              f"- python {env['python']}, torch {env['torch']}, transformers {env['transformers']}, "
              f"CUDA {env['cuda'] or 'none'}", ""]
     for header, rows in tables:
-        lines += [_markdown_table(header, rows), ""]
+        lines += [markdown_table(header, rows), ""]
     return "\n".join(lines).rstrip()
 
 
@@ -682,607 +1203,241 @@ def markdown_report(report):
 
 # ---------------------------------------------------------------- diff
 
-def diff(a, b):
-    """Rows (what, A bytes, B bytes) for everything two reports measure, largest excess of B first."""
-    rows = [("peak", a["peak_bytes"], b["peak_bytes"])]
-    named = [p for p in PHASES if p in a["phases"] or p in b["phases"]]
-    for name in named + sorted((set(a["phases"]) | set(b["phases"])) - set(named)):
-        pa, pb = a["phases"].get(name, {}), b["phases"].get(name, {})
-        if pa or pb:
-            rows.append((f"{name} peak", pa.get("peak_bytes", 0), pb.get("peak_bytes", 0)))
-    for c in CATEGORIES:
-        rows.append((f"at peak: {c.replace('_', ' ')}", a["categories"].get(c, 0),
-                     b["categories"].get(c, 0)))
-    ma = {m["module"]: m["bytes"] for m in a.get("modules", [])}
-    mb = {m["module"]: m["bytes"] for m in b.get("modules", [])}
-    for m in sorted(set(ma) | set(mb)):
-        rows.append((f"module {m}", ma.get(m, 0), mb.get(m, 0)))
-    rows.append(("leak per step", a["leak"]["bytes_per_step"], b["leak"]["bytes_per_step"]))
-    head, rest = rows[:1], rows[1:]
-    rest.sort(key=lambda r: -(r[2] - r[1]))
-    return head + rest
-
-
+DIFF_SCHEMA = "memcheck-diff/1"
+TOP_DIFF_MODULES = 12     # module rows shown in the text table; --json and the report keep all
+SAME_WITHIN = 0.01        # peaks within 1% of each other: the two trainings cost the same
 OUTPUT_FLAGS = {"report", "snapshot", "markdown"}  # where results go, not what was measured
+# Wrappers that sit between a model and its layers without changing them: DDP, torch.compile,
+# torch's checkpoint_wrapper, FSDP.
+_WRAPPERS = re.compile(r"(^|\.)(module|_orig_mod|_checkpoint_wrapped_module|_fsdp_wrapped_module)(?=\.|$)")
+_INDEX = re.compile(r"\.\d+(?=\.|$)")
+
+
+def module_group(name):
+    """A module's place in the model, whatever wraps it: `layers.3.self_attn` -> `layers.*.self_attn`."""
+    return _INDEX.sub(".*", _WRAPPERS.sub("", name).lstrip("."))
+
+
+def _modules_by_group(report):
+    groups = {}
+    for m in report.get("modules") or []:
+        g = groups.setdefault(module_group(m["module"]), {"bytes": 0, "count": 0, "ops": {}})
+        g["bytes"] += m["bytes"]
+        g["count"] += 1
+        for op, n in (m.get("ops") or {}).items():
+            g["ops"][op] = g["ops"].get(op, 0) + n
+    return groups
+
+
+def _training_phases(report):
+    """{phase: peak bytes}; an HF Trainer's forward+backward stands for forward and backward."""
+    return {name: stats["peak_bytes"] for name, stats in report["phases"].items()}
+
+
+def _phase_peak(phases, name):
+    if name in phases:
+        return phases[name]
+    if name == "forward+backward" and ("forward" in phases or "backward" in phases):
+        # The peak of two phases taken together is the larger of their two peaks.
+        return max(phases.get("forward", 0), phases.get("backward", 0))
+    return None
+
+
+def _reserved(report):
+    values = [s["reserved_bytes"] for n, s in report["phases"].items() if n != "load" and "reserved_bytes" in s]
+    return max(values) if values else None
+
+
+def diff(a, b):
+    """Rows (what, A bytes or None, B bytes or None) in the text table's order.
+
+    None is "not measured on that side", never 0. Modules are aligned by their place in the model
+    (module_group), so the same layers under different wrappers are one row.
+    """
+    rows = [("peak", a["peak_bytes"], b["peak_bytes"])]
+    if _reserved(a) is not None or _reserved(b) is not None:
+        rows.append(("reserved", _reserved(a), _reserved(b)))
+    pa, pb = _training_phases(a), _training_phases(b)
+    names = [p for p in PHASES if p in pa or p in pb]
+    names += [p for p in list(pa) + list(pb) if p not in names]
+    for name in dict.fromkeys(names):
+        rows.append((f"{name} peak", _phase_peak(pa, name), _phase_peak(pb, name)))
+    for c in CATEGORIES:
+        rows.append((f"at peak: {c.replace('_', ' ')}", a["categories"].get(c), b["categories"].get(c)))
+    ga, gb = _modules_by_group(a), _modules_by_group(b)
+    groups = sorted(set(ga) | set(gb), key=lambda g: -abs(gb.get(g, {"bytes": 0})["bytes"]
+                                                          - ga.get(g, {"bytes": 0})["bytes"]))
+    for g in groups:
+        count = max(ga.get(g, {}).get("count", 0), gb.get(g, {}).get("count", 0))
+        label = f"module {g}" + (f" (x{count})" if "*" in g else "")
+        rows.append((label, ga.get(g, {}).get("bytes", 0), gb.get(g, {}).get("bytes", 0)))
+    rows.append(("leak per step (bytes)", a["leak"]["bytes_per_step"], b["leak"]["bytes_per_step"]))
+    return rows
+
+
+def _dominant_op(a, b, row):
+    """(op, excess bytes) when one op explains most of a module row's excess, else None."""
+    group = row[0][len("module "):].split(" (x")[0]
+    ops_a = _modules_by_group(a).get(group, {}).get("ops", {})
+    ops_b = _modules_by_group(b).get(group, {}).get("ops", {})
+    excess = {op: ops_b.get(op, 0) - ops_a.get(op, 0) for op in set(ops_a) | set(ops_b)}
+    if not excess:
+        return None
+    op = max(excess, key=lambda o: abs(excess[o]))
+    total = sum(excess.values())
+    return (op, excess[op]) if total and excess[op] / total > 0.5 else None
 
 
 def config_differences(a, b):
-    keys = sorted((set(a.get("config", {})) | set(b.get("config", {}))) - OUTPUT_FLAGS)
-    return [(k, a["config"].get(k), b["config"].get(k)) for k in keys
-            if a["config"].get(k) != b["config"].get(k)]
+    """{key: [A's, B's]} over the keys both configurations have."""
+    ca, cb = a.get("config") or {}, b.get("config") or {}
+    keys = sorted((set(ca) & set(cb)) - OUTPUT_FLAGS - {"probe", "baseline_command"})
+    return {k: [ca[k], cb[k]] for k in keys if ca[k] != cb[k]}
 
+
+def _run_warnings(report, name):
+    status = report.get("status", "ok")
+    if status == "ok" and not report.get("oom"):
+        return []
+    what = {"oom": "ran out of memory", "error": "failed", "interrupted": "was interrupted"}.get(status,
+                                                                                             "ran out of memory")
+    detail = (report.get("oom") or {}).get("message") or report.get("error") or ""
+    return [f"WARNING: {name} {what} ({detail}); its figures stop where it stopped"]
+
+
+def conclusion(a, b, rows):
+    """One line: how B's peak compares with A's, and where the difference is."""
+    x, y = a["peak_bytes"], b["peak_bytes"]
+    if not x or not y:
+        return "no conclusion: one side measured no training peak"
+    if abs(y / x - 1) <= SAME_WITHIN:
+        return f"the two trainings cost the same (within 1%): {mib(x)} and {mib(y)} MiB"
+    sign = 1 if y > x else -1
+    line = f"B's peak is {y / x:.2f}x A's ({(y - x) / MiB:+.1f} MiB)"
+    cats = [r for r in rows if r[0].startswith("at peak: ") and r[1] is not None and r[2] is not None]
+    if cats:
+        what, ca, cb = max(cats, key=lambda r: sign * (r[2] - r[1]))
+        line += (f"; the {'excess' if sign > 0 else 'saving'} is in {what[len('at peak: '):]} "
+                 f"({(cb - ca) / MiB:+.1f} MiB)")
+        places = [r for r in rows if r[0].startswith("module ")]
+        if places and what.endswith("activations"):  # module rows are saved activations
+            name, ma, mb = max(places, key=lambda r: sign * (r[2] - r[1]))
+            if sign * (mb - ma) > 0:
+                op = _dominant_op(a, b, (name, ma, mb))
+                line += (f", mostly {name[len('module '):]} ({(mb - ma) / MiB:+.1f} MiB"
+                         + (f", op {op[0]})" if op else ")"))
+    return line
+
+
+def diff_json(a, b):
+    rows = diff(a, b)
+    return {"schema": DIFF_SCHEMA,
+            "rows": [{"row": what, "a_bytes": x, "b_bytes": y} for what, x, y in rows],
+            "config_differences": config_differences(a, b),
+            "warnings": {"a": a.get("warnings") or [], "b": b.get("warnings") or []},
+            "conclusion": conclusion(a, b, rows)}
 
 
 def format_diff(a, b, name_a="A", name_b="B", markdown=False):
+    rows = diff(a, b)
+    fmt = lambda v: "not measured" if v is None else mib(v)
     header = ("", f"{name_a} MiB", f"{name_b} MiB", "B - A MiB", "B / A")
-    rows = [(what, mib(x), mib(y), f"{(y - x) / MiB:+.1f}", f"{y / x:.2f}x" if x else "-")
-            for what, x, y in diff(a, b) if (x or y or what == "peak") and what != "leak per step"]
-    leak_a, leak_b = a["leak"]["bytes_per_step"], b["leak"]["bytes_per_step"]
-    # A leak is often bytes, not MiB, per step; and it is flagged by its growth, not its size.
-    rows.append(("leak per step (bytes)", f"{leak_a:,.0f}", f"{leak_b:,.0f}", f"{leak_b - leak_a:+,.0f}",
-                 "LEAK in B" if b["leak"]["detected"] and not a["leak"]["detected"] else "-"))
-    changed = config_differences(a, b)
-    notes = (["different configurations: " + ", ".join(f"{k}: {x!r} -> {y!r}" for k, x, y in changed)]
-             if changed else ["same configuration"])
-    if markdown:
-        return markdown_block(f"memcheck diff: {name_a} vs {name_b}",
-                              [(("config", name_a, name_b), changed)] if changed else [],
-                              a["env"], " ".join(["python"] + sys.argv)) + "\n\n" + _markdown_table(header, rows)
-    return "\n".join(notes + ["", _table(header, rows)])
-
-
-# ---------------------------------------------------------------- ablate: one run per suspect
-
-def ablation_variants(args):
-    """(name, extra flags) for each suspect, one change from the baseline; the baseline first."""
-    other_targets = "all-linear" if args.targets != ("all-linear",) else "q_proj,v_proj"
-    variants = [
-        ("baseline", []),
-        ("added tokens + resize " + ("off" if args.add_tokens else "on"),
-         ["--no-add-tokens" if args.add_tokens else "--add-tokens"]),
-        *[(f"checkpointing {c}", ["--ckpt", c]) for c in ("manual", "hf", "none") if c != args.ckpt],
-        *[(f"{i} implementation", ["--impl", i]) for i in ("lean", "einsum") if i != args.impl],
-        ("1 expert" if args.experts != 1 else "4 experts", ["--experts", "1" if args.experts != 1 else "4"]),
-        ("LoRA dropout " + ("0" if args.dropout else "0.1"), ["--dropout", "0" if args.dropout else "0.1"]),
-        *[(f"precision {p}", ["--precision", p, "--weights-dtype", "fp32"])
-          for p in ("32", "16-mixed") if (p, None) != (args.precision, args.weights_dtype)],
-        ("bf16 weights under 16-mixed", ["--precision", "16-mixed", "--weights-dtype", "bf16"]),
-        ("item injection " + ("off" if args.inject_items else "on"),
-         ["--no-inject-items" if args.inject_items else "--inject-items"]),
-        (f"targets {other_targets}", ["--targets", other_targets]),
-        ("injected leak", ["--inject-leak"] if args.experts > 1 else ["--inject-leak", "--experts", "4"]),
-    ]
-    return variants
-
-
-# 16-bit matmuls on a CPU without bf16/fp16 units are emulated: minutes a step at opt-125m's size
-# (and CPU autocast cannot run bf16 weights under fp16 at all), so ablate budgets them instead.
-SLOW_ON_CPU = "16-bit precision on CPU takes minutes a step: measure it with --device cuda"
-
-
-def _slow_on_cpu(args):
-    return args.device == "cpu" and (args.precision != "32" or args.weights_dtype not in (None, "fp32"))
-
-
-def _run_reference(argv, report_path, timeout=600, threads=None):
-    """ref_train.py in its own process; (report or None, error line or None)."""
-    import subprocess
-    here = os.path.dirname(os.path.abspath(__file__))
-    cmd = [sys.executable, os.path.join(here, "ref_train.py"), *argv, "--report", report_path]
-    env = dict(os.environ, **({"OMP_NUM_THREADS": str(threads)} if threads else {}))
-    try:
-        done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=here, env=env)
-    except subprocess.TimeoutExpired:
-        return None, f"timed out after {timeout} s"
-    report = read_report(report_path) if os.path.exists(report_path) else None
-    if done.returncode != 0:
-        lines = [l for l in (done.stderr + done.stdout).splitlines() if l.strip()]
-        oom = [l for l in lines if "OUT OF MEMORY" in l]
-        return report, (oom or lines or [f"exit code {done.returncode}"])[-1]
-    return report, None
-
-
-def ablate(base_argv, log=print, steps=3, run=None):
-    """Run the reference once per suspect, each in its own process; returns the rows, sorted.
-
-    run(argv, report_path) -> (report or None, error line or None) runs one variant; the default
-    starts `python ref_train.py`, so that no variant inherits another's memory or state. On CPU one
-    process per core runs at a time, each on one thread: a process spends seconds starting up on
-    one core, and the figures are per process, so running side by side changes none of them.
-    """
-    from concurrent.futures import ThreadPoolExecutor
-    import ref_train
-    args = ref_train.parse_args(base_argv)
-    jobs = 1 if args.device == "cuda" or run else max(1, os.cpu_count() or 1)
-    run = run or functools.partial(_run_reference, threads=None if jobs == 1 else 1)
-    if "--steps" not in base_argv:
-        base_argv = [*base_argv, "--steps", str(steps)]
-    variants = ablation_variants(args)
-    rows = [None] * len(variants)
-    with tempfile.TemporaryDirectory() as tmp, ThreadPoolExecutor(jobs) as pool:
-        def one(i):
-            name, flags = variants[i]
-            started = time.perf_counter()
-            try:
-                variant_args = ref_train.parse_args([*base_argv, *flags])
-            except ref_train.UsageError:
-                variant_args = None   # a bad combination: the run below says why, in its row
-            if variant_args and _slow_on_cpu(variant_args) and not _slow_on_cpu(args):
-                report, error = None, f"skipped: {SLOW_ON_CPU}"
-                planned = budget(variant_args)["peak_bytes"]
-            else:
-                report, error = run([*base_argv, *flags], os.path.join(tmp, f"{i}.json"))
-                planned = (report.get("budget") or {}).get("peak_bytes") if report else None
-            ok = report is not None and error is None
-            rows[i] = {"variant": name, "flags": flags, "error": error,
-                       "peak_bytes": report["peak_bytes"] if ok else None,
-                       "leak_bytes_per_step": report["leak"]["bytes_per_step"] if ok else None,
-                       "budget_peak_bytes": planned,
-                       "verdict": verdict(report) if ok else None}
-            log(f"{name:<34} " + (f"peak {mib(rows[i]['peak_bytes']):>8} MiB  "
-                                  f"({time.perf_counter() - started:.0f} s)" if ok
-                                  else error if error.startswith("skipped") else f"FAILED: {error}"))
-        list(pool.map(one, range(len(variants))))
-    base = rows[0]["peak_bytes"]
-    for row in rows:
-        row["delta_bytes"] = row["peak_bytes"] - base if row["peak_bytes"] is not None and base else None
-    rows[1:] = sorted(rows[1:], key=lambda r: (r["delta_bytes"] is None, -(r["delta_bytes"] or 0)))
-    return rows
-
-
-def ablation_table(rows):
-    header = ("variant", "peak MiB", "change MiB", "ratio", "leak B/step", "budget MiB", "verdict")
-    base = rows[0]["peak_bytes"]
-    out = []
-    for r in rows:
-        if r["error"]:
-            skipped = r["error"].startswith("skipped")
-            out.append((r["variant"], "skipped" if skipped else "failed", "-", "-", "-",
-                        mib(r["budget_peak_bytes"]) if r["budget_peak_bytes"] else "-", r["error"][:90]))
+    shown, modules = [], 0
+    for what, x, y in rows:
+        if what.startswith("module "):
+            modules += 1
+            if modules > TOP_DIFF_MODULES or not (x or y):
+                continue
+        if what == "leak per step (bytes)":
+            flag = "LEAK in B" if b["leak"]["detected"] and not a["leak"]["detected"] else "-"
+            shown.append((what, f"{x:,.0f}", f"{y:,.0f}", f"{y - x:+,.0f}", flag))
             continue
-        out.append((r["variant"], mib(r["peak_bytes"]),
-                    f"{r['delta_bytes'] / MiB:+.1f}" if base else "-",
-                    f"{r['peak_bytes'] / base:.2f}x" if base else "-",
-                    f"{r['leak_bytes_per_step']:,.0f}",
-                    mib(r["budget_peak_bytes"]) if r["budget_peak_bytes"] else "-", r["verdict"]))
-    return header, out
-
-
-# ---------------------------------------------------------------- sweep: memory against each variable
-
-SWEEP_VARIABLES = {"bs": "sample", "seq": "token", "r": "unit of rank"}
-
-
-def sweep(points, base_argv, log=print, steps=2):
-    """Measure and predict each point ({flag: value}); returns one row per point."""
-    import ref_train
-    rows = []
-    for point in points:
-        argv = [*base_argv, "--steps", str(steps)]
-        for flag, value in point.items():
-            argv += [f"--{flag}", str(value)]
-        row = dict(point)
-        try:
-            report = ref_train.train(ref_train.parse_args(argv), log=lambda *_: None)
-            row.update(peak_bytes=report["peak_bytes"], budget_bytes=report["budget"]["peak_bytes"])
-            row["error"] = row["peak_bytes"] / row["budget_bytes"] - 1
-        except (ref_train.UsageError, torch.OutOfMemoryError) as e:
-            row.update(peak_bytes=None, budget_bytes=None, error=None, failed=str(e).splitlines()[0])
-        rows.append(row)
-        log("  ".join(f"{k} {v}" for k, v in point.items()) + "  " + (
-            f"measured {mib(row['peak_bytes'])} MiB, budget {mib(row['budget_bytes'])} MiB, "
-            f"error {row['error']:+.1%}" if row["peak_bytes"] else f"FAILED: {row['failed']}"))
-    return rows
-
-
-def _slope(xs, ys):
-    mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
-    var = sum((x - mx) ** 2 for x in xs)
-    return sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / var if var else None
-
-
-QUADRATIC_SHARE = 0.05  # seq^2 explaining more of the growth than this is a quadratic law
-
-
-def fit_growth(rows):
-    """MiB per unit of each swept variable (mean slope over the other variables held fixed), and
-    whether the peak grows linearly or quadratically in sequence length."""
-    ok = [r for r in rows if r.get("peak_bytes")]
-    growth = {}
-    for var in SWEEP_VARIABLES:
-        slopes = []
-        others = lambda r: tuple((k, v) for k, v in r.items() if k != var and k in
-                                 ("bs", "seq", "r", "targets", "experts", "ckpt", "impl"))
-        groups = {}
-        for r in ok:
-            if var in r:
-                groups.setdefault(others(r), []).append(r)
-        for group in groups.values():
-            slope = _slope([float(r[var]) for r in group], [r["peak_bytes"] / MiB for r in group])
-            if slope is not None:
-                slopes.append(slope)
-        if slopes:
-            growth[var] = sum(slopes) / len(slopes)
-    # Quadratic in seq when peak/seq still rises with seq: a linear law has peak/seq falling
-    # towards a constant, a quadratic one keeps climbing.
-    shape = None
-    by_seq = {}
-    for r in ok:
-        if "seq" in r:
-            key = tuple((k, v) for k, v in r.items() if k in ("bs", "r", "targets", "experts", "ckpt", "impl"))
-            by_seq.setdefault(key, []).append(r)
-    curvatures = []
-    for group in by_seq.values():
-        if len({r["seq"] for r in group}) >= 3:
-            group.sort(key=lambda r: r["seq"])
-            xs = [float(r["seq"]) for r in group]
-            ys = [float(r["peak_bytes"]) for r in group]
-            curvatures.append(_quadratic_share(xs, ys))
-    if curvatures:
-        share = sum(curvatures) / len(curvatures)
-        shape = {"quadratic_share": share,
-                 "law": "quadratic (attention scores grow as seq^2)" if share > QUADRATIC_SHARE
-                 else "linear"}
-    return {"mib_per_unit": growth, "seq": shape}
-
-
-
-def _quadratic_share(xs, ys):
-    """Share of the peak's growth over the swept range that a seq^2 term explains (least squares)."""
-    a = torch.tensor([[1.0, x, x * x] for x in xs], dtype=torch.float64)
-    coef = torch.linalg.lstsq(a, torch.tensor(ys, dtype=torch.float64)[:, None]).solution[:, 0]
-    quad = abs(float(coef[2])) * (xs[-1] ** 2 - xs[0] ** 2)
-    return quad / max(abs(ys[-1] - ys[0]), 1.0)
-
-
-def sweep_table(rows):
-    keys = [k for k in rows[0] if k not in ("peak_bytes", "budget_bytes", "error", "failed")]
-    header = (*keys, "measured MiB", "budget MiB", "error")
-    out = [(*[r[k] for k in keys],
-            mib(r["peak_bytes"]) if r["peak_bytes"] else "failed",
-            mib(r["budget_bytes"]) if r["budget_bytes"] else "-",
-            f"{r['error']:+.1%}" if r["error"] is not None else r.get("failed", "-")[:60]) for r in rows]
-    return header, out
-
-
-def growth_lines(growth):
-    lines = [f"{v:.2f} MiB per extra {SWEEP_VARIABLES[k]}" for k, v in growth["mib_per_unit"].items()]
-    if growth["seq"]:
-        lines.append(f"sequence length: {growth['seq']['law']} "
-                     f"(seq^2 explains {growth['seq']['quadratic_share']:.0%} of the growth)")
-    return lines
-
-
-def _plot(rows, path):
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        raise ReportError("--plot needs matplotlib, which is optional: pip install matplotlib")
-    ok = [r for r in rows if r.get("peak_bytes")]
-    variables = [v for v in SWEEP_VARIABLES if len({r[v] for r in ok if v in r}) > 1]
-    fig, axes = plt.subplots(1, max(len(variables), 1), figsize=(5 * max(len(variables), 1), 4))
-    for ax, var in zip(axes if len(variables) > 1 else [axes], variables):
-        for label, key, style in (("measured", "peak_bytes", "o"), ("budget", "budget_bytes", "x")):
-            ax.plot([r[var] for r in ok], [r[key] / MiB for r in ok], style, label=label)
-        ax.set_xlabel(var)
-        ax.set_ylabel("peak MiB")
-        ax.legend()
-    fig.tight_layout()
-    fig.savefig(path)
-
-
-# ---------------------------------------------------------------- bench: the reference against its peers
-
-BENCH_BASE = ["--ckpt", "manual", "--impl", "lean", "--experts", "1", "--targets", "q_proj,v_proj",
-              "--r", "8", "--precision", "32", "--no-inject-items"]
-BENCH_LOSS_CHUNKS = 8
-
-
-class _Untracked:
-    """Stands in for a Probe when only time is measured: no tracker, no overhead."""
-
-    def phase(self, name):
-        return contextlib.nullcontext()
-
-
-def _reference_loop(args):
-    """(step(probe) -> loss, modules, optimizer) for the reference trainer."""
-    import ref_train
-    model, items, batches, _, _ = ref_train.build(args)
-    trainable = [p for m in (model, items) for p in m.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=args.lr)
-    scaler = torch.amp.GradScaler(args.device, enabled=False)
-    step = lambda probe: ref_train.train_step(model, items, optimizer, scaler, next(batches), args,
-                                              probe, [])
-    return step, torch.nn.ModuleDict({"lm": model, "ilora": items}), optimizer
-
-
-def _peft_loop(args):
-    """The same model, data and shapes through PEFT's LoRA and the model's own checkpointing."""
-    from peft import LoraConfig, get_peft_model
-    import ref_train
-    model, batches, _, _ = ref_train.build_base(args)
-    ref_train.enable_hf_checkpointing(model)
-    torch.manual_seed(args.seed)
-    model = get_peft_model(model, LoraConfig(r=args.r, lora_alpha=args.alpha, lora_dropout=args.dropout,
-                                             target_modules=list(args.targets)))
-    model.train()
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr)
-
-    def step(probe):
-        batch = {k: v.to(args.device) for k, v in next(batches).items()}
-        with probe.phase("forward"):
-            loss = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                         labels=batch["labels"], use_cache=False).loss
-        with probe.phase("backward"):
-            loss.backward()
-        with probe.phase("optimizer"):
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-        return loss.item()
-    return step, model, optimizer
-
-
-def _measure(make_loop, args, steps):
-    """Peak bytes over `steps` tracked steps, and the median seconds of `steps` untracked ones."""
-    step, model, optimizer = make_loop(args)
-    with Probe(model, optimizer, device=args.device) as probe:
-        for _ in range(steps):
-            probe.step(step(probe))
-    peak = probe.peak["peak_bytes"]
-    tracked = _median([s["seconds"] for s in probe.steps[1:]])
-    del probe
-    untracked = []
-    for i in range(steps + 1):   # the first step warms up
-        if args.device == "cuda":
-            torch.cuda.synchronize()
-        started = time.perf_counter()
-        step(_Untracked())
-        if args.device == "cuda":
-            torch.cuda.synchronize()
-        if i:
-            untracked.append(time.perf_counter() - started)
-    return {"peak_bytes": peak, "seconds": _median(untracked), "tracked_seconds": tracked}
-
-
-def _median(xs):
-    xs = sorted(xs)
-    return (xs[(len(xs) - 1) // 2] + xs[len(xs) // 2]) / 2 if xs else float("nan")
-
-
-def profiler_peak(fn):
-    """fn()'s peak allocation above its start, from torch.profiler's CPU memory events."""
-    from torch.profiler import ProfilerActivity, profile
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
-    events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"
-              and e.device_type() == torch.autograd.DeviceType.CPU]
-    live = peak = 0
-    for e in sorted(events, key=lambda e: e.start_ns()):
-        live += e.nbytes()
-        peak = max(peak, live)
-    return peak
-
-
-def tracker_against_profiler(args):
-    """One training step measured by both: (tracker's peak above start, the profiler's)."""
-    step, model, optimizer = _reference_loop(args)
-    step(_Untracked())  # the optimizer state exists before the measured step, as in any later step
-    # Garbage freed during the step that was allocated before it would count as negative in the
-    # profiler and not at all in the tracker: collect it now and hold the collector off.
-    gc.collect()
-    gc.disable()
-    try:
-        with Probe(model, optimizer, device="cpu") as probe:
-            start = probe.tracker.live_bytes
-            by_profiler = profiler_peak(lambda: step(probe))
-    finally:
-        gc.enable()
-    return probe.peak["peak_bytes"] - start, by_profiler
-
-
-def bench(base_argv, steps=5, log=print):
-    """Every comparison of the benchmark issue; returns rows (what, A, B, ratio, target, met)."""
-    import ref_train
-    args = ref_train.parse_args([*BENCH_BASE, *base_argv])
-    rows = []
-
-    def add(what, a, b, unit, target=None):
-        ratio = a / b
-        rows.append({"comparison": what, "a": a, "b": b, "unit": unit, "ratio": ratio,
-                     "target": target, "met": None if target is None else ratio <= target})
-        log(f"{what}: {ratio:.2f}" + (f" (target <= {target})" if target else ""))
-
-    ref = _measure(_reference_loop, args, steps)
-    peft = _measure(_peft_loop, args, steps)
-    add("reference / PEFT: peak", ref["peak_bytes"], peft["peak_bytes"], "bytes", 1.0)
-    add("reference / PEFT: median step", ref["seconds"], peft["seconds"], "s", 1.05)
-    gated = ref_train.parse_args([*BENCH_BASE, *base_argv, "--experts", "4", "--inject-items"])
-    lean = _measure(_reference_loop, gated, steps)
-    einsum = _measure(_reference_loop, ref_train.parse_args(
-        [*BENCH_BASE, *base_argv, "--experts", "4", "--inject-items", "--impl", "einsum"]), steps)
-    add("E=4 lean / einsum: peak", lean["peak_bytes"], einsum["peak_bytes"], "bytes")
-    add("E=4 lean / einsum: median step", lean["seconds"], einsum["seconds"], "s")
-    add("tracker overhead: tracked / untracked step", ref["tracked_seconds"], ref["seconds"], "s", 1.3)
-    if args.device == "cpu":
-        tracked, profiled = tracker_against_profiler(args)
-        rows.append({"comparison": "tracker / torch.profiler: peak above start", "a": tracked,
-                     "b": profiled, "unit": "bytes", "ratio": tracked / profiled, "target": "1 +- 0.01",
-                     "met": abs(tracked / profiled - 1) <= 0.01})
-        log(f"tracker / profiler: {tracked / profiled:.4f}")
-    chunked_args = ref_train.parse_args([*BENCH_BASE, *base_argv, "--loss-chunks", str(BENCH_LOSS_CHUNKS)])
-    chunked = _measure(_reference_loop, chunked_args, steps)
-    add(f"reference --loss-chunks {BENCH_LOSS_CHUNKS} / PEFT: peak", chunked["peak_bytes"],
-        peft["peak_bytes"], "bytes", 0.85)
-    floor = memory_floor(chunked_args)
-    add(f"reference --loss-chunks {BENCH_LOSS_CHUNKS} / memory floor", chunked["peak_bytes"], floor, "bytes")
-    add(f"reference --loss-chunks {BENCH_LOSS_CHUNKS} / untracked reference: median step",
-        chunked["seconds"], ref["seconds"], "s")
-    return rows
-
-
-def memory_floor(args):
-    """What this training cannot do with less: parameters, LoRA state (weights, gradients, Adam),
-    the checkpointed layer inputs, one layer's recomputation and one chunk of logits."""
-    planned = budget(args)
-    t = planned["terms"]
-    return (t["params"] + t["gradients"] + t["optimizer_state"] + t["checkpointed_inputs"]
-            + t["activations_per_layer"] + t["logits"])
-
-
-def bench_table(rows):
-    fmt = lambda v, unit: f"{v / MiB:.1f} MiB" if unit == "bytes" else f"{v * 1e3:.0f} ms"
-    header = ("comparison", "A", "B", "A / B", "target", "met")
-    return header, [(r["comparison"], fmt(r["a"], r["unit"]), fmt(r["b"], r["unit"]),
-                     f"{r['ratio']:.3f}", r["target"] if r["target"] is not None else "-",
-                     {True: "yes", False: "NO", None: "-"}[r["met"]]) for r in rows]
-
-
-def _bench_command(argv):
-    report_path, argv = _take(argv, "--report")
-    markdown, argv = _take(argv, "--markdown", has_value=False)
-    steps, argv = _take(argv, "--steps")
-    if steps is not None and not (steps.isdigit() and int(steps) >= 2):
-        raise ReportError(f"--steps {steps}: bench needs a whole number of steps, 2 or more")
-    rows = bench(argv, steps=int(steps or 5))
-    _print_and_save("memcheck bench", bench_table(rows), rows, markdown, report_path)
-    return 0
-
-
-def _print_and_save(title, table, rows, markdown, report_path):
-    """The ending of ablate and bench: the table, the Markdown block if asked, the JSON if asked."""
-    header, body = table
-    print()
-    print(_table(header, body))
+        if what.startswith("at peak: ") and not (x or y):
+            continue
+        both = x is not None and y is not None
+        shown.append((what, fmt(x), fmt(y), f"{(y - x) / MiB:+.1f}" if both else "-",
+                      f"{y / x:.2f}x" if both and x else "-"))
+        if what.startswith("module ") and modules <= 3:
+            op = _dominant_op(a, b, (what, x, y))
+            if op and op[1]:
+                shown.append((f"  mostly op {op[0]}", "", "", f"{op[1] / MiB:+.1f}", ""))
+    if modules > TOP_DIFF_MODULES:
+        shown.insert(len(shown) - 1, (f"({modules - TOP_DIFF_MODULES} more module rows: --json "
+                                      "lists them)", "", "", "", ""))
+    notes = _run_warnings(a, "A") + _run_warnings(b, "B")
+    for side, report in (("A", a), ("B", b)):
+        if (report.get("config") or {}).get("probe"):
+            notes.append(f"{side} was measured by memcheck's probe in its own stack: its configuration "
+                         "is what the probe could see")
+    changed = config_differences(a, b)
+    notes.append("different configurations: " + ", ".join(f"{k}: {x!r} -> {y!r}" for k, (x, y) in changed.items())
+                 if changed else "same configuration (on the keys both reports have)")
+    kinds_a = {w["kind"] for w in a.get("warnings") or []}
+    for side, report, other in (("A", a, b), ("B", b, a)):
+        theirs = {w["kind"] for w in other.get("warnings") or []}
+        for w in report.get("warnings") or []:
+            if w["kind"] not in theirs:
+                notes.append(f"only {side} warns: {w['kind']}: {w['message']}")
+    ending = conclusion(a, b, rows)
     if markdown:
-        print("\n" + markdown_block(title, [(header, body)]))
-    if report_path:
-        write_report(report_path, rows)
+        return (markdown_block(f"memcheck diff: {name_a} vs {name_b}", [], a["env"],
+                               " ".join(["python"] + sys.argv)) + "\n\n" + "\n".join(f"- {n}" for n in notes)
+                + "\n\n" + markdown_table(header, shown) + f"\n\n**{ending}**")
+    return "\n".join(notes + ["", text_table(header, shown), "", ending])
 
 
 # ---------------------------------------------------------------- command line
 
-def _budget_command(argv):
-    import ref_train
-    full = "--full" in argv
-    args = ref_train.parse_args([a for a in argv if a != "--full"])
-    lora = budget(args)
-    columns = [("LoRA (this config)", lora)] + ([("full fine-tuning", budget(args, full=True))] if full else [])
-    names = list(lora["terms"]) + [f"{p} peak" for p in lora["phases"]] + ["predicted peak"]
-    rows = []
-    for name in names:
-        row = [name]
-        for _, b in columns:
-            value = (b["terms"].get(name) if name in b["terms"] else
-                     b["peak_bytes"] if name == "predicted peak" else b["phases"][name.split()[0]])
-            row.append(mib(value))
-        rows.append(row)
-    print(f"budget for --bs {args.bs} --seq {args.seq}, ckpt {args.ckpt}, precision {args.precision}, "
-          f"{args.experts} experts of rank {args.r // args.experts}, targets {','.join(args.targets)}")
-    print(_table(("term (MiB)", *[c for c, _ in columns]), rows))
-    print("params by dtype: " + ", ".join(f"{k} {mib(v)} MiB" for k, v in lora["params_by_dtype"].items()))
-    return 0
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):
+        raise ReportError(message)
 
 
-def _take(argv, flag, has_value=True):
-    """Remove `flag` (and its value) from argv; returns (value or True/None, the rest)."""
-    if flag not in argv:
-        return None, argv
-    i = argv.index(flag)
-    if not has_value:
-        return True, argv[:i] + argv[i + 1:]
-    if i + 1 >= len(argv):
-        raise ReportError(f"{flag} needs a value")
-    return argv[i + 1], argv[:i] + argv[i + 2:]
-
-
-def _ablate_command(argv):
-    report_path, argv = _take(argv, "--report")
-    markdown, argv = _take(argv, "--markdown", has_value=False)
-    rows = ablate(argv)
-    _print_and_save("memcheck ablate", ablation_table(rows), rows, markdown, report_path)
-    return 0
-
-
-_SWEEP_LISTS = {"--bs": ",", "--seq": ",", "--r": ",", "--experts": ",", "--ckpt": ",",
-                "--impl": ",", "--targets": "|"}
-
-
-def _sweep_command(argv):
-    import itertools
-    report_path, argv = _take(argv, "--report")
-    plot_path, argv = _take(argv, "--plot")
-    markdown, argv = _take(argv, "--markdown", has_value=False)
-    axes = {}
-    for flag, sep in _SWEEP_LISTS.items():
-        value, argv = _take(argv, flag)
-        if value is not None:
-            axes[flag[2:]] = [v for v in value.split(sep) if v]
-            if not axes[flag[2:]]:
-                raise ReportError(f"{flag} {value!r}: expected values separated by {sep!r}")
-    if not axes:
-        raise ReportError("sweep needs at least one of " + ", ".join(_SWEEP_LISTS) +
-                          " with a list of values, e.g. --bs 1,2,4")
-    points = [dict(zip(axes, values)) for values in itertools.product(*axes.values())]
-    for point in points:
-        for k in ("bs", "seq", "r", "experts"):
-            if k in point:
-                try:
-                    point[k] = int(point[k])
-                except ValueError:
-                    raise ReportError(f"--{k} {point[k]}: expected a comma list of integers")
-    rows = sweep(points, argv)
-    growth = fit_growth(rows)
-    header, table = sweep_table(rows)
-    print()
-    print(_table(header, table))
-    errors = [abs(r["error"]) for r in rows if r["error"] is not None]
-    if errors:
-        print(f"worst budget error {max(errors):.1%} over {len(errors)} points")
-    for line in growth_lines(growth):
-        print(line)
-    if markdown:
-        print("\n" + markdown_block("memcheck sweep", [(header, table)]) + "\n\n" +
-              "\n".join(f"- {line}" for line in growth_lines(growth)))
-    if report_path:
-        write_report(report_path, {"points": rows, "growth": growth})
-    if plot_path:
-        _plot(rows, plot_path)
-    return 0 if errors else 1  # no point measured: say so in the exit code
-
-
-def _diff_command(argv):
-    markdown, argv = _take(argv, "--markdown", has_value=False)
-    if len(argv) != 2:
-        raise ReportError(f"diff takes two report files, got {len(argv)}: memcheck.py diff A.json B.json")
-    a, b = (read_report(p) for p in argv)
-    print(format_diff(a, b, os.path.basename(argv[0]), os.path.basename(argv[1]), markdown=markdown))
-    return 0
-
-
-COMMANDS = {"budget": _budget_command, "diff": _diff_command, "ablate": _ablate_command,
-            "sweep": _sweep_command, "bench": _bench_command}
+def diff_parser():
+    p = _Parser(prog="memcheck.py diff", allow_abbrev=False,
+                description="Compare two memcheck reports: A, the reference (ref_train.py --report), and "
+                            "B, your stack (a probe's or callback's report). Ends with one line saying "
+                            "where B's excess is.")
+    p.add_argument("a", metavar="A.json", help="the report to compare against, usually the reference's")
+    p.add_argument("b", metavar="B.json", help="the report under suspicion, usually your stack's")
+    out = p.add_mutually_exclusive_group()
+    out.add_argument("--markdown", action="store_true", help="print a block for a GitHub issue")
+    out.add_argument("--json", action="store_true",
+                     help=f"print {DIFF_SCHEMA} JSON: rows (null where a side did not measure), "
+                          "config differences, warnings and the conclusion")
+    p.add_argument("--max-ratio", type=float, metavar="R",
+                   help="exit 1 when B's peak is more than R times A's: a memory-regression gate for CI")
+    return p
 
 
 def main(argv=None):
-    import ref_train
-    import data
     argv = sys.argv[1:] if argv is None else list(argv)
-    if argv[:1] in (["-h"], ["--help"]):
-        print(__doc__.strip())
-        return 0
-    if not argv or argv[0] not in COMMANDS:
-        what = f"unknown command {argv[0]!r}" if argv else "no command"
-        print(f"memcheck.py: error: {what}; expected one of {', '.join(COMMANDS)} (--help explains)",
-              file=sys.stderr)
-        return 2
     try:
-        return COMMANDS[argv[0]](argv[1:])
-    except (ReportError, ref_train.UsageError, data.DataError) as e:
-        print(f"memcheck.py {argv[0]}: error: {e}", file=sys.stderr)
+        if argv[:1] in (["-h"], ["--help"]) or not argv:
+            print(__doc__.strip())
+            return 0 if argv else 2
+        if argv[0] != "diff":
+            raise ReportError(f"unknown command {argv[0]!r}; expected diff (--help explains)")
+        args = diff_parser().parse_args(argv[1:])
+        if args.max_ratio is not None and not args.max_ratio > 0:
+            raise ReportError(f"--max-ratio {args.max_ratio}: must be a positive number")
+        a, b = read_report(args.a), read_report(args.b)
+        if args.json:
+            print(json.dumps(diff_json(a, b), indent=1))
+        else:
+            print(format_diff(a, b, os.path.basename(args.a), os.path.basename(args.b), args.markdown))
+        sys.stdout.flush()
+    except ReportError as e:
+        print(f"memcheck.py: error: {e}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # `memcheck.py diff A B | head`: the reader has what it wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+    if args.max_ratio is not None and a["peak_bytes"] and b["peak_bytes"] > args.max_ratio * a["peak_bytes"]:
+        print(f"memcheck.py: B's peak is {b['peak_bytes'] / a['peak_bytes']:.2f}x A's, over --max-ratio "
+              f"{args.max_ratio:g}", file=sys.stderr)
+        return 1
+    return 0
 
 
 if __name__ == "__main__":

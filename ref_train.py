@@ -222,11 +222,11 @@ def prepare_vocabulary(model, tokenizer, stand_in, mean_resizing=True):
 
 
 def decoder_layers(model):
-    n_layers = model.config.num_hidden_layers
-    for module in model.modules():
-        if isinstance(module, nn.ModuleList) and len(module) == n_layers:
-            return module
-    raise UsageError(f"--model {model.name_or_path}: no list of {n_layers} decoder layers found")
+    layers = memcheck.decoder_layers(model)
+    if layers is None:
+        raise UsageError(f"--model {model.name_or_path}: no list of "
+                         f"{model.config.num_hidden_layers} decoder layers found")
+    return layers
 
 
 def checkpoint_layers(model):
@@ -310,6 +310,15 @@ def build(args, meta=False):
     model.train()
     items.train()
     return model, items, batches, source, adapted
+
+
+def plan(args, model=None, items=None, full=False):
+    """memcheck's budget for this run; the modules are built on the meta device when not given."""
+    if model is None:
+        model, items, *_ = build(args, meta=True)
+    return memcheck.budget(model, bs=args.bs, seq=args.seq, checkpointing=args.ckpt != "none",
+                           autocast_dtype=dtypes(args)[1], loss_chunks=args.loss_chunks,
+                           device=args.device, extra=[items], full=full)
 
 
 # ---------------------------------------------------------------- the step
@@ -400,7 +409,7 @@ def train(args, log=print):
             log(source)
             n_trainable, n_frozen = count_params(modules)
             extra["params"] = {"trainable": n_trainable, "frozen": n_frozen, "adapted": len(adapted)}
-            extra["budget"] = memcheck.budget(args, model, items)
+            extra["budget"] = plan(args, model, items)
             log(f"adapted {len(adapted)} linear layers ({', '.join(args.targets)}), "
                 f"r={args.r}, experts={args.experts}, impl={args.impl}, ckpt={args.ckpt}, "
                 f"precision={args.precision}, weights={dtypes(args)[0]}, device={args.device}")

@@ -19,10 +19,11 @@ import torch
 from torch import nn
 
 import data
+import drive
 import ilora
 import memcheck
 import ref_train
-from conftest import memcheck_cli, run_ref_train
+from conftest import TINY_OPT, drive_cli, memcheck_cli, run_ref_train
 
 
 def rel_err(a, b):
@@ -645,16 +646,16 @@ def test_budget_predicts_the_measured_peak_within_ten_percent(train_tiny, flags)
 def test_budget_runs_on_the_meta_device_without_allocating(tiny_model):
     args = ref_train.parse_args(["--model", tiny_model, "--device", "cpu"])
     with memcheck.Tracker("cpu") as tracker:
-        planned = memcheck.budget(args)
+        planned = ref_train.plan(args)
     assert tracker.peak_bytes == 0
     assert planned["peak_bytes"] > planned["terms"]["params"] > 0
-    full = memcheck.budget(args, full=True)
+    full = ref_train.plan(args, full=True)
     assert full["terms"]["optimizer_state"] == 2 * full["terms"]["params"]  # Adam on every weight
     assert full["peak_bytes"] > planned["peak_bytes"]
 
 
 def test_budget_command_prints_lora_and_full_side_by_side(tiny_model):
-    done = memcheck_cli("budget", "--model", tiny_model, "--bs", 2, "--seq", 64, "--full")
+    done = drive_cli("budget", "--model", tiny_model, "--bs", 2, "--seq", 64, "--full")
     assert done.returncode == 0, done.stderr
     assert "LoRA (this config)" in done.stdout and "full fine-tuning" in done.stdout
     assert "predicted peak" in done.stdout
@@ -729,7 +730,7 @@ def test_diff_of_a_report_with_itself_shows_no_excess(train_tiny, tmp_path):
     report = json.loads(json.dumps(train_tiny("--steps", 2)))
     rows = memcheck.diff(report, report)
     assert rows and all(a == b for _, a, b in rows)
-    assert memcheck.config_differences(report, report) == []
+    assert memcheck.config_differences(report, report) == {}
     assert "same configuration" in memcheck.format_diff(report, report)
 
 
@@ -739,7 +740,7 @@ def test_diff_lists_configuration_differences_first_and_the_largest_excess_first
     text = memcheck.format_diff(small, large)
     assert text.splitlines()[0].startswith("different configurations: ")
     assert "seq: 64 -> 192" in text
-    excess = [b - a for what, a, b in memcheck.diff(small, large)[1:]]
+    excess = [abs(b - a) for what, a, b in memcheck.diff(small, large) if what.startswith("module ")]
     assert excess == sorted(excess, reverse=True)
 
 
@@ -804,6 +805,308 @@ def test_cuda_peak_comes_from_the_allocator_and_the_snapshot_is_written(tiny_mod
     assert backward["reserved_bytes"] >= backward["peak_bytes"]
 
 
+# ---------------------------------------------------------------- the probe in someone else's stack
+
+def peft_opt(ckpt=None, input_grads=True, vocab=500):
+    """A tiny OPT with PEFT's LoRA on q and v, built as a user's stack builds it.
+
+    ckpt: None, "reentrant" or "non-reentrant": the model's own gradient checkpointing.
+    input_grads=False undoes the enable_input_require_grads() that transformers 5 calls when
+    checkpointing is enabled: the frozen embeddings' output then does not require grad, as in the
+    transformers and PEFT versions the real stack pinned.
+    """
+    from peft import LoraConfig, get_peft_model
+    from transformers import OPTConfig, OPTForCausalLM
+    torch.manual_seed(0)
+    model = OPTForCausalLM(OPTConfig(vocab_size=vocab, **TINY_OPT))
+    model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    if ckpt:
+        model.gradient_checkpointing_enable(
+            gradient_checkpointing_kwargs={"use_reentrant": ckpt == "reentrant"})
+    if ckpt and not input_grads:
+        model.disable_input_require_grads()
+    # Trained beside the adapters, as iLoRA trains its projector: the loss always has a gradient.
+    model.get_base_model().model.decoder.final_layer_norm.requires_grad_(True)
+    model.train()
+    return model, torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+
+
+def token_batches(n, bs=2, seq=32, vocab=500):
+    """Batches made up front, before any probe starts: a preloaded list."""
+    generator = torch.Generator().manual_seed(0)
+    return [torch.randint(0, vocab, (bs, seq), generator=generator) for _ in range(n)]
+
+
+def user_loop(probe, model, optimizer, batches, pattern="clean"):
+    """A user's loop, clean or with one careless pattern, under a Probe or the bare tracker."""
+    kept = []
+    for ids in batches:
+        evaluating = pattern.startswith("eval")
+        with probe.phase("forward"), (torch.no_grad() if pattern == "eval_under_no_grad"
+                                      else contextlib.nullcontext()):
+            out = model(input_ids=ids, labels=ids)
+        if not evaluating:
+            with probe.phase("backward"):
+                out.loss.backward(retain_graph=pattern == "retain_graph")
+            with probe.phase("optimizer"):
+                optimizer.step()
+                optimizer.zero_grad()
+        if pattern == "outputs_in_a_list":
+            kept.append(out.loss)
+        probe.step()
+    kept.clear()  # Lightning's classic training_step_outputs, cleared at the epoch's end
+
+
+class Unprobed:
+    """The same loop measured by the tracker alone: no saved-tensor hooks, no module hooks."""
+
+    def __init__(self, model):
+        self.tracker, self.model, self.ends = memcheck.Tracker("cpu"), model, []
+
+    def __enter__(self):
+        self.tracker.__enter__()
+        self.tracker.tag(list(self.model.parameters()), "frozen_params", adopt=True)
+        return self
+
+    def __exit__(self, *exc):
+        self.tracker.__exit__(*exc)
+
+    def phase(self, name):
+        return contextlib.nullcontext()
+
+    def step(self):
+        self.ends.append(self.tracker.live_bytes)
+
+
+@pytest.mark.parametrize("pattern", ["clean", "retain_graph", "eval_without_no_grad"])
+def test_the_probe_does_not_change_what_it_measures(pattern):
+    batches = token_batches(4)
+    model, optimizer = peft_opt()
+    with Unprobed(model) as unprobed:
+        user_loop(unprobed, model, optimizer, batches, pattern)
+    model, optimizer = peft_opt()
+    with memcheck.Probe(model, optimizer) as probe:
+        user_loop(probe, model, optimizer, batches, pattern)
+    close = lambda x, y: abs(x - y) <= max(0.01 * y, 64 * 1024)
+    ends = [s["live_bytes"] for s in probe.steps]
+    assert len(ends) == 4 and all(close(p, u) for p, u in zip(ends, unprobed.ends)), (ends, unprobed.ends)
+    assert close(probe.peak["peak_bytes"], unprobed.tracker.peak_bytes)
+    assert unprobed.ends[-1] == unprobed.ends[1]   # the loop itself does not grow ...
+    assert not probe.report()["leak"]["detected"]  # ... and the probe does not say it does
+
+
+def test_preloaded_batches_are_not_allocations_of_later_steps():
+    batches = token_batches(4)      # they exist before the probe, and each step touches a new one
+    model, optimizer = peft_opt()
+    with memcheck.Probe(model, optimizer) as probe:
+        user_loop(probe, model, optimizer, batches)
+    report = probe.report()
+    assert report["leak"]["bytes_per_step"] == 0 and not report["leak"]["detected"]
+    assert report["warnings"] == []
+
+
+def test_a_leaks_survivors_are_recorded_while_it_grows_not_when_the_report_is_written():
+    model, optimizer = peft_opt()
+    batches = token_batches(4)
+    with memcheck.Probe(model, optimizer) as probe:
+        user_loop(probe, model, optimizer, batches, "outputs_in_a_list")
+    leak = probe.report()["leak"]   # the list was cleared after the last step
+    assert leak["detected"] and leak["bytes_per_step"] == 4  # one fp32 loss a step
+    assert len(leak["survivors"]) == 3 and {s["step"] for s in leak["survivors"]} == {1, 2, 3}
+    assert all(s["shape"] == [] and s["dtype"] == "float32" for s in leak["survivors"])
+
+
+# (kind, the careless loop, its clean twin): each loop is (peft_opt's flags, user_loop's pattern, eval mode)
+WARNINGS = [
+    ("leak", ({}, "outputs_in_a_list", False), ({}, "clean", False)),
+    ("graph_kept", ({}, "retain_graph", False), ({}, "clean", False)),
+    ("grad_in_eval", ({}, "eval_without_no_grad", False), ({}, "eval_under_no_grad", False)),
+    ("no_grad", ({"ckpt": "reentrant", "input_grads": False}, "clean", False),
+     ({"ckpt": "reentrant"}, "clean", False)),
+    ("checkpointing_inactive", ({"ckpt": "non-reentrant"}, "clean", True),
+     ({"ckpt": "non-reentrant"}, "clean", False)),
+]
+
+
+def probed_report(flags, pattern, eval_mode):
+    model, optimizer = peft_opt(**flags)
+    if eval_mode:
+        model.eval()
+    with memcheck.Probe(model, optimizer) as probe:
+        user_loop(probe, model, optimizer, token_batches(4), pattern)
+    return probe.report()
+
+
+@pytest.mark.parametrize("kind, careless, clean", WARNINGS, ids=[w[0] for w in WARNINGS])
+def test_each_warning_names_its_careless_loop_and_its_clean_twin_stays_silent(kind, careless, clean):
+    report = probed_report(*careless)
+    assert [w["kind"] for w in report["warnings"]] == [kind], report["warnings"]
+    warning = report["warnings"][0]
+    assert f"WARNING {kind}: {warning['message']}" in memcheck.format_report(report).splitlines()
+    assert probed_report(*clean)["warnings"] == []
+
+
+def test_the_no_grad_warning_counts_the_parameters_that_got_none():
+    warning = probed_report({"ckpt": "reentrant", "input_grads": False}, "clean", False)["warnings"][0]
+    # Reentrant checkpointing of frozen inputs: no LoRA weight inside the 2 layers gets a gradient,
+    # the final layer norm after them does.
+    assert (warning["count"], warning["of"]) == (8, 10)
+    assert "lora_A" in warning["message"] and "8 of 10" in warning["message"]
+
+
+def test_the_probe_infers_the_stack_and_prints_its_baseline_command():
+    report = probed_report({"ckpt": "non-reentrant"}, "clean", False)
+    config = report["config"]
+    assert config["probe"] and config["model_class"] == "OPTForCausalLM"
+    assert (config["bs"], config["seq"], config["autocast"]) == (2, 32, None)
+    assert (config["adapters"], config["r"], config["alpha"], config["experts"]) == ("peft_lora", 4, 8, 1)
+    assert config["targets"] == ["q_proj", "v_proj"]
+    assert config["checkpointing_enabled"] and config["checkpointing"]
+    assert config["param_bytes_by_dtype"].keys() == {"float32"}
+    command = ("python ref_train.py --bs 2 --seq 32 --r 4 --alpha 8 --experts 1 --dropout 0 "
+               "--targets q_proj,v_proj --no-inject-items --precision 32 --ckpt manual")
+    assert config["baseline_command"] == command
+    assert f"the reference for this stack: {command}" in memcheck.format_report(report)
+    assert not probed_report({}, "clean", False)["config"]["checkpointing"]
+    assert ref_train.parse_args(command.split()[2:] + ["--device", "cpu"])  # a command that runs
+
+
+def test_the_probe_sees_the_gated_lora_of_the_reference(tiny_model):
+    args = ref_train.parse_args(["--model", tiny_model, "--device", "cpu", "--bs", "2", "--seq", "48"])
+    model, items, batches, _, _ = ref_train.build(args)
+    optimizer = torch.optim.AdamW([p for m in (model, items) for p in m.parameters() if p.requires_grad])
+    modules = nn.ModuleDict({"lm": model, "ilora": items})
+    with memcheck.Probe(modules, optimizer) as probe:
+        for _ in range(2):
+            ref_train.train_step(model, items, optimizer, torch.amp.GradScaler("cpu", enabled=False),
+                                 next(batches), args, probe, [])
+            probe.step()
+    report = probe.report()
+    config = report["config"]
+    assert (config["adapters"], config["r"], config["alpha"], config["experts"]) == ("gated_lora", 8, 32, 4)
+    assert (config["bs"], config["seq"], config["checkpointing"]) == (2, 48, True)
+    assert report["warnings"] == []
+    # Named from the language model down, as a PEFT stack's modules are: the rows of a diff align.
+    assert any(m["module"].startswith("model.decoder.layers.") for m in report["modules"])
+
+
+def no_probe_left_behind(model):
+    from torch.utils._python_dispatch import _get_current_dispatch_mode
+    assert _get_current_dispatch_mode() is None
+    assert torch._C._autograd._top_saved_tensors_default_hooks(False) is None
+    assert not any(m._forward_pre_hooks or m._forward_hooks for m in model.modules())
+
+
+def lightning_fit(model, callback, steps=3):
+    """Lightning's fit() of a LightningModule that holds the model as self.llm (test-only dependency)."""
+    pl = pytest.importorskip("lightning.pytorch")
+
+    class Module(pl.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.llm = model
+
+        def training_step(self, batch, batch_idx):
+            return self.llm(input_ids=batch, labels=batch).loss
+
+        def configure_optimizers(self):
+            return torch.optim.AdamW([p for p in self.parameters() if p.requires_grad], lr=1e-3)
+
+    trainer = pl.Trainer(max_steps=steps, accelerator="cpu", devices=1, logger=False,
+                         enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False, callbacks=[callback])
+    trainer.fit(Module(), torch.utils.data.DataLoader(token_batches(steps), batch_size=None))
+
+
+def hf_train(model, callback, tmp_path, steps=3):
+    from transformers import Trainer, TrainingArguments
+    args = TrainingArguments(output_dir=str(tmp_path / "hf"), max_steps=steps,
+                             per_device_train_batch_size=2, report_to=[], save_strategy="no",
+                             logging_strategy="no", use_cpu=True, disable_tqdm=True)
+    rows = [row for batch in token_batches(steps) for row in batch]
+    trainer = Trainer(model=model, args=args, callbacks=[callback],
+                      train_dataset=[{"input_ids": r, "labels": r} for r in rows])
+    try:
+        trainer.train()
+    finally:  # the callback leaves the trainer as it found it
+        assert "training_step" not in vars(trainer) and "step" not in vars(trainer.optimizer)
+
+
+STACKS = {"lightning": (memcheck.lightning_callback, lambda model, cb, tmp: lightning_fit(model, cb)),
+          "hf_trainer": (memcheck.hf_callback, hf_train)}
+
+
+@pytest.mark.parametrize("stack", STACKS)
+def test_the_shipped_callback_measures_a_real_trainer(stack, tmp_path):
+    make_callback, fit = STACKS[stack]
+    model, _ = peft_opt()
+    path = tmp_path / "stack.json"
+    fit(model, make_callback(path, log=lambda *a: None), tmp_path)
+    report = memcheck.read_report(path)
+    assert report["status"] == "ok" and report["oom"] is None and len(report["steps"]) == 3
+    assert report["peak_bytes"] > 0 and report["warnings"] == []
+    assert report["config"]["adapters"] == "peft_lora" and report["config"]["bs"] == 2
+    no_probe_left_behind(model)
+
+
+@pytest.mark.parametrize("stack", STACKS)
+def test_an_oom_inside_a_real_trainer_still_writes_the_report(stack, tmp_path):
+    make_callback, fit = STACKS[stack]
+    model, _ = peft_opt()
+    path = tmp_path / "stack.json"
+    with pytest.raises(torch.OutOfMemoryError):
+        fit(model, make_callback(path, max_memory_mib=0.9, log=lambda *a: None), tmp_path)
+    report = memcheck.read_report(path)
+    assert report["status"] == "oom" and report["oom"]["step"] == 1
+    assert report["oom"]["phase"] in ("forward", "forward+backward")
+    assert "max_memory_mib" in report["oom"]["message"]
+    no_probe_left_behind(model)
+
+
+def test_memcheck_is_one_drop_in_file_beside_a_users_data_package(tmp_path):
+    import shutil
+    import subprocess
+    import sys
+    shutil.copy(os.path.join(os.path.dirname(__file__), "memcheck.py"), tmp_path)
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "__init__.py").write_text("USERS_OWN = True\n")
+    script = "\n".join([
+        "import sys, torch, data, memcheck",
+        "assert data.USERS_OWN",
+        "model = torch.nn.Linear(8, 8); optimizer = torch.optim.SGD(model.parameters(), lr=0.1)",
+        "with memcheck.Probe(model, optimizer, path='stack.json', log=print) as probe:",
+        "    for _ in range(3):",
+        "        with probe.phase('forward'): loss = model(torch.randn(4, 8)).square().sum()",
+        "        with probe.phase('backward'): loss.backward()",
+        "        with probe.phase('optimizer'): optimizer.step(); optimizer.zero_grad()",
+        "        probe.step(loss)",
+        "print(sorted(set(sys.modules) & {'ref_train', 'ilora', 'drive'}))"])
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    done = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines()[-1] == "[]"
+    report = memcheck.read_report(tmp_path / "stack.json")
+    assert len(report["steps"]) == 3 and report["warnings"] == []
+
+
+def test_imports_run_one_way_and_none_hides_inside_a_function():
+    import ast
+    project = {"ref_train", "ilora", "data", "memcheck", "drive"}
+    allowed = {"memcheck": set(), "ilora": set(), "data": {"ilora"},
+               "ref_train": {"data", "ilora", "memcheck"}, "drive": {"data", "ref_train", "memcheck"}}
+    for name, may_import in allowed.items():
+        tree = ast.parse(open(os.path.join(os.path.dirname(__file__), f"{name}.py")).read())
+        top = set(tree.body)
+        for node in ast.walk(tree):
+            if isinstance(node, (ast.Import, ast.ImportFrom)):
+                modules = ({a.name for a in node.names} if isinstance(node, ast.Import)
+                           else {node.module})
+                mine = modules & project
+                assert mine <= may_import, (name, mine)
+                assert not mine or node in top, f"{name}.py imports {mine} inside a function"
+
+
 # ---------------------------------------------------------------- ablate, sweep, markdown
 
 def assert_markdown_tables(text):
@@ -834,7 +1137,7 @@ def in_process_runner(argv, report_path):
 
 
 def test_ablate_runs_every_suspect_and_writes_the_table(tiny_model, tmp_path):
-    rows = memcheck.ablate(["--model", tiny_model, "--device", "cpu"], log=lambda *a: None,
+    rows = drive.ablate(["--model", tiny_model, "--device", "cpu"], log=lambda *a: None,
                            run=in_process_runner)
     names = [r["variant"] for r in rows]
     assert names[0] == "baseline"
@@ -851,7 +1154,7 @@ def test_ablate_runs_every_suspect_and_writes_the_table(tiny_model, tmp_path):
     deltas = [r["delta_bytes"] for r in rows[1:] if r["delta_bytes"] is not None]
     assert deltas == sorted(deltas, reverse=True)
     assert next(r for r in rows if r["variant"] == "injected leak")["leak_bytes_per_step"] > 0
-    header, table = memcheck.ablation_table(rows)
+    header, table = drive.ablation_table(rows)
     assert len(table) == len(rows)
     assert_markdown_tables(memcheck.markdown_block("ablate", [(header, table)]))
     path = tmp_path / "ablate.json"
@@ -863,56 +1166,56 @@ def test_ablate_runs_every_suspect_and_writes_the_table(tiny_model, tmp_path):
 def test_a_failing_variant_is_a_row_that_says_so(tiny_model):
     # r 2 with one expert: the variants with 4 experts (the leak needs a gate, so it takes 4 too)
     # cannot split rank 2 four ways.
-    rows = memcheck.ablate(["--model", tiny_model, "--device", "cpu", "--experts", "1", "--r", "2"],
+    rows = drive.ablate(["--model", tiny_model, "--device", "cpu", "--experts", "1", "--r", "2"],
                            log=lambda *a: None, run=in_process_runner)
     failed = [r for r in rows if r["error"] and not r["error"].startswith("skipped")]
     assert sorted(r["variant"] for r in failed) == ["4 experts", "injected leak"]
     assert all("--r 2" in r["error"] for r in failed)
-    assert "failed" in memcheck.ablation_table(rows)[1][-1]
+    assert "failed" in drive.ablation_table(rows)[1][-1]
     assert sum(r["peak_bytes"] is not None for r in rows) == len(rows) - 4   # the others went on
 
 
 def test_ablate_variant_runs_in_its_own_process(tiny_model, tmp_path):
-    report, error = memcheck._run_reference(["--model", tiny_model, "--steps", "1"],
+    report, error = drive._run_reference(["--model", tiny_model, "--steps", "1"],
                                             str(tmp_path / "one.json"))
     assert error is None and report["peak_bytes"] > 0
 
 
 def test_sweep_fits_more_memory_for_more_tokens_and_samples(tiny_model, tmp_path):
     points = [{"bs": bs, "seq": seq} for bs in (1, 3) for seq in (32, 96, 160)]
-    rows = memcheck.sweep(points, ["--model", tiny_model, "--device", "cpu"], log=lambda *a: None)
+    rows = drive.sweep(points, ["--model", tiny_model, "--device", "cpu"], log=lambda *a: None)
     assert all(abs(r["error"]) <= 0.10 for r in rows), rows
-    growth = memcheck.fit_growth(rows)
+    growth = drive.fit_growth(rows)
     per_token, per_sample = growth["mib_per_unit"]["seq"], growth["mib_per_unit"]["bs"]
     assert per_token > 0 and per_sample > 0
     # A sample is 32..160 tokens, so it must cost more than a token and less than 200 of them.
     assert per_token < per_sample < 200 * per_token
     assert growth["seq"]["law"] == "linear"
-    header, table = memcheck.sweep_table(rows)
+    header, table = drive.sweep_table(rows)
     assert_markdown_tables(memcheck.markdown_block("sweep", [(header, table)]))
 
 
 def test_sweep_sees_quadratic_growth_with_eager_attention(tiny_model):
     points = [{"seq": seq} for seq in (64, 128, 192, 256)]
-    rows = memcheck.sweep(points, ["--model", tiny_model, "--device", "cpu", "--attn", "eager",
+    rows = drive.sweep(points, ["--model", tiny_model, "--device", "cpu", "--attn", "eager",
                                    "--ckpt", "none", "--bs", "4"], log=lambda *a: None)
-    assert memcheck.fit_growth(rows)["seq"]["law"].startswith("quadratic")
+    assert drive.fit_growth(rows)["seq"]["law"].startswith("quadratic")
 
 
 def test_sweep_command_writes_json_and_explains_a_missing_matplotlib(tiny_model, tmp_path):
     path, plot = tmp_path / "sweep.json", tmp_path / "sweep.png"
-    done = memcheck_cli("sweep", "--model", tiny_model, "--bs", "1,2", "--seq", "32,64,96",
+    done = drive_cli("sweep", "--model", tiny_model, "--bs", "1,2", "--seq", "32,64,96",
                         "--report", path, "--markdown", "--plot", plot)
     if importlib.util.find_spec("matplotlib"):  # optional: either it draws, or the user is told
         assert done.returncode == 0 and plot.stat().st_size > 0, done.stderr
     else:
         assert done.returncode == 2
         assert done.stderr.strip().splitlines() == [
-            "memcheck.py sweep: error: --plot needs matplotlib, which is optional: pip install matplotlib"]
+            "drive.py sweep: error: --plot needs matplotlib, which is optional: pip install matplotlib"]
     saved = json.loads(path.read_text())
     assert len(saved["points"]) == 6 and "mib_per_unit" in saved["growth"]
     assert "MiB per extra token" in done.stdout
-    assert_markdown_tables(done.stdout[done.stdout.index("### memcheck sweep"):])
+    assert_markdown_tables(done.stdout[done.stdout.index("### drive.py sweep"):])
 
 
 def test_ref_train_markdown_block_is_valid(tiny_model):
@@ -948,14 +1251,14 @@ def test_chunked_loss_equals_the_full_loss_and_lowers_the_peak(tiny_model, train
 
 
 def test_bench_runs_end_to_end_on_a_tiny_model(tiny_model):
-    rows = memcheck.bench(["--model", tiny_model, "--device", "cpu"], steps=2, log=lambda *a: None)
+    rows = drive.bench(["--model", tiny_model, "--device", "cpu"], steps=2, log=lambda *a: None)
     by_name = {r["comparison"]: r for r in rows}
     assert by_name["reference / PEFT: peak"]["ratio"] > 0
     assert by_name["tracker / torch.profiler: peak above start"]["met"]
     assert any(name.startswith("reference --loss-chunks") and name.endswith("/ PEFT: peak")
                for name in by_name)
     assert all(r["a"] > 0 and r["b"] > 0 for r in rows)
-    header, table = memcheck.bench_table(rows)
+    header, table = drive.bench_table(rows)
     assert len(table) == len(rows)
 
 

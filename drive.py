@@ -1,0 +1,593 @@
+"""Drive the reference many times: budget, ablate, sweep and bench.
+
+    python drive.py budget --bs 2 --seq 128 [--full] [ref_train flags]   predict without training
+    python drive.py ablate [ref_train flags]                              one run per suspect
+    python drive.py sweep --bs 1,2,4 --seq 64,128,256 [ref_train flags]   measured against predicted
+    python drive.py bench [ref_train flags]                               the reference against PEFT
+
+Every command takes ref_train.py's flags for the baseline it varies, and its own flags, listed by
+`python drive.py COMMAND --help`. The figures come from memcheck.py, the one file to copy into your
+own stack; this file needs the whole project.
+"""
+import argparse
+import contextlib
+import functools
+import gc
+import itertools
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import torch
+
+import data
+import ref_train
+from memcheck import (MiB, Probe, ReportError, markdown_block, mib, read_report, text_table, verdict,
+                      write_report)
+
+# ---------------------------------------------------------------- ablate: one run per suspect
+
+def ablation_variants(args):
+    """(name, extra flags) for each suspect, one change from the baseline; the baseline first."""
+    other_targets = "all-linear" if args.targets != ("all-linear",) else "q_proj,v_proj"
+    variants = [
+        ("baseline", []),
+        ("added tokens + resize " + ("off" if args.add_tokens else "on"),
+         ["--no-add-tokens" if args.add_tokens else "--add-tokens"]),
+        *[(f"checkpointing {c}", ["--ckpt", c]) for c in ("manual", "hf", "none") if c != args.ckpt],
+        *[(f"{i} implementation", ["--impl", i]) for i in ("lean", "einsum") if i != args.impl],
+        ("1 expert" if args.experts != 1 else "4 experts", ["--experts", "1" if args.experts != 1 else "4"]),
+        ("LoRA dropout " + ("0" if args.dropout else "0.1"), ["--dropout", "0" if args.dropout else "0.1"]),
+        *[(f"precision {p}", ["--precision", p, "--weights-dtype", "fp32"])
+          for p in ("32", "16-mixed") if (p, None) != (args.precision, args.weights_dtype)],
+        ("bf16 weights under 16-mixed", ["--precision", "16-mixed", "--weights-dtype", "bf16"]),
+        ("item injection " + ("off" if args.inject_items else "on"),
+         ["--no-inject-items" if args.inject_items else "--inject-items"]),
+        (f"targets {other_targets}", ["--targets", other_targets]),
+        ("injected leak", ["--inject-leak"] if args.experts > 1 else ["--inject-leak", "--experts", "4"]),
+    ]
+    return variants
+
+
+# 16-bit matmuls on a CPU without bf16/fp16 units are emulated: minutes a step at opt-125m's size
+# (and CPU autocast cannot run bf16 weights under fp16 at all), so ablate budgets them instead.
+SLOW_ON_CPU = "16-bit precision on CPU takes minutes a step: measure it with --device cuda"
+
+
+def _slow_on_cpu(args):
+    return args.device == "cpu" and (args.precision != "32" or args.weights_dtype not in (None, "fp32"))
+
+
+def _run_reference(argv, report_path, timeout=600, threads=None):
+    """ref_train.py in its own process; (report or None, error line or None)."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    cmd = [sys.executable, os.path.join(here, "ref_train.py"), *argv, "--report", report_path]
+    env = dict(os.environ, **({"OMP_NUM_THREADS": str(threads)} if threads else {}))
+    try:
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=here, env=env)
+    except subprocess.TimeoutExpired:
+        return None, f"timed out after {timeout} s"
+    report = read_report(report_path) if os.path.exists(report_path) else None
+    if done.returncode != 0:
+        lines = [l for l in (done.stderr + done.stdout).splitlines() if l.strip()]
+        oom = [l for l in lines if "OUT OF MEMORY" in l]
+        return report, (oom or lines or [f"exit code {done.returncode}"])[-1]
+    return report, None
+
+
+def ablate(base_argv, log=print, steps=3, run=None):
+    """Run the reference once per suspect, each in its own process; returns the rows, sorted.
+
+    run(argv, report_path) -> (report or None, error line or None) runs one variant; the default
+    starts `python ref_train.py`, so that no variant inherits another's memory or state. On CPU one
+    process per core runs at a time, each on one thread: a process spends seconds starting up on
+    one core, and the figures are per process, so running side by side changes none of them.
+    """
+    args = ref_train.parse_args(base_argv)
+    jobs = 1 if args.device == "cuda" or run else max(1, os.cpu_count() or 1)
+    run = run or functools.partial(_run_reference, threads=None if jobs == 1 else 1)
+    if "--steps" not in base_argv:
+        base_argv = [*base_argv, "--steps", str(steps)]
+    variants = ablation_variants(args)
+    rows = [None] * len(variants)
+    with tempfile.TemporaryDirectory() as tmp, ThreadPoolExecutor(jobs) as pool:
+        def one(i):
+            name, flags = variants[i]
+            started = time.perf_counter()
+            try:
+                variant_args = ref_train.parse_args([*base_argv, *flags])
+            except ref_train.UsageError:
+                variant_args = None   # a bad combination: the run below says why, in its row
+            if variant_args and _slow_on_cpu(variant_args) and not _slow_on_cpu(args):
+                report, error = None, f"skipped: {SLOW_ON_CPU}"
+                planned = ref_train.plan(variant_args)["peak_bytes"]
+            else:
+                report, error = run([*base_argv, *flags], os.path.join(tmp, f"{i}.json"))
+                planned = (report.get("budget") or {}).get("peak_bytes") if report else None
+            ok = report is not None and error is None
+            rows[i] = {"variant": name, "flags": flags, "error": error,
+                       "peak_bytes": report["peak_bytes"] if ok else None,
+                       "leak_bytes_per_step": report["leak"]["bytes_per_step"] if ok else None,
+                       "budget_peak_bytes": planned,
+                       "verdict": verdict(report) if ok else None}
+            log(f"{name:<34} " + (f"peak {mib(rows[i]['peak_bytes']):>8} MiB  "
+                                  f"({time.perf_counter() - started:.0f} s)" if ok
+                                  else error if error.startswith("skipped") else f"FAILED: {error}"))
+        list(pool.map(one, range(len(variants))))
+    base = rows[0]["peak_bytes"]
+    for row in rows:
+        row["delta_bytes"] = row["peak_bytes"] - base if row["peak_bytes"] is not None and base else None
+    rows[1:] = sorted(rows[1:], key=lambda r: (r["delta_bytes"] is None, -(r["delta_bytes"] or 0)))
+    return rows
+
+
+def ablation_table(rows):
+    header = ("variant", "peak MiB", "change MiB", "ratio", "leak B/step", "budget MiB", "verdict")
+    base = rows[0]["peak_bytes"]
+    out = []
+    for r in rows:
+        if r["error"]:
+            skipped = r["error"].startswith("skipped")
+            out.append((r["variant"], "skipped" if skipped else "failed", "-", "-", "-",
+                        mib(r["budget_peak_bytes"]) if r["budget_peak_bytes"] else "-", r["error"][:90]))
+            continue
+        out.append((r["variant"], mib(r["peak_bytes"]),
+                    f"{r['delta_bytes'] / MiB:+.1f}" if base else "-",
+                    f"{r['peak_bytes'] / base:.2f}x" if base else "-",
+                    f"{r['leak_bytes_per_step']:,.0f}",
+                    mib(r["budget_peak_bytes"]) if r["budget_peak_bytes"] else "-", r["verdict"]))
+    return header, out
+
+
+# ---------------------------------------------------------------- sweep: memory against each variable
+
+SWEEP_VARIABLES = {"bs": "sample", "seq": "token", "r": "unit of rank"}
+
+
+def sweep(points, base_argv, log=print, steps=2):
+    """Measure and predict each point ({flag: value}); returns one row per point."""
+    rows = []
+    for point in points:
+        argv = [*base_argv, "--steps", str(steps)]
+        for flag, value in point.items():
+            argv += [f"--{flag}", str(value)]
+        row = dict(point)
+        try:
+            report = ref_train.train(ref_train.parse_args(argv), log=lambda *_: None)
+            row.update(peak_bytes=report["peak_bytes"], budget_bytes=report["budget"]["peak_bytes"])
+            row["error"] = row["peak_bytes"] / row["budget_bytes"] - 1
+        except (ref_train.UsageError, torch.OutOfMemoryError) as e:
+            row.update(peak_bytes=None, budget_bytes=None, error=None, failed=str(e).splitlines()[0])
+        rows.append(row)
+        log("  ".join(f"{k} {v}" for k, v in point.items()) + "  " + (
+            f"measured {mib(row['peak_bytes'])} MiB, budget {mib(row['budget_bytes'])} MiB, "
+            f"error {row['error']:+.1%}" if row["peak_bytes"] else f"FAILED: {row['failed']}"))
+    return rows
+
+
+def _slope(xs, ys):
+    mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
+    var = sum((x - mx) ** 2 for x in xs)
+    return sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / var if var else None
+
+
+QUADRATIC_SHARE = 0.05  # seq^2 explaining more of the growth than this is a quadratic law
+
+
+def fit_growth(rows):
+    """MiB per unit of each swept variable (mean slope over the other variables held fixed), and
+    whether the peak grows linearly or quadratically in sequence length."""
+    ok = [r for r in rows if r.get("peak_bytes")]
+    growth = {}
+    for var in SWEEP_VARIABLES:
+        slopes = []
+        others = lambda r: tuple((k, v) for k, v in r.items() if k != var and k in
+                                 ("bs", "seq", "r", "targets", "experts", "ckpt", "impl"))
+        groups = {}
+        for r in ok:
+            if var in r:
+                groups.setdefault(others(r), []).append(r)
+        for group in groups.values():
+            slope = _slope([float(r[var]) for r in group], [r["peak_bytes"] / MiB for r in group])
+            if slope is not None:
+                slopes.append(slope)
+        if slopes:
+            growth[var] = sum(slopes) / len(slopes)
+    # Quadratic in seq when peak/seq still rises with seq: a linear law has peak/seq falling
+    # towards a constant, a quadratic one keeps climbing.
+    shape = None
+    by_seq = {}
+    for r in ok:
+        if "seq" in r:
+            key = tuple((k, v) for k, v in r.items() if k in ("bs", "r", "targets", "experts", "ckpt", "impl"))
+            by_seq.setdefault(key, []).append(r)
+    curvatures = []
+    for group in by_seq.values():
+        if len({r["seq"] for r in group}) >= 3:
+            group.sort(key=lambda r: r["seq"])
+            xs = [float(r["seq"]) for r in group]
+            ys = [float(r["peak_bytes"]) for r in group]
+            curvatures.append(_quadratic_share(xs, ys))
+    if curvatures:
+        share = sum(curvatures) / len(curvatures)
+        shape = {"quadratic_share": share,
+                 "law": "quadratic (attention scores grow as seq^2)" if share > QUADRATIC_SHARE
+                 else "linear"}
+    return {"mib_per_unit": growth, "seq": shape}
+
+
+
+def _quadratic_share(xs, ys):
+    """Share of the peak's growth over the swept range that a seq^2 term explains (least squares)."""
+    a = torch.tensor([[1.0, x, x * x] for x in xs], dtype=torch.float64)
+    coef = torch.linalg.lstsq(a, torch.tensor(ys, dtype=torch.float64)[:, None]).solution[:, 0]
+    quad = abs(float(coef[2])) * (xs[-1] ** 2 - xs[0] ** 2)
+    return quad / max(abs(ys[-1] - ys[0]), 1.0)
+
+
+def sweep_table(rows):
+    keys = [k for k in rows[0] if k not in ("peak_bytes", "budget_bytes", "error", "failed")]
+    header = (*keys, "measured MiB", "budget MiB", "error")
+    out = [(*[r[k] for k in keys],
+            mib(r["peak_bytes"]) if r["peak_bytes"] else "failed",
+            mib(r["budget_bytes"]) if r["budget_bytes"] else "-",
+            f"{r['error']:+.1%}" if r["error"] is not None else r.get("failed", "-")[:60]) for r in rows]
+    return header, out
+
+
+def growth_lines(growth):
+    lines = [f"{v:.2f} MiB per extra {SWEEP_VARIABLES[k]}" for k, v in growth["mib_per_unit"].items()]
+    if growth["seq"]:
+        lines.append(f"sequence length: {growth['seq']['law']} "
+                     f"(seq^2 explains {growth['seq']['quadratic_share']:.0%} of the growth)")
+    return lines
+
+
+def _plot(rows, path):
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise ReportError("--plot needs matplotlib, which is optional: pip install matplotlib")
+    ok = [r for r in rows if r.get("peak_bytes")]
+    variables = [v for v in SWEEP_VARIABLES if len({r[v] for r in ok if v in r}) > 1]
+    fig, axes = plt.subplots(1, max(len(variables), 1), figsize=(5 * max(len(variables), 1), 4))
+    for ax, var in zip(axes if len(variables) > 1 else [axes], variables):
+        for label, key, style in (("measured", "peak_bytes", "o"), ("budget", "budget_bytes", "x")):
+            ax.plot([r[var] for r in ok], [r[key] / MiB for r in ok], style, label=label)
+        ax.set_xlabel(var)
+        ax.set_ylabel("peak MiB")
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+
+
+# ---------------------------------------------------------------- bench: the reference against its peers
+
+BENCH_BASE = ["--ckpt", "manual", "--impl", "lean", "--experts", "1", "--targets", "q_proj,v_proj",
+              "--r", "8", "--precision", "32", "--no-inject-items"]
+BENCH_LOSS_CHUNKS = 8
+
+
+class _Untracked:
+    """Stands in for a Probe when only time is measured: no tracker, no overhead."""
+
+    def phase(self, name):
+        return contextlib.nullcontext()
+
+
+def _reference_loop(args):
+    """(step(probe) -> loss, modules, optimizer) for the reference trainer."""
+    model, items, batches, _, _ = ref_train.build(args)
+    trainable = [p for m in (model, items) for p in m.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=args.lr)
+    scaler = torch.amp.GradScaler(args.device, enabled=False)
+    step = lambda probe: ref_train.train_step(model, items, optimizer, scaler, next(batches), args,
+                                              probe, [])
+    return step, torch.nn.ModuleDict({"lm": model, "ilora": items}), optimizer
+
+
+def _peft_loop(args):
+    """The same model, data and shapes through PEFT's LoRA and the model's own checkpointing."""
+    from peft import LoraConfig, get_peft_model
+    model, batches, _, _ = ref_train.build_base(args)
+    ref_train.enable_hf_checkpointing(model)
+    torch.manual_seed(args.seed)
+    model = get_peft_model(model, LoraConfig(r=args.r, lora_alpha=args.alpha, lora_dropout=args.dropout,
+                                             target_modules=list(args.targets)))
+    model.train()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr)
+
+    def step(probe):
+        batch = {k: v.to(args.device) for k, v in next(batches).items()}
+        with probe.phase("forward"):
+            loss = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                         labels=batch["labels"], use_cache=False).loss
+        with probe.phase("backward"):
+            loss.backward()
+        with probe.phase("optimizer"):
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        return loss.item()
+    return step, model, optimizer
+
+
+def _measure(make_loop, args, steps):
+    """Peak bytes over `steps` tracked steps, and the median seconds of `steps` untracked ones."""
+    step, model, optimizer = make_loop(args)
+    with Probe(model, optimizer, device=args.device) as probe:
+        for _ in range(steps):
+            probe.step(step(probe))
+    peak = probe.peak["peak_bytes"]
+    tracked = _median([s["seconds"] for s in probe.steps[1:]])
+    del probe
+    untracked = []
+    for i in range(steps + 1):   # the first step warms up
+        if args.device == "cuda":
+            torch.cuda.synchronize()
+        started = time.perf_counter()
+        step(_Untracked())
+        if args.device == "cuda":
+            torch.cuda.synchronize()
+        if i:
+            untracked.append(time.perf_counter() - started)
+    return {"peak_bytes": peak, "seconds": _median(untracked), "tracked_seconds": tracked}
+
+
+def _median(xs):
+    xs = sorted(xs)
+    return (xs[(len(xs) - 1) // 2] + xs[len(xs) // 2]) / 2 if xs else float("nan")
+
+
+def profiler_peak(fn):
+    """fn()'s peak allocation above its start, from torch.profiler's CPU memory events."""
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"
+              and e.device_type() == torch.autograd.DeviceType.CPU]
+    live = peak = 0
+    for e in sorted(events, key=lambda e: e.start_ns()):
+        live += e.nbytes()
+        peak = max(peak, live)
+    return peak
+
+
+def tracker_against_profiler(args):
+    """One training step measured by both: (tracker's peak above start, the profiler's)."""
+    step, model, optimizer = _reference_loop(args)
+    step(_Untracked())  # the optimizer state exists before the measured step, as in any later step
+    # Garbage freed during the step that was allocated before it would count as negative in the
+    # profiler and not at all in the tracker: collect it now and hold the collector off.
+    gc.collect()
+    gc.disable()
+    try:
+        with Probe(model, optimizer, device="cpu") as probe:
+            start = probe.tracker.live_bytes
+            by_profiler = profiler_peak(lambda: step(probe))
+    finally:
+        gc.enable()
+    return probe.peak["peak_bytes"] - start, by_profiler
+
+
+def bench(base_argv, steps=5, log=print):
+    """Every comparison of the benchmark issue; returns rows (what, A, B, ratio, target, met)."""
+    args = ref_train.parse_args([*BENCH_BASE, *base_argv])
+    rows = []
+
+    def add(what, a, b, unit, target=None):
+        ratio = a / b
+        rows.append({"comparison": what, "a": a, "b": b, "unit": unit, "ratio": ratio,
+                     "target": target, "met": None if target is None else ratio <= target})
+        log(f"{what}: {ratio:.2f}" + (f" (target <= {target})" if target else ""))
+
+    ref = _measure(_reference_loop, args, steps)
+    peft = _measure(_peft_loop, args, steps)
+    add("reference / PEFT: peak", ref["peak_bytes"], peft["peak_bytes"], "bytes", 1.0)
+    add("reference / PEFT: median step", ref["seconds"], peft["seconds"], "s", 1.05)
+    gated = ref_train.parse_args([*BENCH_BASE, *base_argv, "--experts", "4", "--inject-items"])
+    lean = _measure(_reference_loop, gated, steps)
+    einsum = _measure(_reference_loop, ref_train.parse_args(
+        [*BENCH_BASE, *base_argv, "--experts", "4", "--inject-items", "--impl", "einsum"]), steps)
+    add("E=4 lean / einsum: peak", lean["peak_bytes"], einsum["peak_bytes"], "bytes")
+    add("E=4 lean / einsum: median step", lean["seconds"], einsum["seconds"], "s")
+    add("tracker overhead: tracked / untracked step", ref["tracked_seconds"], ref["seconds"], "s", 1.3)
+    if args.device == "cpu":
+        tracked, profiled = tracker_against_profiler(args)
+        rows.append({"comparison": "tracker / torch.profiler: peak above start", "a": tracked,
+                     "b": profiled, "unit": "bytes", "ratio": tracked / profiled, "target": "1 +- 0.01",
+                     "met": abs(tracked / profiled - 1) <= 0.01})
+        log(f"tracker / profiler: {tracked / profiled:.4f}")
+    chunked_args = ref_train.parse_args([*BENCH_BASE, *base_argv, "--loss-chunks", str(BENCH_LOSS_CHUNKS)])
+    chunked = _measure(_reference_loop, chunked_args, steps)
+    add(f"reference --loss-chunks {BENCH_LOSS_CHUNKS} / PEFT: peak", chunked["peak_bytes"],
+        peft["peak_bytes"], "bytes", 0.85)
+    floor = memory_floor(chunked_args)
+    add(f"reference --loss-chunks {BENCH_LOSS_CHUNKS} / memory floor", chunked["peak_bytes"], floor, "bytes")
+    add(f"reference --loss-chunks {BENCH_LOSS_CHUNKS} / untracked reference: median step",
+        chunked["seconds"], ref["seconds"], "s")
+    return rows
+
+
+def memory_floor(args):
+    """What this training cannot do with less: parameters, LoRA state (weights, gradients, Adam),
+    the checkpointed layer inputs, one layer's recomputation and one chunk of logits."""
+    planned = ref_train.plan(args)
+    t = planned["terms"]
+    return (t["params"] + t["gradients"] + t["optimizer_state"] + t["checkpointed_inputs"]
+            + t["activations_per_layer"] + t["logits"])
+
+
+def bench_table(rows):
+    fmt = lambda v, unit: f"{v / MiB:.1f} MiB" if unit == "bytes" else f"{v * 1e3:.0f} ms"
+    header = ("comparison", "A", "B", "A / B", "target", "met")
+    return header, [(r["comparison"], fmt(r["a"], r["unit"]), fmt(r["b"], r["unit"]),
+                     f"{r['ratio']:.3f}", r["target"] if r["target"] is not None else "-",
+                     {True: "yes", False: "NO", None: "-"}[r["met"]]) for r in rows]
+
+
+# ---------------------------------------------------------------- command line
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line naming the value, exit code 2: see main()
+        raise ReportError(message)
+
+
+def _parser(command, summary, *flags):
+    """A command's own parser: its flags, then every ref_train.py flag for the baseline."""
+    p = _Parser(prog=f"drive.py {command}", description=summary, allow_abbrev=False,
+                epilog="Any other flag is ref_train.py's (python ref_train.py --help lists them) and "
+                       "sets the baseline the command varies, e.g. --bs 2 --seq 128 --model DIR.")
+    for args, kwargs in flags:
+        p.add_argument(*args, **kwargs)
+    return p
+
+
+REPORT = (("--report",), dict(metavar="PATH", help="also write the rows as JSON here"))
+MARKDOWN = (("--markdown",), dict(action="store_true", help="also print a block for a GitHub issue"))
+
+
+def _print_and_save(title, table, rows, markdown, report_path):
+    """The ending of ablate and bench: the table, the Markdown block if asked, the JSON if asked."""
+    header, body = table
+    print()
+    print(text_table(header, body))
+    if markdown:
+        print("\n" + markdown_block(title, [(header, body)]))
+    if report_path:
+        write_report(report_path, rows)
+
+
+def budget_command(argv):
+    p = _parser("budget", "Predict the run's memory without training: the model is built on the meta "
+                "device, so nothing is allocated, and every term of the budget is printed.",
+                (("--full",), dict(action="store_true",
+                                   help="add a column for full fine-tuning of the same model and shapes")))
+    own, rest = p.parse_known_args(argv)
+    args = ref_train.parse_args(rest)
+    lora = ref_train.plan(args)
+    columns = [("LoRA (this config)", lora)]
+    if own.full:
+        columns.append(("full fine-tuning", ref_train.plan(args, full=True)))
+    names = list(lora["terms"]) + [f"{p} peak" for p in lora["phases"]] + ["predicted peak"]
+    rows = []
+    for name in names:
+        row = [name]
+        for _, b in columns:
+            value = (b["terms"].get(name) if name in b["terms"] else
+                     b["peak_bytes"] if name == "predicted peak" else b["phases"][name.split()[0]])
+            row.append(mib(value))
+        rows.append(row)
+    print(f"budget for --bs {args.bs} --seq {args.seq}, ckpt {args.ckpt}, precision {args.precision}, "
+          f"{args.experts} experts of rank {args.r // args.experts}, targets {','.join(args.targets)}")
+    print(text_table(("term (MiB)", *[c for c, _ in columns]), rows))
+    print("params by dtype: " + ", ".join(f"{k} {mib(v)} MiB" for k, v in lora["params_by_dtype"].items()))
+    return 0
+
+
+def ablate_command(argv):
+    p = _parser("ablate", "Run the reference once per suspect, each one change from the baseline and in "
+                "a process of its own, and print the table sorted by the change in peak.",
+                REPORT, MARKDOWN)
+    own, rest = p.parse_known_args(argv)
+    ref_train.check_output_path("--report", own.report)
+    rows = ablate(rest)
+    _print_and_save("drive.py ablate", ablation_table(rows), rows, own.markdown, own.report)
+    return 0
+
+
+_SWEEP_LISTS = {"--bs": ",", "--seq": ",", "--r": ",", "--experts": ",", "--ckpt": ",",
+                "--impl": ",", "--targets": "|"}
+
+
+def sweep_command(argv):
+    p = _parser("sweep", "Measure and budget every combination of the listed values, then fit how the "
+                "peak grows per sample, token and unit of rank, and whether it is linear in seq.",
+                *[((flag,), dict(metavar="V1" + sep + "V2", help=f"values of ref_train's {flag}, "
+                                 f"separated by {sep!r}")) for flag, sep in _SWEEP_LISTS.items()],
+                REPORT, MARKDOWN,
+                (("--plot",), dict(metavar="PNG", help="plot measured and budget against each swept "
+                                   "variable (needs matplotlib, which is optional)")))
+    own, rest = p.parse_known_args(argv)
+    for flag, path in (("--report", own.report), ("--plot", own.plot)):
+        ref_train.check_output_path(flag, path)
+    axes = {}
+    for flag, sep in _SWEEP_LISTS.items():
+        value = getattr(own, flag[2:])
+        if value is not None:
+            axes[flag[2:]] = [v for v in value.split(sep) if v]
+            if not axes[flag[2:]]:
+                raise ReportError(f"{flag} {value!r}: expected values separated by {sep!r}")
+    if not axes:
+        raise ReportError("sweep needs at least one of " + ", ".join(_SWEEP_LISTS) +
+                          " with a list of values, e.g. --bs 1,2,4")
+    points = [dict(zip(axes, values)) for values in itertools.product(*axes.values())]
+    for point in points:
+        for k in ("bs", "seq", "r", "experts"):
+            if k in point:
+                try:
+                    point[k] = int(point[k])
+                except ValueError:
+                    raise ReportError(f"--{k} {point[k]}: expected a comma list of integers")
+    rows = sweep(points, rest)
+    growth = fit_growth(rows)
+    header, table = sweep_table(rows)
+    print()
+    print(text_table(header, table))
+    errors = [abs(r["error"]) for r in rows if r["error"] is not None]
+    if errors:
+        print(f"worst budget error {max(errors):.1%} over {len(errors)} points")
+    for line in growth_lines(growth):
+        print(line)
+    if own.markdown:
+        print("\n" + markdown_block("drive.py sweep", [(header, table)]) + "\n\n" +
+              "\n".join(f"- {line}" for line in growth_lines(growth)))
+    if own.report:
+        write_report(own.report, {"points": rows, "growth": growth})
+    if own.plot:
+        _plot(rows, own.plot)
+    return 0 if errors else 1  # no point measured: say so in the exit code
+
+
+def bench_command(argv):
+    p = _parser("bench", "The reference against PEFT's LoRA on the same model and data: peak, step "
+                "time, the lean and einsum forms, the tracker's overhead and accuracy, the chunked loss.",
+                REPORT, MARKDOWN,
+                (("--steps",), dict(type=int, default=5, help="measured steps per loop (2 or more); "
+                                    "times are medians")))
+    own, rest = p.parse_known_args(argv)
+    if own.steps < 2:
+        raise ReportError(f"--steps {own.steps}: bench needs a whole number of steps, 2 or more")
+    ref_train.check_output_path("--report", own.report)
+    rows = bench(rest, steps=own.steps)
+    _print_and_save("drive.py bench", bench_table(rows), rows, own.markdown, own.report)
+    return 0
+
+
+COMMANDS = {"budget": budget_command, "ablate": ablate_command, "sweep": sweep_command,
+            "bench": bench_command}
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] in (["-h"], ["--help"]):
+        print(__doc__.strip())
+        return 0
+    if not argv or argv[0] not in COMMANDS:
+        what = f"unknown command {argv[0]!r}" if argv else "no command"
+        print(f"drive.py: error: {what}; expected one of {', '.join(COMMANDS)} (--help explains)",
+              file=sys.stderr)
+        return 2
+    try:
+        return COMMANDS[argv[0]](argv[1:])
+    except (ReportError, ref_train.UsageError, data.DataError) as e:
+        print(f"drive.py {argv[0]}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
