@@ -25,8 +25,8 @@ import torch
 
 import data
 import ref_train
-from memcheck import (MiB, Probe, ReportError, markdown_block, mib, read_report, text_table, verdict,
-                      write_report)
+from memcheck import (MiB, Probe, ReportError, is_out_of_memory, markdown_block, mib, read_report,
+                      text_table, verdict, write_report)
 
 # ---------------------------------------------------------------- ablate: one run per suspect
 
@@ -37,7 +37,7 @@ def ablation_variants(args):
         ("baseline", []),
         ("added tokens + resize " + ("off" if args.add_tokens else "on"),
          ["--no-add-tokens" if args.add_tokens else "--add-tokens"]),
-        *[(f"checkpointing {c}", ["--ckpt", c]) for c in ("manual", "hf", "none") if c != args.ckpt],
+        *[(f"checkpointing {c}", ["--ckpt", c]) for c in ref_train.CKPT_MODES if c != args.ckpt],
         *[(f"{i} implementation", ["--impl", i]) for i in ("lean", "einsum") if i != args.impl],
         ("1 expert" if args.experts != 1 else "4 experts", ["--experts", "1" if args.experts != 1 else "4"]),
         ("LoRA dropout " + ("0" if args.dropout else "0.1"), ["--dropout", "0" if args.dropout else "0.1"]),
@@ -87,6 +87,9 @@ def ablate(base_argv, log=print, steps=3, run=None):
     one core, and the figures are per process, so running side by side changes none of them.
     """
     args = ref_train.parse_args(base_argv)
+    # The model and --targets are checked against each other only when the model is built: build it
+    # once on the meta device (no memory, seconds), so a typo fails now, not in every variant's row.
+    ref_train.build(args, meta=True)
     jobs = 1 if args.device == "cuda" or run else max(1, os.cpu_count() or 1)
     run = run or functools.partial(_run_reference, threads=None if jobs == 1 else 1)
     if "--steps" not in base_argv:
@@ -110,10 +113,12 @@ def ablate(base_argv, log=print, steps=3, run=None):
             ok = report is not None and error is None
             rows[i] = {"variant": name, "flags": flags, "error": error,
                        "peak_bytes": report["peak_bytes"] if ok else None,
+                       "load_peak_bytes": _load_peak(report) if ok else None,
                        "leak_bytes_per_step": report["leak"]["bytes_per_step"] if ok else None,
                        "budget_peak_bytes": planned,
                        "verdict": verdict(report) if ok else None}
             log(f"{name:<34} " + (f"peak {mib(rows[i]['peak_bytes']):>8} MiB  "
+                                  f"load {mib(rows[i]['load_peak_bytes'] or 0):>8} MiB  "
                                   f"({time.perf_counter() - started:.0f} s)" if ok
                                   else error if error.startswith("skipped") else f"FAILED: {error}"))
         list(pool.map(one, range(len(variants))))
@@ -124,17 +129,24 @@ def ablate(base_argv, log=print, steps=3, run=None):
     return rows
 
 
+def _load_peak(report):
+    """Loading's peak (resize_token_embeddings included): the training peak leaves it out."""
+    return (report["phases"].get("load") or {}).get("peak_bytes")
+
+
 def ablation_table(rows):
-    header = ("variant", "peak MiB", "change MiB", "ratio", "leak B/step", "budget MiB", "verdict")
+    header = ("variant", "peak MiB", "load peak MiB", "change MiB", "ratio", "leak B/step",
+              "budget MiB", "verdict")
     base = rows[0]["peak_bytes"]
     out = []
     for r in rows:
         if r["error"]:
             skipped = r["error"].startswith("skipped")
-            out.append((r["variant"], "skipped" if skipped else "failed", "-", "-", "-",
+            out.append((r["variant"], "skipped" if skipped else "failed", "-", "-", "-", "-",
                         mib(r["budget_peak_bytes"]) if r["budget_peak_bytes"] else "-", r["error"][:90]))
             continue
-        out.append((r["variant"], mib(r["peak_bytes"]),
+        load = r.get("load_peak_bytes")
+        out.append((r["variant"], mib(r["peak_bytes"]), mib(load) if load is not None else "-",
                     f"{r['delta_bytes'] / MiB:+.1f}" if base else "-",
                     f"{r['peak_bytes'] / base:.2f}x" if base else "-",
                     f"{r['leak_bytes_per_step']:,.0f}",
@@ -159,7 +171,9 @@ def sweep(points, base_argv, log=print, steps=2):
             report = ref_train.train(ref_train.parse_args(argv), log=lambda *_: None)
             row.update(peak_bytes=report["peak_bytes"], budget_bytes=report["budget"]["peak_bytes"])
             row["error"] = row["peak_bytes"] / row["budget_bytes"] - 1
-        except (ref_train.UsageError, torch.OutOfMemoryError) as e:
+        except (ref_train.UsageError, RuntimeError) as e:
+            if isinstance(e, RuntimeError) and not is_out_of_memory(e):  # only OOM, CUDA's or CPU's
+                raise
             row.update(peak_bytes=None, budget_bytes=None, error=None, failed=str(e).splitlines()[0])
         rows.append(row)
         log("  ".join(f"{k} {v}" for k, v in point.items()) + "  " + (

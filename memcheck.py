@@ -370,12 +370,13 @@ class Probe:
         if backward_ran:
             self._backward_steps += 1
             self._steps_saving_in_layers += any(_inside(m, self._layers) for m in watch["modules"])
-            kept = {}
+            kept = {}  # what the kept graphs hold beyond the parameters they also save
             for ref in watch["saved"]:
                 saved = ref()
-                if saved is not None:
-                    storage = saved.tensor.untyped_storage()
-                    kept[storage.data_ptr()] = storage.nbytes()
+                record = None if saved is None else self.tracker.live.get(
+                    saved.tensor.untyped_storage().data_ptr())
+                if record is not None and record.category in ("activations", "temporaries"):
+                    kept[id(record)] = record.nbytes
             if kept:
                 self._event("graph_kept", step, bytes=sum(kept.values()), tensors=len(kept))
             checkpointed = ([self._names[m] for m in _checkpointed_layers(self.model)]
@@ -511,7 +512,7 @@ class Probe:
                   "checkpointing_enabled": flagged, "checkpointing": self._checkpointing(),
                   **adapters}
         config["baseline_command"] = baseline_command(config)
-        return config
+        return {k: v for k, v in config.items() if v is not None}  # unknown is absent, not null
 
     def budget(self):
         """The budget of the watched model at the observed shapes, or None when they are unknown."""
@@ -1208,14 +1209,18 @@ TOP_DIFF_MODULES = 12     # module rows shown in the text table; --json and the 
 SAME_WITHIN = 0.01        # peaks within 1% of each other: the two trainings cost the same
 OUTPUT_FLAGS = {"report", "snapshot", "markdown"}  # where results go, not what was measured
 # Wrappers that sit between a model and its layers without changing them: DDP, torch.compile,
-# torch's checkpoint_wrapper, FSDP.
-_WRAPPERS = re.compile(r"(^|\.)(module|_orig_mod|_checkpoint_wrapped_module|_fsdp_wrapped_module)(?=\.|$)")
+# torch's checkpoint_wrapper, FSDP; and a LoRA layer's base linear (PEFT's base_layer, the gated
+# LoRA's base) and PEFT's adapter name (lora_A.default), so that both LoRAs' rows align.
+_WRAPPERS = re.compile(r"(^|\.)(module|_orig_mod|_checkpoint_wrapped_module|_fsdp_wrapped_module"
+                       r"|base_layer|base)(?=\.|$)")
+_ADAPTER_NAME = re.compile(r"(\.lora_(?:A|B|dropout|embedding_A|embedding_B))\.[^.]+")
 _INDEX = re.compile(r"\.\d+(?=\.|$)")
 
 
 def module_group(name):
     """A module's place in the model, whatever wraps it: `layers.3.self_attn` -> `layers.*.self_attn`."""
-    return _INDEX.sub(".*", _WRAPPERS.sub("", name).lstrip("."))
+    name = _ADAPTER_NAME.sub(r"\1", _WRAPPERS.sub("", name).lstrip("."))
+    return _INDEX.sub(".*", name)
 
 
 def _modules_by_group(report):
@@ -1269,7 +1274,10 @@ def diff(a, b):
                                                           - ga.get(g, {"bytes": 0})["bytes"]))
     for g in groups:
         count = max(ga.get(g, {}).get("count", 0), gb.get(g, {}).get("count", 0))
-        label = f"module {g}" + (f" (x{count})" if "*" in g else "")
+        if g.startswith("(op "):  # made outside any module: the op names the row in both stacks
+            label = "op " + g[len("(op "):].replace(", outside any module)", " (outside any module)")
+        else:
+            label = f"module {g}" + (f" (x{count})" if "*" in g else "")
         rows.append((label, ga.get(g, {}).get("bytes", 0), gb.get(g, {}).get("bytes", 0)))
     rows.append(("leak per step (bytes)", a["leak"]["bytes_per_step"], b["leak"]["bytes_per_step"]))
     return rows
@@ -1319,12 +1327,12 @@ def conclusion(a, b, rows):
         what, ca, cb = max(cats, key=lambda r: sign * (r[2] - r[1]))
         line += (f"; the {'excess' if sign > 0 else 'saving'} is in {what[len('at peak: '):]} "
                  f"({(cb - ca) / MiB:+.1f} MiB)")
-        places = [r for r in rows if r[0].startswith("module ")]
-        if places and what.endswith("activations"):  # module rows are saved activations
+        places = [r for r in rows if r[0].startswith(("module ", "op "))]
+        if places and what.endswith("activations"):  # module and op rows are saved activations
             name, ma, mb = max(places, key=lambda r: sign * (r[2] - r[1]))
             if sign * (mb - ma) > 0:
-                op = _dominant_op(a, b, (name, ma, mb))
-                line += (f", mostly {name[len('module '):]} ({(mb - ma) / MiB:+.1f} MiB"
+                op = _dominant_op(a, b, (name, ma, mb)) if name.startswith("module ") else None
+                line += (f", mostly {name.split(' ', 1)[1]} ({(mb - ma) / MiB:+.1f} MiB"
                          + (f", op {op[0]})" if op else ")"))
     return line
 
@@ -1357,7 +1365,7 @@ def format_diff(a, b, name_a="A", name_b="B", markdown=False):
         both = x is not None and y is not None
         shown.append((what, fmt(x), fmt(y), f"{(y - x) / MiB:+.1f}" if both else "-",
                       f"{y / x:.2f}x" if both and x else "-"))
-        if what.startswith("module ") and modules <= 3:
+        if what.startswith("module ") and modules <= 3 and abs(y - x) > SAME_WITHIN * a["peak_bytes"]:
             op = _dominant_op(a, b, (what, x, y))
             if op and op[1]:
                 shown.append((f"  mostly op {op[0]}", "", "", f"{op[1] / MiB:+.1f}", ""))

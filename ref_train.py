@@ -14,6 +14,7 @@ import functools
 import math
 import os
 import sys
+import tempfile
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for a hub, even by accident
 
@@ -36,6 +37,10 @@ PRECISIONS = {  # Lightning's names -> (weights' dtype, autocast dtype or None)
 }
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 MIN_SEQ = 16
+CKPT_MODES = ("manual", "hf", "reentrant", "none")
+WEIGHTS_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                 "pytorch_model.bin.index.json")
+MODEL_DIR = "a Hugging Face model directory (config.json and model.safetensors or pytorch_model.bin)"
 
 
 class UsageError(ValueError):
@@ -80,8 +85,10 @@ def build_parser():
     g.add_argument("--lora-dtype", choices=("fp32", "match"), default="fp32",
                    help="fp32 LoRA weights on any model (iLoRA), or the model's dtype")
     g = p.add_argument_group("memory")
-    g.add_argument("--ckpt", choices=("manual", "hf", "none"), default="manual",
-                   help="gradient checkpointing: per decoder layer in this loop, the model's own, or off")
+    g.add_argument("--ckpt", choices=CKPT_MODES, default="manual",
+                   help="gradient checkpointing: per decoder layer in this loop, the model's own "
+                        "(hf; reentrant: use_reentrant=True without input grads, as the pinned "
+                        "stack ran it), or off")
     g.add_argument("--precision", choices=tuple(PRECISIONS), default="32",
                    help="Lightning's precision names; *-mixed keeps fp32 weights under autocast")
     g.add_argument("--weights-dtype", choices=tuple(DTYPES),
@@ -121,6 +128,13 @@ def parse_args(argv=None):
          "use --experts 2 or more"),
         (args.max_memory is None or args.max_memory > 0,
          f"--max-memory {args.max_memory}: must be a positive number of MiB"),
+        # Reentrant checkpointing runs the layers' forward without a graph unless an input needs a
+        # gradient; without the items' projector nothing before the layers is trainable, so the loss
+        # would have no gradient at all and backward could not run.
+        (not (args.ckpt == "reentrant" and not args.inject_items),
+         "--ckpt reentrant with --no-inject-items: no input of the checkpointed layers requires "
+         "grad, so the loss has no gradient and no LoRA weight can get one; use --inject-items "
+         "or --ckpt hf"),
     ]
     for ok, message in checks:
         if not ok:
@@ -141,6 +155,8 @@ def parse_args(argv=None):
     looks_like_path = args.model.startswith((".", os.sep, "~")) or os.path.exists(args.model)
     if looks_like_path and not os.path.isdir(os.path.expanduser(args.model)):
         raise UsageError(f"--model {args.model}: no such directory")
+    if looks_like_path:
+        check_model_dir(args.model)
     if args.data is not None and not os.path.isdir(args.data):
         raise UsageError(f"--data {args.data}: no such directory (expected MovieLens-100K's u.data, u.item)")
     args.targets = tuple(t for t in args.targets.split(",") if t)
@@ -151,11 +167,44 @@ def check_output_path(flag, path):
     """Fail now, not after the run, on a file that cannot be written."""
     if path is None:
         return
+    directory = os.path.dirname(os.path.abspath(path))
     if os.path.isdir(path):
         raise UsageError(f"{flag} {path}: is a directory; give a file name")
-    if not os.path.isdir(os.path.dirname(os.path.abspath(path))):
-        raise UsageError(f"{flag} {path}: the directory {os.path.dirname(os.path.abspath(path))} "
-                         "does not exist")
+    if not os.path.isdir(directory):
+        raise UsageError(f"{flag} {path}: the directory {directory} does not exist")
+    # Creating a file is the only test that holds everywhere: os.access says yes to root in a
+    # read-only mount, and /proc takes no new files whatever its mode bits say. A report is
+    # written the same way (a temporary file beside it, then renamed).
+    try:
+        fd, probe = tempfile.mkstemp(dir=directory, prefix=".ref_train-check-")
+    except OSError as e:
+        raise UsageError(f"{flag} {path}: cannot create a file in {directory} ({e.strerror}); "
+                         "give a path in a writable directory")
+    os.close(fd)
+    os.remove(probe)
+    if os.path.exists(path) and not os.access(path, os.W_OK):
+        raise UsageError(f"{flag} {path}: the file exists and is not writable")
+
+
+def check_model_dir(path):
+    """A local --model must hold a config and weights: say which is missing before loading anything."""
+    directory = os.path.expanduser(path)
+    names = sorted(os.listdir(directory))
+    if not names:
+        raise UsageError(f"--model {path}: an empty directory; expected {MODEL_DIR}")
+    if "config.json" not in names:
+        shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+        raise UsageError(f"--model {path}: no config.json (it holds {shown}); expected {MODEL_DIR}")
+    if not any(name in names for name in WEIGHTS_FILES):
+        raise UsageError(f"--model {path}: config.json but no weights ({' or '.join(WEIGHTS_FILES[::2])})")
+
+
+def _weights_file(path):
+    """The weights file a local model directory loads from, for error messages."""
+    for name in WEIGHTS_FILES:
+        if os.path.exists(os.path.join(os.path.expanduser(path), name)):
+            return os.path.join(path, name)
+    return path
 
 
 def dtypes(args):
@@ -183,19 +232,30 @@ def load_model(args, weights_dtype, meta=False):
             raise UsageError(f"--model {args.model}: not a local model directory and not in the local "
                              f"Hugging Face cache ({_hf_cache()}); nothing is downloaded") from e
         config = None
-    if config is None or meta:
-        config = config or OPTConfig()  # OPTConfig()'s defaults are exactly opt-125m's
-        config._attn_implementation = args.attn
-        torch.manual_seed(args.seed)
-        with torch.device("meta" if meta else "cpu"):
-            model = AutoModelForCausalLM.from_config(config).to(weights_dtype)
-        source = (f"model: {DEFAULT_MODEL} is not in the local cache ({_hf_cache()}); using its "
-                  "architecture from OPTConfig() with seeded random weights (memory does not depend "
-                  "on weight values)")
-    else:
-        model = AutoModelForCausalLM.from_pretrained(args.model, local_files_only=True,
-                                                     dtype=weights_dtype, attn_implementation=args.attn)
-        source = f"model: {args.model} from local files"
+    except ValueError as e:  # a config.json without model_type, or of an unknown one
+        raise UsageError(f"--model {args.model}: its config.json is not a model's config "
+                         f"({_first_line(e)})") from e
+    max_positions = getattr(config or OPTConfig(), "max_position_embeddings", None)
+    if max_positions is not None and args.seq > max_positions:  # before the weights are read
+        raise UsageError(f"--seq {args.seq}: {args.model} holds at most {max_positions} positions")
+    try:
+        if config is None or meta:
+            config = config or OPTConfig()  # OPTConfig()'s defaults are exactly opt-125m's
+            config._attn_implementation = args.attn
+            torch.manual_seed(args.seed)
+            with torch.device("meta" if meta else "cpu"):
+                model = AutoModelForCausalLM.from_config(config).to(weights_dtype)
+            source = (f"model: {DEFAULT_MODEL} is not in the local cache ({_hf_cache()}); using its "
+                      "architecture from OPTConfig() with seeded random weights (memory does not "
+                      "depend on weight values)")
+        else:
+            model = AutoModelForCausalLM.from_pretrained(args.model, local_files_only=True,
+                                                         dtype=weights_dtype, attn_implementation=args.attn)
+            source = f"model: {args.model} from local files"
+    except Exception as e:
+        if memcheck.is_out_of_memory(e):  # the weights did not fit: that is the finding, not bad input
+            raise
+        raise _load_error(args, e) from e
     try:
         tokenizer = AutoTokenizer.from_pretrained(args.model, local_files_only=True)
     except (OSError, ValueError):
@@ -203,6 +263,23 @@ def load_model(args, weights_dtype, meta=False):
     if tokenizer is not None and tokenizer.vocab_size == 0:
         tokenizer = None  # transformers returns an empty tokenizer for a folder without one
     return model, tokenizer, source
+
+
+def _load_error(args, error):
+    """What failed to load the model, as a UsageError naming the file or the flag to change."""
+    message = _first_line(error)
+    if "scaled_dot_product_attention" in message or "sdpa" in message.lower():
+        return UsageError(f"--attn {args.attn}: {args.model} does not support PyTorch's "
+                          "scaled_dot_product_attention; use --attn eager")
+    if isinstance(error, ValueError):  # transformers' word on the config or the architecture
+        return UsageError(f"--model {args.model}: cannot load it as a causal language model ({message})")
+    # Anything else came from reading the weights: safetensors, torch.load or the file system.
+    return UsageError(f"--model {args.model}: cannot read the weights in {_weights_file(args.model)} "
+                      f"({message}); is the file truncated, or still downloading?")
+
+
+def _first_line(error):
+    return (str(error).strip().splitlines() or [type(error).__name__])[0]
 
 
 def _hf_cache():
@@ -239,13 +316,22 @@ def checkpoint_layers(model):
         layer.forward = functools.partial(_checkpointed, layer.forward)
 
 
-def enable_hf_checkpointing(model):
-    """The model's own gradient checkpointing, non-reentrant, under either of transformers' names."""
-    kwargs = {"use_reentrant": False}
+def enable_hf_checkpointing(model, reentrant=False):
+    """The model's own gradient checkpointing, under either of transformers' names.
+
+    reentrant=True reproduces the pinned stack: use_reentrant=True and no hook that makes the
+    embeddings' output require grad. Transformers 5 adds that hook itself when checkpointing is
+    enabled; the real stack's pinned transformers and PEFT did not, so it is removed again. Then a
+    checkpointed layer whose inputs do not require grad gives its LoRA no gradient (unless the
+    injected item embeddings bring one in), which memcheck's no_grad warning names.
+    """
+    kwargs = {"use_reentrant": reentrant}
     if hasattr(model, "activation_checkpointing_enable"):  # the name since transformers 5.x
         model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
     else:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    if reentrant:
+        model.disable_input_require_grads()
 
 
 def _checkpointed(forward, *args, **kwargs):
@@ -258,10 +344,7 @@ def _checkpointed(forward, *args, **kwargs):
 def build_base(args, meta=False):
     """The model with its vocabulary prepared, the tokenizer and the catalogue; no adapters yet."""
     weights_dtype, _ = dtypes(args)
-    model, tokenizer, source = load_model(args, weights_dtype, meta)
-    max_positions = model.config.max_position_embeddings
-    if args.seq > max_positions:
-        raise UsageError(f"--seq {args.seq}: {args.model} holds at most {max_positions} positions")
+    model, tokenizer, source = load_model(args, weights_dtype, meta)  # checks --seq against the config
     known = ilora.linear_names(model)
     unknown = [t for t in args.targets if t != "all-linear" and t not in known]
     if unknown or not args.targets:
@@ -305,8 +388,8 @@ def build(args, meta=False):
         return model, items, None, source, adapted
     if args.ckpt == "manual":
         checkpoint_layers(model)
-    elif args.ckpt == "hf":
-        enable_hf_checkpointing(model)
+    elif args.ckpt in ("hf", "reentrant"):
+        enable_hf_checkpointing(model, reentrant=args.ckpt == "reentrant")
     model.train()
     items.train()
     return model, items, batches, source, adapted
@@ -364,10 +447,16 @@ def train_step(model, items, optimizer, scaler, batch, args, probe, leaked):
             loss = forward_loss(model, items, batch, args)
     if args.inject_leak and gate is not None:
         leaked.append(gate)  # the careless pattern: a list that outlives the step
-    # The model's own checkpointing (--ckpt hf) recomputes layers in backward and finds the gate
-    # through the scope, so backward runs inside it too.
-    with probe.phase("backward"), ilora.use_gate(gate):
+    # The model's own checkpointing (--ckpt hf, reentrant) recomputes layers in backward and finds
+    # the gate through the scope, so backward runs inside it too. Reentrant checkpointing recomputes
+    # each layer inside a backward of its own, which would free the router's graph at the first
+    # layer and fail at the second: the layers get a leaf copy of the gate, and its gradient goes
+    # through the router once, after the layers'.
+    inner = gate.detach().requires_grad_() if args.ckpt == "reentrant" and gate is not None else gate
+    with probe.phase("backward"), ilora.use_gate(inner):
         scaler.scale(loss).backward()
+        if inner is not gate and inner.grad is not None:
+            gate.backward(inner.grad)
     with probe.phase("optimizer"):
         scaler.step(optimizer)
         scaler.update()
@@ -397,6 +486,7 @@ def train(args, log=print):
         torch.cuda.memory._record_memory_history(max_entries=200_000)
     extra = {}
     leaked = []
+    failure = None
     try:
         with probe:
             with probe.phase("load"):
@@ -419,10 +509,8 @@ def train(args, log=print):
                 s = probe.step(loss)
                 log(f"step {s['step']:>3} | loss {s['loss']:.4f} | {s['seconds'] * 1e3:7.0f} ms | "
                     f"live {memcheck.mib(s['live_bytes']):>7} MiB | peak {memcheck.mib(s['peak_bytes']):>7} MiB")
-    except torch.OutOfMemoryError as e:
-        if probe.oom is None:  # raised between phases (moving the model, the batch)
-            probe.oom = {"phase": "between phases", "step": probe.tracker.step,
-                         "message": str(e).splitlines()[0]}
+    except BaseException as e:  # the probe has recorded how the run ended (oom, error, interrupted)
+        failure = e
         raise
     finally:
         if args.snapshot and torch.cuda.is_available():
@@ -431,21 +519,35 @@ def train(args, log=print):
         report = dict(probe.report(), **extra)
         if args.report:
             memcheck.write_report(args.report, report)
-        if probe.oom:
-            log(memcheck.format_report(report))
-            log(f"report written to {args.report}" if args.report else "(no --report given)")
+        if failure is not None:
+            failure.report = report  # for main(), which says where the run stopped
+            # The figures so far, for a run that ended while measuring; bad input has none to show.
+            if not isinstance(failure, (UsageError, data.DataError)):
+                log(memcheck.format_report(report))
+                if probe.oom:
+                    log(f"report written to {args.report}" if args.report else "(no --report given)")
     return report
 
 
 def main(argv=None):
+    prog = os.path.basename(sys.argv[0])
     try:
         args = parse_args(argv)
-        report = train(args)
+        report = train(args, log=functools.partial(print, flush=True))  # live through a pipe or tee
     except (UsageError, data.DataError) as e:
-        print(f"{os.path.basename(sys.argv[0])}: error: {e}", file=sys.stderr)
+        print(f"{prog}: error: {e}", file=sys.stderr)
         return 2
-    except torch.OutOfMemoryError:
-        return 1
+    except KeyboardInterrupt as e:
+        report = getattr(e, "report", None)  # none when Ctrl-C came before training started
+        where = ("" if report is None else f" at step {len(report['steps']) + 1}"
+                 if "forward" in report["phases"] else " while loading")
+        saved = f"report written to {args.report}" if report and args.report else "no report written"
+        print(f"{prog}: interrupted{where}; {saved}", file=sys.stderr)
+        return 130  # 128 + SIGINT, as a shell reports it
+    except Exception as e:
+        if memcheck.is_out_of_memory(e):  # CUDA's, or a CPU allocation that failed; already reported
+            return 1
+        raise
     print(memcheck.format_report(report))
     if args.markdown:
         print("\n" + memcheck.markdown_report(report))

@@ -11,6 +11,11 @@ import itertools
 import json
 import math
 import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
 from collections import OrderedDict
 from types import SimpleNamespace
 
@@ -682,7 +687,11 @@ def test_injected_leak_is_flagged_with_the_gate_bytes_per_step(train_tiny):
                                      for s in leak["survivors"])
     assert {s["step"] for s in leak["survivors"]} == {1, 2, 3}
 
-    clean = train_tiny("--steps", 4, "--bs", 2, "--experts", 4)["leak"]
+    # backward freed what the gate's graph saved: the gate alone is kept, and only the leak is named
+    assert [w["kind"] for w in leaky["warnings"]] == ["leak"]
+    clean = train_tiny("--steps", 4, "--bs", 2, "--experts", 4)
+    assert clean["warnings"] == []
+    clean = clean["leak"]
     assert not clean["detected"] and clean["bytes_per_step"] == 0 and clean["survivors"] == []
 
 
@@ -723,6 +732,7 @@ def test_probe_report_has_the_schema_and_diff_reads_it(tmp_path):
     assert saved == json.loads(json.dumps(probe.report()))
     assert saved["schema"] == "memcheck/1" and len(saved["steps"]) == 3
     assert saved["peak_bytes"] > 0 and set(saved["phases"]) == {"forward", "backward", "optimizer"}
+    assert saved["warnings"] == [] and saved["status"] == "ok"
     assert "forward peak" in memcheck.format_diff(saved, saved)
 
 
@@ -753,12 +763,16 @@ def test_diff_markdown_is_a_valid_table(train_tiny):
     ("not json at all", "not JSON"),
     ('{"peak_bytes": 1}', "not a memcheck report"),
     ('{"schema": "memcheck/0", "peak_bytes": 1}', "schema 'memcheck/0'"),
+    (b"\x80\x04\x95\x00pickle", "not JSON"),
+    ("WRONG_PEAK", "field 'peak_bytes' is str"),
 ])
 def test_diff_rejects_files_that_are_not_reports_of_this_schema(tmp_path, content, message):
     good = tmp_path / "good.json"
     probe_loop(steps=1).save(good)
     bad = tmp_path / "bad.json"
-    bad.write_text(content)
+    if content == "WRONG_PEAK":   # a report whose peak is a string
+        content = json.dumps(dict(memcheck.read_report(good), peak_bytes="645 MiB"))
+    bad.write_bytes(content if isinstance(content, bytes) else content.encode())
     done = memcheck_cli("diff", good, bad)
     assert done.returncode == 2
     lines = [line for line in done.stderr.splitlines() if line.strip()]
@@ -958,7 +972,7 @@ def test_the_probe_infers_the_stack_and_prints_its_baseline_command():
     report = probed_report({"ckpt": "non-reentrant"}, "clean", False)
     config = report["config"]
     assert config["probe"] and config["model_class"] == "OPTForCausalLM"
-    assert (config["bs"], config["seq"], config["autocast"]) == (2, 32, None)
+    assert (config["bs"], config["seq"], config.get("autocast")) == (2, 32, None)
     assert (config["adapters"], config["r"], config["alpha"], config["experts"]) == ("peft_lora", 4, 8, 1)
     assert config["targets"] == ["q_proj", "v_proj"]
     assert config["checkpointing_enabled"] and config["checkpointing"]
@@ -1105,6 +1119,94 @@ def test_imports_run_one_way_and_none_hides_inside_a_function():
                 mine = modules & project
                 assert mine <= may_import, (name, mine)
                 assert not mine or node in top, f"{name}.py imports {mine} inside a function"
+
+
+def gated_opt():
+    """The tiny OPT of peft_opt() with the hand-written LoRA instead (one expert), no wrapper."""
+    from transformers import OPTConfig, OPTForCausalLM
+    torch.manual_seed(0)
+    model = OPTForCausalLM(OPTConfig(vocab_size=500, **TINY_OPT))
+    ilora.add_gated_lora(model, ("q_proj", "v_proj"), r=4, alpha=8, n_experts=1)
+    model.get_decoder().final_layer_norm.requires_grad_(True)
+    model.train()
+    return model, torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+
+
+def probed(model, optimizer, pattern="clean"):
+    batches = token_batches(3)
+    with memcheck.Probe(model, optimizer) as probe:
+        user_loop(probe, model, optimizer, batches, pattern)
+    return json.loads(json.dumps(probe.report()))
+
+
+def test_a_peft_wrapped_and_an_unwrapped_model_training_the_same_thing_diff_to_the_same():
+    plain, wrapped = probed(*gated_opt()), probed(*peft_opt())
+    rows = memcheck.diff(plain, wrapped)
+    modules = [(what, a, b) for what, a, b in rows if what.startswith(("module ", "op "))]
+    assert len(modules) >= 8 and any("lora_A" in what for what, _, _ in modules)
+    assert all(abs(b - a) <= 0.01 * max(a, b) for _, a, b in modules), modules
+    assert "module model.decoder.layers.*.self_attn (x2)" in [what for what, _, _ in modules]
+    assert memcheck.format_diff(plain, wrapped).splitlines()[-1].startswith(
+        "the two trainings cost the same (within 1%)")
+
+
+def test_diff_puts_b_in_b_column_and_concludes_where_the_excess_is(train_tiny):
+    short = json.loads(json.dumps(train_tiny("--steps", 2, "--seq", 64, "--ckpt", "none")))
+    long = json.loads(json.dumps(train_tiny("--steps", 2, "--seq", 192, "--ckpt", "none")))
+    peak = memcheck.diff(short, long)[0]
+    assert peak == ("peak", short["peak_bytes"], long["peak_bytes"]) and peak[2] > peak[1]
+    table = memcheck.format_diff(short, long, "short.json", "long.json").splitlines()
+    peak_line = next(line.split() for line in table if line.startswith("peak "))
+    assert peak_line[1:4] == [memcheck.mib(peak[1]), memcheck.mib(peak[2]),
+                              f"{(peak[2] - peak[1]) / memcheck.MiB:+.1f}"]
+    ending = table[-1]
+    assert ending.startswith(f"B's peak is {peak[2] / peak[1]:.2f}x A's (+")
+    assert "the excess is in activations" in ending and ", mostly " in ending
+    assert "the saving is in" in memcheck.format_diff(long, short).splitlines()[-1]
+
+
+def test_diff_json_and_the_max_ratio_gate(train_tiny, tmp_path):
+    short, long = tmp_path / "short.json", tmp_path / "long.json"
+    memcheck.write_report(short, train_tiny("--steps", 2, "--seq", 64))
+    memcheck.write_report(long, train_tiny("--steps", 2, "--seq", 192))
+    probe = tmp_path / "probe.json"
+    memcheck.write_report(probe, probed(*peft_opt()))
+    done = memcheck_cli("diff", short, probe, "--json")
+    assert done.returncode == 0, done.stderr
+    out = json.loads(done.stdout)
+    assert out["schema"] == "memcheck-diff/1"
+    rows = {r["row"]: (r["a_bytes"], r["b_bytes"]) for r in out["rows"]}
+    assert rows["load peak"][0] > 0 and rows["load peak"][1] is None   # not measured, never 0
+    assert [r["row"] for r in out["rows"]][0] == "peak" and "leak per step (bytes)" in rows
+    assert out["config_differences"]["seq"] == [64, 32] and "lr" not in out["config_differences"]
+    assert out["warnings"] == {"a": [], "b": []} and out["conclusion"].startswith("B's peak is")
+    text = memcheck_cli("diff", short, probe).stdout
+    assert "B was measured by memcheck's probe" in text and "load peak" in text and "not measured" in text
+    ratio = memcheck.read_report(long)["peak_bytes"] / memcheck.read_report(short)["peak_bytes"]
+    gate = memcheck_cli("diff", short, long, "--max-ratio", f"{ratio * 0.99:.4f}")
+    assert gate.returncode == 1 and "over --max-ratio" in gate.stderr
+    assert memcheck_cli("diff", short, long, "--max-ratio", f"{ratio * 1.01:.4f}").returncode == 0
+
+
+@pytest.mark.parametrize("status", ["oom", "error", "interrupted"])
+def test_diff_says_first_when_a_side_did_not_finish(train_tiny, status):
+    report = json.loads(json.dumps(train_tiny("--steps", 2)))
+    failed = dict(report, status=status, error="it stopped")
+    first = memcheck.format_diff(report, failed).splitlines()[0]
+    assert first.startswith("WARNING: B ") and "it stopped" in first
+    assert not memcheck.format_diff(report, report).startswith("WARNING")
+
+
+def test_diff_of_a_closed_pipe_ends_quietly(tmp_path):
+    import subprocess
+    import sys
+    path = tmp_path / "r.json"
+    probe_loop(steps=2).save(path)
+    done = subprocess.Popen([sys.executable, "memcheck.py", "diff", path, path], cwd=os.path.dirname(__file__),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    done.stdout.close()   # the reader is gone before the first line, as with `| head -0`
+    errors = done.stderr.read()
+    assert done.wait(timeout=60) == 0 and errors == ""
 
 
 # ---------------------------------------------------------------- ablate, sweep, markdown
@@ -1275,3 +1377,277 @@ def test_a_llama_model_trains_in_the_same_loop(tmp_path, train_tiny):
     assert all(math.isfinite(s["loss"]) for s in report["steps"])
     assert report["params"]["adapted"] == 2 * 3
     assert abs(report["peak_bytes"] / report["budget"]["peak_bytes"] - 1) <= 0.10
+
+
+# ---------------------------------------------------------------- failures named in one line
+
+def not_a_model(directory):
+    directory.mkdir()
+    (directory / "notes.txt").write_text("not a model\n")
+    return str(directory)
+
+
+def truncated_model(tiny_model, directory):
+    """The tiny model with its weights cut in half, as an interrupted download leaves them."""
+    shutil.copytree(tiny_model, directory)
+    weights = directory / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    return str(directory)
+
+
+# (script, flags, what the one stderr line must name); "{...}" are filled in by failure_runs
+FAILURES = {
+    "not-a-model": ("ref_train.py", ["--model", "{text_dir}"], ["--model {text_dir}", "config.json"]),
+    "empty-model-dir": ("ref_train.py", ["--model", "{empty_dir}"], ["--model {empty_dir}", "empty"]),
+    "truncated-weights": ("ref_train.py", ["--model", "{truncated}"],
+                          ["{truncated}/model.safetensors", "truncated"]),
+    "report-under-proc": ("ref_train.py", ["--report", "/proc/report.json"],
+                          ["--report /proc/report.json", "cannot create a file in /proc"]),
+    "snapshot-under-proc": ("ref_train.py", ["--snapshot", "/proc/s.pickle"],
+                            ["--snapshot /proc/s.pickle", "cannot create a file in /proc"]),
+    "snapshot-in-missing-dir": ("ref_train.py", ["--snapshot", "/no/such/dir/s.pickle"],
+                                ["--snapshot /no/such/dir/s.pickle", "does not exist"]),
+    "reentrant-without-inputs-needing-grad": (
+        "ref_train.py", ["--model", "{tiny}", "--ckpt", "reentrant", "--no-inject-items"],
+        ["--ckpt reentrant", "--no-inject-items", "--inject-items"]),
+    "ablate-report-under-proc": ("drive.py", ["ablate", "--model", "{tiny}", "--report",
+                                              "/proc/report.json"], ["--report /proc/report.json", "/proc"]),
+    "ablate-report-in-missing-dir": ("drive.py", ["ablate", "--model", "{tiny}", "--report",
+                                                  "/no/such/dir/r.json"],
+                                     ["/no/such/dir/r.json", "does not exist"]),
+    "ablate-unknown-target": ("drive.py", ["ablate", "--model", "{tiny}", "--targets", "foo"],
+                              ["--targets foo", "q_proj"]),
+    "sweep-report-under-proc": ("drive.py", ["sweep", "--model", "{tiny}", "--bs", "1,2", "--report",
+                                             "/proc/report.json"], ["--report /proc/report.json", "/proc"]),
+    "sweep-plot-under-proc": ("drive.py", ["sweep", "--model", "{tiny}", "--bs", "1,2", "--plot",
+                                           "/proc/sweep.png"], ["--plot /proc/sweep.png", "/proc"]),
+    "sweep-plot-in-missing-dir": ("drive.py", ["sweep", "--model", "{tiny}", "--bs", "1,2", "--plot",
+                                               "/no/such/dir/p.png"],
+                                  ["--plot /no/such/dir/p.png", "does not exist"]),
+    "bench-report-under-proc": ("drive.py", ["bench", "--model", "{tiny}", "--report", "/proc/report.json"],
+                                ["--report /proc/report.json", "/proc"]),
+}
+# (script, flags, what the help must mention): every command explains its own flags
+HELPS = {
+    "drive-sweep": ("drive.py", ["sweep", "--help"], ["drive.py sweep", "--plot", "--bs"]),
+    "drive-budget": ("drive.py", ["budget", "--help"], ["drive.py budget", "--full"]),
+    "drive-ablate": ("drive.py", ["ablate", "--help"], ["drive.py ablate", "--report", "--markdown"]),
+    "drive-bench": ("drive.py", ["bench", "--help"], ["drive.py bench", "--steps", "--report"]),
+    "memcheck-diff": ("memcheck.py", ["diff", "--help"], ["memcheck.py diff", "--markdown", "--json"]),
+}
+SEQ_TOO_LONG = ("ref_train.py", ["--model", "{tiny}", "--seq", "1000", "--report", "{seq_report}"])
+# A limit that loading alone passes: the model's own weights do not fit
+OOM_IN_LOAD = ("ref_train.py", ["--model", "{tiny}", "--max-memory", "0.1", "--report", "{load_report}"])
+
+
+@pytest.fixture(scope="module")
+def failure_runs(tiny_model, tmp_path_factory):
+    """Every command of this section, three at a time (each is a fresh Python); (values, runs),
+    each run a CompletedProcess with its wall time in .seconds."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    tmp = tmp_path_factory.mktemp("failures")
+    (tmp / "empty").mkdir()
+    values = {"tiny": tiny_model, "text_dir": not_a_model(tmp / "text"), "empty_dir": str(tmp / "empty"),
+              "truncated": truncated_model(tiny_model, tmp / "truncated"),
+              "seq_report": str(tmp / "seq.json"), "load_report": str(tmp / "load.json")}
+    commands = {name: (script, flags) for name, (script, flags, _) in {**FAILURES, **HELPS}.items()}
+    commands.update({"seq-too-long": SEQ_TOO_LONG, "oom-in-load": OOM_IN_LOAD})
+    scripts = {"ref_train.py": run_ref_train, "drive.py": drive_cli, "memcheck.py": memcheck_cli}
+
+    def run(script, flags):
+        started = time.perf_counter()
+        done = scripts[script](*(f.format(**values) for f in flags), "--steps", "1") \
+            if script == "ref_train.py" else scripts[script](*(f.format(**values) for f in flags))
+        done.seconds = time.perf_counter() - started
+        return done
+
+    with ThreadPoolExecutor(max_workers=3) as pool:
+        runs = {name: pool.submit(run, *command) for name, command in commands.items()}
+    return values, {name: run.result() for name, run in runs.items()}
+
+
+def one_error_line(done, code=2):
+    """The run's only stderr line, after checking the exit code and that no traceback came out."""
+    lines = [line for line in done.stderr.splitlines() if line.strip()]
+    assert done.returncode == code, done.stderr
+    assert "Traceback" not in done.stderr
+    assert len(lines) == 1, done.stderr
+    return lines[0]
+
+
+@pytest.mark.parametrize("case", FAILURES)
+def test_a_failure_before_training_is_one_line_naming_the_value_with_exit_code_2(case, failure_runs):
+    values, runs = failure_runs
+    line = one_error_line(runs[case])
+    for value in FAILURES[case][2]:
+        assert value.format(**values) in line, (value, line)
+    assert "step" not in runs[case].stdout   # nothing trained, no variant ran
+
+
+def test_ablate_checks_the_targets_once_before_any_variant_runs(failure_runs):
+    done = failure_runs[1]["ablate-unknown-target"]
+    # One model built on the meta device, not a process per variant: seconds, even on a busy machine.
+    assert done.seconds < 60 and "peak" not in done.stdout, done.stdout
+
+
+@pytest.mark.parametrize("case", HELPS)
+def test_every_command_has_its_own_help(case, failure_runs):
+    done = failure_runs[1][case]
+    assert done.returncode == 0 and done.stderr == "", done.stderr
+    for flag in HELPS[case][2]:
+        assert flag in done.stdout, flag
+
+
+def test_seq_past_the_models_positions_fails_before_training(failure_runs):
+    values, runs = failure_runs
+    line = one_error_line(runs["seq-too-long"])
+    assert "--seq 1000" in line and "256" in line
+    # The run had begun (the probe was measuring loading): its report says how it ended, never
+    # a peak of 0 with no error.
+    report = memcheck.read_report(values["seq_report"])
+    assert report["status"] == "error" and "--seq 1000" in report["error"]
+    assert report["steps"] == [] and "forward" not in report["phases"]
+
+
+def test_out_of_memory_while_loading_says_the_peak_was_not_measured(failure_runs):
+    values, runs = failure_runs
+    done = runs["oom-in-load"]
+    assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr
+    assert "OUT OF MEMORY in load at step 1" in done.stdout
+    assert "peak: not measured (no training phase finished)" in done.stdout
+    assert "in None" not in done.stdout and "peak 0.0 MiB" not in done.stdout
+    report = memcheck.read_report(values["load_report"])
+    assert report["status"] == "oom" and report["oom"]["phase"] == "load"
+    assert report["peak_phase"] is None
+
+
+def test_a_model_without_sdpa_is_told_to_use_eager_attention(tiny_model, monkeypatch, capsys):
+    from transformers import OPTForCausalLM
+
+    # transformers refuses attn_implementation="sdpa" for a class that does not declare it
+    monkeypatch.setattr(OPTForCausalLM, "_supports_sdpa", False)
+    assert ref_train.main(["--model", tiny_model, "--device", "cpu", "--steps", "1"]) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(err) == 1 and "--attn sdpa" in err[0] and "use --attn eager" in err[0], err
+
+
+# ---------------------------------------------------------------- failures during training
+
+def test_ctrl_c_during_training_writes_the_report_so_far_and_exits_130(tiny_model, tmp_path):
+    here = os.path.dirname(os.path.abspath(__file__))
+    path = tmp_path / "interrupted.json"
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    run = subprocess.Popen([sys.executable, os.path.join(here, "ref_train.py"), "--model", tiny_model,
+                            "--steps", "100000", "--report", str(path)],
+                           cwd=here, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        for line in run.stdout:   # the step lines are flushed as they come, even into a pipe
+            if line.startswith("step"):
+                break
+        run.send_signal(signal.SIGINT)
+        out, err = run.communicate(timeout=120)
+    finally:
+        run.kill()
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert run.returncode == 130, err
+    assert "Traceback" not in err and len(lines) == 1, err
+    assert "interrupted at step" in lines[0] and f"report written to {path}" in lines[0]
+    report = memcheck.read_report(path)
+    assert report["status"] == "interrupted" and report["oom"] is None
+    assert len(report["steps"]) >= 1 and f"step {len(report['steps']) + 1}" in lines[0]
+    assert "run INTERRUPTED" in out
+
+
+def fail_in_forward(monkeypatch, error):
+    """Make the loss, inside the forward phase of the first step, raise `error`."""
+    def raising(*args, **kwargs):
+        raise error
+    monkeypatch.setattr(ref_train, "lm_loss", raising)
+
+
+CPU_ALLOCATION_FAILED = RuntimeError("[enforce fail at alloc_cpu.cpp:121] data. DefaultCPUAllocator: "
+                                     "can't allocate memory: you tried to allocate 40000000000000 bytes.")
+
+
+def test_a_cpu_allocation_failure_is_out_of_memory(tiny_model, tmp_path, monkeypatch, capsys):
+    fail_in_forward(monkeypatch, CPU_ALLOCATION_FAILED)
+    path = tmp_path / "oom.json"
+    flags = ["--model", tiny_model, "--device", "cpu", "--steps", "2", "--report", str(path)]
+    with pytest.raises(RuntimeError, match="can't allocate memory"):
+        ref_train.train(ref_train.parse_args(flags), log=lambda *a: None)
+    report = memcheck.read_report(path)
+    assert report["status"] == "oom"
+    assert report["oom"]["phase"] == "forward" and report["oom"]["step"] == 1
+    assert "can't allocate memory" in report["oom"]["message"]
+    path.unlink()
+    assert ref_train.main(flags) == 1   # as for CUDA's OutOfMemoryError
+    out = capsys.readouterr().out
+    assert "OUT OF MEMORY in forward at step 1" in out and f"report written to {path}" in out
+    assert memcheck.read_report(path)["status"] == "oom"
+
+
+def test_any_other_exception_writes_the_report_with_status_error(tiny_model, tmp_path, monkeypatch):
+    fail_in_forward(monkeypatch, ValueError("a bug in the loop"))
+    path = tmp_path / "error.json"
+    args = ref_train.parse_args(["--model", tiny_model, "--device", "cpu", "--steps", "2",
+                                 "--report", str(path)])
+    with pytest.raises(ValueError, match="a bug in the loop"):
+        ref_train.train(args, log=lambda *a: None)
+    report = memcheck.read_report(path)
+    assert report["status"] == "error" and report["error"] == "ValueError: a bug in the loop"
+    assert report["oom"] is None and report["phases"]["load"]["peak_bytes"] > 0
+
+
+def test_reports_are_written_with_the_usual_permissions(tmp_path):
+    umask = os.umask(0o022)
+    try:
+        path = tmp_path / "r.json"
+        memcheck.write_report(path, {"schema": memcheck.SCHEMA})
+        assert path.stat().st_mode & 0o777 == 0o644
+        memcheck.write_report(path, {"schema": memcheck.SCHEMA})   # replacing one keeps them
+        assert path.stat().st_mode & 0o777 == 0o644
+    finally:
+        os.umask(umask)
+
+
+# ---------------------------------------------------------------- reentrant checkpointing, ablate
+
+def test_reentrant_checkpointing_trains_like_the_models_own_and_warns_of_nothing(train_tiny):
+    # The injected item embeddings require grad, so the reentrant layers pass gradients to LoRA,
+    # and the gate reaches the router through its leaf copy: the same losses step after step.
+    hf = train_tiny("--ckpt", "hf", "--steps", 3)
+    reentrant = train_tiny("--ckpt", "reentrant", "--steps", 3)
+    assert [s["loss"] for s in reentrant["steps"]] == pytest.approx([s["loss"] for s in hf["steps"]],
+                                                                    rel=1e-5)
+    assert reentrant["warnings"] == [] and reentrant["status"] == "ok"
+    assert reentrant["budget"]["peak_bytes"] == hf["budget"]["peak_bytes"]   # checkpointing on
+
+
+def test_ablate_rows_carry_the_load_peak_and_the_reentrant_variant(tiny_model, train_tiny):
+    report = train_tiny("--steps", 1)
+    rows = drive.ablate(["--model", tiny_model, "--device", "cpu"], log=lambda *a: None,
+                        run=lambda argv, path: (report, None))   # the same report for every variant
+    assert "checkpointing reentrant" in [r["variant"] for r in rows]
+    load = report["phases"]["load"]["peak_bytes"]
+    assert load > 0 and all(r["load_peak_bytes"] == load for r in rows if not r["error"])
+    header, table = drive.ablation_table(rows)
+    column = header.index("load peak MiB")
+    assert header[column - 1] == "peak MiB"
+    assert table[0][column] == memcheck.mib(load)
+
+
+# ---------------------------------------------------------------- the CUDA check
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA: .ci/gpu measures here")
+def test_gpu_script_on_a_machine_without_cuda_says_so_in_one_line_and_exits_0():
+    import subprocess
+    import sys
+    # .ci/gpu asks the interpreter that runs the tests whether it sees CUDA
+    env = dict(os.environ, PYTHON=sys.executable)
+    done = subprocess.run(["bash", os.path.join(os.path.dirname(os.path.abspath(__file__)), ".ci", "gpu")],
+                          capture_output=True, text=True, timeout=60, env=env)
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert len(lines) == 1 and "no CUDA device" in lines[0], done.stdout
+    assert done.stderr == ""
