@@ -228,8 +228,9 @@ class Probe:
                 probe.step(loss)
 
     With `path`, the report is written when the scope closes, however it closes (out of memory
-    included: then also at the moment the allocation fails). begin()/end() and close() are the
-    same without with-blocks, for callbacks.
+    included: then also at the moment the allocation fails), and `log` says where, with the
+    ref_train.py command that is this stack's baseline. begin()/end() and close() are the same
+    without with-blocks, for callbacks.
     """
 
     def __init__(self, model=None, optimizer=None, device=None, max_memory_mib=None, config=None,
@@ -292,7 +293,12 @@ class Probe:
         if self._step_started is not None:  # a step that never finished still has its checks
             self._check_step()
         if self.path:
-            self.save(self.path)
+            report = self.report()
+            write_report(self.path, report)
+            baseline = report["config"].get("baseline_command")
+            self.log(f"memcheck: peak {mib(report['peak_bytes'])} MiB ({report['status']}), "
+                     f"{len(report['warnings'])} warnings; report written to {self.path}"
+                     + (f"\nthe reference for this stack: {baseline}" if baseline else ""))
 
     def attach(self, model, optimizer=None):
         """Watch `model` (module names, parameter roles) and `optimizer` (its state)."""

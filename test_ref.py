@@ -1100,6 +1100,7 @@ def test_memcheck_is_one_drop_in_file_beside_a_users_data_package(tmp_path):
                           text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert done.stdout.splitlines()[-1] == "[]"
+    assert done.stdout.startswith("memcheck: peak ") and "report written to stack.json" in done.stdout
     report = memcheck.read_report(tmp_path / "stack.json")
     assert len(report["steps"]) == 3 and report["warnings"] == []
 
