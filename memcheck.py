@@ -827,9 +827,13 @@ def _cpu_name():
 # ---------------------------------------------------------------- leaks
 
 def _survivors(tracker, step):
-    """Activations and temporaries made before `step` and still alive: a leak's evidence."""
+    """Activations and temporaries made in a step before `step` and still alive: a leak's evidence.
+
+    What was made before the first phase opened is the loop's setup (a list of batches made inside
+    the probe's scope, say), not something a step left behind."""
     kept = [r for r in tracker.live.values()
-            if r.step < step and r.category in ("activations", "temporaries")]
+            if r.step < step and r.category in ("activations", "temporaries")
+            and not (r.step == 1 and r.phase is None)]
     kept.sort(key=lambda r: (-r.nbytes, r.created))
     return [{"shape": list(r.shape), "dtype": r.dtype, "bytes": r.nbytes, "step": r.step,
              "module": r.module, "op": r.op} for r in kept[:TOP_SURVIVORS]]

@@ -930,15 +930,17 @@ def test_a_leaks_survivors_are_recorded_while_it_grows_not_when_the_report_is_wr
     assert all(s["shape"] == [] and s["dtype"] == "float32" for s in leak["survivors"])
 
 
-# (kind, the careless loop, its clean twin): each loop is (peft_opt's flags, user_loop's pattern, eval mode)
+# (kind, the careless loop, its clean twin, what the message must name): each loop is
+# (peft_opt's flags, user_loop's pattern, eval mode)
 WARNINGS = [
-    ("leak", ({}, "outputs_in_a_list", False), ({}, "clean", False)),
-    ("graph_kept", ({}, "retain_graph", False), ({}, "clean", False)),
-    ("grad_in_eval", ({}, "eval_without_no_grad", False), ({}, "eval_under_no_grad", False)),
+    ("leak", ({}, "outputs_in_a_list", False), ({}, "clean", False), "[] float32 4 B from nll_loss_forward"),
+    ("graph_kept", ({}, "retain_graph", False), ({}, "clean", False), "retain_graph=True"),
+    ("grad_in_eval", ({}, "eval_without_no_grad", False), ({}, "eval_under_no_grad", False),
+     "during 'forward'"),
     ("no_grad", ({"ckpt": "reentrant", "input_grads": False}, "clean", False),
-     ({"ckpt": "reentrant"}, "clean", False)),
+     ({"ckpt": "reentrant"}, "clean", False), "8 of 10 trainable parameters"),
     ("checkpointing_inactive", ({"ckpt": "non-reentrant"}, "clean", True),
-     ({"ckpt": "non-reentrant"}, "clean", False)),
+     ({"ckpt": "non-reentrant"}, "clean", False), "e.g. model.decoder.layers."),
 ]
 
 
@@ -951,11 +953,13 @@ def probed_report(flags, pattern, eval_mode):
     return probe.report()
 
 
-@pytest.mark.parametrize("kind, careless, clean", WARNINGS, ids=[w[0] for w in WARNINGS])
-def test_each_warning_names_its_careless_loop_and_its_clean_twin_stays_silent(kind, careless, clean):
+@pytest.mark.parametrize("kind, careless, clean, named", WARNINGS, ids=[w[0] for w in WARNINGS])
+def test_each_warning_names_its_careless_loop_and_its_clean_twin_stays_silent(kind, careless, clean,
+                                                                             named):
     report = probed_report(*careless)
     assert [w["kind"] for w in report["warnings"]] == [kind], report["warnings"]
     warning = report["warnings"][0]
+    assert named in warning["message"], warning["message"]
     assert f"WARNING {kind}: {warning['message']}" in memcheck.format_report(report).splitlines()
     assert probed_report(*clean)["warnings"] == []
 
@@ -1075,6 +1079,16 @@ def test_an_oom_inside_a_real_trainer_still_writes_the_report(stack, tmp_path):
     assert report["oom"]["phase"] in ("forward", "forward+backward")
     assert "max_memory_mib" in report["oom"]["message"]
     no_probe_left_behind(model)
+
+
+def test_the_lightning_callback_imports_where_lightning_is_installed_as_pytorch_lightning(monkeypatch):
+    pytest.importorskip("pytorch_lightning")
+    import pytorch_lightning
+    for name in [m for m in sys.modules if m == "lightning" or m.startswith("lightning.")]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setitem(sys.modules, "lightning", None)  # `import lightning` now fails
+    monkeypatch.setitem(sys.modules, "lightning.pytorch", None)
+    assert isinstance(memcheck.lightning_callback("stack.json"), pytorch_lightning.Callback)
 
 
 def test_memcheck_is_one_drop_in_file_beside_a_users_data_package(tmp_path):
