@@ -4,6 +4,7 @@
     python drive.py ablate [ref_train flags]                              one run per suspect
     python drive.py sweep --bs 1,2,4 --seq 64,128,256 [ref_train flags]   measured against predicted
     python drive.py bench [ref_train flags]                               the reference against PEFT
+    python drive.py figures [--all]                                       rerun the README's figures
 
 Every command takes ref_train.py's flags for the baseline it varies, and its own flags, listed by
 `python drive.py COMMAND --help`. The figures come from memcheck.py, the one file to copy into your
@@ -15,6 +16,8 @@ import functools
 import gc
 import itertools
 import os
+import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -32,7 +35,7 @@ from memcheck import (MiB, Probe, ReportError, is_out_of_memory, markdown_block,
 
 def ablation_variants(args):
     """(name, extra flags) for each suspect, one change from the baseline; the baseline first."""
-    other_targets = "all-linear" if args.targets != ("all-linear",) else "q_proj,v_proj"
+    other_targets = "all-linear" if args.targets != ("all-linear",) else "auto"
     variants = [
         ("baseline", []),
         ("added tokens + resize " + ("off" if args.add_tokens else "on"),
@@ -409,22 +412,55 @@ def bench(base_argv, steps=5, log=print):
         [*BENCH_BASE, *base_argv, "--experts", "4", "--inject-items", "--impl", "einsum"]), steps)
     add("E=4 lean / einsum: peak", lean["peak_bytes"], einsum["peak_bytes"], "bytes")
     add("E=4 lean / einsum: median step", lean["seconds"], einsum["seconds"], "s")
-    add("tracker overhead: tracked / untracked step", ref["tracked_seconds"], ref["seconds"], "s", 1.3)
+    chunked_args = ref_train.parse_args([*BENCH_BASE, *base_argv, "--loss-chunks", str(BENCH_LOSS_CHUNKS)])
+    paired = _interleaved(args, chunked_args, steps)
+    add("tracker overhead: tracked / untracked step", paired["tracked"], paired["untracked"], "s", 1.10)
     if args.device == "cpu":
         tracked, profiled = tracker_against_profiler(args)
         rows.append({"comparison": "tracker / torch.profiler: peak above start", "a": tracked,
                      "b": profiled, "unit": "bytes", "ratio": tracked / profiled, "target": "1 +- 0.01",
                      "met": abs(tracked / profiled - 1) <= 0.01})
         log(f"tracker / profiler: {tracked / profiled:.4f}")
-    chunked_args = ref_train.parse_args([*BENCH_BASE, *base_argv, "--loss-chunks", str(BENCH_LOSS_CHUNKS)])
     chunked = _measure(_reference_loop, chunked_args, steps)
     add(f"reference --loss-chunks {BENCH_LOSS_CHUNKS} / PEFT: peak", chunked["peak_bytes"],
-        peft["peak_bytes"], "bytes", 0.85)
+        peft["peak_bytes"], "bytes", 0.82)
     floor = memory_floor(chunked_args)
     add(f"reference --loss-chunks {BENCH_LOSS_CHUNKS} / memory floor", chunked["peak_bytes"], floor, "bytes")
     add(f"reference --loss-chunks {BENCH_LOSS_CHUNKS} / untracked reference: median step",
-        chunked["seconds"], ref["seconds"], "s")
+        paired["chunked"], paired["untracked"], "s", 1.10)
     return rows
+
+
+def _interleaved(args, chunked_args, steps):
+    """Median seconds of the reference's steps untracked, tracked, and untracked with the chunked
+    loss, taken in turn (one of each, `steps` times, after a warm-up step of each), so that a
+    machine shared with other work slows the three alike. A tracked step is timed as a user pays
+    for it, from before its forward to after probe.step(), each in a Probe of its own."""
+    plain, model, optimizer = _reference_loop(args)
+    chunked = _reference_loop(chunked_args)[0]
+
+    def timed(fn):
+        if args.device == "cuda":
+            torch.cuda.synchronize()
+        started = time.perf_counter()
+        fn()
+        if args.device == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter() - started
+
+    def tracked():
+        with Probe(model, optimizer, device=args.device) as probe:
+            return timed(lambda: probe.step(plain(probe)))
+
+    runs = {"untracked": lambda: timed(lambda: plain(_Untracked())), "tracked": tracked,
+            "chunked": lambda: timed(lambda: chunked(_Untracked()))}
+    seconds = {name: [] for name in runs}
+    for i in range(steps + 1):
+        for name, run in runs.items():
+            took = run()
+            if i:   # the first round warms up
+                seconds[name].append(took)
+    return {name: _median(s) for name, s in seconds.items()}
 
 
 def memory_floor(args):
@@ -442,6 +478,266 @@ def bench_table(rows):
     return header, [(r["comparison"], fmt(r["a"], r["unit"]), fmt(r["b"], r["unit"]),
                      f"{r['ratio']:.3f}", r["target"] if r["target"] is not None else "-",
                      {True: "yes", False: "NO", None: "-"}[r["met"]]) for r in rows]
+
+
+# ---------------------------------------------------------------- figures: rerun what the README quotes
+
+README = os.path.join(os.path.dirname(os.path.abspath(__file__)), "README.md")
+_NUMBER = re.compile(r"(?<![\w.\-])[-+]?\d+(?:,\d{3})*(?:\.\d+)?(?!\d)")
+_ID_COLUMNS = ("seq", "ckpt", "r", "experts", "targets", "impl")  # a row's name, with its first cell
+TIME_RANGE = (1 / 3, 3.0)        # a time may be this many times the README's and still agree
+TIME_RATIO_RANGE = (2 / 3, 1.5)  # a ratio of two times, likewise
+
+
+def _blocks(text):
+    """[(the paragraph before it, the block's lines)] for each fenced code block of the README."""
+    out, before, inside, lines = [], [], False, []
+    for line in text.splitlines():
+        if line.startswith("```"):
+            if inside:
+                out.append(("\n".join(before[-6:]), lines))
+                before, lines = [], []
+            inside = not inside
+        elif inside:
+            lines.append(line)
+        else:
+            before.append(line)
+    return out
+
+
+def _table_keys(header, row):
+    """{column: cell} of a text_table row: cells are right-aligned under their header but the first."""
+    edges = [(m.end(), m.group()) for m in re.finditer(r"\S+(?: \S+)*", header)]
+    cells = list(re.finditer(r"\S+(?: \S+)*", row))
+    if not cells:
+        return {}
+    out = {"": cells[0].group().strip()}
+    for cell in cells[1:]:
+        column = next((name for end, name in edges if end == cell.end()), None)
+        if column is not None:
+            out[column] = cell.group()
+    return out
+
+
+def _figures(lines):
+    """{key: (value, kind)} of every figure in a block's lines: table cells by (row, column), other
+    lines by their text with the numbers taken out (and which such line it is) and each number's
+    place. kind: "time" (a number of ms, machine-dependent), "loss", or "memory" (every other
+    figure: MiB, bytes, ratios of memory, counts)."""
+    figures, header, seen = {}, None, {}
+    for line in lines:
+        if not line.strip():
+            header = None
+            continue
+        if "MiB" in line and not re.search(r"\d\.\d", line):
+            header = line
+            continue
+        if header is not None:
+            cells = _table_keys(header, line)
+            label = " ".join([cells[""]] + [cells[c] for c in _ID_COLUMNS if c in cells])
+            for column, value in cells.items():
+                if column and column not in _ID_COLUMNS and _NUMBER.search(value):
+                    figures[(label, column)] = (value, "memory")
+            continue
+        template = re.sub(r"\s+", " ", _NUMBER.sub("#", line.strip()))   # widths vary with the figures
+        seen[template] = seen.get(template, 0) + 1
+        if seen[template] > 1:
+            template += f" (line {seen[template]} of this form)"
+        for i, m in enumerate(_NUMBER.finditer(line)):
+            after, before = line[m.end():m.end() + 3], line[max(0, m.start() - 5):m.start()]
+            kind = "time" if after.startswith(" ms") else "loss" if before == "loss " else "memory"
+            figures[(template, i)] = (m.group(), kind)
+    return figures
+
+
+def _markdown_rows(text, first_cell):
+    """{(row, column): cell} of the README's Markdown table whose header starts with first_cell."""
+    lines = text.splitlines()
+    start = next(i for i, l in enumerate(lines) if l.startswith(f"| {first_cell} |"))
+    header = [c.strip() for c in lines[start].strip("|").split("|")]
+    out = {}
+    for line in lines[start + 2:]:
+        if not line.startswith("|"):
+            break
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        for column, cell in zip(header[1:], cells[1:]):
+            out[(cells[0], column)] = cell
+    return out
+
+
+def readme_figures(path=README):
+    """The README's figure blocks: {name: {"command", "figures": [{key, value, kind}], ...}}."""
+    text = open(path).read()
+    blocks = _blocks(text)
+    found = {}
+
+    def add(name, lines, command, **extra):
+        figures = [{"key": k, "value": v, "kind": kind} for k, (v, kind) in _figures(lines).items()]
+        found[name] = dict(command=command, figures=figures, **extra)
+
+    for before, lines in blocks:
+        body = "\n".join(lines)
+        if "step   1 | loss" in body and "printed here" in before:
+            add("baseline", lines, re.search(r"`(python ref_train.py[^`]*)`", before).group(1))
+        elif lines and lines[0].startswith("variant ") and "drive.py ablate" in before:
+            add("ablate", lines, re.search(r"`(python drive.py ablate[^`]*)`", before).group(1))
+        elif lines and lines[0].startswith("python ref_train.py") and "memcheck.py diff" in body \
+                and "careless configuration" in before:
+            flags = re.search(r"\(`(--[^`]*)`\)", before).group(1)
+            add("careless diff", lines[2:], lines[0], flags=flags.split())
+        elif lines and lines[0].split()[:4] == ["bs", "seq", "ckpt", "measured"]:
+            add("budget grid", lines, "python drive.py sweep", points=[
+                dict(zip(("bs", "seq", "ckpt"), line.split()[:3])) for line in lines[1:]])
+        elif lines and lines[0].startswith("phase ") and "careless line" in before:
+            add("probe: careless", lines, "python stack.py careless careless.json")
+        elif lines and "clean.json MiB  careless.json MiB" in body:
+            add("probe: clean vs careless", [l for l in lines if not l.startswith(("A was", "B was"))],
+                "python memcheck.py diff clean.json careless.json")
+        elif lines and "ref.json MiB  clean.json MiB" in body:
+            add("probe: reference vs clean", [l for l in lines if not l.startswith(("A was", "B was"))],
+                "python memcheck.py diff ref.json clean.json")
+        elif lines and lines[0] == "import sys" and "memcheck.Probe" in body:
+            found["script"] = "\n".join(lines)
+    bench = _markdown_rows(text, "comparison")
+    found["bench"] = {"command": "python drive.py bench", "figures": [
+        {"key": k, "value": v, "kind": "time" if re.search(r"step|tracked", k[0]) else "memory"}
+        for k, v in bench.items() if k[1] in ("A", "B", "A / B")]}
+    return found
+
+
+def _compare(expected, actual_lines, log):
+    if os.environ.get("FIGURES_KEEP"):   # where to keep each rerun's output, to read what changed
+        with open(os.path.join(os.environ["FIGURES_KEEP"], f"{len(os.listdir(os.environ['FIGURES_KEEP']))}.txt"), "w") as f:
+            f.write("\n".join(actual_lines))
+    return _check(expected, {k: v for k, (v, _) in _figures(actual_lines).items()}, log)
+
+
+def _check(expected, actual, log):
+    """Each README figure against the rerun's {key: value}; returns the number that disagree.
+    Memory figures, counts and losses must be equal; times only within a range (machine-dependent)."""
+    bad = 0
+    counts = {"memory": 0, "loss": 0, "time": 0}
+    for f in expected:
+        key, want = f["key"], f["value"]
+        got = actual.get(key)
+        where = f"{key[0]} [{key[1]}]" if isinstance(key[1], str) else f"{key[0].replace('#', '_')} [#{key[1]}]"
+        counts[f["kind"]] += 1
+        if got is None:
+            log(f"  MISSING  {where}: README {want}, not in the output")
+            bad += 1
+        elif f["kind"] == "time":
+            low, high = TIME_RANGE if "ms" in want or "." not in want else TIME_RATIO_RANGE
+            number = lambda v: float(_NUMBER.search(v).group().replace(",", ""))
+            ratio = number(got) / number(want) if number(want) else float("nan")
+            if not low <= ratio <= high:   # said, not counted: a busy or another machine
+                log(f"  TIME     {where}: README {want}, now {got} (machine-dependent: outside "
+                    f"{low:.2f}x..{high:.2f}x of the README's; is this machine busy, or another?)")
+        elif got != want:
+            log(f"  DIFFERS  {where}: README {want}, now {got}" + (
+                " (bit for bit means the same machine and the same thread count)"
+                if f["kind"] == "loss" else ""))
+            bad += 1
+    log(f"  checked {counts['memory']} memory figures and counts exactly, {counts['loss']} losses "
+        f"exactly, {counts['time']} times as ranges (machine-dependent, not counted); {bad} disagree")
+    return bad
+
+
+def _run(cmd, cwd, timeout=3600):
+    done = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=timeout,
+                          env=dict(os.environ, HF_HUB_OFFLINE="1"))
+    if done.returncode != 0:
+        raise ReportError(f"{' '.join(map(str, cmd))} failed (exit {done.returncode}): "
+                          + ((done.stderr or done.stdout).strip().splitlines() or ["no output"])[-1])
+    return done.stdout
+
+
+def _padded(args, steps):
+    """Whether one of the run's first `steps` batches is padded (the budget's attention-mask term)."""
+    titles, samples = data.synthetic_catalogue(args.seed)
+    tokenizer = data.train_tokenizer(titles)
+    if args.add_tokens:
+        data.add_special_tokens(tokenizer)
+    stream = data.batches(samples, titles, tokenizer, args.bs, args.seq,
+                          data.placeholder_ids(tokenizer, args.add_tokens), args.seed)
+    return any(not next(stream)["attention_mask"].all() for _ in range(steps))
+
+
+FIGURE_SECTIONS = ("baseline", "budget grid", "careless diff", "ablate", "bench", "probe")
+QUICK_SECTIONS = ("baseline", "budget grid", "careless diff")
+
+
+def figures(sections=QUICK_SECTIONS, measure_grid=False, log=print, readme=README):
+    """Rerun each README block in `sections`, compare every figure; returns the disagreements."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    py = sys.executable
+    blocks = readme_figures(readme)
+    bad = 0
+    log(f"README figures, rerun with torch {torch.__version__} on {os.cpu_count()} cores, "
+        f"{torch.get_num_threads()} threads")
+    with tempfile.TemporaryDirectory() as tmp:
+        baseline_json = os.path.join(tmp, "baseline.json")
+        if "baseline" in sections or "careless diff" in sections:
+            block = blocks["baseline"]
+            out = _run([py, *block["command"].split()[1:], "--report", baseline_json], here)
+            if "baseline" in sections:
+                log(f"baseline: {block['command']}")
+                bad += _compare(block["figures"], out.splitlines(), log)
+        if "careless diff" in sections:
+            block = blocks["careless diff"]
+            stack = os.path.join(tmp, "stack.json")
+            _run([py, "ref_train.py", "--bs", "2", "--seq", "128", *block["flags"], "--report", stack], here)
+            out = _run([py, os.path.join(here, "memcheck.py"), "diff", "baseline.json", "stack.json"], tmp)
+            log(f"careless diff: ref_train.py {' '.join(block['flags'])}, then {block['command']}")
+            bad += _compare(block["figures"], out.splitlines(), log)
+        if "budget grid" in sections:
+            block = blocks["budget grid"]
+            log("budget grid: " + ("python drive.py sweep, every point measured" if measure_grid
+                                   else "the budget column (--all measures every point)"))
+            rows = []
+            for p in block["points"]:
+                argv = ["--bs", p["bs"], "--seq", p["seq"], "--ckpt", p["ckpt"]]
+                if measure_grid:
+                    rows.append(sweep([{}], argv, log=lambda *a: None)[0] | p)
+                else:
+                    args = ref_train.parse_args(argv)
+                    rows.append(dict(p, budget_bytes=ref_train.plan(args, padded=_padded(args, 2))["peak_bytes"],
+                                     peak_bytes=None, error=None))
+            header, table = sweep_table(rows)
+            lines = text_table(header, table).splitlines()
+            expected = block["figures"] if measure_grid else [
+                f for f in block["figures"] if f["key"][1] == "budget MiB"]
+            bad += _compare(expected, lines, log)
+        if "ablate" in sections:
+            block = blocks["ablate"]
+            log(f"ablate: {block['command']}")
+            out = _run([py, "drive.py", *block["command"].split()[2:]], here)
+            bad += _compare(block["figures"], out.splitlines(), log)
+        if "bench" in sections:
+            block = blocks["bench"]
+            log(f"bench: {block['command']}")
+            rows = bench([], log=lambda *a: None)
+            header, table = bench_table(rows)
+            actual = {(r[0], c): v for r in table for c, v in zip(header[1:], r[1:])}
+            bad += _check(block["figures"], actual, log)
+        if "probe" in sections:
+            script = os.path.join(tmp, "stack.py")
+            with open(script, "w") as f:
+                f.write(blocks["script"])
+            shutil.copy(os.path.join(here, "memcheck.py"), tmp)
+            careless = _run([py, script, "careless", "careless.json"], tmp)
+            _run([py, script, "clean", "clean.json"], tmp)
+            log("probe: the README's script, careless")
+            bad += _compare(blocks["probe: careless"]["figures"], careless.splitlines(), log)
+            for name, a, b in (("probe: clean vs careless", "clean.json", "careless.json"),
+                               ("probe: reference vs clean", "ref.json", "clean.json")):
+                if a == "ref.json":
+                    command = re.search(r"the reference for this stack: python (ref_train.py .*)", careless).group(1)
+                    _run([py, *command.split(), "--report", os.path.join(tmp, "ref.json")], here)
+                out = _run([py, os.path.join(here, "memcheck.py"), "diff", a, b], tmp)
+                log(f"{name}: memcheck.py diff {a} {b}")
+                bad += _compare(blocks[name]["figures"], out.splitlines(), log)
+    log("every figure agrees with the README" if not bad else f"{bad} figures disagree with the README")
+    return bad
 
 
 # ---------------------------------------------------------------- command line
@@ -582,8 +878,31 @@ def bench_command(argv):
     return 0
 
 
+def figures_command(argv):
+    p = _parser("figures", "Rerun every figure the README quotes and compare each with the README: "
+                "memory figures, counts and losses exactly (losses are bit for bit on the same machine "
+                "with the same thread count), times as ranges (machine-dependent). Exit 1 if one "
+                "disagrees. Run it before each release of figures.",
+                (("--all",), dict(action="store_true", help="also the ablate, bench and probe blocks "
+                                  "and every measured point of the budget grid (about an hour on 2 "
+                                  "cores); default: " + ", ".join(QUICK_SECTIONS) + " (its budget column)")),
+                (("--only",), dict(metavar="NAMES", help="comma list of " + ", ".join(FIGURE_SECTIONS))),
+                (("--readme",), dict(metavar="PATH", default=README, help="check this file's figures "
+                                     "(a draft of the README) instead of README.md")))
+    own, rest = p.parse_known_args(argv)
+    if rest:
+        raise ReportError(f"figures takes no ref_train flags (the README's commands are rerun as "
+                          f"written): {' '.join(rest)}")
+    sections = own.only.split(",") if own.only else FIGURE_SECTIONS if own.all else QUICK_SECTIONS
+    unknown = [s for s in sections if s not in FIGURE_SECTIONS]
+    if unknown:
+        raise ReportError(f"--only {own.only}: unknown {', '.join(unknown)}; expected "
+                          + ", ".join(FIGURE_SECTIONS))
+    return 1 if figures(sections, measure_grid=own.all, readme=own.readme) else 0
+
+
 COMMANDS = {"budget": budget_command, "ablate": ablate_command, "sweep": sweep_command,
-            "bench": bench_command}
+            "bench": bench_command, "figures": figures_command}
 
 
 def main(argv=None):

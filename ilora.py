@@ -56,8 +56,9 @@ class GatedLoraLinear(nn.Module):
         self.scaling = alpha / (r / n_experts)
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         factory = dict(device=base.weight.device, dtype=lora_dtype or base.weight.dtype)
-        self.lora_A = nn.Linear(base.in_features, r, bias=False, **factory)
-        self.lora_B = nn.Linear(r, base.out_features, bias=False, **factory)
+        d_in, d_out = features(base)  # a Conv1D's weight is [in, out]: its shape is not read here
+        self.lora_A = nn.Linear(d_in, r, bias=False, **factory)
+        self.lora_B = nn.Linear(r, d_out, bias=False, **factory)
         # PEFT's initialisation: the adapter starts as an exact no-op.
         nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
         nn.init.zeros_(self.lora_B.weight)
@@ -102,21 +103,23 @@ def _einsum(layer, x, gate):
 
 def add_gated_lora(model, targets=("q_proj", "v_proj"), r=8, alpha=32, n_experts=4, dropout=0.0,
                    impl="lean", lora_dtype=None):
-    """Replace every nn.Linear named like a target by a GatedLoraLinear, freeze everything else.
+    """Replace every linear layer named like a target by a GatedLoraLinear, freeze everything else.
 
     targets: leaf names ("q_proj"), or the single name "all-linear" for every linear layer inside the
-    decoder layers. Returns the qualified names of the replaced layers.
+    decoder layers (nn.Linear, and transformers' Conv1D: GPT-2's). Returns the qualified names of the
+    replaced layers.
     """
     for p in model.parameters():
         p.requires_grad_(False)
     wanted = set(targets)
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    inside = _in_decoder_layers(model)
     replaced = []
     for name, module in list(model.named_modules()):
         leaf = name.rpartition(".")[2]
-        if not isinstance(module, nn.Linear) or module is head:  # any nn.Module, not only HF's
+        if not is_linear(module) or module is head:  # any nn.Module, not only HF's
             continue
-        if leaf in wanted or ("all-linear" in wanted and ".layers." in f".{name}"):
+        if leaf in wanted or ("all-linear" in wanted and inside(name)):
             parent = model.get_submodule(name.rpartition(".")[0])
             setattr(parent, leaf, GatedLoraLinear(module, r, alpha, n_experts, dropout, impl,
                                                   lora_dtype))
@@ -126,8 +129,40 @@ def add_gated_lora(model, targets=("q_proj", "v_proj"), r=8, alpha=32, n_experts
 
 def linear_names(model):
     """The leaf names of the linear layers inside the decoder layers (what targets may name)."""
-    return sorted({n.rpartition(".")[2] for n, m in model.named_modules()
-                   if isinstance(m, nn.Linear) and ".layers." in f".{n}"})
+    inside = _in_decoder_layers(model)
+    return sorted({n.rpartition(".")[2] for n, m in model.named_modules() if is_linear(m) and inside(n)})
+
+
+def is_linear(module):
+    """nn.Linear, or transformers' Conv1D (GPT-2's y = x W + b, W [in, out]), duck-typed."""
+    return isinstance(module, nn.Linear) or (
+        type(module).__name__ == "Conv1D" and hasattr(module, "nf")
+        and isinstance(getattr(module, "weight", None), torch.Tensor) and module.weight.dim() == 2)
+
+
+def features(module):
+    """(in, out) features of a linear layer: a Conv1D keeps its weight as [in, out] (out = nf)."""
+    if isinstance(module, nn.Linear):
+        return module.in_features, module.out_features
+    return module.weight.shape[0], module.nf
+
+
+def _in_decoder_layers(model):
+    """name -> whether the module is inside a decoder layer: inside the ModuleList as long as the
+    config's layer count (model.layers, transformer.h, gpt_neox.layers), else inside any `.layers.`."""
+    n_layers = getattr(getattr(model, "config", None), "num_hidden_layers", None)
+    for name, module in model.named_modules():
+        if n_layers and name and isinstance(module, nn.ModuleList) and len(module) == n_layers:
+            return lambda n, prefix=name + ".": n.startswith(prefix)
+    return lambda n: ".layers." in f".{n}"
+
+
+def fused_experts(model):
+    """Modules inside the decoder layers whose own weights have 3 or more dimensions: experts fused
+    into one tensor (Mixtral's in transformers 5), which are not linear layers and are not adapted."""
+    inside = _in_decoder_layers(model)
+    return [(n, type(m).__name__) for n, m in model.named_modules()
+            if inside(n) and any(p.dim() >= 3 for p in m.parameters(recurse=False))]
 
 
 class SASRec(nn.Module):

@@ -27,6 +27,7 @@ import argparse
 import contextlib
 import functools
 import json
+import operator
 import os
 import platform
 import re
@@ -48,6 +49,7 @@ PHASES = ("load", "forward", "backward", "optimizer")
 CATEGORIES = ("trainable_params", "frozen_params", "gradients", "optimizer_state", "activations",
               "temporaries")
 STATUSES = ("ok", "oom", "error", "interrupted")
+_RANK = {c: i for i, c in enumerate(CATEGORIES)}
 TOP_SURVIVORS = 20
 NO_MODULE = "(no module)"
 
@@ -72,29 +74,92 @@ def _first_line(error):
 
 # ---------------------------------------------------------------- the tracker
 
-class _Storage:
-    """One live (or, within the current phase, recently freed) tensor storage."""
-    __slots__ = ("nbytes", "created", "freed", "step", "phase", "module", "op", "shape", "dtype",
-                 "category", "ref")
+class _Storage(weakref.ref):
+    """One live (or, within the current phase, recently freed) tensor storage.
 
-    def __init__(self, nbytes, created, step, phase, module, op, tensor):
-        self.nbytes, self.created, self.freed = nbytes, created, None
-        self.step, self.phase, self.module, self.op = step, phase, module, op
-        self.shape, self.dtype = tuple(tensor.shape), str(tensor.dtype).replace("torch.", "")
-        self.category = "temporaries"
-        self.ref = None
+    A weak reference to the storage itself, whose callback says when it is freed; Tracker.track
+    fills the fields (no __init__: a record is made for every allocation). What made it is kept as
+    it came (the op, the shape, the dtype) and named only when a report asks.
+    """
+    __slots__ = ("key", "nbytes", "created", "freed", "step", "phase", "module", "_op", "_shape",
+                 "_dtype", "category")
+
+    @property
+    def op(self):
+        return _op_name(self._op)
+
+    @property
+    def shape(self):
+        return tuple(self._shape)
+
+    @property
+    def dtype(self):
+        return str(self._dtype).replace("torch.", "")
 
     def alive_at(self, seq):
         return self.created <= seq and (self.freed is None or self.freed > seq)
 
 
-_ALIASING = {}  # op -> whether its outputs alias its inputs (views, in-place and out= ops)
+# id(op) -> (op, whether its outputs alias its inputs: views, in-place and out= ops). Keyed by id:
+# an OpOverload hashes in Python, and this is looked up for every op; the op is kept alive with it.
+_ALIASING = {}
+_OP_NAMES = {}
 
 
 def _aliases_input(func):
-    if func not in _ALIASING:
-        _ALIASING[func] = any(r.alias_info is not None for r in func._schema.returns)
-    return _ALIASING[func]
+    entry = _ALIASING.get(id(func))
+    if entry is None or entry[0] is not func:
+        entry = _ALIASING[id(func)] = (func, any(r.alias_info is not None for r in func._schema.returns))
+    return entry[1]
+
+
+def _op_name(op):
+    if isinstance(op, str):
+        return op
+    if op not in _OP_NAMES:
+        _OP_NAMES[op] = op.overloadpacket.__name__
+    return _OP_NAMES[op]
+
+
+def _on_device(device_type):
+    """A fast test of a tensor's device type: its is_cpu / is_cuda flag, not a torch.device."""
+    flag = f"is_{device_type}"
+    if hasattr(torch.Tensor, flag):
+        return operator.attrgetter(flag)
+    return functools.partial(_has_device_type, device_type)
+
+
+def _has_device_type(device_type, tensor):
+    return tensor.device.type == device_type
+
+
+_DYNAMO_KEPT_OUT = []
+
+
+def _keep_dynamo_out():
+    """Keep torch.compile from tracing the tracker's per-op code, once per process.
+
+    TorchDispatchMode wraps a subclass's __torch_dispatch__ in torch._disable_dynamo, a Python
+    wrapper around every op that costs about a quarter of the tracker's per-op time. The tracker
+    opts out of it (_should_skip_dynamo) and marks its code objects for dynamo to skip instead,
+    or, where this torch has no such mark, puts the same wrapper back.
+    """
+    if _DYNAMO_KEPT_OUT:
+        return
+    functions = (Tracker.__dict__["__torch_dispatch__"], Tracker.track, Tracker._free_record,
+                 _aliases_input, _op_name, _has_device_type)
+    try:
+        from torch._dynamo.eval_frame import skip_code
+        codes = [fn.__code__ for fn in functions]
+        while codes:  # the functions' own code and what is nested in it (a generator expression)
+            code = codes.pop()
+            skip_code(code)
+            codes += [c for c in code.co_consts if isinstance(c, type(code))]
+    except Exception:
+        disable = getattr(torch, "_disable_dynamo", None)
+        if disable is not None:
+            Tracker.__torch_dispatch__ = disable(functions[0], recursive=True)
+    _DYNAMO_KEPT_OUT.append(True)
 
 
 class Tracker(TorchDispatchMode):
@@ -116,17 +181,35 @@ class Tracker(TorchDispatchMode):
         self.live_bytes = self.peak_bytes = self.peak_event = self.event = 0
         self.step, self.phase = 1, None
         self.module_stack = []
+        self._on_device = _on_device(self.device_type)
+        self._freed = self._free_record  # one bound method for every storage's callback
+        _keep_dynamo_out()
+
+    @classmethod
+    def _should_skip_dynamo(cls):
+        return False  # no wrapper around every op: _keep_dynamo_out marks the code instead
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         try:
             out = func(*args, **(kwargs or {}))
-            adopt = not _aliases_input(func)
-            if isinstance(out, torch.Tensor):  # the common case, without walking a pytree
-                self.track(out, func, adopt)
+            # A view, in-place or out= op returns storages that exist already: nothing to count.
+            entry = _ALIASING.get(id(func))
+            if (entry[1] if entry is not None and entry[0] is func else _aliases_input(func)):
+                return out
+            if isinstance(out, torch.Tensor):  # the common cases, without walking a pytree
+                self.track(out, func)
+            elif type(out) in (tuple, list):
+                for t in out:
+                    if isinstance(t, torch.Tensor):
+                        self.track(t, func)
+                    elif isinstance(t, (tuple, list)):
+                        for leaf in pytree.tree_leaves(t):
+                            if isinstance(leaf, torch.Tensor):
+                                self.track(leaf, func)
             else:
                 for t in pytree.tree_leaves(out):
                     if isinstance(t, torch.Tensor):
-                        self.track(t, func, adopt)
+                        self.track(t, func)
             return out
         except BaseException as e:
             if self.on_error is not None:
@@ -135,20 +218,25 @@ class Tracker(TorchDispatchMode):
 
     def track(self, tensor, op, adopt=True):
         """The record of `tensor`'s storage; an unseen storage is counted from now if `adopt`."""
-        if tensor.device.type != self.device_type:
+        if not self._on_device(tensor):
             return None
         try:
             storage = tensor.untyped_storage()
         except (NotImplementedError, RuntimeError):  # tensor subclasses without a plain storage
             return None
-        key, nbytes = storage.data_ptr(), storage.nbytes()
-        if nbytes == 0 or key in self.live or not adopt:
-            return self.live.get(key)
+        key = storage.data_ptr()
+        record = self.live.get(key)
+        if record is not None or not adopt:
+            return record
+        nbytes = storage.nbytes()
+        if nbytes == 0:
+            return None
         self.event += 1
         module = self.module_stack[-1] if self.module_stack else NO_MODULE
-        op = op if isinstance(op, str) else op.overloadpacket.__name__  # named only when kept
-        record = _Storage(nbytes, self.event, self.step, self.phase, module, op, tensor)
-        record.ref = weakref.ref(storage, lambda _, key=key: self._free(key))
+        record = _Storage(storage, self._freed)
+        record.key, record.nbytes, record.created, record.freed = key, nbytes, self.event, None
+        record.step, record.phase, record.module, record._op = self.step, self.phase, module, op
+        record._shape, record._dtype, record.category = tensor.shape, tensor.dtype, "temporaries"
         self.live[key] = record
         self.window.append(record)
         self.live_bytes += nbytes
@@ -158,22 +246,23 @@ class Tracker(TorchDispatchMode):
             raise torch.OutOfMemoryError(
                 f"live tensors reached {mib(self.live_bytes)} MiB, over the --max-memory / "
                 f"max_memory_mib limit of {mib(self.limit_bytes)} MiB (allocating {tuple(tensor.shape)} "
-                f"{record.dtype} in {op}, module {module})")
+                f"{record.dtype} in {record.op}, module {module})")
         return record
 
-    def _free(self, key):
-        record = self.live.pop(key, None)
-        if record is not None:
+    def _free_record(self, record):
+        """The callback of a storage's weak reference: it was freed."""
+        if self.live.get(record.key) is record:
+            del self.live[record.key]
             self.event += 1
             record.freed = self.event
             self.live_bytes -= record.nbytes
 
     def tag(self, tensors, category, adopt=False):
         """Mark the storages of `tensors` as `category` unless they already hold a higher one."""
-        rank = CATEGORIES.index(category)
+        rank = _RANK[category]
         for t in tensors:
             record = self.track(t, "preexisting", adopt)
-            if record is not None and CATEGORIES.index(record.category) > rank:
+            if record is not None and _RANK[record.category] > rank:
                 record.category = category
 
     def start_window(self):
@@ -249,6 +338,7 @@ class Probe:
         self.peak = {"peak_bytes": 0}
         self._hooks, self._stack, self._open = [], contextlib.ExitStack(), False
         self._step_started, self._step_peak = None, 0
+        self._roles = None             # (parameters, buffers) of the model, listed once a step
         self._pending = (model, optimizer)
         # What the probe sees of the stack, for its warnings and the inferred configuration.
         self._seen = {}                # bs, seq, autocast dtype: read at the first forward
@@ -327,13 +417,17 @@ class Probe:
             self._seen["autocast"] = (str(torch.get_autocast_dtype(kind)).replace("torch.", "")
                                       if torch.is_autocast_enabled(kind) else None)
 
-    def _tag_roles(self, adopt=False):
+    def _tag_roles(self, adopt=False, again=True):
+        """Tag parameters, buffers, gradients and optimizer state; the model's parameters and
+        buffers are listed again once a step (again=True), not at every phase."""
         if self.model is None:
             return
-        params = list(self.model.parameters())
+        if again or self._roles is None:
+            self._roles = (list(self.model.parameters()), list(self.model.buffers()))
+        params, buffers = self._roles
         self.tracker.tag([p for p in params if p.requires_grad], "trainable_params", adopt)
         self.tracker.tag([p for p in params if not p.requires_grad], "frozen_params", adopt)
-        self.tracker.tag(list(self.model.buffers()), "frozen_params", adopt)
+        self.tracker.tag(buffers, "frozen_params", adopt)
         grads = [p.grad for p in params if p.grad is not None]
         self.tracker.tag(grads, "gradients", adopt)
         self._graded.update(id(p) for p in params if p.grad is not None)
@@ -346,7 +440,7 @@ class Probe:
         # Called for every tensor autograd saves for backward outside a checkpointed region.
         tracker = self.tracker
         record = tracker.track(tensor, "saved", adopt=False)
-        if record is not None and CATEGORIES.index(record.category) > CATEGORIES.index("activations"):
+        if record is not None and _RANK[record.category] > _RANK["activations"]:
             record.category = "activations"
         module = tracker.module_stack[-1] if tracker.module_stack else NO_MODULE
         saved = _Saved(tensor.detach(), tracker.phase)
@@ -420,9 +514,10 @@ class Probe:
             self.end()
         tracker = self.tracker
         tracker.phase, tracker.module_stack[:] = name, []
-        if self._step_started is None:
+        first = self._step_started is None
+        if first:
             self._step_started = time.perf_counter()
-        self._tag_roles()
+        self._tag_roles(again=first)
         tracker.start_window()
         if self.cuda:
             torch.cuda.synchronize(self.device)
@@ -434,7 +529,7 @@ class Probe:
 
     def _end_phase(self, name):
         tracker = self.tracker
-        self._tag_roles()
+        self._tag_roles(again=False)
         if name == "forward":  # what forward made and still holds is kept for backward
             for r in tracker.window:
                 if r.freed is None and r.phase == "forward" and r.step == tracker.step:
@@ -951,6 +1046,20 @@ def _adapter(module):
     return None
 
 
+def _is_linear(module):
+    """nn.Linear, or transformers' Conv1D (GPT-2's: weight [in, out], out = nf), duck-typed."""
+    return isinstance(module, torch.nn.Linear) or (
+        type(module).__name__ == "Conv1D" and hasattr(module, "nf")
+        and isinstance(getattr(module, "weight", None), torch.Tensor) and module.weight.dim() == 2)
+
+
+def _features(module):
+    """(in, out) features of a linear layer (_is_linear)."""
+    if isinstance(module, torch.nn.Linear):
+        return module.in_features, module.out_features
+    return module.weight.shape[0], module.nf
+
+
 def _structure(model):
     """The few numbers the budget needs, read off a model (on the meta device or not)."""
     config = model.config
@@ -967,28 +1076,32 @@ def _structure(model):
             base, lora = found
             adapted[leaf] = linears[leaf] = base
             inner.update(id(m) for m in module.modules() if m is not module)
-        elif isinstance(module, torch.nn.Linear) and id(module) not in inner:
+        elif _is_linear(module) and id(module) not in inner:
             linears[leaf] = module
     hidden = model.get_input_embeddings().embedding_dim
+    # The MLP's width under each family's name: OPT, Llama and most; GPT-2; Falcon; else 4 x hidden.
+    ffn = next((v for k in ("ffn_dim", "intermediate_size", "n_inner", "ffn_hidden_size")
+                if isinstance(v := getattr(config, k, None), int)), 4 * hidden)
     return {
         "layers": config.num_hidden_layers,
         "hidden": hidden,
-        "kv": linears["k_proj"].out_features if "k_proj" in linears else hidden,
+        "kv": _features(linears["k_proj"])[1] if "k_proj" in linears else hidden,
         "heads": config.num_attention_heads,
-        "ffn": getattr(config, "ffn_dim", None) or config.intermediate_size,
-        "gated_mlp": "gate_proj" in linears,
+        "ffn": ffn,
+        "gated_mlp": "gate_proj" in linears or "gate_up_proj" in linears,
         "vocab": model.get_output_embeddings().out_features,
+        "head_trains": model.get_output_embeddings().weight.requires_grad,
         "dropout": float(getattr(config, "dropout", 0.0) or 0.0),
         "attn": getattr(config, "_attn_implementation", None) or "sdpa",
         "weights_dtype": model.get_input_embeddings().weight.dtype,
-        "linears": {n: (m.in_features, m.out_features) for n, m in linears.items()},
-        "adapted": {n: (m.in_features, m.out_features) for n, m in adapted.items()},
+        "linears": {n: _features(m) for n, m in linears.items()},
+        "adapted": {n: _features(m) for n, m in adapted.items()},
         "lora": lora or {"r": 0, "experts": 1, "impl": "lean", "dropout": 0.0},
     }
 
 
 def budget(model, *, bs, seq, checkpointing, autocast_dtype=None, loss_chunks=1, device="cpu",
-           extra=(), full=False):
+           extra=(), full=False, padded=False):
     """Predict training memory from a model and the run's shapes; every term in bytes.
 
     model: the causal LM with its adapters (any device, the meta device included: nothing is
@@ -1047,6 +1160,10 @@ def budget(model, *, bs, seq, checkpointing, autocast_dtype=None, loss_chunks=1,
     layer_bytes = tokens * (per_token + lora_per_token)
     eager_scores = b * s["heads"] * seq * seq * 4 if s["attn"] == "eager" else 0  # softmax in fp32
     layer_bytes += eager_scores
+    # padded=True: some batch has padding, so SDPA gets an explicit mask instead of is_causal, and
+    # each layer's call turns it into a float bias, bs x 1 x seq x seq, which it saves for backward.
+    attention_mask = b * seq * seq * act if padded and s["attn"] == "sdpa" else 0
+    layer_bytes += attention_mask
 
     ckpt = checkpointing
     terms = {
@@ -1059,21 +1176,28 @@ def budget(model, *, bs, seq, checkpointing, autocast_dtype=None, loss_chunks=1,
         "einsum_expert_outputs_per_layer": (tokens * 4 * lora["experts"] * sum(o for _, o in adapted.values())
                                             if lora["impl"] == "einsum" and lora["experts"] > 1 and not full
                                             else 0),
+        "attention_mask_per_layer": attention_mask,
         "dropout_masks_per_layer": tokens * ((2 * h * mask if s["dropout"] > 0 else 0)
                                              + (sum(d for d, _ in adapted.values()) * mask
                                                 if lora_dropout > 0 else 0)),
         "checkpointed_inputs": layers * tokens * h * act if ckpt else 0,
         "saved_activations": (layers * tokens * h * act if ckpt else layers * layer_bytes)
-                             + tokens * h * act,   # + the final norm's input
+                             + tokens * h * act    # + the final norm's input
+                             + (b * seq * seq if attention_mask else 0),  # + the bool mask, once
         "logits": b * (seq - 1) * s["vocab"] * 4 // loss_chunks,   # one fp32 copy
         "logits_16bit": (b * (seq - 1) * s["vocab"] * act // loss_chunks) if act < 4 else 0,
+        # chunked: the gradients the fused head and loss take in forward and keep for backward
+        # (the hidden states', in their dtype, the last position's zero included; the head's, fp32)
+        "kept_loss_gradient": (tokens * h * _dtype_bytes(s["weights_dtype"])
+                               + (s["vocab"] * h * 4 if full or s["head_trains"] else 0)
+                               if loss_chunks > 1 else 0),
         "autocast_weight_copies": 0,
     }
     if autocast_dtype is not None and autocast_dtype != s["weights_dtype"]:
         # Autocast re-casts each frozen weight at every call and the copy is saved for backward;
         # under checkpointing only one layer's copies (and lm_head's) exist at a time.
         layer_weights = sum(i * o for i, o in s["linears"].values())
-        head = s["vocab"] * h
+        head = s["vocab"] * h // loss_chunks  # the fused loss casts one slice of the head at a time
         terms["autocast_weight_copies"] = _dtype_bytes(autocast_dtype) * (
             head + layer_weights * (1 if ckpt else layers))
     steady = terms["params"] + terms["optimizer_state"]
@@ -1086,10 +1210,13 @@ def budget(model, *, bs, seq, checkpointing, autocast_dtype=None, loss_chunks=1,
         forward_peak = steady + saved + 2 * terms["logits"] + terms["logits_16bit"]
         backward_start = steady + saved + 3 * terms["logits"]
     else:
-        # one chunk at a time: its logits and log-softmax, then in backward their two gradients
-        # while the recomputed log-softmax is held, and the hidden states' gradient filling up
-        forward_peak = steady + saved + 2 * logits
-        backward_start = steady + saved + 3 * logits + tokens * h * 4
+        # The head and the loss fused: in forward, one chunk at a time, its logits and its
+        # log-softmax (turned in place into its gradient), while the hidden states' gradient (and
+        # the head's, when it trains), kept for backward, fills up; backward only scales what was
+        # kept into a copy. Nothing is recomputed.
+        kept = terms["kept_loss_gradient"]
+        forward_peak = steady + saved + 2 * terms["logits"] + kept
+        backward_start = steady + saved + 2 * kept
     recompute = 0
     if ckpt:
         # one layer recomputed, plus its gradients in flight, while the other inputs stay
@@ -1103,7 +1230,7 @@ def budget(model, *, bs, seq, checkpointing, autocast_dtype=None, loss_chunks=1,
         "trainable_params": trainable_bytes, "frozen_params": param_bytes - trainable_bytes,
         "gradients": terms["gradients"] if peak_phase == "optimizer" else 0,
         "optimizer_state": terms["optimizer_state"],
-        "activations": saved + terms["logits"],
+        "activations": saved + (terms["logits"] if loss_chunks == 1 else terms["kept_loss_gradient"]),
     }
     if peak_phase == "optimizer":
         categories["activations"] = 0
@@ -1280,8 +1407,9 @@ def diff(a, b):
     for c in CATEGORIES:
         rows.append((f"at peak: {c.replace('_', ' ')}", a["categories"].get(c), b["categories"].get(c)))
     ga, gb = _modules_by_group(a), _modules_by_group(b)
-    groups = sorted(set(ga) | set(gb), key=lambda g: -abs(gb.get(g, {"bytes": 0})["bytes"]
-                                                          - ga.get(g, {"bytes": 0})["bytes"]))
+    groups = sorted(set(ga) | set(gb), key=lambda g: (-abs(gb.get(g, {"bytes": 0})["bytes"]
+                                                           - ga.get(g, {"bytes": 0})["bytes"]), g))
+    # (ties by name: a set's order changes with the hash seed, and the table shows the first rows)
     for g in groups:
         count = max(ga.get(g, {}).get("count", 0), gb.get(g, {}).get("count", 0))
         if g.startswith("(op "):  # made outside any module: the op names the row in both stacks

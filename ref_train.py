@@ -11,6 +11,7 @@ weight values).
 """
 import argparse
 import functools
+import itertools
 import math
 import os
 import sys
@@ -37,10 +38,28 @@ PRECISIONS = {  # Lightning's names -> (weights' dtype, autocast dtype or None)
 }
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 MIN_SEQ = 16
+PADDING_LOOKAHEAD = 64  # batches read before training to tell whether the budget has a padding mask
 CKPT_MODES = ("manual", "hf", "reentrant", "none")
 WEIGHTS_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
                  "pytorch_model.bin.index.json")
 MODEL_DIR = "a Hugging Face model directory (config.json and model.safetensors or pytorch_model.bin)"
+# --targets auto, per config.model_type: the attention projections PEFT adapts by default, copied
+# from peft.utils.constants.TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING (PEFT 0.21; peft is
+# not imported at run time). phi3 is not in PEFT's table: its fused query/key/value projection.
+# Another model type gets q_proj,v_proj when it has them.
+DEFAULT_TARGETS = {
+    "opt": ("q_proj", "v_proj"), "llama": ("q_proj", "v_proj"), "mistral": ("q_proj", "v_proj"),
+    "mixtral": ("q_proj", "v_proj"), "qwen2": ("q_proj", "v_proj"), "qwen3": ("q_proj", "v_proj"),
+    "gemma": ("q_proj", "v_proj"), "gemma2": ("q_proj", "v_proj"),
+    "phi": ("q_proj", "v_proj", "fc1", "fc2"), "phi3": ("qkv_proj",),
+    "gpt2": ("c_attn",), "gpt_neox": ("query_key_value",), "falcon": ("query_key_value",),
+    "bloom": ("query_key_value",),
+}
+# A tokenizer this small cannot be the model's: transformers returns a 0-5 token tokenizer for a
+# folder without tokenizer files (Qwen2, Gemma, GPT-NeoX, GPT-2, OPT), while real pairs have at
+# least 99% as many tokens as embedding rows (Llama 32000/32000, Qwen2 151643/151936, OPT
+# 50265/50272). Below MIN_TOKENS tokens, or 1% of the rows, the stand-in is used instead.
+MIN_TOKENS = 64
 
 
 class UsageError(ValueError):
@@ -79,7 +98,12 @@ def build_parser():
     g.add_argument("--alpha", type=float, default=32)
     g.add_argument("--experts", type=int, default=4, help="experts; each has rank r/experts")
     g.add_argument("--dropout", type=float, default=0.0, help="LoRA dropout (iLoRA uses 0.1)")
-    g.add_argument("--targets", default="q_proj,v_proj", help="comma list of linear names, or all-linear")
+    g.add_argument("--targets", default="auto",
+                   help="comma list of linear names; all-linear: every linear layer of the decoder "
+                        "layers (GPT-2's Conv1D included); auto: the model type's attention "
+                        "projections as PEFT picks them (q_proj,v_proj on OPT, Llama, Mistral, Qwen, "
+                        "Gemma; c_attn on GPT-2; query_key_value on GPT-NeoX, Falcon, Bloom; "
+                        "qkv_proj on Phi-3; q_proj,v_proj,fc1,fc2 on Phi)")
     g.add_argument("--impl", choices=ilora.IMPLS, default="lean",
                    help="lean: gate the rank slices, apply B once; einsum: iLoRA's per-expert outputs")
     g.add_argument("--lora-dtype", choices=("fp32", "match"), default="fp32",
@@ -94,8 +118,9 @@ def build_parser():
     g.add_argument("--weights-dtype", choices=tuple(DTYPES),
                    help="override the weights' dtype (bf16 under 16-mixed is iLoRA's setup)")
     g.add_argument("--loss-chunks", type=int, default=1,
-                   help="compute lm_head + loss over N checkpointed slices of the sequence, so the "
-                        "bs x seq x vocab logits never exist at once")
+                   help="compute lm_head + loss fused, over N slices of the vocabulary, with the "
+                        "gradient taken in forward: the bs x seq x vocab logits never exist at once "
+                        "and backward recomputes nothing")
     g.add_argument("--max-memory", type=float, metavar="MiB",
                    help="raise out-of-memory when live tensors pass this (tests the OOM path on CPU)")
     g.add_argument("--inject-leak", action="store_true",
@@ -238,39 +263,60 @@ def load_model(args, weights_dtype, meta=False):
     max_positions = getattr(config or OPTConfig(), "max_position_embeddings", None)
     if max_positions is not None and args.seq > max_positions:  # before the weights are read
         raise UsageError(f"--seq {args.seq}: {args.model} holds at most {max_positions} positions")
-    try:
-        if config is None or meta:
-            config = config or OPTConfig()  # OPTConfig()'s defaults are exactly opt-125m's
-            config._attn_implementation = args.attn
-            torch.manual_seed(args.seed)
-            with torch.device("meta" if meta else "cpu"):
-                model = AutoModelForCausalLM.from_config(config).to(weights_dtype)
-            source = (f"model: {DEFAULT_MODEL} is not in the local cache ({_hf_cache()}); using its "
-                      "architecture from OPTConfig() with seeded random weights (memory does not "
-                      "depend on weight values)")
-        else:
-            model = AutoModelForCausalLM.from_pretrained(args.model, local_files_only=True,
-                                                         dtype=weights_dtype, attn_implementation=args.attn)
-            source = f"model: {args.model} from local files"
-    except Exception as e:
-        if memcheck.is_out_of_memory(e):  # the weights did not fit: that is the finding, not bad input
-            raise
-        raise _load_error(args, e) from e
+    notes = []
+    for attempt in ("requested", "eager"):
+        try:
+            if config is None or meta:
+                config = config or OPTConfig()  # OPTConfig()'s defaults are exactly opt-125m's
+                config._attn_implementation = args.attn
+                torch.manual_seed(args.seed)
+                with torch.device("meta" if meta else "cpu"):
+                    model = AutoModelForCausalLM.from_config(config).to(weights_dtype)
+                source = (f"model: {DEFAULT_MODEL} is not in the local cache ({_hf_cache()}); using its "
+                          "architecture from OPTConfig() with seeded random weights (memory does not "
+                          "depend on weight values)")
+            else:
+                model = AutoModelForCausalLM.from_pretrained(args.model, local_files_only=True,
+                                                             dtype=weights_dtype, attn_implementation=args.attn)
+                source = f"model: {args.model} from local files"
+            break
+        except Exception as e:
+            if memcheck.is_out_of_memory(e):  # the weights did not fit: that is the finding, not bad input
+                raise
+            if attempt == "requested" and args.attn == "sdpa" and _no_sdpa(e):
+                # Bloom, Gemma2: fall back as transformers' own default would; the budget reads the
+                # model's config, so it follows. args.attn is what ran (the report's config).
+                notes.append(f"attention: {type(config).__name__.removesuffix('Config')} does not support "
+                             "PyTorch's scaled_dot_product_attention; using eager attention (it stores "
+                             "bs x heads x seq^2 scores; the budget counts them)")
+                args.attn = "eager"
+                continue
+            raise _load_error(args, e) from e
     try:
         tokenizer = AutoTokenizer.from_pretrained(args.model, local_files_only=True)
     except (OSError, ValueError):
         tokenizer = None
-    if tokenizer is not None and tokenizer.vocab_size == 0:
-        tokenizer = None  # transformers returns an empty tokenizer for a folder without one
-    return model, tokenizer, source
+    rows = model.get_input_embeddings().num_embeddings
+    if tokenizer is not None and len(tokenizer) < max(MIN_TOKENS, rows / 100):
+        # transformers returns a 0-5 token tokenizer for a folder without tokenizer files: resizing
+        # to it would shrink the vocabulary, and the run would measure a different model.
+        notes.append(f"tokenizer: the one in {args.model} has {len(tokenizer)} token(s) for "
+                     f"{rows} embedding rows, so it cannot be the model's (a folder without tokenizer "
+                     "files); using the stand-in BPE trained on the catalogue")
+        tokenizer = None
+    elif tokenizer is None:
+        notes.append(f"tokenizer: none in {args.model}; using the stand-in BPE trained on the catalogue")
+    return model, tokenizer, "\n".join([source, *notes])
+
+
+def _no_sdpa(error):
+    message = _first_line(error)
+    return "scaled_dot_product_attention" in message or "sdpa" in message.lower()
 
 
 def _load_error(args, error):
     """What failed to load the model, as a UsageError naming the file or the flag to change."""
-    message = _first_line(error)
-    if "scaled_dot_product_attention" in message or "sdpa" in message.lower():
-        return UsageError(f"--attn {args.attn}: {args.model} does not support PyTorch's "
-                          "scaled_dot_product_attention; use --attn eager")
+    message = _first_line(error)  # (no SDPA support is not an error: load_model falls back to eager)
     if isinstance(error, ValueError):  # transformers' word on the config or the architecture
         return UsageError(f"--model {args.model}: cannot load it as a causal language model ({message})")
     # Anything else came from reading the weights: safetensors, torch.load or the file system.
@@ -291,11 +337,26 @@ def prepare_vocabulary(model, tokenizer, stand_in, mean_resizing=True):
     """Add the placeholder tokens and resize the embeddings, as the real stack does.
 
     A stand-in tokenizer trained here has a small vocabulary of its own, so the model keeps its size
-    and grows by the added tokens, as it would with its real tokenizer.
+    and grows by the added tokens, as it would with its real tokenizer (and never has fewer rows
+    than the stand-in has tokens).
     """
     added = data.add_special_tokens(tokenizer)
-    model.resize_token_embeddings(model.config.vocab_size + added if stand_in else len(tokenizer),
-                                  mean_resizing=mean_resizing)
+    size = max(model.config.vocab_size + added, len(tokenizer)) if stand_in else len(tokenizer)
+    model.resize_token_embeddings(size, mean_resizing=mean_resizing)
+
+
+def resolve_targets(model, targets, known):
+    """--targets with "auto" replaced by the model type's default (DEFAULT_TARGETS)."""
+    if "auto" not in targets:
+        return tuple(targets)
+    model_type = getattr(model.config, "model_type", None)
+    default = DEFAULT_TARGETS.get(model_type)
+    if default is None and {"q_proj", "v_proj"} <= set(known):
+        default = ("q_proj", "v_proj")
+    if default is None:
+        raise UsageError(f"--targets auto: no default targets for model type {model_type}; name them: "
+                         f"the decoder's linear layers are {', '.join(known) or 'none'}, or all-linear")
+    return tuple(dict.fromkeys(n for t in targets for n in (default if t == "auto" else (t,))))
 
 
 def decoder_layers(model):
@@ -346,6 +407,7 @@ def build_base(args, meta=False):
     weights_dtype, _ = dtypes(args)
     model, tokenizer, source = load_model(args, weights_dtype, meta)  # checks --seq against the config
     known = ilora.linear_names(model)
+    args.targets = resolve_targets(model, args.targets, known)  # what ran: the report's config
     unknown = [t for t in args.targets if t != "all-linear" and t not in known]
     if unknown or not args.targets:
         raise UsageError(f"--targets {','.join(args.targets) or '(empty)'}: unknown "
@@ -395,36 +457,141 @@ def build(args, meta=False):
     return model, items, batches, source, adapted
 
 
-def plan(args, model=None, items=None, full=False):
-    """memcheck's budget for this run; the modules are built on the meta device when not given."""
+def plan(args, model=None, items=None, full=False, padded=False):
+    """memcheck's budget for this run; the modules are built on the meta device when not given.
+
+    padded: whether a batch of the run has padding (then SDPA saves a mask in every layer)."""
     if model is None:
         model, items, *_ = build(args, meta=True)
     return memcheck.budget(model, bs=args.bs, seq=args.seq, checkpointing=args.ckpt != "none",
                            autocast_dtype=dtypes(args)[1], loss_chunks=args.loss_chunks,
-                           device=args.device, extra=[items], full=full)
+                           device=args.device, extra=[items], full=full, padded=padded)
 
 
 # ---------------------------------------------------------------- the step
 
 def lm_loss(head, hidden, labels, chunks=1):
-    """Mean next-token cross-entropy over the labelled positions, optionally in sequence chunks.
+    """Mean next-token cross-entropy over the labelled positions, optionally in chunks.
 
-    With chunks > 1 each slice's logits are made, used and dropped inside a checkpoint, and made
-    again in backward: only one slice of bs x seq x vocab logits exists at a time.
+    With chunks > 1 the head and the loss run fused over slices of the vocabulary
+    (_ChunkedLinearCrossEntropy): each slice's logits are made, used and dropped in forward, so
+    only 1/chunks of the bs x seq x vocab logits exists at a time, and backward recomputes nothing.
     """
-    hidden, labels = hidden[:, :-1], labels[:, 1:]
-    n_targets = (labels != data.IGNORE).sum()
-    if chunks == 1:
-        return _loss_sum(head, hidden, labels) / n_targets
-    total = sum(checkpoint(_loss_sum, head, h, y, use_reentrant=False)
-                for h, y in zip(hidden.tensor_split(chunks, dim=1), labels.tensor_split(chunks, dim=1)))
-    return total / n_targets
+    n_targets = (labels[:, 1:] != data.IGNORE).sum()
+    if chunks > 1:
+        return _ChunkedLinearCrossEntropy.apply(hidden, head.weight, head.bias, labels, n_targets,
+                                                chunks, torch.is_grad_enabled())
+    return _loss_sum(head, hidden[:, :-1], labels[:, 1:]) / n_targets
 
 
 def _loss_sum(head, hidden, labels):
     logits = head(hidden).float()  # the loss in fp32, as transformers computes it
     return F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=data.IGNORE,
                            reduction="sum")
+
+
+class _ChunkedLinearCrossEntropy(torch.autograd.Function):
+    """The head and the mean cross-entropy fused, with the gradient taken in forward, in chunks.
+
+    Takes the whole hidden states and labels (bs x seq) and shifts them itself. The logits are made
+    one slice of the vocabulary at a time, for every position at once: a chunk is 1/chunks of
+    them, and the matrix products stay as large as the plain path's (slices of the positions would
+    stream the whole head weight through the CPU twice per slice). Each chunk's logits (16-bit
+    under autocast, then fp32, as head(hidden).float() would be) are folded into a running
+    log-sum-exp and, as in flash attention, into a running softmax-weighted sum of the head's rows,
+    rescaled when the running maximum grows; the gradient of the loss sum with respect to the hidden
+    states is then that sum over the log-sum-exp's exponent minus the target's row of the head
+    (softmax minus one-hot, times the head's weight; zero at ignored labels). What is kept for
+    backward is that gradient, bs x seq x hidden in the hidden states' dtype, the last position's
+    zero included: backward only scales it by grad_output / n_targets, and the logits are never made
+    again. A head that trains (weight or bias) needs the normalised softmax of each chunk, so then
+    a first pass finds the log-sum-exp and a second makes every chunk's logits again, keeping the
+    head's fp32 gradient too. Nothing is kept when nothing needs a gradient.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, labels, n_targets, chunks, grad_enabled):
+        need_h, need_w, need_b = (need and grad_enabled for need in ctx.needs_input_grad[:3])
+        kind, f32 = hidden.device.type, torch.float32
+        # Under autocast the plain path runs the head in autocast's dtype: cast each slice of the
+        # head here, and keep autocast out of the rest, whose dtypes are chosen explicitly.
+        compute = torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else weight.dtype
+        two_pass = need_w or need_b
+        with torch.autocast(kind, enabled=False):
+            bs, seq, width = hidden.shape
+            h = hidden[:, :-1].to(compute).reshape(-1, width)
+            y = labels[:, 1:].reshape(-1)
+            valid = y != data.IGNORE
+            slices = [(int(r[0]), int(r[-1]) + 1)
+                      for r in torch.arange(weight.shape[0]).tensor_split(chunks) if len(r)]
+
+            def logits(start, end):
+                b = None if bias is None else bias[start:end].to(compute)
+                return F.linear(h, weight[start:end].to(compute), b).float()
+
+            # Each position's target logit, as the head's product would round it.
+            rows = weight[y.clamp(min=0)].to(compute)
+            target = torch.linalg.vecdot(h.float(), rows.float())
+            if bias is not None:
+                target += bias[y.clamp(min=0)].to(compute).float()
+            target = target.to(compute).float()
+            running_max = torch.full((h.shape[0],), -math.inf, dtype=f32, device=h.device)
+            sum_exp = torch.zeros_like(running_max)
+            weighted = torch.zeros(h.shape, dtype=f32, device=h.device) if need_h else None
+            for start, end in slices:
+                z = logits(start, end)
+                new_max = torch.maximum(running_max, z.amax(dim=1))
+                rescale = (running_max - new_max).exp_()[:, None]
+                z.sub_(new_max[:, None]).exp_()       # exp(logits - running max), in place
+                sum_exp.mul_(rescale[:, 0]).add_(z.sum(dim=1))
+                if need_h and not two_pass:
+                    weighted.mul_(rescale)
+                    if compute == f32:
+                        weighted.addmm_(z, weight[start:end])
+                    else:
+                        weighted += torch.mm(z.to(compute), weight[start:end].to(compute))
+                running_max = new_max
+                del z
+            lse = running_max + sum_exp.log()
+            total = torch.where(valid, lse - target, 0).sum()
+            grad_w = torch.zeros(weight.shape, dtype=f32, device=weight.device) if need_w else None
+            grad_b = torch.zeros(bias.shape, dtype=f32, device=bias.device) if need_b else None
+            if need_h and not two_pass:
+                weighted.div_(sum_exp[:, None])      # the softmax-weighted rows of the head
+                weighted.sub_(rows)
+            elif two_pass:
+                for start, end in slices:            # d(loss sum) / d(logits), chunk by chunk
+                    p = logits(start, end).sub_(lse[:, None]).exp_()
+                    inside = valid & (y >= start) & (y < end)
+                    p.scatter_add_(1, (y - start).clamp(0, end - start - 1)[:, None], inside[:, None].to(f32).neg())
+                    p.masked_fill_(~valid[:, None], 0)
+                    if need_b:
+                        grad_b[start:end] = p.sum(dim=0)
+                    p = p.to(compute)
+                    if need_h:
+                        weighted.add_(torch.mm(p, weight[start:end].to(compute)))
+                    if need_w:
+                        grad_w[start:end] = torch.mm(p.t(), h)
+                    del p
+            grad_h = None
+            if need_h:
+                weighted.masked_fill_(~valid[:, None], 0)
+                grad_h = torch.zeros(hidden.shape, dtype=hidden.dtype, device=hidden.device)
+                grad_h[:, :-1] = weighted.view(bs, seq - 1, width)  # the last position predicts nothing
+                del weighted
+        ctx.save_for_backward(grad_h, grad_w, grad_b, n_targets)
+        ctx.dtypes = (weight.dtype, None if bias is None else bias.dtype)
+        return total / n_targets
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_output):
+        grad_h, grad_w, grad_b, n_targets = ctx.saved_tensors
+        scale = grad_output / n_targets
+        return (None if grad_h is None else grad_h * scale,
+                None if grad_w is None else (grad_w * scale).to(ctx.dtypes[0]),
+                None if grad_b is None else (grad_b * scale).to(ctx.dtypes[1]),
+                None, None, None, None)
 
 
 def forward_loss(model, items, batch, args):
@@ -496,10 +663,21 @@ def train(args, log=print):
                 scaler = torch.amp.GradScaler(args.device, enabled=args.precision == "16-mixed")
                 modules = nn.ModuleDict({"lm": model, "ilora": items})
                 probe.attach(modules, optimizer)
+            config.update(targets=list(args.targets), attn=args.attn)  # auto and a fallback resolved
             log(source)
+            fused = ilora.fused_experts(model) if "all-linear" in args.targets else []
+            if fused:
+                log(f"not adapted: {len(fused)} {fused[0][1]} modules ({fused[0][0]}, ...) hold their "
+                    "experts' weights fused in 3-D tensors, not linear layers; all-linear adapts the "
+                    "linear layers only")
             n_trainable, n_frozen = count_params(modules)
             extra["params"] = {"trainable": n_trainable, "frozen": n_frozen, "adapted": len(adapted)}
-            extra["budget"] = plan(args, model, items)
+            # The run's first batches (up to PADDING_LOOKAHEAD), made now: torch.tensor() from lists
+            # is no allocation the tracker sees. Whether one has padding is a term of the budget.
+            first = list(itertools.islice(batches, min(args.steps, PADDING_LOOKAHEAD)))
+            padded = any(not b["attention_mask"].numpy().all() for b in first)
+            extra["budget"] = plan(args, model, items, padded=padded)
+            batches = itertools.chain(first, batches)
             log(f"adapted {len(adapted)} linear layers ({', '.join(args.targets)}), "
                 f"r={args.r}, experts={args.experts}, impl={args.impl}, ckpt={args.ckpt}, "
                 f"precision={args.precision}, weights={dtypes(args)[0]}, device={args.device}")
