@@ -68,7 +68,7 @@ def is_out_of_memory(error):
         isinstance(error, RuntimeError) and "can't allocate memory" in str(error))
 
 
-def _first_line(error):
+def first_line(error):
     return (str(error).strip().splitlines() or [type(error).__name__])[0]
 
 
@@ -371,7 +371,7 @@ class Probe:
             elif is_out_of_memory(error):
                 self._record_oom(error)
             elif self.status == "ok":
-                self.status, self.error = "error", f"{type(error).__name__}: {_first_line(error)}"
+                self.status, self.error = "error", f"{type(error).__name__}: {first_line(error)}"
         if not self._open:
             return
         self._open = False
@@ -580,7 +580,7 @@ class Probe:
     # -- failures
     def _record_oom(self, error):
         self.status = "oom"
-        self.error = _first_line(error)
+        self.error = first_line(error)
         if self.oom is None:
             self.oom = {"phase": self.tracker.phase or "between phases", "step": self.tracker.step,
                         "message": self.error}

@@ -259,7 +259,7 @@ def load_model(args, weights_dtype, meta=False):
         config = None
     except ValueError as e:  # a config.json without model_type, or of an unknown one
         raise UsageError(f"--model {args.model}: its config.json is not a model's config "
-                         f"({_first_line(e)})") from e
+                         f"({memcheck.first_line(e)})") from e
     max_positions = getattr(config or OPTConfig(), "max_position_embeddings", None)
     if max_positions is not None and args.seq > max_positions:  # before the weights are read
         raise UsageError(f"--seq {args.seq}: {args.model} holds at most {max_positions} positions")
@@ -310,22 +310,18 @@ def load_model(args, weights_dtype, meta=False):
 
 
 def _no_sdpa(error):
-    message = _first_line(error)
+    message = memcheck.first_line(error)
     return "scaled_dot_product_attention" in message or "sdpa" in message.lower()
 
 
 def _load_error(args, error):
     """What failed to load the model, as a UsageError naming the file or the flag to change."""
-    message = _first_line(error)  # (no SDPA support is not an error: load_model falls back to eager)
+    message = memcheck.first_line(error)  # (no SDPA support is not an error: load_model falls back to eager)
     if isinstance(error, ValueError):  # transformers' word on the config or the architecture
         return UsageError(f"--model {args.model}: cannot load it as a causal language model ({message})")
     # Anything else came from reading the weights: safetensors, torch.load or the file system.
     return UsageError(f"--model {args.model}: cannot read the weights in {_weights_file(args.model)} "
                       f"({message}); is the file truncated, or still downloading?")
-
-
-def _first_line(error):
-    return (str(error).strip().splitlines() or [type(error).__name__])[0]
 
 
 def _hf_cache():
