@@ -10,7 +10,6 @@ Every command takes ref_train.py's flags for the baseline it varies, and its own
 `python drive.py COMMAND --help`. The figures come from memcheck.py, the one file to copy into your
 own stack; this file needs the whole project.
 """
-import argparse
 import contextlib
 import functools
 import gc
@@ -28,8 +27,8 @@ import torch
 
 import data
 import ref_train
-from memcheck import (MiB, Probe, ReportError, is_out_of_memory, markdown_block, mib, read_report,
-                      text_table, verdict, write_report)
+from memcheck import (MiB, OneLineParser, Probe, ReportError, is_out_of_memory, markdown_block, mib,
+                      read_report, text_table, verdict, write_report)
 
 # ---------------------------------------------------------------- ablate: one run per suspect
 
@@ -742,14 +741,9 @@ def figures(sections=QUICK_SECTIONS, measure_grid=False, log=print, readme=READM
 
 # ---------------------------------------------------------------- command line
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line naming the value, exit code 2: see main()
-        raise ReportError(message)
-
-
 def _parser(command, summary, *flags):
     """A command's own parser: its flags, then every ref_train.py flag for the baseline."""
-    p = _Parser(prog=f"drive.py {command}", description=summary, allow_abbrev=False,
+    p = OneLineParser(prog=f"drive.py {command}", description=summary, allow_abbrev=False,
                 epilog="Any other flag is ref_train.py's (python ref_train.py --help lists them) and "
                        "sets the baseline the command varies, e.g. --bs 2 --seq 128 --model DIR.")
     for args, kwargs in flags:

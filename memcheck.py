@@ -380,7 +380,9 @@ class Probe:
             h.remove()
         self._hooks.clear()
         self._stack.close()
-        if self._step_started is not None:  # a step that never finished still has its checks
+        # A step left open by a loop that ended normally (an eval loop that never calls step())
+        # still has its checks; one cut short by a failure saved for a backward that never came.
+        if self._step_started is not None and self.status == "ok":
             self._check_step()
         if self.path:
             report = self.report()
@@ -533,7 +535,7 @@ class Probe:
         if name == "forward":  # what forward made and still holds is kept for backward
             for r in tracker.window:
                 if r.freed is None and r.phase == "forward" and r.step == tracker.step:
-                    if CATEGORIES.index(r.category) > CATEGORIES.index("activations"):
+                    if _RANK[r.category] > _RANK["activations"]:
                         r.category = "activations"
         stats = {"peak_bytes": tracker.peak_bytes, "live_bytes": tracker.live_bytes,
                  "step": tracker.step, "categories": tracker.categories(tracker.peak_event),
@@ -598,11 +600,7 @@ class Probe:
         if self.model is None:
             return {}
         lm = _language_model(self.model)
-        params = list({id(p): p for p in self.model.parameters()}.values())
-        dtypes = {}
-        for p in params:
-            key = str(p.dtype).replace("torch.", "")
-            dtypes[key] = dtypes.get(key, 0) + p.numel() * p.element_size()
+        dtypes = _bytes_by_dtype(_unique_params([self.model]))
         adapters = _adapters(self.model)
         flagged = bool(_checkpointed_layers(self.model))
         config = {"probe": True, "model_class": type(lm or self.model).__name__,
@@ -1015,6 +1013,20 @@ _SHARED_INPUTS = {"q_proj": "attention input", "k_proj": "attention input", "v_p
 _ALREADY_SAVED = {"out_proj", "o_proj", "fc2", "down_proj"}
 
 
+def _unique_params(modules):
+    """Every parameter of `modules` once (tied weights and shared modules counted once)."""
+    params = [p for m in modules if m is not None for p in m.parameters()]
+    return list({id(p): p for p in params}.values())
+
+
+def _bytes_by_dtype(params):
+    by_dtype = {}
+    for p in params:
+        key = str(p.dtype).replace("torch.", "")
+        by_dtype[key] = by_dtype.get(key, 0) + p.numel() * p.element_size()
+    return by_dtype
+
+
 def _dtype_bytes(dtype):
     return torch.empty((), dtype=dtype, device="meta").element_size()
 
@@ -1126,12 +1138,8 @@ def budget(model, *, bs, seq, checkpointing, autocast_dtype=None, loss_chunks=1,
     tokens = b * seq
     h, ffn, layers = s["hidden"], s["ffn"], s["layers"]
 
-    params = [p for m in (model, *extra) if m is not None for p in m.parameters()]
-    params = list({id(p): p for p in params}.values())
-    by_dtype = {}
-    for p in params:
-        key = str(p.dtype).replace("torch.", "")
-        by_dtype[key] = by_dtype.get(key, 0) + p.numel() * p.element_size()
+    params = _unique_params([model, *extra])
+    by_dtype = _bytes_by_dtype(params)
     trained = params if full else [p for p in params if p.requires_grad]
     trainable_bytes = sum(p.numel() * p.element_size() for p in trained)
     param_bytes = sum(by_dtype.values())
@@ -1421,11 +1429,11 @@ def diff(a, b):
     return rows
 
 
-def _dominant_op(a, b, row):
+def _dominant_op(groups_a, groups_b, row):
     """(op, excess bytes) when one op explains most of a module row's excess, else None."""
     group = row[0][len("module "):].split(" (x")[0]
-    ops_a = _modules_by_group(a).get(group, {}).get("ops", {})
-    ops_b = _modules_by_group(b).get(group, {}).get("ops", {})
+    ops_a = groups_a.get(group, {}).get("ops", {})
+    ops_b = groups_b.get(group, {}).get("ops", {})
     excess = {op: ops_b.get(op, 0) - ops_a.get(op, 0) for op in set(ops_a) | set(ops_b)}
     if not excess:
         return None
@@ -1469,7 +1477,8 @@ def conclusion(a, b, rows):
         if places and what.endswith("activations"):  # module and op rows are saved activations
             name, ma, mb = max(places, key=lambda r: sign * (r[2] - r[1]))
             if sign * (mb - ma) > 0:
-                op = _dominant_op(a, b, (name, ma, mb)) if name.startswith("module ") else None
+                op = (_dominant_op(_modules_by_group(a), _modules_by_group(b), (name, ma, mb))
+                      if name.startswith("module ") else None)
                 line += (f", mostly {name.split(' ', 1)[1]} ({(mb - ma) / MiB:+.1f} MiB"
                          + (f", op {op[0]})" if op else ")"))
     return line
@@ -1489,6 +1498,7 @@ def format_diff(a, b, name_a="A", name_b="B", markdown=False):
     fmt = lambda v: "not measured" if v is None else mib(v)
     header = ("", f"{name_a} MiB", f"{name_b} MiB", "B - A MiB", "B / A")
     shown, modules = [], 0
+    groups_a, groups_b = _modules_by_group(a), _modules_by_group(b)
     for what, x, y in rows:
         if what.startswith("module "):
             modules += 1
@@ -1504,7 +1514,7 @@ def format_diff(a, b, name_a="A", name_b="B", markdown=False):
         shown.append((what, fmt(x), fmt(y), f"{(y - x) / MiB:+.1f}" if both else "-",
                       f"{y / x:.2f}x" if both and x else "-"))
         if what.startswith("module ") and modules <= 3 and abs(y - x) > SAME_WITHIN * a["peak_bytes"]:
-            op = _dominant_op(a, b, (what, x, y))
+            op = _dominant_op(groups_a, groups_b, (what, x, y))
             if op and op[1]:
                 shown.append((f"  mostly op {op[0]}", "", "", f"{op[1] / MiB:+.1f}", ""))
     if modules > TOP_DIFF_MODULES:
@@ -1518,7 +1528,6 @@ def format_diff(a, b, name_a="A", name_b="B", markdown=False):
     changed = config_differences(a, b)
     notes.append("different configurations: " + ", ".join(f"{k}: {x!r} -> {y!r}" for k, (x, y) in changed.items())
                  if changed else "same configuration (on the keys both reports have)")
-    kinds_a = {w["kind"] for w in a.get("warnings") or []}
     for side, report, other in (("A", a, b), ("B", b, a)):
         theirs = {w["kind"] for w in other.get("warnings") or []}
         for w in report.get("warnings") or []:
@@ -1534,13 +1543,15 @@ def format_diff(a, b, name_a="A", name_b="B", markdown=False):
 
 # ---------------------------------------------------------------- command line
 
-class _Parser(argparse.ArgumentParser):
+class OneLineParser(argparse.ArgumentParser):
+    """argparse whose errors are a ReportError: one line naming the value, exit code 2."""
+
     def error(self, message):
         raise ReportError(message)
 
 
 def diff_parser():
-    p = _Parser(prog="memcheck.py diff", allow_abbrev=False,
+    p = OneLineParser(prog="memcheck.py diff", allow_abbrev=False,
                 description="Compare two memcheck reports: A, the reference (ref_train.py --report), and "
                             "B, your stack (a probe's or callback's report). Ends with one line saying "
                             "where B's excess is.")
@@ -1579,7 +1590,14 @@ def main(argv=None):
     except BrokenPipeError:  # `memcheck.py diff A B | head`: the reader has what it wanted
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
-    if args.max_ratio is not None and a["peak_bytes"] and b["peak_bytes"] > args.max_ratio * a["peak_bytes"]:
+    if args.max_ratio is not None:
+        unfinished = [f"{side} {r.get('status', 'ok')}" for side, r in (("A", a), ("B", b))
+                      if r.get("status", "ok") != "ok" or not r["peak_bytes"]]
+        if unfinished:  # a run that stopped early has a smaller peak: never a pass
+            print(f"memcheck.py: --max-ratio needs two finished runs with a peak: {', '.join(unfinished)}",
+                  file=sys.stderr)
+            return 1
+    if args.max_ratio is not None and b["peak_bytes"] > args.max_ratio * a["peak_bytes"]:
         print(f"memcheck.py: B's peak is {b['peak_bytes'] / a['peak_bytes']:.2f}x A's, over --max-ratio "
               f"{args.max_ratio:g}", file=sys.stderr)
         return 1

@@ -1078,6 +1078,7 @@ def test_an_oom_inside_a_real_trainer_still_writes_the_report(stack, tmp_path):
     report = memcheck.read_report(path)
     assert report["status"] == "oom" and report["oom"]["step"] == 1
     assert report["oom"]["phase"] in ("forward", "forward+backward")
+    assert report["warnings"] == []  # a forward cut short is not an evaluation without no_grad
     assert "max_memory_mib" in report["oom"]["message"]
     no_probe_left_behind(model)
 
@@ -1202,6 +1203,10 @@ def test_diff_json_and_the_max_ratio_gate(train_tiny, tmp_path):
     gate = memcheck_cli("diff", short, long, "--max-ratio", f"{ratio * 0.99:.4f}")
     assert gate.returncode == 1 and "over --max-ratio" in gate.stderr
     assert memcheck_cli("diff", short, long, "--max-ratio", f"{ratio * 1.01:.4f}").returncode == 0
+    stopped = tmp_path / "stopped.json"   # an OOM stops early, at a smaller peak: never a pass
+    memcheck.write_report(stopped, dict(memcheck.read_report(short), status="oom"))
+    gate = memcheck_cli("diff", long, stopped, "--max-ratio", "100")
+    assert gate.returncode == 1 and "B oom" in gate.stderr
 
 
 @pytest.mark.parametrize("status", ["oom", "error", "interrupted"])
