@@ -1210,7 +1210,6 @@ def budget(model, *, bs, seq, checkpointing, autocast_dtype=None, loss_chunks=1,
             head + layer_weights * (1 if ckpt else layers))
     steady = terms["params"] + terms["optimizer_state"]
     saved = terms["saved_activations"] + terms["autocast_weight_copies"]
-    logits = terms["logits"] + terms["logits_16bit"]
     if loss_chunks == 1:
         # forward ends with the logits and their log-softmax; backward starts with the log-softmax
         # (saved), the loss's gradient and the logits' gradient.

@@ -33,7 +33,7 @@ from conftest import TINY_OPT, drive_cli, memcheck_cli, run_ref_train
 
 
 def rel_err(a, b):
-    return ((a - b).norm() / b.norm()).item()
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
 
 
 def gated_layer(n_experts=4, impl="lean", r=8, seed=0):
@@ -1650,10 +1650,6 @@ def test_ablate_rows_carry_the_load_peak_and_the_reentrant_variant(tiny_model, t
 
 
 # ---------------------------------------------------------------- the fused loss and the tracker's speed
-
-def rel_err(a, b):
-    return ((a.float() - b.float()).norm() / b.float().norm()).item()
-
 
 def loss_case(vocab=300, width=32, bs=3, seq=20, bias=False, trainable=False, dtype=torch.float32, seed=0):
     """A head, hidden states and labels with ignored positions: a prompt, padding, a row's tail."""
