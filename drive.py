@@ -27,8 +27,8 @@ import torch
 
 import data
 import ref_train
-from memcheck import (MiB, OneLineParser, Probe, ReportError, is_out_of_memory, markdown_block, mib,
-                      read_report, text_table, verdict, write_report)
+from memcheck import (MiB, OneLineParser, Probe, ReportError, cuda_workspaces, is_out_of_memory,
+                      markdown_block, mib, read_report, text_table, verdict, write_report)
 
 # ---------------------------------------------------------------- ablate: one run per suspect
 
@@ -84,15 +84,15 @@ def ablate(base_argv, log=print, steps=3, run=None):
     """Run the reference once per suspect, each in its own process; returns the rows, sorted.
 
     run(argv, report_path) -> (report or None, error line or None) runs one variant; the default
-    starts `python ref_train.py`, so that no variant inherits another's memory or state. On CPU one
-    process per core runs at a time, each on one thread: a process spends seconds starting up on
+    starts `python ref_train.py`, so that no variant inherits another's memory or state. Variants
+    run side by side (_side_by_side), each on one thread: a process spends seconds starting up on
     one core, and the figures are per process, so running side by side changes none of them.
     """
     args = ref_train.parse_args(base_argv)
     # The model and --targets are checked against each other only when the model is built: build it
     # once on the meta device (no memory, seconds), so a typo fails now, not in every variant's row.
     ref_train.build(args, meta=True)
-    jobs = 1 if args.device == "cuda" or run else max(1, os.cpu_count() or 1)
+    jobs = 1 if run else _side_by_side(args)
     run = run or functools.partial(_run_reference, threads=None if jobs == 1 else 1)
     if "--steps" not in base_argv:
         base_argv = [*base_argv, "--steps", str(steps)]
@@ -129,6 +129,16 @@ def ablate(base_argv, log=print, steps=3, run=None):
         row["delta_bytes"] = row["peak_bytes"] - base if row["peak_bytes"] is not None and base else None
     rows[1:] = sorted(rows[1:], key=lambda r: (r["delta_bytes"] is None, -(r["delta_bytes"] or 0)))
     return rows
+
+
+def _side_by_side(args):
+    """How many variants run at once: one per core; on CUDA, no more than fit in the free memory
+    at twice the baseline's budget each."""
+    cores = max(1, os.cpu_count() or 1)
+    if args.device != "cuda":
+        return cores
+    free_bytes, _ = torch.cuda.mem_get_info()
+    return max(1, min(cores, int(free_bytes // (2 * ref_train.plan(args)["peak_bytes"]))))
 
 
 def _load_peak(report):
@@ -332,13 +342,25 @@ def _peft_loop(args):
     return step, model, optimizer
 
 
+def _held_bytes(device):
+    """What the process holds before a loop is built: on CUDA the allocator's peak counts every
+    tensor of the process (an earlier loop's garbage included) and cuBLAS's workspaces."""
+    gc.collect()
+    if device != "cuda":
+        return 0   # the tracker counts the loop's own tensors only
+    torch.cuda.synchronize()
+    return torch.cuda.memory_allocated()
+
+
 def _measure(make_loop, args, steps):
-    """Peak bytes over `steps` tracked steps, and the median seconds of `steps` untracked ones."""
+    """Peak bytes over `steps` tracked steps (above what the process held before), and the median
+    seconds of `steps` untracked ones."""
+    held = _held_bytes(args.device)
     step, model, optimizer = make_loop(args)
     with Probe(model, optimizer, device=args.device) as probe:
         for _ in range(steps):
             probe.step(step(probe))
-    peak = probe.peak["peak_bytes"]
+    peak = probe.peak["peak_bytes"] - held
     tracked = _median([s["seconds"] for s in probe.steps[1:]])
     del probe
     untracked = []
@@ -394,6 +416,9 @@ def bench(base_argv, steps=5, log=print):
     """Every comparison of the benchmark issue; returns rows (what, A, B, ratio, target, met)."""
     args = ref_train.parse_args([*BENCH_BASE, *base_argv])
     rows = []
+    # Every loop's peak is taken above what the process held: make cuBLAS's workspaces now, so
+    # that the first loop does not pay for them alone.
+    cuda_workspaces(args.device)
 
     def add(what, a, b, unit, target=None):
         ratio = a / b

@@ -214,4 +214,7 @@ class ItemModules(nn.Module):
         with torch.no_grad():
             item_vectors = self.sasrec.item_embeddings(item_ids[where])
         projected = self.projector(item_vectors.to(self.projector[0].weight.dtype))
-        return embeds.index_put(where, projected.to(embeds.dtype))
+        # index_put is on autocast's promote list, whose CUDA rule refuses a bf16 tensor under fp16
+        # autocast (iLoRA's bf16 weights under 16-mixed); both sides already share one dtype here.
+        with torch.autocast(embeds.device.type, enabled=False):
+            return embeds.index_put(where, projected.to(embeds.dtype))

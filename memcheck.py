@@ -546,6 +546,8 @@ class Probe:
             stats["peak_bytes"] = torch.cuda.max_memory_allocated(self.device)
             stats["live_bytes"] = torch.cuda.memory_allocated(self.device)
             stats["reserved_bytes"] = torch.cuda.max_memory_reserved(self.device)
+            # What the allocator holds that no tracked tensor owns: cuBLAS's workspaces, mostly.
+            stats["untracked_bytes"] = max(0, stats["live_bytes"] - tracker.live_bytes)
         if name != "load":
             self._step_peak = max(self._step_peak, stats["peak_bytes"])
         if stats["peak_bytes"] >= self.phases.get(name, {"peak_bytes": -1})["peak_bytes"]:
@@ -619,11 +621,15 @@ class Probe:
         seen = self._seen
         if lm is None or "bs" not in seen or self._checkpointing() is None:
             return None
+        # The workspaces exist by now: what the allocator held beyond the tracked tensors says how much.
+        untracked = [s["untracked_bytes"] for n, s in self.phases.items()
+                     if n != "load" and "untracked_bytes" in s]
         try:
             return budget(lm, bs=int(seen["bs"]), seq=int(seen["seq"]),
                           checkpointing=self._checkpointing(),
                           autocast_dtype=getattr(torch, seen["autocast"]) if seen["autocast"] else None,
-                          device=self.device, extra=[self.model])
+                          device=self.device, extra=[self.model],
+                          cuda_workspace_bytes=min(untracked) if untracked else None)
         except (ValueError, AttributeError, KeyError):  # not a decoder the budget can read
             return None
 
@@ -1031,6 +1037,35 @@ def _dtype_bytes(dtype):
     return torch.empty((), dtype=dtype, device="meta").element_size()
 
 
+def cuda_workspaces(device):
+    """Bytes the CUDA allocator gives cuBLAS's workspaces, which no tensor owns (0 off CUDA).
+
+    There is one per library handle and stream, made at a thread's first matrix product: forward's,
+    and backward's on autograd's own thread. Measured, whether or not they exist yet: the
+    workspaces are cleared, a linear layer runs forward and backward in each float dtype (with a
+    bias too, cuBLASLt's path), and the growth of the allocated bytes is theirs.
+    """
+    device = torch.device(device)
+    if device.type != "cuda" or not torch.cuda.is_available():
+        return 0
+    torch.cuda.synchronize(device)
+    clear = getattr(torch._C, "_cuda_clearCublasWorkspaces", None)
+    if clear is not None:
+        clear()
+    before = torch.cuda.memory_allocated(device)
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        try:
+            w = torch.ones(8, 8, device=device, dtype=dtype, requires_grad=True)
+            x = torch.ones(4, 8, device=device, dtype=dtype, requires_grad=True)
+            torch.nn.functional.linear(x, w, w[0].detach()).sum().backward()
+            (x @ w).sum().backward()
+            del w, x
+        except RuntimeError:  # a dtype this GPU has no kernels for
+            pass
+    torch.cuda.synchronize(device)
+    return max(0, torch.cuda.memory_allocated(device) - before)
+
+
 def decoder_layers(model):
     """The ModuleList of decoder layers (the one as long as the config's layer count), or None."""
     n_layers = getattr(getattr(model, "config", None), "num_hidden_layers", None)
@@ -1113,14 +1148,15 @@ def _structure(model):
 
 
 def budget(model, *, bs, seq, checkpointing, autocast_dtype=None, loss_chunks=1, device="cpu",
-           extra=(), full=False, padded=False):
+           extra=(), full=False, padded=False, cuda_workspace_bytes=None):
     """Predict training memory from a model and the run's shapes; every term in bytes.
 
     model: the causal LM with its adapters (any device, the meta device included: nothing is
     allocated). extra: other modules whose parameters train with it (iLoRA's router and projector).
     The LoRA rank, experts, form and dropout are read off the adapted layers, the attention kernel
     and the weights' dtype off the model. full=True budgets full fine-tuning (every parameter
-    trained) for the same shapes, as the seed's "about 1 GB" estimate does.
+    trained) for the same shapes, as the seed's "about 1 GB" estimate does. On CUDA, cuBLAS's
+    workspaces count too: cuda_workspace_bytes when given, else measured (cuda_workspaces).
 
     The activation terms count what autograd saves, per token, in an OPT-style decoder layer
     (calibrated on OPT with SDPA; for other architectures they are an estimate):
@@ -1201,6 +1237,9 @@ def budget(model, *, bs, seq, checkpointing, autocast_dtype=None, loss_chunks=1,
                                if loss_chunks > 1 else 0),
         "autocast_weight_copies": 0,
     }
+    if on_cuda:
+        terms["cuda_workspaces"] = (cuda_workspaces(device) if cuda_workspace_bytes is None
+                                    else cuda_workspace_bytes)
     if autocast_dtype is not None and autocast_dtype != s["weights_dtype"]:
         # Autocast re-casts each frozen weight at every call and the copy is saved for backward;
         # under checkpointing only one layer's copies (and lm_head's) exist at a time.
@@ -1208,7 +1247,7 @@ def budget(model, *, bs, seq, checkpointing, autocast_dtype=None, loss_chunks=1,
         head = s["vocab"] * h // loss_chunks  # the fused loss casts one slice of the head at a time
         terms["autocast_weight_copies"] = _dtype_bytes(autocast_dtype) * (
             head + layer_weights * (1 if ckpt else layers))
-    steady = terms["params"] + terms["optimizer_state"]
+    steady = terms["params"] + terms["optimizer_state"] + terms.get("cuda_workspaces", 0)
     saved = terms["saved_activations"] + terms["autocast_weight_copies"]
     if loss_chunks == 1:
         # forward ends with the logits and their log-softmax; backward starts with the log-softmax

@@ -629,6 +629,40 @@ def train_step(model, items, optimizer, scaler, batch, args, probe, leaked):
 
 # ---------------------------------------------------------------- the run
 
+SNAPSHOT_ENTRIES = 200_000
+# torch.cuda.memory's history settings, richest first: (stacks, context).
+SNAPSHOT_SETTINGS = (("all", "all"), ("python", "all"), ("python", None))
+
+
+def record_allocation_history(log):
+    """Start torch.cuda.memory's allocation history with the richest stack traces that work here.
+
+    torch 2.11 fails a checkpointed layer's recompute in backward while it records stack traces
+    ("SystemError: <built-in method dropout ...> returned NULL without setting an exception",
+    pytorch/pytorch#179536). So each setting first runs a tiny checkpointed layer's backward, under
+    a probe as the run will be, and the first that survives it is kept.
+    """
+    layer = nn.Sequential(nn.Linear(8, 8), nn.Dropout(0.1)).cuda()
+    x = torch.ones(2, 8, device="cuda", requires_grad=True)
+    for stacks, context in SNAPSHOT_SETTINGS:
+        torch.cuda.memory._record_memory_history(max_entries=SNAPSHOT_ENTRIES, stacks=stacks,
+                                                 context=context)
+        try:
+            with memcheck.Probe(device="cuda"):
+                checkpoint(layer, x, use_reentrant=False).sum().backward()
+        except SystemError:
+            torch.cuda.memory._record_memory_history(enabled=None)
+            continue
+        if (stacks, context) != SNAPSHOT_SETTINGS[0]:
+            log(f"snapshot: this torch fails checkpointing while it records "
+                f"{'C++ stack traces' if context else 'stack traces'} (pytorch/pytorch#179536); "
+                f"recording {'Python stacks only' if context else 'allocations without stack traces'}")
+        return True
+    log("snapshot: this torch fails checkpointing while it records allocations "
+        "(pytorch/pytorch#179536); no snapshot is written")
+    return False
+
+
 def count_params(*modules):
     params = {id(p): p for m in modules for p in m.parameters()}.values()
     trainable = sum(p.numel() for p in params if p.requires_grad)
@@ -645,8 +679,7 @@ def train(args, log=print):
                          "them with its activations; run this combination with --device cuda")
     config = {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(args).items()}
     probe = memcheck.Probe(device=args.device, max_memory_mib=args.max_memory, config=config)
-    if args.snapshot:
-        torch.cuda.memory._record_memory_history(max_entries=200_000)
+    recording = bool(args.snapshot) and record_allocation_history(log)
     extra = {}
     leaked = []
     failure = None
@@ -687,7 +720,7 @@ def train(args, log=print):
         failure = e
         raise
     finally:
-        if args.snapshot and torch.cuda.is_available():
+        if recording:
             torch.cuda.memory._dump_snapshot(args.snapshot)
             torch.cuda.memory._record_memory_history(enabled=None)
         report = dict(probe.report(), **extra)

@@ -810,7 +810,7 @@ def test_report_holds_the_environment_and_command_line(tiny_model, tmp_path):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_cuda_peak_comes_from_the_allocator_and_the_snapshot_is_written(tiny_model, tmp_path):
     snapshot = tmp_path / "snapshot.pickle"
-    args = ref_train.parse_args(["--model", tiny_model, "--device", "cuda", "--steps", 2,
+    args = ref_train.parse_args(["--model", tiny_model, "--device", "cuda", "--steps", "2",
                                  "--snapshot", str(snapshot)])
     report = ref_train.train(args, log=lambda *a: None)
     assert snapshot.stat().st_size > 0
@@ -818,6 +818,10 @@ def test_cuda_peak_comes_from_the_allocator_and_the_snapshot_is_written(tiny_mod
     # The allocator rounds each block up to 512 bytes: its figure is at least the tracker's.
     assert backward["peak_bytes"] >= backward["tracked_peak_bytes"] > 0
     assert backward["reserved_bytes"] >= backward["peak_bytes"]
+    # What the allocator holds beyond the tensors is cuBLAS's workspaces, and the budget has them.
+    workspaces = report["budget"]["terms"]["cuda_workspaces"]
+    assert workspaces > 0
+    assert backward["untracked_bytes"] == pytest.approx(workspaces, rel=0.05)
 
 
 # ---------------------------------------------------------------- the probe in someone else's stack
@@ -2193,7 +2197,15 @@ ADAPTED = {
     "gpt2": (1, 4),           # c_attn; c_attn, attn.c_proj, c_fc, mlp.c_proj: all Conv1D
     "opt": (2, 6),
 }
-NO_SDPA = {"bloom", "gemma2"}   # transformers refuses SDPA for these: the run falls back to eager
+
+
+def supports_sdpa(model_type):
+    """Whether this transformers lets the family use SDPA (Gemma2's answer changed in 5.2x)."""
+    import transformers
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+    return bool(getattr(transformers, MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[model_type])._supports_sdpa)
+
+
 STEPS, BS, SEQ = 2, 2, 64
 
 
@@ -2239,8 +2251,9 @@ def test_every_family_trains_with_default_and_all_linear_targets(family_models, 
         assert sum(line.startswith("tokenizer:") and "stand-in" in line for line in lines) == 1, lines
         assert report["budget"]["terms"]["logits"] >= BS * (SEQ - 1) * VOCAB * 4
         eager = [line for line in lines if line.startswith("attention:")]
-        assert len(eager) == (family in NO_SDPA) and report["config"]["attn"] == (
-            "eager" if family in NO_SDPA else "sdpa")
+        falls_back = not supports_sdpa(family)   # Bloom; Gemma2 in recent transformers
+        assert len(eager) == falls_back and report["config"]["attn"] == (
+            "eager" if falls_back else "sdpa")
         fused = [line for line in lines if line.startswith("not adapted:")]
         assert len(fused) == (family == "mixtral" and targets == "all-linear"), lines
         ratio = report["peak_bytes"] / report["budget"]["peak_bytes"]
