@@ -4,6 +4,7 @@
     python drive.py ablate [ref_train flags]                              one run per suspect
     python drive.py sweep --bs 1,2,4 --seq 64,128,256 [ref_train flags]   measured against predicted
     python drive.py bench [ref_train flags]                               the reference against PEFT
+    python drive.py families [--bs 4 --seq 128]                           the budget on every family
     python drive.py figures [--all]                                       rerun the README's figures
 
 Every command takes ref_train.py's flags for the baseline it varies, and its own flags, listed by
@@ -793,11 +794,12 @@ def _print_and_save(title, table, rows, markdown, report_path):
 
 def budget_command(argv):
     p = _parser("budget", "Predict the run's memory without training: the model is built on the meta "
-                "device, so nothing is allocated, and every term of the budget is printed.",
+                "device, so nothing is allocated and --model needs only its config.json, and every "
+                "term of the budget is printed.",
                 (("--full",), dict(action="store_true",
                                    help="add a column for full fine-tuning of the same model and shapes")))
     own, rest = p.parse_known_args(argv)
-    args = ref_train.parse_args(rest)
+    args = ref_train.parse_args(rest, budget_only=True)   # built on meta: a config.json will do
     lora = ref_train.plan(args)
     columns = [("LoRA (this config)", lora)]
     if own.full:
@@ -815,6 +817,9 @@ def budget_command(argv):
           f"{args.experts} experts of rank {args.r // args.experts}, targets {','.join(args.targets)}")
     print(text_table(("term (MiB)", *[c for c, _ in columns]), rows))
     print("params by dtype: " + ", ".join(f"{k} {mib(v)} MiB" for k, v in lora["params_by_dtype"].items()))
+    if args.device == "cuda" and "cuda_workspaces" not in lora["terms"]:
+        print("cuda_workspaces: not measured, no CUDA device here (cuBLAS's workspaces, 65.0 MiB on an "
+              "H200 with torch 2.11, come on top)")
     return 0
 
 
@@ -897,6 +902,79 @@ def bench_command(argv):
     return 0
 
 
+# ---------------------------------------------------------------- families: the budget on each
+
+VOCAB = 1000
+_SMALL = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, vocab_size=VOCAB,
+              max_position_embeddings=256)
+_LLAMA_LIKE = dict(_SMALL, intermediate_size=128, num_key_value_heads=2)
+# model_type -> config keywords: the smallest shape of each family that keeps its structure
+# (grouped-query attention, gated or fused MLPs, Mixtral's experts, GPT-2's Conv1D, ALiBi).
+FAMILIES = {
+    "llama": _LLAMA_LIKE,
+    "mistral": _LLAMA_LIKE,
+    "mixtral": dict(_LLAMA_LIKE, num_local_experts=4, num_experts_per_tok=2),
+    "qwen2": _LLAMA_LIKE,
+    "qwen3": dict(_LLAMA_LIKE, head_dim=16),
+    "gemma": dict(_LLAMA_LIKE, head_dim=16),
+    "gemma2": dict(_LLAMA_LIKE, head_dim=16),
+    "phi": dict(_SMALL, intermediate_size=128),
+    "phi3": dict(_SMALL, intermediate_size=128, pad_token_id=0),
+    "gpt_neox": dict(_SMALL, intermediate_size=128),
+    "gpt2": dict(n_embd=64, n_layer=2, n_head=4, n_inner=128, n_positions=256, vocab_size=VOCAB),
+    "falcon": dict(_SMALL, ffn_hidden_size=128),
+    "bloom": dict(hidden_size=64, n_layer=2, n_head=4, vocab_size=VOCAB),
+    "opt": dict(_SMALL, ffn_dim=128, word_embed_proj_dim=64),
+}
+
+
+def families(bs=4, seq=128, steps=2, log=print):
+    """The budget against the measured peak on a tiny random model of every family, with the
+    default targets, checkpointed and not; one row per family and checkpointing."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for family, kwargs in FAMILIES.items():
+            torch.manual_seed(0)
+            model_dir = os.path.join(tmp, family)
+            AutoModelForCausalLM.from_config(AutoConfig.for_model(family, **kwargs)).save_pretrained(model_dir)
+            for ckpt in ("manual", "none"):
+                args = ref_train.parse_args(["--model", model_dir, "--device", "cpu", "--bs", str(bs),
+                                             "--seq", str(seq), "--steps", str(steps), "--ckpt", ckpt])
+                report = ref_train.train(args, log=lambda *a: None)
+                planned = report["budget"]
+                rows.append({"family": family, "ckpt": ckpt, "targets": report["config"]["targets"],
+                             "attn": report["config"]["attn"], "peak_bytes": report["peak_bytes"],
+                             "budget_peak_bytes": planned["peak_bytes"], "method": planned["method"],
+                             "error": report["peak_bytes"] / planned["peak_bytes"] - 1})
+                log(f"{family:<9} ckpt {ckpt:<6} error {rows[-1]['error']:+.1%}")
+    return rows
+
+
+def families_table(rows):
+    header = ("family", "targets", "attention", "ckpt", "peak MiB", "budget MiB", "error", "method")
+    return header, [(r["family"], ",".join(r["targets"]), r["attn"], r["ckpt"], mib(r["peak_bytes"]),
+                     mib(r["budget_peak_bytes"]), f"{r['error']:+.1%}", r["method"].split(" (")[0])
+                    for r in rows]
+
+
+def families_command(argv):
+    p = OneLineParser(prog="drive.py families", allow_abbrev=False,
+                      description="Train a tiny random model of every family transformers ships among "
+                      "Llama, Mistral, Mixtral, Qwen2, Qwen3, Gemma, Gemma2, Phi, Phi-3, GPT-NeoX, "
+                      "GPT-2, Falcon, Bloom and OPT (hidden 64, 2 layers; default targets) on CPU, "
+                      "checkpointed and not, and print the budget's error on each.")
+    p.add_argument("--bs", type=int, default=4)
+    p.add_argument("--seq", type=int, default=128)
+    p.add_argument(*MARKDOWN[0], **MARKDOWN[1])
+    p.add_argument(*REPORT[0], **REPORT[1])
+    own = p.parse_args(argv)
+    ref_train.check_output_path("--report", own.report)
+    rows = families(own.bs, own.seq)
+    _print_and_save("drive.py families", families_table(rows), rows, own.markdown, own.report)
+    return 0
+
+
 def figures_command(argv):
     p = _parser("figures", "Rerun every figure the README quotes and compare each with the README: "
                 "memory figures, counts and losses exactly (losses are bit for bit on the same machine "
@@ -921,7 +999,7 @@ def figures_command(argv):
 
 
 COMMANDS = {"budget": budget_command, "ablate": ablate_command, "sweep": sweep_command,
-            "bench": bench_command, "figures": figures_command}
+            "bench": bench_command, "families": families_command, "figures": figures_command}
 
 
 def main(argv=None):

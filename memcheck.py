@@ -26,6 +26,7 @@ counters give the peak and the tracker still splits it into categories.
 import argparse
 import contextlib
 import functools
+import itertools
 import json
 import operator
 import os
@@ -224,7 +225,7 @@ class Tracker(TorchDispatchMode):
             storage = tensor.untyped_storage()
         except (NotImplementedError, RuntimeError):  # tensor subclasses without a plain storage
             return None
-        key = storage.data_ptr()
+        key = storage.data_ptr() or storage._cdata   # meta storages have no data: their own address
         record = self.live.get(key)
         if record is not None or not adopt:
             return record
@@ -1147,6 +1148,153 @@ def _structure(model):
     }
 
 
+class _Captured(Exception):
+    """Raised by a pre-hook to stop a forward once the first decoder layer's inputs are known."""
+
+
+def _sdpa_args(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
+               enable_gqa=False):
+    return query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa
+
+
+class _FusedAttentionOnMeta(torch.overrides.TorchFunctionMode):
+    """On meta, SDPA takes its math path, which saves the bs x heads x seq^2 attention weights. On
+    CPU and CUDA a fused kernel runs, which saves a log-sum-exp instead: trace with one (the CPU
+    kernel). Where the CPU takes the math path too, it is left as it is: attention dropout, and
+    fewer key heads than query heads without enable_gqa (Falcon's multi-query attention)."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func is torch.nn.functional.scaled_dot_product_attention:
+            q, k, v, mask, dropout_p, is_causal, scale, gqa = _sdpa_args(*args, **(kwargs or {}))
+            if dropout_p == 0 and (gqa or k.shape[-3] == q.shape[-3]):
+                return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+                    q, k, v, 0.0, is_causal, attn_mask=mask, scale=scale)[0]
+        return func(*args, **(kwargs or {}))
+
+
+class _Unwrapped(torch.nn.Module):
+    """Calls a layer's class forward, past a forward set on the instance (as manual checkpointing
+    does): the trace wants what the layer saves when it runs, as it does when it is recomputed."""
+
+    def __init__(self, layer):
+        super().__init__()
+        self.layer = layer
+
+    def forward(self, *args, **kwargs):
+        return type(self.layer).forward(self.layer, *args, **kwargs)
+
+
+def _on_meta(tensor, dtype=None):
+    out = torch.empty(tensor.shape, dtype=dtype or tensor.dtype, device="meta")
+    return out.requires_grad_(tensor.requires_grad) if out.is_floating_point() else out
+
+
+def trace_layer(model, *, bs, seq, dtype=None, full=False):
+    """What one decoder layer keeps for backward, and what its backward needs on top, in bytes.
+
+    The model runs on the meta device (nothing is allocated): its parameters and buffers are
+    replaced by meta tensors (floating ones in `dtype` when given), a forward at bs x seq stops at
+    the first decoder layer to take its inputs, and that layer then runs forward and backward, in
+    train mode, under a tracker. A gated LoRA layer gets a meta gate; full=True trains every
+    parameter. Returns {"saved": unique bytes saved for backward, the layer's input included,
+    parameters and the inputs every layer shares (masks, rotary tables) not; "dropout_noise": the
+    part of it that is dropout's noise (on meta, as on CPU, dropout multiplies by a noise tensor of
+    the input's dtype; CUDA's fused kernel keeps a bool mask instead); "backward": the backward's
+    peak above what it starts with; "forward": the forward's peak, its temporaries included;
+    "shared_inputs": what the model makes once for every layer (masks, rotary tables), which
+    checkpointing keeps as inputs; "shared_saved": the part of it that a layer saves}. Raises what the model raises when it cannot run on meta (an
+    op that reads values, as Mixtral's expert routing does).
+    """
+    layers = decoder_layers(model)
+    if layers is None:
+        raise ValueError(f"{type(model).__name__}: no list of decoder layers found")
+    cast = lambda t: _on_meta(t, dtype if dtype is not None and t.is_floating_point() else None)
+    state = {n: cast(t) for n, t in itertools.chain(model.named_parameters(), model.named_buffers())}
+    if full:
+        for n, _ in model.named_parameters():
+            state[n].requires_grad_(state[n].is_floating_point())
+    prefix = next(n for n, m in model.named_modules() if m is layers[0]) + "."
+    layer_state = {"layer." + n[len(prefix):]: t for n, t in state.items() if n.startswith(prefix)}
+    captured = {}
+
+    def capture(module, args, kwargs):
+        captured.update(args=args, kwargs=kwargs)
+        raise _Captured
+
+    # The gate comes from the router, which trains: what multiplies it is saved for its gradient.
+    gate = lambda m: torch.empty(bs, m.n_experts, device="meta", requires_grad=True)
+    gated = [m for m in layers[0].modules() if getattr(m, "n_experts", 1) > 1 and hasattr(m, "base")]
+    capturing = layers[0].register_forward_pre_hook(capture, with_kwargs=True)
+    hooks = [m.register_forward_pre_hook(lambda m, args, kwargs: (args, dict(kwargs, gate=gate(m))),
+                                         with_kwargs=True) for m in gated]
+    modes = [(m, m.training) for m in model.modules()]
+    model.train()
+    # transformers' own checkpointing, off while tracing (the forward it wraps is what is traced)
+    checkpointing = [m for m in model.modules() if m.__dict__.get("gradient_checkpointing") is True]
+    for m in checkpointing:
+        m.gradient_checkpointing = False
+    try:
+        try:
+            ids = torch.zeros(bs, seq, dtype=torch.long, device="meta")
+            # With the cache on (the config's default), transformers skips a packed-sequence test
+            # that reads values; the layer then runs without it.
+            torch.func.functional_call(model, state, (), {"input_ids": ids})
+        except _Captured:
+            pass
+        finally:
+            capturing.remove()
+        args, kwargs = captured["args"], dict(captured["kwargs"])
+        for name in ("past_key_values", "past_key_value", "layer_past"):
+            if name in kwargs:
+                kwargs[name] = None
+        if "use_cache" in kwargs:
+            kwargs["use_cache"] = False
+        hidden = args[0] if args else kwargs.pop("hidden_states")
+        hidden = torch.empty(hidden.shape, dtype=hidden.dtype, device="meta", requires_grad=True)
+        args = (hidden, *args[1:]) if args else args
+        if not args:
+            kwargs["hidden_states"] = hidden
+        inputs = {t.untyped_storage()._cdata: t.untyped_storage().nbytes()
+                  for t in pytree.tree_leaves((args[1:], kwargs)) if isinstance(t, torch.Tensor)}
+        weights = {t.untyped_storage()._cdata for t in state.values()}
+        shared = set(inputs) | weights
+        tracker = Tracker("meta")
+
+        shared_saved = set()
+
+        def pack(t):
+            if t.device.type == "meta":
+                key = t.untyped_storage()._cdata
+                if key not in shared:
+                    tracker.track(t, "saved")
+                elif key in inputs:
+                    shared_saved.add(key)
+            return t
+
+        forward = Tracker("meta")
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), _FusedAttentionOnMeta(), forward:
+            out = torch.func.functional_call(_Unwrapped(layers[0]), layer_state, args, kwargs)
+        out = out if isinstance(out, torch.Tensor) else out[0]
+        saved = tracker.live_bytes
+        noise = sum(r.nbytes for r in tracker.live.values() if r.op == "empty_like")
+        grad_out = torch.empty(out.shape, dtype=out.dtype, device="meta")
+        tracker.start_window()
+        start = tracker.live_bytes
+        with tracker, _FusedAttentionOnMeta():
+            torch.autograd.backward(out, grad_out)
+        return {"saved": saved, "dropout_noise": noise, "forward": forward.peak_bytes,
+                "shared_inputs": sum(n for k, n in inputs.items() if k not in weights),
+                "shared_saved": sum(inputs[k] for k in shared_saved),
+                "backward": tracker.peak_bytes - start}
+    finally:
+        for h in hooks:
+            h.remove()
+        for m, training in modes:
+            m.training = training
+        for m in checkpointing:
+            m.gradient_checkpointing = True
+
+
 def budget(model, *, bs, seq, checkpointing, autocast_dtype=None, loss_chunks=1, device="cpu",
            extra=(), full=False, padded=False, cuda_workspace_bytes=None):
     """Predict training memory from a model and the run's shapes; every term in bytes.
@@ -1158,12 +1306,16 @@ def budget(model, *, bs, seq, checkpointing, autocast_dtype=None, loss_chunks=1,
     trained) for the same shapes, as the seed's "about 1 GB" estimate does. On CUDA, cuBLAS's
     workspaces count too: cuda_workspace_bytes when given, else measured (cuda_workspaces).
 
-    The activation terms count what autograd saves, per token, in an OPT-style decoder layer
-    (calibrated on OPT with SDPA; for other architectures they are an estimate):
-      layer input, the residual before the MLP, q, k, v and the attention output, SDPA's
-      log-sum-exp, the MLP activation (three of them for a gated MLP), two residual-dropout masks,
-      the inputs of adapted linears, and each adapter's own: r/E-wide expert activations (lean),
-      or E x out per-expert outputs (einsum); LoRA dropout keeps its output and its mask.
+    What one decoder layer saves for backward, what its backward and its recomputed forward need
+    on top, and what the model makes once for every layer are traced (trace_layer: the layer runs
+    on the meta device, at these shapes, for any architecture); "method" says "traced". Under
+    autocast, which meta tensors take no part in, or where the layer cannot run on meta, a per-token
+    estimate calibrated on OPT stands instead ("method" says "formula: " and why): layer input,
+    the residual before the MLP, q, k, v and the attention output, SDPA's log-sum-exp, the MLP
+    activation (three of them for a gated MLP), two residual-dropout masks, the inputs of adapted
+    linears, and each adapter's own: r/E-wide expert activations (lean), or E x out per-expert
+    outputs (einsum); LoRA dropout keeps its output and its mask. Those adapter terms are kept in
+    both cases, to explain the per-layer figure.
     """
     s = _structure(model)
     lora = s["lora"]
@@ -1204,6 +1356,24 @@ def budget(model, *, bs, seq, checkpointing, autocast_dtype=None, loss_chunks=1,
     layer_bytes = tokens * (per_token + lora_per_token)
     eager_scores = b * s["heads"] * seq * seq * 4 if s["attn"] == "eager" else 0  # softmax in fp32
     layer_bytes += eager_scores
+    backward_temporaries = tokens * act * (ffn + 2 * h)
+    forward_peak_per_layer = shared_inputs = 0   # (the estimate has neither)
+    # The layer traced on the meta device replaces the per-token estimate above, for any
+    # architecture. Not under autocast, which meta tensors do not take part in: there the estimate,
+    # calibrated on OPT, stands.
+    method = "formula: under autocast"
+    if autocast_dtype is None or autocast_dtype == s["weights_dtype"]:
+        try:
+            traced = trace_layer(model, bs=b, seq=seq, full=full)
+        except Exception as e:  # an op that reads values, or a decoder this trace cannot call
+            method = f"formula: the layer does not run on meta ({type(e).__name__}: {first_line(e)})"
+        else:
+            method = "traced"
+            noise = traced["dropout_noise"]
+            layer_bytes = traced["saved"] - (noise - noise // act if on_cuda else 0)
+            backward_temporaries = traced["backward"]
+            forward_peak_per_layer = traced["forward"]
+            shared_inputs = traced["shared_inputs" if checkpointing else "shared_saved"]
     # padded=True: some batch has padding, so SDPA gets an explicit mask instead of is_causal, and
     # each layer's call turns it into a float bias, bs x 1 x seq x seq, which it saves for backward.
     attention_mask = b * seq * seq * act if padded and s["attn"] == "sdpa" else 0
@@ -1216,6 +1386,8 @@ def budget(model, *, bs, seq, checkpointing, autocast_dtype=None, loss_chunks=1,
         "gradients": trainable_bytes,
         "optimizer_state": 2 * trainable_bytes,
         "activations_per_layer": layer_bytes,
+        "backward_temporaries_per_layer": backward_temporaries,
+        "shared_layer_inputs": shared_inputs,
         "lora_activations_per_layer": tokens * lora_per_token,
         "einsum_expert_outputs_per_layer": (tokens * 4 * lora["experts"] * sum(o for _, o in adapted.values())
                                             if lora["impl"] == "einsum" and lora["experts"] > 1 and not full
@@ -1227,7 +1399,8 @@ def budget(model, *, bs, seq, checkpointing, autocast_dtype=None, loss_chunks=1,
         "checkpointed_inputs": layers * tokens * h * act if ckpt else 0,
         "saved_activations": (layers * tokens * h * act if ckpt else layers * layer_bytes)
                              + tokens * h * act    # + the final norm's input
-                             + (b * seq * seq if attention_mask else 0),  # + the bool mask, once
+                             + (b * seq * seq if attention_mask else 0)  # + the bool mask, once
+                             + shared_inputs,
         "logits": b * (seq - 1) * s["vocab"] * 4 // loss_chunks,   # one fp32 copy
         "logits_16bit": (b * (seq - 1) * s["vocab"] * act // loss_chunks) if act < 4 else 0,
         # chunked: the gradients the fused head and loss take in forward and keep for backward
@@ -1237,7 +1410,8 @@ def budget(model, *, bs, seq, checkpointing, autocast_dtype=None, loss_chunks=1,
                                if loss_chunks > 1 else 0),
         "autocast_weight_copies": 0,
     }
-    if on_cuda:
+    if on_cuda and (cuda_workspace_bytes is not None or torch.cuda.is_available()):
+        # (budgeting for CUDA on a machine without it, they are not known: the term is absent)
         terms["cuda_workspaces"] = (cuda_workspaces(device) if cuda_workspace_bytes is None
                                     else cuda_workspace_bytes)
     if autocast_dtype is not None and autocast_dtype != s["weights_dtype"]:
@@ -1266,10 +1440,14 @@ def budget(model, *, bs, seq, checkpointing, autocast_dtype=None, loss_chunks=1,
     recompute = 0
     if ckpt:
         # one layer recomputed, plus its gradients in flight, while the other inputs stay
-        recompute = (steady + terms["checkpointed_inputs"] + tokens * h * act + layer_bytes
-                     + tokens * act * (ffn + 2 * h) + terms["gradients"])
+        # (the recomputed forward's own peak, its temporaries included, can be the higher)
+        recompute = (steady + terms["checkpointed_inputs"] + tokens * h * act + terms["gradients"]
+                     + max(layer_bytes + backward_temporaries, forward_peak_per_layer))
+    # the last layer's backward, every layer's saved activations still held (no checkpointing); its
+    # output's gradient takes the place of the final norm's input, freed by then
+    last_layer = 0 if ckpt else steady + saved + backward_temporaries
     optimizer_peak = steady + terms["gradients"] + trainable_bytes  # foreach AdamW: one temporary
-    phases = {"forward": forward_peak, "backward": max(backward_start, recompute),
+    phases = {"forward": forward_peak, "backward": max(backward_start, recompute, last_layer),
               "optimizer": optimizer_peak}
     peak_phase = max(phases, key=phases.get)
     categories = {
@@ -1281,7 +1459,7 @@ def budget(model, *, bs, seq, checkpointing, autocast_dtype=None, loss_chunks=1,
     if peak_phase == "optimizer":
         categories["activations"] = 0
     categories["temporaries"] = phases[peak_phase] - sum(categories.values())
-    return {"full": full, "terms": terms, "params_by_dtype": by_dtype, "phases": phases,
+    return {"full": full, "method": method, "terms": terms, "params_by_dtype": by_dtype, "phases": phases,
             "peak_phase": peak_phase, "peak_bytes": phases[peak_phase], "categories": categories}
 
 

@@ -133,7 +133,9 @@ def build_parser():
     return p
 
 
-def parse_args(argv=None):
+def parse_args(argv=None, budget_only=False):
+    """The flags, checked. budget_only: the model is only built on the meta device, for a budget, so
+    a --model directory needs no weights and --device cuda no CUDA device here."""
     args = build_parser().parse_args(argv)
     checks = [
         (args.bs >= 1, f"--bs {args.bs}: must be 1 or more"),
@@ -166,7 +168,7 @@ def parse_args(argv=None):
             raise UsageError(message)
     if args.device == "auto":
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
-    if args.device == "cuda" and not torch.cuda.is_available():
+    if args.device == "cuda" and not torch.cuda.is_available() and not budget_only:
         raise UsageError("--device cuda: this torch build sees no CUDA device; use --device cpu or auto")
     if (args.precision == "16-mixed" and args.lora_dtype == "match"
             and DTYPES.get(args.weights_dtype) == torch.float16):
@@ -181,7 +183,7 @@ def parse_args(argv=None):
     if looks_like_path and not os.path.isdir(os.path.expanduser(args.model)):
         raise UsageError(f"--model {args.model}: no such directory")
     if looks_like_path:
-        check_model_dir(args.model)
+        check_model_dir(args.model, need_weights=not budget_only)
     if args.data is not None and not os.path.isdir(args.data):
         raise UsageError(f"--data {args.data}: no such directory (expected MovieLens-100K's u.data, u.item)")
     args.targets = tuple(t for t in args.targets.split(",") if t)
@@ -211,8 +213,9 @@ def check_output_path(flag, path):
         raise UsageError(f"{flag} {path}: the file exists and is not writable")
 
 
-def check_model_dir(path):
-    """A local --model must hold a config and weights: say which is missing before loading anything."""
+def check_model_dir(path, need_weights=True):
+    """A local --model must hold a config and weights (only a config, to budget it): say which is
+    missing before loading anything."""
     directory = os.path.expanduser(path)
     names = sorted(os.listdir(directory))
     if not names:
@@ -220,7 +223,7 @@ def check_model_dir(path):
     if "config.json" not in names:
         shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
         raise UsageError(f"--model {path}: no config.json (it holds {shown}); expected {MODEL_DIR}")
-    if not any(name in names for name in WEIGHTS_FILES):
+    if need_weights and not any(name in names for name in WEIGHTS_FILES):
         raise UsageError(f"--model {path}: config.json but no weights ({' or '.join(WEIGHTS_FILES[::2])})")
 
 

@@ -667,6 +667,20 @@ def test_budget_command_prints_lora_and_full_side_by_side(tiny_model):
     assert "predicted peak" in done.stdout
 
 
+def test_a_config_alone_is_budgeted_and_a_config_alone_is_refused_for_training(tmp_path, capsys):
+    from transformers import OPTConfig
+    OPTConfig(vocab_size=500, **TINY_OPT).save_pretrained(tmp_path)   # config.json, no weights
+    with pytest.raises(ref_train.UsageError, match="no weights"):
+        ref_train.parse_args(["--model", str(tmp_path)])
+    args = ref_train.parse_args(["--model", str(tmp_path), "--device", "cpu", "--bs", "2", "--seq", "64"],
+                                budget_only=True)
+    planned = ref_train.plan(args)
+    assert planned["method"] == "traced" and planned["peak_bytes"] > planned["terms"]["params"] > 0
+    assert drive.main(["budget", "--model", str(tmp_path), "--device", "cpu", "--bs", "2",
+                       "--seq", "64"]) == 0
+    assert "predicted peak" in capsys.readouterr().out
+
+
 def test_verdict_names_the_category_in_excess():
     report = {"peak_bytes": 10 * memcheck.MiB, "peak_phase": "forward", "oom": None,
               "categories": dict(dict.fromkeys(memcheck.CATEGORIES, 0), activations=9 * memcheck.MiB,
@@ -2030,6 +2044,7 @@ def test_budget_predicts_the_measured_peak_within_three_percent(train_tiny, flag
     measured, predicted = report["peak_bytes"], report["budget"]["peak_bytes"]
     assert abs(measured / predicted - 1) <= 0.03, (measured, predicted)
     assert report["peak_phase"] == report["budget"]["peak_phase"]
+    assert report["budget"]["method"] == "traced"   # no autocast here: the layer is traced
     # The optimizer phase too, where the gradients are: with adapters on every linear layer its
     # budget is 4.5-12% over (AdamW's temporaries are less than the one copy it counts), so those
     # configurations are left to the peak alone.
@@ -2164,28 +2179,7 @@ def test_diff_orders_module_rows_of_equal_change_by_name(train_tiny):
 
 # ---------------------------------------------------------------- every model family
 
-VOCAB = 1000
-_SMALL = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, vocab_size=VOCAB,
-              max_position_embeddings=256)
-_LLAMA_LIKE = dict(_SMALL, intermediate_size=128, num_key_value_heads=2)
-# model_type -> config keywords: the smallest shape of each family that keeps its structure
-# (grouped-query attention, gated or fused MLPs, Mixtral's experts, GPT-2's Conv1D, ALiBi).
-FAMILIES = {
-    "llama": _LLAMA_LIKE,
-    "mistral": _LLAMA_LIKE,
-    "mixtral": dict(_LLAMA_LIKE, num_local_experts=4, num_experts_per_tok=2),
-    "qwen2": _LLAMA_LIKE,
-    "qwen3": dict(_LLAMA_LIKE, head_dim=16),
-    "gemma": dict(_LLAMA_LIKE, head_dim=16),
-    "gemma2": dict(_LLAMA_LIKE, head_dim=16),
-    "phi": dict(_SMALL, intermediate_size=128),
-    "phi3": dict(_SMALL, intermediate_size=128, pad_token_id=0),
-    "gpt_neox": dict(_SMALL, intermediate_size=128),
-    "gpt2": dict(n_embd=64, n_layer=2, n_head=4, n_inner=128, n_positions=256, vocab_size=VOCAB),
-    "falcon": dict(_SMALL, ffn_hidden_size=128),
-    "bloom": dict(hidden_size=64, n_layer=2, n_head=4, vocab_size=VOCAB),
-    "opt": dict(_SMALL, ffn_dim=128, word_embed_proj_dim=64),
-}
+VOCAB, FAMILIES = drive.VOCAB, drive.FAMILIES
 # model_type -> (adapted layers per decoder layer with --targets auto, with all-linear)
 ADAPTED = {
     "llama": (2, 7), "mistral": (2, 7), "qwen2": (2, 7), "qwen3": (2, 7), "gemma": (2, 7),
@@ -2206,7 +2200,18 @@ def supports_sdpa(model_type):
     return bool(getattr(transformers, MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[model_type])._supports_sdpa)
 
 
-STEPS, BS, SEQ = 2, 2, 64
+STEPS, BS, SEQ = 2, 4, 128   # activations are most of the peak: an error in them shows
+# (family, ckpt) -> the budget's error bound, where the 3% / 5% targets are not met yet, and why.
+BUDGET_GAPS = {
+    # Mixtral's expert routing reads values, so its layer cannot run on meta: the per-token
+    # estimate stands, and it misses the routed experts' activations (32% under at these shapes).
+    ("mixtral", "none"): 0.35,
+    # Gemma2 runs eager attention with two masks (sliding and full); recomputed under
+    # checkpointing, 4% above the budget.
+    ("gemma2", "manual"): 0.045,
+    # Phi-3's fused qkv_proj with the gated LoRA on it: 5.2% above the budget without checkpointing.
+    ("phi3", "none"): 0.06,
+}
 
 
 @pytest.fixture(scope="module")
@@ -2256,8 +2261,38 @@ def test_every_family_trains_with_default_and_all_linear_targets(family_models, 
             "eager" if falls_back else "sdpa")
         fused = [line for line in lines if line.startswith("not adapted:")]
         assert len(fused) == (family == "mixtral" and targets == "all-linear"), lines
-        ratio = report["peak_bytes"] / report["budget"]["peak_bytes"]
-        assert 0.5 < ratio < 2, (family, targets, ckpt, ratio)   # sane: the accuracy is issue 10's
+        # The budget: 3% with checkpointing, 5% without, but for the gaps named in BUDGET_GAPS.
+        error = abs(report["peak_bytes"] / report["budget"]["peak_bytes"] - 1)
+        gap = BUDGET_GAPS.get((family, ckpt))
+        assert error <= (gap or (0.03 if ckpt == "manual" else 0.05)), (family, targets, ckpt, error)
+        # Mixtral's routing reads values: its layer cannot run on meta, and the estimate stands.
+        assert report["budget"]["method"].startswith("formula" if family == "mixtral" else "traced")
+
+
+def test_a_probe_budgets_a_peft_llama_within_five_percent_and_says_as_expected():
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(**FAMILIES["llama"]))
+    model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"]))
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    ids = torch.randint(0, VOCAB, (BS, SEQ))
+    with memcheck.Probe(model, optimizer) as probe:
+        for _ in range(2):
+            # transformers' own loss (labels=); only the loss is kept, as a clean loop does (a loop
+            # that keeps the whole output keeps the logits through backward: see user_loop)
+            with probe.phase("forward"):
+                loss = model(input_ids=ids, labels=ids).loss
+            with probe.phase("backward"):
+                loss.backward()
+            with probe.phase("optimizer"):
+                optimizer.step()
+                optimizer.zero_grad()
+            probe.step(loss)
+    report = probe.report()
+    assert report["budget"]["method"] == "traced"
+    assert abs(report["peak_bytes"] / report["budget"]["peak_bytes"] - 1) <= 0.05
+    assert memcheck.verdict(report).endswith("as expected")
 
 
 def test_a_degenerate_tokenizer_counts_as_none_and_the_vocabulary_never_shrinks(family_models,
