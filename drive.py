@@ -676,17 +676,6 @@ def _run(cmd, cwd, timeout=3600):
     return done.stdout
 
 
-def _padded(args, steps):
-    """Whether one of the run's first `steps` batches is padded (the budget's attention-mask term)."""
-    titles, samples = data.synthetic_catalogue(args.seed)
-    tokenizer = data.train_tokenizer(titles)
-    if args.add_tokens:
-        data.add_special_tokens(tokenizer)
-    stream = data.batches(samples, titles, tokenizer, args.bs, args.seq,
-                          data.placeholder_ids(tokenizer, args.add_tokens), args.seed)
-    return any(not next(stream)["attention_mask"].all() for _ in range(steps))
-
-
 FIGURE_SECTIONS = ("baseline", "budget grid", "careless diff", "ablate", "bench", "probe")
 QUICK_SECTIONS = ("baseline", "budget grid", "careless diff")
 
@@ -720,12 +709,12 @@ def figures(sections=QUICK_SECTIONS, measure_grid=False, log=print, readme=READM
                                    else "the budget column (--all measures every point)"))
             rows = []
             for p in block["points"]:
-                argv = ["--bs", p["bs"], "--seq", p["seq"], "--ckpt", p["ckpt"]]
+                argv = ["--bs", p["bs"], "--seq", p["seq"], "--ckpt", p["ckpt"], "--steps", "2"]
                 if measure_grid:
                     rows.append(sweep([{}], argv, log=lambda *a: None)[0] | p)
                 else:
                     args = ref_train.parse_args(argv)
-                    rows.append(dict(p, budget_bytes=ref_train.plan(args, padded=_padded(args, 2))["peak_bytes"],
+                    rows.append(dict(p, budget_bytes=ref_train.plan(args)["peak_bytes"],
                                      peak_bytes=None, error=None))
             header, table = sweep_table(rows)
             lines = text_table(header, table).splitlines()
@@ -928,16 +917,22 @@ FAMILIES = {
 }
 
 
+def save_family(family, directory):
+    """Save FAMILIES[family]'s tiny random model (config and weights, no tokenizer) in directory."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+    torch.manual_seed(0)
+    config = AutoConfig.for_model(family, **FAMILIES[family])
+    AutoModelForCausalLM.from_config(config).save_pretrained(directory)
+    return str(directory)
+
+
 def families(bs=4, seq=128, steps=2, log=print):
     """The budget against the measured peak on a tiny random model of every family, with the
     default targets, checkpointed and not; one row per family and checkpointing."""
-    from transformers import AutoConfig, AutoModelForCausalLM
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        for family, kwargs in FAMILIES.items():
-            torch.manual_seed(0)
-            model_dir = os.path.join(tmp, family)
-            AutoModelForCausalLM.from_config(AutoConfig.for_model(family, **kwargs)).save_pretrained(model_dir)
+        for family in FAMILIES:
+            model_dir = save_family(family, os.path.join(tmp, family))
             for ckpt in ("manual", "none"):
                 args = ref_train.parse_args(["--model", model_dir, "--device", "cpu", "--bs", str(bs),
                                              "--seq", str(seq), "--steps", str(steps), "--ckpt", ckpt])

@@ -26,7 +26,6 @@ counters give the peak and the tracker still splits it into categories.
 import argparse
 import contextlib
 import functools
-import itertools
 import json
 import operator
 import os
@@ -641,10 +640,11 @@ class Probe:
             return None
         return self._steps_saving_in_layers == 0
 
-    def warnings(self):
-        """Each pathology seen, as {"kind", "message", ...}; a clean loop has none."""
+    def warnings(self, leak=None):
+        """Each pathology seen, as {"kind", "message", ...}; a clean loop has none. leak: the
+        find_leak result when already at hand."""
         found = []
-        leak = find_leak(self.steps, self._survivors)
+        leak = leak or find_leak(self.steps, self._survivors)
         if leak["detected"]:
             found.append({"kind": "leak", "bytes_per_step": leak["bytes_per_step"],
                           "message": leak_message(leak)})
@@ -664,6 +664,7 @@ class Probe:
 
     def report(self):
         config = self.config or self.inferred_config()
+        leak = find_leak(self.steps, self._survivors)
         report = {
             "schema": SCHEMA,
             "command": " ".join([os.path.basename(sys.executable)] + sys.argv),
@@ -678,17 +679,16 @@ class Probe:
             "phases": {name: {k: v for k, v in stats.items() if k != "modules"}
                        for name, stats in self.phases.items()},
             "steps": self.steps,
-            "leak": find_leak(self.steps, self._survivors),
+            "leak": leak,
             "oom": self.oom,
-            "warnings": self.warnings(),
+            "warnings": self.warnings(leak),
         }
         if not self.config:
             report["budget"] = self.budget()
         return report
 
-    def save(self, path=None, extra=None):
-        path = path or self.path
-        write_report(path, dict(self.report(), **(extra or {})))
+    def save(self, path=None):
+        write_report(path or self.path, self.report())
 
 
 _EVENT_MESSAGES = {
@@ -1184,16 +1184,20 @@ class _Unwrapped(torch.nn.Module):
         return type(self.layer).forward(self.layer, *args, **kwargs)
 
 
-def _on_meta(tensor, dtype=None):
-    out = torch.empty(tensor.shape, dtype=dtype or tensor.dtype, device="meta")
-    return out.requires_grad_(tensor.requires_grad) if out.is_floating_point() else out
+def _on_meta(tensor, requires_grad=None):
+    """A meta tensor of `tensor`'s shape and dtype; a floating one requires grad as `tensor` does,
+    or as `requires_grad` says."""
+    out = torch.empty(tensor.shape, dtype=tensor.dtype, device="meta")
+    if not out.is_floating_point():
+        return out
+    return out.requires_grad_(tensor.requires_grad if requires_grad is None else requires_grad)
 
 
-def trace_layer(model, *, bs, seq, dtype=None, full=False):
+def trace_layer(model, *, bs, seq, full=False):
     """What one decoder layer keeps for backward, and what its backward needs on top, in bytes.
 
     The model runs on the meta device (nothing is allocated): its parameters and buffers are
-    replaced by meta tensors (floating ones in `dtype` when given), a forward at bs x seq stops at
+    replaced by meta tensors, a forward at bs x seq stops at
     the first decoder layer to take its inputs, and that layer then runs forward and backward, in
     train mode, under a tracker. A gated LoRA layer gets a meta gate; full=True trains every
     parameter. Returns {"saved": unique bytes saved for backward, the layer's input included,
@@ -1202,17 +1206,15 @@ def trace_layer(model, *, bs, seq, dtype=None, full=False):
     the input's dtype; CUDA's fused kernel keeps a bool mask instead); "backward": the backward's
     peak above what it starts with; "forward": the forward's peak, its temporaries included;
     "shared_inputs": what the model makes once for every layer (masks, rotary tables), which
-    checkpointing keeps as inputs; "shared_saved": the part of it that a layer saves}. Raises what the model raises when it cannot run on meta (an
-    op that reads values, as Mixtral's expert routing does).
+    checkpointing keeps as inputs; "shared_saved": the part of it that a layer saves}. Raises what
+    the model raises when it cannot run on meta (an op that reads values, as Mixtral's expert
+    routing does).
     """
     layers = decoder_layers(model)
     if layers is None:
         raise ValueError(f"{type(model).__name__}: no list of decoder layers found")
-    cast = lambda t: _on_meta(t, dtype if dtype is not None and t.is_floating_point() else None)
-    state = {n: cast(t) for n, t in itertools.chain(model.named_parameters(), model.named_buffers())}
-    if full:
-        for n, _ in model.named_parameters():
-            state[n].requires_grad_(state[n].is_floating_point())
+    state = {n: _on_meta(t, True if full else None) for n, t in model.named_parameters()}
+    state.update((n, _on_meta(t)) for n, t in model.named_buffers())
     prefix = next(n for n, m in model.named_modules() if m is layers[0]) + "."
     layer_state = {"layer." + n[len(prefix):]: t for n, t in state.items() if n.startswith(prefix)}
     captured = {}
@@ -1250,7 +1252,7 @@ def trace_layer(model, *, bs, seq, dtype=None, full=False):
         if "use_cache" in kwargs:
             kwargs["use_cache"] = False
         hidden = args[0] if args else kwargs.pop("hidden_states")
-        hidden = torch.empty(hidden.shape, dtype=hidden.dtype, device="meta", requires_grad=True)
+        hidden = _on_meta(hidden, requires_grad=True)
         args = (hidden, *args[1:]) if args else args
         if not args:
             kwargs["hidden_states"] = hidden
@@ -1595,12 +1597,8 @@ def _modules_by_group(report):
     return groups
 
 
-def _training_phases(report):
-    """{phase: peak bytes}; an HF Trainer's forward+backward stands for forward and backward."""
-    return {name: stats["peak_bytes"] for name, stats in report["phases"].items()}
-
-
 def _phase_peak(phases, name):
+    """phases: {phase: peak bytes}; an HF Trainer's forward+backward stands for forward and backward."""
     if name in phases:
         return phases[name]
     if name == "forward+backward" and ("forward" in phases or "backward" in phases):
@@ -1623,7 +1621,7 @@ def diff(a, b):
     rows = [("peak", a["peak_bytes"], b["peak_bytes"])]
     if _reserved(a) is not None or _reserved(b) is not None:
         rows.append(("reserved", _reserved(a), _reserved(b)))
-    pa, pb = _training_phases(a), _training_phases(b)
+    pa, pb = ({name: stats["peak_bytes"] for name, stats in r["phases"].items()} for r in (a, b))
     names = [p for p in PHASES if p in pa or p in pb]
     names += [p for p in list(pa) + list(pb) if p not in names]
     for name in dict.fromkeys(names):

@@ -424,7 +424,7 @@ def build_base(args, meta=False):
         prepare_vocabulary(model, tokenizer, stand_in, mean_resizing=not meta)
     model.to("meta" if meta else args.device)
     ids = data.placeholder_ids(tokenizer, args.add_tokens)
-    batches = None if meta else data.batches(samples, titles, tokenizer, args.bs, args.seq, ids, args.seed)
+    batches = data.batches(samples, titles, tokenizer, args.bs, args.seq, ids, args.seed)
     return model, batches, max(titles), source
 
 
@@ -432,7 +432,8 @@ def build(args, meta=False):
     """Everything the loop needs, built in the order the real stack builds it.
 
     Returns (model, item modules, batches, where the weights came from, adapted layer names).
-    meta=True gives the same modules on the meta device and no batches: what the budget reads.
+    meta=True gives the same modules on the meta device, unprepared for training (no
+    checkpointing, no train mode): what the budget reads.
     """
     weights_dtype, _ = dtypes(args)
     device = torch.device("meta" if meta else args.device)
@@ -446,7 +447,7 @@ def build(args, meta=False):
                                   args.inject_items)
     items.to(dtype=lora_dtype or weights_dtype)
     if meta:
-        return model, items, None, source, adapted
+        return model, items, batches, source, adapted
     if args.ckpt == "manual":
         checkpoint_layers(model)
     elif args.ckpt in ("hf", "reentrant"):
@@ -456,15 +457,28 @@ def build(args, meta=False):
     return model, items, batches, source, adapted
 
 
-def plan(args, model=None, items=None, full=False, padded=False):
+def first_batches(args, batches):
+    """The run's first batches (up to PADDING_LOOKAHEAD): enough to tell whether it pads."""
+    return list(itertools.islice(batches, min(args.steps, PADDING_LOOKAHEAD)))
+
+
+def has_padding(batches):
+    """Whether a batch has padding: then SDPA gets a mask instead of is_causal, and every layer
+    saves it (a term of the budget)."""
+    return any(not b["attention_mask"].numpy().all() for b in batches)
+
+
+def plan(args, model=None, items=None, full=False, padded=None):
     """memcheck's budget for this run; the modules are built on the meta device when not given.
 
-    padded: whether a batch of the run has padding (then SDPA saves a mask in every layer)."""
+    padded: whether a batch of the run has padding; when not given, read off its first batches."""
     if model is None:
-        model, items, *_ = build(args, meta=True)
+        model, items, batches, *_ = build(args, meta=True)
+        if padded is None:
+            padded = has_padding(first_batches(args, batches))
     return memcheck.budget(model, bs=args.bs, seq=args.seq, checkpointing=args.ckpt != "none",
                            autocast_dtype=dtypes(args)[1], loss_chunks=args.loss_chunks,
-                           device=args.device, extra=[items], full=full, padded=padded)
+                           device=args.device, extra=[items], full=full, padded=bool(padded))
 
 
 # ---------------------------------------------------------------- the step
@@ -524,21 +538,23 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
             slices = [(int(r[0]), int(r[-1]) + 1)
                       for r in torch.arange(weight.shape[0]).tensor_split(chunks) if len(r)]
 
-            def logits(start, end):
+            def logits(w, start, end):   # w: the head's rows start:end, in the compute dtype
                 b = None if bias is None else bias[start:end].to(compute)
-                return F.linear(h, weight[start:end].to(compute), b).float()
+                return F.linear(h, w, b).float()
 
             # Each position's target logit, as the head's product would round it.
-            rows = weight[y.clamp(min=0)].to(compute)
+            targets = y.clamp(min=0)
+            rows = weight[targets].to(compute)
             target = torch.linalg.vecdot(h.float(), rows.float())
             if bias is not None:
-                target += bias[y.clamp(min=0)].to(compute).float()
+                target += bias[targets].to(compute).float()
             target = target.to(compute).float()
             running_max = torch.full((h.shape[0],), -math.inf, dtype=f32, device=h.device)
             sum_exp = torch.zeros_like(running_max)
             weighted = torch.zeros(h.shape, dtype=f32, device=h.device) if need_h else None
             for start, end in slices:
-                z = logits(start, end)
+                w = weight[start:end].to(compute)   # cast once per chunk (a copy under autocast)
+                z = logits(w, start, end)
                 new_max = torch.maximum(running_max, z.amax(dim=1))
                 rescale = (running_max - new_max).exp_()[:, None]
                 z.sub_(new_max[:, None]).exp_()       # exp(logits - running max), in place
@@ -546,11 +562,11 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
                 if need_h and not two_pass:
                     weighted.mul_(rescale)
                     if compute == f32:
-                        weighted.addmm_(z, weight[start:end])
+                        weighted.addmm_(z, w)
                     else:
-                        weighted += torch.mm(z.to(compute), weight[start:end].to(compute))
+                        weighted += torch.mm(z.to(compute), w)
                 running_max = new_max
-                del z
+                del z, w
             lse = running_max + sum_exp.log()
             total = torch.where(valid, lse - target, 0).sum()
             grad_w = torch.zeros(weight.shape, dtype=f32, device=weight.device) if need_w else None
@@ -560,7 +576,8 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
                 weighted.sub_(rows)
             elif two_pass:
                 for start, end in slices:            # d(loss sum) / d(logits), chunk by chunk
-                    p = logits(start, end).sub_(lse[:, None]).exp_()
+                    w = weight[start:end].to(compute)
+                    p = logits(w, start, end).sub_(lse[:, None]).exp_()
                     inside = valid & (y >= start) & (y < end)
                     p.scatter_add_(1, (y - start).clamp(0, end - start - 1)[:, None], inside[:, None].to(f32).neg())
                     p.masked_fill_(~valid[:, None], 0)
@@ -568,10 +585,10 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
                         grad_b[start:end] = p.sum(dim=0)
                     p = p.to(compute)
                     if need_h:
-                        weighted.add_(torch.mm(p, weight[start:end].to(compute)))
+                        weighted.add_(torch.mm(p, w))
                     if need_w:
                         grad_w[start:end] = torch.mm(p.t(), h)
-                    del p
+                    del p, w
             grad_h = None
             if need_h:
                 weighted.masked_fill_(~valid[:, None], 0)
@@ -704,11 +721,10 @@ def train(args, log=print):
                     "linear layers only")
             n_trainable, n_frozen = count_params(modules)
             extra["params"] = {"trainable": n_trainable, "frozen": n_frozen, "adapted": len(adapted)}
-            # The run's first batches (up to PADDING_LOOKAHEAD), made now: torch.tensor() from lists
-            # is no allocation the tracker sees. Whether one has padding is a term of the budget.
-            first = list(itertools.islice(batches, min(args.steps, PADDING_LOOKAHEAD)))
-            padded = any(not b["attention_mask"].numpy().all() for b in first)
-            extra["budget"] = plan(args, model, items, padded=padded)
+            # The run's first batches, made now (torch.tensor() from lists is no allocation the
+            # tracker sees), tell whether it pads: a term of the budget.
+            first = first_batches(args, batches)
+            extra["budget"] = plan(args, model, items, padded=has_padding(first))
             batches = itertools.chain(first, batches)
             log(f"adapted {len(adapted)} linear layers ({', '.join(args.targets)}), "
                 f"r={args.r}, experts={args.experts}, impl={args.impl}, ckpt={args.ckpt}, "

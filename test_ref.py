@@ -877,15 +877,15 @@ def user_loop(probe, model, optimizer, batches, pattern="clean"):
         evaluating = pattern.startswith("eval")
         with probe.phase("forward"), (torch.no_grad() if pattern == "eval_under_no_grad"
                                       else contextlib.nullcontext()):
-            out = model(input_ids=ids, labels=ids)
+            loss = model(input_ids=ids, labels=ids).loss   # the logits are not kept
         if not evaluating:
             with probe.phase("backward"):
-                out.loss.backward(retain_graph=pattern == "retain_graph")
+                loss.backward(retain_graph=pattern == "retain_graph")
             with probe.phase("optimizer"):
                 optimizer.step()
                 optimizer.zero_grad()
         if pattern == "outputs_in_a_list":
-            kept.append(out.loss)
+            kept.append(loss)
         probe.step()
     kept.clear()  # Lightning's classic training_step_outputs, cleared at the epoch's end
 
@@ -2217,18 +2217,11 @@ BUDGET_GAPS = {
 @pytest.fixture(scope="module")
 def family_models(tmp_path_factory):
     """model_type -> a directory with the tiny model's config and weights, no tokenizer files."""
-    from transformers import AutoConfig, AutoModelForCausalLM
     from transformers.utils import logging
 
     logging.set_verbosity_error()
     root = tmp_path_factory.mktemp("families")
-    dirs = {}
-    for model_type, kwargs in FAMILIES.items():
-        torch.manual_seed(0)
-        config = AutoConfig.for_model(model_type, **kwargs)
-        AutoModelForCausalLM.from_config(config).save_pretrained(root / model_type)
-        dirs[model_type] = str(root / model_type)
-    return dirs
+    return {family: drive.save_family(family, root / family) for family in FAMILIES}
 
 
 def train_family(directory, *flags):
@@ -2277,18 +2270,8 @@ def test_a_probe_budgets_a_peft_llama_within_five_percent_and_says_as_expected()
     model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"]))
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     ids = torch.randint(0, VOCAB, (BS, SEQ))
-    with memcheck.Probe(model, optimizer) as probe:
-        for _ in range(2):
-            # transformers' own loss (labels=); only the loss is kept, as a clean loop does (a loop
-            # that keeps the whole output keeps the logits through backward: see user_loop)
-            with probe.phase("forward"):
-                loss = model(input_ids=ids, labels=ids).loss
-            with probe.phase("backward"):
-                loss.backward()
-            with probe.phase("optimizer"):
-                optimizer.step()
-                optimizer.zero_grad()
-            probe.step(loss)
+    with memcheck.Probe(model, optimizer) as probe:   # transformers' own loss (labels=), not ours
+        user_loop(probe, model, optimizer, [ids, ids])
     report = probe.report()
     assert report["budget"]["method"] == "traced"
     assert abs(report["peak_bytes"] / report["budget"]["peak_bytes"] - 1) <= 0.05
