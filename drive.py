@@ -926,7 +926,7 @@ def save_family(family, directory):
     return str(directory)
 
 
-def families(bs=4, seq=128, steps=2, log=print):
+def families(bs=4, seq=128, steps=2, precision="32", log=print):
     """The budget against the measured peak on a tiny random model of every family, with the
     default targets, checkpointed and not; one row per family and checkpointing."""
     rows = []
@@ -935,7 +935,8 @@ def families(bs=4, seq=128, steps=2, log=print):
             model_dir = save_family(family, os.path.join(tmp, family))
             for ckpt in ("manual", "none"):
                 args = ref_train.parse_args(["--model", model_dir, "--device", "cpu", "--bs", str(bs),
-                                             "--seq", str(seq), "--steps", str(steps), "--ckpt", ckpt])
+                                             "--seq", str(seq), "--steps", str(steps), "--ckpt", ckpt,
+                                             "--precision", precision])
                 report = ref_train.train(args, log=lambda *a: None)
                 planned = report["budget"]
                 rows.append({"family": family, "ckpt": ckpt, "targets": report["config"]["targets"],
@@ -961,11 +962,13 @@ def families_command(argv):
                       "checkpointed and not, and print the budget's error on each.")
     p.add_argument("--bs", type=int, default=4)
     p.add_argument("--seq", type=int, default=128)
+    p.add_argument("--precision", choices=("32", "bf16-mixed"), default="32",
+                   help="bf16-mixed: fp32 weights under CPU autocast (default: %(default)s)")
     p.add_argument(*MARKDOWN[0], **MARKDOWN[1])
     p.add_argument(*REPORT[0], **REPORT[1])
     own = p.parse_args(argv)
     ref_train.check_output_path("--report", own.report)
-    rows = families(own.bs, own.seq)
+    rows = families(own.bs, own.seq, precision=own.precision)
     _print_and_save("drive.py families", families_table(rows), rows, own.markdown, own.report)
     return 0
 

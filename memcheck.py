@@ -347,6 +347,7 @@ class Probe:
         self._graded = set()
         self._survivors = []
         self._events = {}              # warning kind -> details, first seen
+        self._unsaved = []             # what this step's forward made and holds, unsaved
         self._new_step_watch()
 
     # -- scope
@@ -492,6 +493,19 @@ class Probe:
             self._survivors = _survivors(self.tracker, self.tracker.step)
         self._new_step_watch()
 
+    def _check_output_kept(self):
+        """What forward made and autograd did not save, alive still when backward ends: an output
+        the loop held through backward (the logits, when it keeps the model's whole output), which
+        backward did not need. Checkpointed layers' inputs are held by the graph, and freed by then."""
+        held = [r for r in self._unsaved if r.freed is None]
+        held_bytes = sum(r.nbytes for r in held)
+        if held and held_bytes >= OUTPUT_KEPT_SHARE * self.tracker.peak_bytes:
+            biggest = max(held, key=lambda r: r.nbytes)
+            self._event("output_kept", self.tracker.step, bytes=held_bytes, tensors=len(held),
+                        shape=list(biggest.shape), dtype=str(biggest.dtype).replace("torch.", ""),
+                        module=biggest.module)
+        self._unsaved = []
+
     def _event(self, kind, step, **details):
         event = self._events.setdefault(kind, dict(details, first_step=step, steps=0))
         event["steps"] += 1
@@ -533,10 +547,14 @@ class Probe:
         tracker = self.tracker
         self._tag_roles(again=False)
         if name == "forward":  # what forward made and still holds is kept for backward
-            for r in tracker.window:
-                if r.freed is None and r.phase == "forward" and r.step == tracker.step:
-                    if _RANK[r.category] > _RANK["activations"]:
-                        r.category = "activations"
+            made = [r for r in tracker.window
+                    if r.freed is None and r.phase == "forward" and r.step == tracker.step]
+            self._unsaved = [r for r in made if r.category == "temporaries"]  # (saved: activations)
+            for r in made:
+                if _RANK[r.category] > _RANK["activations"]:
+                    r.category = "activations"
+        if name == "backward":
+            self._check_output_kept()
         stats = {"peak_bytes": tracker.peak_bytes, "live_bytes": tracker.live_bytes,
                  "step": tracker.step, "categories": tracker.categories(tracker.peak_event),
                  "modules": tracker.modules(tracker.peak_event)}
@@ -691,7 +709,12 @@ class Probe:
         write_report(path or self.path, self.report())
 
 
+OUTPUT_KEPT_SHARE = 0.02   # of the backward's peak: below it, what a loop holds is not worth a word
 _EVENT_MESSAGES = {
+    "output_kept": "the forward's output was held through backward: {tensors} tensors ({mib} MiB) "
+                   "that backward did not need, e.g. {shape} {dtype} from {module} (the logits?), "
+                   "were alive when it ended (step {first_step}, {steps} steps in all); keep only "
+                   "the loss (loss = model(...).loss) or del the outputs before backward",
     "graph_kept": "a graph outlived its backward: {tensors} tensors ({mib} MiB) saved for backward "
                   "were still alive at the end of step {first_step} ({steps} steps in all); a loss "
                   "or output kept with its graph, or backward(retain_graph=True)",
@@ -1157,19 +1180,102 @@ def _sdpa_args(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False
     return query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa
 
 
-class _FusedAttentionOnMeta(torch.overrides.TorchFunctionMode):
-    """On meta, SDPA takes its math path, which saves the bs x heads x seq^2 attention weights. On
+_GROUPED_MM = {getattr(torch.nn.functional, "grouped_mm", None), getattr(torch, "_grouped_mm", None)} - {None}
+
+
+class _GroupedMmOnMeta(torch.autograd.Function):
+    """torch's grouped matmul of tokens (rows of a, grouped by offs) with experts' weights b, on
+    meta: what it saves (a for b's gradient, b for a's, and offs) and what its backward makes."""
+
+    @staticmethod
+    def forward(ctx, a, b, offs):
+        ctx.save_for_backward(a if b.requires_grad else None, b if a.requires_grad else None, offs)
+        ctx.shapes = a.shape, b.shape
+        return a.new_empty(a.shape[0], b.shape[-1])
+
+    @staticmethod
+    def backward(ctx, grad):
+        a_shape, b_shape = ctx.shapes
+        return (grad.new_empty(a_shape) if ctx.needs_input_grad[0] else None,
+                grad.new_empty(b_shape) if ctx.needs_input_grad[1] else None, None)
+
+
+class _KernelsOnMeta(torch.overrides.TorchFunctionMode):
+    """Meta's kernels, made to save what CPU's and CUDA's save.
+
+    On meta, SDPA takes its math path, which saves the bs x heads x seq^2 attention weights. On
     CPU and CUDA a fused kernel runs, which saves a log-sum-exp instead: trace with one (the CPU
     kernel). Where the CPU takes the math path too, it is left as it is: attention dropout, and
-    fewer key heads than query heads without enable_gqa (Falcon's multi-query attention)."""
+    fewer key heads than query heads without enable_gqa (Falcon's multi-query attention).
+
+    Grouped matmul (transformers' routed experts: tokens sorted by expert, one matmul per expert's
+    rows) has a meta kernel for CUDA's bf16 only. Its shapes do not depend on the routing: it is
+    run as _GroupedMmOnMeta."""
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
         if func is torch.nn.functional.scaled_dot_product_attention:
-            q, k, v, mask, dropout_p, is_causal, scale, gqa = _sdpa_args(*args, **(kwargs or {}))
+            q, k, v, mask, dropout_p, is_causal, scale, gqa = _sdpa_args(*args, **kwargs)
             if dropout_p == 0 and (gqa or k.shape[-3] == q.shape[-3]):
                 return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
                     q, k, v, 0.0, is_causal, attn_mask=mask, scale=scale)[0]
+        if func in _GROUPED_MM:
+            a, b = args[:2]
+            offs = kwargs.get("offs")
+            if a.device.type == "meta" and a.dim() == 2 and b.dim() == 3 and offs is not None:
+                return _GroupedMmOnMeta.apply(a, b, offs)
+        return func(*args, **kwargs)
+
+
+# torch's autocast policies (aten/src/ATen/autocast_mode.cpp) for the ops a decoder layer calls,
+# by the name its Python function or method has: these run in the autocast dtype on CPU and CUDA;
+# on CUDA these run in fp32 (on CPU only losses do, and the loss is not in a layer).
+_AUTOCAST_LOWER = {"linear", "matmul", "__matmul__", "mm", "bmm", "baddbmm", "addmm", "addbmm",
+                   "einsum", "conv1d", "conv2d", "prelu", "scaled_dot_product_attention"}
+_AUTOCAST_FP32_CUDA = {"softmax", "log_softmax", "layer_norm", "rms_norm", "group_norm", "pow",
+                       "__pow__", "rsqrt", "exp", "expm1", "log", "log1p", "reciprocal", "cumsum",
+                       "cumprod", "prod", "softplus", "logsumexp", "norm", "cosine_similarity"}
+
+
+class _AutocastOnMeta(torch.overrides.TorchFunctionMode):
+    """torch.autocast for meta tensors, which it leaves alone: the inputs of the ops above are cast
+    (as autograd ops, so what autograd saves is the cast copy, as under autocast). A leaf that
+    trains in fp32 is cast once per forward, as autocast caches it; frozen weights are cast at every
+    call. `weight_copies` collects the storages of casts of `weights` (storage keys)."""
+
+    def __init__(self, dtype, device_type, weights=()):
+        super().__init__()
+        self.dtype, self.weights, self.weight_copies, self.cache = dtype, set(weights), set(), {}
+        self._refs = []
+        self.fp32 = _AUTOCAST_FP32_CUDA if device_type == "cuda" else set()
+
+    def _cast(self, t, dtype):
+        if not (isinstance(t, torch.Tensor) and t.is_floating_point()) or t.dtype in (dtype, torch.float64):
+            return t
+        cacheable = dtype == self.dtype and t.dtype == torch.float32 and t.is_leaf and t.requires_grad
+        if cacheable and id(t) in self.cache:
+            return self.cache[id(t)][1]
+        out = t.to(dtype)
+        if t.untyped_storage()._cdata in self.weights:
+            # (forgotten when freed: a storage made later may take its address)
+            storage = out.untyped_storage()
+            self.weight_copies.add(storage._cdata)
+            self._refs.append(weakref.ref(storage, lambda _, key=storage._cdata: self.weight_copies.discard(key)))
+        if cacheable:
+            self.cache[id(t)] = (t, out)   # (t kept, so that its id is not reused)
+        return out
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        name = getattr(func, "__name__", "")
+        dtype = self.dtype if name in _AUTOCAST_LOWER else torch.float32 if name in self.fp32 else None
+        if dtype is not None:
+            args, kwargs = pytree.tree_map(lambda t: self._cast(t, dtype), (args, kwargs or {}))
         return func(*args, **(kwargs or {}))
+
+
+def _autocast_on_meta(dtype, device, weights):
+    return (contextlib.nullcontext() if dtype is None
+            else _AutocastOnMeta(dtype, torch.device(device).type, weights))
 
 
 class _Unwrapped(torch.nn.Module):
@@ -1193,41 +1299,63 @@ def _on_meta(tensor, requires_grad=None):
     return out.requires_grad_(tensor.requires_grad if requires_grad is None else requires_grad)
 
 
-def trace_layer(model, *, bs, seq, full=False):
+def _is_cache(value):
+    """transformers' KV cache, which a layer takes by name (past_key_values, cache) or by position
+    (GPT-2's)."""
+    return any(c.__name__ == "Cache" for c in type(value).__mro__)
+
+
+def trace_layer(model, *, bs, seq, full=False, autocast_dtype=None, device="cpu"):
     """What one decoder layer keeps for backward, and what its backward needs on top, in bytes.
 
     The model runs on the meta device (nothing is allocated): its parameters and buffers are
-    replaced by meta tensors, a forward at bs x seq stops at
-    the first decoder layer to take its inputs, and that layer then runs forward and backward, in
-    train mode, under a tracker. A gated LoRA layer gets a meta gate; full=True trains every
+    replaced by meta tensors, a forward at bs x seq runs up to the last decoder layer, taking every
+    layer's inputs, and that layer then runs forward and backward, in train mode, under a tracker,
+    with the kernels CPU and CUDA run (_KernelsOnMeta) and the run's autocast (_AutocastOnMeta,
+    with the device's policies). A gated LoRA layer gets a meta gate; full=True trains every
     parameter. Returns {"saved": unique bytes saved for backward, the layer's input included,
-    parameters and the inputs every layer shares (masks, rotary tables) not; "dropout_noise": the
-    part of it that is dropout's noise (on meta, as on CPU, dropout multiplies by a noise tensor of
-    the input's dtype; CUDA's fused kernel keeps a bool mask instead); "backward": the backward's
-    peak above what it starts with; "forward": the forward's peak, its temporaries included;
-    "shared_inputs": what the model makes once for every layer (masks, rotary tables), which
-    checkpointing keeps as inputs; "shared_saved": the part of it that a layer saves}. Raises what
-    the model raises when it cannot run on meta (an op that reads values, as Mixtral's expert
-    routing does).
+    parameters and the inputs every layer shares (masks, rotary tables) not; "weight_copies": the
+    part of it that is autocast's copies of weights; "dropout_noise": the part that is dropout's
+    noise (on meta, as on CPU, dropout multiplies by a noise tensor of the input's dtype; CUDA's
+    fused kernel keeps a bool mask instead, of "dropout_noise_numel" bytes); "hidden_bytes": the layer input's element size;
+    "backward": the backward's peak above what it starts with; "forward": the forward's peak, its
+    temporaries included; "shared_inputs": what the model makes once for every layer (masks,
+    rotary tables), which checkpointing keeps as inputs; "shared_saved": the part of it that a
+    layer saves}. Raises what the model raises when it cannot run on meta (an op that reads values).
     """
     layers = decoder_layers(model)
     if layers is None:
         raise ValueError(f"{type(model).__name__}: no list of decoder layers found")
     state = {n: _on_meta(t, True if full else None) for n, t in model.named_parameters()}
     state.update((n, _on_meta(t)) for n, t in model.named_buffers())
-    prefix = next(n for n, m in model.named_modules() if m is layers[0]) + "."
+    # The last layer: its input has the dtype of the residual stream from then on (bf16 weights
+    # under fp16 autocast: the first layer's is bf16, the others' fp32, as fp16 + bf16 promotes).
+    layer = layers[-1]
+    prefix = next(n for n, m in model.named_modules() if m is layer) + "."
     layer_state = {"layer." + n[len(prefix):]: t for n, t in state.items() if n.startswith(prefix)}
     captured = {}
+    # storage -> what the layers take besides the hidden states (kept: a storage freed in the
+    # meantime could see its address reused, and a new one taken for it)
+    inputs = {}
 
     def capture(module, args, kwargs):
-        captured.update(args=args, kwargs=kwargs)
-        raise _Captured
+        if module is layer:
+            captured.update(args=args, kwargs=kwargs)
+        rest = (args[1:], kwargs) if args else {k: v for k, v in kwargs.items() if k != "hidden_states"}
+        inputs.update((t.untyped_storage()._cdata, t) for t in pytree.tree_leaves(rest)
+                      if isinstance(t, torch.Tensor))
+        if module is layer:
+            raise _Captured
 
-    # The gate comes from the router, which trains: what multiplies it is saved for its gradient.
-    gate = lambda m: torch.empty(bs, m.n_experts, device="meta", requires_grad=True)
-    gated = [m for m in layers[0].modules() if getattr(m, "n_experts", 1) > 1 and hasattr(m, "base")]
-    capturing = layers[0].register_forward_pre_hook(capture, with_kwargs=True)
-    hooks = [m.register_forward_pre_hook(lambda m, args, kwargs: (args, dict(kwargs, gate=gate(m))),
+    # One gate for every layer, as the router makes it, which trains: what multiplies it is saved
+    # for its gradient.
+    gated = [m for m in layers.modules() if getattr(m, "n_experts", 1) > 1 and hasattr(m, "base")]
+    gate = torch.empty(bs, gated[0].n_experts if gated else 1, device="meta", requires_grad=True)
+    inputs[gate.untyped_storage()._cdata] = gate
+    # Every layer's inputs: layers of different kinds take different masks (Gemma2's sliding
+    # window), all made once by the model and kept until backward.
+    capturing = [each.register_forward_pre_hook(capture, with_kwargs=True) for each in layers]
+    hooks = [m.register_forward_pre_hook(lambda m, args, kwargs: (args, dict(kwargs, gate=gate)),
                                          with_kwargs=True) for m in gated]
     modes = [(m, m.training) for m in model.modules()]
     model.train()
@@ -1235,20 +1363,22 @@ def trace_layer(model, *, bs, seq, full=False):
     checkpointing = [m for m in model.modules() if m.__dict__.get("gradient_checkpointing") is True]
     for m in checkpointing:
         m.gradient_checkpointing = False
+    weights = {t.untyped_storage()._cdata for t in state.values()}
     try:
         try:
             ids = torch.zeros(bs, seq, dtype=torch.long, device="meta")
             # With the cache on (the config's default), transformers skips a packed-sequence test
             # that reads values; the layer then runs without it.
-            torch.func.functional_call(model, state, (), {"input_ids": ids})
+            with _KernelsOnMeta(), _autocast_on_meta(autocast_dtype, device, weights):
+                torch.func.functional_call(model, state, (), {"input_ids": ids})
         except _Captured:
             pass
         finally:
-            capturing.remove()
-        args, kwargs = captured["args"], dict(captured["kwargs"])
-        for name in ("past_key_values", "past_key_value", "layer_past"):
-            if name in kwargs:
-                kwargs[name] = None
+            for h in capturing:
+                h.remove()
+        # without the KV cache, which by now holds the other layers' keys and values
+        args = tuple(None if _is_cache(a) else a for a in captured["args"])
+        kwargs = {k: None if _is_cache(v) else v for k, v in captured["kwargs"].items()}
         if "use_cache" in kwargs:
             kwargs["use_cache"] = False
         hidden = args[0] if args else kwargs.pop("hidden_states")
@@ -1256,9 +1386,6 @@ def trace_layer(model, *, bs, seq, full=False):
         args = (hidden, *args[1:]) if args else args
         if not args:
             kwargs["hidden_states"] = hidden
-        inputs = {t.untyped_storage()._cdata: t.untyped_storage().nbytes()
-                  for t in pytree.tree_leaves((args[1:], kwargs)) if isinstance(t, torch.Tensor)}
-        weights = {t.untyped_storage()._cdata for t in state.values()}
         shared = set(inputs) | weights
         tracker = Tracker("meta")
 
@@ -1274,19 +1401,27 @@ def trace_layer(model, *, bs, seq, full=False):
             return t
 
         forward = Tracker("meta")
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), _FusedAttentionOnMeta(), forward:
-            out = torch.func.functional_call(_Unwrapped(layers[0]), layer_state, args, kwargs)
+        cast = _autocast_on_meta(autocast_dtype, device, weights)
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), _KernelsOnMeta(), cast, forward:
+            out = torch.func.functional_call(_Unwrapped(layer), layer_state, args, kwargs)
         out = out if isinstance(out, torch.Tensor) else out[0]
         saved = tracker.live_bytes
-        noise = sum(r.nbytes for r in tracker.live.values() if r.op == "empty_like")
+        copies = sum(r.nbytes for k, r in tracker.live.items() if k in getattr(cast, "weight_copies", ()))
+        # dropout's noise: what the forward made with empty_like (then filled by bernoulli_)
+        noise = [r for k, r in tracker.live.items() if k in forward.live
+                 and forward.live[k].op == "empty_like" and forward.live[k]._dtype.is_floating_point]
         grad_out = torch.empty(out.shape, dtype=out.dtype, device="meta")
         tracker.start_window()
         start = tracker.live_bytes
-        with tracker, _FusedAttentionOnMeta():
+        with tracker, _KernelsOnMeta():
             torch.autograd.backward(out, grad_out)
-        return {"saved": saved, "dropout_noise": noise, "forward": forward.peak_bytes,
-                "shared_inputs": sum(n for k, n in inputs.items() if k not in weights),
-                "shared_saved": sum(inputs[k] for k in shared_saved),
+        return {"saved": saved, "dropout_noise": sum(r.nbytes for r in noise),
+                "dropout_noise_numel": sum(r.nbytes // r._dtype.itemsize for r in noise),
+                "weight_copies": copies,
+                "hidden_bytes": hidden.element_size(), "forward": forward.peak_bytes,
+                "shared_inputs": sum(t.untyped_storage().nbytes() for k, t in inputs.items()
+                                     if k not in weights),
+                "shared_saved": sum(inputs[k].untyped_storage().nbytes() for k in shared_saved),
                 "backward": tracker.peak_bytes - start}
     finally:
         for h in hooks:
@@ -1360,22 +1495,26 @@ def budget(model, *, bs, seq, checkpointing, autocast_dtype=None, loss_chunks=1,
     layer_bytes += eager_scores
     backward_temporaries = tokens * act * (ffn + 2 * h)
     forward_peak_per_layer = shared_inputs = 0   # (the estimate has neither)
+    autocasts = autocast_dtype is not None and autocast_dtype != s["weights_dtype"]
+    layer_weight_copies = sum(i * o for i, o in s["linears"].values()) * act  # (estimated)
+    hidden_bytes = act   # the layers' inputs: the residual stream
     # The layer traced on the meta device replaces the per-token estimate above, for any
-    # architecture. Not under autocast, which meta tensors do not take part in: there the estimate,
-    # calibrated on OPT, stands.
-    method = "formula: under autocast"
-    if autocast_dtype is None or autocast_dtype == s["weights_dtype"]:
-        try:
-            traced = trace_layer(model, bs=b, seq=seq, full=full)
-        except Exception as e:  # an op that reads values, or a decoder this trace cannot call
-            method = f"formula: the layer does not run on meta ({type(e).__name__}: {first_line(e)})"
-        else:
-            method = "traced"
-            noise = traced["dropout_noise"]
-            layer_bytes = traced["saved"] - (noise - noise // act if on_cuda else 0)
-            backward_temporaries = traced["backward"]
-            forward_peak_per_layer = traced["forward"]
-            shared_inputs = traced["shared_inputs" if checkpointing else "shared_saved"]
+    # architecture; where it cannot run there, the estimate, calibrated on OPT, stands.
+    try:
+        traced = trace_layer(model, bs=b, seq=seq, full=full, device=device,
+                             autocast_dtype=autocast_dtype if autocasts else None)
+    except Exception as e:  # an op that reads values, or a decoder this trace cannot call
+        method = f"formula: the layer does not run on meta ({type(e).__name__}: {first_line(e)})"
+    else:
+        method = "traced"
+        layer_weight_copies = traced["weight_copies"]
+        # (on CUDA, dropout's fused kernel keeps a bool mask where the trace has the noise)
+        bool_masks = traced["dropout_noise"] - traced["dropout_noise_numel"] if on_cuda else 0
+        layer_bytes = traced["saved"] - layer_weight_copies - bool_masks
+        backward_temporaries = traced["backward"]
+        forward_peak_per_layer = traced["forward"]
+        shared_inputs = traced["shared_inputs" if checkpointing else "shared_saved"]
+        hidden_bytes = traced["hidden_bytes"]
     # padded=True: some batch has padding, so SDPA gets an explicit mask instead of is_causal, and
     # each layer's call turns it into a float bias, bs x 1 x seq x seq, which it saves for backward.
     attention_mask = b * seq * seq * act if padded and s["attn"] == "sdpa" else 0
@@ -1398,9 +1537,9 @@ def budget(model, *, bs, seq, checkpointing, autocast_dtype=None, loss_chunks=1,
         "dropout_masks_per_layer": tokens * ((2 * h * mask if s["dropout"] > 0 else 0)
                                              + (sum(d for d, _ in adapted.values()) * mask
                                                 if lora_dropout > 0 else 0)),
-        "checkpointed_inputs": layers * tokens * h * act if ckpt else 0,
-        "saved_activations": (layers * tokens * h * act if ckpt else layers * layer_bytes)
-                             + tokens * h * act    # + the final norm's input
+        "checkpointed_inputs": layers * tokens * h * hidden_bytes if ckpt else 0,
+        "saved_activations": (layers * tokens * h * hidden_bytes if ckpt else layers * layer_bytes)
+                             + tokens * h * hidden_bytes    # + the final norm's input
                              + (b * seq * seq if attention_mask else 0)  # + the bool mask, once
                              + shared_inputs,
         "logits": b * (seq - 1) * s["vocab"] * 4 // loss_chunks,   # one fp32 copy
@@ -1416,13 +1555,12 @@ def budget(model, *, bs, seq, checkpointing, autocast_dtype=None, loss_chunks=1,
         # (budgeting for CUDA on a machine without it, they are not known: the term is absent)
         terms["cuda_workspaces"] = (cuda_workspaces(device) if cuda_workspace_bytes is None
                                     else cuda_workspace_bytes)
-    if autocast_dtype is not None and autocast_dtype != s["weights_dtype"]:
-        # Autocast re-casts each frozen weight at every call and the copy is saved for backward;
-        # under checkpointing only one layer's copies (and lm_head's) exist at a time.
-        layer_weights = sum(i * o for i, o in s["linears"].values())
+    if autocasts:
+        # Autocast re-casts each frozen weight at every call and the copy is saved for backward:
+        # every layer's and lm_head's; under checkpointing lm_head's, and the recomputed layer's
+        # while it is (its forward saved nothing).
         head = s["vocab"] * h // loss_chunks  # the fused loss casts one slice of the head at a time
-        terms["autocast_weight_copies"] = _dtype_bytes(autocast_dtype) * (
-            head + layer_weights * (1 if ckpt else layers))
+        terms["autocast_weight_copies"] = head * act + (0 if ckpt else layers * layer_weight_copies)
     steady = terms["params"] + terms["optimizer_state"] + terms.get("cuda_workspaces", 0)
     saved = terms["saved_activations"] + terms["autocast_weight_copies"]
     if loss_chunks == 1:
@@ -1443,8 +1581,9 @@ def budget(model, *, bs, seq, checkpointing, autocast_dtype=None, loss_chunks=1,
     if ckpt:
         # one layer recomputed, plus its gradients in flight, while the other inputs stay
         # (the recomputed forward's own peak, its temporaries included, can be the higher)
-        recompute = (steady + terms["checkpointed_inputs"] + tokens * h * act + terms["gradients"]
-                     + max(layer_bytes + backward_temporaries, forward_peak_per_layer))
+        recompute = (steady + terms["checkpointed_inputs"] + tokens * h * hidden_bytes + terms["gradients"]
+                     + max(layer_bytes + (layer_weight_copies if autocasts else 0) + backward_temporaries,
+                           forward_peak_per_layer))
     # the last layer's backward, every layer's saved activations still held (no checkpointing); its
     # output's gradient takes the place of the final norm's input, freed by then
     last_layer = 0 if ckpt else steady + saved + backward_temporaries
