@@ -1445,8 +1445,8 @@ def budget(model, *, bs, seq, checkpointing, autocast_dtype=None, loss_chunks=1,
 
     What one decoder layer saves for backward, what its backward and its recomputed forward need
     on top, and what the model makes once for every layer are traced (trace_layer: the layer runs
-    on the meta device, at these shapes, for any architecture); "method" says "traced". Under
-    autocast, which meta tensors take no part in, or where the layer cannot run on meta, a per-token
+    on the meta device, at these shapes, under the run's autocast with `device`'s policies, for any
+    architecture); "method" says "traced". Where the layer cannot run on meta, a per-token
     estimate calibrated on OPT stands instead ("method" says "formula: " and why): layer input,
     the residual before the MLP, q, k, v and the attention output, SDPA's log-sum-exp, the MLP
     activation (three of them for a gated MLP), two residual-dropout masks, the inputs of adapted

@@ -2280,6 +2280,28 @@ def test_the_budget_under_autocast_is_traced_and_within_target(family_models, fa
         assert report["budget"]["terms"]["autocast_weight_copies"] > 0
 
 
+# What `.ci/gpu` measured on an NVIDIA H200 (torch 2.11.0+cu130, commit 7966c57): each run's
+# tracker peak in bytes, `ref_train.py --bs 2 --seq 128 --steps 3 --device cuda` with these flags
+# (opt-125m's architecture; cuBLAS's workspaces, which the budget counts apart, not included).
+H200_TRACKED_PEAKS = {
+    "--precision 32 --ckpt manual": 676221304, "--precision 16-mixed": 754531844,
+    "--precision bf16-mixed": 754531832, "--precision bf16-true": 420624760,
+    "--precision 16-mixed --weights-dtype bf16": 503660036, "--ckpt none": 775899512,
+    "--impl einsum": 676221304, "--loss-chunks 8": 537379544,
+}
+
+
+@pytest.mark.parametrize("flags", H200_TRACKED_PEAKS)
+def test_the_cuda_budget_is_within_one_percent_of_what_an_h200_measured(flags):
+    # The budget for CUDA, made without one: autocast's CUDA policies, dropout's bool masks.
+    args = ref_train.parse_args(["--bs", "2", "--seq", "128", "--steps", "3", "--device", "cuda",
+                                 *flags.split()], budget_only=True)
+    planned = ref_train.plan(args)
+    assert planned["method"] == "traced"
+    tensors_peak = planned["peak_bytes"] - planned["terms"].get("cuda_workspaces", 0)
+    assert abs(H200_TRACKED_PEAKS[flags] / tensors_peak - 1) <= 0.01
+
+
 def test_on_cuda_the_budget_counts_dropouts_noise_as_the_bool_mask_cuda_keeps(tiny_model):
     # OPT's two residual dropouts: on meta, as on CPU, an fp32 noise tensor each; CUDA's fused
     # kernel keeps a bool mask, a quarter of it.
