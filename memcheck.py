@@ -347,7 +347,8 @@ class Probe:
         self._graded = set()
         self._survivors = []
         self._events = {}              # warning kind -> details, first seen
-        self._unsaved = []             # what this step's forward made and holds, unsaved
+        self._outputs = []             # records of the language model's outputs, this forward
+        self._unsaved = []             # those alive when it ended, autograd not saving them
         self._new_step_watch()
 
     # -- scope
@@ -405,9 +406,18 @@ class Probe:
         lm = _language_model(model)
         if lm is not None:
             self._hooks.append(lm.get_input_embeddings().register_forward_pre_hook(self._first_forward))
+            self._hooks.append(lm.register_forward_hook(self._model_output))
             layers = decoder_layers(lm)
             self._layers = [names[layer] for layer in layers] if layers is not None else []
         self._tag_roles(adopt=True)  # what exists now is counted from now, and never as new
+
+    def _model_output(self, module, args, output):
+        leaves = pytree.tree_leaves(dict(output) if isinstance(output, dict) else output)
+        for t in leaves:
+            if isinstance(t, torch.Tensor):
+                record = self.tracker.track(t, "output", adopt=False)
+                if record is not None:
+                    self._outputs.append(record)
 
     def _leave_module(self, *_):
         if self.tracker.module_stack:
@@ -494,9 +504,9 @@ class Probe:
         self._new_step_watch()
 
     def _check_output_kept(self):
-        """What forward made and autograd did not save, alive still when backward ends: an output
-        the loop held through backward (the logits, when it keeps the model's whole output), which
-        backward did not need. Checkpointed layers' inputs are held by the graph, and freed by then."""
+        """The language model's outputs that autograd did not save, alive still when backward ends:
+        the loop held them through backward (the logits, when it keeps the whole output), and
+        backward did not need them."""
         held = [r for r in self._unsaved if r.freed is None]
         held_bytes = sum(r.nbytes for r in held)
         if held and held_bytes >= OUTPUT_KEPT_SHARE * self.tracker.peak_bytes:
@@ -549,7 +559,9 @@ class Probe:
         if name == "forward":  # what forward made and still holds is kept for backward
             made = [r for r in tracker.window
                     if r.freed is None and r.phase == "forward" and r.step == tracker.step]
-            self._unsaved = [r for r in made if r.category == "temporaries"]  # (saved: activations)
+            # (what autograd saved is in "activations" already: _pack put it there)
+            self._unsaved = [r for r in self._outputs if r.freed is None and r.category == "temporaries"]
+            self._outputs = []
             for r in made:
                 if _RANK[r.category] > _RANK["activations"]:
                     r.category = "activations"
@@ -711,10 +723,10 @@ class Probe:
 
 OUTPUT_KEPT_SHARE = 0.02   # of the backward's peak: below it, what a loop holds is not worth a word
 _EVENT_MESSAGES = {
-    "output_kept": "the forward's output was held through backward: {tensors} tensors ({mib} MiB) "
-                   "that backward did not need, e.g. {shape} {dtype} from {module} (the logits?), "
-                   "were alive when it ended (step {first_step}, {steps} steps in all); keep only "
-                   "the loss (loss = model(...).loss) or del the outputs before backward",
+    "output_kept": "the model's output was held through backward: {tensors} of its tensors ({mib} "
+                   "MiB) that backward did not need, e.g. {shape} {dtype} from {module}, were alive "
+                   "when it ended (step {first_step}, {steps} steps in all); keep only the loss "
+                   "(loss = model(...).loss) or del the output before backward",
     "graph_kept": "a graph outlived its backward: {tensors} tensors ({mib} MiB) saved for backward "
                   "were still alive at the end of step {first_step} ({steps} steps in all); a loss "
                   "or output kept with its graph, or backward(retain_graph=True)",
@@ -1205,33 +1217,42 @@ class _KernelsOnMeta(torch.overrides.TorchFunctionMode):
 
     On meta, SDPA takes its math path, which saves the bs x heads x seq^2 attention weights. On
     CPU and CUDA a fused kernel runs, which saves a log-sum-exp instead: trace with one (the CPU
-    kernel). Where the CPU takes the math path too, it is left as it is: attention dropout, and
-    fewer key heads than query heads without enable_gqa (Falcon's multi-query attention).
+    kernel). Where the CPU takes the math path too, it is left as it is: attention dropout (on CUDA
+    the fused kernels take it, and keep no mask), and fewer key heads than query heads without
+    enable_gqa (Falcon's multi-query attention).
 
     Grouped matmul (transformers' routed experts: tokens sorted by expert, one matmul per expert's
     rows) has a meta kernel for CUDA's bf16 only. Its shapes do not depend on the routing: it is
     run as _GroupedMmOnMeta."""
 
+    def __init__(self, device_type="cpu"):
+        super().__init__()
+        self.device_type = device_type
+
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if func is torch.nn.functional.scaled_dot_product_attention:
             q, k, v, mask, dropout_p, is_causal, scale, gqa = _sdpa_args(*args, **kwargs)
-            if dropout_p == 0 and (gqa or k.shape[-3] == q.shape[-3]):
+            fused = dropout_p == 0 or self.device_type == "cuda"
+            if fused and (gqa or k.shape[-3] == q.shape[-3]):
                 return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
                     q, k, v, 0.0, is_causal, attn_mask=mask, scale=scale)[0]
         if func in _GROUPED_MM:
             a, b = args[:2]
-            offs = kwargs.get("offs")
+            offs = args[2] if len(args) > 2 else kwargs.get("offs")
             if a.device.type == "meta" and a.dim() == 2 and b.dim() == 3 and offs is not None:
-                return _GroupedMmOnMeta.apply(a, b, offs)
+                out = _GroupedMmOnMeta.apply(a, b, offs)
+                return out if kwargs.get("out_dtype") is None else out.to(kwargs["out_dtype"])
         return func(*args, **kwargs)
 
 
 # torch's autocast policies (aten/src/ATen/autocast_mode.cpp) for the ops a decoder layer calls,
-# by the name its Python function or method has: these run in the autocast dtype on CPU and CUDA;
-# on CUDA these run in fp32 (on CPU only losses do, and the loss is not in a layer).
+# by the name of its Python function or method.
+# In the autocast dtype, on CPU and CUDA:
 _AUTOCAST_LOWER = {"linear", "matmul", "__matmul__", "mm", "bmm", "baddbmm", "addmm", "addbmm",
                    "einsum", "conv1d", "conv2d", "prelu", "scaled_dot_product_attention"}
+# In fp32, on CUDA (on CPU only losses are, and the loss is in no layer). Softmax, log_softmax and
+# the cumulative ops take dtype=float32 rather than a cast input; they save the same.
 _AUTOCAST_FP32_CUDA = {"softmax", "log_softmax", "layer_norm", "rms_norm", "group_norm", "pow",
                        "__pow__", "rsqrt", "exp", "expm1", "log", "log1p", "reciprocal", "cumsum",
                        "cumprod", "prod", "softplus", "logsumexp", "norm", "cosine_similarity"}
@@ -1241,13 +1262,29 @@ class _AutocastOnMeta(torch.overrides.TorchFunctionMode):
     """torch.autocast for meta tensors, which it leaves alone: the inputs of the ops above are cast
     (as autograd ops, so what autograd saves is the cast copy, as under autocast). A leaf that
     trains in fp32 is cast once per forward, as autocast caches it; frozen weights are cast at every
-    call. `weight_copies` collects the storages of casts of `weights` (storage keys)."""
+    call. `weight_copies` collects the storages of casts of `weights` (storage keys).
+
+    Autocast's own switch is on inside, for the model to turn off where it keeps a part in fp32
+    (torch.autocast(enabled=False)): nothing is cast there."""
 
     def __init__(self, dtype, device_type, weights=()):
         super().__init__()
-        self.dtype, self.weights, self.weight_copies, self.cache = dtype, set(weights), set(), {}
-        self._refs = []
+        self.dtype, self.device_type = dtype, device_type
+        self.weights, self.weight_copies, self.cache, self._refs = set(weights), set(), {}, []
         self.fp32 = _AUTOCAST_FP32_CUDA if device_type == "cuda" else set()
+
+    def __enter__(self):
+        self._outer = (torch.is_autocast_enabled(self.device_type),
+                       torch.get_autocast_dtype(self.device_type))
+        torch.set_autocast_enabled(self.device_type, True)
+        torch.set_autocast_dtype(self.device_type, self.dtype)
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        torch.set_autocast_enabled(self.device_type, self._outer[0])
+        torch.set_autocast_dtype(self.device_type, self._outer[1])
+        self.cache.clear()   # as autocast's, when it exits
+        return super().__exit__(*exc)
 
     def _cast(self, t, dtype):
         if not (isinstance(t, torch.Tensor) and t.is_floating_point()) or t.dtype in (dtype, torch.float64):
@@ -1268,7 +1305,7 @@ class _AutocastOnMeta(torch.overrides.TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         name = getattr(func, "__name__", "")
         dtype = self.dtype if name in _AUTOCAST_LOWER else torch.float32 if name in self.fp32 else None
-        if dtype is not None:
+        if dtype is not None and torch.is_autocast_enabled(self.device_type):
             args, kwargs = pytree.tree_map(lambda t: self._cast(t, dtype), (args, kwargs or {}))
         return func(*args, **(kwargs or {}))
 
@@ -1326,6 +1363,7 @@ def trace_layer(model, *, bs, seq, full=False, autocast_dtype=None, device="cpu"
     layers = decoder_layers(model)
     if layers is None:
         raise ValueError(f"{type(model).__name__}: no list of decoder layers found")
+    device_type = torch.device(device).type
     state = {n: _on_meta(t, True if full else None) for n, t in model.named_parameters()}
     state.update((n, _on_meta(t)) for n, t in model.named_buffers())
     # The last layer: its input has the dtype of the residual stream from then on (bf16 weights
@@ -1341,17 +1379,18 @@ def trace_layer(model, *, bs, seq, full=False, autocast_dtype=None, device="cpu"
     def capture(module, args, kwargs):
         if module is layer:
             captured.update(args=args, kwargs=kwargs)
-        rest = (args[1:], kwargs) if args else {k: v for k, v in kwargs.items() if k != "hidden_states"}
-        inputs.update((t.untyped_storage()._cdata, t) for t in pytree.tree_leaves(rest)
-                      if isinstance(t, torch.Tensor))
+        rest = [*args[1:], *(v for k, v in kwargs.items() if k != "hidden_states")]
+        inputs.update((t.untyped_storage()._cdata, t) for t in pytree.tree_leaves(
+            [v for v in rest if not _is_cache(v)]) if isinstance(t, torch.Tensor))
         if module is layer:
             raise _Captured
 
     # One gate for every layer, as the router makes it, which trains: what multiplies it is saved
     # for its gradient.
     gated = [m for m in layers.modules() if getattr(m, "n_experts", 1) > 1 and hasattr(m, "base")]
-    gate = torch.empty(bs, gated[0].n_experts if gated else 1, device="meta", requires_grad=True)
-    inputs[gate.untyped_storage()._cdata] = gate
+    if gated:
+        gate = torch.empty(bs, gated[0].n_experts, device="meta", requires_grad=True)
+        inputs[gate.untyped_storage()._cdata] = gate
     # Every layer's inputs: layers of different kinds take different masks (Gemma2's sliding
     # window), all made once by the model and kept until backward.
     capturing = [each.register_forward_pre_hook(capture, with_kwargs=True) for each in layers]
@@ -1369,7 +1408,7 @@ def trace_layer(model, *, bs, seq, full=False, autocast_dtype=None, device="cpu"
             ids = torch.zeros(bs, seq, dtype=torch.long, device="meta")
             # With the cache on (the config's default), transformers skips a packed-sequence test
             # that reads values; the layer then runs without it.
-            with _KernelsOnMeta(), _autocast_on_meta(autocast_dtype, device, weights):
+            with _KernelsOnMeta(device_type), _autocast_on_meta(autocast_dtype, device, weights):
                 torch.func.functional_call(model, state, (), {"input_ids": ids})
         except _Captured:
             pass
@@ -1402,7 +1441,8 @@ def trace_layer(model, *, bs, seq, full=False, autocast_dtype=None, device="cpu"
 
         forward = Tracker("meta")
         cast = _autocast_on_meta(autocast_dtype, device, weights)
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), _KernelsOnMeta(), cast, forward:
+        saving = torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t)
+        with saving, _KernelsOnMeta(device_type), cast, forward:
             out = torch.func.functional_call(_Unwrapped(layer), layer_state, args, kwargs)
         out = out if isinstance(out, torch.Tensor) else out[0]
         saved = tracker.live_bytes
@@ -1413,7 +1453,7 @@ def trace_layer(model, *, bs, seq, full=False, autocast_dtype=None, device="cpu"
         grad_out = torch.empty(out.shape, dtype=out.dtype, device="meta")
         tracker.start_window()
         start = tracker.live_bytes
-        with tracker, _KernelsOnMeta():
+        with tracker, _KernelsOnMeta(device_type):
             torch.autograd.backward(out, grad_out)
         return {"saved": saved, "dropout_noise": sum(r.nbytes for r in noise),
                 "dropout_noise_numel": sum(r.nbytes // r._dtype.itemsize for r in noise),
@@ -1495,14 +1535,15 @@ def budget(model, *, bs, seq, checkpointing, autocast_dtype=None, loss_chunks=1,
     layer_bytes += eager_scores
     backward_temporaries = tokens * act * (ffn + 2 * h)
     forward_peak_per_layer = shared_inputs = 0   # (the estimate has neither)
-    autocasts = autocast_dtype is not None and autocast_dtype != s["weights_dtype"]
-    layer_weight_copies = sum(i * o for i, o in s["linears"].values()) * act  # (estimated)
+    # Autocast copies what is not in its dtype: the weights, or only LoRA's fp32 ones.
+    casts_weights = autocast_dtype is not None and autocast_dtype != s["weights_dtype"]
+    layer_weight_copies = sum(i * o for i, o in s["linears"].values()) * act if casts_weights else 0
     hidden_bytes = act   # the layers' inputs: the residual stream
     # The layer traced on the meta device replaces the per-token estimate above, for any
     # architecture; where it cannot run there, the estimate, calibrated on OPT, stands.
     try:
         traced = trace_layer(model, bs=b, seq=seq, full=full, device=device,
-                             autocast_dtype=autocast_dtype if autocasts else None)
+                             autocast_dtype=autocast_dtype)
     except Exception as e:  # an op that reads values, or a decoder this trace cannot call
         method = f"formula: the layer does not run on meta ({type(e).__name__}: {first_line(e)})"
     else:
@@ -1555,11 +1596,11 @@ def budget(model, *, bs, seq, checkpointing, autocast_dtype=None, loss_chunks=1,
         # (budgeting for CUDA on a machine without it, they are not known: the term is absent)
         terms["cuda_workspaces"] = (cuda_workspaces(device) if cuda_workspace_bytes is None
                                     else cuda_workspace_bytes)
-    if autocasts:
+    if autocast_dtype is not None:
         # Autocast re-casts each frozen weight at every call and the copy is saved for backward:
         # every layer's and lm_head's; under checkpointing lm_head's, and the recomputed layer's
         # while it is (its forward saved nothing).
-        head = s["vocab"] * h // loss_chunks  # the fused loss casts one slice of the head at a time
+        head = s["vocab"] * h // loss_chunks if casts_weights else 0  # (the fused loss: a slice)
         terms["autocast_weight_copies"] = head * act + (0 if ckpt else layers * layer_weight_copies)
     steady = terms["params"] + terms["optimizer_state"] + terms.get("cuda_workspaces", 0)
     saved = terms["saved_activations"] + terms["autocast_weight_copies"]
@@ -1582,7 +1623,7 @@ def budget(model, *, bs, seq, checkpointing, autocast_dtype=None, loss_chunks=1,
         # one layer recomputed, plus its gradients in flight, while the other inputs stay
         # (the recomputed forward's own peak, its temporaries included, can be the higher)
         recompute = (steady + terms["checkpointed_inputs"] + tokens * h * hidden_bytes + terms["gradients"]
-                     + max(layer_bytes + (layer_weight_copies if autocasts else 0) + backward_temporaries,
+                     + max(layer_bytes + layer_weight_copies + backward_temporaries,
                            forward_peak_per_layer))
     # the last layer's backward, every layer's saved activations still held (no checkpointing); its
     # output's gradient takes the place of the final norm's input, freed by then
