@@ -1342,6 +1342,24 @@ def _is_cache(value):
     return any(c.__name__ == "Cache" for c in type(value).__mro__)
 
 
+@contextlib.contextmanager
+def _unpadded_on_meta():
+    """transformers asks whether a batch has padding by reading its mask (masking_utils.fast_all;
+    transformers 5.17's OPT makes one of ones when given none). On meta there is nothing to read:
+    the trace is of a batch without padding (the budget counts padding's mask apart), so it has
+    none."""
+    masking = sys.modules.get("transformers.masking_utils")
+    read = getattr(masking, "fast_all", None)
+    if read is None:
+        yield
+        return
+    masking.fast_all = lambda mask: True if mask.device.type == "meta" else read(mask)
+    try:
+        yield
+    finally:
+        masking.fast_all = read
+
+
 def trace_layer(model, *, bs, seq, full=False, autocast_dtype=None, device="cpu"):
     """What one decoder layer keeps for backward, and what its backward needs on top, in bytes.
 
@@ -1408,7 +1426,9 @@ def trace_layer(model, *, bs, seq, full=False, autocast_dtype=None, device="cpu"
             ids = torch.zeros(bs, seq, dtype=torch.long, device="meta")
             # With the cache on (the config's default), transformers skips a packed-sequence test
             # that reads values; the layer then runs without it.
-            with _KernelsOnMeta(device_type), _autocast_on_meta(autocast_dtype, device, weights):
+            # (fork_rng: a model may draw on the CPU's generator, as OPT's layerdrop does)
+            with _KernelsOnMeta(device_type), _autocast_on_meta(autocast_dtype, device, weights), \
+                    _unpadded_on_meta(), torch.random.fork_rng(devices=[]):
                 torch.func.functional_call(model, state, (), {"input_ids": ids})
         except _Captured:
             pass

@@ -653,7 +653,12 @@ def test_budget_runs_on_the_meta_device_without_allocating(tiny_model):
     args = ref_train.parse_args(["--model", tiny_model, "--device", "cpu"])
     with memcheck.Tracker("cpu") as tracker:
         planned = ref_train.plan(args)
-    assert tracker.peak_bytes == 0
+    # (transformers 5.17's OPT draws its layerdrop in training mode, a CPU scalar a layer)
+    assert tracker.peak_bytes <= 64
+    model, items, *_ = ref_train.build(args, meta=True)
+    rng = torch.get_rng_state()
+    ref_train.plan(args, model, items)
+    assert torch.equal(torch.get_rng_state(), rng)   # the run's random stream is left as it was
     assert planned["peak_bytes"] > planned["terms"]["params"] > 0
     full = ref_train.plan(args, full=True)
     assert full["terms"]["optimizer_state"] == 2 * full["terms"]["params"]  # Adam on every weight
