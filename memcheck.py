@@ -412,7 +412,11 @@ class Probe:
         self._tag_roles(adopt=True)  # what exists now is counted from now, and never as new
 
     def _model_output(self, module, args, output):
-        leaves = pytree.tree_leaves(dict(output) if isinstance(output, dict) else output)
+        # A training forward's output, the loss aside (the loop keeps that one): output_kept's watch.
+        if self.tracker.phase != "forward":
+            return
+        leaves = pytree.tree_leaves({k: v for k, v in output.items() if k != "loss"}
+                                    if isinstance(output, dict) else output)
         for t in leaves:
             if isinstance(t, torch.Tensor):
                 record = self.tracker.track(t, "output", adopt=False)
@@ -540,6 +544,7 @@ class Probe:
             self.end()
         tracker = self.tracker
         tracker.phase, tracker.module_stack[:] = name, []
+        self._outputs = []
         first = self._step_started is None
         if first:
             self._step_started = time.perf_counter()
@@ -1264,8 +1269,10 @@ class _AutocastOnMeta(torch.overrides.TorchFunctionMode):
     trains in fp32 is cast once per forward, as autocast caches it; frozen weights are cast at every
     call. `weight_copies` collects the storages of casts of `weights` (storage keys).
 
-    Autocast's own switch is on inside, for the model to turn off where it keeps a part in fp32
-    (torch.autocast(enabled=False)): nothing is cast there."""
+    Autocast's own switch is on inside, for code that turns it off where it keeps a part in fp32
+    (torch.autocast("cuda", enabled=False)): nothing is cast there. transformers' maybe_autocast
+    skips the switch for meta tensors, so the parts it keeps in fp32 are cast here.
+    (The switch is per thread; the trace is not meant to run in two threads at once.)"""
 
     def __init__(self, dtype, device_type, weights=()):
         super().__init__()
@@ -1346,8 +1353,9 @@ def _is_cache(value):
 def _unpadded_on_meta():
     """transformers asks whether a batch has padding by reading its mask (masking_utils.fast_all;
     transformers 5.17's OPT makes one of ones when given none). On meta there is nothing to read:
-    the trace is of a batch without padding (the budget counts padding's mask apart), so it has
-    none."""
+    the trace is of a batch without padding (the budget counts padding's mask apart), so every
+    such read answers "all true". (The other read of fast_all, of a cache's part of the mask, comes
+    only after a first forward; and the patch is process-wide, like the trace's other switches.)"""
     masking = sys.modules.get("transformers.masking_utils")
     read = getattr(masking, "fast_all", None)
     if read is None:
@@ -1555,7 +1563,8 @@ def budget(model, *, bs, seq, checkpointing, autocast_dtype=None, loss_chunks=1,
     layer_bytes += eager_scores
     backward_temporaries = tokens * act * (ffn + 2 * h)
     forward_peak_per_layer = shared_inputs = 0   # (the estimate has neither)
-    # Autocast copies what is not in its dtype: the weights, or only LoRA's fp32 ones.
+    # Autocast copies what is not in its dtype: the weights, or only LoRA's fp32 ones (which the
+    # estimate, where the trace fails, leaves out).
     casts_weights = autocast_dtype is not None and autocast_dtype != s["weights_dtype"]
     layer_weight_copies = sum(i * o for i, o in s["linears"].values()) * act if casts_weights else 0
     hidden_bytes = act   # the layers' inputs: the residual stream

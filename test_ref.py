@@ -649,7 +649,7 @@ def test_budget_predicts_the_measured_peak_within_ten_percent(train_tiny, flags)
     assert memcheck.verdict(report).endswith("as expected")
 
 
-def test_budget_runs_on_the_meta_device_without_allocating(tiny_model):
+def test_the_budget_runs_on_the_meta_device_and_leaves_the_random_stream_alone(tiny_model):
     args = ref_train.parse_args(["--model", tiny_model, "--device", "cpu"])
     with memcheck.Tracker("cpu") as tracker:
         planned = ref_train.plan(args)
@@ -1007,6 +1007,39 @@ class KeepsOnCtx(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         return grad * ctx.wide[..., :grad.shape[-1]].sign().abs()
+
+
+def test_evaluation_outputs_kept_in_a_list_are_not_taken_for_a_training_output():
+    # (an evaluation's logits, kept under no_grad outside training's phases: the leak's business,
+    # not output_kept's; the training steps after it keep only their loss)
+    model, optimizer = peft_opt()
+    kept = []
+    with memcheck.Probe(model, optimizer) as probe:
+        with probe.phase("eval"), torch.no_grad():
+            kept.append(model(input_ids=token_batches(1, bs=8)[0]).logits)
+        probe.step()
+        user_loop(probe, model, optimizer, token_batches(3))
+    assert [w["kind"] for w in probe.report()["warnings"]] == []
+
+
+def test_a_trace_that_fails_leaves_autocast_transformers_and_torch_as_they_were(tiny_model):
+    import transformers.masking_utils as masking
+    args = ref_train.parse_args(["--model", tiny_model, "--bs", "2", "--seq", "32"], budget_only=True)
+    model, *_ = ref_train.build(args, meta=True)
+    def fail(*_):
+        raise RuntimeError("a layer that cannot run on meta")
+    ref_train.decoder_layers(model)[0].register_forward_pre_hook(fail)
+    model.eval()
+    read, enabled = masking.fast_all, torch.is_autocast_enabled("cpu")
+    with pytest.raises(RuntimeError, match="cannot run on meta"):
+        memcheck.trace_layer(model, bs=2, seq=32, autocast_dtype=torch.bfloat16)
+    assert masking.fast_all is read and torch.is_autocast_enabled("cpu") == enabled
+    assert torch._C._len_torch_function_stack() == 0
+    assert sum(len(m._forward_pre_hooks) for m in model.modules()) == 1   # ours, that failed
+    assert not any(m.training for m in model.modules())   # (it trains while traced)
+    # and the budget says why it falls back
+    assert memcheck.budget(model, bs=2, seq=32, checkpointing=True)["method"].startswith(
+        "formula: the layer does not run on meta (RuntimeError: a layer that cannot run on meta)")
 
 
 def test_what_a_custom_kernel_keeps_on_ctx_is_not_taken_for_the_models_output():
@@ -2353,7 +2386,8 @@ def test_on_cuda_the_budget_counts_dropouts_noise_as_the_bool_mask_cuda_keeps(ti
 
 def test_on_cuda_attention_dropout_is_traced_in_a_fused_kernel_that_keeps_no_weights(family_models):
     # GPT-2's attention dropout (0.1): the CPU takes SDPA's math path, which saves the attention
-    # weights and the dropout's noise; CUDA's fused kernels take dropout, and save neither.
+    # weights and the dropout's noise; CUDA's fused kernels take dropout, and save neither. (What
+    # the trace assumes of CUDA: the H200 test above is what checks it against a GPU.)
     args = ref_train.parse_args(["--model", family_models["gpt2"], "--device", "cpu"])
     model, *_ = ref_train.build(args, meta=True)
     saved = {d: memcheck.trace_layer(model, bs=2, seq=32, device=d)["saved"] for d in ("cpu", "cuda")}
