@@ -28,8 +28,9 @@ import torch
 
 import data
 import ref_train
-from memcheck import (MiB, OneLineParser, Probe, ReportError, cuda_workspaces, is_out_of_memory,
-                      markdown_block, mib, read_report, text_table, verdict, write_report)
+from memcheck import (MiB, OneLineParser, Probe, ReportError, cuda_workspaces, first_line,
+                      is_out_of_memory, markdown_block, mib, read_report, text_table, verdict,
+                      write_report)
 
 # ---------------------------------------------------------------- ablate: one run per suspect
 
@@ -926,18 +927,26 @@ def save_family(family, directory):
     return str(directory)
 
 
-def families(bs=4, seq=128, steps=2, precision="32", log=print):
+def families(flags=(), log=print):
     """The budget against the measured peak on a tiny random model of every family, with the
-    default targets, checkpointed and not; one row per family and checkpointing."""
+    default targets, checkpointed and not; one row per family and checkpointing. flags: ref_train
+    flags for every run (by default bs 4, seq 128, 2 steps, on CPU)."""
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for family in FAMILIES:
             model_dir = save_family(family, os.path.join(tmp, family))
             for ckpt in ("manual", "none"):
-                args = ref_train.parse_args(["--model", model_dir, "--device", "cpu", "--bs", str(bs),
-                                             "--seq", str(seq), "--steps", str(steps), "--ckpt", ckpt,
-                                             "--precision", precision])
-                report = ref_train.train(args, log=lambda *a: None)
+                args = ref_train.parse_args(["--bs", "4", "--seq", "128", "--steps", "2",
+                                             "--device", "cpu", *flags, "--model", model_dir,
+                                             "--ckpt", ckpt])
+                try:
+                    report = ref_train.train(args, log=lambda *a: None)
+                except Exception as e:  # one family that fails does not hide the others
+                    rows.append({"family": family, "ckpt": ckpt, "targets": [], "attn": "-",
+                                 "peak_bytes": None, "budget_peak_bytes": None, "error": None,
+                                 "method": f"failed ({type(e).__name__}: {first_line(e)})"})
+                    log(f"{family:<9} ckpt {ckpt:<6} {rows[-1]['method']}")
+                    continue
                 planned = report["budget"]
                 rows.append({"family": family, "ckpt": ckpt, "targets": report["config"]["targets"],
                              "attn": report["config"]["attn"], "peak_bytes": report["peak_bytes"],
@@ -949,26 +958,28 @@ def families(bs=4, seq=128, steps=2, precision="32", log=print):
 
 def families_table(rows):
     header = ("family", "targets", "attention", "ckpt", "peak MiB", "budget MiB", "error", "method")
-    return header, [(r["family"], ",".join(r["targets"]), r["attn"], r["ckpt"], mib(r["peak_bytes"]),
-                     mib(r["budget_peak_bytes"]), f"{r['error']:+.1%}", r["method"].split(" (")[0])
+    shown = lambda n: "-" if n is None else mib(n)
+    return header, [(r["family"], ",".join(r["targets"]) or "-", r["attn"], r["ckpt"],
+                     shown(r["peak_bytes"]), shown(r["budget_peak_bytes"]),
+                     "-" if r["error"] is None else f"{r['error']:+.1%}",
+                     r["method"] if r["error"] is None else r["method"].split(" (")[0])
                     for r in rows]
 
 
 def families_command(argv):
-    p = OneLineParser(prog="drive.py families", allow_abbrev=False,
-                      description="Train a tiny random model of every family transformers ships among "
-                      "Llama, Mistral, Mixtral, Qwen2, Qwen3, Gemma, Gemma2, Phi, Phi-3, GPT-NeoX, "
-                      "GPT-2, Falcon, Bloom and OPT (hidden 64, 2 layers; default targets) on CPU, "
-                      "checkpointed and not, and print the budget's error on each.")
-    p.add_argument("--bs", type=int, default=4)
-    p.add_argument("--seq", type=int, default=128)
-    p.add_argument("--precision", choices=("32", "bf16-mixed"), default="32",
-                   help="bf16-mixed: fp32 weights under CPU autocast (default: %(default)s)")
-    p.add_argument(*MARKDOWN[0], **MARKDOWN[1])
-    p.add_argument(*REPORT[0], **REPORT[1])
-    own = p.parse_args(argv)
+    p = _parser("families", "Train a tiny random model of every family transformers ships among "
+                "Llama, Mistral, Mixtral, Qwen2, Qwen3, Gemma, Gemma2, Phi, Phi-3, GPT-NeoX, GPT-2, "
+                "Falcon, Bloom and OPT (hidden 64, 2 layers; default targets), checkpointed and not, "
+                "and print the budget's error on each. Default: --bs 4 --seq 128 --steps 2 --device "
+                "cpu; e.g. --precision bf16-mixed, or on a GPU --device cuda --precision 16-mixed "
+                "--weights-dtype bf16 (iLoRA's).", MARKDOWN, REPORT)
+    own, rest = p.parse_known_args(argv)
     ref_train.check_output_path("--report", own.report)
-    rows = families(own.bs, own.seq, precision=own.precision)
+    for flag in ("--model", "--ckpt"):
+        if any(a == flag or a.startswith(flag + "=") for a in rest):
+            raise ReportError(f"{flag}: families sets it (every family, checkpointed and not)")
+    ref_train.parse_args(["--bs", "4", "--seq", "128", "--device", "cpu", *rest])  # bad flags: exit 2 now
+    rows = families(rest)
     _print_and_save("drive.py families", families_table(rows), rows, own.markdown, own.report)
     return 0
 

@@ -2452,6 +2452,16 @@ def test_a_layer_traced_on_meta_saves_what_it_saves_on_cpu_under_autocast_and_wi
     assert (traced["weight_copies"] > 0) == (autocast_dtype is not None)
 
 
+def test_the_families_command_refuses_what_it_sets_and_what_ref_train_refuses(capsys):
+    # (each in one line, exit 2, before any model is saved)
+    for argv, said in ((["--model", "x"], "--model: families sets it"),
+                       (["--ckpt=none"], "--ckpt: families sets it"),
+                       (["--precision", "bogus"], "invalid choice: 'bogus'")):
+        assert drive.main(["families", *argv]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and said in err[0], err
+
+
 @pytest.mark.parametrize("autocast_dtype", [None, torch.bfloat16], ids=["fp32", "bf16-autocast"])
 def test_a_probe_budgets_a_peft_llama_within_five_percent_and_says_as_expected(autocast_dtype):
     from peft import LoraConfig, get_peft_model
