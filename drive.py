@@ -1,10 +1,10 @@
-"""Drive the reference many times: budget, ablate, sweep and bench.
+"""Drive the reference many times: budget, ablate, sweep, bench, families and figures.
 
     python drive.py budget --bs 2 --seq 128 [--full] [ref_train flags]   predict without training
     python drive.py ablate [ref_train flags]                              one run per suspect
     python drive.py sweep --bs 1,2,4 --seq 64,128,256 [ref_train flags]   measured against predicted
     python drive.py bench [ref_train flags]                               the reference against PEFT
-    python drive.py families [--bs 4 --seq 128]                           the budget on every family
+    python drive.py families [ref_train flags]                            the budget on every family
     python drive.py figures [--all]                                       rerun the README's figures
 
 Every command takes ref_train.py's flags for the baseline it varies, and its own flags, listed by
@@ -927,18 +927,19 @@ def save_family(family, directory):
     return str(directory)
 
 
+FAMILY_RUN = ("--bs", "4", "--seq", "128", "--steps", "2", "--device", "cpu")  # before the user's flags
+
+
 def families(flags=(), log=print):
     """The budget against the measured peak on a tiny random model of every family, with the
     default targets, checkpointed and not; one row per family and checkpointing. flags: ref_train
-    flags for every run (by default bs 4, seq 128, 2 steps, on CPU)."""
+    flags for every run, after FAMILY_RUN."""
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for family in FAMILIES:
             model_dir = save_family(family, os.path.join(tmp, family))
             for ckpt in ("manual", "none"):
-                args = ref_train.parse_args(["--bs", "4", "--seq", "128", "--steps", "2",
-                                             "--device", "cpu", *flags, "--model", model_dir,
-                                             "--ckpt", ckpt])
+                args = ref_train.parse_args([*FAMILY_RUN, *flags, "--model", model_dir, "--ckpt", ckpt])
                 try:
                     report = ref_train.train(args, log=lambda *a: None)
                 except Exception as e:  # one family that fails does not hide the others
@@ -978,7 +979,7 @@ def families_command(argv):
     for flag in ("--model", "--ckpt"):
         if any(a == flag or a.startswith(flag + "=") for a in rest):
             raise ReportError(f"{flag}: families sets it (every family, checkpointed and not)")
-    ref_train.parse_args(["--bs", "4", "--seq", "128", "--device", "cpu", *rest])  # bad flags: exit 2 now
+    ref_train.parse_args([*FAMILY_RUN, *rest])  # bad flags: exit 2 now, before any model is saved
     rows = families(rest)
     _print_and_save("drive.py families", families_table(rows), rows, own.markdown, own.report)
     return 0

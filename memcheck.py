@@ -516,8 +516,7 @@ class Probe:
         if held and held_bytes >= OUTPUT_KEPT_SHARE * self.tracker.peak_bytes:
             biggest = max(held, key=lambda r: r.nbytes)
             self._event("output_kept", self.tracker.step, bytes=held_bytes, tensors=len(held),
-                        shape=list(biggest.shape), dtype=str(biggest.dtype).replace("torch.", ""),
-                        module=biggest.module)
+                        shape=list(biggest.shape), dtype=biggest.dtype, module=biggest.module)
         self._unsaved = []
 
     def _event(self, kind, step, **details):
@@ -566,7 +565,6 @@ class Probe:
                     if r.freed is None and r.phase == "forward" and r.step == tracker.step]
             # (what autograd saved is in "activations" already: _pack put it there)
             self._unsaved = [r for r in self._outputs if r.freed is None and r.category == "temporaries"]
-            self._outputs = []
             for r in made:
                 if _RANK[r.category] > _RANK["activations"]:
                     r.category = "activations"
@@ -1189,7 +1187,7 @@ def _structure(model):
 
 
 class _Captured(Exception):
-    """Raised by a pre-hook to stop a forward once the first decoder layer's inputs are known."""
+    """Raised by a pre-hook to stop a forward once the traced layer's inputs are known."""
 
 
 def _sdpa_args(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
@@ -1380,8 +1378,8 @@ def trace_layer(model, *, bs, seq, full=False, autocast_dtype=None, device="cpu"
     parameters and the inputs every layer shares (masks, rotary tables) not; "weight_copies": the
     part of it that is autocast's copies of weights; "dropout_noise": the part that is dropout's
     noise (on meta, as on CPU, dropout multiplies by a noise tensor of the input's dtype; CUDA's
-    fused kernel keeps a bool mask instead, of "dropout_noise_numel" bytes); "hidden_bytes": the layer input's element size;
-    "backward": the backward's peak above what it starts with; "forward": the forward's peak, its
+    fused kernel keeps a bool mask instead, of "dropout_noise_numel" bytes); "hidden_bytes": the
+    layer input's element size; "backward": the backward's peak above what it starts with; "forward": the forward's peak, its
     temporaries included; "shared_inputs": what the model makes once for every layer (masks,
     rotary tables), which checkpointing keeps as inputs; "shared_saved": the part of it that a
     layer saves}. Raises what the model raises when it cannot run on meta (an op that reads values).
@@ -1474,10 +1472,12 @@ def trace_layer(model, *, bs, seq, full=False, autocast_dtype=None, device="cpu"
             out = torch.func.functional_call(_Unwrapped(layer), layer_state, args, kwargs)
         out = out if isinstance(out, torch.Tensor) else out[0]
         saved = tracker.live_bytes
-        copies = sum(r.nbytes for k, r in tracker.live.items() if k in getattr(cast, "weight_copies", ()))
+        copies = (sum(r.nbytes for k, r in tracker.live.items() if k in cast.weight_copies)
+                  if autocast_dtype is not None else 0)
         # dropout's noise: what the forward made with empty_like (then filled by bernoulli_)
-        noise = [r for k, r in tracker.live.items() if k in forward.live
-                 and forward.live[k].op == "empty_like" and forward.live[k]._dtype.is_floating_point]
+        made = {k: forward.live.get(k) for k in tracker.live}
+        noise = [r for k, r in tracker.live.items()
+                 if made[k] is not None and made[k].op == "empty_like" and made[k]._dtype.is_floating_point]
         grad_out = torch.empty(out.shape, dtype=out.dtype, device="meta")
         tracker.start_window()
         start = tracker.live_bytes
