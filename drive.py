@@ -27,6 +27,7 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 
 import data
+import flags
 import ref_train
 from memcheck import (MiB, OneLineParser, Probe, ReportError, cuda_workspaces, first_line,
                       is_out_of_memory, markdown_block, mib, read_report, text_table, verdict,
@@ -41,7 +42,7 @@ def ablation_variants(args):
         ("baseline", []),
         ("added tokens + resize " + ("off" if args.add_tokens else "on"),
          ["--no-add-tokens" if args.add_tokens else "--add-tokens"]),
-        *[(f"checkpointing {c}", ["--ckpt", c]) for c in ref_train.CKPT_MODES if c != args.ckpt],
+        *[(f"checkpointing {c}", ["--ckpt", c]) for c in flags.CKPT_MODES if c != args.ckpt],
         *[(f"{i} implementation", ["--impl", i]) for i in ("lean", "einsum") if i != args.impl],
         ("1 expert" if args.experts != 1 else "4 experts", ["--experts", "1" if args.experts != 1 else "4"]),
         ("LoRA dropout " + ("0" if args.dropout else "0.1"), ["--dropout", "0" if args.dropout else "0.1"]),
@@ -310,7 +311,7 @@ class _Untracked:
 
 def _reference_loop(args):
     """(step(probe) -> loss, modules, optimizer) for the reference trainer."""
-    model, items, batches, _, _ = ref_train.build(args)
+    model, items, batches, _ = ref_train.build(args)
     trainable = [p for m in (model, items) for p in m.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=args.lr)
     scaler = torch.amp.GradScaler(args.device, enabled=False)
@@ -322,11 +323,11 @@ def _reference_loop(args):
 def _peft_loop(args):
     """The same model, data and shapes through PEFT's LoRA and the model's own checkpointing."""
     from peft import LoraConfig, get_peft_model
-    model, batches, _, _ = ref_train.build_base(args)
+    model, batches, _, setup = ref_train.build_base(args)
     ref_train.enable_hf_checkpointing(model)
     torch.manual_seed(args.seed)
     model = get_peft_model(model, LoraConfig(r=args.r, lora_alpha=args.alpha, lora_dropout=args.dropout,
-                                             target_modules=list(args.targets)))
+                                             target_modules=list(setup["targets"])))
     model.train()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr)
 
@@ -790,7 +791,9 @@ def budget_command(argv):
                                    help="add a column for full fine-tuning of the same model and shapes")))
     own, rest = p.parse_known_args(argv)
     args = ref_train.parse_args(rest, budget_only=True)   # built on meta: a config.json will do
-    lora = ref_train.plan(args)
+    model, items, batches, setup = ref_train.build(args, meta=True)
+    padded = ref_train.has_padding(ref_train.first_batches(args, batches))
+    lora = ref_train.plan(args, model, items, padded=padded)
     columns = [("LoRA (this config)", lora)]
     if own.full:
         columns.append(("full fine-tuning", ref_train.plan(args, full=True)))
@@ -804,7 +807,7 @@ def budget_command(argv):
             row.append(mib(value))
         rows.append(row)
     print(f"budget for --bs {args.bs} --seq {args.seq}, ckpt {args.ckpt}, precision {args.precision}, "
-          f"{args.experts} experts of rank {args.r // args.experts}, targets {','.join(args.targets)}")
+          f"{args.experts} experts of rank {args.r // args.experts}, targets {','.join(setup['targets'])}")
     print(text_table(("term (MiB)", *[c for c, _ in columns]), rows))
     print("params by dtype: " + ", ".join(f"{k} {mib(v)} MiB" for k, v in lora["params_by_dtype"].items()))
     if args.device == "cuda" and "cuda_workspaces" not in lora["terms"]:
@@ -818,7 +821,7 @@ def ablate_command(argv):
                 "a process of its own, and print the table sorted by the change in peak.",
                 REPORT, MARKDOWN)
     own, rest = p.parse_known_args(argv)
-    ref_train.check_output_path("--report", own.report)
+    flags.check_output_path("--report", own.report)
     rows = ablate(rest)
     _print_and_save("drive.py ablate", ablation_table(rows), rows, own.markdown, own.report)
     return 0
@@ -838,7 +841,7 @@ def sweep_command(argv):
                                    "variable (needs matplotlib, which is optional)")))
     own, rest = p.parse_known_args(argv)
     for flag, path in (("--report", own.report), ("--plot", own.plot)):
-        ref_train.check_output_path(flag, path)
+        flags.check_output_path(flag, path)
     axes = {}
     for flag, sep in _SWEEP_LISTS.items():
         value = getattr(own, flag[2:])
@@ -886,7 +889,7 @@ def bench_command(argv):
     own, rest = p.parse_known_args(argv)
     if own.steps < 2:
         raise ReportError(f"--steps {own.steps}: bench needs a whole number of steps, 2 or more")
-    ref_train.check_output_path("--report", own.report)
+    flags.check_output_path("--report", own.report)
     rows = bench(rest, steps=own.steps)
     _print_and_save("drive.py bench", bench_table(rows), rows, own.markdown, own.report)
     return 0
@@ -975,7 +978,7 @@ def families_command(argv):
                 "cpu; e.g. --precision bf16-mixed, or on a GPU --device cuda --precision 16-mixed "
                 "--weights-dtype bf16 (iLoRA's).", MARKDOWN, REPORT)
     own, rest = p.parse_known_args(argv)
-    ref_train.check_output_path("--report", own.report)
+    flags.check_output_path("--report", own.report)
     for flag in ("--model", "--ckpt"):
         if any(a == flag or a.startswith(flag + "=") for a in rest):
             raise ReportError(f"{flag}: families sets it (every family, checkpointed and not)")

@@ -28,6 +28,8 @@ import data
 import drive
 import ilora
 import memcheck
+import flags
+import models
 import ref_train
 from conftest import TINY_OPT, drive_cli, memcheck_cli, run_ref_train
 
@@ -197,7 +199,7 @@ def one_step_gradients(model_dir, ckpt):
     """
     args = ref_train.parse_args(["--model", model_dir, "--device", "cpu", "--ckpt", ckpt,
                                  "--bs", "2", "--seq", "64", "--steps", "1"])
-    model, items, batches, _, _ = ref_train.build(args)
+    model, items, batches, _ = ref_train.build(args)
     randomize_lora_b(model)
     keep_grads = SimpleNamespace(step=lambda: None, zero_grad=lambda set_to_none=True: None)
     scaler = torch.amp.GradScaler("cpu", enabled=False)   # disabled: step() is optimizer.step()
@@ -240,7 +242,7 @@ def test_manual_checkpointing_carries_the_gate_into_recomputation(tiny_model):
     def router_and_lora_grads(ckpt):
         args = ref_train.parse_args(["--model", tiny_model, "--device", "cpu", "--ckpt", ckpt,
                                      "--seq", "64"])
-        model, items, batches, _, _ = ref_train.build(args)
+        model, items, batches, _ = ref_train.build(args)
         randomize_lora_b(model)
         batch = next(batches)
         torch.manual_seed(0)
@@ -293,7 +295,7 @@ def test_cpu_tracker_matches_the_profiler_on_a_training_step(tiny_model):
 
     args = ref_train.parse_args(["--model", tiny_model, "--device", "cpu", "--ckpt", "none",
                                  "--bs", "4", "--seq", "128"])
-    model, items, batches, _, _ = ref_train.build(args)
+    model, items, batches, _ = ref_train.build(args)
     trainable = [p for m in (model, items) for p in m.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=1e-3)
     batch = next(batches)
@@ -577,7 +579,7 @@ def test_same_flags_and_seed_give_the_same_losses_bit_for_bit(model_fixture, req
 
 def test_model_dir_without_tokenizer_gets_the_stand_in_tokenizer(bare_tiny_model):
     args = ref_train.parse_args(["--model", bare_tiny_model, "--device", "cpu", "--seq", "128"])
-    model, _, batches, _, _ = ref_train.build(args)
+    model, _, batches, _ = ref_train.build(args)
     # The stand-in keeps the model's 4200 rows and adds the 4 placeholders ("<pad>" exists).
     assert model.get_input_embeddings().num_embeddings == 4200 + 4
     batch = next(batches)
@@ -1028,7 +1030,7 @@ def test_a_trace_that_fails_leaves_autocast_transformers_and_torch_as_they_were(
     model, *_ = ref_train.build(args, meta=True)
     def fail(*_):
         raise RuntimeError("a layer that cannot run on meta")
-    ref_train.decoder_layers(model)[0].register_forward_pre_hook(fail)
+    models.decoder_layers(model)[0].register_forward_pre_hook(fail)
     model.eval()
     read, enabled = masking.fast_all, torch.is_autocast_enabled("cpu")
     with pytest.raises(RuntimeError, match="cannot run on meta"):
@@ -1081,7 +1083,7 @@ def test_the_probe_infers_the_stack_and_prints_its_baseline_command():
 
 def test_the_probe_sees_the_gated_lora_of_the_reference(tiny_model):
     args = ref_train.parse_args(["--model", tiny_model, "--device", "cpu", "--bs", "2", "--seq", "48"])
-    model, items, batches, _, _ = ref_train.build(args)
+    model, items, batches, _ = ref_train.build(args)
     optimizer = torch.optim.AdamW([p for m in (model, items) for p in m.parameters() if p.requires_grad])
     modules = nn.ModuleDict({"lm": model, "ilora": items})
     with memcheck.Probe(modules, optimizer) as probe:
@@ -1457,7 +1459,7 @@ def test_ref_train_markdown_block_is_valid(tiny_model):
 
 def test_chunked_loss_equals_the_full_loss_and_lowers_the_peak(tiny_model, train_tiny):
     args = ref_train.parse_args(["--model", tiny_model, "--device", "cpu", "--seq", "128"])
-    model, items, batches, _, _ = ref_train.build(args)
+    model, items, batches, _ = ref_train.build(args)
     batch = next(batches)
     hidden = torch.randn(2, 128, model.config.hidden_size, requires_grad=True)
     head = model.get_output_embeddings()
@@ -1969,7 +1971,7 @@ def test_the_reference_loss_is_transformers_own_next_token_loss(tiny_model):
     # transformers' loss (which shifts the labels itself) must be the reference's to 1e-5.
     args = ref_train.parse_args(["--model", tiny_model, "--device", "cpu", "--experts", "1",
                                  "--no-inject-items", "--ckpt", "none", "--bs", "3", "--seq", "96"])
-    model, items, batches, _, _ = ref_train.build(args)
+    model, items, batches, _ = ref_train.build(args)
     assert all(m.lora_B.weight.abs().sum() == 0 for m in model.modules()
                if isinstance(m, ilora.GatedLoraLinear))
     model.eval()   # OPT's own dropout off on both sides
@@ -2320,7 +2322,7 @@ def test_every_family_trains_with_default_and_all_linear_targets(family_models, 
         assert all(math.isfinite(s["loss"]) for s in report["steps"])
         assert report["params"]["adapted"] == 2 * per_layer, lines
         # The resolved targets are what the report says ran, not "auto".
-        expected = (list(ref_train.DEFAULT_TARGETS[family]) if targets == "auto" else ["all-linear"])
+        expected = (list(models.DEFAULT_TARGETS[family]) if targets == "auto" else ["all-linear"])
         assert report["config"]["targets"] == expected
         # No tokenizer files: the stand-in, said in one line, and the vocabulary only grows.
         assert sum(line.startswith("tokenizer:") and "stand-in" in line for line in lines) == 1, lines
@@ -2400,7 +2402,7 @@ def test_on_cuda_attention_dropout_is_traced_in_a_fused_kernel_that_keeps_no_wei
 def saved_by_a_real_layer(model, ids, autocast_dtype):
     """Unique bytes the last decoder layer saves for backward when it really runs on CPU, under
     autocast when given: parameters and the inputs every layer shares not counted."""
-    layer = ref_train.decoder_layers(model)[-1]
+    layer = models.decoder_layers(model)[-1]
     captured = {}
 
     def capture(module, args, kwargs):
@@ -2490,15 +2492,15 @@ def test_a_degenerate_tokenizer_counts_as_none_and_the_vocabulary_never_shrinks(
     # What transformers does for a Qwen2 folder without tokenizer files: a 1-token tokenizer.
     assert 0 < len(AutoTokenizer.from_pretrained(directory, local_files_only=True)) < 64
     args = ref_train.parse_args(["--model", directory, "--device", "cpu", "--seq", str(SEQ)])
-    model, tokenizer, source = ref_train.load_model(args, torch.float32)
+    model, tokenizer, source = models.load_model(args, torch.float32)
     assert tokenizer is None and "cannot be the model's" in source and "stand-in" in source
-    model, _, batches, _, _ = ref_train.build(args)
+    model, _, batches, _ = ref_train.build(args)
     # The stand-in keeps the model's rows and adds the placeholders ("<pad>" exists): 1000 + 4.
     assert model.get_input_embeddings().num_embeddings == VOCAB + 4
     assert next(batches)["input_ids"].max() < VOCAB + 4
     # The rule keeps a real, small tokenizer: tiny_model's own 556 tokens for 4200 rows (13%).
     args = ref_train.parse_args(["--model", tiny_model, "--device", "cpu"])
-    _, tokenizer, source = ref_train.load_model(args, torch.float32)
+    _, tokenizer, source = models.load_model(args, torch.float32)
     assert len(tokenizer) == 556 and "tokenizer" not in source
 
 
@@ -2551,14 +2553,14 @@ def test_a_model_without_sdpa_falls_back_to_eager_and_the_budget_follows(tiny_mo
 
 def test_auto_targets_follow_the_model_type_and_unknown_types_are_named(tiny_model):
     opt = type("M", (), {"config": type("C", (), {"model_type": "opt"})})()
-    assert ref_train.resolve_targets(opt, ("auto", "fc1"), ["fc1", "q_proj"]) == ("q_proj", "v_proj", "fc1")
-    assert ref_train.resolve_targets(opt, ("k_proj",), []) == ("k_proj",)
+    assert models.resolve_targets(opt, ("auto", "fc1"), ["fc1", "q_proj"]) == ("q_proj", "v_proj", "fc1")
+    assert models.resolve_targets(opt, ("k_proj",), []) == ("k_proj",)
     other = type("M", (), {"config": type("C", (), {"model_type": "newarch"})})()
-    assert ref_train.resolve_targets(other, ("auto",), ["k_proj", "q_proj", "v_proj"]) == ("q_proj", "v_proj")
+    assert models.resolve_targets(other, ("auto",), ["k_proj", "q_proj", "v_proj"]) == ("q_proj", "v_proj")
     with pytest.raises(ref_train.UsageError, match="newarch.*c_attn, c_proj"):
-        ref_train.resolve_targets(other, ("auto",), ["c_attn", "c_proj"])
+        models.resolve_targets(other, ("auto",), ["c_attn", "c_proj"])
     assert ref_train.parse_args(["--model", tiny_model]).targets == ("auto",)
-    assert "auto" in ref_train.build_parser().format_help()
+    assert "auto" in flags.build_parser().format_help()
 
 
 # ---------------------------------------------------------------- the CUDA check

@@ -1,0 +1,244 @@
+"""ref_train.py's flags, parsed and checked once. argparse only, so --help never waits for torch."""
+import argparse
+import math
+import os
+import sys
+import tempfile
+
+DEFAULT_MODEL = "facebook/opt-125m"
+# Lightning's precision names -> (weights' dtype, autocast dtype or None)
+PRECISIONS = {"32": ("fp32", None), "16-mixed": ("fp32", "fp16"), "bf16-mixed": ("fp32", "bf16"),
+              "16-true": ("fp16", None), "bf16-true": ("bf16", None)}
+DTYPE_NAMES = ("fp32", "fp16", "bf16")
+IMPLS = ("lean", "einsum")  # ilora.IMPLS (a test checks they agree); ilora imports torch
+CKPT_MODES = ("manual", "hf", "reentrant", "none")
+MIN_SEQ = 16
+WEIGHTS_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                 "pytorch_model.bin.index.json")
+MODEL_DIR = "a Hugging Face model directory (config.json and model.safetensors or pytorch_model.bin)"
+DESCRIPTION = """\
+The reference trainer: iLoRA on a causal LM in plain PyTorch, with exact memory figures.
+
+Trains the gated LoRA (ilora.py) with AdamW on recommendation prompts and measures every phase
+(load, forward, backward, optimizer) with memcheck. Its peak is what the training should cost:
+paste its output as the baseline of a bug report, and compare your own stack's report with
+`python memcheck.py diff`. Figures are MiB (2^20 bytes). Nothing is downloaded: the model comes
+from a local directory or the local Hugging Face cache; opt-125m falls back to its architecture
+with seeded random weights (memory does not depend on weight values)."""
+EXAMPLES = """\
+examples:
+  python ref_train.py --bs 2 --seq 128                      the baseline of the OOM report
+  python ref_train.py --ckpt none --report a.json           what checkpointing saves
+  python ref_train.py --precision 16-mixed --weights-dtype bf16 --device cuda   iLoRA's precision
+  python ref_train.py --inject-leak --steps 5               what a leak looks like"""
+
+
+class UsageError(ValueError):
+    """Bad input: reported in one line with exit code 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, no usage block: the message names the value
+        raise UsageError(message)
+
+
+class _Help(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    def _get_help_string(self, action):  # "(default: ...)" only where there is one
+        hidden = action.default is None or action.default is False
+        return action.help if hidden else super()._get_help_string(action)
+
+
+def _model_and_data(p):
+    g = p.add_argument_group("model and data")
+    g.add_argument("--model", default=DEFAULT_MODEL,
+                   help="local directory or a name in the local Hugging Face cache; the default "
+                        "falls back to its architecture with random weights when not cached")
+    g.add_argument("--data", metavar="DIR",
+                   help="a MovieLens-100K directory (u.data, u.item); without it, synthetic users")
+    g.add_argument("--add-tokens", action=argparse.BooleanOptionalAction, default=True,
+                   help="add the placeholder tokens and call resize_token_embeddings (suspect #1)")
+    g.add_argument("--inject-items", action=argparse.BooleanOptionalAction, default=True,
+                   help="overwrite the placeholders' embeddings with projected item vectors")
+    g.add_argument("--attn", choices=("sdpa", "eager"), default="sdpa",
+                   help="attention kernel: eager stores bs x heads x seq^2 scores")
+
+
+def _shape(p):
+    g = p.add_argument_group("shape of the run")
+    g.add_argument("--bs", type=int, default=2, help="batch size")
+    g.add_argument("--seq", type=int, default=128, help="tokens per sample (pad or cut to exactly this)")
+    g.add_argument("--steps", type=int, default=5, help="optimizer steps (>= 3 to see a leak)")
+    g.add_argument("--seed", type=int, default=0, help="seeds the data, the weights and the adapters")
+    g.add_argument("--lr", type=float, default=1e-4, help="AdamW's learning rate")
+    g.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                   help="auto: cuda when torch sees a GPU")
+
+
+def _lora(p):
+    g = p.add_argument_group("gated LoRA")
+    g.add_argument("--r", type=int, default=8, help="total LoRA rank, shared by the experts")
+    g.add_argument("--alpha", type=float, default=32, help="scaling = alpha / (r / experts)")
+    g.add_argument("--experts", type=int, default=4, help="experts; each has rank r/experts")
+    g.add_argument("--dropout", type=float, default=0.0, help="LoRA dropout (iLoRA uses 0.1)")
+    g.add_argument("--targets", default="auto",
+                   help="comma list of linear names; all-linear: every linear layer of the decoder "
+                        "layers (GPT-2's Conv1D included); auto: the model type's attention "
+                        "projections as PEFT picks them (q_proj,v_proj on OPT, Llama, Mistral, Qwen, "
+                        "Gemma; c_attn on GPT-2; query_key_value on GPT-NeoX, Falcon, Bloom; "
+                        "qkv_proj on Phi-3; q_proj,v_proj,fc1,fc2 on Phi)")
+    g.add_argument("--impl", choices=IMPLS, default="lean",
+                   help="lean: gate the rank slices, apply B once; einsum: iLoRA's per-expert outputs")
+    g.add_argument("--lora-dtype", choices=("fp32", "match"), default="fp32",
+                   help="fp32 LoRA weights on any model (iLoRA), or the model's dtype")
+
+
+def _memory(p):
+    g = p.add_argument_group("memory")
+    g.add_argument("--ckpt", choices=CKPT_MODES, default="manual",
+                   help="gradient checkpointing: per decoder layer in this loop, the model's own "
+                        "(hf; reentrant: use_reentrant=True without input grads, as older "
+                        "transformers and PEFT ran it), or off")
+    g.add_argument("--precision", choices=tuple(PRECISIONS), default="32",
+                   help="Lightning's precision names; *-mixed keeps fp32 weights under autocast")
+    g.add_argument("--weights-dtype", choices=DTYPE_NAMES,
+                   help="override the weights' dtype (bf16 under 16-mixed is iLoRA's setup)")
+    g.add_argument("--loss-chunks", type=int, default=1,
+                   help="compute lm_head + loss fused, over N slices of the vocabulary, with the "
+                        "gradient taken in forward: the bs x seq x vocab logits never exist at once "
+                        "and backward recomputes nothing")
+    g.add_argument("--max-memory", type=float, metavar="MiB",
+                   help="raise out-of-memory when live tensors pass this (tests the OOM path on CPU)")
+    g.add_argument("--inject-leak", action="store_true",
+                   help="keep every step's gate with its graph in a list, as a careless loop would")
+
+
+def _output(p):
+    g = p.add_argument_group("output")
+    g.add_argument("--report", metavar="PATH", help="write the memcheck JSON report here")
+    g.add_argument("--snapshot", metavar="PATH",
+                   help="CUDA only: dump torch.cuda.memory's snapshot for pytorch.org/memory_viz")
+    g.add_argument("--markdown", action="store_true", help="also print a block for a GitHub issue")
+
+
+def build_parser():
+    p = _Parser(prog="ref_train.py", description=DESCRIPTION, epilog=EXAMPLES, formatter_class=_Help)
+    for group in (_model_and_data, _shape, _lora, _memory, _output):
+        group(p)
+    return p
+
+
+def _value_checks(args):
+    """(holds, the one-line error when it does not) for each flag's value."""
+    return [
+        (args.bs >= 1, f"--bs {args.bs}: must be 1 or more"),
+        (args.seq >= MIN_SEQ, f"--seq {args.seq}: must be {MIN_SEQ} or more"),
+        (args.steps >= 1, f"--steps {args.steps}: must be 1 or more"),
+        (args.r >= 1, f"--r {args.r}: must be 1 or more"),
+        (args.experts >= 1, f"--experts {args.experts}: must be 1 or more"),
+        (args.r % max(args.experts, 1) == 0,
+         f"--r {args.r}: must be divisible by --experts {args.experts} (each expert owns r/experts rows)"),
+        (0 <= args.dropout < 1, f"--dropout {args.dropout}: must be in [0, 1)"),
+        (1 <= args.loss_chunks < args.seq,
+         f"--loss-chunks {args.loss_chunks}: must be between 1 and seq - 1 = {args.seq - 1}"),
+        (math.isfinite(args.lr) and args.lr > 0, f"--lr {args.lr}: must be a positive number"),
+        (math.isfinite(args.alpha) and args.alpha > 0, f"--alpha {args.alpha}: must be a positive number"),
+        (not (args.inject_leak and args.experts == 1),
+         "--inject-leak with --experts 1: one expert needs no gate, so there is no gate to keep; "
+         "use --experts 2 or more"),
+        (args.max_memory is None or args.max_memory > 0,
+         f"--max-memory {args.max_memory}: must be a positive number of MiB"),
+        # Reentrant checkpointing runs the layers' forward without a graph unless an input needs a
+        # gradient; without the items' projector nothing before the layers is trainable.
+        (not (args.ckpt == "reentrant" and not args.inject_items),
+         "--ckpt reentrant with --no-inject-items: no input of the checkpointed layers requires "
+         "grad, so the loss has no gradient and no LoRA weight can get one; use --inject-items "
+         "or --ckpt hf"),
+        (not (args.precision == "16-mixed" and args.lora_dtype == "match" and args.weights_dtype == "fp16"),
+         "--lora-dtype match with fp16 weights under --precision 16-mixed: the gradient scaler "
+         "cannot unscale fp16 gradients; use --lora-dtype fp32"),
+        (args.data is None or os.path.isdir(args.data),
+         f"--data {args.data}: no such directory (expected MovieLens-100K's u.data, u.item)"),
+    ]
+
+
+def check_output_path(flag, path):
+    """Fail now, not after the run, on a file that cannot be written."""
+    if path is None:
+        return
+    directory = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path):
+        raise UsageError(f"{flag} {path}: is a directory; give a file name")
+    if not os.path.isdir(directory):
+        raise UsageError(f"{flag} {path}: the directory {directory} does not exist")
+    # Creating a file is the only test that holds everywhere: os.access says yes to root in a
+    # read-only mount, and /proc takes no new files whatever its mode bits say.
+    try:
+        fd, probe = tempfile.mkstemp(dir=directory, prefix=".ref_train-check-")
+    except OSError as e:
+        raise UsageError(f"{flag} {path}: cannot create a file in {directory} ({e.strerror}); "
+                         "give a path in a writable directory")
+    os.close(fd)
+    os.remove(probe)
+    if os.path.exists(path) and not os.access(path, os.W_OK):
+        raise UsageError(f"{flag} {path}: the file exists and is not writable")
+
+
+def check_model_dir(path, need_weights=True):
+    """A local --model must hold a config and weights (only a config, to budget it): say which is
+    missing before loading anything."""
+    looks_like_path = path.startswith((".", os.sep, "~")) or os.path.exists(path)
+    if not looks_like_path:
+        return  # a name in the local Hugging Face cache, looked up when the model loads
+    directory = os.path.expanduser(path)
+    if not os.path.isdir(directory):
+        raise UsageError(f"--model {path}: no such directory")
+    names = sorted(os.listdir(directory))
+    if not names:
+        raise UsageError(f"--model {path}: an empty directory; expected {MODEL_DIR}")
+    if "config.json" not in names:
+        shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+        raise UsageError(f"--model {path}: no config.json (it holds {shown}); expected {MODEL_DIR}")
+    if need_weights and not any(name in names for name in WEIGHTS_FILES):
+        raise UsageError(f"--model {path}: config.json but no weights ({' or '.join(WEIGHTS_FILES[::2])})")
+
+
+def _resolve_device(args, budget_only):
+    if args.device == "cuda" and budget_only:
+        return
+    import torch  # after parsing: --help and bad values have answered already
+    if args.device == "auto":
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda: this torch build sees no CUDA device; use --device cpu or auto")
+    if args.snapshot and args.device != "cuda":
+        raise UsageError(f"--snapshot {args.snapshot}: needs --device cuda (the snapshot is the CUDA "
+                         "allocator's history)")
+
+
+def parse_args(argv=None, budget_only=False):
+    """The flags, checked; the returned namespace is only read from then on.
+
+    budget_only: the model is only built on the meta device, for a budget, so a --model directory
+    needs no weights and --device cuda no CUDA device here."""
+    args = build_parser().parse_args(argv)
+    for holds, message in _value_checks(args):
+        if not holds:
+            raise UsageError(message)
+    for flag, path in (("--report", args.report), ("--snapshot", args.snapshot)):
+        check_output_path(flag, path)
+    check_model_dir(args.model, need_weights=not budget_only)
+    args.targets = tuple(t for t in args.targets.split(",") if t)
+    _resolve_device(args, budget_only)
+    return args
+
+
+def exit_on_help_or_bad_flags(argv, prog="ref_train.py"):
+    """Answer --help, or a bad value in one line with exit code 2, before the caller imports torch."""
+    try:
+        args = build_parser().parse_args(argv)  # --help prints and exits here
+        for holds, message in _value_checks(args):
+            if not holds:
+                raise UsageError(message)
+    except UsageError as e:
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        sys.exit(2)

@@ -1,0 +1,171 @@
+"""The model and its tokenizer, from local files only, with the fallbacks an offline run needs."""
+import os
+
+import torch
+
+import data
+import memcheck
+from flags import DEFAULT_MODEL, WEIGHTS_FILES, UsageError
+
+# --targets auto, per config.model_type: the attention projections PEFT adapts by default, copied
+# from peft.utils.constants.TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING (PEFT 0.21; peft is
+# not imported at run time). phi3 is not in PEFT's table: its fused query/key/value projection.
+# Another model type gets q_proj,v_proj when it has them.
+DEFAULT_TARGETS = {
+    "opt": ("q_proj", "v_proj"), "llama": ("q_proj", "v_proj"), "mistral": ("q_proj", "v_proj"),
+    "mixtral": ("q_proj", "v_proj"), "qwen2": ("q_proj", "v_proj"), "qwen3": ("q_proj", "v_proj"),
+    "gemma": ("q_proj", "v_proj"), "gemma2": ("q_proj", "v_proj"),
+    "phi": ("q_proj", "v_proj", "fc1", "fc2"), "phi3": ("qkv_proj",),
+    "gpt2": ("c_attn",), "gpt_neox": ("query_key_value",), "falcon": ("query_key_value",),
+    "bloom": ("query_key_value",),
+}
+# A tokenizer this small cannot be the model's: transformers returns a 0-5 token tokenizer for a
+# folder without tokenizer files (Qwen2, Gemma, GPT-NeoX, GPT-2, OPT), while real pairs have at
+# least 99% as many tokens as embedding rows (Llama 32000/32000, Qwen2 151643/151936, OPT
+# 50265/50272). Below MIN_TOKENS tokens, or 1% of the rows, the stand-in is used instead.
+MIN_TOKENS = 64
+
+
+def _hf_cache():
+    from huggingface_hub.constants import HF_HUB_CACHE
+    return HF_HUB_CACHE
+
+
+def _weights_file(path):
+    """The weights file a local model directory loads from, for error messages."""
+    for name in WEIGHTS_FILES:
+        if os.path.exists(os.path.join(os.path.expanduser(path), name)):
+            return os.path.join(path, name)
+    return path
+
+
+def _no_sdpa(error):
+    message = memcheck.first_line(error)
+    return "scaled_dot_product_attention" in message or "sdpa" in message.lower()
+
+
+def _load_error(args, error):
+    """What failed to load the model, as a UsageError naming the file or the flag to change."""
+    message = memcheck.first_line(error)
+    if isinstance(error, ValueError):  # transformers' word on the config or the architecture
+        return UsageError(f"--model {args.model}: cannot load it as a causal language model ({message})")
+    # Anything else came from reading the weights: safetensors, torch.load or the file system.
+    return UsageError(f"--model {args.model}: cannot read the weights in {_weights_file(args.model)} "
+                      f"({message}); is the file truncated, or still downloading?")
+
+
+def _read_config(args):
+    """The model's config from local files; None for the default model when it is not cached."""
+    from transformers import AutoConfig, OPTConfig
+    try:
+        config = AutoConfig.from_pretrained(args.model, local_files_only=True)
+    except OSError as e:
+        if args.model != DEFAULT_MODEL:
+            raise UsageError(f"--model {args.model}: not a local model directory and not in the local "
+                             f"Hugging Face cache ({_hf_cache()}); nothing is downloaded") from e
+        config = None
+    except ValueError as e:  # a config.json without model_type, or of an unknown one
+        raise UsageError(f"--model {args.model}: its config.json is not a model's config "
+                         f"({memcheck.first_line(e)})") from e
+    max_positions = getattr(config or OPTConfig(), "max_position_embeddings", None)
+    if max_positions is not None and args.seq > max_positions:  # before the weights are read
+        raise UsageError(f"--seq {args.seq}: {args.model} holds at most {max_positions} positions")
+    return config
+
+
+def _instantiate(args, config, weights_dtype, meta, attn):
+    """(model, where its weights came from): random weights from the config, or the local files."""
+    from transformers import AutoModelForCausalLM, OPTConfig
+    if config is None or meta:
+        config = config or OPTConfig()  # OPTConfig()'s defaults are exactly opt-125m's
+        config._attn_implementation = attn
+        torch.manual_seed(args.seed)
+        with torch.device("meta" if meta else "cpu"):
+            model = AutoModelForCausalLM.from_config(config).to(weights_dtype)
+        return model, (f"model: {DEFAULT_MODEL} is not in the local cache ({_hf_cache()}); using its "
+                       "architecture from OPTConfig() with seeded random weights (memory does not "
+                       "depend on weight values)")
+    model = AutoModelForCausalLM.from_pretrained(args.model, local_files_only=True,
+                                                 dtype=weights_dtype, attn_implementation=attn)
+    return model, f"model: {args.model} from local files"
+
+
+def _load_tokenizer(args, model):
+    """(the model's tokenizer or None for the stand-in, a note when it is the stand-in)."""
+    from transformers import AutoTokenizer
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(args.model, local_files_only=True)
+    except (OSError, ValueError):
+        return None, f"tokenizer: none in {args.model}; using the stand-in BPE trained on the catalogue"
+    rows = model.get_input_embeddings().num_embeddings
+    if len(tokenizer) < max(MIN_TOKENS, rows / 100):
+        # Resizing to a folder's 0-5 token tokenizer would shrink the vocabulary, and the run
+        # would measure a different model.
+        return None, (f"tokenizer: the one in {args.model} has {len(tokenizer)} token(s) for "
+                      f"{rows} embedding rows, so it cannot be the model's (a folder without tokenizer "
+                      "files); using the stand-in BPE trained on the catalogue")
+    return tokenizer, None
+
+
+def load_model(args, weights_dtype, meta=False):
+    """(model, tokenizer or None, lines saying where the weights came from). Never downloads.
+
+    meta=True builds the same architecture on the meta device: shapes only, no memory, for the
+    budget. The attention that ran is the model's config._attn_implementation.
+    """
+    from transformers.utils import logging
+    logging.set_verbosity_error()  # keep the output to the figures; errors still show
+    logging.disable_progress_bar()
+    config = _read_config(args)
+    notes, attn = [], args.attn
+    while True:
+        try:
+            model, source = _instantiate(args, config, weights_dtype, meta, attn)
+            break
+        except Exception as e:
+            if memcheck.is_out_of_memory(e):  # the weights did not fit: that is the finding
+                raise
+            if attn != "sdpa" or not _no_sdpa(e):
+                raise _load_error(args, e) from e
+            # Bloom, Gemma2: fall back as transformers' own default would; the budget reads the
+            # model's config, so it follows.
+            notes.append(f"attention: {type(config).__name__.removesuffix('Config')} does not support "
+                         "PyTorch's scaled_dot_product_attention; using eager attention (it stores "
+                         "bs x heads x seq^2 scores; the budget counts them)")
+            attn = "eager"
+    tokenizer, note = _load_tokenizer(args, model)
+    return model, tokenizer, "\n".join([source, *notes, *([note] if note else [])])
+
+
+def prepare_vocabulary(model, tokenizer, stand_in, mean_resizing=True):
+    """Add the placeholder tokens and resize the embeddings, as the real stack does.
+
+    A stand-in tokenizer trained here has a small vocabulary of its own, so the model keeps its size
+    and grows by the added tokens, as it would with its real tokenizer (and never has fewer rows
+    than the stand-in has tokens).
+    """
+    added = data.add_special_tokens(tokenizer)
+    size = max(model.config.vocab_size + added, len(tokenizer)) if stand_in else len(tokenizer)
+    model.resize_token_embeddings(size, mean_resizing=mean_resizing)
+
+
+def resolve_targets(model, targets, known):
+    """--targets with "auto" replaced by the model type's default (DEFAULT_TARGETS)."""
+    if "auto" not in targets:
+        return tuple(targets)
+    model_type = getattr(model.config, "model_type", None)
+    default = DEFAULT_TARGETS.get(model_type)
+    if default is None and {"q_proj", "v_proj"} <= set(known):
+        default = ("q_proj", "v_proj")
+    if default is None:
+        raise UsageError(f"--targets auto: no default targets for model type {model_type}; name them: "
+                         f"the decoder's linear layers are {', '.join(known) or 'none'}, or all-linear")
+    return tuple(dict.fromkeys(n for t in targets for n in (default if t == "auto" else (t,))))
+
+
+def decoder_layers(model):
+    layers = memcheck.decoder_layers(model)
+    if layers is None:
+        raise UsageError(f"--model {model.name_or_path}: no list of "
+                         f"{model.config.num_hidden_layers} decoder layers found")
+    return layers
