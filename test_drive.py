@@ -74,7 +74,9 @@ def test_sweeps_error_is_measured_over_budget_minus_one(monkeypatch, capsys):
 
 # ---------------------------------------------------------------- figures
 
-README_BLOCK_LINES = {   # lines of the README's baseline block, and what a copy changes them to
+# Lines of the README's baseline block, and what a copy changes them to: a figure changed, a line
+# the rerun prints missing from the README, an extra line the rerun does not print.
+README_BLOCK_LINES = {
     "changed": ("backward      492.4     644.9       644.7", "backward      492.4     645.0       644.7"),
     "missing": ("parameters: 935,684 trainable, 125,332,288 frozen\n", ""),
     "extra": ("parameters: 935,684 trainable", "peak 999.9 MiB in optimizer\nparameters: 935,684 trainable"),

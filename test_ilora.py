@@ -59,6 +59,10 @@ def matvec(weight, v, bias=None):
     return [sum(w * x for w, x in zip(row, v)) + b for row, b in zip(weight, bias)]
 
 
+def as_lists(linear):
+    return linear.weight.double().tolist(), linear.bias.double().tolist()
+
+
 def sasrec_step_by_step(sasrec, history_row):
     """The user vector of one padded history, in plain Python floats: every position t attends to
     positions 0..t (SASRec is causal), post-norm residual block, ReLU feed-forward."""
@@ -66,6 +70,8 @@ def sasrec_step_by_step(sasrec, history_row):
     block, d = sasrec.block, ilora.REC_DIM
     w_q, w_k, w_v = (w.tolist() for w in block.self_attn.in_proj_weight.double().split(d))
     b_q, b_k, b_v = (b.tolist() for b in block.self_attn.in_proj_bias.double().split(d))
+    out_proj, linear1, linear2 = (as_lists(m) for m in (block.self_attn.out_proj, block.linear1,
+                                                         block.linear2))
     embeddings = sasrec.item_embeddings.weight.double()
     positions = sasrec.positions.weight.double()
     inputs = [(embeddings[item] + positions[t]).tolist() for t, item in enumerate(history_row)]
@@ -80,13 +86,9 @@ def sasrec_step_by_step(sasrec, history_row):
         weights = [math.exp(s - top) for s in scores]
         weights = [w / sum(weights) for w in weights]
         mixed = [sum(w * v[i] for w, v in zip(weights, values)) for i in range(d)]
-        attended = matvec(block.self_attn.out_proj.weight.double().tolist(), mixed,
-                          block.self_attn.out_proj.bias.double().tolist())
-        h = layer_norm([a + b for a, b in zip(x, attended)], block.norm1)
-        hidden = [max(0.0, v) for v in matvec(block.linear1.weight.double().tolist(), h,
-                                               block.linear1.bias.double().tolist())]
-        ff = matvec(block.linear2.weight.double().tolist(), hidden, block.linear2.bias.double().tolist())
-        out = layer_norm([a + b for a, b in zip(h, ff)], block.norm2)
+        h = layer_norm([a + b for a, b in zip(x, matvec(out_proj[0], mixed, out_proj[1]))], block.norm1)
+        hidden = [max(0.0, v) for v in matvec(linear1[0], h, linear1[1])]
+        out = layer_norm([a + b for a, b in zip(h, matvec(linear2[0], hidden, linear2[1]))], block.norm2)
     return out
 
 
@@ -94,7 +96,8 @@ def gate_by_hand(items, history):
     rows = []
     for history_row in history.tolist():
         user = sasrec_step_by_step(items.sasrec, history_row)
-        logits = matvec(items.router.weight.double().tolist(), user, items.router.bias.double().tolist())
+        router_weight, router_bias = as_lists(items.router)
+        logits = matvec(router_weight, user, router_bias)
         top = max(logits)
         exps = [math.exp(z - top) for z in logits]
         rows.append([e / sum(exps) for e in exps])
