@@ -632,22 +632,27 @@ def readme_figures(path=README):
     return found
 
 
-def _compare(expected, actual_lines, log):
+def _compare(expected, actual_lines, log, whole=True):
     if os.environ.get("FIGURES_KEEP"):   # where to keep each rerun's output, to read what changed
         with open(os.path.join(os.environ["FIGURES_KEEP"], f"{len(os.listdir(os.environ['FIGURES_KEEP']))}.txt"), "w") as f:
             f.write("\n".join(actual_lines))
-    return _check(expected, {k: v for k, (v, _) in _figures(actual_lines).items()}, log)
+    return _check(expected, {k: v for k, (v, _) in _figures(actual_lines).items()}, log, whole)
 
 
-def _check(expected, actual, log):
+def _where(key):
+    return f"{key[0]} [{key[1]}]" if isinstance(key[1], str) else f"{key[0].replace('#', '_')} [#{key[1]}]"
+
+
+def _check(expected, actual, log, whole=False):
     """Each README figure against the rerun's {key: value}; returns the number that disagree.
-    Memory figures, counts and losses must be equal; times only within a range (machine-dependent)."""
+    Memory figures, counts and losses must be equal; times only within a range (machine-dependent).
+    whole: the README block shows the whole output, so a figure of the rerun it lacks disagrees too."""
     bad = 0
     counts = {"memory": 0, "loss": 0, "time": 0}
     for f in expected:
         key, want = f["key"], f["value"]
         got = actual.get(key)
-        where = f"{key[0]} [{key[1]}]" if isinstance(key[1], str) else f"{key[0].replace('#', '_')} [#{key[1]}]"
+        where = _where(key)
         counts[f["kind"]] += 1
         if got is None:
             log(f"  MISSING  {where}: README {want}, not in the output")
@@ -663,6 +668,11 @@ def _check(expected, actual, log):
             log(f"  DIFFERS  {where}: README {want}, now {got}" + (
                 " (bit for bit means the same machine and the same thread count)"
                 if f["kind"] == "loss" else ""))
+            bad += 1
+    if whole:
+        shown = {f["key"] for f in expected}
+        for key in sorted((k for k in actual if k not in shown), key=str):
+            log(f"  EXTRA    {_where(key)}: now {actual[key]}, not in the README")
             bad += 1
     log(f"  checked {counts['memory']} memory figures and counts exactly, {counts['loss']} losses "
         f"exactly, {counts['time']} times as ranges (machine-dependent, not counted); {bad} disagree")
@@ -727,7 +737,7 @@ def figures(sections=QUICK_SECTIONS, measure_grid=False, log=print, readme=READM
             block = blocks["ablate"]
             log(f"ablate: {block['command']}")
             out = _run([py, "drive.py", *block["command"].split()[2:]], here)
-            bad += _compare(block["figures"], out.splitlines(), log)
+            bad += _compare(block["figures"], out.splitlines(), log, whole=False)  # the table, not its progress lines
         if "bench" in sections:
             block = blocks["bench"]
             log(f"bench: {block['command']}")
@@ -743,7 +753,8 @@ def figures(sections=QUICK_SECTIONS, measure_grid=False, log=print, readme=READM
             careless = _run([py, script, "careless", "careless.json"], tmp)
             _run([py, script, "clean", "clean.json"], tmp)
             log("probe: the README's script, careless")
-            bad += _compare(blocks["probe: careless"]["figures"], careless.splitlines(), log)
+            # (the README shows the report, not the probe's own lines about where it wrote it)
+            bad += _compare(blocks["probe: careless"]["figures"], careless.splitlines(), log, whole=False)
             for name, a, b in (("probe: clean vs careless", "clean.json", "careless.json"),
                                ("probe: reference vs clean", "ref.json", "clean.json")):
                 if a == "ref.json":

@@ -1658,7 +1658,9 @@ def test_ctrl_c_during_training_writes_the_report_so_far_and_exits_130(tiny_mode
     env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
     run = subprocess.Popen([sys.executable, os.path.join(here, "ref_train.py"), "--model", tiny_model,
                             "--steps", "100000", "--report", str(path)],
-                           cwd=here, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                           cwd=here, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                           # a background job's children start with SIGINT ignored: not this one
+                           preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         for line in run.stdout:   # the step lines are flushed as they come, even into a pipe
             if line.startswith("step"):
