@@ -10,6 +10,7 @@ import shutil
 import pytest
 
 import drive
+import flags
 import ref_train
 from memcheck import MiB
 
@@ -21,7 +22,7 @@ FAILING = ("gemma2", "none")   # one family's run that raises: it must still be 
 def model_dir_in_name_only(family, directory):
     """What save_family leaves, to the flag checks: a config and a weights file, both empty."""
     os.makedirs(directory)
-    for name in ("config.json", ref_train.WEIGHTS_FILES[0]):
+    for name in ("config.json", flags.WEIGHTS_FILES[0]):
         open(os.path.join(directory, name), "w").close()
     return str(directory)
 
