@@ -26,6 +26,7 @@ from torch.utils.checkpoint import checkpoint
 
 import data
 import ilora
+import budget
 import memcheck
 
 DEFAULT_MODEL = "facebook/opt-125m"
@@ -476,9 +477,9 @@ def plan(args, model=None, items=None, full=False, padded=None):
         model, items, batches, *_ = build(args, meta=True)
         if padded is None:
             padded = has_padding(first_batches(args, batches))
-    return memcheck.budget(model, bs=args.bs, seq=args.seq, checkpointing=args.ckpt != "none",
-                           autocast_dtype=dtypes(args)[1], loss_chunks=args.loss_chunks,
-                           device=args.device, extra=[items], full=full, padded=bool(padded))
+    return budget.budget(model, bs=args.bs, seq=args.seq, checkpointing=args.ckpt != "none",
+                         autocast_dtype=dtypes(args)[1], loss_chunks=args.loss_chunks,
+                         device=args.device, extra=[items], full=full, padded=bool(padded))
 
 
 # ---------------------------------------------------------------- the step
