@@ -604,8 +604,7 @@ def budget(model, *, bs, seq, checkpointing, autocast_dtype=None, loss_chunks=1,
     and the attention output, SDPA's log-sum-exp, the MLP activation (three of them for a gated
     MLP), two residual-dropout masks, the inputs of adapted linears, and each adapter's own:
     r/E-wide expert activations (lean), or E x out per-expert outputs (einsum); LoRA dropout keeps
-    its output and its mask. Those adapter terms are kept in both cases.
-    """
+    its output and its mask. Those adapter terms are kept in both cases."""
     s = _structure(model)
     act = _dtype_bytes(autocast_dtype or s["weights_dtype"])
     on_cuda = torch.device(device).type == "cuda"

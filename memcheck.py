@@ -17,13 +17,7 @@ Then compare with the reference:
 
     python memcheck.py diff baseline.json stack.json [--markdown | --json] [--max-ratio R]
 
-With budget.py beside it, the report also has a budget, and a verdict on the measured peak.
-
-The tracker counts live tensor storage bytes exactly: every op's outputs are seen by a
-TorchDispatchMode, each storage is counted once, and a weak reference tells when it is freed. On a
-CPU build torch.cuda's counters return 0, so this is the only honest CPU figure; it equals what the
-CUDA allocator calls "allocated", apart from its 512-byte rounding. On CUDA the allocator's own
-counters give the peak and the tracker still splits it into categories.
+Copy budget.py beside it too: the report then has a budget of your stack, and a verdict on its peak.
 """
 import argparse
 import contextlib
@@ -144,12 +138,9 @@ _DYNAMO_KEPT_OUT = []
 
 
 def _keep_dynamo_out():
-    """Keep torch.compile from tracing the tracker's per-op code, once per process.
-
-    TorchDispatchMode wraps __torch_dispatch__ in torch._disable_dynamo, a quarter of the tracker's
-    per-op time: the tracker opts out (_should_skip_dynamo) and marks its code for dynamo to skip,
-    or, where this torch has no such mark, puts the same wrapper back.
-    """
+    """Keep torch.compile from tracing the tracker's per-op code, once per process: not with the
+    wrapper TorchDispatchMode puts around every op (torch._disable_dynamo, a quarter of the tracker's
+    per-op time) but by marking its code for dynamo to skip; where torch cannot, the wrapper is back."""
     if _DYNAMO_KEPT_OUT:
         return
     functions = (Tracker.__dict__["__torch_dispatch__"], Tracker.track, Tracker._free_record,
@@ -171,9 +162,11 @@ def _keep_dynamo_out():
 class Tracker(TorchDispatchMode):
     """Exact live bytes of the tensor storages on one device, with a peak and a per-phase history.
 
-    Events are numbered; a storage remembers when it was created and freed, so the composition of
-    memory at the peak is rebuilt when the phase ends, not copied at every new peak. A storage first
-    seen as the output of a view or in-place op existed before (a preloaded batch): it is not counted.
+    Every op's outputs are seen, each storage counted once, and a weak reference tells when it is
+    freed: the only honest figure on CPU, where torch.cuda's counters say 0 (on CUDA, the allocator's
+    "allocated" but for its 512-byte rounding; its own counters give the peak there). Events are
+    numbered, so what was alive at the peak is rebuilt when the phase ends. A storage first seen as a
+    view's or in-place op's output existed before (a preloaded batch): it is not counted.
     """
 
     def __init__(self, device, limit_bytes=None, on_error=None):
@@ -203,18 +196,14 @@ class Tracker(TorchDispatchMode):
                 return out
             if isinstance(out, torch.Tensor):  # the common cases, without walking a pytree
                 self.track(out, func)
-            elif type(out) in (tuple, list):
-                for t in out:
-                    if isinstance(t, torch.Tensor):
-                        self.track(t, func)
-                    elif isinstance(t, (tuple, list)):
-                        for leaf in pytree.tree_leaves(t):
-                            if isinstance(leaf, torch.Tensor):
-                                self.track(leaf, func)
-            else:
-                for t in pytree.tree_leaves(out):
-                    if isinstance(t, torch.Tensor):
-                        self.track(t, func)
+                return out
+            for t in out if type(out) in (tuple, list) else pytree.tree_leaves(out):
+                if isinstance(t, torch.Tensor):
+                    self.track(t, func)
+                elif isinstance(t, (tuple, list)):
+                    for leaf in pytree.tree_leaves(t):
+                        if isinstance(leaf, torch.Tensor):
+                            self.track(leaf, func)
             return out
         except BaseException as e:
             if self.on_error is not None:
@@ -365,12 +354,9 @@ class _Steps:
 # ---------------------------------------------------------------- the probe: what autograd saves
 
 class _Saved:
-    """What autograd keeps for one saved tensor while the probe watches.
-
-    A detached alias, not the tensor itself: a saved output would otherwise hold its own grad_fn,
-    a reference cycle that keeps a graph nobody backpropagates (an eval forward without no_grad,
-    retain_graph=True) alive, and the probe would report a leak it made itself.
-    """
+    """What autograd keeps for one saved tensor while the probe watches: a detached alias, not the
+    tensor, whose grad_fn (a saved output's) would make a cycle that keeps a graph nobody
+    backpropagates alive (an eval forward without no_grad): a leak the probe made itself."""
     __slots__ = ("tensor", "phase", "__weakref__")
 
     def __init__(self, tensor, phase):
@@ -612,11 +598,10 @@ class _Stack:
 # ---------------------------------------------------------------- the probe
 
 class Probe:
-    """Measure any training loop: phases, categories, leaks, and the pathologies it can name (the
-    module docstring shows the loop). With `path`, the report is written when the scope closes,
-    however it closes (out of memory included: then also at the moment the allocation fails), and
-    `log` says where, with the ref_train.py command that is this stack's baseline. begin()/end()
-    and close() are the same without with-blocks, for callbacks."""
+    """Measure any training loop (the module docstring shows one): phases, categories, leaks, and the
+    pathologies it can name. With `path`, the report is written when the scope closes, however it
+    closes (out of memory: also as the allocation fails), and `log` says where, with this stack's
+    baseline command. begin()/end() and close() are the same without with-blocks, for callbacks."""
 
     def __init__(self, model=None, optimizer=None, device=None, max_memory_mib=None, config=None,
                  path=None, log=print):
@@ -633,17 +618,10 @@ class Probe:
         self._survivors = []             # a leak's evidence, from the last step that grew
         self._scope, self._open, self._pending = contextlib.ExitStack(), False, (model, optimizer)
 
-    @property
-    def phases(self):
-        return self._steps.phases
-
-    @property
-    def steps(self):
-        return self._steps.steps
-
-    @property
-    def peak(self):
-        return self._steps.peak
+    # Each phase's statistics, each step's, and the training peak's: the figures the report reads.
+    phases = property(lambda self: self._steps.phases)
+    steps = property(lambda self: self._steps.steps)
+    peak = property(lambda self: self._steps.peak)
 
     # -- scope
     def __enter__(self):
@@ -721,7 +699,7 @@ class Probe:
         self._stack.tag_roles(again=False)
         if name == "forward":
             self._saves.forward_ended()
-        if name == "backward":
+        elif name == "backward":
             self._saves.backward_ended()
         self._steps.end(name)
 
@@ -779,24 +757,14 @@ class Probe:
     def report(self):
         config = self.config or self.inferred_config()
         leak = find_leak(self.steps, self._survivors)
-        report = {
-            "schema": SCHEMA,
-            "command": " ".join([os.path.basename(sys.executable)] + sys.argv),
-            "status": self.status,
-            "error": self.error,
-            "config": config,
-            "env": environment(self.device),
-            "peak_bytes": self.peak["peak_bytes"],
-            "peak_phase": self.peak.get("phase"),
-            "categories": self.peak.get("categories", {}),
-            "modules": self.peak.get("modules", []),
-            "phases": {name: {k: v for k, v in stats.items() if k != "modules"}
-                       for name, stats in self.phases.items()},
-            "steps": self.steps,
-            "leak": leak,
-            "oom": self.oom,
-            "warnings": self.warnings(leak),
-        }
+        report = {"schema": SCHEMA, "command": " ".join([os.path.basename(sys.executable)] + sys.argv),
+                  "status": self.status, "error": self.error, "config": config,
+                  "env": environment(self.device), "peak_bytes": self.peak["peak_bytes"],
+                  "peak_phase": self.peak.get("phase"), "categories": self.peak.get("categories", {}),
+                  "modules": self.peak.get("modules", []),
+                  "phases": {name: {k: v for k, v in stats.items() if k != "modules"}
+                             for name, stats in self.phases.items()},
+                  "steps": self.steps, "leak": leak, "oom": self.oom, "warnings": self.warnings(leak)}
         if not self.config:
             report["budget"] = self.budget()
             if _budget_function() is None:
@@ -822,8 +790,7 @@ def _budget_function():
 def module_names(model):
     """{module: name}, named from the language model down, so that the same layer has the same name
     in every stack: PEFT's `base_model.model.`, a LightningModule's attribute and the reference's
-    `lm.` are dropped, and the model itself and its wrappers count as no module at all (what they
-    compute directly, the loss for one, is then attributed to its op)."""
+    `lm.` are dropped; the model and its wrappers are no module (what they compute is its op's)."""
     lm = _language_model(model)
     full = {m: n for n, m in model.named_modules()}
     if lm is None:
@@ -849,13 +816,17 @@ def _language_model(model):
     """The innermost-named Hugging Face model in `model` (the first PreTrainedModel), or None."""
     try:
         from transformers import PreTrainedModel
-    except ImportError:
-        PreTrainedModel = ()
-    for m in model.modules():
-        if (PreTrainedModel and isinstance(m, PreTrainedModel)) or (
-                not PreTrainedModel and hasattr(m, "config") and hasattr(m, "get_input_embeddings")):
-            return m
-    return None
+        is_lm = lambda m: isinstance(m, PreTrainedModel)
+    except ImportError:  # then what looks like one
+        is_lm = lambda m: hasattr(m, "config") and hasattr(m, "get_input_embeddings")
+    return next((m for m in model.modules() if is_lm(m)), None)
+
+
+def decoder_layers(model):
+    """The ModuleList of decoder layers (the one as long as the config's layer count), or None."""
+    n_layers = getattr(getattr(model, "config", None), "num_hidden_layers", None)
+    return next((m for m in model.modules() if isinstance(m, torch.nn.ModuleList) and len(m) == n_layers),
+                None)
 
 
 def _checkpointed_layers(model):
@@ -864,23 +835,46 @@ def _checkpointed_layers(model):
     return [m for m in flagged if not any(o in flagged for o in m.modules() if o is not m)]
 
 
+def _adapter(module):
+    """(base linear, {r, experts, impl, dropout}) if `module` is a LoRA adapter, else None; duck-typed:
+    a gated LoRA layer (.base, .n_experts) or PEFT's LoRA layer (.base_layer, per-adapter dicts)."""
+    if hasattr(module, "n_experts") and hasattr(module, "base"):
+        p = getattr(module.dropout, "p", 0.0)
+        return module.base, {"r": module.r, "experts": module.n_experts, "impl": module.impl,
+                             "dropout": p}
+    if hasattr(module, "base_layer") and isinstance(getattr(module, "r", None), dict) and module.r:
+        name = next(iter(module.r))
+        p = getattr(module.lora_dropout[name], "p", 0.0)
+        return module.base_layer, {"r": module.r[name], "experts": 1, "impl": "lean", "dropout": p,
+                                   "alpha": module.lora_alpha[name]}
+    return None
+
+
 def _adapters(model):
     """The LoRA adapters in `model`: their kind, rank, alpha, experts, dropout and target names."""
-    kinds, targets, lora = set(), set(), None
-    for name, module in model.named_modules():
-        found = _adapter(module)
-        if found is not None:
-            kinds.add("gated_lora" if hasattr(module, "n_experts") else "peft_lora")
-            targets.add(name.rpartition(".")[2])
-            lora = lora or found[1]
-    if lora is None:
+    found = [(name, m, a[1]) for name, m in model.named_modules() if (a := _adapter(m)) is not None]
+    if not found:
         return {"adapters": None}
-    alpha = lora.get("alpha")
-    if alpha is None:  # a gated layer keeps its scaling, alpha / (r / experts)
-        module = next(m for m in model.modules() if hasattr(m, "n_experts") and hasattr(m, "base"))
-        alpha = module.scaling * lora["r"] / lora["experts"]
-    return {"adapters": ",".join(sorted(kinds)), "r": lora["r"], "alpha": alpha,
-            "experts": lora["experts"], "dropout": lora["dropout"], "targets": sorted(targets)}
+    _, first, lora = found[0]
+    kinds = {"gated_lora" if hasattr(m, "n_experts") else "peft_lora" for _, m, _ in found}
+    # (a gated layer keeps its scaling, alpha / (r / experts))
+    alpha = lora["alpha"] if "alpha" in lora else first.scaling * lora["r"] / lora["experts"]
+    return {"adapters": ",".join(sorted(kinds)), "r": lora["r"], "alpha": alpha, "experts": lora["experts"],
+            "dropout": lora["dropout"], "targets": sorted({name.rpartition(".")[2] for name, _, _ in found})}
+
+
+def _unique_params(modules):
+    """Every parameter of `modules` once (tied weights and shared modules counted once)."""
+    params = [p for m in modules if m is not None for p in m.parameters()]
+    return list({id(p): p for p in params}.values())
+
+
+def _bytes_by_dtype(params):
+    by_dtype = {}
+    for p in params:
+        key = str(p.dtype).replace("torch.", "")
+        by_dtype[key] = by_dtype.get(key, 0) + p.numel() * p.element_size()
+    return by_dtype
 
 
 def baseline_command(config):
@@ -907,57 +901,11 @@ def baseline_command(config):
     return "python ref_train.py " + " ".join(flags)
 
 
-
-def _unique_params(modules):
-    """Every parameter of `modules` once (tied weights and shared modules counted once)."""
-    params = [p for m in modules if m is not None for p in m.parameters()]
-    return list({id(p): p for p in params}.values())
-
-
-def _bytes_by_dtype(params):
-    by_dtype = {}
-    for p in params:
-        key = str(p.dtype).replace("torch.", "")
-        by_dtype[key] = by_dtype.get(key, 0) + p.numel() * p.element_size()
-    return by_dtype
-
-
-
-def decoder_layers(model):
-    """The ModuleList of decoder layers (the one as long as the config's layer count), or None."""
-    n_layers = getattr(getattr(model, "config", None), "num_hidden_layers", None)
-    for module in model.modules():
-        if isinstance(module, torch.nn.ModuleList) and len(module) == n_layers:
-            return module
-    return None
-
-
-def _adapter(module):
-    """(base linear, {r, experts, impl, dropout}) if `module` is a LoRA adapter, else None.
-
-    Duck-typed, so that this file needs nothing of the stack it measures: a gated LoRA layer
-    (ilora.GatedLoraLinear: .base, .n_experts) or PEFT's LoRA layer (.base_layer, per-adapter dicts).
-    """
-    if hasattr(module, "n_experts") and hasattr(module, "base"):
-        p = getattr(module.dropout, "p", 0.0)
-        return module.base, {"r": module.r, "experts": module.n_experts, "impl": module.impl,
-                             "dropout": p}
-    if hasattr(module, "base_layer") and isinstance(getattr(module, "r", None), dict) and module.r:
-        name = next(iter(module.r))
-        p = getattr(module.lora_dropout[name], "p", 0.0)
-        return module.base_layer, {"r": module.r[name], "experts": 1, "impl": "lean", "dropout": p,
-                                   "alpha": module.lora_alpha[name]}
-    return None
-
-
-
 # ---------------------------------------------------------------- callbacks for Lightning and the HF Trainer
 
 def lightning_callback(path, **probe_kwargs):
-    """A Lightning Callback that measures fit() into the report at `path`, however fit() ends.
-
-    Works with `lightning.pytorch` or `pytorch_lightning`, whichever is installed.
-    """
+    """A Lightning Callback that measures fit() into the report at `path`, however fit() ends; with
+    `lightning.pytorch` or `pytorch_lightning`, whichever is installed."""
     try:
         from lightning.pytorch import Callback
     except ImportError:
@@ -980,8 +928,7 @@ def lightning_callback(path, **probe_kwargs):
             self.probe.begin("optimizer")
 
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-            loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
-            self.probe.step(loss)
+            self.probe.step(outputs.get("loss") if isinstance(outputs, dict) else outputs)
 
         def on_train_end(self, trainer, pl_module):
             self.probe.close()
@@ -998,8 +945,7 @@ def hf_callback(path, **probe_kwargs):
 
     The Trainer has no hook between forward and backward, so they are one phase, "forward+backward";
     and none for exceptions, so the callback wraps the trainer's training_step and its optimizer's
-    step: an error in either closes the probe and writes the report before it propagates.
-    """
+    step: an error in either closes the probe and writes the report before it propagates."""
     from transformers import Trainer, TrainerCallback
 
     class MemcheckCallback(TrainerCallback):
@@ -1046,50 +992,35 @@ def hf_callback(path, **probe_kwargs):
 def _calling(cls):
     """The instance of `cls` whose method is running further up this thread's stack, or None."""
     frame = sys._getframe(1)
-    while frame is not None:
-        owner = frame.f_locals.get("self")
-        if isinstance(owner, cls):
-            return owner
+    while frame is not None and not isinstance(frame.f_locals.get("self"), cls):
         frame = frame.f_back
-    return None
+    return None if frame is None else frame.f_locals["self"]
 
 
 def environment(device):
     try:
-        import transformers
-        transformers_version = transformers.__version__
+        from transformers import __version__ as transformers_version
     except ImportError:
         transformers_version = None
     device = torch.device(device)
-    return {
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "transformers": transformers_version,
-        "cuda": torch.version.cuda,
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_name(),
-        "cpu_cores": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-    }
+    return {"python": platform.python_version(), "torch": torch.__version__,
+            "transformers": transformers_version, "cuda": torch.version.cuda,
+            "device": torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_name(),
+            "cpu_cores": os.cpu_count(), "torch_threads": torch.get_num_threads()}
 
 
 def _cpu_name():
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "cpu"
+    name = None
+    with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
+        name = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), None)
+    return name or platform.processor() or "cpu"
 
 
 # ---------------------------------------------------------------- leaks
 
 def _survivors(tracker, step):
     """Activations and temporaries made in a step before `step` and still alive: a leak's evidence.
-
-    What was made before the first phase opened is the loop's setup (a list of batches made inside
-    the probe's scope, say), not something a step left behind."""
+    (Not what was made before the first phase: the loop's setup, a list of batches, say.)"""
     kept = [r for r in tracker.live.values()
             if r.step < step and r.category in ("activations", "temporaries")
             and not (r.step == 1 and r.phase is None)]
@@ -1099,13 +1030,10 @@ def _survivors(tracker, step):
 
 
 def find_leak(steps, survivors=()):
-    """Memory that grows at every step after the first optimizer step is a leak.
-
-    The first step allocates the optimizer state, so growth is measured from the end of step 1.
-    Growth at every later step (three steps or more), by any amount, is flagged: the tracker is
-    exact, so a clean loop ends every step at the same byte count, and a one-off cache does not
-    grow every step. `survivors` were collected at the last step that grew.
-    """
+    """Memory that grows at every step after the first (which allocates the optimizer state), three
+    steps or more, by any amount, is a leak: the tracker is exact, so a clean loop ends every step
+    at the same byte count, and a one-off cache does not grow every step. `survivors` were collected
+    at the last step that grew."""
     ends = [s["live_bytes"] for s in steps]
     growth = [b - a for a, b in zip(ends, ends[1:])]
     # Two intervals at least: a single one cannot tell a leak from a one-off allocation.
@@ -1190,7 +1118,6 @@ def verdict(report):
     worst = max(excess, key=excess.get)
     return (f"measured peak {ratio:.1f}x the budget: the excess is in {worst.replace('_', ' ')} "
             f"(+{mib(excess[worst])} MiB) during {report['peak_phase']}")
-
 
 
 # ---------------------------------------------------------------- tables
@@ -1304,26 +1231,21 @@ def _modules_by_group(report):
 
 
 def _phase_peak(phases, name):
-    """phases: {phase: peak bytes}; an HF Trainer's forward+backward stands for forward and backward."""
-    if name in phases:
-        return phases[name]
-    if name == "forward+backward" and ("forward" in phases or "backward" in phases):
-        # The peak of two phases taken together is the larger of their two peaks.
+    """phases: {phase: peak bytes}; an HF Trainer's forward+backward stands for forward and backward
+    (the peak of two phases taken together is the larger of their two peaks)."""
+    if name == "forward+backward" and name not in phases and ("forward" in phases or "backward" in phases):
         return max(phases.get("forward", 0), phases.get("backward", 0))
-    return None
+    return phases.get(name)
 
 
 def _reserved(report):
-    values = [s["reserved_bytes"] for n, s in report["phases"].items() if n != "load" and "reserved_bytes" in s]
-    return max(values) if values else None
+    return max((s["reserved_bytes"] for n, s in report["phases"].items()
+                if n != "load" and "reserved_bytes" in s), default=None)
 
 
 def diff(a, b):
-    """Rows (what, A bytes or None, B bytes or None) in the text table's order.
-
-    None is "not measured on that side", never 0. Modules are aligned by their place in the model
-    (module_group), so the same layers under different wrappers are one row.
-    """
+    """Rows (what, A bytes or None, B bytes or None) in the text table's order; None is "not measured
+    on that side", never 0. Modules are aligned by their place in the model (module_group)."""
     rows = [("peak", a["peak_bytes"], b["peak_bytes"])]
     if _reserved(a) is not None or _reserved(b) is not None:
         rows.append(("reserved", _reserved(a), _reserved(b)))
@@ -1352,8 +1274,7 @@ def diff(a, b):
 def _dominant_op(groups_a, groups_b, row):
     """(op, excess bytes) when one op explains most of a module row's excess, else None."""
     group = row[0][len("module "):].split(" (x")[0]
-    ops_a = groups_a.get(group, {}).get("ops", {})
-    ops_b = groups_b.get(group, {}).get("ops", {})
+    ops_a, ops_b = (groups.get(group, {}).get("ops", {}) for groups in (groups_a, groups_b))
     excess = {op: ops_b.get(op, 0) - ops_a.get(op, 0) for op in set(ops_a) | set(ops_b)}
     if not excess:
         return None
@@ -1373,8 +1294,7 @@ def _run_warnings(report, name):
     status = report.get("status", "ok")
     if status == "ok" and not report.get("oom"):
         return []
-    what = {"oom": "ran out of memory", "error": "failed", "interrupted": "was interrupted"}.get(status,
-                                                                                             "ran out of memory")
+    what = {"error": "failed", "interrupted": "was interrupted"}.get(status, "ran out of memory")
     detail = (report.get("oom") or {}).get("message") or report.get("error") or ""
     return [f"WARNING: {name} {what} ({detail}); its figures stop where it stopped"]
 
@@ -1446,7 +1366,8 @@ def format_diff(a, b, name_a="A", name_b="B", markdown=False):
             notes.append(f"{side} was measured by memcheck's probe in its own stack: its configuration "
                          "is what the probe could see")
     changed = config_differences(a, b)
-    notes.append("different configurations: " + ", ".join(f"{k}: {x!r} -> {y!r}" for k, (x, y) in changed.items())
+    notes.append("different configurations: " + ", ".join(f"{k}: {x!r} -> {y!r}"
+                                                          for k, (x, y) in changed.items())
                  if changed else "same configuration (on the keys both reports have)")
     for side, report, other in (("A", a, b), ("B", b, a)):
         theirs = {w["kind"] for w in other.get("warnings") or []}
@@ -1510,14 +1431,15 @@ def main(argv=None):
     except BrokenPipeError:  # `memcheck.py diff A B | head`: the reader has what it wanted
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
-    if args.max_ratio is not None:
-        unfinished = [f"{side} {r.get('status', 'ok')}" for side, r in (("A", a), ("B", b))
-                      if r.get("status", "ok") != "ok" or not r["peak_bytes"]]
-        if unfinished:  # a run that stopped early has a smaller peak: never a pass
-            print(f"memcheck.py: --max-ratio needs two finished runs with a peak: {', '.join(unfinished)}",
-                  file=sys.stderr)
-            return 1
-    if args.max_ratio is not None and b["peak_bytes"] > args.max_ratio * a["peak_bytes"]:
+    if args.max_ratio is None:
+        return 0
+    unfinished = [f"{side} {r.get('status', 'ok')}" for side, r in (("A", a), ("B", b))
+                  if r.get("status", "ok") != "ok" or not r["peak_bytes"]]
+    if unfinished:  # a run that stopped early has a smaller peak: never a pass
+        print(f"memcheck.py: --max-ratio needs two finished runs with a peak: {', '.join(unfinished)}",
+              file=sys.stderr)
+        return 1
+    if b["peak_bytes"] > args.max_ratio * a["peak_bytes"]:
         print(f"memcheck.py: B's peak is {b['peak_bytes'] / a['peak_bytes']:.2f}x A's, over --max-ratio "
               f"{args.max_ratio:g}", file=sys.stderr)
         return 1

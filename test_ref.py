@@ -1338,6 +1338,45 @@ def test_diff_of_a_closed_pipe_ends_quietly(tmp_path):
     assert done.wait(timeout=60) == 0 and errors == ""
 
 
+def test_diff_runs_where_torch_cannot_be_imported_and_help_imports_no_torch(tmp_path):
+    import re
+    import subprocess
+    import sys
+    a, b = tmp_path / "a.json", tmp_path / "b.json"
+    probe_loop(steps=2).save(a)
+    probe_loop(steps=3, width=64).save(b)
+    expected = memcheck.format_diff(memcheck.read_report(a), memcheck.read_report(b), "a.json", "b.json")
+    no_torch = "import runpy, sys; sys.modules['torch'] = None; "   # `import torch` now fails
+    scripts = {"as a script": no_torch + "sys.argv[0] = 'memcheck.py'; runpy.run_path('memcheck.py', "
+                                          "run_name='__main__')",
+               "imported": no_torch + "import memcheck; sys.exit(memcheck.main(sys.argv[1:]))"}
+    here = os.path.dirname(__file__)
+    for how, script in scripts.items():
+        done = subprocess.run([sys.executable, "-c", script, "diff", str(a), str(b)], cwd=here,
+                              capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0 and done.stdout == expected + "\n", (how, done.stderr)
+    for flags in (["--help"], ["diff", "--help"]):
+        done = subprocess.run([sys.executable, "-X", "importtime", "memcheck.py", *flags], cwd=here,
+                              capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0 and "memcheck" in done.stdout
+        assert not re.search(r"\|\s+torch$", done.stderr, re.M), f"memcheck.py {flags} imported torch"
+
+
+def test_without_budget_py_beside_it_the_report_says_in_one_line_how_to_get_a_verdict(monkeypatch):
+    model, optimizer = gated_opt()
+    with_budget = probed(model, optimizer)
+    assert with_budget["budget"]["peak_bytes"] > 0 and "no_budget" not in with_budget
+    monkeypatch.setitem(sys.modules, "budget", None)   # `import budget` now fails
+    model, optimizer = gated_opt()
+    report = probed(model, optimizer)
+    assert report["budget"] is None and report["no_budget"] == memcheck.NO_BUDGET
+    assert report["config"]["baseline_command"] == with_budget["config"]["baseline_command"]
+    said = [line for line in memcheck.format_report(report).splitlines() if "budget.py" in line]
+    assert said == [f"peak {memcheck.mib(report['peak_bytes'])} MiB in {report['peak_phase']}; "
+                    f"{memcheck.NO_BUDGET}"]
+    assert memcheck.NO_BUDGET in memcheck.markdown_report(report).splitlines()[0]
+
+
 # ---------------------------------------------------------------- ablate, sweep, markdown
 
 def assert_markdown_tables(text):
