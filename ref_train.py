@@ -24,9 +24,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+import budget
 import data
 import ilora
-import budget
 import memcheck
 
 DEFAULT_MODEL = "facebook/opt-125m"
