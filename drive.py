@@ -29,9 +29,9 @@ import torch
 import data
 import flags
 import ref_train
-from memcheck import (MiB, OneLineParser, Probe, ReportError, cuda_workspaces, first_line,
-                      is_out_of_memory, markdown_block, mib, read_report, text_table, verdict,
-                      write_report)
+from budget import cuda_workspaces
+from memcheck import (MiB, OneLineParser, Probe, ReportError, first_line, is_out_of_memory,
+                      markdown_block, mib, read_report, text_table, verdict, write_report)
 
 # ---------------------------------------------------------------- ablate: one run per suspect
 
@@ -749,7 +749,8 @@ def figures(sections=QUICK_SECTIONS, measure_grid=False, log=print, readme=READM
             script = os.path.join(tmp, "stack.py")
             with open(script, "w") as f:
                 f.write(blocks["script"])
-            shutil.copy(os.path.join(here, "memcheck.py"), tmp)
+            for name in ("memcheck.py", "budget.py"):
+                shutil.copy(os.path.join(here, name), tmp)
             careless = _run([py, script, "careless", "careless.json"], tmp)
             _run([py, script, "clean", "clean.json"], tmp)
             log("probe: the README's script, careless")

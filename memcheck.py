@@ -17,11 +17,7 @@ Then compare with the reference:
 
     python memcheck.py diff baseline.json stack.json [--markdown | --json] [--max-ratio R]
 
-The tracker counts live tensor storage bytes exactly: every op's outputs are seen by a
-TorchDispatchMode, each storage is counted once, and a weak reference tells when it is freed. On a
-CPU build torch.cuda's counters return 0, so this is the only honest CPU figure; it equals what the
-CUDA allocator calls "allocated", apart from its 512-byte rounding. On CUDA the allocator's own
-counters give the peak and the tracker still splits it into categories.
+Copy budget.py beside it too: the report then has a budget of your stack, and a verdict on its peak.
 """
 import argparse
 import contextlib
@@ -36,9 +32,15 @@ import tempfile
 import time
 import weakref
 
-import torch
-import torch.utils._pytree as pytree
-from torch.utils._python_dispatch import TorchDispatchMode
+try:  # the command line only reads JSON: run as a script, or where torch is missing, it needs none
+    if __name__ == "__main__":
+        raise ModuleNotFoundError("torch: not needed by the command line")
+    import torch
+    import torch.utils._pytree as pytree
+    from torch.utils._python_dispatch import TorchDispatchMode
+except ModuleNotFoundError:
+    torch = pytree = None
+    TorchDispatchMode = object  # a placeholder base: the tracker needs torch to run
 
 SCHEMA = "memcheck/1"
 REPORT_FIELDS = {"config": dict, "env": dict, "peak_bytes": int, "peak_phase": (str, type(None)),
@@ -52,6 +54,8 @@ STATUSES = ("ok", "oom", "error", "interrupted")
 _RANK = {c: i for i, c in enumerate(CATEGORIES)}
 TOP_SURVIVORS = 20
 NO_MODULE = "(no module)"
+NO_BUDGET = ("no budget: copy budget.py beside memcheck.py for a verdict, or run the printed "
+             "baseline command")
 
 
 def mib(n_bytes):
@@ -75,12 +79,9 @@ def first_line(error):
 # ---------------------------------------------------------------- the tracker
 
 class _Storage(weakref.ref):
-    """One live (or, within the current phase, recently freed) tensor storage.
-
-    A weak reference to the storage itself, whose callback says when it is freed; Tracker.track
-    fills the fields (no __init__: a record is made for every allocation). What made it is kept as
-    it came (the op, the shape, the dtype) and named only when a report asks.
-    """
+    """One live (or, within the current phase, recently freed) tensor storage: a weak reference whose
+    callback says when it is freed. Tracker.track fills the fields (no __init__: one per allocation);
+    what made it (op, shape, dtype) is kept as it came, and named only when a report asks."""
     __slots__ = ("key", "nbytes", "created", "freed", "step", "phase", "module", "_op", "_shape",
                  "_dtype", "category")
 
@@ -137,13 +138,9 @@ _DYNAMO_KEPT_OUT = []
 
 
 def _keep_dynamo_out():
-    """Keep torch.compile from tracing the tracker's per-op code, once per process.
-
-    TorchDispatchMode wraps a subclass's __torch_dispatch__ in torch._disable_dynamo, a Python
-    wrapper around every op that costs about a quarter of the tracker's per-op time. The tracker
-    opts out of it (_should_skip_dynamo) and marks its code objects for dynamo to skip instead,
-    or, where this torch has no such mark, puts the same wrapper back.
-    """
+    """Keep torch.compile from tracing the tracker's per-op code, once per process: not with the
+    wrapper TorchDispatchMode puts around every op (torch._disable_dynamo, a quarter of the tracker's
+    per-op time) but by marking its code for dynamo to skip; where torch cannot, the wrapper is back."""
     if _DYNAMO_KEPT_OUT:
         return
     functions = (Tracker.__dict__["__torch_dispatch__"], Tracker.track, Tracker._free_record,
@@ -165,10 +162,11 @@ def _keep_dynamo_out():
 class Tracker(TorchDispatchMode):
     """Exact live bytes of the tensor storages on one device, with a peak and a per-phase history.
 
-    Events are numbered; a storage remembers when it was created and freed, so the composition of
-    memory at the peak can be rebuilt when the phase ends instead of being copied at every new peak.
-    A storage first seen as the output of a view or in-place op existed before the tracker started
-    (a preloaded batch, say): it is not an allocation, and is not counted.
+    Every op's outputs are seen, each storage counted once, and a weak reference tells when it is
+    freed: the only honest figure on CPU, where torch.cuda's counters say 0 (on CUDA, the allocator's
+    "allocated" but for its 512-byte rounding; its own counters give the peak there). Events are
+    numbered, so what was alive at the peak is rebuilt when the phase ends. A storage first seen as a
+    view's or in-place op's output existed before (a preloaded batch): it is not counted.
     """
 
     def __init__(self, device, limit_bytes=None, on_error=None):
@@ -198,18 +196,14 @@ class Tracker(TorchDispatchMode):
                 return out
             if isinstance(out, torch.Tensor):  # the common cases, without walking a pytree
                 self.track(out, func)
-            elif type(out) in (tuple, list):
-                for t in out:
-                    if isinstance(t, torch.Tensor):
-                        self.track(t, func)
-                    elif isinstance(t, (tuple, list)):
-                        for leaf in pytree.tree_leaves(t):
-                            if isinstance(leaf, torch.Tensor):
-                                self.track(leaf, func)
-            else:
-                for t in pytree.tree_leaves(out):
-                    if isinstance(t, torch.Tensor):
-                        self.track(t, func)
+                return out
+            for t in out if type(out) in (tuple, list) else pytree.tree_leaves(out):
+                if isinstance(t, torch.Tensor):
+                    self.track(t, func)
+                elif isinstance(t, (tuple, list)):
+                    for leaf in pytree.tree_leaves(t):
+                        if isinstance(leaf, torch.Tensor):
+                            self.track(leaf, func)
             return out
         except BaseException as e:
             if self.on_error is not None:
@@ -290,71 +284,350 @@ class Tracker(TorchDispatchMode):
         return sorted(by_module.values(), key=lambda m: -m["bytes"])
 
 
-# ---------------------------------------------------------------- the probe
+# ---------------------------------------------------------------- the probe: phases and steps
+
+class _Steps:
+    """Phases and steps: each phase's peak and what it held then, each step's loss, time and end."""
+
+    def __init__(self, tracker, device):
+        self.tracker, self.device, self.cuda = tracker, device, device.type == "cuda"
+        self.phases, self.steps, self.peak = {}, [], {"peak_bytes": 0}
+        self.started, self.step_peak = None, 0   # the open step's start time and peak
+
+    def begin(self, name):
+        tracker = self.tracker
+        tracker.phase, tracker.module_stack[:] = name, []
+        if self.started is None:
+            self.started = time.perf_counter()
+        tracker.start_window()
+        if self.cuda:
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+
+    def end(self, name):
+        tracker = self.tracker
+        stats = {"peak_bytes": tracker.peak_bytes, "live_bytes": tracker.live_bytes,
+                 "step": tracker.step, "categories": tracker.categories(tracker.peak_event),
+                 "modules": tracker.modules(tracker.peak_event)}
+        if self.cuda:
+            torch.cuda.synchronize(self.device)
+            stats["tracked_peak_bytes"] = stats["peak_bytes"]
+            stats["peak_bytes"] = torch.cuda.max_memory_allocated(self.device)
+            stats["live_bytes"] = torch.cuda.memory_allocated(self.device)
+            stats["reserved_bytes"] = torch.cuda.max_memory_reserved(self.device)
+            # What the allocator holds that no tracked tensor owns: cuBLAS's workspaces, mostly.
+            stats["untracked_bytes"] = max(0, stats["live_bytes"] - tracker.live_bytes)
+        if name != "load":
+            self.step_peak = max(self.step_peak, stats["peak_bytes"])
+        if stats["peak_bytes"] >= self.phases.get(name, {"peak_bytes": -1})["peak_bytes"]:
+            self.phases[name] = stats
+        else:
+            self.phases[name]["live_bytes"] = stats["live_bytes"]
+        # The peak is training's; loading (resize_token_embeddings included) keeps its own entry.
+        if name != "load" and stats["peak_bytes"] >= self.peak["peak_bytes"]:
+            self.peak = dict(stats, phase=name)
+        tracker.phase = None
+
+    def step(self, loss):
+        if self.cuda:
+            torch.cuda.synchronize(self.device)
+        now, live = time.perf_counter(), self.live_bytes()
+        self.steps.append({"step": self.tracker.step,
+                           "loss": None if loss is None else float(torch.as_tensor(loss).detach()),
+                           "seconds": now - (self.started or now),
+                           "live_bytes": live, "peak_bytes": self.step_peak or live})
+
+    def next_step(self):
+        self.step_peak, self.started = 0, None
+        self.tracker.step += 1
+
+    def live_bytes(self):
+        return torch.cuda.memory_allocated(self.device) if self.cuda else self.tracker.live_bytes
+
+    def untracked_bytes(self):
+        """What the allocator held beyond the tracked tensors in training (cuBLAS's workspaces)."""
+        untracked = [s["untracked_bytes"] for n, s in self.phases.items()
+                     if n != "load" and "untracked_bytes" in s]
+        return min(untracked) if untracked else None
+
+
+# ---------------------------------------------------------------- the probe: what autograd saves
 
 class _Saved:
-    """What autograd keeps for one saved tensor while the probe watches.
-
-    A detached alias, not the tensor itself: a saved output would otherwise hold its own grad_fn,
-    a reference cycle that keeps a graph nobody backpropagates (an eval forward without no_grad,
-    retain_graph=True) alive, and the probe would report a leak it made itself.
-    """
+    """What autograd keeps for one saved tensor while the probe watches: a detached alias, not the
+    tensor, whose grad_fn (a saved output's) would make a cycle that keeps a graph nobody
+    backpropagates alive (an eval forward without no_grad): a leak the probe made itself."""
     __slots__ = ("tensor", "phase", "__weakref__")
 
     def __init__(self, tensor, phase):
         self.tensor, self.phase = tensor, phase
 
 
+class _Saves:
+    """What autograd saves for backward and what the loop keeps, checked at the end of each step."""
+
+    def __init__(self, tracker):
+        self.tracker = tracker
+        self.layers = []               # the decoder layers' names
+        self.events = {}               # warning kind -> details, first seen
+        self.outputs = []              # records of the language model's outputs, this forward
+        self.unsaved = []              # those alive when it ended, autograd not saving them
+        self.backward_steps = self.steps_saving_in_layers = 0
+        self.new_step()
+
+    def new_step(self):
+        self.watch = {"saved": [], "bytes": {}, "modules": {}, "unpacked": set()}
+
+    def pack(self, tensor):
+        # Called for every tensor autograd saves for backward outside a checkpointed region.
+        tracker = self.tracker
+        record = tracker.track(tensor, "saved", adopt=False)
+        if record is not None and _RANK[record.category] > _RANK["activations"]:
+            record.category = "activations"
+        module = tracker.module_stack[-1] if tracker.module_stack else NO_MODULE
+        saved = _Saved(tensor.detach(), tracker.phase)
+        watch = self.watch
+        watch["saved"].append(weakref.ref(saved))
+        if record is not None:
+            watch["bytes"].setdefault(tracker.phase, {})[id(record)] = record.nbytes
+            if torch._C._current_autograd_node() is None:  # not a reentrant recomputation in backward
+                watch["modules"][module] = watch["modules"].get(module, 0) + record.nbytes
+        return saved
+
+    def unpack(self, saved):
+        self.watch["unpacked"].add(saved.phase)
+        return saved.tensor
+
+    def model_output(self, module, args, output):
+        # A training forward's output, the loss aside (the loop keeps that one): output_kept's watch.
+        if self.tracker.phase != "forward":
+            return
+        leaves = pytree.tree_leaves({k: v for k, v in output.items() if k != "loss"}
+                                    if isinstance(output, dict) else output)
+        for t in leaves:
+            if isinstance(t, torch.Tensor):
+                record = self.tracker.track(t, "output", adopt=False)
+                if record is not None:
+                    self.outputs.append(record)
+
+    def forward_ended(self):
+        """What forward made and still holds is kept for backward (what autograd saved is in
+        "activations" already: pack put it there)."""
+        tracker = self.tracker
+        made = [r for r in tracker.window
+                if r.freed is None and r.phase == "forward" and r.step == tracker.step]
+        self.unsaved = [r for r in self.outputs if r.freed is None and r.category == "temporaries"]
+        for r in made:
+            if _RANK[r.category] > _RANK["activations"]:
+                r.category = "activations"
+
+    def backward_ended(self):
+        """The model's outputs that autograd did not save, alive still when backward ends: the loop
+        held them through backward (the logits, when it keeps the whole output)."""
+        held = [r for r in self.unsaved if r.freed is None]
+        held_bytes = sum(r.nbytes for r in held)
+        if held and held_bytes >= OUTPUT_KEPT_SHARE * self.tracker.peak_bytes:
+            biggest = max(held, key=lambda r: r.nbytes)
+            self._event("output_kept", self.tracker.step, bytes=held_bytes, tensors=len(held),
+                        shape=list(biggest.shape), dtype=biggest.dtype, module=biggest.module)
+        self.unsaved = []
+
+    def check_step(self, step, checkpointed):
+        """Graphs kept past their backward, saves no backward used, and checkpointing that did not
+        happen in the `checkpointed` layers (their names)."""
+        watch = self.watch
+        for phase, storages in watch["bytes"].items():
+            if phase not in watch["unpacked"]:
+                self._event("grad_in_eval", step, phase=phase, bytes=sum(storages.values()))
+        if watch["unpacked"]:  # a backward ran
+            self.backward_steps += 1
+            self.steps_saving_in_layers += any(_inside(m, self.layers) for m in watch["modules"])
+            kept = {}  # what the kept graphs hold beyond the parameters they also save
+            for ref in watch["saved"]:
+                saved = ref()
+                record = None if saved is None else self.tracker.live.get(
+                    saved.tensor.untyped_storage().data_ptr())
+                if record is not None and record.category in ("activations", "temporaries"):
+                    kept[id(record)] = record.nbytes
+            if kept:
+                self._event("graph_kept", step, bytes=sum(kept.values()), tensors=len(kept))
+            inside = {m: b for m, b in watch["modules"].items() if _inside(m, checkpointed)}
+            if inside:
+                self._event("checkpointing_inactive", step, bytes=sum(inside.values()),
+                            modules=sorted(inside, key=inside.get, reverse=True)[:3])
+        self.new_step()
+
+    def checkpointing(self):
+        """Whether the decoder layers ran checkpointed, as measured: in every step with a backward,
+        nothing inside them was saved for it. None before a backward, or with no layers found."""
+        if not self.backward_steps or not self.layers:
+            return None
+        return self.steps_saving_in_layers == 0
+
+    def _event(self, kind, step, **details):
+        event = self.events.setdefault(kind, dict(details, first_step=step, steps=0))
+        event["steps"] += 1
+
+    def warnings(self):
+        return [dict(e, kind=kind, message=_EVENT_MESSAGES[kind].format(mib=mib(e["bytes"]), **e))
+                for kind, e in self.events.items()]
+
+
+OUTPUT_KEPT_SHARE = 0.02   # of the backward's peak: below it, what a loop holds is not worth a word
+_EVENT_MESSAGES = {
+    "output_kept": "the model's output was held through backward: {tensors} of its tensors ({mib} "
+                   "MiB) that backward did not need, e.g. {shape} {dtype} from {module}, were alive "
+                   "when it ended (step {first_step}, {steps} steps in all); keep only the loss "
+                   "(loss = model(...).loss) or del the output before backward",
+    "graph_kept": "a graph outlived its backward: {tensors} tensors ({mib} MiB) saved for backward "
+                  "were still alive at the end of step {first_step} ({steps} steps in all); a loss "
+                  "or output kept with its graph, or backward(retain_graph=True)",
+    "grad_in_eval": "autograd saved {mib} MiB for backward during '{phase}' at step {first_step} "
+                    "({steps} steps in all) and no backward used it: run evaluation under "
+                    "torch.no_grad()",
+    "checkpointing_inactive": "gradient checkpointing is enabled but did not run: checkpointed "
+                              "layers saved {mib} MiB for backward at step {first_step} (e.g. "
+                              "{modules[0]}); is the model in train() mode?",
+}
+
+
+# ---------------------------------------------------------------- the probe: what it sees of the stack
+
+class _Stack:
+    """The stack the probe watches: its modules' names, its parameters' roles, its first forward's
+    shapes and autocast; from them its configuration, its budget and the reference command."""
+
+    def __init__(self, tracker, device, saves):
+        self.tracker, self.device, self.saves = tracker, device, saves
+        self.model = self.optimizer = None
+        self.names, self.seen = {}, {}     # module -> name; bs, seq, autocast: read at the first forward
+        self.roles, self.graded, self.hooks = None, set(), []  # roles: (parameters, buffers), once a step
+
+    def attach(self, model, optimizer):
+        self.model, self.optimizer = model, optimizer
+        self.names = names = module_names(model)
+        for module, name in names.items():
+            self.hooks.append(module.register_forward_pre_hook(
+                lambda *_, name=name: self.tracker.module_stack.append(name)))
+            self.hooks.append(module.register_forward_hook(self._leave_module, always_call=True))
+        lm = _language_model(model)
+        if lm is not None:
+            self.hooks.append(lm.get_input_embeddings().register_forward_pre_hook(self._first_forward))
+            self.hooks.append(lm.register_forward_hook(self.saves.model_output))
+            layers = decoder_layers(lm)
+            self.saves.layers = [names[layer] for layer in layers] if layers is not None else []
+        self.tag_roles(adopt=True)  # what exists now is counted from now, and never as new
+
+    def detach(self):
+        for h in self.hooks:
+            h.remove()
+        self.hooks.clear()
+
+    def _leave_module(self, *_):
+        if self.tracker.module_stack:
+            self.tracker.module_stack.pop()  # returning anything here would replace the output
+
+    def _first_forward(self, module, args):
+        if "bs" not in self.seen and args and isinstance(args[0], torch.Tensor) and args[0].dim() == 2:
+            self.seen["bs"], self.seen["seq"] = args[0].shape
+            kind = self.device.type
+            self.seen["autocast"] = (str(torch.get_autocast_dtype(kind)).replace("torch.", "")
+                                     if torch.is_autocast_enabled(kind) else None)
+
+    def tag_roles(self, adopt=False, again=True):
+        """Tag parameters, buffers, gradients and optimizer state; the model's parameters and
+        buffers are listed again once a step (again=True), not at every phase."""
+        if self.model is None:
+            return
+        if again or self.roles is None:
+            self.roles = (list(self.model.parameters()), list(self.model.buffers()))
+        params, buffers = self.roles
+        self.tracker.tag([p for p in params if p.requires_grad], "trainable_params", adopt)
+        self.tracker.tag([p for p in params if not p.requires_grad], "frozen_params", adopt)
+        self.tracker.tag(buffers, "frozen_params", adopt)
+        self.tracker.tag([p.grad for p in params if p.grad is not None], "gradients", adopt)
+        self.graded.update(id(p) for p in params if p.grad is not None)
+        if self.optimizer is not None:
+            self.tracker.tag([v for state in self.optimizer.state.values() for v in state.values()
+                              if isinstance(v, torch.Tensor)], "optimizer_state", adopt)
+
+    def checkpointed(self):
+        """The names of the layers Hugging Face's gradient checkpointing wraps."""
+        return [self.names[m] for m in _checkpointed_layers(self.model)] if self.model is not None else []
+
+    def inferred_config(self):
+        if self.model is None:
+            return {}
+        lm = _language_model(self.model)
+        config = {"probe": True, "model_class": type(lm or self.model).__name__,
+                  "model": getattr(getattr(lm, "config", None), "_name_or_path", None) or None,
+                  "param_bytes_by_dtype": _bytes_by_dtype(_unique_params([self.model])),
+                  "bs": self.seen.get("bs"), "seq": self.seen.get("seq"),
+                  "autocast": self.seen.get("autocast"),
+                  "checkpointing_enabled": bool(_checkpointed_layers(self.model)),
+                  "checkpointing": self.saves.checkpointing(), **_adapters(self.model)}
+        config["baseline_command"] = baseline_command(config)
+        return {k: v for k, v in config.items() if v is not None}  # unknown is absent, not null
+
+    def budget(self, cuda_workspace_bytes):
+        lm = _language_model(self.model) if self.model is not None else None
+        seen, checkpointing, plan = self.seen, self.saves.checkpointing(), _budget_function()
+        if lm is None or "bs" not in seen or checkpointing is None or plan is None:
+            return None
+        try:
+            return plan(lm, bs=int(seen["bs"]), seq=int(seen["seq"]), checkpointing=checkpointing,
+                        autocast_dtype=getattr(torch, seen["autocast"]) if seen["autocast"] else None,
+                        device=self.device, extra=[self.model], cuda_workspace_bytes=cuda_workspace_bytes)
+        except (ValueError, AttributeError, KeyError):  # not a decoder the budget can read
+            return None
+
+    def no_grad_warnings(self):
+        if not self.saves.backward_steps or self.model is None:
+            return []
+        trainable = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
+        missing = [n for n, p in trainable if id(p) not in self.graded]
+        if not missing:
+            return []
+        return [{"kind": "no_grad", "count": len(missing), "of": len(trainable), "names": missing[:5],
+                 "message": f"{len(missing)} of {len(trainable)} trainable parameters never received a "
+                            f"gradient, e.g. {', '.join(missing[:3])}: with reentrant checkpointing and "
+                            "frozen input embeddings, call model.enable_input_require_grads() or use "
+                            "use_reentrant=False"}]
+
+
+# ---------------------------------------------------------------- the probe
+
 class Probe:
-    """Measure any training loop: phases, categories, leaks, and the pathologies it can name.
-
-        probe = Probe(model, optimizer, path="stack.json")
-        with probe:
-            for batch in batches:
-                with probe.phase("forward"):   loss = ...
-                with probe.phase("backward"):  loss.backward()
-                with probe.phase("optimizer"): optimizer.step(); optimizer.zero_grad()
-                probe.step(loss)
-
-    With `path`, the report is written when the scope closes, however it closes (out of memory
-    included: then also at the moment the allocation fails), and `log` says where, with the
-    ref_train.py command that is this stack's baseline. begin()/end() and close() are the same
-    without with-blocks, for callbacks.
-    """
+    """Measure any training loop (the module docstring shows one): phases, categories, leaks, and the
+    pathologies it can name. With `path`, the report is written when the scope closes, however it
+    closes (out of memory: also as the allocation fails), and `log` says where, with this stack's
+    baseline command. begin()/end() and close() are the same without with-blocks, for callbacks."""
 
     def __init__(self, model=None, optimizer=None, device=None, max_memory_mib=None, config=None,
                  path=None, log=print):
         if device is None:
             device = next(model.parameters()).device if model is not None else "cpu"
         self.device = torch.device(device)
-        self.cuda = self.device.type == "cuda"
         limit = None if max_memory_mib is None else int(max_memory_mib * MiB)
         self.tracker = Tracker(self.device, limit, on_error=self._on_op_error)
-        self.config = config or {}
-        self.path, self.log = path, log
-        self.model = self.optimizer = None
-        self.phases, self.steps, self.oom = {}, [], None
-        self.status, self.error = "ok", None
-        self.peak = {"peak_bytes": 0}
-        self._hooks, self._stack, self._open = [], contextlib.ExitStack(), False
-        self._step_started, self._step_peak = None, 0
-        self._roles = None             # (parameters, buffers) of the model, listed once a step
-        self._pending = (model, optimizer)
-        # What the probe sees of the stack, for its warnings and the inferred configuration.
-        self._seen = {}                # bs, seq, autocast dtype: read at the first forward
-        self._names, self._layers = {}, []  # module -> name; the decoder layers' names
-        self._backward_steps = self._steps_saving_in_layers = 0
-        self._graded = set()
-        self._survivors = []
-        self._events = {}              # warning kind -> details, first seen
-        self._outputs = []             # records of the language model's outputs, this forward
-        self._unsaved = []             # those alive when it ended, autograd not saving them
-        self._new_step_watch()
+        self.config, self.path, self.log = config or {}, path, log
+        self.status, self.error, self.oom = "ok", None, None
+        self._steps = _Steps(self.tracker, self.device)
+        self._saves = _Saves(self.tracker)
+        self._stack = _Stack(self.tracker, self.device, self._saves)
+        self._survivors = []             # a leak's evidence, from the last step that grew
+        self._scope, self._open, self._pending = contextlib.ExitStack(), False, (model, optimizer)
+
+    # Each phase's statistics, each step's, and the training peak's: the figures the report reads.
+    phases = property(lambda self: self._steps.phases)
+    steps = property(lambda self: self._steps.steps)
+    peak = property(lambda self: self._steps.peak)
 
     # -- scope
     def __enter__(self):
-        self._stack.enter_context(self.tracker)
-        self._stack.enter_context(torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack))
+        self._scope.enter_context(self.tracker)
+        self._scope.enter_context(torch.autograd.graph.saved_tensors_hooks(self._saves.pack,
+                                                                           self._saves.unpack))
         self._open = True
         if self._pending[0] is not None:
             self.attach(*self._pending)
@@ -378,13 +651,11 @@ class Probe:
             return
         self._open = False
         self.end()
-        for h in self._hooks:
-            h.remove()
-        self._hooks.clear()
-        self._stack.close()
+        self._stack.detach()
+        self._scope.close()
         # A step left open by a loop that ended normally (an eval loop that never calls step())
         # still has its checks; one cut short by a failure saved for a backward that never came.
-        if self._step_started is not None and self.status == "ok":
+        if self._steps.started is not None and self.status == "ok":
             self._check_step()
         if self.path:
             report = self.report()
@@ -396,132 +667,8 @@ class Probe:
 
     def attach(self, model, optimizer=None):
         """Watch `model` (module names, parameter roles) and `optimizer` (its state)."""
-        self.model, self.optimizer = model, optimizer
-        self._step_started = None
-        self._names = names = module_names(model)
-        for module, name in names.items():
-            self._hooks.append(module.register_forward_pre_hook(
-                lambda *_, name=name: self.tracker.module_stack.append(name)))
-            self._hooks.append(module.register_forward_hook(self._leave_module, always_call=True))
-        lm = _language_model(model)
-        if lm is not None:
-            self._hooks.append(lm.get_input_embeddings().register_forward_pre_hook(self._first_forward))
-            self._hooks.append(lm.register_forward_hook(self._model_output))
-            layers = decoder_layers(lm)
-            self._layers = [names[layer] for layer in layers] if layers is not None else []
-        self._tag_roles(adopt=True)  # what exists now is counted from now, and never as new
-
-    def _model_output(self, module, args, output):
-        # A training forward's output, the loss aside (the loop keeps that one): output_kept's watch.
-        if self.tracker.phase != "forward":
-            return
-        leaves = pytree.tree_leaves({k: v for k, v in output.items() if k != "loss"}
-                                    if isinstance(output, dict) else output)
-        for t in leaves:
-            if isinstance(t, torch.Tensor):
-                record = self.tracker.track(t, "output", adopt=False)
-                if record is not None:
-                    self._outputs.append(record)
-
-    def _leave_module(self, *_):
-        if self.tracker.module_stack:
-            self.tracker.module_stack.pop()  # returning anything here would replace the output
-
-    def _first_forward(self, module, args):
-        if "bs" not in self._seen and args and isinstance(args[0], torch.Tensor) and args[0].dim() == 2:
-            self._seen["bs"], self._seen["seq"] = args[0].shape
-            kind = self.device.type
-            self._seen["autocast"] = (str(torch.get_autocast_dtype(kind)).replace("torch.", "")
-                                      if torch.is_autocast_enabled(kind) else None)
-
-    def _tag_roles(self, adopt=False, again=True):
-        """Tag parameters, buffers, gradients and optimizer state; the model's parameters and
-        buffers are listed again once a step (again=True), not at every phase."""
-        if self.model is None:
-            return
-        if again or self._roles is None:
-            self._roles = (list(self.model.parameters()), list(self.model.buffers()))
-        params, buffers = self._roles
-        self.tracker.tag([p for p in params if p.requires_grad], "trainable_params", adopt)
-        self.tracker.tag([p for p in params if not p.requires_grad], "frozen_params", adopt)
-        self.tracker.tag(buffers, "frozen_params", adopt)
-        grads = [p.grad for p in params if p.grad is not None]
-        self.tracker.tag(grads, "gradients", adopt)
-        self._graded.update(id(p) for p in params if p.grad is not None)
-        if self.optimizer is not None:
-            self.tracker.tag([v for state in self.optimizer.state.values() for v in state.values()
-                              if isinstance(v, torch.Tensor)], "optimizer_state", adopt)
-
-    # -- what autograd saves
-    def _pack(self, tensor):
-        # Called for every tensor autograd saves for backward outside a checkpointed region.
-        tracker = self.tracker
-        record = tracker.track(tensor, "saved", adopt=False)
-        if record is not None and _RANK[record.category] > _RANK["activations"]:
-            record.category = "activations"
-        module = tracker.module_stack[-1] if tracker.module_stack else NO_MODULE
-        saved = _Saved(tensor.detach(), tracker.phase)
-        watch = self._watch
-        watch["saved"].append(weakref.ref(saved))
-        if record is not None:
-            watch["bytes"].setdefault(tracker.phase, {})[id(record)] = record.nbytes
-            if torch._C._current_autograd_node() is None:  # not a reentrant recomputation in backward
-                watch["modules"][module] = watch["modules"].get(module, 0) + record.nbytes
-        return saved
-
-    def _unpack(self, saved):
-        self._watch["unpacked"].add(saved.phase)
-        return saved.tensor
-
-    def _new_step_watch(self):
-        self._watch = {"saved": [], "bytes": {}, "modules": {}, "unpacked": set()}
-
-    def _check_step(self):
-        """The end-of-step checks: graphs kept past their backward, saves no backward used,
-        checkpointing that did not happen, and the leak's survivors while memory grows."""
-        watch, step = self._watch, self.tracker.step
-        backward_ran = bool(watch["unpacked"])
-        for phase, storages in watch["bytes"].items():
-            if phase not in watch["unpacked"]:
-                self._event("grad_in_eval", step, phase=phase, bytes=sum(storages.values()))
-        if backward_ran:
-            self._backward_steps += 1
-            self._steps_saving_in_layers += any(_inside(m, self._layers) for m in watch["modules"])
-            kept = {}  # what the kept graphs hold beyond the parameters they also save
-            for ref in watch["saved"]:
-                saved = ref()
-                record = None if saved is None else self.tracker.live.get(
-                    saved.tensor.untyped_storage().data_ptr())
-                if record is not None and record.category in ("activations", "temporaries"):
-                    kept[id(record)] = record.nbytes
-            if kept:
-                self._event("graph_kept", step, bytes=sum(kept.values()), tensors=len(kept))
-            checkpointed = ([self._names[m] for m in _checkpointed_layers(self.model)]
-                            if self.model is not None else [])
-            inside = {m: b for m, b in watch["modules"].items() if _inside(m, checkpointed)}
-            if inside:
-                self._event("checkpointing_inactive", step, bytes=sum(inside.values()),
-                            modules=sorted(inside, key=inside.get, reverse=True)[:3])
-        ends = [s["live_bytes"] for s in self.steps]
-        if len(ends) >= 2 and ends[-1] > ends[-2]:
-            self._survivors = _survivors(self.tracker, self.tracker.step)
-        self._new_step_watch()
-
-    def _check_output_kept(self):
-        """The language model's outputs that autograd did not save, alive still when backward ends:
-        the loop held them through backward (the logits, when it keeps the whole output), and
-        backward did not need them."""
-        held = [r for r in self._unsaved if r.freed is None]
-        held_bytes = sum(r.nbytes for r in held)
-        if held and held_bytes >= OUTPUT_KEPT_SHARE * self.tracker.peak_bytes:
-            biggest = max(held, key=lambda r: r.nbytes)
-            self._event("output_kept", self.tracker.step, bytes=held_bytes, tensors=len(held),
-                        shape=list(biggest.shape), dtype=biggest.dtype, module=biggest.module)
-        self._unsaved = []
-
-    def _event(self, kind, step, **details):
-        event = self._events.setdefault(kind, dict(details, first_step=step, steps=0))
-        event["steps"] += 1
+        self._steps.started = None
+        self._stack.attach(model, optimizer)
 
     # -- measurement
     @contextlib.contextmanager
@@ -539,80 +686,40 @@ class Probe:
 
     def begin(self, name):
         """Open a phase without a with-block: for callbacks (Lightning, HF Trainer). Pair with end()."""
-        if self.tracker.phase is not None:
-            self.end()
-        tracker = self.tracker
-        tracker.phase, tracker.module_stack[:] = name, []
-        self._outputs = []
-        first = self._step_started is None
-        if first:
-            self._step_started = time.perf_counter()
-        self._tag_roles(again=first)
-        tracker.start_window()
-        if self.cuda:
-            torch.cuda.synchronize(self.device)
-            torch.cuda.reset_peak_memory_stats(self.device)
+        self.end()
+        first = self._steps.started is None
+        self._saves.outputs = []
+        self._steps.begin(name)
+        self._stack.tag_roles(again=first)
 
     def end(self):
-        if self.tracker.phase is not None:
-            self._end_phase(self.tracker.phase)
-
-    def _end_phase(self, name):
-        tracker = self.tracker
-        self._tag_roles(again=False)
-        if name == "forward":  # what forward made and still holds is kept for backward
-            made = [r for r in tracker.window
-                    if r.freed is None and r.phase == "forward" and r.step == tracker.step]
-            # (what autograd saved is in "activations" already: _pack put it there)
-            self._unsaved = [r for r in self._outputs if r.freed is None and r.category == "temporaries"]
-            for r in made:
-                if _RANK[r.category] > _RANK["activations"]:
-                    r.category = "activations"
-        if name == "backward":
-            self._check_output_kept()
-        stats = {"peak_bytes": tracker.peak_bytes, "live_bytes": tracker.live_bytes,
-                 "step": tracker.step, "categories": tracker.categories(tracker.peak_event),
-                 "modules": tracker.modules(tracker.peak_event)}
-        if self.cuda:
-            torch.cuda.synchronize(self.device)
-            stats["tracked_peak_bytes"] = stats["peak_bytes"]
-            stats["peak_bytes"] = torch.cuda.max_memory_allocated(self.device)
-            stats["live_bytes"] = torch.cuda.memory_allocated(self.device)
-            stats["reserved_bytes"] = torch.cuda.max_memory_reserved(self.device)
-            # What the allocator holds that no tracked tensor owns: cuBLAS's workspaces, mostly.
-            stats["untracked_bytes"] = max(0, stats["live_bytes"] - tracker.live_bytes)
-        if name != "load":
-            self._step_peak = max(self._step_peak, stats["peak_bytes"])
-        if stats["peak_bytes"] >= self.phases.get(name, {"peak_bytes": -1})["peak_bytes"]:
-            self.phases[name] = stats
-        else:
-            self.phases[name]["live_bytes"] = stats["live_bytes"]
-        # The peak is training's; loading (resize_token_embeddings included) keeps its own entry.
-        if name != "load" and stats["peak_bytes"] >= self.peak["peak_bytes"]:
-            self.peak = dict(stats, phase=name)
-        tracker.phase = None
+        name = self.tracker.phase
+        if name is None:
+            return
+        self._stack.tag_roles(again=False)
+        if name == "forward":
+            self._saves.forward_ended()
+        elif name == "backward":
+            self._saves.backward_ended()
+        self._steps.end(name)
 
     def step(self, loss=None):
         """Close a training step: record its loss, time and the live bytes it leaves behind."""
         self.end()
-        if self.cuda:
-            torch.cuda.synchronize(self.device)
-        now = time.perf_counter()
-        self.steps.append({
-            "step": self.tracker.step,
-            "loss": None if loss is None else float(torch.as_tensor(loss).detach()),
-            "seconds": now - (self._step_started or now),
-            "live_bytes": self.live_bytes(),
-            "peak_bytes": self._step_peak or self.live_bytes(),
-        })
+        self._steps.step(loss)
         self._check_step()
-        self._step_peak = 0
-        self.tracker.step += 1
-        self._step_started = None
+        self._steps.next_step()
         return self.steps[-1]
 
+    def _check_step(self):
+        """The end-of-step checks: what autograd saved, and the leak's survivors while memory grows."""
+        self._saves.check_step(self.tracker.step, self._stack.checkpointed())
+        ends = [s["live_bytes"] for s in self.steps]
+        if len(ends) >= 2 and ends[-1] > ends[-2]:
+            self._survivors = _survivors(self.tracker, self.tracker.step)
+
     def live_bytes(self):
-        return torch.cuda.memory_allocated(self.device) if self.cuda else self.tracker.live_bytes
+        return self._steps.live_bytes()
 
     # -- failures
     def _record_oom(self, error):
@@ -632,121 +739,58 @@ class Probe:
     # -- results
     def inferred_config(self):
         """What the probe can tell of the stack it watched, as ref_train's flags would say it."""
-        if self.model is None:
-            return {}
-        lm = _language_model(self.model)
-        dtypes = _bytes_by_dtype(_unique_params([self.model]))
-        adapters = _adapters(self.model)
-        flagged = bool(_checkpointed_layers(self.model))
-        config = {"probe": True, "model_class": type(lm or self.model).__name__,
-                  "model": getattr(getattr(lm, "config", None), "_name_or_path", None) or None,
-                  "param_bytes_by_dtype": dtypes,
-                  "bs": self._seen.get("bs"), "seq": self._seen.get("seq"),
-                  "autocast": self._seen.get("autocast"),
-                  "checkpointing_enabled": flagged, "checkpointing": self._checkpointing(),
-                  **adapters}
-        config["baseline_command"] = baseline_command(config)
-        return {k: v for k, v in config.items() if v is not None}  # unknown is absent, not null
+        return self._stack.inferred_config()
 
     def budget(self):
-        """The budget of the watched model at the observed shapes, or None when they are unknown."""
-        lm = _language_model(self.model) if self.model is not None else None
-        seen = self._seen
-        if lm is None or "bs" not in seen or self._checkpointing() is None:
-            return None
-        # The workspaces exist by now: what the allocator held beyond the tracked tensors says how much.
-        untracked = [s["untracked_bytes"] for n, s in self.phases.items()
-                     if n != "load" and "untracked_bytes" in s]
-        try:
-            return budget(lm, bs=int(seen["bs"]), seq=int(seen["seq"]),
-                          checkpointing=self._checkpointing(),
-                          autocast_dtype=getattr(torch, seen["autocast"]) if seen["autocast"] else None,
-                          device=self.device, extra=[self.model],
-                          cuda_workspace_bytes=min(untracked) if untracked else None)
-        except (ValueError, AttributeError, KeyError):  # not a decoder the budget can read
-            return None
-
-    def _checkpointing(self):
-        """Whether the decoder layers ran checkpointed, as measured: in every step with a backward,
-        nothing inside them was saved for it. None before a backward, or with no layers found."""
-        if not self._backward_steps or not self._layers:
-            return None
-        return self._steps_saving_in_layers == 0
+        """The budget of the watched model at the observed shapes; None when they are unknown, or
+        without budget.py beside this file."""
+        return self._stack.budget(self._steps.untracked_bytes())
 
     def warnings(self, leak=None):
         """Each pathology seen, as {"kind", "message", ...}; a clean loop has none. leak: the
         find_leak result when already at hand."""
-        found = []
         leak = leak or find_leak(self.steps, self._survivors)
-        if leak["detected"]:
-            found.append({"kind": "leak", "bytes_per_step": leak["bytes_per_step"],
-                          "message": leak_message(leak)})
-        if self._backward_steps and self.model is not None:
-            trainable = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
-            missing = [n for n, p in trainable if id(p) not in self._graded]
-            if missing:
-                found.append({"kind": "no_grad", "count": len(missing), "of": len(trainable),
-                              "names": missing[:5], "message": (
-                    f"{len(missing)} of {len(trainable)} trainable parameters never received a "
-                    f"gradient, e.g. {', '.join(missing[:3])}: with reentrant checkpointing and "
-                    "frozen input embeddings, call model.enable_input_require_grads() or use "
-                    "use_reentrant=False")})
-        for kind, e in self._events.items():
-            found.append(dict(e, kind=kind, message=_EVENT_MESSAGES[kind].format(mib=mib(e["bytes"]), **e)))
-        return found
+        found = [{"kind": "leak", "bytes_per_step": leak["bytes_per_step"],
+                  "message": leak_message(leak)}] if leak["detected"] else []
+        return found + self._stack.no_grad_warnings() + self._saves.warnings()
 
     def report(self):
         config = self.config or self.inferred_config()
         leak = find_leak(self.steps, self._survivors)
-        report = {
-            "schema": SCHEMA,
-            "command": " ".join([os.path.basename(sys.executable)] + sys.argv),
-            "status": self.status,
-            "error": self.error,
-            "config": config,
-            "env": environment(self.device),
-            "peak_bytes": self.peak["peak_bytes"],
-            "peak_phase": self.peak.get("phase"),
-            "categories": self.peak.get("categories", {}),
-            "modules": self.peak.get("modules", []),
-            "phases": {name: {k: v for k, v in stats.items() if k != "modules"}
-                       for name, stats in self.phases.items()},
-            "steps": self.steps,
-            "leak": leak,
-            "oom": self.oom,
-            "warnings": self.warnings(leak),
-        }
+        report = {"schema": SCHEMA, "command": " ".join([os.path.basename(sys.executable)] + sys.argv),
+                  "status": self.status, "error": self.error, "config": config,
+                  "env": environment(self.device), "peak_bytes": self.peak["peak_bytes"],
+                  "peak_phase": self.peak.get("phase"), "categories": self.peak.get("categories", {}),
+                  "modules": self.peak.get("modules", []),
+                  "phases": {name: {k: v for k, v in stats.items() if k != "modules"}
+                             for name, stats in self.phases.items()},
+                  "steps": self.steps, "leak": leak, "oom": self.oom, "warnings": self.warnings(leak)}
         if not self.config:
             report["budget"] = self.budget()
+            if _budget_function() is None:
+                report["no_budget"] = NO_BUDGET
         return report
 
     def save(self, path=None):
         write_report(path or self.path, self.report())
 
 
-OUTPUT_KEPT_SHARE = 0.02   # of the backward's peak: below it, what a loop holds is not worth a word
-_EVENT_MESSAGES = {
-    "output_kept": "the model's output was held through backward: {tensors} of its tensors ({mib} "
-                   "MiB) that backward did not need, e.g. {shape} {dtype} from {module}, were alive "
-                   "when it ended (step {first_step}, {steps} steps in all); keep only the loss "
-                   "(loss = model(...).loss) or del the output before backward",
-    "graph_kept": "a graph outlived its backward: {tensors} tensors ({mib} MiB) saved for backward "
-                  "were still alive at the end of step {first_step} ({steps} steps in all); a loss "
-                  "or output kept with its graph, or backward(retain_graph=True)",
-    "grad_in_eval": "autograd saved {mib} MiB for backward during '{phase}' at step {first_step} "
-                    "({steps} steps in all) and no backward used it: run evaluation under "
-                    "torch.no_grad()",
-    "checkpointing_inactive": "gradient checkpointing is enabled but did not run: checkpointed "
-                              "layers saved {mib} MiB for backward at step {first_step} (e.g. "
-                              "{modules[0]}); is the model in train() mode?",
-}
+def _budget_function():
+    """budget.budget, from budget.py beside this file (imported here, late: it imports this file),
+    or None where there is none."""
+    try:
+        from budget import budget
+    except ImportError:
+        return None
+    return budget
 
+
+# ---------------------------------------------------------------- the stack, duck-typed
 
 def module_names(model):
     """{module: name}, named from the language model down, so that the same layer has the same name
     in every stack: PEFT's `base_model.model.`, a LightningModule's attribute and the reference's
-    `lm.` are dropped, and the model itself and its wrappers count as no module at all (what they
-    compute directly, the loss for one, is then attributed to its op)."""
+    `lm.` are dropped; the model and its wrappers are no module (what they compute is its op's)."""
     lm = _language_model(model)
     full = {m: n for n, m in model.named_modules()}
     if lm is None:
@@ -772,13 +816,17 @@ def _language_model(model):
     """The innermost-named Hugging Face model in `model` (the first PreTrainedModel), or None."""
     try:
         from transformers import PreTrainedModel
-    except ImportError:
-        PreTrainedModel = ()
-    for m in model.modules():
-        if (PreTrainedModel and isinstance(m, PreTrainedModel)) or (
-                not PreTrainedModel and hasattr(m, "config") and hasattr(m, "get_input_embeddings")):
-            return m
-    return None
+        is_lm = lambda m: isinstance(m, PreTrainedModel)
+    except ImportError:  # then what looks like one
+        is_lm = lambda m: hasattr(m, "config") and hasattr(m, "get_input_embeddings")
+    return next((m for m in model.modules() if is_lm(m)), None)
+
+
+def decoder_layers(model):
+    """The ModuleList of decoder layers (the one as long as the config's layer count), or None."""
+    n_layers = getattr(getattr(model, "config", None), "num_hidden_layers", None)
+    return next((m for m in model.modules() if isinstance(m, torch.nn.ModuleList) and len(m) == n_layers),
+                None)
 
 
 def _checkpointed_layers(model):
@@ -787,23 +835,46 @@ def _checkpointed_layers(model):
     return [m for m in flagged if not any(o in flagged for o in m.modules() if o is not m)]
 
 
+def _adapter(module):
+    """(base linear, {r, experts, impl, dropout}) if `module` is a LoRA adapter, else None; duck-typed:
+    a gated LoRA layer (.base, .n_experts) or PEFT's LoRA layer (.base_layer, per-adapter dicts)."""
+    if hasattr(module, "n_experts") and hasattr(module, "base"):
+        p = getattr(module.dropout, "p", 0.0)
+        return module.base, {"r": module.r, "experts": module.n_experts, "impl": module.impl,
+                             "dropout": p}
+    if hasattr(module, "base_layer") and isinstance(getattr(module, "r", None), dict) and module.r:
+        name = next(iter(module.r))
+        p = getattr(module.lora_dropout[name], "p", 0.0)
+        return module.base_layer, {"r": module.r[name], "experts": 1, "impl": "lean", "dropout": p,
+                                   "alpha": module.lora_alpha[name]}
+    return None
+
+
 def _adapters(model):
     """The LoRA adapters in `model`: their kind, rank, alpha, experts, dropout and target names."""
-    kinds, targets, lora = set(), set(), None
-    for name, module in model.named_modules():
-        found = _adapter(module)
-        if found is not None:
-            kinds.add("gated_lora" if hasattr(module, "n_experts") else "peft_lora")
-            targets.add(name.rpartition(".")[2])
-            lora = lora or found[1]
-    if lora is None:
+    found = [(name, m, a[1]) for name, m in model.named_modules() if (a := _adapter(m)) is not None]
+    if not found:
         return {"adapters": None}
-    alpha = lora.get("alpha")
-    if alpha is None:  # a gated layer keeps its scaling, alpha / (r / experts)
-        module = next(m for m in model.modules() if hasattr(m, "n_experts") and hasattr(m, "base"))
-        alpha = module.scaling * lora["r"] / lora["experts"]
-    return {"adapters": ",".join(sorted(kinds)), "r": lora["r"], "alpha": alpha,
-            "experts": lora["experts"], "dropout": lora["dropout"], "targets": sorted(targets)}
+    _, first, lora = found[0]
+    kinds = {"gated_lora" if hasattr(m, "n_experts") else "peft_lora" for _, m, _ in found}
+    # (a gated layer keeps its scaling, alpha / (r / experts))
+    alpha = lora["alpha"] if "alpha" in lora else first.scaling * lora["r"] / lora["experts"]
+    return {"adapters": ",".join(sorted(kinds)), "r": lora["r"], "alpha": alpha, "experts": lora["experts"],
+            "dropout": lora["dropout"], "targets": sorted({name.rpartition(".")[2] for name, _, _ in found})}
+
+
+def _unique_params(modules):
+    """Every parameter of `modules` once (tied weights and shared modules counted once)."""
+    params = [p for m in modules if m is not None for p in m.parameters()]
+    return list({id(p): p for p in params}.values())
+
+
+def _bytes_by_dtype(params):
+    by_dtype = {}
+    for p in params:
+        key = str(p.dtype).replace("torch.", "")
+        by_dtype[key] = by_dtype.get(key, 0) + p.numel() * p.element_size()
+    return by_dtype
 
 
 def baseline_command(config):
@@ -833,10 +904,8 @@ def baseline_command(config):
 # ---------------------------------------------------------------- callbacks for Lightning and the HF Trainer
 
 def lightning_callback(path, **probe_kwargs):
-    """A Lightning Callback that measures fit() into the report at `path`, however fit() ends.
-
-    Works with `lightning.pytorch` or `pytorch_lightning`, whichever is installed.
-    """
+    """A Lightning Callback that measures fit() into the report at `path`, however fit() ends; with
+    `lightning.pytorch` or `pytorch_lightning`, whichever is installed."""
     try:
         from lightning.pytorch import Callback
     except ImportError:
@@ -859,8 +928,7 @@ def lightning_callback(path, **probe_kwargs):
             self.probe.begin("optimizer")
 
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-            loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
-            self.probe.step(loss)
+            self.probe.step(outputs.get("loss") if isinstance(outputs, dict) else outputs)
 
         def on_train_end(self, trainer, pl_module):
             self.probe.close()
@@ -877,8 +945,7 @@ def hf_callback(path, **probe_kwargs):
 
     The Trainer has no hook between forward and backward, so they are one phase, "forward+backward";
     and none for exceptions, so the callback wraps the trainer's training_step and its optimizer's
-    step: an error in either closes the probe and writes the report before it propagates.
-    """
+    step: an error in either closes the probe and writes the report before it propagates."""
     from transformers import Trainer, TrainerCallback
 
     class MemcheckCallback(TrainerCallback):
@@ -925,50 +992,35 @@ def hf_callback(path, **probe_kwargs):
 def _calling(cls):
     """The instance of `cls` whose method is running further up this thread's stack, or None."""
     frame = sys._getframe(1)
-    while frame is not None:
-        owner = frame.f_locals.get("self")
-        if isinstance(owner, cls):
-            return owner
+    while frame is not None and not isinstance(frame.f_locals.get("self"), cls):
         frame = frame.f_back
-    return None
+    return None if frame is None else frame.f_locals["self"]
 
 
 def environment(device):
     try:
-        import transformers
-        transformers_version = transformers.__version__
+        from transformers import __version__ as transformers_version
     except ImportError:
         transformers_version = None
     device = torch.device(device)
-    return {
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "transformers": transformers_version,
-        "cuda": torch.version.cuda,
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_name(),
-        "cpu_cores": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-    }
+    return {"python": platform.python_version(), "torch": torch.__version__,
+            "transformers": transformers_version, "cuda": torch.version.cuda,
+            "device": torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_name(),
+            "cpu_cores": os.cpu_count(), "torch_threads": torch.get_num_threads()}
 
 
 def _cpu_name():
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "cpu"
+    name = None
+    with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
+        name = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), None)
+    return name or platform.processor() or "cpu"
 
 
 # ---------------------------------------------------------------- leaks
 
 def _survivors(tracker, step):
     """Activations and temporaries made in a step before `step` and still alive: a leak's evidence.
-
-    What was made before the first phase opened is the loop's setup (a list of batches made inside
-    the probe's scope, say), not something a step left behind."""
+    (Not what was made before the first phase: the loop's setup, a list of batches, say.)"""
     kept = [r for r in tracker.live.values()
             if r.step < step and r.category in ("activations", "temporaries")
             and not (r.step == 1 and r.phase is None)]
@@ -978,13 +1030,10 @@ def _survivors(tracker, step):
 
 
 def find_leak(steps, survivors=()):
-    """Memory that grows at every step after the first optimizer step is a leak.
-
-    The first step allocates the optimizer state, so growth is measured from the end of step 1.
-    Growth at every later step (three steps or more), by any amount, is flagged: the tracker is
-    exact, so a clean loop ends every step at the same byte count, and a one-off cache does not
-    grow every step. `survivors` were collected at the last step that grew.
-    """
+    """Memory that grows at every step after the first (which allocates the optimizer state), three
+    steps or more, by any amount, is a leak: the tracker is exact, so a clean loop ends every step
+    at the same byte count, and a one-off cache does not grow every step. `survivors` were collected
+    at the last step that grew."""
     ends = [s["live_bytes"] for s in steps]
     growth = [b - a for a, b in zip(ends, ends[1:])]
     # Two intervals at least: a single one cannot tell a leak from a one-off allocation.
@@ -1049,630 +1098,6 @@ def _kind_name(kind):
                         "str": "a string"}[k.__name__] for k in kinds)
 
 
-# ---------------------------------------------------------------- the budget
-
-# Which decoder linears share an input: adapting any of them makes autograd save that input once.
-_SHARED_INPUTS = {"q_proj": "attention input", "k_proj": "attention input", "v_proj": "attention input",
-                  "fc1": "mlp input", "up_proj": "mlp input", "gate_proj": "mlp input"}
-# Inputs autograd saves anyway: the attention output (saved by SDPA) and the MLP activation.
-_ALREADY_SAVED = {"out_proj", "o_proj", "fc2", "down_proj"}
-
-
-def _unique_params(modules):
-    """Every parameter of `modules` once (tied weights and shared modules counted once)."""
-    params = [p for m in modules if m is not None for p in m.parameters()]
-    return list({id(p): p for p in params}.values())
-
-
-def _bytes_by_dtype(params):
-    by_dtype = {}
-    for p in params:
-        key = str(p.dtype).replace("torch.", "")
-        by_dtype[key] = by_dtype.get(key, 0) + p.numel() * p.element_size()
-    return by_dtype
-
-
-def _dtype_bytes(dtype):
-    return torch.empty((), dtype=dtype, device="meta").element_size()
-
-
-def cuda_workspaces(device):
-    """Bytes the CUDA allocator gives cuBLAS's workspaces, which no tensor owns (0 off CUDA).
-
-    There is one per library handle and stream, made at a thread's first matrix product: forward's,
-    and backward's on autograd's own thread. Measured, whether or not they exist yet: the
-    workspaces are cleared, a linear layer runs forward and backward in each float dtype (with a
-    bias too, cuBLASLt's path), and the growth of the allocated bytes is theirs.
-    """
-    device = torch.device(device)
-    if device.type != "cuda" or not torch.cuda.is_available():
-        return 0
-    torch.cuda.synchronize(device)
-    clear = getattr(torch._C, "_cuda_clearCublasWorkspaces", None)
-    if clear is not None:
-        clear()
-    before = torch.cuda.memory_allocated(device)
-    for dtype in (torch.float32, torch.bfloat16, torch.float16):
-        try:
-            w = torch.ones(8, 8, device=device, dtype=dtype, requires_grad=True)
-            x = torch.ones(4, 8, device=device, dtype=dtype, requires_grad=True)
-            torch.nn.functional.linear(x, w, w[0].detach()).sum().backward()
-            (x @ w).sum().backward()
-            del w, x
-        except RuntimeError:  # a dtype this GPU has no kernels for
-            pass
-    torch.cuda.synchronize(device)
-    return max(0, torch.cuda.memory_allocated(device) - before)
-
-
-def decoder_layers(model):
-    """The ModuleList of decoder layers (the one as long as the config's layer count), or None."""
-    n_layers = getattr(getattr(model, "config", None), "num_hidden_layers", None)
-    for module in model.modules():
-        if isinstance(module, torch.nn.ModuleList) and len(module) == n_layers:
-            return module
-    return None
-
-
-def _adapter(module):
-    """(base linear, {r, experts, impl, dropout}) if `module` is a LoRA adapter, else None.
-
-    Duck-typed, so that this file needs nothing of the stack it measures: a gated LoRA layer
-    (ilora.GatedLoraLinear: .base, .n_experts) or PEFT's LoRA layer (.base_layer, per-adapter dicts).
-    """
-    if hasattr(module, "n_experts") and hasattr(module, "base"):
-        p = getattr(module.dropout, "p", 0.0)
-        return module.base, {"r": module.r, "experts": module.n_experts, "impl": module.impl,
-                             "dropout": p}
-    if hasattr(module, "base_layer") and isinstance(getattr(module, "r", None), dict) and module.r:
-        name = next(iter(module.r))
-        p = getattr(module.lora_dropout[name], "p", 0.0)
-        return module.base_layer, {"r": module.r[name], "experts": 1, "impl": "lean", "dropout": p,
-                                   "alpha": module.lora_alpha[name]}
-    return None
-
-
-def _is_linear(module):
-    """nn.Linear, or transformers' Conv1D (GPT-2's: weight [in, out], out = nf), duck-typed."""
-    return isinstance(module, torch.nn.Linear) or (
-        type(module).__name__ == "Conv1D" and hasattr(module, "nf")
-        and isinstance(getattr(module, "weight", None), torch.Tensor) and module.weight.dim() == 2)
-
-
-def _features(module):
-    """(in, out) features of a linear layer (_is_linear)."""
-    if isinstance(module, torch.nn.Linear):
-        return module.in_features, module.out_features
-    return module.weight.shape[0], module.nf
-
-
-def _structure(model):
-    """The few numbers the budget needs, read off a model (on the meta device or not)."""
-    config = model.config
-    layers = decoder_layers(model)
-    if layers is None:
-        raise ValueError(f"{type(model).__name__}: no list of decoder layers found")
-    # Leaf name -> the original linear, seen through any adapter wrapped around it.
-    linears, adapted, lora = {}, {}, None
-    inner = set()
-    for name, module in layers[0].named_modules():
-        leaf = name.rpartition(".")[2]
-        found = _adapter(module)
-        if found is not None:
-            base, lora = found
-            adapted[leaf] = linears[leaf] = base
-            inner.update(id(m) for m in module.modules() if m is not module)
-        elif _is_linear(module) and id(module) not in inner:
-            linears[leaf] = module
-    hidden = model.get_input_embeddings().embedding_dim
-    # The MLP's width under each family's name: OPT, Llama and most; GPT-2; Falcon; else 4 x hidden.
-    ffn = next((v for k in ("ffn_dim", "intermediate_size", "n_inner", "ffn_hidden_size")
-                if isinstance(v := getattr(config, k, None), int)), 4 * hidden)
-    return {
-        "layers": config.num_hidden_layers,
-        "hidden": hidden,
-        "kv": _features(linears["k_proj"])[1] if "k_proj" in linears else hidden,
-        "heads": config.num_attention_heads,
-        "ffn": ffn,
-        "gated_mlp": "gate_proj" in linears or "gate_up_proj" in linears,
-        "vocab": model.get_output_embeddings().out_features,
-        "head_trains": model.get_output_embeddings().weight.requires_grad,
-        "dropout": float(getattr(config, "dropout", 0.0) or 0.0),
-        "attn": getattr(config, "_attn_implementation", None) or "sdpa",
-        "weights_dtype": model.get_input_embeddings().weight.dtype,
-        "linears": {n: _features(m) for n, m in linears.items()},
-        "adapted": {n: _features(m) for n, m in adapted.items()},
-        "lora": lora or {"r": 0, "experts": 1, "impl": "lean", "dropout": 0.0},
-    }
-
-
-class _Captured(Exception):
-    """Raised by a pre-hook to stop a forward once the traced layer's inputs are known."""
-
-
-def _sdpa_args(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
-               enable_gqa=False):
-    return query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa
-
-
-_GROUPED_MM = {getattr(torch.nn.functional, "grouped_mm", None), getattr(torch, "_grouped_mm", None)} - {None}
-
-
-class _GroupedMmOnMeta(torch.autograd.Function):
-    """torch's grouped matmul of tokens (rows of a, grouped by offs) with experts' weights b, on
-    meta: what it saves (a for b's gradient, b for a's, and offs) and what its backward makes."""
-
-    @staticmethod
-    def forward(ctx, a, b, offs):
-        ctx.save_for_backward(a if b.requires_grad else None, b if a.requires_grad else None, offs)
-        ctx.shapes = a.shape, b.shape
-        return a.new_empty(a.shape[0], b.shape[-1])
-
-    @staticmethod
-    def backward(ctx, grad):
-        a_shape, b_shape = ctx.shapes
-        return (grad.new_empty(a_shape) if ctx.needs_input_grad[0] else None,
-                grad.new_empty(b_shape) if ctx.needs_input_grad[1] else None, None)
-
-
-class _KernelsOnMeta(torch.overrides.TorchFunctionMode):
-    """Meta's kernels, made to save what CPU's and CUDA's save.
-
-    On meta, SDPA takes its math path, which saves the bs x heads x seq^2 attention weights. On
-    CPU and CUDA a fused kernel runs, which saves a log-sum-exp instead: trace with one (the CPU
-    kernel). Where the CPU takes the math path too, it is left as it is: attention dropout (on CUDA
-    the fused kernels take it, and keep no mask), and fewer key heads than query heads without
-    enable_gqa (Falcon's multi-query attention).
-
-    Grouped matmul (transformers' routed experts: tokens sorted by expert, one matmul per expert's
-    rows) has a meta kernel for CUDA's bf16 only. Its shapes do not depend on the routing: it is
-    run as _GroupedMmOnMeta."""
-
-    def __init__(self, device_type="cpu"):
-        super().__init__()
-        self.device_type = device_type
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if func is torch.nn.functional.scaled_dot_product_attention:
-            q, k, v, mask, dropout_p, is_causal, scale, gqa = _sdpa_args(*args, **kwargs)
-            fused = dropout_p == 0 or self.device_type == "cuda"
-            if fused and (gqa or k.shape[-3] == q.shape[-3]):
-                return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-                    q, k, v, 0.0, is_causal, attn_mask=mask, scale=scale)[0]
-        if func in _GROUPED_MM:
-            a, b = args[:2]
-            offs = args[2] if len(args) > 2 else kwargs.get("offs")
-            if a.device.type == "meta" and a.dim() == 2 and b.dim() == 3 and offs is not None:
-                out = _GroupedMmOnMeta.apply(a, b, offs)
-                return out if kwargs.get("out_dtype") is None else out.to(kwargs["out_dtype"])
-        return func(*args, **kwargs)
-
-
-# torch's autocast policies (aten/src/ATen/autocast_mode.cpp) for the ops a decoder layer calls,
-# by the name of its Python function or method.
-# In the autocast dtype, on CPU and CUDA:
-_AUTOCAST_LOWER = {"linear", "matmul", "__matmul__", "mm", "bmm", "baddbmm", "addmm", "addbmm",
-                   "einsum", "conv1d", "conv2d", "prelu", "scaled_dot_product_attention"}
-# In fp32, on CUDA (on CPU only losses are, and the loss is in no layer). Softmax, log_softmax and
-# the cumulative ops take dtype=float32 rather than a cast input; they save the same.
-_AUTOCAST_FP32_CUDA = {"softmax", "log_softmax", "layer_norm", "rms_norm", "group_norm", "pow",
-                       "__pow__", "rsqrt", "exp", "expm1", "log", "log1p", "reciprocal", "cumsum",
-                       "cumprod", "prod", "softplus", "logsumexp", "norm", "cosine_similarity"}
-
-
-class _AutocastOnMeta(torch.overrides.TorchFunctionMode):
-    """torch.autocast for meta tensors, which it leaves alone: the inputs of the ops above are cast
-    (as autograd ops, so what autograd saves is the cast copy, as under autocast). A leaf that
-    trains in fp32 is cast once per forward, as autocast caches it; frozen weights are cast at every
-    call. `weight_copies` collects the storages of casts of `weights` (storage keys).
-
-    Autocast's own switch is on inside, for code that turns it off where it keeps a part in fp32
-    (torch.autocast("cuda", enabled=False)): nothing is cast there. transformers' maybe_autocast
-    skips the switch for meta tensors, so the parts it keeps in fp32 are cast here.
-    (The switch is per thread; the trace is not meant to run in two threads at once.)"""
-
-    def __init__(self, dtype, device_type, weights=()):
-        super().__init__()
-        self.dtype, self.device_type = dtype, device_type
-        self.weights, self.weight_copies, self.cache, self._refs = set(weights), set(), {}, []
-        self.fp32 = _AUTOCAST_FP32_CUDA if device_type == "cuda" else set()
-
-    def __enter__(self):
-        self._outer = (torch.is_autocast_enabled(self.device_type),
-                       torch.get_autocast_dtype(self.device_type))
-        torch.set_autocast_enabled(self.device_type, True)
-        torch.set_autocast_dtype(self.device_type, self.dtype)
-        return super().__enter__()
-
-    def __exit__(self, *exc):
-        torch.set_autocast_enabled(self.device_type, self._outer[0])
-        torch.set_autocast_dtype(self.device_type, self._outer[1])
-        self.cache.clear()   # as autocast's, when it exits
-        return super().__exit__(*exc)
-
-    def _cast(self, t, dtype):
-        if not (isinstance(t, torch.Tensor) and t.is_floating_point()) or t.dtype in (dtype, torch.float64):
-            return t
-        cacheable = dtype == self.dtype and t.dtype == torch.float32 and t.is_leaf and t.requires_grad
-        if cacheable and id(t) in self.cache:
-            return self.cache[id(t)][1]
-        out = t.to(dtype)
-        if t.untyped_storage()._cdata in self.weights:
-            # (forgotten when freed: a storage made later may take its address)
-            storage = out.untyped_storage()
-            self.weight_copies.add(storage._cdata)
-            self._refs.append(weakref.ref(storage, lambda _, key=storage._cdata: self.weight_copies.discard(key)))
-        if cacheable:
-            self.cache[id(t)] = (t, out)   # (t kept, so that its id is not reused)
-        return out
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        name = getattr(func, "__name__", "")
-        dtype = self.dtype if name in _AUTOCAST_LOWER else torch.float32 if name in self.fp32 else None
-        if dtype is not None and torch.is_autocast_enabled(self.device_type):
-            args, kwargs = pytree.tree_map(lambda t: self._cast(t, dtype), (args, kwargs or {}))
-        return func(*args, **(kwargs or {}))
-
-
-def _autocast_on_meta(dtype, device, weights):
-    return (contextlib.nullcontext() if dtype is None
-            else _AutocastOnMeta(dtype, torch.device(device).type, weights))
-
-
-class _Unwrapped(torch.nn.Module):
-    """Calls a layer's class forward, past a forward set on the instance (as manual checkpointing
-    does): the trace wants what the layer saves when it runs, as it does when it is recomputed."""
-
-    def __init__(self, layer):
-        super().__init__()
-        self.layer = layer
-
-    def forward(self, *args, **kwargs):
-        return type(self.layer).forward(self.layer, *args, **kwargs)
-
-
-def _on_meta(tensor, requires_grad=None):
-    """A meta tensor of `tensor`'s shape and dtype; a floating one requires grad as `tensor` does,
-    or as `requires_grad` says."""
-    out = torch.empty(tensor.shape, dtype=tensor.dtype, device="meta")
-    if not out.is_floating_point():
-        return out
-    return out.requires_grad_(tensor.requires_grad if requires_grad is None else requires_grad)
-
-
-def _is_cache(value):
-    """transformers' KV cache, which a layer takes by name (past_key_values, cache) or by position
-    (GPT-2's)."""
-    return any(c.__name__ == "Cache" for c in type(value).__mro__)
-
-
-@contextlib.contextmanager
-def _unpadded_on_meta():
-    """transformers asks whether a batch has padding by reading its mask (masking_utils.fast_all;
-    transformers 5.17's OPT makes one of ones when given none). On meta there is nothing to read:
-    the trace is of a batch without padding (the budget counts padding's mask apart), so every
-    such read answers "all true". (The other read of fast_all, of a cache's part of the mask, comes
-    only after a first forward; and the patch is process-wide, like the trace's other switches.)"""
-    masking = sys.modules.get("transformers.masking_utils")
-    read = getattr(masking, "fast_all", None)
-    if read is None:
-        yield
-        return
-    masking.fast_all = lambda mask: True if mask.device.type == "meta" else read(mask)
-    try:
-        yield
-    finally:
-        masking.fast_all = read
-
-
-def trace_layer(model, *, bs, seq, full=False, autocast_dtype=None, device="cpu"):
-    """What one decoder layer keeps for backward, and what its backward needs on top, in bytes.
-
-    The model runs on the meta device (nothing is allocated): its parameters and buffers are
-    replaced by meta tensors, a forward at bs x seq runs up to the last decoder layer, taking every
-    layer's inputs, and that layer then runs forward and backward, in train mode, under a tracker,
-    with the kernels CPU and CUDA run (_KernelsOnMeta) and the run's autocast (_AutocastOnMeta,
-    with the device's policies). A gated LoRA layer gets a meta gate; full=True trains every
-    parameter. Returns {"saved": unique bytes saved for backward, the layer's input included,
-    parameters and the inputs every layer shares (masks, rotary tables) not; "weight_copies": the
-    part of it that is autocast's copies of weights; "dropout_noise": the part that is dropout's
-    noise (on meta, as on CPU, dropout multiplies by a noise tensor of the input's dtype; CUDA's
-    fused kernel keeps a bool mask instead, of "dropout_noise_numel" bytes); "hidden_bytes": the
-    layer input's element size; "backward": the backward's peak above what it starts with; "forward": the forward's peak, its
-    temporaries included; "shared_inputs": what the model makes once for every layer (masks,
-    rotary tables), which checkpointing keeps as inputs; "shared_saved": the part of it that a
-    layer saves}. Raises what the model raises when it cannot run on meta (an op that reads values).
-    """
-    layers = decoder_layers(model)
-    if layers is None:
-        raise ValueError(f"{type(model).__name__}: no list of decoder layers found")
-    device_type = torch.device(device).type
-    state = {n: _on_meta(t, True if full else None) for n, t in model.named_parameters()}
-    state.update((n, _on_meta(t)) for n, t in model.named_buffers())
-    # The last layer: its input has the dtype of the residual stream from then on (bf16 weights
-    # under fp16 autocast: the first layer's is bf16, the others' fp32, as fp16 + bf16 promotes).
-    layer = layers[-1]
-    prefix = next(n for n, m in model.named_modules() if m is layer) + "."
-    layer_state = {"layer." + n[len(prefix):]: t for n, t in state.items() if n.startswith(prefix)}
-    captured = {}
-    # storage -> what the layers take besides the hidden states (kept: a storage freed in the
-    # meantime could see its address reused, and a new one taken for it)
-    inputs = {}
-
-    def capture(module, args, kwargs):
-        if module is layer:
-            captured.update(args=args, kwargs=kwargs)
-        rest = [*args[1:], *(v for k, v in kwargs.items() if k != "hidden_states")]
-        inputs.update((t.untyped_storage()._cdata, t) for t in pytree.tree_leaves(
-            [v for v in rest if not _is_cache(v)]) if isinstance(t, torch.Tensor))
-        if module is layer:
-            raise _Captured
-
-    # One gate for every layer, as the router makes it, which trains: what multiplies it is saved
-    # for its gradient.
-    gated = [m for m in layers.modules() if getattr(m, "n_experts", 1) > 1 and hasattr(m, "base")]
-    if gated:
-        gate = torch.empty(bs, gated[0].n_experts, device="meta", requires_grad=True)
-        inputs[gate.untyped_storage()._cdata] = gate
-    # Every layer's inputs: layers of different kinds take different masks (Gemma2's sliding
-    # window), all made once by the model and kept until backward.
-    capturing = [each.register_forward_pre_hook(capture, with_kwargs=True) for each in layers]
-    hooks = [m.register_forward_pre_hook(lambda m, args, kwargs: (args, dict(kwargs, gate=gate)),
-                                         with_kwargs=True) for m in gated]
-    modes = [(m, m.training) for m in model.modules()]
-    model.train()
-    # transformers' own checkpointing, off while tracing (the forward it wraps is what is traced)
-    checkpointing = [m for m in model.modules() if m.__dict__.get("gradient_checkpointing") is True]
-    for m in checkpointing:
-        m.gradient_checkpointing = False
-    weights = {t.untyped_storage()._cdata for t in state.values()}
-    try:
-        try:
-            ids = torch.zeros(bs, seq, dtype=torch.long, device="meta")
-            # With the cache on (the config's default), transformers skips a packed-sequence test
-            # that reads values; the layer then runs without it.
-            # (fork_rng: a model may draw on the CPU's generator, as OPT's layerdrop does)
-            with _KernelsOnMeta(device_type), _autocast_on_meta(autocast_dtype, device, weights), \
-                    _unpadded_on_meta(), torch.random.fork_rng(devices=[]):
-                torch.func.functional_call(model, state, (), {"input_ids": ids})
-        except _Captured:
-            pass
-        finally:
-            for h in capturing:
-                h.remove()
-        # without the KV cache, which by now holds the other layers' keys and values
-        args = tuple(None if _is_cache(a) else a for a in captured["args"])
-        kwargs = {k: None if _is_cache(v) else v for k, v in captured["kwargs"].items()}
-        if "use_cache" in kwargs:
-            kwargs["use_cache"] = False
-        hidden = args[0] if args else kwargs.pop("hidden_states")
-        hidden = _on_meta(hidden, requires_grad=True)
-        args = (hidden, *args[1:]) if args else args
-        if not args:
-            kwargs["hidden_states"] = hidden
-        shared = set(inputs) | weights
-        tracker = Tracker("meta")
-
-        shared_saved = set()
-
-        def pack(t):
-            if t.device.type == "meta":
-                key = t.untyped_storage()._cdata
-                if key not in shared:
-                    tracker.track(t, "saved")
-                elif key in inputs:
-                    shared_saved.add(key)
-            return t
-
-        forward = Tracker("meta")
-        cast = _autocast_on_meta(autocast_dtype, device, weights)
-        saving = torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t)
-        with saving, _KernelsOnMeta(device_type), cast, forward:
-            out = torch.func.functional_call(_Unwrapped(layer), layer_state, args, kwargs)
-        out = out if isinstance(out, torch.Tensor) else out[0]
-        saved = tracker.live_bytes
-        copies = (sum(r.nbytes for k, r in tracker.live.items() if k in cast.weight_copies)
-                  if autocast_dtype is not None else 0)
-        # dropout's noise: what the forward made with empty_like (then filled by bernoulli_)
-        made = {k: forward.live.get(k) for k in tracker.live}
-        noise = [r for k, r in tracker.live.items()
-                 if made[k] is not None and made[k].op == "empty_like" and made[k]._dtype.is_floating_point]
-        grad_out = torch.empty(out.shape, dtype=out.dtype, device="meta")
-        tracker.start_window()
-        start = tracker.live_bytes
-        with tracker, _KernelsOnMeta(device_type):
-            torch.autograd.backward(out, grad_out)
-        return {"saved": saved, "dropout_noise": sum(r.nbytes for r in noise),
-                "dropout_noise_numel": sum(r.nbytes // r._dtype.itemsize for r in noise),
-                "weight_copies": copies,
-                "hidden_bytes": hidden.element_size(), "forward": forward.peak_bytes,
-                "shared_inputs": sum(t.untyped_storage().nbytes() for k, t in inputs.items()
-                                     if k not in weights),
-                "shared_saved": sum(inputs[k].untyped_storage().nbytes() for k in shared_saved),
-                "backward": tracker.peak_bytes - start}
-    finally:
-        for h in hooks:
-            h.remove()
-        for m, training in modes:
-            m.training = training
-        for m in checkpointing:
-            m.gradient_checkpointing = True
-
-
-def budget(model, *, bs, seq, checkpointing, autocast_dtype=None, loss_chunks=1, device="cpu",
-           extra=(), full=False, padded=False, cuda_workspace_bytes=None):
-    """Predict training memory from a model and the run's shapes; every term in bytes.
-
-    model: the causal LM with its adapters (any device, the meta device included: nothing is
-    allocated). extra: other modules whose parameters train with it (iLoRA's router and projector).
-    The LoRA rank, experts, form and dropout are read off the adapted layers, the attention kernel
-    and the weights' dtype off the model. full=True budgets full fine-tuning (every parameter
-    trained) for the same shapes, as the seed's "about 1 GB" estimate does. On CUDA, cuBLAS's
-    workspaces count too: cuda_workspace_bytes when given, else measured (cuda_workspaces).
-
-    What one decoder layer saves for backward, what its backward and its recomputed forward need
-    on top, and what the model makes once for every layer are traced (trace_layer: the layer runs
-    on the meta device, at these shapes, under the run's autocast with `device`'s policies, for any
-    architecture); "method" says "traced". Where the layer cannot run on meta, a per-token
-    estimate calibrated on OPT stands instead ("method" says "formula: " and why): layer input,
-    the residual before the MLP, q, k, v and the attention output, SDPA's log-sum-exp, the MLP
-    activation (three of them for a gated MLP), two residual-dropout masks, the inputs of adapted
-    linears, and each adapter's own: r/E-wide expert activations (lean), or E x out per-expert
-    outputs (einsum); LoRA dropout keeps its output and its mask. Those adapter terms are kept in
-    both cases, to explain the per-layer figure.
-    """
-    s = _structure(model)
-    lora = s["lora"]
-    act = _dtype_bytes(autocast_dtype or s["weights_dtype"])
-    on_cuda = torch.device(device).type == "cuda"
-    mask = 1 if on_cuda else act                       # dropout masks: bool on CUDA, act dtype on CPU
-    b = bs
-    tokens = b * seq
-    h, ffn, layers = s["hidden"], s["ffn"], s["layers"]
-
-    params = _unique_params([model, *extra])
-    by_dtype = _bytes_by_dtype(params)
-    trained = params if full else [p for p in params if p.requires_grad]
-    trainable_bytes = sum(p.numel() * p.element_size() for p in trained)
-    param_bytes = sum(by_dtype.values())
-
-    # Saved per token in one decoder layer, in bytes.
-    per_token = act * (2 * h + h + 2 * s["kv"] + h + (3 if s["gated_mlp"] else 1) * ffn)
-    per_token += 4 * s["heads"] if s["attn"] == "sdpa" else 0   # log-sum-exp, fp32
-    per_token += 2 * h * mask if s["dropout"] > 0 else 0
-    adapted = s["linears"] if full else s["adapted"]
-    lora_dropout = 0 if full else lora["dropout"]
-    groups = {_SHARED_INPUTS.get(n, n) for n in adapted if n not in _ALREADY_SAVED}
-    if lora_dropout == 0:
-        per_token += sum(act * (h if g.endswith("input") else adapted[g][0]) for g in groups)
-    lora_per_token = 0
-    if not full:
-        for name, (d_in, d_out) in adapted.items():
-            r, experts = lora["r"], lora["experts"]
-            if experts == 1:
-                lora_per_token += 4 * r
-            elif lora["impl"] == "lean":
-                lora_per_token += 4 * 2 * r
-            else:
-                lora_per_token += 4 * (r + experts * d_out)
-            if lora_dropout > 0:
-                lora_per_token += d_in * (4 + mask)
-    layer_bytes = tokens * (per_token + lora_per_token)
-    eager_scores = b * s["heads"] * seq * seq * 4 if s["attn"] == "eager" else 0  # softmax in fp32
-    layer_bytes += eager_scores
-    backward_temporaries = tokens * act * (ffn + 2 * h)
-    forward_peak_per_layer = shared_inputs = 0   # (the estimate has neither)
-    # Autocast copies what is not in its dtype: the weights, or only LoRA's fp32 ones (which the
-    # estimate, where the trace fails, leaves out).
-    casts_weights = autocast_dtype is not None and autocast_dtype != s["weights_dtype"]
-    layer_weight_copies = sum(i * o for i, o in s["linears"].values()) * act if casts_weights else 0
-    hidden_bytes = act   # the layers' inputs: the residual stream
-    # The layer traced on the meta device replaces the per-token estimate above, for any
-    # architecture; where it cannot run there, the estimate, calibrated on OPT, stands.
-    try:
-        traced = trace_layer(model, bs=b, seq=seq, full=full, device=device,
-                             autocast_dtype=autocast_dtype)
-    except Exception as e:  # an op that reads values, or a decoder this trace cannot call
-        method = f"formula: the layer does not run on meta ({type(e).__name__}: {first_line(e)})"
-    else:
-        method = "traced"
-        layer_weight_copies = traced["weight_copies"]
-        # (on CUDA, dropout's fused kernel keeps a bool mask where the trace has the noise)
-        bool_masks = traced["dropout_noise"] - traced["dropout_noise_numel"] if on_cuda else 0
-        layer_bytes = traced["saved"] - layer_weight_copies - bool_masks
-        backward_temporaries = traced["backward"]
-        forward_peak_per_layer = traced["forward"]
-        shared_inputs = traced["shared_inputs" if checkpointing else "shared_saved"]
-        hidden_bytes = traced["hidden_bytes"]
-    # padded=True: some batch has padding, so SDPA gets an explicit mask instead of is_causal, and
-    # each layer's call turns it into a float bias, bs x 1 x seq x seq, which it saves for backward.
-    attention_mask = b * seq * seq * act if padded and s["attn"] == "sdpa" else 0
-    layer_bytes += attention_mask
-
-    ckpt = checkpointing
-    terms = {
-        "params": param_bytes,
-        "trainable_params": trainable_bytes,
-        "gradients": trainable_bytes,
-        "optimizer_state": 2 * trainable_bytes,
-        "activations_per_layer": layer_bytes,
-        "backward_temporaries_per_layer": backward_temporaries,
-        "shared_layer_inputs": shared_inputs,
-        "lora_activations_per_layer": tokens * lora_per_token,
-        "einsum_expert_outputs_per_layer": (tokens * 4 * lora["experts"] * sum(o for _, o in adapted.values())
-                                            if lora["impl"] == "einsum" and lora["experts"] > 1 and not full
-                                            else 0),
-        "attention_mask_per_layer": attention_mask,
-        "dropout_masks_per_layer": tokens * ((2 * h * mask if s["dropout"] > 0 else 0)
-                                             + (sum(d for d, _ in adapted.values()) * mask
-                                                if lora_dropout > 0 else 0)),
-        "checkpointed_inputs": layers * tokens * h * hidden_bytes if ckpt else 0,
-        "saved_activations": (layers * tokens * h * hidden_bytes if ckpt else layers * layer_bytes)
-                             + tokens * h * hidden_bytes    # + the final norm's input
-                             + (b * seq * seq if attention_mask else 0)  # + the bool mask, once
-                             + shared_inputs,
-        "logits": b * (seq - 1) * s["vocab"] * 4 // loss_chunks,   # one fp32 copy
-        "logits_16bit": (b * (seq - 1) * s["vocab"] * act // loss_chunks) if act < 4 else 0,
-        # chunked: the gradients the fused head and loss take in forward and keep for backward
-        # (the hidden states', in their dtype, the last position's zero included; the head's, fp32)
-        "kept_loss_gradient": (tokens * h * _dtype_bytes(s["weights_dtype"])
-                               + (s["vocab"] * h * 4 if full or s["head_trains"] else 0)
-                               if loss_chunks > 1 else 0),
-        "autocast_weight_copies": 0,
-    }
-    if on_cuda and (cuda_workspace_bytes is not None or torch.cuda.is_available()):
-        # (budgeting for CUDA on a machine without it, they are not known: the term is absent)
-        terms["cuda_workspaces"] = (cuda_workspaces(device) if cuda_workspace_bytes is None
-                                    else cuda_workspace_bytes)
-    if autocast_dtype is not None:
-        # Autocast re-casts each frozen weight at every call and the copy is saved for backward:
-        # every layer's and lm_head's; under checkpointing lm_head's, and the recomputed layer's
-        # while it is (its forward saved nothing).
-        head = s["vocab"] * h // loss_chunks if casts_weights else 0  # (the fused loss: a slice)
-        terms["autocast_weight_copies"] = head * act + (0 if ckpt else layers * layer_weight_copies)
-    steady = terms["params"] + terms["optimizer_state"] + terms.get("cuda_workspaces", 0)
-    saved = terms["saved_activations"] + terms["autocast_weight_copies"]
-    if loss_chunks == 1:
-        # forward ends with the logits and their log-softmax; backward starts with the log-softmax
-        # (saved), the loss's gradient and the logits' gradient.
-        # (16-bit logits exist only until .float() has copied them: a spike in forward.)
-        forward_peak = steady + saved + 2 * terms["logits"] + terms["logits_16bit"]
-        backward_start = steady + saved + 3 * terms["logits"]
-    else:
-        # The head and the loss fused: in forward, one chunk at a time, its logits and its
-        # log-softmax (turned in place into its gradient), while the hidden states' gradient (and
-        # the head's, when it trains), kept for backward, fills up; backward only scales what was
-        # kept into a copy. Nothing is recomputed.
-        kept = terms["kept_loss_gradient"]
-        forward_peak = steady + saved + 2 * terms["logits"] + kept
-        backward_start = steady + saved + 2 * kept
-    recompute = 0
-    if ckpt:
-        # one layer recomputed, plus its gradients in flight, while the other inputs stay
-        # (the recomputed forward's own peak, its temporaries included, can be the higher)
-        recompute = (steady + terms["checkpointed_inputs"] + tokens * h * hidden_bytes + terms["gradients"]
-                     + max(layer_bytes + layer_weight_copies + backward_temporaries,
-                           forward_peak_per_layer))
-    # the last layer's backward, every layer's saved activations still held (no checkpointing); its
-    # output's gradient takes the place of the final norm's input, freed by then
-    last_layer = 0 if ckpt else steady + saved + backward_temporaries
-    optimizer_peak = steady + terms["gradients"] + trainable_bytes  # foreach AdamW: one temporary
-    phases = {"forward": forward_peak, "backward": max(backward_start, recompute, last_layer),
-              "optimizer": optimizer_peak}
-    peak_phase = max(phases, key=phases.get)
-    categories = {
-        "trainable_params": trainable_bytes, "frozen_params": param_bytes - trainable_bytes,
-        "gradients": terms["gradients"] if peak_phase == "optimizer" else 0,
-        "optimizer_state": terms["optimizer_state"],
-        "activations": saved + (terms["logits"] if loss_chunks == 1 else terms["kept_loss_gradient"]),
-    }
-    if peak_phase == "optimizer":
-        categories["activations"] = 0
-    categories["temporaries"] = phases[peak_phase] - sum(categories.values())
-    return {"full": full, "method": method, "terms": terms, "params_by_dtype": by_dtype, "phases": phases,
-            "peak_phase": peak_phase, "peak_bytes": phases[peak_phase], "categories": categories}
-
 
 BUDGET_TOLERANCE = 0.10  # the budget's accuracy target: within it, a run is "as expected"
 
@@ -1681,7 +1106,7 @@ def verdict(report):
     """The measured training peak against the budget, in plain words."""
     planned = report.get("budget")
     if not planned or not report.get("peak_bytes"):
-        return "no budget to compare with"
+        return report.get("no_budget", "no budget to compare with")
     ratio = report["peak_bytes"] / planned["peak_bytes"]
     if report.get("oom"):
         return f"out of memory: {ratio:.2f}x the budget when it stopped"
@@ -1693,7 +1118,6 @@ def verdict(report):
     worst = max(excess, key=excess.get)
     return (f"measured peak {ratio:.1f}x the budget: the excess is in {worst.replace('_', ' ')} "
             f"(+{mib(excess[worst])} MiB) during {report['peak_phase']}")
-
 
 
 # ---------------------------------------------------------------- tables
@@ -1807,26 +1231,21 @@ def _modules_by_group(report):
 
 
 def _phase_peak(phases, name):
-    """phases: {phase: peak bytes}; an HF Trainer's forward+backward stands for forward and backward."""
-    if name in phases:
-        return phases[name]
-    if name == "forward+backward" and ("forward" in phases or "backward" in phases):
-        # The peak of two phases taken together is the larger of their two peaks.
+    """phases: {phase: peak bytes}; an HF Trainer's forward+backward stands for forward and backward
+    (the peak of two phases taken together is the larger of their two peaks)."""
+    if name == "forward+backward" and name not in phases and ("forward" in phases or "backward" in phases):
         return max(phases.get("forward", 0), phases.get("backward", 0))
-    return None
+    return phases.get(name)
 
 
 def _reserved(report):
-    values = [s["reserved_bytes"] for n, s in report["phases"].items() if n != "load" and "reserved_bytes" in s]
-    return max(values) if values else None
+    return max((s["reserved_bytes"] for n, s in report["phases"].items()
+                if n != "load" and "reserved_bytes" in s), default=None)
 
 
 def diff(a, b):
-    """Rows (what, A bytes or None, B bytes or None) in the text table's order.
-
-    None is "not measured on that side", never 0. Modules are aligned by their place in the model
-    (module_group), so the same layers under different wrappers are one row.
-    """
+    """Rows (what, A bytes or None, B bytes or None) in the text table's order; None is "not measured
+    on that side", never 0. Modules are aligned by their place in the model (module_group)."""
     rows = [("peak", a["peak_bytes"], b["peak_bytes"])]
     if _reserved(a) is not None or _reserved(b) is not None:
         rows.append(("reserved", _reserved(a), _reserved(b)))
@@ -1855,8 +1274,7 @@ def diff(a, b):
 def _dominant_op(groups_a, groups_b, row):
     """(op, excess bytes) when one op explains most of a module row's excess, else None."""
     group = row[0][len("module "):].split(" (x")[0]
-    ops_a = groups_a.get(group, {}).get("ops", {})
-    ops_b = groups_b.get(group, {}).get("ops", {})
+    ops_a, ops_b = (groups.get(group, {}).get("ops", {}) for groups in (groups_a, groups_b))
     excess = {op: ops_b.get(op, 0) - ops_a.get(op, 0) for op in set(ops_a) | set(ops_b)}
     if not excess:
         return None
@@ -1876,8 +1294,7 @@ def _run_warnings(report, name):
     status = report.get("status", "ok")
     if status == "ok" and not report.get("oom"):
         return []
-    what = {"oom": "ran out of memory", "error": "failed", "interrupted": "was interrupted"}.get(status,
-                                                                                             "ran out of memory")
+    what = {"error": "failed", "interrupted": "was interrupted"}.get(status, "ran out of memory")
     detail = (report.get("oom") or {}).get("message") or report.get("error") or ""
     return [f"WARNING: {name} {what} ({detail}); its figures stop where it stopped"]
 
@@ -1949,7 +1366,8 @@ def format_diff(a, b, name_a="A", name_b="B", markdown=False):
             notes.append(f"{side} was measured by memcheck's probe in its own stack: its configuration "
                          "is what the probe could see")
     changed = config_differences(a, b)
-    notes.append("different configurations: " + ", ".join(f"{k}: {x!r} -> {y!r}" for k, (x, y) in changed.items())
+    notes.append("different configurations: " + ", ".join(f"{k}: {x!r} -> {y!r}"
+                                                          for k, (x, y) in changed.items())
                  if changed else "same configuration (on the keys both reports have)")
     for side, report, other in (("A", a, b), ("B", b, a)):
         theirs = {w["kind"] for w in other.get("warnings") or []}
@@ -2013,14 +1431,15 @@ def main(argv=None):
     except BrokenPipeError:  # `memcheck.py diff A B | head`: the reader has what it wanted
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
-    if args.max_ratio is not None:
-        unfinished = [f"{side} {r.get('status', 'ok')}" for side, r in (("A", a), ("B", b))
-                      if r.get("status", "ok") != "ok" or not r["peak_bytes"]]
-        if unfinished:  # a run that stopped early has a smaller peak: never a pass
-            print(f"memcheck.py: --max-ratio needs two finished runs with a peak: {', '.join(unfinished)}",
-                  file=sys.stderr)
-            return 1
-    if args.max_ratio is not None and b["peak_bytes"] > args.max_ratio * a["peak_bytes"]:
+    if args.max_ratio is None:
+        return 0
+    unfinished = [f"{side} {r.get('status', 'ok')}" for side, r in (("A", a), ("B", b))
+                  if r.get("status", "ok") != "ok" or not r["peak_bytes"]]
+    if unfinished:  # a run that stopped early has a smaller peak: never a pass
+        print(f"memcheck.py: --max-ratio needs two finished runs with a peak: {', '.join(unfinished)}",
+              file=sys.stderr)
+        return 1
+    if b["peak_bytes"] > args.max_ratio * a["peak_bytes"]:
         print(f"memcheck.py: B's peak is {b['peak_bytes'] / a['peak_bytes']:.2f}x A's, over --max-ratio "
               f"{args.max_ratio:g}", file=sys.stderr)
         return 1

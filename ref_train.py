@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+import budget
 import data
 import fused_loss
 import ilora
@@ -149,16 +150,16 @@ def has_padding(batches):
 
 
 def plan(args, model=None, items=None, full=False, padded=None):
-    """memcheck's budget for this run; the modules are built on the meta device when not given.
+    """The budget (budget.py) for this run; the modules are built on meta when not given.
 
     padded: whether a batch of the run has padding; when not given, read off its first batches."""
     if model is None:
         model, items, batches, _ = build(args, meta=True)
         if padded is None:
             padded = has_padding(first_batches(args, batches))
-    return memcheck.budget(model, bs=args.bs, seq=args.seq, checkpointing=args.ckpt != "none",  # MERGE: budget.budget
-                           autocast_dtype=dtypes(args)[1], loss_chunks=args.loss_chunks,
-                           device=args.device, extra=[items], full=full, padded=bool(padded))
+    return budget.budget(model, bs=args.bs, seq=args.seq, checkpointing=args.ckpt != "none",
+                         autocast_dtype=dtypes(args)[1], loss_chunks=args.loss_chunks,
+                         device=args.device, extra=[items], full=full, padded=bool(padded))
 
 
 # ---------------------------------------------------------------- the step

@@ -26,6 +26,7 @@ from torch import nn
 
 import data
 import drive
+import budget
 import ilora
 import memcheck
 import flags
@@ -1034,13 +1035,13 @@ def test_a_trace_that_fails_leaves_autocast_transformers_and_torch_as_they_were(
     model.eval()
     read, enabled = masking.fast_all, torch.is_autocast_enabled("cpu")
     with pytest.raises(RuntimeError, match="cannot run on meta"):
-        memcheck.trace_layer(model, bs=2, seq=32, autocast_dtype=torch.bfloat16)
+        budget.trace_layer(model, bs=2, seq=32, autocast_dtype=torch.bfloat16)
     assert masking.fast_all is read and torch.is_autocast_enabled("cpu") == enabled
     assert torch._C._len_torch_function_stack() == 0
     assert sum(len(m._forward_pre_hooks) for m in model.modules()) == 1   # ours, that failed
     assert not any(m.training for m in model.modules())   # (it trains while traced)
     # and the budget says why it falls back
-    assert memcheck.budget(model, bs=2, seq=32, checkpointing=True)["method"].startswith(
+    assert budget.budget(model, bs=2, seq=32, checkpointing=True)["method"].startswith(
         "formula: the layer does not run on meta (RuntimeError: a layer that cannot run on meta)")
 
 
@@ -1229,9 +1230,10 @@ def test_memcheck_is_one_drop_in_file_beside_a_users_data_package(tmp_path):
 
 def test_imports_run_one_way_and_none_hides_inside_a_function():
     import ast
-    project = {"ref_train", "ilora", "data", "memcheck", "drive"}
-    allowed = {"memcheck": set(), "ilora": set(), "data": {"ilora"},
-               "ref_train": {"data", "ilora", "memcheck"}, "drive": {"data", "ref_train", "memcheck"}}
+    project = {"ref_train", "ilora", "data", "memcheck", "budget", "drive"}
+    allowed = {"memcheck": {"budget"}, "budget": {"memcheck"}, "ilora": set(), "data": {"ilora"},
+               "ref_train": {"budget", "data", "ilora", "memcheck"},
+               "drive": {"budget", "data", "ref_train", "memcheck"}}
     for name, may_import in allowed.items():
         tree = ast.parse(open(os.path.join(os.path.dirname(__file__), f"{name}.py")).read())
         top = set(tree.body)
@@ -1241,7 +1243,9 @@ def test_imports_run_one_way_and_none_hides_inside_a_function():
                            else {node.module})
                 mine = modules & project
                 assert mine <= may_import, (name, mine)
-                assert not mine or node in top, f"{name}.py imports {mine} inside a function"
+                # (but memcheck.py imports budget.py inside a function: budget.py imports memcheck)
+                late, where = name == "memcheck", "at the top" if node in top else "inside a function"
+                assert not mine or (node in top) != late, f"{name}.py imports {mine} {where}"
 
 
 def gated_opt():
@@ -1334,6 +1338,45 @@ def test_diff_of_a_closed_pipe_ends_quietly(tmp_path):
     done.stdout.close()   # the reader is gone before the first line, as with `| head -0`
     errors = done.stderr.read()
     assert done.wait(timeout=60) == 0 and errors == ""
+
+
+def test_diff_runs_where_torch_cannot_be_imported_and_help_imports_no_torch(tmp_path):
+    import re
+    import subprocess
+    import sys
+    a, b = tmp_path / "a.json", tmp_path / "b.json"
+    probe_loop(steps=2).save(a)
+    probe_loop(steps=3, width=64).save(b)
+    expected = memcheck.format_diff(memcheck.read_report(a), memcheck.read_report(b), "a.json", "b.json")
+    no_torch = "import runpy, sys; sys.modules['torch'] = None; "   # `import torch` now fails
+    scripts = {"as a script": no_torch + "sys.argv[0] = 'memcheck.py'; runpy.run_path('memcheck.py', "
+                                          "run_name='__main__')",
+               "imported": no_torch + "import memcheck; sys.exit(memcheck.main(sys.argv[1:]))"}
+    here = os.path.dirname(__file__)
+    for how, script in scripts.items():
+        done = subprocess.run([sys.executable, "-c", script, "diff", str(a), str(b)], cwd=here,
+                              capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0 and done.stdout == expected + "\n", (how, done.stderr)
+    for flags in (["--help"], ["diff", "--help"]):
+        done = subprocess.run([sys.executable, "-X", "importtime", "memcheck.py", *flags], cwd=here,
+                              capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0 and "memcheck" in done.stdout
+        assert not re.search(r"\|\s+torch$", done.stderr, re.M), f"memcheck.py {flags} imported torch"
+
+
+def test_without_budget_py_beside_it_the_report_says_in_one_line_how_to_get_a_verdict(monkeypatch):
+    model, optimizer = gated_opt()
+    with_budget = probed(model, optimizer)
+    assert with_budget["budget"]["peak_bytes"] > 0 and "no_budget" not in with_budget
+    monkeypatch.setitem(sys.modules, "budget", None)   # `import budget` now fails
+    model, optimizer = gated_opt()
+    report = probed(model, optimizer)
+    assert report["budget"] is None and report["no_budget"] == memcheck.NO_BUDGET
+    assert report["config"]["baseline_command"] == with_budget["config"]["baseline_command"]
+    said = [line for line in memcheck.format_report(report).splitlines() if "budget.py" in line]
+    assert said == [f"peak {memcheck.mib(report['peak_bytes'])} MiB in {report['peak_phase']}; "
+                    f"{memcheck.NO_BUDGET}"]
+    assert memcheck.NO_BUDGET in memcheck.markdown_report(report).splitlines()[0]
 
 
 # ---------------------------------------------------------------- ablate, sweep, markdown
@@ -2383,9 +2426,9 @@ def test_on_cuda_the_budget_counts_dropouts_noise_as_the_bool_mask_cuda_keeps(ti
     args = ref_train.parse_args(["--model", tiny_model, "--bs", "2", "--seq", "64", "--dropout", "0.1"],
                                 budget_only=True)
     model, *_ = ref_train.build(args, meta=True)
-    traced = memcheck.trace_layer(model, bs=2, seq=64)
+    traced = budget.trace_layer(model, bs=2, seq=64)
     assert traced["dropout_noise"] == 4 * traced["dropout_noise_numel"] > 2 * 2 * 64 * 64 * 4
-    layer = lambda device: memcheck.budget(model, bs=2, seq=64, checkpointing=False, device=device,
+    layer = lambda device: budget.budget(model, bs=2, seq=64, checkpointing=False, device=device,
                                            cuda_workspace_bytes=0)["terms"]["activations_per_layer"]
     assert layer("cpu") - layer("cuda") == traced["dropout_noise"] - traced["dropout_noise_numel"]
 
@@ -2396,7 +2439,7 @@ def test_on_cuda_attention_dropout_is_traced_in_a_fused_kernel_that_keeps_no_wei
     # the trace assumes of CUDA: the H200 test above is what checks it against a GPU.)
     args = ref_train.parse_args(["--model", family_models["gpt2"], "--device", "cpu"])
     model, *_ = ref_train.build(args, meta=True)
-    saved = {d: memcheck.trace_layer(model, bs=2, seq=32, device=d)["saved"] for d in ("cpu", "cuda")}
+    saved = {d: budget.trace_layer(model, bs=2, seq=32, device=d)["saved"] for d in ("cpu", "cuda")}
     heads = model.config.n_head
     assert saved["cpu"] - saved["cuda"] >= 2 * 2 * heads * 32 * 32 * 4   # weights, noise: fp32
 
@@ -2409,13 +2452,13 @@ def saved_by_a_real_layer(model, ids, autocast_dtype):
 
     def capture(module, args, kwargs):
         captured.update(args=args, kwargs=kwargs)
-        raise memcheck._Captured
+        raise budget._Captured
 
     experts = next(m.n_experts for m in model.modules() if isinstance(m, ilora.GatedLoraLinear))
     gate = torch.rand(ids.shape[0], experts, requires_grad=True)
     hook = layer.register_forward_pre_hook(capture, with_kwargs=True)
     cast = torch.autocast("cpu", autocast_dtype, enabled=autocast_dtype is not None)
-    with contextlib.suppress(memcheck._Captured), cast, ilora.use_gate(gate), torch.no_grad():
+    with contextlib.suppress(budget._Captured), cast, ilora.use_gate(gate), torch.no_grad():
         model(input_ids=ids, use_cache=False)
     hook.remove()
     args, kwargs = captured["args"], captured["kwargs"]
@@ -2430,7 +2473,7 @@ def saved_by_a_real_layer(model, ids, autocast_dtype):
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), cast, ilora.use_gate(gate):
-        memcheck._Unwrapped(layer)(hidden, *args[1:], **kwargs)
+        budget._Unwrapped(layer)(hidden, *args[1:], **kwargs)
     return sum(saved.values())
 
 
@@ -2447,7 +2490,7 @@ def test_a_layer_traced_on_meta_saves_what_it_saves_on_cpu_under_autocast_and_wi
     model, *_ = ref_train.build(args)
     autocast_dtype = ref_train.dtypes(args)[1]
     ids = torch.randint(0, VOCAB, (2, 32))
-    traced = memcheck.trace_layer(model, bs=2, seq=32, autocast_dtype=autocast_dtype)
+    traced = budget.trace_layer(model, bs=2, seq=32, autocast_dtype=autocast_dtype)
     real = saved_by_a_real_layer(model, ids, autocast_dtype)
     if "--weights-dtype bf16" in precision:
         # CPU's layer norm keeps a bf16 input's mean and rstd in bf16, meta's (as CUDA's) in fp32
@@ -2533,7 +2576,7 @@ def test_gated_lora_on_a_conv1d_equals_it_on_the_same_linear():
     torch.testing.assert_close(a.lora_A.weight.grad, b.lora_A.weight.grad)
     torch.testing.assert_close(a.lora_B.weight.grad, b.lora_B.weight.grad)
     # The budget reads the Conv1D's shape the same way, through the adapter.
-    assert memcheck._features(conv) == (32, 48) and memcheck._adapter(a)[0] is conv
+    assert budget._features(conv) == (32, 48) and memcheck._adapter(a)[0] is conv
 
 
 def test_a_model_without_sdpa_falls_back_to_eager_and_the_budget_follows(tiny_model, monkeypatch,

@@ -1,0 +1,648 @@
+"""budget: what training should take, from the model and the run's shapes, before it runs.
+
+memcheck.py's companion: copy it beside memcheck.py and the probe's report gets a budget, and with it
+a verdict on the measured peak. One decoder layer is traced on the meta device (trace_layer): nothing
+is allocated, and any architecture that runs on meta is budgeted as it runs; where one cannot, a
+per-token estimate calibrated on OPT stands. Needs torch and memcheck.py, nothing else.
+"""
+import contextlib
+import sys
+import weakref
+
+import torch
+import torch.utils._pytree as pytree
+
+from memcheck import Tracker, _bytes_by_dtype, _adapter, _unique_params, decoder_layers, first_line
+
+# Which decoder linears share an input: adapting any of them makes autograd save that input once.
+_SHARED_INPUTS = {"q_proj": "attention input", "k_proj": "attention input", "v_proj": "attention input",
+                  "fc1": "mlp input", "up_proj": "mlp input", "gate_proj": "mlp input"}
+# Inputs autograd saves anyway: the attention output (saved by SDPA) and the MLP activation.
+_ALREADY_SAVED = {"out_proj", "o_proj", "fc2", "down_proj"}
+
+
+def _dtype_bytes(dtype):
+    return torch.empty((), dtype=dtype, device="meta").element_size()
+
+
+def cuda_workspaces(device):
+    """Bytes the CUDA allocator gives cuBLAS's workspaces, which no tensor owns (0 off CUDA).
+
+    There is one per library handle and stream, made at a thread's first matrix product: forward's,
+    and backward's on autograd's own thread. Measured, whether or not they exist yet: the
+    workspaces are cleared, a linear layer runs forward and backward in each float dtype (with a
+    bias too, cuBLASLt's path), and the growth of the allocated bytes is theirs.
+    """
+    device = torch.device(device)
+    if device.type != "cuda" or not torch.cuda.is_available():
+        return 0
+    torch.cuda.synchronize(device)
+    clear = getattr(torch._C, "_cuda_clearCublasWorkspaces", None)
+    if clear is not None:
+        clear()
+    before = torch.cuda.memory_allocated(device)
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        try:
+            w = torch.ones(8, 8, device=device, dtype=dtype, requires_grad=True)
+            x = torch.ones(4, 8, device=device, dtype=dtype, requires_grad=True)
+            torch.nn.functional.linear(x, w, w[0].detach()).sum().backward()
+            (x @ w).sum().backward()
+            del w, x
+        except RuntimeError:  # a dtype this GPU has no kernels for
+            pass
+    torch.cuda.synchronize(device)
+    return max(0, torch.cuda.memory_allocated(device) - before)
+
+
+def _is_linear(module):
+    """nn.Linear, or transformers' Conv1D (GPT-2's: weight [in, out], out = nf), duck-typed."""
+    return isinstance(module, torch.nn.Linear) or (
+        type(module).__name__ == "Conv1D" and hasattr(module, "nf")
+        and isinstance(getattr(module, "weight", None), torch.Tensor) and module.weight.dim() == 2)
+
+
+def _features(module):
+    """(in, out) features of a linear layer (_is_linear)."""
+    if isinstance(module, torch.nn.Linear):
+        return module.in_features, module.out_features
+    return module.weight.shape[0], module.nf
+
+
+def _structure(model):
+    """The few numbers the budget needs, read off a model (on the meta device or not)."""
+    config = model.config
+    layers = decoder_layers(model)
+    if layers is None:
+        raise ValueError(f"{type(model).__name__}: no list of decoder layers found")
+    # Leaf name -> the original linear, seen through any adapter wrapped around it.
+    linears, adapted, lora = {}, {}, None
+    inner = set()
+    for name, module in layers[0].named_modules():
+        leaf = name.rpartition(".")[2]
+        found = _adapter(module)
+        if found is not None:
+            base, lora = found
+            adapted[leaf] = linears[leaf] = base
+            inner.update(id(m) for m in module.modules() if m is not module)
+        elif _is_linear(module) and id(module) not in inner:
+            linears[leaf] = module
+    hidden = model.get_input_embeddings().embedding_dim
+    # The MLP's width under each family's name: OPT, Llama and most; GPT-2; Falcon; else 4 x hidden.
+    ffn = next((v for k in ("ffn_dim", "intermediate_size", "n_inner", "ffn_hidden_size")
+                if isinstance(v := getattr(config, k, None), int)), 4 * hidden)
+    return {
+        "layers": config.num_hidden_layers,
+        "hidden": hidden,
+        "kv": _features(linears["k_proj"])[1] if "k_proj" in linears else hidden,
+        "heads": config.num_attention_heads,
+        "ffn": ffn,
+        "gated_mlp": "gate_proj" in linears or "gate_up_proj" in linears,
+        "vocab": model.get_output_embeddings().out_features,
+        "head_trains": model.get_output_embeddings().weight.requires_grad,
+        "dropout": float(getattr(config, "dropout", 0.0) or 0.0),
+        "attn": getattr(config, "_attn_implementation", None) or "sdpa",
+        "weights_dtype": model.get_input_embeddings().weight.dtype,
+        "linears": {n: _features(m) for n, m in linears.items()},
+        "adapted": {n: _features(m) for n, m in adapted.items()},
+        "lora": lora or {"r": 0, "experts": 1, "impl": "lean", "dropout": 0.0},
+    }
+
+
+class _Captured(Exception):
+    """Raised by a pre-hook to stop a forward once the traced layer's inputs are known."""
+
+
+def _sdpa_args(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
+               enable_gqa=False):
+    return query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa
+
+
+_GROUPED_MM = {getattr(torch.nn.functional, "grouped_mm", None), getattr(torch, "_grouped_mm", None)} - {None}
+
+
+class _GroupedMmOnMeta(torch.autograd.Function):
+    """torch's grouped matmul of tokens (rows of a, grouped by offs) with experts' weights b, on
+    meta: what it saves (a for b's gradient, b for a's, and offs) and what its backward makes."""
+
+    @staticmethod
+    def forward(ctx, a, b, offs):
+        ctx.save_for_backward(a if b.requires_grad else None, b if a.requires_grad else None, offs)
+        ctx.shapes = a.shape, b.shape
+        return a.new_empty(a.shape[0], b.shape[-1])
+
+    @staticmethod
+    def backward(ctx, grad):
+        a_shape, b_shape = ctx.shapes
+        return (grad.new_empty(a_shape) if ctx.needs_input_grad[0] else None,
+                grad.new_empty(b_shape) if ctx.needs_input_grad[1] else None, None)
+
+
+class _KernelsOnMeta(torch.overrides.TorchFunctionMode):
+    """Meta's kernels, made to save what CPU's and CUDA's save.
+
+    On meta, SDPA takes its math path, which saves the bs x heads x seq^2 attention weights. On
+    CPU and CUDA a fused kernel runs, which saves a log-sum-exp instead: trace with one (the CPU
+    kernel). Where the CPU takes the math path too, it is left as it is: attention dropout (on CUDA
+    the fused kernels take it, and keep no mask), and fewer key heads than query heads without
+    enable_gqa (Falcon's multi-query attention).
+
+    Grouped matmul (transformers' routed experts: tokens sorted by expert, one matmul per expert's
+    rows) has a meta kernel for CUDA's bf16 only. Its shapes do not depend on the routing: it is
+    run as _GroupedMmOnMeta."""
+
+    def __init__(self, device_type="cpu"):
+        super().__init__()
+        self.device_type = device_type
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is torch.nn.functional.scaled_dot_product_attention:
+            q, k, v, mask, dropout_p, is_causal, scale, gqa = _sdpa_args(*args, **kwargs)
+            fused = dropout_p == 0 or self.device_type == "cuda"
+            if fused and (gqa or k.shape[-3] == q.shape[-3]):
+                return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+                    q, k, v, 0.0, is_causal, attn_mask=mask, scale=scale)[0]
+        if func in _GROUPED_MM:
+            a, b = args[:2]
+            offs = args[2] if len(args) > 2 else kwargs.get("offs")
+            if a.device.type == "meta" and a.dim() == 2 and b.dim() == 3 and offs is not None:
+                out = _GroupedMmOnMeta.apply(a, b, offs)
+                return out if kwargs.get("out_dtype") is None else out.to(kwargs["out_dtype"])
+        return func(*args, **kwargs)
+
+
+# torch's autocast policies (aten/src/ATen/autocast_mode.cpp) for the ops a decoder layer calls,
+# by the name of its Python function or method.
+# In the autocast dtype, on CPU and CUDA:
+_AUTOCAST_LOWER = {"linear", "matmul", "__matmul__", "mm", "bmm", "baddbmm", "addmm", "addbmm",
+                   "einsum", "conv1d", "conv2d", "prelu", "scaled_dot_product_attention"}
+# In fp32, on CUDA (on CPU only losses are, and the loss is in no layer). Softmax, log_softmax and
+# the cumulative ops take dtype=float32 rather than a cast input; they save the same.
+_AUTOCAST_FP32_CUDA = {"softmax", "log_softmax", "layer_norm", "rms_norm", "group_norm", "pow",
+                       "__pow__", "rsqrt", "exp", "expm1", "log", "log1p", "reciprocal", "cumsum",
+                       "cumprod", "prod", "softplus", "logsumexp", "norm", "cosine_similarity"}
+
+
+class _AutocastOnMeta(torch.overrides.TorchFunctionMode):
+    """torch.autocast for meta tensors, which it leaves alone: the inputs of the ops above are cast
+    (as autograd ops, so what autograd saves is the cast copy, as under autocast). A leaf that
+    trains in fp32 is cast once per forward, as autocast caches it; frozen weights are cast at every
+    call. `weight_copies` collects the storages of casts of `weights` (storage keys).
+
+    Autocast's own switch is on inside, for code that turns it off where it keeps a part in fp32
+    (torch.autocast("cuda", enabled=False)): nothing is cast there. transformers' maybe_autocast
+    skips the switch for meta tensors, so the parts it keeps in fp32 are cast here.
+    (The switch is per thread; the trace is not meant to run in two threads at once.)"""
+
+    def __init__(self, dtype, device_type, weights=()):
+        super().__init__()
+        self.dtype, self.device_type = dtype, device_type
+        self.weights, self.weight_copies, self.cache, self._refs = set(weights), set(), {}, []
+        self.fp32 = _AUTOCAST_FP32_CUDA if device_type == "cuda" else set()
+
+    def __enter__(self):
+        self._outer = (torch.is_autocast_enabled(self.device_type),
+                       torch.get_autocast_dtype(self.device_type))
+        torch.set_autocast_enabled(self.device_type, True)
+        torch.set_autocast_dtype(self.device_type, self.dtype)
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        torch.set_autocast_enabled(self.device_type, self._outer[0])
+        torch.set_autocast_dtype(self.device_type, self._outer[1])
+        self.cache.clear()   # as autocast's, when it exits
+        return super().__exit__(*exc)
+
+    def _cast(self, t, dtype):
+        if not (isinstance(t, torch.Tensor) and t.is_floating_point()) or t.dtype in (dtype, torch.float64):
+            return t
+        cacheable = dtype == self.dtype and t.dtype == torch.float32 and t.is_leaf and t.requires_grad
+        if cacheable and id(t) in self.cache:
+            return self.cache[id(t)][1]
+        out = t.to(dtype)
+        if t.untyped_storage()._cdata in self.weights:
+            # (forgotten when freed: a storage made later may take its address)
+            storage = out.untyped_storage()
+            self.weight_copies.add(storage._cdata)
+            forget = lambda _, key=storage._cdata: self.weight_copies.discard(key)
+            self._refs.append(weakref.ref(storage, forget))
+        if cacheable:
+            self.cache[id(t)] = (t, out)   # (t kept, so that its id is not reused)
+        return out
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        name = getattr(func, "__name__", "")
+        dtype = self.dtype if name in _AUTOCAST_LOWER else torch.float32 if name in self.fp32 else None
+        if dtype is not None and torch.is_autocast_enabled(self.device_type):
+            args, kwargs = pytree.tree_map(lambda t: self._cast(t, dtype), (args, kwargs or {}))
+        return func(*args, **(kwargs or {}))
+
+
+def _autocast_on_meta(dtype, device, weights):
+    return (contextlib.nullcontext() if dtype is None
+            else _AutocastOnMeta(dtype, torch.device(device).type, weights))
+
+
+class _Unwrapped(torch.nn.Module):
+    """Calls a layer's class forward, past a forward set on the instance (as manual checkpointing
+    does): the trace wants what the layer saves when it runs, as it does when it is recomputed."""
+
+    def __init__(self, layer):
+        super().__init__()
+        self.layer = layer
+
+    def forward(self, *args, **kwargs):
+        return type(self.layer).forward(self.layer, *args, **kwargs)
+
+
+def _on_meta(tensor, requires_grad=None):
+    """A meta tensor of `tensor`'s shape and dtype; a floating one requires grad as `tensor` does,
+    or as `requires_grad` says."""
+    out = torch.empty(tensor.shape, dtype=tensor.dtype, device="meta")
+    if not out.is_floating_point():
+        return out
+    return out.requires_grad_(tensor.requires_grad if requires_grad is None else requires_grad)
+
+
+def _is_cache(value):
+    """transformers' KV cache, which a layer takes by name (past_key_values, cache) or by position
+    (GPT-2's)."""
+    return any(c.__name__ == "Cache" for c in type(value).__mro__)
+
+
+@contextlib.contextmanager
+def _unpadded_on_meta():
+    """transformers asks whether a batch has padding by reading its mask (masking_utils.fast_all;
+    transformers 5.17's OPT makes one of ones when given none). On meta there is nothing to read:
+    the trace is of a batch without padding (the budget counts padding's mask apart), so every
+    such read answers "all true". (The other read of fast_all, of a cache's part of the mask, comes
+    only after a first forward; and the patch is process-wide, like the trace's other switches.)"""
+    masking = sys.modules.get("transformers.masking_utils")
+    read = getattr(masking, "fast_all", None)
+    if read is None:
+        yield
+        return
+    masking.fast_all = lambda mask: True if mask.device.type == "meta" else read(mask)
+    try:
+        yield
+    finally:
+        masking.fast_all = read
+
+
+
+# ---------------------------------------------------------------- one decoder layer, traced on meta
+
+@contextlib.contextmanager
+def _training_unchecked(model):
+    """The model in train mode, transformers' own checkpointing off (the forward it wraps is what is
+    traced); both as they were afterwards."""
+    modes = [(m, m.training) for m in model.modules()]
+    model.train()
+    checkpointing = [m for m in model.modules() if m.__dict__.get("gradient_checkpointing") is True]
+    for m in checkpointing:
+        m.gradient_checkpointing = False
+    try:
+        yield
+    finally:
+        for m, training in modes:
+            m.training = training
+        for m in checkpointing:
+            m.gradient_checkpointing = True
+
+
+def _as_run(autocast_dtype, device, weights):
+    """The modes that make meta tensors behave as the run: its kernels, and its autocast."""
+    return _KernelsOnMeta(torch.device(device).type), _autocast_on_meta(autocast_dtype, device, weights)
+
+
+def _layer_inputs(model, state, ids, inputs, autocast_dtype, device, weights):
+    """The last decoder layer's (args, kwargs), from a forward on meta stopped as it starts.
+
+    `inputs` gathers, by storage, what every layer takes besides the hidden states: layers of
+    different kinds take different masks (Gemma2's sliding window), all made once by the model and
+    kept until backward (kept: a storage freed in the meantime could see its address reused, and a
+    new one taken for it)."""
+    layers = decoder_layers(model)
+    layer, captured = layers[-1], {}
+
+    def capture(module, args, kwargs):
+        if module is layer:
+            captured.update(args=args, kwargs=kwargs)
+        rest = [*args[1:], *(v for k, v in kwargs.items() if k != "hidden_states")]
+        inputs.update((t.untyped_storage()._cdata, t) for t in pytree.tree_leaves(
+            [v for v in rest if not _is_cache(v)]) if isinstance(t, torch.Tensor))
+        if module is layer:
+            raise _Captured
+
+    capturing = [each.register_forward_pre_hook(capture, with_kwargs=True) for each in layers]
+    kernels, cast = _as_run(autocast_dtype, device, weights)
+    try:
+        # With the cache on (the config's default), transformers skips a packed-sequence test
+        # that reads values; the layer then runs without it.
+        # (fork_rng: a model may draw on the CPU's generator, as OPT's layerdrop does)
+        with kernels, cast, _unpadded_on_meta(), torch.random.fork_rng(devices=[]):
+            torch.func.functional_call(model, state, (), {"input_ids": ids})
+    except _Captured:
+        pass
+    finally:
+        for h in capturing:
+            h.remove()
+    return captured["args"], captured["kwargs"]
+
+
+def _without_cache(args, kwargs):
+    """The captured call without the KV cache, which by now holds the other layers' keys and values,
+    its hidden states a meta leaf that requires grad: (args, kwargs, hidden states)."""
+    args = tuple(None if _is_cache(a) else a for a in args)
+    kwargs = {k: None if _is_cache(v) else v for k, v in kwargs.items()}
+    if "use_cache" in kwargs:
+        kwargs["use_cache"] = False
+    hidden = _on_meta(args[0] if args else kwargs.pop("hidden_states"), requires_grad=True)
+    if args:
+        args = (hidden, *args[1:])
+    else:
+        kwargs["hidden_states"] = hidden
+    return args, kwargs, hidden
+
+
+def _run_layer(layer, layer_state, call, inputs, autocast_dtype, device, weights):
+    """Forward and backward of `layer` on meta, under trackers: trace_layer's figures."""
+    args, kwargs, hidden = call
+    shared = set(inputs) | weights
+    tracker, forward, shared_saved = Tracker("meta"), Tracker("meta"), set()
+
+    def pack(t):
+        if t.device.type == "meta":
+            key = t.untyped_storage()._cdata
+            if key not in shared:
+                tracker.track(t, "saved")
+            elif key in inputs:
+                shared_saved.add(key)
+        return t
+
+    kernels, cast = _as_run(autocast_dtype, device, weights)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), kernels, cast, forward:
+        out = torch.func.functional_call(_Unwrapped(layer), layer_state, args, kwargs)
+    out = out if isinstance(out, torch.Tensor) else out[0]
+    saved = tracker.live_bytes
+    copies = (sum(r.nbytes for k, r in tracker.live.items() if k in cast.weight_copies)
+              if autocast_dtype is not None else 0)
+    # dropout's noise: what the forward made with empty_like (then filled by bernoulli_)
+    made = {k: forward.live.get(k) for k in tracker.live}
+    noise = [r for k, r in tracker.live.items()
+             if made[k] is not None and made[k].op == "empty_like" and made[k]._dtype.is_floating_point]
+    grad_out = torch.empty(out.shape, dtype=out.dtype, device="meta")
+    tracker.start_window()
+    start = tracker.live_bytes
+    with tracker, kernels:
+        torch.autograd.backward(out, grad_out)
+    return {"saved": saved, "dropout_noise": sum(r.nbytes for r in noise),
+            "dropout_noise_numel": sum(r.nbytes // r._dtype.itemsize for r in noise),
+            "weight_copies": copies,
+            "hidden_bytes": hidden.element_size(), "forward": forward.peak_bytes,
+            "shared_inputs": sum(t.untyped_storage().nbytes() for k, t in inputs.items()
+                                 if k not in weights),
+            "shared_saved": sum(inputs[k].untyped_storage().nbytes() for k in shared_saved),
+            "backward": tracker.peak_bytes - start}
+
+
+def trace_layer(model, *, bs, seq, full=False, autocast_dtype=None, device="cpu"):
+    """What one decoder layer keeps for backward, and what its backward needs on top, in bytes.
+
+    The model runs on the meta device (nothing is allocated): its parameters and buffers are
+    replaced by meta tensors, a forward at bs x seq runs up to the last decoder layer, taking every
+    layer's inputs, and that layer then runs forward and backward, in train mode, under a tracker,
+    with the kernels CPU and CUDA run (_KernelsOnMeta) and the run's autocast (_AutocastOnMeta,
+    with the device's policies). A gated LoRA layer gets a meta gate; full=True trains every
+    parameter. Returns {"saved": unique bytes saved for backward, the layer's input included,
+    parameters and the inputs every layer shares (masks, rotary tables) not; "weight_copies": the
+    part of it that is autocast's copies of weights; "dropout_noise": the part that is dropout's
+    noise (on meta, as on CPU, dropout multiplies by a noise tensor of the input's dtype; CUDA's
+    fused kernel keeps a bool mask instead, of "dropout_noise_numel" bytes); "hidden_bytes": the
+    layer input's element size; "backward": the backward's peak above what it starts with;
+    "forward": the forward's peak, its temporaries included; "shared_inputs": what the model makes
+    once for every layer (masks, rotary tables), which checkpointing keeps as inputs;
+    "shared_saved": the part of it that a layer saves}. Raises what the model raises when it
+    cannot run on meta (an op that reads values).
+    """
+    layers = decoder_layers(model)
+    if layers is None:
+        raise ValueError(f"{type(model).__name__}: no list of decoder layers found")
+    state = {n: _on_meta(t, True if full else None) for n, t in model.named_parameters()}
+    state.update((n, _on_meta(t)) for n, t in model.named_buffers())
+    weights = {t.untyped_storage()._cdata for t in state.values()}
+    # The last layer: its input has the dtype of the residual stream from then on (bf16 weights
+    # under fp16 autocast: the first layer's is bf16, the others' fp32, as fp16 + bf16 promotes).
+    layer = layers[-1]
+    prefix = next(n for n, m in model.named_modules() if m is layer) + "."
+    layer_state = {"layer." + n[len(prefix):]: t for n, t in state.items() if n.startswith(prefix)}
+    # One gate for every layer, as the router makes it, which trains: what multiplies it is saved
+    # for its gradient.
+    gated = [m for m in layers.modules() if getattr(m, "n_experts", 1) > 1 and hasattr(m, "base")]
+    gate = torch.empty(bs, gated[0].n_experts, device="meta", requires_grad=True) if gated else None
+    inputs = {gate.untyped_storage()._cdata: gate} if gated else {}
+    hooks = [m.register_forward_pre_hook(lambda m, args, kwargs: (args, dict(kwargs, gate=gate)),
+                                         with_kwargs=True) for m in gated]
+    try:
+        with _training_unchecked(model):
+            ids = torch.zeros(bs, seq, dtype=torch.long, device="meta")
+            call = _layer_inputs(model, state, ids, inputs, autocast_dtype, device, weights)
+            return _run_layer(layer, layer_state, _without_cache(*call), inputs, autocast_dtype,
+                              device, weights)
+    finally:
+        for h in hooks:
+            h.remove()
+
+
+# ---------------------------------------------------------------- the budget
+
+def _estimated_layer(s, *, bs, seq, act, mask, full, casts_weights):
+    """One decoder layer by the per-token estimate, calibrated on OPT, in the trace's terms;
+    "lora_per_token": the adapters' own part, kept in both cases to explain the per-layer figure."""
+    h, lora, tokens = s["hidden"], s["lora"], bs * seq
+    adapted = s["linears"] if full else s["adapted"]
+    lora_dropout = 0 if full else lora["dropout"]
+    # Saved per token in one decoder layer, in bytes.
+    per_token = act * (2 * h + h + 2 * s["kv"] + h + (3 if s["gated_mlp"] else 1) * s["ffn"])
+    per_token += 4 * s["heads"] if s["attn"] == "sdpa" else 0   # log-sum-exp, fp32
+    per_token += 2 * h * mask if s["dropout"] > 0 else 0
+    groups = {_SHARED_INPUTS.get(n, n) for n in adapted if n not in _ALREADY_SAVED}
+    if lora_dropout == 0:
+        per_token += sum(act * (h if g.endswith("input") else adapted[g][0]) for g in groups)
+    lora_per_token = 0
+    if not full:
+        for name, (d_in, d_out) in adapted.items():
+            r, experts = lora["r"], lora["experts"]
+            if experts == 1:
+                lora_per_token += 4 * r
+            elif lora["impl"] == "lean":
+                lora_per_token += 4 * 2 * r
+            else:
+                lora_per_token += 4 * (r + experts * d_out)
+            if lora_dropout > 0:
+                lora_per_token += d_in * (4 + mask)
+    eager_scores = bs * s["heads"] * seq * seq * 4 if s["attn"] == "eager" else 0  # softmax in fp32
+    # Autocast copies what is not in its dtype: the weights, or only LoRA's fp32 ones (which the
+    # estimate leaves out).
+    copies = sum(i * o for i, o in s["linears"].values()) * act if casts_weights else 0
+    return {"saved": tokens * (per_token + lora_per_token) + eager_scores, "weight_copies": copies,
+            "backward": tokens * act * (s["ffn"] + 2 * h), "forward": 0, "shared_inputs": 0,
+            "hidden_bytes": act, "lora_per_token": lora_per_token}
+
+
+def _traced_layer(traced, *, checkpointing, on_cuda):
+    """The trace's figures in place of the estimate's."""
+    # (on CUDA, dropout's fused kernel keeps a bool mask where the trace has the noise)
+    bool_masks = traced["dropout_noise"] - traced["dropout_noise_numel"] if on_cuda else 0
+    return {"saved": traced["saved"] - traced["weight_copies"] - bool_masks,
+            "weight_copies": traced["weight_copies"], "backward": traced["backward"],
+            "forward": traced["forward"], "hidden_bytes": traced["hidden_bytes"],
+            "shared_inputs": traced["shared_inputs" if checkpointing else "shared_saved"]}
+
+
+def _terms(s, layer, *, bs, seq, act, mask, full, ckpt, loss_chunks, trainable_bytes, param_bytes):
+    """The budget's terms, in bytes, from the model's structure and one layer's figures."""
+    h, lora, tokens, hidden_bytes = s["hidden"], s["lora"], bs * seq, layer["hidden_bytes"]
+    adapted = s["linears"] if full else s["adapted"]
+    return {
+        "params": param_bytes,
+        "trainable_params": trainable_bytes,
+        "gradients": trainable_bytes,
+        "optimizer_state": 2 * trainable_bytes,
+        "activations_per_layer": layer["saved"],
+        "backward_temporaries_per_layer": layer["backward"],
+        "shared_layer_inputs": layer["shared_inputs"],
+        "lora_activations_per_layer": tokens * layer["lora_per_token"],
+        "einsum_expert_outputs_per_layer": (tokens * 4 * lora["experts"] * sum(o for _, o in adapted.values())
+                                            if lora["impl"] == "einsum" and lora["experts"] > 1 and not full
+                                            else 0),
+        "attention_mask_per_layer": layer["attention_mask"],
+        "dropout_masks_per_layer": tokens * ((2 * h * mask if s["dropout"] > 0 else 0)
+                                             + (sum(d for d, _ in adapted.values()) * mask
+                                                if not full and lora["dropout"] > 0 else 0)),
+        "checkpointed_inputs": s["layers"] * tokens * h * hidden_bytes if ckpt else 0,
+        "saved_activations": (s["layers"] * tokens * h * hidden_bytes if ckpt
+                              else s["layers"] * layer["saved"])
+                             + tokens * h * hidden_bytes    # + the final norm's input
+                             + (bs * seq * seq if layer["attention_mask"] else 0)  # + the bool mask, once
+                             + layer["shared_inputs"],
+        "logits": bs * (seq - 1) * s["vocab"] * 4 // loss_chunks,   # one fp32 copy
+        "logits_16bit": (bs * (seq - 1) * s["vocab"] * act // loss_chunks) if act < 4 else 0,
+        # chunked: the gradients the fused head and loss take in forward and keep for backward
+        # (the hidden states', in their dtype, the last position's zero included; the head's, fp32)
+        "kept_loss_gradient": (tokens * h * _dtype_bytes(s["weights_dtype"])
+                               + (s["vocab"] * h * 4 if full or s["head_trains"] else 0)
+                               if loss_chunks > 1 else 0),
+        "autocast_weight_copies": 0,
+    }
+
+
+def _phases(terms, layer, *, tokens, h, ckpt, loss_chunks):
+    """Each phase's peak, from the terms and one layer's figures."""
+    steady = terms["params"] + terms["optimizer_state"] + terms.get("cuda_workspaces", 0)
+    saved = terms["saved_activations"] + terms["autocast_weight_copies"]
+    if loss_chunks == 1:
+        # forward ends with the logits and their log-softmax; backward starts with the log-softmax
+        # (saved), the loss's gradient and the logits' gradient.
+        # (16-bit logits exist only until .float() has copied them: a spike in forward.)
+        forward_peak = steady + saved + 2 * terms["logits"] + terms["logits_16bit"]
+        backward_start = steady + saved + 3 * terms["logits"]
+    else:
+        # The head and the loss fused: in forward, one chunk at a time, its logits and its
+        # log-softmax (turned in place into its gradient), while the hidden states' gradient (and
+        # the head's, when it trains), kept for backward, fills up; backward only scales what was
+        # kept into a copy. Nothing is recomputed.
+        kept = terms["kept_loss_gradient"]
+        forward_peak = steady + saved + 2 * terms["logits"] + kept
+        backward_start = steady + saved + 2 * kept
+    recompute = 0
+    if ckpt:
+        # one layer recomputed, plus its gradients in flight, while the other inputs stay
+        # (the recomputed forward's own peak, its temporaries included, can be the higher)
+        recompute = (steady + terms["checkpointed_inputs"] + tokens * h * layer["hidden_bytes"]
+                     + terms["gradients"] + max(layer["saved"] + layer["weight_copies"] + layer["backward"],
+                                                layer["forward"]))
+    # the last layer's backward, every layer's saved activations still held (no checkpointing); its
+    # output's gradient takes the place of the final norm's input, freed by then
+    last_layer = 0 if ckpt else steady + saved + layer["backward"]
+    optimizer_peak = steady + terms["gradients"] + terms["trainable_params"]  # foreach AdamW: one temporary
+    return {"forward": forward_peak, "backward": max(backward_start, recompute, last_layer),
+            "optimizer": optimizer_peak}
+
+
+def _categories(terms, phases, peak_phase, loss_chunks):
+    """What the peak holds, by memcheck's categories."""
+    trainable_bytes = terms["trainable_params"]
+    categories = {
+        "trainable_params": trainable_bytes, "frozen_params": terms["params"] - trainable_bytes,
+        "gradients": terms["gradients"] if peak_phase == "optimizer" else 0,
+        "optimizer_state": terms["optimizer_state"],
+        "activations": terms["saved_activations"] + terms["autocast_weight_copies"]
+                       + (terms["logits"] if loss_chunks == 1 else terms["kept_loss_gradient"]),
+    }
+    if peak_phase == "optimizer":
+        categories["activations"] = 0
+    categories["temporaries"] = phases[peak_phase] - sum(categories.values())
+    return categories
+
+
+def budget(model, *, bs, seq, checkpointing, autocast_dtype=None, loss_chunks=1, device="cpu",
+           extra=(), full=False, padded=False, cuda_workspace_bytes=None):
+    """Predict training memory from a model and the run's shapes; every term in bytes.
+
+    model: the causal LM with its adapters (any device, the meta device included: nothing is
+    allocated). extra: other modules whose parameters train with it (iLoRA's router and projector).
+    The LoRA rank, experts, form and dropout are read off the adapted layers, the attention kernel
+    and the weights' dtype off the model. full=True budgets full fine-tuning (every parameter
+    trained) for the same shapes, as the seed's "about 1 GB" estimate does. On CUDA, cuBLAS's
+    workspaces count too: cuda_workspace_bytes when given, else measured (cuda_workspaces).
+
+    What one decoder layer saves for backward, what its backward and its recomputed forward need
+    on top, and what the model makes once for every layer are traced (trace_layer); "method" says
+    "traced". Where the layer cannot run on meta, a per-token estimate calibrated on OPT stands
+    instead ("method" says "formula: " and why): layer input, the residual before the MLP, q, k, v
+    and the attention output, SDPA's log-sum-exp, the MLP activation (three of them for a gated
+    MLP), two residual-dropout masks, the inputs of adapted linears, and each adapter's own:
+    r/E-wide expert activations (lean), or E x out per-expert outputs (einsum); LoRA dropout keeps
+    its output and its mask. Those adapter terms are kept in both cases."""
+    s = _structure(model)
+    act = _dtype_bytes(autocast_dtype or s["weights_dtype"])
+    on_cuda = torch.device(device).type == "cuda"
+    mask = 1 if on_cuda else act                       # dropout masks: bool on CUDA, act dtype on CPU
+    casts_weights = autocast_dtype is not None and autocast_dtype != s["weights_dtype"]
+    layer = _estimated_layer(s, bs=bs, seq=seq, act=act, mask=mask, full=full, casts_weights=casts_weights)
+    try:
+        traced = trace_layer(model, bs=bs, seq=seq, full=full, device=device, autocast_dtype=autocast_dtype)
+    except Exception as e:  # an op that reads values, or a decoder this trace cannot call
+        method = f"formula: the layer does not run on meta ({type(e).__name__}: {first_line(e)})"
+    else:
+        method = "traced"
+        layer.update(_traced_layer(traced, checkpointing=checkpointing, on_cuda=on_cuda))
+    # padded=True: some batch has padding, so SDPA gets an explicit mask instead of is_causal, and
+    # each layer's call turns it into a float bias, bs x 1 x seq x seq, which it saves for backward.
+    layer["attention_mask"] = bs * seq * seq * act if padded and s["attn"] == "sdpa" else 0
+    layer["saved"] += layer["attention_mask"]
+    params = _unique_params([model, *extra])
+    by_dtype = _bytes_by_dtype(params)
+    trained = params if full else [p for p in params if p.requires_grad]
+    trainable_bytes = sum(p.numel() * p.element_size() for p in trained)
+    terms = _terms(s, layer, bs=bs, seq=seq, act=act, mask=mask, full=full, ckpt=checkpointing,
+                   loss_chunks=loss_chunks, trainable_bytes=trainable_bytes,
+                   param_bytes=sum(by_dtype.values()))
+    if on_cuda and (cuda_workspace_bytes is not None or torch.cuda.is_available()):
+        # (budgeting for CUDA on a machine without it, they are not known: the term is absent)
+        terms["cuda_workspaces"] = (cuda_workspaces(device) if cuda_workspace_bytes is None
+                                    else cuda_workspace_bytes)
+    if autocast_dtype is not None:
+        # Autocast re-casts each frozen weight at every call and the copy is saved for backward:
+        # every layer's and lm_head's; under checkpointing lm_head's, and the recomputed layer's
+        # while it is (its forward saved nothing).
+        head = s["vocab"] * s["hidden"] // loss_chunks if casts_weights else 0  # (the fused loss: a slice)
+        terms["autocast_weight_copies"] = (head * act
+                                           + (0 if checkpointing else s["layers"] * layer["weight_copies"]))
+    phases = _phases(terms, layer, tokens=bs * seq, h=s["hidden"], ckpt=checkpointing,
+                     loss_chunks=loss_chunks)
+    peak_phase = max(phases, key=phases.get)
+    return {"full": full, "method": method, "terms": terms, "params_by_dtype": by_dtype,
+            "phases": phases, "peak_phase": peak_phase, "peak_bytes": phases[peak_phase],
+            "categories": _categories(terms, phases, peak_phase, loss_chunks)}
