@@ -320,7 +320,7 @@ def train(args, log=print):
                 trained = distributed.wrap(modules, models.decoder_layers(model), args)
                 trainable = [p for p in modules.parameters() if p.requires_grad]
                 optimizer = torch.optim.AdamW(trainable, lr=args.lr)
-                scaler = torch.amp.GradScaler(args.device, enabled=args.precision == "16-mixed")
+                scaler = distributed.grad_scaler(args)
                 probe.attach(modules, optimizer)
             config.update(targets=list(setup["targets"]), attn=setup["attn"])  # what ran
             extra.update(describe(args, model, modules, setup, log))
