@@ -12,6 +12,7 @@ import torch
 import torch.distributed as dist
 
 import memcheck
+import models
 
 
 def is_distributed(args):
@@ -42,9 +43,9 @@ def process_group(args):
         dist.destroy_process_group()
 
 
-def wrap(module, layers, args):
-    """The module the loop trains: DDP around it, or FSDP2 sharding each of `layers`, then the root.
-    FSDP2 replaces the parameters, so the optimizer is made after this."""
+def wrap(module, args):
+    """The module the loop trains (an ILoraModel): DDP around it, or FSDP2 sharding each decoder
+    layer, then the root. FSDP2 replaces the parameters, so the optimizer is made after this."""
     if args.strategy == "ddp":
         from torch.nn.parallel import DistributedDataParallel
         device_ids = [torch.cuda.current_device()] if args.device == "cuda" else None
@@ -54,7 +55,7 @@ def wrap(module, layers, args):
         # OPT's layer returns .view() of its residual sum; the next layer only reads it (no in-place
         # op drops FSDP2's hook), and FSDP2's weights match DDP's (test_distributed.py)
         warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
-        for layer in layers:
+        for layer in models.decoder_layers(module.lm):
             fully_shard(layer)
         return fully_shard(module)
     return module

@@ -227,7 +227,7 @@ def train_step(trained, optimizer, scaler, batch, args, probe, leaked):
     # through the router once, after the layers'.
     inner = gate.detach().requires_grad_() if args.ckpt == "reentrant" and gate is not None else gate
     with probe.phase("backward"), ilora.use_gate(inner):
-        # DDP and FSDP2 average the gradients over the ranks: times the world size, they are the sum's
+        # DDP and FSDP2 average the ranks' gradients: scaled by the world size, that is the sum's
         scaler.scale(loss * world if world > 1 else loss).backward()
         if inner is not gate and inner.grad is not None:
             gate.backward(inner.grad)
@@ -317,7 +317,7 @@ def train(args, log=print):
             with probe.phase("load"):
                 model, items, batches, setup = build(args)
                 modules = ILoraModel(model, items, args)
-                trained = distributed.wrap(modules, models.decoder_layers(model), args)
+                trained = distributed.wrap(modules, args)
                 trainable = [p for p in modules.parameters() if p.requires_grad]
                 optimizer = torch.optim.AdamW(trainable, lr=args.lr)
                 scaler = distributed.grad_scaler(args)
