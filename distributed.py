@@ -89,11 +89,9 @@ def rank_rows(batches, args):
     """This rank's rows of each global batch (read at bs x world size): rank r gets rows
     r*bs .. (r+1)*bs, so N ranks at --bs b see what one process sees at --bs b*N."""
     if not is_distributed(args):
-        yield from batches
-        return
+        return batches
     start = rank(args) * args.bs
-    for batch in batches:
-        yield {k: v[start:start + args.bs] for k, v in batch.items()}  # views: nothing allocated
+    return ({k: v[start:start + args.bs] for k, v in batch.items()} for batch in batches)  # views
 
 
 def global_sum(tensor, args):

@@ -33,7 +33,8 @@ examples:
   python ref_train.py --bs 2 --seq 128                      the baseline of the OOM report
   python ref_train.py --ckpt none --report a.json           what checkpointing saves
   python ref_train.py --precision 16-mixed --weights-dtype bf16 --device cuda   iLoRA's precision
-  python ref_train.py --inject-leak --steps 5               what a leak looks like"""
+  python ref_train.py --inject-leak --steps 5               what a leak looks like
+  torchrun --nproc_per_node 2 ref_train.py --strategy fsdp --bs 1   two processes, FSDP2"""
 
 
 class UsageError(ValueError):

@@ -66,6 +66,7 @@ def _free_port():
 
 def run_ranks(model, strategy, out_dir, *flags):
     """Two ranks of ref_train.py --strategy; (report, rank 0's stdout, rank 1's, full weights)."""
+    os.makedirs(out_dir, exist_ok=True)
     report = os.path.join(out_dir, "report.json")
     argv = ["--model", model, *RUN, "--strategy", strategy, "--bs", "1", "--report", report, *flags]
     mp.spawn(_rank_main, args=(_free_port(), argv, str(out_dir)), nprocs=WORLD)
@@ -138,3 +139,11 @@ def test_strategy_without_torchrun_is_refused_in_one_line():
     assert result.returncode == 2
     assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
     assert "torchrun --nproc_per_node N ref_train.py --strategy ddp --bs 1" in result.stderr
+
+
+def test_ddp_and_fsdp2_agree_under_bf16_autocast_with_the_fused_loss(dropout_free_model, tmp_path):
+    flags = ["--precision", "bf16-mixed", "--loss-chunks", "4"]
+    ddp_run = run_ranks(dropout_free_model, "ddp", tmp_path / "ddp", *flags)
+    fsdp_run = run_ranks(dropout_free_model, "fsdp", tmp_path / "fsdp", *flags)
+    assert losses(fsdp_run[0]) == pytest.approx(losses(ddp_run[0]), rel=1e-3)
+    assert_same_weights(fsdp_run[3], ddp_run[3])
