@@ -315,8 +315,8 @@ def _reference_loop(args):
     trainable = [p for m in (model, items) for p in m.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=args.lr)
     scaler = torch.amp.GradScaler(args.device, enabled=False)
-    step = lambda probe: ref_train.train_step(model, items, optimizer, scaler, next(batches), args,
-                                              probe, [])
+    trained = ref_train.ILoraModel(model, items, args)
+    step = lambda probe: ref_train.train_step(trained, optimizer, scaler, next(batches), args, probe, [])
     return step, torch.nn.ModuleDict({"lm": model, "ilora": items}), optimizer
 
 

@@ -2,6 +2,7 @@
 import argparse
 import math
 import os
+import shlex
 import sys
 import tempfile
 
@@ -12,6 +13,8 @@ PRECISIONS = {"32": ("fp32", None), "16-mixed": ("fp32", "fp16"), "bf16-mixed": 
 DTYPE_NAMES = ("fp32", "fp16", "bf16")
 IMPLS = ("lean", "einsum")  # ilora.IMPLS (a test checks they agree); ilora imports torch
 CKPT_MODES = ("manual", "hf", "reentrant", "none")
+STRATEGIES = ("none", "ddp", "fsdp")
+TORCHRUN_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK")  # what torchrun sets in each process it starts
 MIN_SEQ = 16
 WEIGHTS_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
                  "pytorch_model.bin.index.json")
@@ -30,7 +33,8 @@ examples:
   python ref_train.py --bs 2 --seq 128                      the baseline of the OOM report
   python ref_train.py --ckpt none --report a.json           what checkpointing saves
   python ref_train.py --precision 16-mixed --weights-dtype bf16 --device cuda   iLoRA's precision
-  python ref_train.py --inject-leak --steps 5               what a leak looks like"""
+  python ref_train.py --inject-leak --steps 5               what a leak looks like
+  torchrun --nproc_per_node 2 ref_train.py --strategy fsdp --bs 1   two processes, FSDP2"""
 
 
 class UsageError(ValueError):
@@ -65,13 +69,16 @@ def _model_and_data(p):
 
 def _shape(p):
     g = p.add_argument_group("shape of the run")
-    g.add_argument("--bs", type=int, default=2, help="batch size")
+    g.add_argument("--bs", type=int, default=2, help="batch size (per rank under --strategy)")
     g.add_argument("--seq", type=int, default=128, help="tokens per sample (pad or cut to exactly this)")
     g.add_argument("--steps", type=int, default=5, help="optimizer steps (>= 3 to see a leak)")
     g.add_argument("--seed", type=int, default=0, help="seeds the data, the weights and the adapters")
     g.add_argument("--lr", type=float, default=1e-4, help="AdamW's learning rate")
     g.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                    help="auto: cuda when torch sees a GPU")
+    g.add_argument("--strategy", choices=STRATEGIES, default="none",
+                   help="under torchrun: DistributedDataParallel, or FSDP2 (each decoder layer "
+                        "sharded, then the rest); --bs is per rank")
 
 
 def _lora(p):
@@ -127,8 +134,8 @@ def build_parser():
     return p
 
 
-def _value_checks(args):
-    """(holds, the one-line error when it does not) for each flag's value."""
+def _value_checks(args, argv):
+    """(holds, the one-line error when it does not) for each flag's value; argv for the messages."""
     return [
         (args.bs >= 1, f"--bs {args.bs}: must be 1 or more"),
         (args.seq >= MIN_SEQ, f"--seq {args.seq}: must be {MIN_SEQ} or more"),
@@ -156,6 +163,12 @@ def _value_checks(args):
         (not (args.precision == "16-mixed" and args.lora_dtype == "match" and args.weights_dtype == "fp16"),
          "--lora-dtype match with fp16 weights under --precision 16-mixed: the gradient scaler "
          "cannot unscale fp16 gradients; use --lora-dtype fp32"),
+        (args.strategy == "none" or all(v in os.environ for v in TORCHRUN_ENV),
+         f"--strategy {args.strategy}: needs torchrun's environment ({', '.join(TORCHRUN_ENV)} are "
+         f"unset); run: torchrun --nproc_per_node N ref_train.py {shlex.join(argv)}"),
+        (not (args.strategy != "none" and args.ckpt == "reentrant"),
+         f"--ckpt reentrant with --strategy {args.strategy}: its second backward (the router's) "
+         "comes after the gradients are reduced; use --ckpt manual or hf"),
         (args.data is None or os.path.isdir(args.data),
          f"--data {args.data}: no such directory (expected MovieLens-100K's u.data, u.item)"),
     ]
@@ -220,8 +233,9 @@ def parse_args(argv=None, budget_only=False):
 
     budget_only: the model is only built on the meta device, for a budget, so a --model directory
     needs no weights and --device cuda no CUDA device here."""
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
-    for holds, message in _value_checks(args):
+    for holds, message in _value_checks(args, argv):
         if not holds:
             raise UsageError(message)
     for flag, path in (("--report", args.report), ("--snapshot", args.snapshot)):
@@ -236,7 +250,7 @@ def exit_on_help_or_bad_flags(argv, prog="ref_train.py"):
     """Answer --help, or a bad value in one line with exit code 2, before the caller imports torch."""
     try:
         args = build_parser().parse_args(argv)  # --help prints and exits here
-        for holds, message in _value_checks(args):
+        for holds, message in _value_checks(args, argv):
             if not holds:
                 raise UsageError(message)
     except UsageError as e:

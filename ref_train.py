@@ -30,6 +30,7 @@ from torch.utils.checkpoint import checkpoint
 
 import budget
 import data
+import distributed
 import fused_loss
 import ilora
 import memcheck
@@ -107,7 +108,9 @@ def build_base(args, meta=False):
         models.prepare_vocabulary(model, tokenizer, stand_in, mean_resizing=not meta)
     model.to("meta" if meta else args.device)
     ids = data.placeholder_ids(tokenizer, args.add_tokens)
-    batches = data.batches(samples, titles, tokenizer, args.bs, args.seq, ids, args.seed)
+    global_bs = args.bs * distributed.world_size(args)
+    batches = distributed.rank_rows(data.batches(samples, titles, tokenizer, global_bs, args.seq, ids,
+                                                 args.seed), args)
     setup = {"source": source, "targets": targets, "attn": model.config._attn_implementation}
     return model, batches, max(titles), setup
 
@@ -153,7 +156,7 @@ def plan(args, model=None, items=None, full=False, padded=None):
     """The budget (budget.py) for this run; the modules are built on meta when not given.
 
     padded: whether a batch of the run has padding; when not given, read off its first batches."""
-    if model is None:
+    if model is None or args.strategy == "fsdp":  # FSDP2 runs a sharded layer only from its root
         model, items, batches, _ = build(args, meta=True)
         if padded is None:
             padded = has_padding(first_batches(args, batches))
@@ -164,10 +167,15 @@ def plan(args, model=None, items=None, full=False, padded=None):
 
 # ---------------------------------------------------------------- the step
 
-def lm_loss(head, hidden, labels, chunks=1):
-    """Mean next-token cross-entropy over the labelled positions (fused with the head in chunks of
-    the vocabulary when chunks > 1: the bs x seq x vocab logits never exist at once)."""
-    n_targets = (labels[:, 1:] != data.IGNORE).sum()
+def target_count(labels):
+    return (labels[:, 1:] != data.IGNORE).sum()
+
+
+def lm_loss(head, hidden, labels, chunks=1, n_targets=None):
+    """Next-token cross-entropy summed over the labelled positions, divided by n_targets (default:
+    their count, the mean); fused with the head in chunks of the vocabulary when chunks > 1: the
+    bs x seq x vocab logits never exist at once."""
+    n_targets = target_count(labels) if n_targets is None else n_targets
     if chunks > 1:
         return fused_loss.chunked_lm_loss(head, hidden, labels, n_targets, chunks, data.IGNORE)
     logits = head(hidden[:, :-1]).float()  # the loss in fp32, as transformers computes it
@@ -175,24 +183,42 @@ def lm_loss(head, hidden, labels, chunks=1):
                            reduction="sum") / n_targets
 
 
-def forward_loss(model, items, batch, args):
+def forward_loss(model, items, batch, args, n_targets=None):
     embeds = model.get_input_embeddings()(batch["input_ids"])
     if args.inject_items:
         embeds = items.inject(embeds, batch["item_ids"])
     hidden = model.get_decoder()(inputs_embeds=embeds, attention_mask=batch["attention_mask"],
                                  use_cache=False).last_hidden_state
-    return lm_loss(model.get_output_embeddings(), hidden, batch["labels"], args.loss_chunks)
+    return lm_loss(model.get_output_embeddings(), hidden, batch["labels"], args.loss_chunks, n_targets)
 
 
-def train_step(model, items, optimizer, scaler, batch, args, probe, leaked):
-    """One optimizer step, each phase measured. Returns the loss as a float, for logging only."""
+class ILoraModel(nn.Module):
+    """The language model and iLoRA's item modules as one module whose forward gives the loss: what
+    DDP and FSDP2 wrap. Its children keep the names the reports give them (lm, ilora)."""
+
+    def __init__(self, model, items, args):
+        super().__init__()
+        self.lm, self.ilora, self.args = model, items, args
+
+    def forward(self, batch, n_targets=None):
+        """(loss, gate): the loss of batch's rows divided by n_targets (default: their own count)."""
+        gate = self.ilora.gate(batch["history"], batch["history_len"])
+        with ilora.use_gate(gate):
+            return forward_loss(self.lm, self.ilora, batch, self.args, n_targets), gate
+
+
+def train_step(trained, optimizer, scaler, batch, args, probe, leaked):
+    """One optimizer step of `trained` (an ILoraModel, or DDP / FSDP2 around one), each phase
+    measured. Returns the global batch's loss as a float, for logging only."""
     _, autocast_dtype = dtypes(args)
     batch = {k: v.to(args.device) for k, v in batch.items()}
+    world = distributed.world_size(args)
     with probe.phase("forward"), torch.autocast(args.device, autocast_dtype,
                                                 enabled=autocast_dtype is not None):
-        gate = items.gate(batch["history"], batch["history_len"])
-        with ilora.use_gate(gate):
-            loss = forward_loss(model, items, batch, args)
+        # Each rank's loss is its rows' share of the global batch's mean (divided by the target
+        # count of all ranks), so that the losses of the ranks add up to the global batch's.
+        n_targets = distributed.global_sum(target_count(batch["labels"]), args) if world > 1 else None
+        loss, gate = trained(batch, n_targets)
     if args.inject_leak and gate is not None:
         leaked.append(gate)  # the careless pattern: a list that outlives the step
     # The model's own checkpointing (--ckpt hf, reentrant) recomputes layers in backward and finds
@@ -202,14 +228,15 @@ def train_step(model, items, optimizer, scaler, batch, args, probe, leaked):
     # through the router once, after the layers'.
     inner = gate.detach().requires_grad_() if args.ckpt == "reentrant" and gate is not None else gate
     with probe.phase("backward"), ilora.use_gate(inner):
-        scaler.scale(loss).backward()
+        # DDP and FSDP2 average the ranks' gradients: scaled by the world size, that is the sum's
+        scaler.scale(loss * world if world > 1 else loss).backward()
         if inner is not gate and inner.grad is not None:
             gate.backward(inner.grad)
     with probe.phase("optimizer"):
         scaler.step(optimizer)
         scaler.update()
         optimizer.zero_grad(set_to_none=True)
-    return loss.item()
+    return distributed.global_sum(loss.detach(), args).item()
 
 
 # ---------------------------------------------------------------- the run
@@ -283,16 +310,18 @@ def train(args, log=print):
     check_runnable(args)
     config = {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(args).items()}
     probe = memcheck.Probe(device=args.device, max_memory_mib=args.max_memory, config=config)
+    distributed.track_local_shards(probe, args)
     recording = bool(args.snapshot) and record_allocation_history(log)
     extra, leaked, failure = {}, [], None
     try:
         with probe:
             with probe.phase("load"):
                 model, items, batches, setup = build(args)
-                trainable = [p for m in (model, items) for p in m.parameters() if p.requires_grad]
+                modules = ILoraModel(model, items, args)
+                trained = distributed.wrap(modules, args)
+                trainable = [p for p in modules.parameters() if p.requires_grad]
                 optimizer = torch.optim.AdamW(trainable, lr=args.lr)
-                scaler = torch.amp.GradScaler(args.device, enabled=args.precision == "16-mixed")
-                modules = nn.ModuleDict({"lm": model, "ilora": items})
+                scaler = distributed.grad_scaler(args)
                 probe.attach(modules, optimizer)
             config.update(targets=list(setup["targets"]), attn=setup["attn"])  # what ran
             extra.update(describe(args, model, modules, setup, log))
@@ -303,7 +332,7 @@ def train(args, log=print):
             batches = itertools.chain(first, batches)
             torch.manual_seed(args.seed)
             for _ in range(args.steps):
-                loss = train_step(model, items, optimizer, scaler, next(batches), args, probe, leaked)
+                loss = train_step(trained, optimizer, scaler, next(batches), args, probe, leaked)
                 s = probe.step(loss)
                 log(f"step {s['step']:>3} | loss {s['loss']:.4f} | {s['seconds'] * 1e3:7.0f} ms | "
                     f"live {memcheck.mib(s['live_bytes']):>7} MiB | peak {memcheck.mib(s['peak_bytes']):>7} MiB")
@@ -321,7 +350,9 @@ def finish(args, probe, extra, recording, failure, log):
         torch.cuda.memory._dump_snapshot(args.snapshot)
         torch.cuda.memory._record_memory_history(enabled=None)
     report = dict(probe.report(), **extra)
-    if args.report:
+    if failure is None:  # after a failure other ranks may be gone: each rank keeps its own report
+        report = distributed.gather_reports(report, args)
+    if args.report and distributed.rank(args) == 0:
         memcheck.write_report(args.report, report)
     if failure is not None:
         failure.report = report  # for main(), which says where the run stopped
@@ -338,7 +369,9 @@ def main(argv=None):
     args = None
     try:
         args = parse_args(argv)
-        report = train(args, log=functools.partial(print, flush=True))  # live through a pipe or tee
+        with distributed.process_group(args) as rank:  # rank 0 speaks for all
+            log = functools.partial(print, flush=True) if rank == 0 else lambda *_: None
+            report = train(args, log=log)  # flushed: live through a pipe or tee
     except (UsageError, data.DataError) as e:
         print(f"{prog}: error: {e}", file=sys.stderr)
         return 2
@@ -353,7 +386,11 @@ def main(argv=None):
         if memcheck.is_out_of_memory(e):  # CUDA's, or a CPU allocation that failed; already reported
             return 1
         raise
+    if rank != 0:
+        return 0
     print(memcheck.format_report(report))
+    if "ranks" in report:
+        print("\n" + distributed.rank_table(report))
     if args.markdown:
         print("\n" + memcheck.markdown_report(report))
     return 0

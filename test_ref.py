@@ -206,7 +206,8 @@ def one_step_gradients(model_dir, ckpt):
     scaler = torch.amp.GradScaler("cpu", enabled=False)   # disabled: step() is optimizer.step()
     probe = SimpleNamespace(phase=lambda name: contextlib.nullcontext())
     torch.manual_seed(args.seed)
-    loss = ref_train.train_step(model, items, keep_grads, scaler, next(batches), args, probe, [])
+    loss = ref_train.train_step(ref_train.ILoraModel(model, items, args), keep_grads, scaler,
+                                next(batches), args, probe, [])
     grads = {f"{prefix}.{name}": p.grad.clone()
              for prefix, module in (("lm", model), ("ilora", items))
              for name, p in module.named_parameters() if p.requires_grad}
@@ -1089,8 +1090,8 @@ def test_the_probe_sees_the_gated_lora_of_the_reference(tiny_model):
     modules = nn.ModuleDict({"lm": model, "ilora": items})
     with memcheck.Probe(modules, optimizer) as probe:
         for _ in range(2):
-            ref_train.train_step(model, items, optimizer, torch.amp.GradScaler("cpu", enabled=False),
-                                 next(batches), args, probe, [])
+            ref_train.train_step(ref_train.ILoraModel(model, items, args), optimizer,
+                                 torch.amp.GradScaler("cpu", enabled=False), next(batches), args, probe, [])
             probe.step()
     report = probe.report()
     config = report["config"]

@@ -1,0 +1,123 @@
+"""ref_train.py under torchrun: the process group, DDP or FSDP2 around the trained module, each rank's
+rows of the global batch, the sums over ranks the loss needs, and the ranks' reports gathered on rank 0.
+
+With --strategy none every function here is the single process's identity (rank 0 of 1), and no
+collective runs.
+"""
+import contextlib
+import os
+import warnings
+
+import torch
+import torch.distributed as dist
+
+import memcheck
+import models
+
+
+def is_distributed(args):
+    return args.strategy != "none"
+
+
+def rank(args):
+    return dist.get_rank() if is_distributed(args) else 0
+
+
+def world_size(args):
+    return dist.get_world_size() if is_distributed(args) else 1
+
+
+@contextlib.contextmanager
+def process_group(args):
+    """Join torchrun's process group for the run (gloo on CPU; NCCL on CUDA, one device per rank,
+    LOCAL_RANK's); yields this rank."""
+    if not is_distributed(args):
+        yield 0
+        return
+    if args.device == "cuda":
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))  # "cuda" means this device from now on
+    dist.init_process_group("nccl" if args.device == "cuda" else "gloo")
+    try:
+        yield dist.get_rank()
+    finally:
+        dist.destroy_process_group()
+
+
+def wrap(module, args):
+    """The module the loop trains (an ILoraModel): DDP around it, or FSDP2 sharding each decoder
+    layer, then the root. FSDP2 replaces the parameters, so the optimizer is made after this."""
+    if args.strategy == "ddp":
+        from torch.nn.parallel import DistributedDataParallel
+        device_ids = [torch.cuda.current_device()] if args.device == "cuda" else None
+        return DistributedDataParallel(module, device_ids=device_ids)
+    if args.strategy == "fsdp":
+        from torch.distributed.fsdp import fully_shard
+        # OPT's layer returns .view() of its residual sum; the next layer only reads it (no in-place
+        # op drops FSDP2's hook), and FSDP2's weights match DDP's (test_distributed.py)
+        warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
+        for layer in models.decoder_layers(module.lm):
+            fully_shard(layer)
+        return fully_shard(module)
+    return module
+
+
+def grad_scaler(args):
+    """16-mixed's gradient scaler. Under FSDP2 each rank sees only its shards of the gradients: the
+    sharded scaler all-reduces the infs it finds, so that every rank skips or steps alike."""
+    enabled = args.precision == "16-mixed"
+    if args.strategy == "fsdp":
+        from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
+        return ShardedGradScaler(args.device, enabled=enabled)
+    return torch.amp.GradScaler(args.device, enabled=enabled)
+
+
+def track_local_shards(probe, args):
+    """Under FSDP2 the parameters, their gradients and optimizer state are DTensors, whose storage
+    memcheck's tracker cannot read: it is given each one's local shard, this rank's memory.
+    MERGE: belongs in memcheck.Tracker.track (memcheck.py was not this branch's to edit)."""
+    if args.strategy != "fsdp":
+        return
+    from torch.distributed.tensor import DTensor
+    track = probe.tracker.track
+
+    def track_shard(tensor, op, adopt=True):  # _local_tensor, not to_local(): no op under the mode
+        return track(tensor._local_tensor if isinstance(tensor, DTensor) else tensor, op, adopt)
+    probe.tracker.track = track_shard
+
+
+def rank_rows(batches, args):
+    """This rank's rows of each global batch (read at bs x world size): rank r gets rows
+    r*bs .. (r+1)*bs, so N ranks at --bs b see what one process sees at --bs b*N."""
+    if not is_distributed(args):
+        return batches
+    start = rank(args) * args.bs
+    return ({k: v[start:start + args.bs] for k, v in batch.items()} for batch in batches)  # views
+
+
+def global_sum(tensor, args):
+    """`tensor` summed over the ranks (in place); a single process's as it is."""
+    if is_distributed(args):
+        dist.all_reduce(tensor)
+    return tensor
+
+
+def gather_reports(report, args):
+    """Rank 0: its report, with the largest rank's peak_bytes and `ranks`, every rank's report.
+    Other ranks: their own. Each rank's report says its rank and the world size."""
+    if not is_distributed(args):
+        return report
+    report = dict(report, rank=rank(args), world_size=world_size(args))
+    reports = [None] * world_size(args) if rank(args) == 0 else None
+    dist.gather_object(report, reports, dst=0)
+    if rank(args) != 0:
+        return report
+    top = {k: v for k, v in report.items() if k != "rank"}
+    return dict(top, peak_bytes=max(r["peak_bytes"] for r in reports), ranks=reports)
+
+
+def rank_table(report):
+    """One row per rank: its peak, the phase of the peak, its budget and the verdict."""
+    rows = [(r["rank"], memcheck.mib(r["peak_bytes"]), r["peak_phase"] or "-",
+             memcheck.mib(r["budget"]["peak_bytes"]) if r.get("budget") else "-", memcheck.verdict(r))
+            for r in report["ranks"]]
+    return memcheck.text_table(("rank", "peak MiB", "peak phase", "budget MiB", "verdict"), rows)

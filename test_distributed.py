@@ -1,0 +1,149 @@
+"""ref_train.py on two processes (DDP and FSDP2 on gloo, CPU) against one process on the same rows."""
+import contextlib
+import json
+import os
+import shutil
+import socket
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+import ref_train
+from conftest import run_ref_train
+
+WORLD = 2
+RUN = ["--device", "cpu", "--seq", "64", "--steps", "3"]
+
+
+@pytest.fixture(scope="module")
+def dropout_free_model(tiny_model, tmp_path_factory):
+    """The tiny OPT without its dropout: two ranks at --bs 1 draw other dropout masks than one
+    process at --bs 2, so only a model without dropout can give the same losses."""
+    directory = tmp_path_factory.mktemp("dropout-free") / "opt"
+    shutil.copytree(tiny_model, directory)
+    config = json.loads((directory / "config.json").read_text())
+    (directory / "config.json").write_text(json.dumps(dict(config, dropout=0.0)))
+    return str(directory)
+
+
+def _keeping_modules(kept):
+    """ref_train.build, keeping the trained modules in `kept` (train() returns only the report)."""
+    build = ref_train.build
+
+    def keep(args, meta=False):
+        built = build(args, meta)
+        if not meta:
+            kept["modules"] = built[:2]
+        return built
+    return keep
+
+
+def _lora_weights(modules):
+    """The trainable weights by name, this rank's shard of each under FSDP2 (a DTensor's local part)."""
+    return {f"{i}.{name}": getattr(p, "to_local", lambda: p)().detach().clone()
+            for i, module in enumerate(modules) for name, p in module.named_parameters()
+            if p.requires_grad}
+
+
+def _rank_main(rank, port, argv, out_dir):
+    """One torchrun rank: its environment, ref_train.main, then its weights and output to out_dir."""
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(WORLD),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), HF_HUB_OFFLINE="1")
+    torch.set_num_threads(1)
+    kept = {}
+    ref_train.build = _keeping_modules(kept)
+    with open(os.path.join(out_dir, f"stdout{rank}"), "w") as out, contextlib.redirect_stdout(out):
+        assert ref_train.main(argv) == 0
+    torch.save(_lora_weights(kept["modules"]), os.path.join(out_dir, f"weights{rank}.pt"))
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_ranks(model, strategy, out_dir, *flags):
+    """Two ranks of ref_train.py --strategy; (report, rank 0's stdout, rank 1's, full weights)."""
+    os.makedirs(out_dir, exist_ok=True)
+    report = os.path.join(out_dir, "report.json")
+    argv = ["--model", model, *RUN, "--strategy", strategy, "--bs", "1", "--report", report, *flags]
+    mp.spawn(_rank_main, args=(_free_port(), argv, str(out_dir)), nprocs=WORLD)
+    shards = [torch.load(os.path.join(out_dir, f"weights{r}.pt")) for r in range(WORLD)]
+    # FSDP2 shards dim 0 in rank order; under DDP every rank holds the whole tensor
+    weights = {n: (torch.cat([s[n] for s in shards]) if strategy == "fsdp" else shards[0][n])
+               for n in shards[0]}
+    outputs = [open(os.path.join(out_dir, f"stdout{r}")).read() for r in range(WORLD)]
+    with open(report) as f:
+        return json.load(f), *outputs, weights
+
+
+@pytest.fixture(scope="module")
+def single(dropout_free_model):
+    kept = {}
+    args = ref_train.parse_args(["--model", dropout_free_model, *RUN, "--bs", str(WORLD)])
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(ref_train, "build", _keeping_modules(kept))
+        report = ref_train.train(args, log=lambda *_: None)
+    return report, _lora_weights(kept["modules"])
+
+
+@pytest.fixture(scope="module")
+def ddp(dropout_free_model, tmp_path_factory):
+    return run_ranks(dropout_free_model, "ddp", tmp_path_factory.mktemp("ddp"))
+
+
+@pytest.fixture(scope="module")
+def fsdp(dropout_free_model, tmp_path_factory):
+    return run_ranks(dropout_free_model, "fsdp", tmp_path_factory.mktemp("fsdp"))
+
+
+def losses(report):
+    return [s["loss"] for s in report["steps"]]
+
+
+def assert_same_weights(a, b):
+    assert a.keys() == b.keys() and a
+    for name in a:
+        assert torch.allclose(a[name], b[name], rtol=1e-5, atol=1e-6), name
+
+
+def test_two_ddp_ranks_at_bs_1_train_as_one_process_at_bs_2(single, ddp):
+    (single_report, single_weights), (report, _, _, weights) = single, ddp
+    # the prompts are masked: only a loss divided by the global target count can match
+    assert losses(report) == pytest.approx(losses(single_report), rel=1e-5)
+    assert all(losses(r) == losses(report) for r in report["ranks"])  # each rank logs the global loss
+    assert_same_weights(weights, single_weights)
+    assert all(w.abs().sum() > 0 for n, w in weights.items() if "lora_B" in n)  # B started at zero
+
+
+def test_fsdp2_trains_as_ddp(ddp, fsdp):
+    assert losses(fsdp[0]) == pytest.approx(losses(ddp[0]), rel=1e-5)
+    assert_same_weights(fsdp[3], ddp[3])
+
+
+def test_rank_0_prints_one_table_of_ranks_and_writes_every_rank_report(fsdp):
+    report, rank0, rank1, _ = fsdp
+    assert rank1 == ""  # rank 0 speaks for all
+    assert rank0.count("step   1 |") == 1
+    table = rank0[rank0.index("rank  peak MiB"):].splitlines()
+    assert [line.split()[0] for line in table[1:]] == ["0", "1"]
+    assert [(r["rank"], r["world_size"]) for r in report["ranks"]] == [(0, WORLD), (1, WORLD)]
+    assert report["peak_bytes"] == max(r["peak_bytes"] for r in report["ranks"])
+    assert all(r["budget"] and len(r["steps"]) == 3 for r in report["ranks"])
+
+
+def test_strategy_without_torchrun_is_refused_in_one_line():
+    result = run_ref_train("--strategy", "ddp", "--bs", "1")
+    assert result.returncode == 2
+    assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
+    assert "torchrun --nproc_per_node N ref_train.py --strategy ddp --bs 1" in result.stderr
+
+
+def test_ddp_and_fsdp2_agree_under_bf16_autocast_with_the_fused_loss(dropout_free_model, tmp_path):
+    flags = ["--precision", "bf16-mixed", "--loss-chunks", "4"]
+    ddp_run = run_ranks(dropout_free_model, "ddp", tmp_path / "ddp", *flags)
+    fsdp_run = run_ranks(dropout_free_model, "fsdp", tmp_path / "fsdp", *flags)
+    assert losses(fsdp_run[0]) == pytest.approx(losses(ddp_run[0]), rel=1e-3)
+    assert_same_weights(fsdp_run[3], ddp_run[3])
