@@ -632,8 +632,8 @@ def _block_name(before, lines, commands):
     """(name, command) of a figure block, or (None, None): which rerun its figures come from."""
     body = "\n".join(lines)
     first = lines[0] if lines else ""
-    if "step   1 | loss" in body and "printed here" in before:
-        return "baseline", re.search(r"`(python ref_train.py[^`]*)` printed here", before).group(1)
+    if "step   1 | loss" in body and "printed" in before:
+        return "baseline", re.search(r"`(python ref_train.py[^`]*)` printed", before).group(1)
     if first.startswith("variant ") and "drive.py ablate" in before:
         return "ablate", re.search(r"`(python drive.py ablate[^`]*)`", before).group(1)
     if "baseline.json MiB  stack.json MiB" in body and commands:
