@@ -69,6 +69,13 @@ def test_the_readme_is_at_most_15_kb():
     assert os.path.getsize(README) <= README_LIMIT_BYTES
 
 
+def test_the_readme_assumes_no_history_and_no_unsupported_launcher():
+    # A newcomer has read nothing before it; torchrun is not supported yet.
+    text = readme_text().lower()
+    for phrase in ("the seed", "pinned", "earlier session", "previous session", "torchrun", "with a profiler"):
+        assert phrase not in text, phrase
+
+
 def test_every_python_block_of_the_readme_names_the_file_it_is_saved_as():
     blocks = [source for language, source in code_blocks(readme_text()) if language == "python"]
     assert blocks
