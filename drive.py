@@ -5,18 +5,22 @@
     python drive.py sweep --bs 1,2,4 --seq 64,128,256 [ref_train flags]   measured against predicted
     python drive.py bench [ref_train flags]                               the reference against PEFT
     python drive.py families [ref_train flags]                            the budget on every family
-    python drive.py figures [--all]                                       rerun the README's figures
+    python drive.py figures [--all]                                       rerun the figures the docs quote
 
-Every command takes ref_train.py's flags for the baseline it varies, and its own flags, listed by
-`python drive.py COMMAND --help`. The figures come from memcheck.py, the one file to copy into your
-own stack; this file needs the whole project.
+Every command but figures takes ref_train.py's flags for the baseline it varies, and its own flags,
+listed by `python drive.py COMMAND --help`. The figures come from memcheck.py, the one file to copy
+into your own stack; this file needs the whole project, and imports torch and the project's modules
+only in the functions that use them, so that `--help` answers at once.
 """
+import argparse
 import contextlib
 import functools
 import gc
+import glob
 import itertools
 import os
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -24,14 +28,7 @@ import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-import torch
-
-import data
-import flags
-import ref_train
-from budget import cuda_workspaces
-from memcheck import (MiB, OneLineParser, Probe, ReportError, first_line, is_out_of_memory,
-                      markdown_block, mib, read_report, text_table, verdict, write_report)
+import flags  # argparse only: the heavy imports wait until the arguments are parsed
 
 # ---------------------------------------------------------------- ablate: one run per suspect
 
@@ -68,6 +65,7 @@ def _slow_on_cpu(args):
 
 def _run_reference(argv, report_path, timeout=600, threads=None):
     """ref_train.py in its own process; (report or None, error line or None)."""
+    from memcheck import read_report
     here = os.path.dirname(os.path.abspath(__file__))
     cmd = [sys.executable, os.path.join(here, "ref_train.py"), *argv, "--report", report_path]
     env = dict(os.environ, **({"OMP_NUM_THREADS": str(threads)} if threads else {}))
@@ -91,6 +89,8 @@ def ablate(base_argv, log=print, steps=3, run=None):
     run side by side (_side_by_side), each on one thread: a process spends seconds starting up on
     one core, and the figures are per process, so running side by side changes none of them.
     """
+    import ref_train
+    from memcheck import mib, verdict
     args = ref_train.parse_args(base_argv)
     # The model and --targets are checked against each other only when the model is built: build it
     # once on the meta device (no memory, seconds), so a typo fails now, not in every variant's row.
@@ -137,6 +137,9 @@ def ablate(base_argv, log=print, steps=3, run=None):
 def _side_by_side(args):
     """How many variants run at once: one per core; on CUDA, no more than fit in the free memory
     at twice the baseline's budget each."""
+    import torch
+
+    import ref_train
     cores = max(1, os.cpu_count() or 1)
     if args.device != "cuda":
         return cores
@@ -150,6 +153,7 @@ def _load_peak(report):
 
 
 def ablation_table(rows):
+    from memcheck import MiB, mib
     header = ("variant", "peak MiB", "load peak MiB", "change MiB", "ratio", "leak B/step",
               "budget MiB", "verdict")
     base = rows[0]["peak_bytes"]
@@ -176,6 +180,8 @@ SWEEP_VARIABLES = {"bs": "sample", "seq": "token", "r": "unit of rank"}
 
 def sweep(points, base_argv, log=print, steps=2):
     """Measure and predict each point ({flag: value}); returns one row per point."""
+    import ref_train
+    from memcheck import is_out_of_memory, mib
     rows = []
     for point in points:
         argv = [*base_argv, "--steps", str(steps)]
@@ -209,6 +215,7 @@ QUADRATIC_SHARE = 0.05  # seq^2 explaining more of the growth than this is a qua
 def fit_growth(rows):
     """MiB per unit of each swept variable (mean slope over the other variables held fixed), and
     whether the peak grows linearly or quadratically in sequence length."""
+    from memcheck import MiB
     ok = [r for r in rows if r.get("peak_bytes")]
     growth = {}
     for var in SWEEP_VARIABLES:
@@ -251,6 +258,7 @@ def fit_growth(rows):
 
 def _quadratic_share(xs, ys):
     """Share of the peak's growth over the swept range that a seq^2 term explains (least squares)."""
+    import torch
     a = torch.tensor([[1.0, x, x * x] for x in xs], dtype=torch.float64)
     coef = torch.linalg.lstsq(a, torch.tensor(ys, dtype=torch.float64)[:, None]).solution[:, 0]
     quad = abs(float(coef[2])) * (xs[-1] ** 2 - xs[0] ** 2)
@@ -258,6 +266,7 @@ def _quadratic_share(xs, ys):
 
 
 def sweep_table(rows):
+    from memcheck import mib
     keys = [k for k in rows[0] if k not in ("peak_bytes", "budget_bytes", "error", "failed")]
     header = (*keys, "measured MiB", "budget MiB", "error")
     out = [(*[r[k] for k in keys],
@@ -276,6 +285,7 @@ def growth_lines(growth):
 
 
 def _plot(rows, path):
+    from memcheck import MiB, ReportError
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -311,6 +321,9 @@ class _Untracked:
 
 def _reference_loop(args):
     """(step(probe) -> loss, modules, optimizer) for the reference trainer."""
+    import torch
+
+    import ref_train
     model, items, batches, _ = ref_train.build(args)
     trainable = [p for m in (model, items) for p in m.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=args.lr)
@@ -322,7 +335,10 @@ def _reference_loop(args):
 
 def _peft_loop(args):
     """The same model, data and shapes through PEFT's LoRA and the model's own checkpointing."""
+    import torch
     from peft import LoraConfig, get_peft_model
+
+    import ref_train
     model, batches, _, setup = ref_train.build_base(args)
     ref_train.enable_hf_checkpointing(model)
     torch.manual_seed(args.seed)
@@ -348,6 +364,7 @@ def _peft_loop(args):
 def _held_bytes(device):
     """What the process holds before a loop is built: on CUDA the allocator's peak counts every
     tensor of the process (an earlier loop's garbage included) and cuBLAS's workspaces."""
+    import torch
     gc.collect()
     if device != "cuda":
         return 0   # the tracker counts the loop's own tensors only
@@ -358,6 +375,9 @@ def _held_bytes(device):
 def _measure(make_loop, args, steps):
     """Peak bytes over `steps` tracked steps (above what the process held before), and the median
     seconds of `steps` untracked ones."""
+    import torch
+
+    from memcheck import Probe
     held = _held_bytes(args.device)
     step, model, optimizer = make_loop(args)
     with Probe(model, optimizer, device=args.device) as probe:
@@ -386,6 +406,7 @@ def _median(xs):
 
 def profiler_peak(fn):
     """fn()'s peak allocation above its start, from torch.profiler's CPU memory events."""
+    import torch
     from torch.profiler import ProfilerActivity, profile
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         fn()
@@ -400,6 +421,7 @@ def profiler_peak(fn):
 
 def tracker_against_profiler(args):
     """One training step measured by both: (tracker's peak above start, the profiler's)."""
+    from memcheck import Probe
     step, model, optimizer = _reference_loop(args)
     step(_Untracked())  # the optimizer state exists before the measured step, as in any later step
     # Garbage freed during the step that was allocated before it would count as negative in the
@@ -417,6 +439,8 @@ def tracker_against_profiler(args):
 
 def bench(base_argv, steps=5, log=print):
     """Every comparison of the benchmark issue; returns rows (what, A, B, ratio, target, met)."""
+    import ref_train
+    from budget import cuda_workspaces
     args = ref_train.parse_args([*BENCH_BASE, *base_argv])
     rows = []
     # Every loop's peak is taken above what the process held: make cuBLAS's workspaces now, so
@@ -463,6 +487,9 @@ def _interleaved(args, chunked_args, steps):
     loss, taken in turn (one of each, `steps` times, after a warm-up step of each), so that a
     machine shared with other work slows the three alike. A tracked step is timed as a user pays
     for it, from before its forward to after probe.step(), each in a Probe of its own."""
+    import torch
+
+    from memcheck import Probe
     plain, model, optimizer = _reference_loop(args)
     chunked = _reference_loop(chunked_args)[0]
 
@@ -493,6 +520,7 @@ def _interleaved(args, chunked_args, steps):
 def memory_floor(args):
     """What this training cannot do with less: parameters, LoRA state (weights, gradients, Adam),
     the checkpointed layer inputs, one layer's recomputation and one chunk of logits."""
+    import ref_train
     planned = ref_train.plan(args)
     t = planned["terms"]
     return (t["params"] + t["gradients"] + t["optimizer_state"] + t["checkpointed_inputs"]
@@ -500,6 +528,7 @@ def memory_floor(args):
 
 
 def bench_table(rows):
+    from memcheck import MiB
     fmt = lambda v, unit: f"{v / MiB:.1f} MiB" if unit == "bytes" else f"{v * 1e3:.0f} ms"
     header = ("comparison", "A", "B", "A / B", "target", "met")
     return header, [(r["comparison"], fmt(r["a"], r["unit"]), fmt(r["b"], r["unit"]),
@@ -507,17 +536,18 @@ def bench_table(rows):
                      {True: "yes", False: "NO", None: "-"}[r["met"]]) for r in rows]
 
 
-# ---------------------------------------------------------------- figures: rerun what the README quotes
+# ---------------------------------------------------------------- figures: rerun what README.md and docs/*.md quote
 
-README = os.path.join(os.path.dirname(os.path.abspath(__file__)), "README.md")
+HERE = os.path.dirname(os.path.abspath(__file__))
+QUOTING_FILES = ("README.md", "docs/*.md")   # where figures are quoted, relative to HERE
 _NUMBER = re.compile(r"(?<![\w.\-])[-+]?\d+(?:,\d{3})*(?:\.\d+)?(?!\d)")
 _ID_COLUMNS = ("seq", "ckpt", "r", "experts", "targets", "impl")  # a row's name, with its first cell
-TIME_RANGE = (1 / 3, 3.0)        # a time may be this many times the README's and still agree
+TIME_RANGE = (1 / 3, 3.0)        # a time may be this many times the quoted one and still agree
 TIME_RATIO_RANGE = (2 / 3, 1.5)  # a ratio of two times, likewise
 
 
 def _blocks(text):
-    """[(the paragraph before it, the block's lines)] for each fenced code block of the README."""
+    """[(the paragraph before it, the block's lines)] for each fenced code block of a Markdown file."""
     out, before, inside, lines = [], [], False, []
     for line in text.splitlines():
         if line.startswith("```"):
@@ -578,9 +608,11 @@ def _figures(lines):
 
 
 def _markdown_rows(text, first_cell):
-    """{(row, column): cell} of the README's Markdown table whose header starts with first_cell."""
+    """{(row, column): cell} of the Markdown table whose header starts with first_cell ({} if none)."""
     lines = text.splitlines()
-    start = next(i for i, l in enumerate(lines) if l.startswith(f"| {first_cell} |"))
+    start = next((i for i, l in enumerate(lines) if l.startswith(f"| {first_cell} |")), None)
+    if start is None:
+        return {}
     header = [c.strip() for c in lines[start].strip("|").split("|")]
     out = {}
     for line in lines[start + 2:]:
@@ -592,40 +624,57 @@ def _markdown_rows(text, first_cell):
     return out
 
 
-def readme_figures(path=README):
-    """The README's figure blocks: {name: {"command", "figures": [{key, value, kind}], ...}}."""
-    text = open(path).read()
-    blocks = _blocks(text)
-    found = {}
+def quoting_files():
+    """The paths of README.md and docs/*.md, the files whose figures `figures` checks."""
+    return [path for pattern in QUOTING_FILES for path in sorted(glob.glob(os.path.join(HERE, pattern)))]
 
-    def add(name, lines, command, **extra):
-        figures = [{"key": k, "value": v, "kind": kind} for k, (v, kind) in _figures(lines).items()]
-        found[name] = dict(command=command, figures=figures, **extra)
 
-    for before, lines in blocks:
-        body = "\n".join(lines)
-        if "step   1 | loss" in body and "printed here" in before:
-            add("baseline", lines, re.search(r"`(python ref_train.py[^`]*)`", before).group(1))
-        elif lines and lines[0].startswith("variant ") and "drive.py ablate" in before:
-            add("ablate", lines, re.search(r"`(python drive.py ablate[^`]*)`", before).group(1))
-        elif lines and lines[0].startswith("python ref_train.py") and "memcheck.py diff" in body \
-                and "careless configuration" in before:
-            flags = re.search(r"\(`(--[^`]*)`\)", before).group(1)
-            add("careless diff", lines[2:], lines[0], flags=flags.split())
-        elif lines and lines[0].split()[:4] == ["bs", "seq", "ckpt", "measured"]:
-            add("budget grid", lines, "python drive.py sweep", points=[
-                dict(zip(("bs", "seq", "ckpt"), line.split()[:3])) for line in lines[1:]])
-        elif lines and lines[0].startswith("phase ") and "careless line" in before:
-            add("probe: careless", lines, "python stack.py careless careless.json")
-        elif lines and "clean.json MiB  careless.json MiB" in body:
-            add("probe: clean vs careless", [l for l in lines if not l.startswith(("A was", "B was"))],
-                "python memcheck.py diff clean.json careless.json")
-        elif lines and "ref.json MiB  clean.json MiB" in body:
-            add("probe: reference vs clean", [l for l in lines if not l.startswith(("A was", "B was"))],
-                "python memcheck.py diff ref.json clean.json")
-        elif lines and lines[0] == "import sys" and "memcheck.Probe" in body:
-            found["script"] = "\n".join(lines)
-    bench = _markdown_rows(text, "comparison")
+def _block_name(before, lines, commands):
+    """(name, command) of a figure block, or (None, None): which rerun its figures come from."""
+    body = "\n".join(lines)
+    first = lines[0] if lines else ""
+    if "step   1 | loss" in body and "printed" in before:
+        return "baseline", re.search(r"`(python ref_train.py[^`]*)` printed", before).group(1)
+    if first.startswith("variant ") and "drive.py ablate" in before:
+        return "ablate", re.search(r"`(python drive.py ablate[^`]*)`", before).group(1)
+    if "baseline.json MiB  stack.json MiB" in body and commands:
+        return "careless diff", commands[-1]
+    if first.split()[:4] == ["bs", "seq", "ckpt", "measured"]:
+        return "budget grid", "python drive.py sweep"
+    if first.startswith("phase ") and "careless line" in before:
+        return "probe: careless", "python stack.py careless careless.json"
+    if "clean.json MiB  careless.json MiB" in body:
+        return "probe: clean vs careless", "python memcheck.py diff clean.json careless.json"
+    if "ref.json MiB  clean.json MiB" in body:
+        return "probe: reference vs clean", "python memcheck.py diff ref.json clean.json"
+    return None, None
+
+
+def readme_figures(paths=None):
+    """The figure blocks of README.md and docs/*.md (or of paths):
+    {name: {"command", "figures": [{key, value, kind}], ...}}; an output quoted twice (the README's
+    excerpt, the docs' whole) is one block with the figures of both."""
+    found, texts = {}, []
+    for path in paths or quoting_files():
+        texts.append(open(path).read())
+        commands = []   # the last block of `python ...` lines: what the next output block is the output of
+        for before, lines in _blocks(texts[-1]):
+            if lines and lines[0].startswith("python "):
+                commands = lines
+            if lines and lines[0] == "import sys" and "memcheck.Probe" in "\n".join(lines):
+                found["script"] = "\n".join(lines)
+            name, command = _block_name(before, lines, commands)
+            if name is None:
+                continue
+            kept = [l for l in lines if not l.startswith(("A was", "B was"))]
+            figures = [{"key": k, "value": v, "kind": kind} for k, (v, kind) in _figures(kept).items()]
+            block = found.setdefault(name, dict(command=command, figures=[]))
+            block["figures"] += figures
+            if name == "careless diff":
+                block["commands"] = commands
+            if name == "budget grid":
+                block["points"] = [dict(zip(("bs", "seq", "ckpt"), l.split()[:3])) for l in lines[1:]]
+    bench = {k: v for text in texts for k, v in _markdown_rows(text, "comparison").items()}
     found["bench"] = {"command": "python drive.py bench", "figures": [
         {"key": k, "value": v, "kind": "time" if re.search(r"step|tracked", k[0]) else "memory"}
         for k, v in bench.items() if k[1] in ("A", "B", "A / B")]}
@@ -644,9 +693,9 @@ def _where(key):
 
 
 def _check(expected, actual, log, whole=False):
-    """Each README figure against the rerun's {key: value}; returns the number that disagree.
+    """Each quoted figure against the rerun's {key: value}; returns the number that disagree.
     Memory figures, counts and losses must be equal; times only within a range (machine-dependent).
-    whole: the README block shows the whole output, so a figure of the rerun it lacks disagrees too."""
+    whole: the quoted block shows the whole output, so a figure of the rerun it lacks disagrees too."""
     bad = 0
     counts = {"memory": 0, "loss": 0, "time": 0}
     for f in expected:
@@ -655,24 +704,24 @@ def _check(expected, actual, log, whole=False):
         where = _where(key)
         counts[f["kind"]] += 1
         if got is None:
-            log(f"  MISSING  {where}: README {want}, not in the output")
+            log(f"  MISSING  {where}: quoted {want}, not in the output")
             bad += 1
         elif f["kind"] == "time":
             low, high = TIME_RANGE if "ms" in want or "." not in want else TIME_RATIO_RANGE
             number = lambda v: float(_NUMBER.search(v).group().replace(",", ""))
             ratio = number(got) / number(want) if number(want) else float("nan")
             if not low <= ratio <= high:   # said, not counted: a busy or another machine
-                log(f"  TIME     {where}: README {want}, now {got} (machine-dependent: outside "
-                    f"{low:.2f}x..{high:.2f}x of the README's; is this machine busy, or another?)")
+                log(f"  TIME     {where}: quoted {want}, now {got} (machine-dependent: outside "
+                    f"{low:.2f}x..{high:.2f}x of the quoted one; is this machine busy, or another?)")
         elif got != want:
-            log(f"  DIFFERS  {where}: README {want}, now {got}" + (
+            log(f"  DIFFERS  {where}: quoted {want}, now {got}" + (
                 " (bit for bit means the same machine and the same thread count)"
                 if f["kind"] == "loss" else ""))
             bad += 1
     if whole:
         shown = {f["key"] for f in expected}
         for key in sorted((k for k in actual if k not in shown), key=str):
-            log(f"  EXTRA    {_where(key)}: now {actual[key]}, not in the README")
+            log(f"  EXTRA    {_where(key)}: now {actual[key]}, not quoted")
             bad += 1
     log(f"  checked {counts['memory']} memory figures and counts exactly, {counts['loss']} losses "
         f"exactly, {counts['time']} times as ranges (machine-dependent, not counted); {bad} disagree")
@@ -680,6 +729,7 @@ def _check(expected, actual, log, whole=False):
 
 
 def _run(cmd, cwd, timeout=3600):
+    from memcheck import ReportError
     done = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=timeout,
                           env=dict(os.environ, HF_HUB_OFFLINE="1"))
     if done.returncode != 0:
@@ -688,93 +738,131 @@ def _run(cmd, cwd, timeout=3600):
     return done.stdout
 
 
-FIGURE_SECTIONS = ("baseline", "budget grid", "careless diff", "ablate", "bench", "probe")
+def _run_as_written(command, cwd):
+    """Run a `python SCRIPT FLAGS` line as the docs quote it, in cwd, with this Python and HERE's SCRIPT."""
+    words = shlex.split(command)
+    return _run([sys.executable, os.path.join(HERE, words[1]), *words[2:]], cwd)
+
+
+def _check_baseline(blocks, tmp, log):
+    block = blocks["baseline"]
+    log(f"baseline: {block['command']}")
+    out = _run_as_written(block["command"] + " --report baseline.json", tmp)
+    return _compare(block["figures"], out.splitlines(), log)
+
+
+def _check_careless_diff(blocks, tmp, log):
+    block = blocks["careless diff"]
+    log("careless diff: " + ", then ".join(block["commands"]))
+    for command in block["commands"]:
+        if command == blocks["baseline"]["command"] + " --report baseline.json" and \
+                os.path.exists(os.path.join(tmp, "baseline.json")):
+            continue   # the baseline check ran this very command
+        out = _run_as_written(command, tmp)
+    return _compare(block["figures"], out.splitlines(), log)
+
+
+def _check_budget_grid(blocks, tmp, log, measure_grid=False):
+    import ref_train
+    from memcheck import text_table
+
+    block = blocks["budget grid"]
+    log("budget grid: " + ("python drive.py sweep, every point measured" if measure_grid
+                           else "the budget column (--all measures every point)"))
+    rows = []
+    for p in block["points"]:
+        argv = ["--bs", p["bs"], "--seq", p["seq"], "--ckpt", p["ckpt"], "--steps", "2"]
+        if measure_grid:
+            rows.append(sweep([{}], argv, log=lambda *a: None)[0] | p)
+        else:
+            args = ref_train.parse_args(argv)
+            rows.append(dict(p, budget_bytes=ref_train.plan(args)["peak_bytes"], peak_bytes=None, error=None))
+    header, table = sweep_table(rows)
+    expected = block["figures"] if measure_grid else [f for f in block["figures"] if f["key"][1] == "budget MiB"]
+    return _compare(expected, text_table(header, table).splitlines(), log)
+
+
+def _check_ablate(blocks, tmp, log):
+    block = blocks["ablate"]
+    log(f"ablate: {block['command']}")
+    out = _run([sys.executable, "drive.py", *block["command"].split()[2:]], HERE)
+    return _compare(block["figures"], out.splitlines(), log, whole=False)  # the table, not its progress lines
+
+
+def _check_bench(blocks, tmp, log):
+    block = blocks["bench"]
+    log(f"bench: {block['command']}")
+    header, table = bench_table(bench([], log=lambda *a: None))
+    return _check(block["figures"], {(r[0], c): v for r in table for c, v in zip(header[1:], r[1:])}, log)
+
+
+def _check_probe(blocks, tmp, log):
+    py = sys.executable
+    script = os.path.join(tmp, "stack.py")
+    with open(script, "w") as f:
+        f.write(blocks["script"])
+    for name in ("memcheck.py", "budget.py"):
+        shutil.copy(os.path.join(HERE, name), tmp)
+    careless = _run([py, script, "careless", "careless.json"], tmp)
+    _run([py, script, "clean", "clean.json"], tmp)
+    log("probe: the docs' script, careless")
+    # (the docs show the report, not the probe's own lines about where it wrote it)
+    bad = _compare(blocks["probe: careless"]["figures"], careless.splitlines(), log, whole=False)
+    for name, a, b in (("probe: clean vs careless", "clean.json", "careless.json"),
+                       ("probe: reference vs clean", "ref.json", "clean.json")):
+        if a == "ref.json":
+            command = re.search(r"the reference for this stack: python (ref_train.py .*)", careless).group(1)
+            _run([py, *command.split(), "--report", os.path.join(tmp, "ref.json")], HERE)
+        out = _run([py, os.path.join(HERE, "memcheck.py"), "diff", a, b], tmp)
+        log(f"{name}: memcheck.py diff {a} {b}")
+        bad += _compare(blocks[name]["figures"], out.splitlines(), log)
+    return bad
+
+
+FIGURE_CHECKS = {"baseline": _check_baseline, "budget grid": _check_budget_grid,
+                 "careless diff": _check_careless_diff, "ablate": _check_ablate, "bench": _check_bench,
+                 "probe": _check_probe}
 QUICK_SECTIONS = ("baseline", "budget grid", "careless diff")
 
 
-def figures(sections=QUICK_SECTIONS, measure_grid=False, log=print, readme=README):
-    """Rerun each README block in `sections`, compare every figure; returns the disagreements."""
-    here = os.path.dirname(os.path.abspath(__file__))
-    py = sys.executable
-    blocks = readme_figures(readme)
+def figures(sections=QUICK_SECTIONS, measure_grid=False, log=print, paths=None):
+    """Rerun each quoted block in `sections` (README.md's and docs/*.md's, or paths'), compare every
+    figure; returns the number that disagree."""
+    import torch
+
+    blocks = readme_figures(paths)
+    log(f"figures of {', '.join(QUOTING_FILES)}, rerun with torch {torch.__version__} on "
+        f"{os.cpu_count()} cores, {torch.get_num_threads()} threads")
     bad = 0
-    log(f"README figures, rerun with torch {torch.__version__} on {os.cpu_count()} cores, "
-        f"{torch.get_num_threads()} threads")
     with tempfile.TemporaryDirectory() as tmp:
-        baseline_json = os.path.join(tmp, "baseline.json")
-        if "baseline" in sections or "careless diff" in sections:
-            block = blocks["baseline"]
-            out = _run([py, *block["command"].split()[1:], "--report", baseline_json], here)
-            if "baseline" in sections:
-                log(f"baseline: {block['command']}")
-                bad += _compare(block["figures"], out.splitlines(), log)
-        if "careless diff" in sections:
-            block = blocks["careless diff"]
-            stack = os.path.join(tmp, "stack.json")
-            _run([py, "ref_train.py", "--bs", "2", "--seq", "128", *block["flags"], "--report", stack], here)
-            out = _run([py, os.path.join(here, "memcheck.py"), "diff", "baseline.json", "stack.json"], tmp)
-            log(f"careless diff: ref_train.py {' '.join(block['flags'])}, then {block['command']}")
-            bad += _compare(block["figures"], out.splitlines(), log)
-        if "budget grid" in sections:
-            block = blocks["budget grid"]
-            log("budget grid: " + ("python drive.py sweep, every point measured" if measure_grid
-                                   else "the budget column (--all measures every point)"))
-            rows = []
-            for p in block["points"]:
-                argv = ["--bs", p["bs"], "--seq", p["seq"], "--ckpt", p["ckpt"], "--steps", "2"]
-                if measure_grid:
-                    rows.append(sweep([{}], argv, log=lambda *a: None)[0] | p)
-                else:
-                    args = ref_train.parse_args(argv)
-                    rows.append(dict(p, budget_bytes=ref_train.plan(args)["peak_bytes"],
-                                     peak_bytes=None, error=None))
-            header, table = sweep_table(rows)
-            lines = text_table(header, table).splitlines()
-            expected = block["figures"] if measure_grid else [
-                f for f in block["figures"] if f["key"][1] == "budget MiB"]
-            bad += _compare(expected, lines, log)
-        if "ablate" in sections:
-            block = blocks["ablate"]
-            log(f"ablate: {block['command']}")
-            out = _run([py, "drive.py", *block["command"].split()[2:]], here)
-            bad += _compare(block["figures"], out.splitlines(), log, whole=False)  # the table, not its progress lines
-        if "bench" in sections:
-            block = blocks["bench"]
-            log(f"bench: {block['command']}")
-            rows = bench([], log=lambda *a: None)
-            header, table = bench_table(rows)
-            actual = {(r[0], c): v for r in table for c, v in zip(header[1:], r[1:])}
-            bad += _check(block["figures"], actual, log)
-        if "probe" in sections:
-            script = os.path.join(tmp, "stack.py")
-            with open(script, "w") as f:
-                f.write(blocks["script"])
-            for name in ("memcheck.py", "budget.py"):
-                shutil.copy(os.path.join(here, name), tmp)
-            careless = _run([py, script, "careless", "careless.json"], tmp)
-            _run([py, script, "clean", "clean.json"], tmp)
-            log("probe: the README's script, careless")
-            # (the README shows the report, not the probe's own lines about where it wrote it)
-            bad += _compare(blocks["probe: careless"]["figures"], careless.splitlines(), log, whole=False)
-            for name, a, b in (("probe: clean vs careless", "clean.json", "careless.json"),
-                               ("probe: reference vs clean", "ref.json", "clean.json")):
-                if a == "ref.json":
-                    command = re.search(r"the reference for this stack: python (ref_train.py .*)", careless).group(1)
-                    _run([py, *command.split(), "--report", os.path.join(tmp, "ref.json")], here)
-                out = _run([py, os.path.join(here, "memcheck.py"), "diff", a, b], tmp)
-                log(f"{name}: memcheck.py diff {a} {b}")
-                bad += _compare(blocks[name]["figures"], out.splitlines(), log)
-    log("every figure agrees with the README" if not bad else f"{bad} figures disagree with the README")
+        for name, check in FIGURE_CHECKS.items():
+            if name in sections:
+                bad += (functools.partial(check, measure_grid=measure_grid) if name == "budget grid"
+                        else check)(blocks, tmp, log)
+    log("every figure agrees with the docs" if not bad else f"{bad} figures disagree with the docs")
     return bad
 
 
 # ---------------------------------------------------------------- command line
 
-def _parser(command, summary, *flags):
-    """A command's own parser: its flags, then every ref_train.py flag for the baseline."""
-    p = OneLineParser(prog=f"drive.py {command}", description=summary, allow_abbrev=False,
-                epilog="Any other flag is ref_train.py's (python ref_train.py --help lists them) and "
-                       "sets the baseline the command varies, e.g. --bs 2 --seq 128 --model DIR.")
+class CommandLineError(ValueError):
+    """A bad drive.py flag: one line naming it, exit code 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse whose errors are one line (memcheck's OneLineParser, without importing torch)."""
+
+    def error(self, message):
+        raise CommandLineError(message)
+
+
+BASELINE_FLAGS = ("Any other flag is ref_train.py's (python ref_train.py --help lists them) and sets the "
+                  "baseline the command varies, e.g. --bs 2 --seq 128 --model DIR.")
+
+
+def _parser(command, summary, *flags, epilog=BASELINE_FLAGS):
+    """A command's own parser: its flags, then (the epilog says) every ref_train.py flag for the baseline."""
+    p = _Parser(prog=f"drive.py {command}", description=summary, allow_abbrev=False, epilog=epilog)
     for args, kwargs in flags:
         p.add_argument(*args, **kwargs)
     return p
@@ -786,6 +874,7 @@ MARKDOWN = (("--markdown",), dict(action="store_true", help="also print a block 
 
 def _print_and_save(title, table, rows, markdown, report_path):
     """The ending of ablate and bench: the table, the Markdown block if asked, the JSON if asked."""
+    from memcheck import markdown_block, text_table, write_report
     header, body = table
     print()
     print(text_table(header, body))
@@ -802,6 +891,8 @@ def budget_command(argv):
                 (("--full",), dict(action="store_true",
                                    help="add a column for full fine-tuning of the same model and shapes")))
     own, rest = p.parse_known_args(argv)
+    import ref_train
+    from memcheck import mib, text_table
     args = ref_train.parse_args(rest, budget_only=True)   # built on meta: a config.json will do
     model, items, batches, setup = ref_train.build(args, meta=True)
     padded = ref_train.has_padding(ref_train.first_batches(args, batches))
@@ -852,6 +943,7 @@ def sweep_command(argv):
                 (("--plot",), dict(metavar="PNG", help="plot measured and budget against each swept "
                                    "variable (needs matplotlib, which is optional)")))
     own, rest = p.parse_known_args(argv)
+    from memcheck import ReportError, markdown_block, text_table, write_report
     for flag, path in (("--report", own.report), ("--plot", own.plot)):
         flags.check_output_path(flag, path)
     axes = {}
@@ -899,6 +991,7 @@ def bench_command(argv):
                 (("--steps",), dict(type=int, default=5, help="measured steps per loop (2 or more); "
                                     "times are medians")))
     own, rest = p.parse_known_args(argv)
+    from memcheck import ReportError
     if own.steps < 2:
         raise ReportError(f"--steps {own.steps}: bench needs a whole number of steps, 2 or more")
     flags.check_output_path("--report", own.report)
@@ -935,6 +1028,7 @@ FAMILIES = {
 
 def save_family(family, directory):
     """Save FAMILIES[family]'s tiny random model (config and weights, no tokenizer) in directory."""
+    import torch
     from transformers import AutoConfig, AutoModelForCausalLM
     torch.manual_seed(0)
     config = AutoConfig.for_model(family, **FAMILIES[family])
@@ -949,6 +1043,8 @@ def families(flags=(), log=print):
     """The budget against the measured peak on a tiny random model of every family, with the
     default targets, checkpointed and not; one row per family and checkpointing. flags: ref_train
     flags for every run, after FAMILY_RUN."""
+    import ref_train
+    from memcheck import first_line
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for family in FAMILIES:
@@ -973,6 +1069,7 @@ def families(flags=(), log=print):
 
 
 def families_table(rows):
+    from memcheck import mib
     header = ("family", "targets", "attention", "ckpt", "peak MiB", "budget MiB", "error", "method")
     shown = lambda n: "-" if n is None else mib(n)
     return header, [(r["family"], ",".join(r["targets"]) or "-", r["attn"], r["ckpt"],
@@ -990,6 +1087,8 @@ def families_command(argv):
                 "cpu; e.g. --precision bf16-mixed, or on a GPU --device cuda --precision 16-mixed "
                 "--weights-dtype bf16 (iLoRA's).", MARKDOWN, REPORT)
     own, rest = p.parse_known_args(argv)
+    import ref_train
+    from memcheck import ReportError
     flags.check_output_path("--report", own.report)
     for flag in ("--model", "--ckpt"):
         if any(a == flag or a.startswith(flag + "=") for a in rest):
@@ -1001,26 +1100,22 @@ def families_command(argv):
 
 
 def figures_command(argv):
-    p = _parser("figures", "Rerun every figure the README quotes and compare each with the README: "
-                "memory figures, counts and losses exactly (losses are bit for bit on the same machine "
-                "with the same thread count), times as ranges (machine-dependent). Exit 1 if one "
+    p = _parser("figures", "Rerun every figure README.md and docs/*.md quote and compare each with the "
+                "text: memory figures, counts and losses exactly (losses are bit for bit on the same "
+                "machine with the same thread count), times as ranges (machine-dependent). Exit 1 if one "
                 "disagrees. Run it before each release of figures.",
                 (("--all",), dict(action="store_true", help="also the ablate, bench and probe blocks "
                                   "and every measured point of the budget grid (about an hour on 2 "
                                   "cores); default: " + ", ".join(QUICK_SECTIONS) + " (its budget column)")),
-                (("--only",), dict(metavar="NAMES", help="comma list of " + ", ".join(FIGURE_SECTIONS))),
-                (("--readme",), dict(metavar="PATH", default=README, help="check this file's figures "
-                                     "(a draft of the README) instead of README.md")))
-    own, rest = p.parse_known_args(argv)
-    if rest:
-        raise ReportError(f"figures takes no ref_train flags (the README's commands are rerun as "
-                          f"written): {' '.join(rest)}")
-    sections = own.only.split(",") if own.only else FIGURE_SECTIONS if own.all else QUICK_SECTIONS
-    unknown = [s for s in sections if s not in FIGURE_SECTIONS]
+                (("--only",), dict(metavar="NAMES", help="comma list of " + ", ".join(FIGURE_CHECKS))),
+                epilog="It takes no other flag: the quoted commands are rerun as written.")
+    own = p.parse_args(argv)
+    sections = own.only.split(",") if own.only else list(FIGURE_CHECKS) if own.all else QUICK_SECTIONS
+    unknown = [s for s in sections if s not in FIGURE_CHECKS]
     if unknown:
-        raise ReportError(f"--only {own.only}: unknown {', '.join(unknown)}; expected "
-                          + ", ".join(FIGURE_SECTIONS))
-    return 1 if figures(sections, measure_grid=own.all, readme=own.readme) else 0
+        raise CommandLineError(f"--only {own.only}: unknown {', '.join(unknown)}; expected "
+                               + ", ".join(FIGURE_CHECKS))
+    return 1 if figures(sections, measure_grid=own.all) else 0
 
 
 COMMANDS = {"budget": budget_command, "ablate": ablate_command, "sweep": sweep_command,
@@ -1039,7 +1134,13 @@ def main(argv=None):
         return 2
     try:
         return COMMANDS[argv[0]](argv[1:])
-    except (ReportError, ref_train.UsageError, data.DataError) as e:
+    except ValueError as e:
+        if not isinstance(e, CommandLineError):
+            import data   # already imported by the command that raised: costs nothing
+            import ref_train
+            from memcheck import ReportError
+            if not isinstance(e, (ReportError, ref_train.UsageError, data.DataError)):
+                raise
         print(f"drive.py {argv[0]}: error: {e}", file=sys.stderr)
         return 2
 

@@ -84,7 +84,7 @@ README_BLOCK_LINES = {
 }
 NAMED = {  # what the failure must name, and how many figures disagree
     "changed": ("DIFFERS  backward [peak MiB]: README 645.0, now 644.9", 1),
-    "missing": ("EXTRA    parameters: _ trainable, _ frozen [#1]: now 125,332,288, not in the README", 2),
+    "missing": ("EXTRA    parameters: _ trainable, _ frozen [#1]: now 125,332,288, not quoted", 2),
     "extra": ("MISSING  peak _ MiB in optimizer [#0]: README 999.9, not in the output", 1),
 }
 
