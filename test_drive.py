@@ -14,6 +14,8 @@ import flags
 import ref_train
 from memcheck import MiB
 
+README = os.path.join(os.path.dirname(os.path.abspath(__file__)), "README.md")
+
 # ---------------------------------------------------------------- families
 
 FAILING = ("gemma2", "none")   # one family's run that raises: it must still be a row
@@ -83,23 +85,23 @@ README_BLOCK_LINES = {
     "extra": ("parameters: 935,684 trainable", "peak 999.9 MiB in optimizer\nparameters: 935,684 trainable"),
 }
 NAMED = {  # what the failure must name, and how many figures disagree
-    "changed": ("DIFFERS  backward [peak MiB]: README 645.0, now 644.9", 1),
+    "changed": ("DIFFERS  backward [peak MiB]: quoted 645.0, now 644.9", 1),
     "missing": ("EXTRA    parameters: _ trainable, _ frozen [#1]: now 125,332,288, not quoted", 2),
-    "extra": ("MISSING  peak _ MiB in optimizer [#0]: README 999.9, not in the output", 1),
+    "extra": ("MISSING  peak _ MiB in optimizer [#0]: quoted 999.9, not in the output", 1),
 }
 
 
 @pytest.fixture
 def baseline_rerun(monkeypatch):
     """The README's baseline block, as what rerunning its command prints (no training)."""
-    block = next(lines for _, lines in drive._blocks(open(drive.README).read())   # only read
+    block = next(lines for _, lines in drive._blocks(open(README).read())   # only read
                  if any(line.startswith("step   1 | loss") for line in lines))
     monkeypatch.setattr(drive, "_run", lambda cmd, cwd, timeout=3600: "\n".join(block) + "\n")
 
 
 def readme_copy(tmp_path, change=None):
     path = tmp_path / "README.md"
-    shutil.copy(drive.README, path)
+    shutil.copy(README, path)
     if change:
         old, new = README_BLOCK_LINES[change]
         text = path.read_text()
@@ -108,16 +110,17 @@ def readme_copy(tmp_path, change=None):
     return str(path)
 
 
-def test_figures_agree_with_an_unchanged_readme(tmp_path, baseline_rerun, capsys):
-    assert drive.main(["figures", "--only", "baseline", "--readme", readme_copy(tmp_path)]) == 0
-    assert "every figure agrees with the README" in capsys.readouterr().out
+def test_figures_agree_with_an_unchanged_readme(tmp_path, baseline_rerun):
+    logged = []
+    assert drive.figures(["baseline"], paths=[readme_copy(tmp_path)], log=logged.append) == 0
+    assert "every figure agrees with the docs" in logged
 
 
 @pytest.mark.parametrize("change", list(README_BLOCK_LINES))
 def test_figures_fail_naming_a_figure_changed_missing_or_extra_in_the_readme(change, tmp_path,
-                                                                             baseline_rerun, capsys):
-    assert drive.main(["figures", "--only", "baseline", "--readme", readme_copy(tmp_path, change)]) == 1
-    out = capsys.readouterr().out
+                                                                             baseline_rerun):
+    logged = []
+    assert drive.figures(["baseline"], paths=[readme_copy(tmp_path, change)], log=logged.append) > 0
     named, count = NAMED[change]
-    assert named in out, out
-    assert f"\n{count} figures disagree with the README" in out
+    assert any(named in line for line in logged), logged
+    assert logged[-1] == f"{count} figures disagree with the docs"
