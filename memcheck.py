@@ -991,12 +991,17 @@ def write_report(path, report):
     """Write JSON atomically: a reader never sees half a report, even if the run dies while writing."""
     directory = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(dir=directory, prefix=".memcheck-", suffix=".json")
-    with os.fdopen(fd, "w") as f:
-        json.dump(report, f, indent=1)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)  # the usual permissions, not the temporary file's 0600
-    os.replace(tmp, path)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(report, f, indent=1)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # the usual permissions, not the temporary file's 0600
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise
 
 
 def read_report(path):
@@ -1173,7 +1178,7 @@ def _reserved(report):
 def diff(a, b):
     """Rows (what, A bytes or None, B bytes or None) in the text table's order; None is "not measured
     on that side", never 0. Modules are aligned by their place in the model (module_group)."""
-    rows = [("peak", a["peak_bytes"], b["peak_bytes"])]
+    rows = [("peak", _peak(a), _peak(b))]
     if _reserved(a) is not None or _reserved(b) is not None:
         rows.append(("reserved", _reserved(a), _reserved(b)))
     pa, pb = ({name: stats["peak_bytes"] for name, stats in r["phases"].items()} for r in (a, b))
@@ -1191,9 +1196,16 @@ def diff(a, b):
             label = "op " + g[len("(op "):].replace(", outside any module)", " (outside any module)")
         else:
             label = f"module {g}" + (f" (x{count})" if "*" in g else "")
-        rows.append((label, ga.get(g, {}).get("bytes", 0), gb.get(g, {}).get("bytes", 0)))
-    rows.append(("leak per step (bytes)", a["leak"]["bytes_per_step"], b["leak"]["bytes_per_step"]))
+        rows.append((label, *(groups.get(g, {}).get("bytes", 0) if _peak(r) is not None else None
+                              for groups, r in ((ga, a), (gb, b)))))
+    rows.append(("leak per step (bytes)", *(r["leak"]["bytes_per_step"] if len(r["steps"]) > 1 else None
+                                            for r in (a, b))))
     return rows
+
+
+def _peak(report):
+    """The training peak, None where no training phase finished (a run stopped while loading)."""
+    return report["peak_bytes"] if report["peak_phase"] is not None else None
 
 
 def _dominant_op(groups_a, groups_b, row):
@@ -1271,14 +1283,17 @@ def format_diff(a, b, name_a="A", name_b="B", markdown=False):
                 continue
         if what == "leak per step (bytes)":
             flag = "LEAK in B" if b["leak"]["detected"] and not a["leak"]["detected"] else "-"
-            shown.append((what, f"{x:,.0f}", f"{y:,.0f}", f"{y - x:+,.0f}", flag))
+            cells = ["not measured" if v is None else f"{v:,.0f}" for v in (x, y)]
+            shown.append((what, *cells, "-" if None in (x, y) else f"{y - x:+,.0f}", flag))
             continue
         if what.startswith("at peak: ") and not (x or y):
             continue
         both = x is not None and y is not None
         shown.append((what, fmt(x), fmt(y), f"{(y - x) / MiB:+.1f}" if both else "-",
                       f"{y / x:.2f}x" if both and x else "-"))
-        if what.startswith("module ") and modules <= 3 and abs(y - x) > SAME_WITHIN * a["peak_bytes"]:
+        if (what.startswith("module ") and modules <= 3 and both
+                and abs(y - x) > SAME_WITHIN * a["peak_bytes"]):
+
             op = _dominant_op(groups_a, groups_b, (what, x, y))
             if op and op[1]:
                 shown.append((f"  mostly op {op[0]}", "", "", f"{op[1] / MiB:+.1f}", ""))
