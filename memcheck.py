@@ -196,8 +196,11 @@ class Tracker(TorchDispatchMode):
 
     def track(self, tensor, op, adopt=True):
         """The record of `tensor`'s storage; an unseen storage is counted from now if `adopt`."""
+        if type(tensor) is not torch.Tensor:  # a DTensor (FSDP2) counts as its local shard
+            tensor = getattr(tensor, "_local_tensor", tensor)  # not to_local(): no op under the mode
         if not self._on_device(tensor):
             return None
+
         try:
             storage = tensor.untyped_storage()
         except (NotImplementedError, RuntimeError):  # tensor subclasses without a plain storage
