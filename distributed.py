@@ -71,20 +71,6 @@ def grad_scaler(args):
     return torch.amp.GradScaler(args.device, enabled=enabled)
 
 
-def track_local_shards(probe, args):
-    """Under FSDP2 the parameters, their gradients and optimizer state are DTensors, whose storage
-    memcheck's tracker cannot read: it is given each one's local shard, this rank's memory.
-    MERGE: belongs in memcheck.Tracker.track (memcheck.py was not this branch's to edit)."""
-    if args.strategy != "fsdp":
-        return
-    from torch.distributed.tensor import DTensor
-    track = probe.tracker.track
-
-    def track_shard(tensor, op, adopt=True):  # _local_tensor, not to_local(): no op under the mode
-        return track(tensor._local_tensor if isinstance(tensor, DTensor) else tensor, op, adopt)
-    probe.tracker.track = track_shard
-
-
 def rank_rows(batches, args):
     """This rank's rows of each global batch (read at bs x world size): rank r gets rows
     r*bs .. (r+1)*bs, so N ranks at --bs b see what one process sees at --bs b*N."""

@@ -45,6 +45,7 @@ except ModuleNotFoundError:
 SCHEMA = "memcheck/1"
 REPORT_FIELDS = {"config": dict, "env": dict, "peak_bytes": int, "peak_phase": (str, type(None)),
                  "phases": dict, "categories": dict, "steps": list, "leak": dict}
+_KIND_NAMES = {type(None): "null", dict: "an object", list: "a list", int: "an integer", str: "a string"}
 MiB = 2 ** 20
 PHASES = ("load", "forward", "backward", "optimizer")
 # Highest priority first: a storage that is both a parameter and saved for backward is a parameter.
@@ -79,23 +80,14 @@ def first_line(error):
 # ---------------------------------------------------------------- the tracker
 
 class _Storage(weakref.ref):
-    """One live (or, within the current phase, recently freed) tensor storage: a weak reference whose
-    callback says when it is freed. Tracker.track fills the fields (no __init__: one per allocation);
-    what made it (op, shape, dtype) is kept as it came, and named only when a report asks."""
+    """One tensor storage, live or freed within the phase: a weak reference whose callback says when
+    it is freed. What made it (op, shape, dtype) is kept as it came, and named only when asked."""
     __slots__ = ("key", "nbytes", "created", "freed", "step", "phase", "module", "_op", "_shape",
                  "_dtype", "category")
 
-    @property
-    def op(self):
-        return _op_name(self._op)
-
-    @property
-    def shape(self):
-        return tuple(self._shape)
-
-    @property
-    def dtype(self):
-        return str(self._dtype).replace("torch.", "")
+    op = property(lambda self: _op_name(self._op))
+    shape = property(lambda self: tuple(self._shape))
+    dtype = property(lambda self: str(self._dtype).replace("torch.", ""))
 
     def alive_at(self, seq):
         return self.created <= seq and (self.freed is None or self.freed > seq)
@@ -127,24 +119,20 @@ def _on_device(device_type):
     flag = f"is_{device_type}"
     if hasattr(torch.Tensor, flag):
         return operator.attrgetter(flag)
-    return functools.partial(_has_device_type, device_type)
-
-
-def _has_device_type(device_type, tensor):
-    return tensor.device.type == device_type
+    return lambda tensor: tensor.device.type == device_type
 
 
 _DYNAMO_KEPT_OUT = []
 
 
 def _keep_dynamo_out():
-    """Keep torch.compile from tracing the tracker's per-op code, once per process: not with the
-    wrapper TorchDispatchMode puts around every op (torch._disable_dynamo, a quarter of the tracker's
-    per-op time) but by marking its code for dynamo to skip; where torch cannot, the wrapper is back."""
+    """Keep torch.compile from tracing the tracker's per-op code, once per process: by marking its
+    code for dynamo to skip, not with the wrapper TorchDispatchMode puts around every op (a quarter
+    of the tracker's per-op time); where torch cannot, the wrapper is back."""
     if _DYNAMO_KEPT_OUT:
         return
     functions = (Tracker.__dict__["__torch_dispatch__"], Tracker.track, Tracker._free_record,
-                 _aliases_input, _op_name, _has_device_type)
+                 _aliases_input, _op_name)
     try:
         from torch._dynamo.eval_frame import skip_code
         codes = [fn.__code__ for fn in functions]
@@ -160,14 +148,10 @@ def _keep_dynamo_out():
 
 
 class Tracker(TorchDispatchMode):
-    """Exact live bytes of the tensor storages on one device, with a peak and a per-phase history.
-
-    Every op's outputs are seen, each storage counted once, and a weak reference tells when it is
-    freed: the only honest figure on CPU, where torch.cuda's counters say 0 (on CUDA, the allocator's
-    "allocated" but for its 512-byte rounding; its own counters give the peak there). Events are
-    numbered, so what was alive at the peak is rebuilt when the phase ends. A storage first seen as a
-    view's or in-place op's output existed before (a preloaded batch): it is not counted.
-    """
+    """Exact live bytes of the tensor storages on one device: every op's outputs, each storage once,
+    freed when its weak reference says so. Events are numbered, so what was alive at the peak is
+    rebuilt when the phase ends. A storage first seen as a view's or in-place op's output existed
+    before (a preloaded batch): it is not counted."""
 
     def __init__(self, device, limit_bytes=None, on_error=None):
         super().__init__()
@@ -212,8 +196,11 @@ class Tracker(TorchDispatchMode):
 
     def track(self, tensor, op, adopt=True):
         """The record of `tensor`'s storage; an unseen storage is counted from now if `adopt`."""
+        if type(tensor) is not torch.Tensor:  # a DTensor (FSDP2) counts as its local shard
+            tensor = getattr(tensor, "_local_tensor", tensor)  # not to_local(): no op under the mode
         if not self._on_device(tensor):
             return None
+
         try:
             storage = tensor.untyped_storage()
         except (NotImplementedError, RuntimeError):  # tensor subclasses without a plain storage
@@ -284,79 +271,11 @@ class Tracker(TorchDispatchMode):
         return sorted(by_module.values(), key=lambda m: -m["bytes"])
 
 
-# ---------------------------------------------------------------- the probe: phases and steps
-
-class _Steps:
-    """Phases and steps: each phase's peak and what it held then, each step's loss, time and end."""
-
-    def __init__(self, tracker, device):
-        self.tracker, self.device, self.cuda = tracker, device, device.type == "cuda"
-        self.phases, self.steps, self.peak = {}, [], {"peak_bytes": 0}
-        self.started, self.step_peak = None, 0   # the open step's start time and peak
-
-    def begin(self, name):
-        tracker = self.tracker
-        tracker.phase, tracker.module_stack[:] = name, []
-        if self.started is None:
-            self.started = time.perf_counter()
-        tracker.start_window()
-        if self.cuda:
-            torch.cuda.synchronize(self.device)
-            torch.cuda.reset_peak_memory_stats(self.device)
-
-    def end(self, name):
-        tracker = self.tracker
-        stats = {"peak_bytes": tracker.peak_bytes, "live_bytes": tracker.live_bytes,
-                 "step": tracker.step, "categories": tracker.categories(tracker.peak_event),
-                 "modules": tracker.modules(tracker.peak_event)}
-        if self.cuda:
-            torch.cuda.synchronize(self.device)
-            stats["tracked_peak_bytes"] = stats["peak_bytes"]
-            stats["peak_bytes"] = torch.cuda.max_memory_allocated(self.device)
-            stats["live_bytes"] = torch.cuda.memory_allocated(self.device)
-            stats["reserved_bytes"] = torch.cuda.max_memory_reserved(self.device)
-            # What the allocator holds that no tracked tensor owns: cuBLAS's workspaces, mostly.
-            stats["untracked_bytes"] = max(0, stats["live_bytes"] - tracker.live_bytes)
-        if name != "load":
-            self.step_peak = max(self.step_peak, stats["peak_bytes"])
-        if stats["peak_bytes"] >= self.phases.get(name, {"peak_bytes": -1})["peak_bytes"]:
-            self.phases[name] = stats
-        else:
-            self.phases[name]["live_bytes"] = stats["live_bytes"]
-        # The peak is training's; loading (resize_token_embeddings included) keeps its own entry.
-        if name != "load" and stats["peak_bytes"] >= self.peak["peak_bytes"]:
-            self.peak = dict(stats, phase=name)
-        tracker.phase = None
-
-    def step(self, loss):
-        if self.cuda:
-            torch.cuda.synchronize(self.device)
-        now, live = time.perf_counter(), self.live_bytes()
-        self.steps.append({"step": self.tracker.step,
-                           "loss": None if loss is None else float(torch.as_tensor(loss).detach()),
-                           "seconds": now - (self.started or now),
-                           "live_bytes": live, "peak_bytes": self.step_peak or live})
-
-    def next_step(self):
-        self.step_peak, self.started = 0, None
-        self.tracker.step += 1
-
-    def live_bytes(self):
-        return torch.cuda.memory_allocated(self.device) if self.cuda else self.tracker.live_bytes
-
-    def untracked_bytes(self):
-        """What the allocator held beyond the tracked tensors in training (cuBLAS's workspaces)."""
-        untracked = [s["untracked_bytes"] for n, s in self.phases.items()
-                     if n != "load" and "untracked_bytes" in s]
-        return min(untracked) if untracked else None
-
-
 # ---------------------------------------------------------------- the probe: what autograd saves
 
 class _Saved:
-    """What autograd keeps for one saved tensor while the probe watches: a detached alias, not the
-    tensor, whose grad_fn (a saved output's) would make a cycle that keeps a graph nobody
-    backpropagates alive (an eval forward without no_grad): a leak the probe made itself."""
+    """What autograd keeps for a saved tensor: a detached alias, since the tensor's grad_fn would
+    make a cycle keeping alive a graph nobody backpropagates (a leak the probe made itself)."""
     __slots__ = ("tensor", "phase", "__weakref__")
 
     def __init__(self, tensor, phase):
@@ -411,8 +330,7 @@ class _Saves:
                     self.outputs.append(record)
 
     def forward_ended(self):
-        """What forward made and still holds is kept for backward (what autograd saved is in
-        "activations" already: pack put it there)."""
+        """What forward made and still holds is kept for backward: activations."""
         tracker = self.tracker
         made = [r for r in tracker.window
                 if r.freed is None and r.phase == "forward" and r.step == tracker.step]
@@ -422,8 +340,7 @@ class _Saves:
                 r.category = "activations"
 
     def backward_ended(self):
-        """The model's outputs that autograd did not save, alive still when backward ends: the loop
-        held them through backward (the logits, when it keeps the whole output)."""
+        """The model's outputs autograd did not save, alive when backward ends: the loop held them."""
         held = [r for r in self.unsaved if r.freed is None]
         held_bytes = sum(r.nbytes for r in held)
         if held and held_bytes >= OUTPUT_KEPT_SHARE * self.tracker.peak_bytes:
@@ -433,8 +350,7 @@ class _Saves:
         self.unsaved = []
 
     def check_step(self, step, checkpointed):
-        """Graphs kept past their backward, saves no backward used, and checkpointing that did not
-        happen in the `checkpointed` layers (their names)."""
+        """Graphs kept past backward, saves no backward used, checkpointed layers that saved."""
         watch = self.watch
         for phase, storages in watch["bytes"].items():
             if phase not in watch["unpacked"]:
@@ -458,8 +374,7 @@ class _Saves:
         self.new_step()
 
     def checkpointing(self):
-        """Whether the decoder layers ran checkpointed, as measured: in every step with a backward,
-        nothing inside them was saved for it. None before a backward, or with no layers found."""
+        """Whether no step's backward used anything saved inside the decoder layers (None: unknown)."""
         if not self.backward_steps or not self.layers:
             return None
         return self.steps_saving_in_layers == 0
@@ -494,8 +409,7 @@ _EVENT_MESSAGES = {
 # ---------------------------------------------------------------- the probe: what it sees of the stack
 
 class _Stack:
-    """The stack the probe watches: its modules' names, its parameters' roles, its first forward's
-    shapes and autocast; from them its configuration, its budget and the reference command."""
+    """The stack watched: module names, parameter roles, the first forward's shapes and autocast."""
 
     def __init__(self, tracker, device, saves):
         self.tracker, self.device, self.saves = tracker, device, saves
@@ -519,13 +433,13 @@ class _Stack:
         self.tag_roles(adopt=True)  # what exists now is counted from now, and never as new
 
     def detach(self):
-        for h in self.hooks:
-            h.remove()
-        self.hooks.clear()
+        while self.hooks:
+            self.hooks.pop().remove()
 
-    def _leave_module(self, *_):
+    def _leave_module(self, *_):  # returns None: anything else would replace the output
         if self.tracker.module_stack:
-            self.tracker.module_stack.pop()  # returning anything here would replace the output
+            self.tracker.module_stack.pop()
+
 
     def _first_forward(self, module, args):
         if "bs" not in self.seen and args and isinstance(args[0], torch.Tensor) and args[0].dim() == 2:
@@ -535,8 +449,7 @@ class _Stack:
                                      if torch.is_autocast_enabled(kind) else None)
 
     def tag_roles(self, adopt=False, again=True):
-        """Tag parameters, buffers, gradients and optimizer state; the model's parameters and
-        buffers are listed again once a step (again=True), not at every phase."""
+        """Tag parameters, buffers, gradients and optimizer state (listed again if `again`)."""
         if self.model is None:
             return
         if again or self.roles is None:
@@ -598,30 +511,27 @@ class _Stack:
 # ---------------------------------------------------------------- the probe
 
 class Probe:
-    """Measure any training loop (the module docstring shows one): phases, categories, leaks, and the
-    pathologies it can name. With `path`, the report is written when the scope closes, however it
-    closes (out of memory: also as the allocation fails), and `log` says where, with this stack's
-    baseline command. begin()/end() and close() are the same without with-blocks, for callbacks."""
+    """Measure any training loop (the module docstring shows one). With `path`, the report is written
+    when the scope closes, however it closes (and as an allocation fails); begin()/end()/close() are
+    the same without with-blocks, for callbacks."""
 
     def __init__(self, model=None, optimizer=None, device=None, max_memory_mib=None, config=None,
                  path=None, log=print):
         if device is None:
             device = next(model.parameters()).device if model is not None else "cpu"
         self.device = torch.device(device)
+        self.cuda = self.device.type == "cuda"
         limit = None if max_memory_mib is None else int(max_memory_mib * MiB)
         self.tracker = Tracker(self.device, limit, on_error=self._on_op_error)
         self.config, self.path, self.log = config or {}, path, log
         self.status, self.error, self.oom = "ok", None, None
-        self._steps = _Steps(self.tracker, self.device)
+        # Each phase's statistics, each step's, and the training peak's: the figures the report reads.
+        self.phases, self.steps, self.peak = {}, [], {"peak_bytes": 0}
+        self._started, self._step_peak = None, 0   # the open step's start time and peak
         self._saves = _Saves(self.tracker)
         self._stack = _Stack(self.tracker, self.device, self._saves)
         self._survivors = []             # a leak's evidence, from the last step that grew
         self._scope, self._open, self._pending = contextlib.ExitStack(), False, (model, optimizer)
-
-    # Each phase's statistics, each step's, and the training peak's: the figures the report reads.
-    phases = property(lambda self: self._steps.phases)
-    steps = property(lambda self: self._steps.steps)
-    peak = property(lambda self: self._steps.peak)
 
     # -- scope
     def __enter__(self):
@@ -635,11 +545,9 @@ class Probe:
 
     def __exit__(self, exc_type, exc, tb):
         self.close(exc)
-        return False
 
     def close(self, error=None):
-        """Stop measuring: remove every hook and the dispatch mode, record how the run ended, and
-        write the report to `path` if one was given. Safe to call twice."""
+        """Stop measuring, record how the run ended, write the report to `path`. Safe twice."""
         if error is not None:
             if isinstance(error, KeyboardInterrupt):
                 self.status, self.error = "interrupted", "interrupted (Ctrl-C)"
@@ -655,7 +563,7 @@ class Probe:
         self._scope.close()
         # A step left open by a loop that ended normally (an eval loop that never calls step())
         # still has its checks; one cut short by a failure saved for a backward that never came.
-        if self._steps.started is not None and self.status == "ok":
+        if self._started is not None and self.status == "ok":
             self._check_step()
         if self.path:
             report = self.report()
@@ -666,8 +574,7 @@ class Probe:
                      + (f"\nthe reference for this stack: {baseline}" if baseline else ""))
 
     def attach(self, model, optimizer=None):
-        """Watch `model` (module names, parameter roles) and `optimizer` (its state)."""
-        self._steps.started = None
+        self._started = None
         self._stack.attach(model, optimizer)
 
     # -- measurement
@@ -685,11 +592,17 @@ class Probe:
             self.end()
 
     def begin(self, name):
-        """Open a phase without a with-block: for callbacks (Lightning, HF Trainer). Pair with end()."""
+        """Open a phase without a with-block (closing the open one); pair with end()."""
         self.end()
-        first = self._steps.started is None
+        first = self._started is None
         self._saves.outputs = []
-        self._steps.begin(name)
+        self.tracker.phase, self.tracker.module_stack[:] = name, []
+        if first:
+            self._started = time.perf_counter()
+        self.tracker.start_window()
+        if self.cuda:
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
         self._stack.tag_roles(again=first)
 
     def end(self):
@@ -701,14 +614,47 @@ class Probe:
             self._saves.forward_ended()
         elif name == "backward":
             self._saves.backward_ended()
-        self._steps.end(name)
+        stats = self._phase_stats()
+        if name != "load":
+            self._step_peak = max(self._step_peak, stats["peak_bytes"])
+        if stats["peak_bytes"] >= self.phases.get(name, {"peak_bytes": -1})["peak_bytes"]:
+            self.phases[name] = stats
+        else:
+            self.phases[name]["live_bytes"] = stats["live_bytes"]
+        # The peak is training's; loading (resize_token_embeddings included) keeps its own entry.
+        if name != "load" and stats["peak_bytes"] >= self.peak["peak_bytes"]:
+            self.peak = dict(stats, phase=name)
+        self.tracker.phase = None
+
+    def _phase_stats(self):
+        """The closing phase's peak, what was alive then, and on CUDA the allocator's own figures."""
+        tracker = self.tracker
+        stats = {"peak_bytes": tracker.peak_bytes, "live_bytes": tracker.live_bytes,
+                 "step": tracker.step, "categories": tracker.categories(tracker.peak_event),
+                 "modules": tracker.modules(tracker.peak_event)}
+        if self.cuda:
+            torch.cuda.synchronize(self.device)
+            stats["tracked_peak_bytes"] = stats["peak_bytes"]
+            stats["peak_bytes"] = torch.cuda.max_memory_allocated(self.device)
+            stats["live_bytes"] = torch.cuda.memory_allocated(self.device)
+            stats["reserved_bytes"] = torch.cuda.max_memory_reserved(self.device)
+            # What the allocator holds that no tracked tensor owns: cuBLAS's workspaces, mostly.
+            stats["untracked_bytes"] = max(0, stats["live_bytes"] - tracker.live_bytes)
+        return stats
 
     def step(self, loss=None):
         """Close a training step: record its loss, time and the live bytes it leaves behind."""
         self.end()
-        self._steps.step(loss)
+        if self.cuda:
+            torch.cuda.synchronize(self.device)
+        now, live = time.perf_counter(), self.live_bytes()
+        self.steps.append({"step": self.tracker.step,
+                           "loss": None if loss is None else float(torch.as_tensor(loss).detach()),
+                           "seconds": now - (self._started or now),
+                           "live_bytes": live, "peak_bytes": self._step_peak or live})
         self._check_step()
-        self._steps.next_step()
+        self._step_peak, self._started = 0, None
+        self.tracker.step += 1
         return self.steps[-1]
 
     def _check_step(self):
@@ -719,7 +665,7 @@ class Probe:
             self._survivors = _survivors(self.tracker, self.tracker.step)
 
     def live_bytes(self):
-        return self._steps.live_bytes()
+        return torch.cuda.memory_allocated(self.device) if self.cuda else self.tracker.live_bytes
 
     # -- failures
     def _record_oom(self, error):
@@ -738,17 +684,16 @@ class Probe:
 
     # -- results
     def inferred_config(self):
-        """What the probe can tell of the stack it watched, as ref_train's flags would say it."""
         return self._stack.inferred_config()
 
     def budget(self):
-        """The budget of the watched model at the observed shapes; None when they are unknown, or
-        without budget.py beside this file."""
-        return self._stack.budget(self._steps.untracked_bytes())
+        """The budget at the observed shapes, less what the allocator held beyond tracked tensors."""
+        untracked = [s["untracked_bytes"] for n, s in self.phases.items()
+                     if n != "load" and "untracked_bytes" in s]
+        return self._stack.budget(min(untracked) if untracked else None)
 
     def warnings(self, leak=None):
-        """Each pathology seen, as {"kind", "message", ...}; a clean loop has none. leak: the
-        find_leak result when already at hand."""
+        """Each pathology seen, as {"kind", "message", ...}; a clean loop has none."""
         leak = leak or find_leak(self.steps, self._survivors)
         found = [{"kind": "leak", "bytes_per_step": leak["bytes_per_step"],
                   "message": leak_message(leak)}] if leak["detected"] else []
@@ -776,8 +721,7 @@ class Probe:
 
 
 def _budget_function():
-    """budget.budget, from budget.py beside this file (imported here, late: it imports this file),
-    or None where there is none."""
+    """budget.budget from budget.py beside this file (imported late: it imports this one), or None."""
     try:
         from budget import budget
     except ImportError:
@@ -788,9 +732,8 @@ def _budget_function():
 # ---------------------------------------------------------------- the stack, duck-typed
 
 def module_names(model):
-    """{module: name}, named from the language model down, so that the same layer has the same name
-    in every stack: PEFT's `base_model.model.`, a LightningModule's attribute and the reference's
-    `lm.` are dropped; the model and its wrappers are no module (what they compute is its op's)."""
+    """{module: name} from the language model down, the same layer named alike in every stack (PEFT's
+    `base_model.model.`, a LightningModule's attribute, the reference's `lm.` dropped)."""
     lm = _language_model(model)
     full = {m: n for n, m in model.named_modules()}
     if lm is None:
@@ -836,8 +779,7 @@ def _checkpointed_layers(model):
 
 
 def _adapter(module):
-    """(base linear, {r, experts, impl, dropout}) if `module` is a LoRA adapter, else None; duck-typed:
-    a gated LoRA layer (.base, .n_experts) or PEFT's LoRA layer (.base_layer, per-adapter dicts)."""
+    """(base linear, {r, experts, impl, dropout}) of a gated LoRA or a PEFT LoRA layer, else None."""
     if hasattr(module, "n_experts") and hasattr(module, "base"):
         p = getattr(module.dropout, "p", 0.0)
         return module.base, {"r": module.r, "experts": module.n_experts, "impl": module.impl,
@@ -904,8 +846,7 @@ def baseline_command(config):
 # ---------------------------------------------------------------- callbacks for Lightning and the HF Trainer
 
 def lightning_callback(path, **probe_kwargs):
-    """A Lightning Callback that measures fit() into the report at `path`, however fit() ends; with
-    `lightning.pytorch` or `pytorch_lightning`, whichever is installed."""
+    """A Lightning Callback that measures fit() into the report at `path`, however fit() ends."""
     try:
         from lightning.pytorch import Callback
     except ImportError:
@@ -941,11 +882,9 @@ def lightning_callback(path, **probe_kwargs):
 
 
 def hf_callback(path, **probe_kwargs):
-    """A transformers TrainerCallback that measures train() into the report at `path`.
-
-    The Trainer has no hook between forward and backward, so they are one phase, "forward+backward";
-    and none for exceptions, so the callback wraps the trainer's training_step and its optimizer's
-    step: an error in either closes the probe and writes the report before it propagates."""
+    """A transformers TrainerCallback that measures train() into the report at `path`. Forward and
+    backward are one phase (no hook between them); training_step and optimizer.step are wrapped so
+    that an error in either closes the probe and writes the report (no hook for exceptions)."""
     from transformers import Trainer, TrainerCallback
 
     class MemcheckCallback(TrainerCallback):
@@ -1010,17 +949,16 @@ def environment(device):
 
 
 def _cpu_name():
-    name = None
-    with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
-        name = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), None)
-    return name or platform.processor() or "cpu"
+    with contextlib.suppress(OSError, StopIteration), open("/proc/cpuinfo") as f:
+        return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    return platform.processor() or "cpu"
+
 
 
 # ---------------------------------------------------------------- leaks
 
 def _survivors(tracker, step):
-    """Activations and temporaries made in a step before `step` and still alive: a leak's evidence.
-    (Not what was made before the first phase: the loop's setup, a list of batches, say.)"""
+    """Activations and temporaries made before `step` (the loop's setup aside), still alive."""
     kept = [r for r in tracker.live.values()
             if r.step < step and r.category in ("activations", "temporaries")
             and not (r.step == 1 and r.phase is None)]
@@ -1030,10 +968,9 @@ def _survivors(tracker, step):
 
 
 def find_leak(steps, survivors=()):
-    """Memory that grows at every step after the first (which allocates the optimizer state), three
-    steps or more, by any amount, is a leak: the tracker is exact, so a clean loop ends every step
-    at the same byte count, and a one-off cache does not grow every step. `survivors` were collected
-    at the last step that grew."""
+    """Live memory that grows at every step after the first, over three steps or more, by any amount:
+    the tracker is exact, and a one-off cache does not grow every step."""
+
     ends = [s["live_bytes"] for s in steps]
     growth = [b - a for a, b in zip(ends, ends[1:])]
     # Two intervals at least: a single one cannot tell a leak from a one-off allocation.
@@ -1057,12 +994,17 @@ def write_report(path, report):
     """Write JSON atomically: a reader never sees half a report, even if the run dies while writing."""
     directory = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(dir=directory, prefix=".memcheck-", suffix=".json")
-    with os.fdopen(fd, "w") as f:
-        json.dump(report, f, indent=1)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)  # the usual permissions, not the temporary file's 0600
-    os.replace(tmp, path)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(report, f, indent=1)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # the usual permissions, not the temporary file's 0600
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise
 
 
 def read_report(path):
@@ -1072,10 +1014,9 @@ def read_report(path):
             report = json.load(f)
     except OSError as e:
         raise ReportError(f"{path}: cannot read ({e.strerror})")
-    except UnicodeDecodeError:
-        raise ReportError(f"{path}: a binary file, not JSON; expected a memcheck report")
-    except json.JSONDecodeError as e:
-        raise ReportError(f"{path}: not JSON ({e.msg} at line {e.lineno}); expected a memcheck report")
+    except ValueError as e:  # a binary file (UnicodeDecodeError), or JSONDecodeError
+        what = f"not JSON ({e.msg} at line {e.lineno})" if hasattr(e, "lineno") else "a binary file, not JSON"
+        raise ReportError(f"{path}: {what}; expected a memcheck report")
     if not isinstance(report, dict) or "schema" not in report:
         raise ReportError(f"{path}: not a memcheck report (no 'schema' field)")
     if report["schema"] != SCHEMA:
@@ -1085,18 +1026,12 @@ def read_report(path):
         raise ReportError(f"{path}: a {SCHEMA} report without {', '.join(missing)}")
     for key, kind in REPORT_FIELDS.items():
         if not isinstance(report[key], kind) or isinstance(report[key], bool):
+            expected = " or ".join(_KIND_NAMES[k] for k in (kind if isinstance(kind, tuple) else (kind,)))
             raise ReportError(f"{path}: field {key!r} is {type(report[key]).__name__} "
-                              f"{report[key]!r:.40}, expected {_kind_name(kind)}")
+                              f"{report[key]!r:.40}, expected {expected}")
     if report.get("status", "ok") not in STATUSES:
         raise ReportError(f"{path}: status {report['status']!r}, expected one of {', '.join(STATUSES)}")
     return report
-
-
-def _kind_name(kind):
-    kinds = kind if isinstance(kind, tuple) else (kind,)
-    return " or ".join({"NoneType": "null", "dict": "an object", "list": "a list", "int": "an integer",
-                        "str": "a string"}[k.__name__] for k in kinds)
-
 
 
 BUDGET_TOLERANCE = 0.10  # the budget's accuracy target: within it, a run is "as expected"
@@ -1246,16 +1181,14 @@ def _reserved(report):
 def diff(a, b):
     """Rows (what, A bytes or None, B bytes or None) in the text table's order; None is "not measured
     on that side", never 0. Modules are aligned by their place in the model (module_group)."""
-    rows = [("peak", a["peak_bytes"], b["peak_bytes"])]
+    rows = [("peak", _peak(a), _peak(b))]
     if _reserved(a) is not None or _reserved(b) is not None:
         rows.append(("reserved", _reserved(a), _reserved(b)))
     pa, pb = ({name: stats["peak_bytes"] for name, stats in r["phases"].items()} for r in (a, b))
-    names = [p for p in PHASES if p in pa or p in pb]
-    names += [p for p in list(pa) + list(pb) if p not in names]
-    for name in dict.fromkeys(names):
-        rows.append((f"{name} peak", _phase_peak(pa, name), _phase_peak(pb, name)))
-    for c in CATEGORIES:
-        rows.append((f"at peak: {c.replace('_', ' ')}", a["categories"].get(c), b["categories"].get(c)))
+    names = dict.fromkeys([p for p in PHASES if p in pa or p in pb] + list(pa) + list(pb))
+    rows += [(f"{name} peak", _phase_peak(pa, name), _phase_peak(pb, name)) for name in names]
+    rows += [(f"at peak: {c.replace('_', ' ')}", a["categories"].get(c), b["categories"].get(c))
+             for c in CATEGORIES]
     ga, gb = _modules_by_group(a), _modules_by_group(b)
     groups = sorted(set(ga) | set(gb), key=lambda g: (-abs(gb.get(g, {"bytes": 0})["bytes"]
                                                            - ga.get(g, {"bytes": 0})["bytes"]), g))
@@ -1266,9 +1199,16 @@ def diff(a, b):
             label = "op " + g[len("(op "):].replace(", outside any module)", " (outside any module)")
         else:
             label = f"module {g}" + (f" (x{count})" if "*" in g else "")
-        rows.append((label, ga.get(g, {}).get("bytes", 0), gb.get(g, {}).get("bytes", 0)))
-    rows.append(("leak per step (bytes)", a["leak"]["bytes_per_step"], b["leak"]["bytes_per_step"]))
+        rows.append((label, *(groups.get(g, {}).get("bytes", 0) if _peak(r) is not None else None
+                              for groups, r in ((ga, a), (gb, b)))))
+    rows.append(("leak per step (bytes)", *(r["leak"]["bytes_per_step"] if len(r["steps"]) > 1 else None
+                                            for r in (a, b))))
     return rows
+
+
+def _peak(report):
+    """The training peak, None where no training phase finished (a run stopped while loading)."""
+    return report["peak_bytes"] if report["peak_phase"] is not None else None
 
 
 def _dominant_op(groups_a, groups_b, row):
@@ -1346,14 +1286,17 @@ def format_diff(a, b, name_a="A", name_b="B", markdown=False):
                 continue
         if what == "leak per step (bytes)":
             flag = "LEAK in B" if b["leak"]["detected"] and not a["leak"]["detected"] else "-"
-            shown.append((what, f"{x:,.0f}", f"{y:,.0f}", f"{y - x:+,.0f}", flag))
+            cells = ["not measured" if v is None else f"{v:,.0f}" for v in (x, y)]
+            shown.append((what, *cells, "-" if None in (x, y) else f"{y - x:+,.0f}", flag))
             continue
         if what.startswith("at peak: ") and not (x or y):
             continue
         both = x is not None and y is not None
         shown.append((what, fmt(x), fmt(y), f"{(y - x) / MiB:+.1f}" if both else "-",
                       f"{y / x:.2f}x" if both and x else "-"))
-        if what.startswith("module ") and modules <= 3 and abs(y - x) > SAME_WITHIN * a["peak_bytes"]:
+        if (what.startswith("module ") and modules <= 3 and both
+                and abs(y - x) > SAME_WITHIN * a["peak_bytes"]):
+
             op = _dominant_op(groups_a, groups_b, (what, x, y))
             if op and op[1]:
                 shown.append((f"  mostly op {op[0]}", "", "", f"{op[1] / MiB:+.1f}", ""))

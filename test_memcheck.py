@@ -36,9 +36,6 @@ def test_a_write_that_fails_part_way_leaves_the_previous_report_byte_for_byte(tm
     assert json.loads(before) == OLD_REPORT
 
 
-@pytest.mark.xfail(strict=True, reason="memcheck bug: write_report's temporary file (.memcheck-*.json) "
-                   "stays beside the report when json.dump or the write fails; it should be removed "
-                   "before the error propagates (memcheck.py is being restructured by another helper)")
 def test_a_write_that_fails_part_way_leaves_no_temporary_file(tmp_path, monkeypatch):
     path = tmp_path / "report.json"
     memcheck.write_report(path, OLD_REPORT)
@@ -95,10 +92,6 @@ def test_diff_against_a_run_stopped_while_loading_marks_its_phases_and_categorie
     assert rows["load peak"][0] not in (None, "not measured", 0, "0.0")   # loading was measured
 
 
-@pytest.mark.xfail(strict=True, reason="memcheck bug: diff shows a report that stopped while loading "
-                   "with a training peak of 0 (its peak_bytes is 0, not null), module rows of 0 (no "
-                   "module was measured) and a leak of 0 bytes per step (no step ran), where it should "
-                   "say not measured / null (memcheck.py is being restructured by another helper)")
 @pytest.mark.parametrize("output", list(NOT_MEASURED))
 def test_diff_against_a_run_stopped_while_loading_marks_every_figure_it_never_measured(
         stopped_and_full, capsys, output):
