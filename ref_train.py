@@ -162,7 +162,8 @@ def plan(args, model=None, items=None, full=False, padded=None):
             padded = has_padding(first_batches(args, batches))
     return budget.budget(model, bs=args.bs, seq=args.seq, checkpointing=args.ckpt != "none",
                          autocast_dtype=dtypes(args)[1], loss_chunks=args.loss_chunks,
-                         device=args.device, extra=[items], full=full, padded=bool(padded))
+                         device=args.device, extra=[items], full=full, padded=bool(padded),
+                         strategy=args.strategy, world_size=args.world_size, rank=distributed.rank(args))
 
 
 # ---------------------------------------------------------------- the step
@@ -310,7 +311,7 @@ def train(args, log=print):
     check_runnable(args)
     config = {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(args).items()}
     probe = memcheck.Probe(device=args.device, max_memory_mib=args.max_memory, config=config)
-    distributed.track_local_shards(probe, args)
+    distributed.track_fsdp2(probe, args)
     recording = bool(args.snapshot) and record_allocation_history(log)
     extra, leaked, failure = {}, [], None
     try:
