@@ -624,8 +624,9 @@ def _phases(terms, layer, *, tokens, h, ckpt, loss_chunks):
         # are copied out of theirs: both groups twice, and the embeddings' outputs
         forward_peak = max(forward_peak, steady + 2 * root + 2 * gathered
                            + 3 * tokens * h * layer["hidden_bytes"])
-    layer_backward = max(layer["saved"] + layer["weight_copies"] + layer["backward"],
-                         terms.get("reduce_scatter_buffers", 0))
+    layer_backward = layer["saved"] + layer["weight_copies"] + layer["backward"]
+    # FSDP2 reduce-scatters a group's gradients once its backward is done (the root's last)
+    reduce_scatter = training + gathered + terms["gradients"] + terms.get("reduce_scatter_buffers", 0)
     recompute = 0
     if ckpt:
         # one layer recomputed, plus its gradients in flight, while the other inputs stay
@@ -637,7 +638,7 @@ def _phases(terms, layer, *, tokens, h, ckpt, loss_chunks):
     # output's gradient takes the place of the final norm's input, freed by then
     last_layer = 0 if ckpt else training + 2 * gathered + saved + layer_backward
     optimizer_peak = steady + terms["gradients"] + terms["trainable_params"]  # foreach AdamW: one temporary
-    return {"forward": forward_peak, "backward": max(backward_start, recompute, last_layer),
+    return {"forward": forward_peak, "backward": max(backward_start, recompute, last_layer, reduce_scatter),
             "optimizer": optimizer_peak}
 
 
@@ -655,6 +656,25 @@ def _categories(terms, phases, peak_phase, loss_chunks):
         categories["activations"] = 0
     categories["temporaries"] = phases[peak_phase] - sum(categories.values())
     return categories
+
+
+def _layer(model, s, *, bs, seq, act, mask, full, padded, casts_weights, checkpointing,
+           autocast_dtype, device):
+    """(one decoder layer's figures, how they were had): traced, else the per-token estimate."""
+    layer = _estimated_layer(s, bs=bs, seq=seq, act=act, mask=mask, full=full, casts_weights=casts_weights)
+    try:
+        traced = trace_layer(model, bs=bs, seq=seq, full=full, device=device, autocast_dtype=autocast_dtype)
+    except Exception as e:  # an op that reads values, or a decoder this trace cannot call
+        method = f"formula: the layer does not run on meta ({type(e).__name__}: {first_line(e)})"
+    else:
+        method = "traced"
+        on_cuda = torch.device(device).type == "cuda"
+        layer.update(_traced_layer(traced, checkpointing=checkpointing, on_cuda=on_cuda))
+    # padded=True: some batch has padding, so SDPA gets an explicit mask instead of is_causal, and
+    # each layer's call turns it into a float bias, bs x 1 x seq x seq, which it saves for backward.
+    layer["attention_mask"] = bs * seq * seq * act if padded and s["attn"] == "sdpa" else 0
+    layer["saved"] += layer["attention_mask"]
+    return layer, method
 
 
 def budget(model, *, bs, seq, checkpointing, autocast_dtype=None, loss_chunks=1, device="cpu",
@@ -683,18 +703,9 @@ def budget(model, *, bs, seq, checkpointing, autocast_dtype=None, loss_chunks=1,
     on_cuda = torch.device(device).type == "cuda"
     mask = 1 if on_cuda else act                       # dropout masks: bool on CUDA, act dtype on CPU
     casts_weights = autocast_dtype is not None and autocast_dtype != s["weights_dtype"]
-    layer = _estimated_layer(s, bs=bs, seq=seq, act=act, mask=mask, full=full, casts_weights=casts_weights)
-    try:
-        traced = trace_layer(model, bs=bs, seq=seq, full=full, device=device, autocast_dtype=autocast_dtype)
-    except Exception as e:  # an op that reads values, or a decoder this trace cannot call
-        method = f"formula: the layer does not run on meta ({type(e).__name__}: {first_line(e)})"
-    else:
-        method = "traced"
-        layer.update(_traced_layer(traced, checkpointing=checkpointing, on_cuda=on_cuda))
-    # padded=True: some batch has padding, so SDPA gets an explicit mask instead of is_causal, and
-    # each layer's call turns it into a float bias, bs x 1 x seq x seq, which it saves for backward.
-    layer["attention_mask"] = bs * seq * seq * act if padded and s["attn"] == "sdpa" else 0
-    layer["saved"] += layer["attention_mask"]
+    layer, method = _layer(model, s, bs=bs, seq=seq, act=act, mask=mask, full=full, padded=padded,
+                           casts_weights=casts_weights, checkpointing=checkpointing,
+                           autocast_dtype=autocast_dtype, device=device)
     params = _unique_params([model, *extra])
     by_dtype = _bytes_by_dtype(params)
     trained = params if full else [p for p in params if p.requires_grad]

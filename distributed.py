@@ -29,6 +29,11 @@ def world_size(args):
     return args.world_size
 
 
+def placement(args):
+    """Where this process is, as budget.budget takes it: its strategy, world size and rank."""
+    return {"strategy": args.strategy, "world_size": world_size(args), "rank": rank(args)}
+
+
 @contextlib.contextmanager
 def process_group(args):
     """Join torchrun's process group for the run (gloo on CPU; NCCL on CUDA, one device per rank,

@@ -820,6 +820,10 @@ def budget_command(argv):
         rows.append(row)
     print(f"budget for --bs {args.bs} --seq {args.seq}, ckpt {args.ckpt}, precision {args.precision}, "
           f"{args.experts} experts of rank {args.r // args.experts}, targets {','.join(setup['targets'])}")
+    if args.strategy != "none":  # rank 0 holds the longest shards: the heaviest rank
+        print(f"per rank of {args.world_size} under {args.strategy}: rank 0's"
+              + (", whose params, gradients and optimizer state are its shards" if args.strategy == "fsdp"
+                 else ""))
     print(text_table(("term (MiB)", *[c for c, _ in columns]), rows))
     print("params by dtype: " + ", ".join(f"{k} {mib(v)} MiB" for k, v in lora["params_by_dtype"].items()))
     if args.device == "cuda" and "cuda_workspaces" not in lora["terms"]:

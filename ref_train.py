@@ -108,9 +108,8 @@ def build_base(args, meta=False):
         models.prepare_vocabulary(model, tokenizer, stand_in, mean_resizing=not meta)
     model.to("meta" if meta else args.device)
     ids = data.placeholder_ids(tokenizer, args.add_tokens)
-    global_bs = args.bs * distributed.world_size(args)
-    batches = distributed.rank_rows(data.batches(samples, titles, tokenizer, global_bs, args.seq, ids,
-                                                 args.seed), args)
+    batches = distributed.rank_rows(data.batches(samples, titles, tokenizer, args.bs * args.world_size,
+                                                 args.seq, ids, args.seed), args)  # the global batch
     setup = {"source": source, "targets": targets, "attn": model.config._attn_implementation}
     return model, batches, max(titles), setup
 
@@ -163,7 +162,7 @@ def plan(args, model=None, items=None, full=False, padded=None):
     return budget.budget(model, bs=args.bs, seq=args.seq, checkpointing=args.ckpt != "none",
                          autocast_dtype=dtypes(args)[1], loss_chunks=args.loss_chunks,
                          device=args.device, extra=[items], full=full, padded=bool(padded),
-                         strategy=args.strategy, world_size=args.world_size, rank=distributed.rank(args))
+                         **distributed.placement(args))
 
 
 # ---------------------------------------------------------------- the step
