@@ -626,7 +626,8 @@ def _phases(terms, layer, *, tokens, h, ckpt, loss_chunks):
                            + 3 * tokens * h * layer["hidden_bytes"])
     layer_backward = layer["saved"] + layer["weight_copies"] + layer["backward"]
     # FSDP2 reduce-scatters a group's gradients once its backward is done (the root's last)
-    reduce_scatter = training + gathered + terms["gradients"] + terms.get("reduce_scatter_buffers", 0)
+    reduce_scatter = (training + gathered + terms["gradients"] + terms["reduce_scatter_buffers"]
+                      if "reduce_scatter_buffers" in terms else 0)
     recompute = 0
     if ckpt:
         # one layer recomputed, plus its gradients in flight, while the other inputs stay

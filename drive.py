@@ -798,7 +798,8 @@ def _print_and_save(title, table, rows, markdown, report_path):
 def budget_command(argv):
     p = _parser("budget", "Predict the run's memory without training: the model is built on the meta "
                 "device, so nothing is allocated and --model needs only its config.json, and every "
-                "term of the budget is printed.",
+                "term of the budget is printed. With --strategy ddp|fsdp --world-size N: the budget of "
+                "each of N ranks (rank 0's, the heaviest), without starting them.",
                 (("--full",), dict(action="store_true",
                                    help="add a column for full fine-tuning of the same model and shapes")))
     own, rest = p.parse_known_args(argv)
