@@ -157,8 +157,6 @@ def test_ddp_and_fsdp2_agree_under_bf16_autocast_with_the_fused_loss(dropout_fre
     fsdp_run = run_ranks(dropout_free_model, "fsdp", tmp_path / "fsdp", *flags)
     assert losses(fsdp_run[0]) == pytest.approx(losses(ddp_run[0]), rel=1e-3)
     assert_same_weights(fsdp_run[3], ddp_run[3])
-    assert_every_rank_within_its_budget(ddp_run[0], WORLD)
-    assert_every_rank_within_its_budget(fsdp_run[0], WORLD)
 
 
 def _predicted_peak_mib(output):
