@@ -454,6 +454,63 @@ def trace_layer(model, *, bs, seq, full=False, autocast_dtype=None, device="cpu"
             h.remove()
 
 
+# ---------------------------------------------------------------- the budget per rank
+
+STRATEGIES = ("none", "ddp", "fsdp")
+
+
+def _shard_bytes(params, world, rank):
+    """(padded shard, this rank's shard, all-gathered) bytes of parameters FSDP2 shards together.
+
+    Each is cut along dim 0 into world chunks of ceil(rows / world) rows: every rank stores its
+    chunk padded to that, the last ranks' padding being the longest (or the whole chunk); the
+    optimizer's state is made like the shard's unpadded view; the all-gather gives world chunks."""
+    padded = local = 0
+    for p in params:
+        rows = p.shape[0] if p.dim() else 1
+        per_rank = -(-rows // world)
+        row_bytes = p.numel() // rows * p.element_size() if rows else 0
+        padded += per_rank * row_bytes
+        local += max(0, min(per_rank, rows - rank * per_rank)) * row_bytes
+    return padded, local, padded * world
+
+
+def _fsdp_terms(groups, trained, world, rank):
+    """FSDP2's terms on `rank`, from its groups of parameters (each decoder layer's, then the
+    root's: the rest); trained: the ids of the parameters that train."""
+    sizes = [_shard_bytes(g, world, rank) for g in groups]
+    trains = [_shard_bytes([p for p in g if id(p) in trained], world, rank) for g in groups]
+    return {
+        "params": sum(s[0] for s in sizes),                # this rank's shards, padded
+        "trainable_params": sum(t[1] for t in trains),
+        "gradients": sum(t[0] for t in trains),            # views of reduce-scatter's outputs
+        "optimizer_state": 2 * sum(t[1] for t in trains),
+        "gathered_root_params": sizes[-1][2],
+        "gathered_layer_params": max((s[2] for s in sizes[:-1]), default=0),
+        # a group's gradients whole, copied into one flat input, and its shard of the output
+        "reduce_scatter_buffers": max(2 * t[2] + t[0] for t in trains),
+    }
+
+
+def rank_terms(model, extra, trained, *, strategy, world_size, rank):
+    """The terms that differ from one process's on one rank of `strategy` (STRATEGIES), in bytes.
+
+    DDP keeps the whole model on every rank, and a flat gradient bucket for each group of trainable
+    parameters (of one dtype, up to bucket_cap_mb, 25 MiB; the first 1 MiB): together as large as
+    the trainable parameters. FSDP2 (fully_shard on each decoder layer, then the root) keeps this
+    rank's shards of every parameter, frozen ones included, and of the gradients and the
+    optimizer's state (_fsdp_terms)."""
+    if strategy == "ddp":
+        return {"ddp_gradient_buckets": sum(p.numel() * p.element_size() for p in
+                                            _unique_params([model, *extra]) if id(p) in trained)}
+    if strategy != "fsdp":
+        return {}
+    groups = [_unique_params([layer]) for layer in decoder_layers(model)]
+    in_layers = {id(p) for g in groups for p in g}
+    groups.append([p for p in _unique_params([model, *extra]) if id(p) not in in_layers])
+    return _fsdp_terms(groups, trained, world_size, rank)
+
+
 # ---------------------------------------------------------------- the budget
 
 def _estimated_layer(s, *, bs, seq, act, mask, full, casts_weights):
@@ -538,35 +595,51 @@ def _terms(s, layer, *, bs, seq, act, mask, full, ckpt, loss_chunks, trainable_b
 
 
 def _phases(terms, layer, *, tokens, h, ckpt, loss_chunks):
-    """Each phase's peak, from the terms and one layer's figures."""
-    steady = terms["params"] + terms["optimizer_state"] + terms.get("cuda_workspaces", 0)
+    """Each phase's peak, from the terms and one layer's figures.
+
+    Under FSDP2 the root's parameters stay all-gathered from forward's start to backward's end,
+    and a layer's are all-gathered while it computes; in backward the next layer's are prefetched
+    (gathered_layer_params counts one layer: two are held). Zero terms elsewhere."""
+    steady = (terms["params"] + terms["optimizer_state"] + terms.get("cuda_workspaces", 0)
+              + terms.get("ddp_gradient_buckets", 0))
+    root, gathered = terms.get("gathered_root_params", 0), terms.get("gathered_layer_params", 0)
+    training = steady + root
     saved = terms["saved_activations"] + terms["autocast_weight_copies"]
     if loss_chunks == 1:
         # forward ends with the logits and their log-softmax; backward starts with the log-softmax
         # (saved), the loss's gradient and the logits' gradient.
         # (16-bit logits exist only until .float() has copied them: a spike in forward.)
-        forward_peak = steady + saved + 2 * terms["logits"] + terms["logits_16bit"]
-        backward_start = steady + saved + 3 * terms["logits"]
+        forward_peak = training + saved + 2 * terms["logits"] + terms["logits_16bit"]
+        backward_start = training + gathered + saved + 3 * terms["logits"]
     else:
         # The head and the loss fused: in forward, one chunk at a time, its logits and its
         # log-softmax (turned in place into its gradient), while the hidden states' gradient (and
         # the head's, when it trains), kept for backward, fills up; backward only scales what was
         # kept into a copy. Nothing is recomputed.
         kept = terms["kept_loss_gradient"]
-        forward_peak = steady + saved + 2 * terms["logits"] + kept
-        backward_start = steady + saved + 2 * kept
+        forward_peak = training + saved + 2 * terms["logits"] + kept
+        backward_start = training + gathered + saved + 2 * kept
+    if root:
+        # FSDP2 frees the root's flat all-gather buffer only once the first layer's parameters
+        # are copied out of theirs: both groups twice, and the embeddings' outputs
+        forward_peak = max(forward_peak, steady + 2 * root + 2 * gathered
+                           + 3 * tokens * h * layer["hidden_bytes"])
+    layer_backward = layer["saved"] + layer["weight_copies"] + layer["backward"]
+    # FSDP2 reduce-scatters a group's gradients once its backward is done (the root's last)
+    reduce_scatter = (training + gathered + terms["gradients"] + terms["reduce_scatter_buffers"]
+                      if "reduce_scatter_buffers" in terms else 0)
     recompute = 0
     if ckpt:
         # one layer recomputed, plus its gradients in flight, while the other inputs stay
         # (the recomputed forward's own peak, its temporaries included, can be the higher)
-        recompute = (steady + terms["checkpointed_inputs"] + tokens * h * layer["hidden_bytes"]
-                     + terms["gradients"] + max(layer["saved"] + layer["weight_copies"] + layer["backward"],
-                                                layer["forward"]))
+        recompute = (training + 2 * gathered + terms["checkpointed_inputs"]
+                     + tokens * h * layer["hidden_bytes"] + terms["gradients"]
+                     + max(layer_backward, layer["forward"]))
     # the last layer's backward, every layer's saved activations still held (no checkpointing); its
     # output's gradient takes the place of the final norm's input, freed by then
-    last_layer = 0 if ckpt else steady + saved + layer["backward"]
+    last_layer = 0 if ckpt else training + 2 * gathered + saved + layer_backward
     optimizer_peak = steady + terms["gradients"] + terms["trainable_params"]  # foreach AdamW: one temporary
-    return {"forward": forward_peak, "backward": max(backward_start, recompute, last_layer),
+    return {"forward": forward_peak, "backward": max(backward_start, recompute, last_layer, reduce_scatter),
             "optimizer": optimizer_peak}
 
 
@@ -586,8 +659,28 @@ def _categories(terms, phases, peak_phase, loss_chunks):
     return categories
 
 
+def _layer(model, s, *, bs, seq, act, mask, full, padded, casts_weights, checkpointing,
+           autocast_dtype, device):
+    """(one decoder layer's figures, how they were had): traced, else the per-token estimate."""
+    layer = _estimated_layer(s, bs=bs, seq=seq, act=act, mask=mask, full=full, casts_weights=casts_weights)
+    try:
+        traced = trace_layer(model, bs=bs, seq=seq, full=full, device=device, autocast_dtype=autocast_dtype)
+    except Exception as e:  # an op that reads values, or a decoder this trace cannot call
+        method = f"formula: the layer does not run on meta ({type(e).__name__}: {first_line(e)})"
+    else:
+        method = "traced"
+        on_cuda = torch.device(device).type == "cuda"
+        layer.update(_traced_layer(traced, checkpointing=checkpointing, on_cuda=on_cuda))
+    # padded=True: some batch has padding, so SDPA gets an explicit mask instead of is_causal, and
+    # each layer's call turns it into a float bias, bs x 1 x seq x seq, which it saves for backward.
+    layer["attention_mask"] = bs * seq * seq * act if padded and s["attn"] == "sdpa" else 0
+    layer["saved"] += layer["attention_mask"]
+    return layer, method
+
+
 def budget(model, *, bs, seq, checkpointing, autocast_dtype=None, loss_chunks=1, device="cpu",
-           extra=(), full=False, padded=False, cuda_workspace_bytes=None):
+           extra=(), full=False, padded=False, cuda_workspace_bytes=None, strategy="none",
+           world_size=1, rank=0):
     """Predict training memory from a model and the run's shapes; every term in bytes.
 
     model: the causal LM with its adapters (any device, the meta device included: nothing is
@@ -596,6 +689,7 @@ def budget(model, *, bs, seq, checkpointing, autocast_dtype=None, loss_chunks=1,
     and the weights' dtype off the model. full=True budgets full fine-tuning (every parameter
     trained) for the same shapes, as the seed's "about 1 GB" estimate does. On CUDA, cuBLAS's
     workspaces count too: cuda_workspace_bytes when given, else measured (cuda_workspaces).
+    strategy "ddp" or "fsdp" budgets `rank` of world_size processes, each at bs x seq (rank_terms).
 
     What one decoder layer saves for backward, what its backward and its recomputed forward need
     on top, and what the model makes once for every layer are traced (trace_layer); "method" says
@@ -610,18 +704,9 @@ def budget(model, *, bs, seq, checkpointing, autocast_dtype=None, loss_chunks=1,
     on_cuda = torch.device(device).type == "cuda"
     mask = 1 if on_cuda else act                       # dropout masks: bool on CUDA, act dtype on CPU
     casts_weights = autocast_dtype is not None and autocast_dtype != s["weights_dtype"]
-    layer = _estimated_layer(s, bs=bs, seq=seq, act=act, mask=mask, full=full, casts_weights=casts_weights)
-    try:
-        traced = trace_layer(model, bs=bs, seq=seq, full=full, device=device, autocast_dtype=autocast_dtype)
-    except Exception as e:  # an op that reads values, or a decoder this trace cannot call
-        method = f"formula: the layer does not run on meta ({type(e).__name__}: {first_line(e)})"
-    else:
-        method = "traced"
-        layer.update(_traced_layer(traced, checkpointing=checkpointing, on_cuda=on_cuda))
-    # padded=True: some batch has padding, so SDPA gets an explicit mask instead of is_causal, and
-    # each layer's call turns it into a float bias, bs x 1 x seq x seq, which it saves for backward.
-    layer["attention_mask"] = bs * seq * seq * act if padded and s["attn"] == "sdpa" else 0
-    layer["saved"] += layer["attention_mask"]
+    layer, method = _layer(model, s, bs=bs, seq=seq, act=act, mask=mask, full=full, padded=padded,
+                           casts_weights=casts_weights, checkpointing=checkpointing,
+                           autocast_dtype=autocast_dtype, device=device)
     params = _unique_params([model, *extra])
     by_dtype = _bytes_by_dtype(params)
     trained = params if full else [p for p in params if p.requires_grad]
@@ -629,6 +714,8 @@ def budget(model, *, bs, seq, checkpointing, autocast_dtype=None, loss_chunks=1,
     terms = _terms(s, layer, bs=bs, seq=seq, act=act, mask=mask, full=full, ckpt=checkpointing,
                    loss_chunks=loss_chunks, trainable_bytes=trainable_bytes,
                    param_bytes=sum(by_dtype.values()))
+    terms.update(rank_terms(model, extra, {id(p) for p in trained}, strategy=strategy,
+                            world_size=world_size, rank=rank))
     if on_cuda and (cuda_workspace_bytes is not None or torch.cuda.is_available()):
         # (budgeting for CUDA on a machine without it, they are not known: the term is absent)
         terms["cuda_workspaces"] = (cuda_workspaces(device) if cuda_workspace_bytes is None

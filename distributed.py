@@ -20,11 +20,18 @@ def is_distributed(args):
 
 
 def rank(args):
-    return dist.get_rank() if is_distributed(args) else 0
+    """This process's rank; 0 for a budget of many processes made in one (no process group)."""
+    return dist.get_rank() if is_distributed(args) and dist.is_initialized() else 0
 
 
 def world_size(args):
-    return dist.get_world_size() if is_distributed(args) else 1
+    """torchrun's WORLD_SIZE, or drive.py budget's --world-size (flags.parse_args)."""
+    return args.world_size
+
+
+def placement(args):
+    """Where this process is, as budget.budget takes it: its strategy, world size and rank."""
+    return {"strategy": args.strategy, "world_size": world_size(args), "rank": rank(args)}
 
 
 @contextlib.contextmanager
@@ -69,6 +76,35 @@ def grad_scaler(args):
         from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
         return ShardedGradScaler(args.device, enabled=enabled)
     return torch.amp.GradScaler(args.device, enabled=enabled)
+
+
+def _track_fsdp2_storage(tracker):
+    """FSDP2 frees a layer's all-gathered parameters by resizing their storage to 0 bytes, and
+    gathers them again into the same storage: no op that a dispatch mode sees, and no storage
+    freed, so memcheck's tracker would count them held from their first all-gather on. Its two
+    functions are wrapped to tell the tracker (private names of both: torch's _fsdp_param, memcheck's
+    Tracker)."""
+    from torch.distributed.fsdp._fully_shard import _fsdp_param, _fsdp_param_group
+    alloc, free = _fsdp_param.alloc_storage, _fsdp_param.free_storage
+
+    def free_seen(tensor):
+        record = tracker.track(tensor, "free_storage", adopt=False)
+        free(tensor)
+        if record is not None:
+            tracker._free_record(record)
+
+    def alloc_seen(tensor):
+        alloc(tensor)
+        tracker.track(tensor, "alloc_storage")   # the storage's new bytes, counted from now
+    _fsdp_param.free_storage = free_seen
+    _fsdp_param.alloc_storage = _fsdp_param_group.alloc_storage = alloc_seen
+
+
+def track_fsdp2(probe, args):
+    """Under FSDP2, tell the probe's tracker when FSDP2 frees and gathers again a layer's parameters
+    (memcheck tracks each DTensor as its local shard, this rank's memory)."""
+    if args.strategy == "fsdp":
+        _track_fsdp2_storage(probe.tracker)
 
 
 def rank_rows(batches, args):

@@ -127,16 +127,35 @@ def _output(p):
     g.add_argument("--markdown", action="store_true", help="also print a block for a GitHub issue")
 
 
-def build_parser():
+def _processes(p):
+    g = p.add_argument_group("many processes (the budget only; under torchrun, its environment's)")
+    g.add_argument("--world-size", type=int, default=1,
+                   help="processes of --strategy, one per GPU: the budget is each rank's")
+
+
+def build_parser(budget_only=False):
+    """ref_train.py's flags; budget_only adds the budget's own (--world-size)."""
     p = _Parser(prog="ref_train.py", description=DESCRIPTION, epilog=EXAMPLES, formatter_class=_Help)
-    for group in (_model_and_data, _shape, _lora, _memory, _output):
+    for group in (_model_and_data, _shape, _lora, _memory, _output) + ((_processes,) if budget_only else ()):
         group(p)
     return p
 
 
-def _value_checks(args, argv):
+def _world_size_checks(args, argv, budget_only):
+    """The world size's checks: the budget's flag, or torchrun's environment."""
+    if budget_only:
+        return [(args.world_size >= 1, f"--world-size {args.world_size}: must be 1 or more"),
+                (args.strategy != "none" or args.world_size == 1,
+                 f"--world-size {args.world_size} with --strategy none: one process; use --strategy "
+                 "ddp or fsdp")]
+    return [(args.strategy == "none" or all(v in os.environ for v in TORCHRUN_ENV),
+             f"--strategy {args.strategy}: needs torchrun's environment ({', '.join(TORCHRUN_ENV)} are "
+             f"unset); run: torchrun --nproc_per_node N ref_train.py {shlex.join(argv)}")]
+
+
+def _value_checks(args, argv, budget_only=False):
     """(holds, the one-line error when it does not) for each flag's value; argv for the messages."""
-    return [
+    return _world_size_checks(args, argv, budget_only) + [
         (args.bs >= 1, f"--bs {args.bs}: must be 1 or more"),
         (args.seq >= MIN_SEQ, f"--seq {args.seq}: must be {MIN_SEQ} or more"),
         (args.steps >= 1, f"--steps {args.steps}: must be 1 or more"),
@@ -163,9 +182,6 @@ def _value_checks(args, argv):
         (not (args.precision == "16-mixed" and args.lora_dtype == "match" and args.weights_dtype == "fp16"),
          "--lora-dtype match with fp16 weights under --precision 16-mixed: the gradient scaler "
          "cannot unscale fp16 gradients; use --lora-dtype fp32"),
-        (args.strategy == "none" or all(v in os.environ for v in TORCHRUN_ENV),
-         f"--strategy {args.strategy}: needs torchrun's environment ({', '.join(TORCHRUN_ENV)} are "
-         f"unset); run: torchrun --nproc_per_node N ref_train.py {shlex.join(argv)}"),
         (not (args.strategy != "none" and args.ckpt == "reentrant"),
          f"--ckpt reentrant with --strategy {args.strategy}: its second backward (the router's) "
          "comes after the gradients are reduced; use --ckpt manual or hf"),
@@ -234,10 +250,12 @@ def parse_args(argv=None, budget_only=False):
     budget_only: the model is only built on the meta device, for a budget, so a --model directory
     needs no weights and --device cuda no CUDA device here."""
     argv = sys.argv[1:] if argv is None else list(argv)
-    args = build_parser().parse_args(argv)
-    for holds, message in _value_checks(args, argv):
+    args = build_parser(budget_only).parse_args(argv)
+    for holds, message in _value_checks(args, argv, budget_only):
         if not holds:
             raise UsageError(message)
+    if not budget_only:  # under torchrun, its environment's
+        args.world_size = int(os.environ["WORLD_SIZE"]) if args.strategy != "none" else 1
     for flag, path in (("--report", args.report), ("--snapshot", args.snapshot)):
         check_output_path(flag, path)
     check_model_dir(args.model, need_weights=not budget_only)

@@ -108,9 +108,8 @@ def build_base(args, meta=False):
         models.prepare_vocabulary(model, tokenizer, stand_in, mean_resizing=not meta)
     model.to("meta" if meta else args.device)
     ids = data.placeholder_ids(tokenizer, args.add_tokens)
-    global_bs = args.bs * distributed.world_size(args)
-    batches = distributed.rank_rows(data.batches(samples, titles, tokenizer, global_bs, args.seq, ids,
-                                                 args.seed), args)
+    batches = distributed.rank_rows(data.batches(samples, titles, tokenizer, args.bs * args.world_size,
+                                                 args.seq, ids, args.seed), args)  # the global batch
     setup = {"source": source, "targets": targets, "attn": model.config._attn_implementation}
     return model, batches, max(titles), setup
 
@@ -162,7 +161,8 @@ def plan(args, model=None, items=None, full=False, padded=None):
             padded = has_padding(first_batches(args, batches))
     return budget.budget(model, bs=args.bs, seq=args.seq, checkpointing=args.ckpt != "none",
                          autocast_dtype=dtypes(args)[1], loss_chunks=args.loss_chunks,
-                         device=args.device, extra=[items], full=full, padded=bool(padded))
+                         device=args.device, extra=[items], full=full, padded=bool(padded),
+                         **distributed.placement(args))
 
 
 # ---------------------------------------------------------------- the step
@@ -310,6 +310,7 @@ def train(args, log=print):
     check_runnable(args)
     config = {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(args).items()}
     probe = memcheck.Probe(device=args.device, max_memory_mib=args.max_memory, config=config)
+    distributed.track_fsdp2(probe, args)
     recording = bool(args.snapshot) and record_allocation_history(log)
     extra, leaked, failure = {}, [], None
     try:

@@ -9,8 +9,9 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
+import memcheck
 import ref_train
-from conftest import run_ref_train
+from conftest import drive_cli, run_ref_train
 
 WORLD = 2
 RUN = ["--device", "cpu", "--seq", "64", "--steps", "3"]
@@ -46,9 +47,9 @@ def _lora_weights(modules):
             if p.requires_grad}
 
 
-def _rank_main(rank, port, argv, out_dir):
+def _rank_main(rank, port, argv, out_dir, world):
     """One torchrun rank: its environment, ref_train.main, then its weights and output to out_dir."""
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(WORLD),
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), HF_HUB_OFFLINE="1")
     torch.set_num_threads(1)
     kept = {}
@@ -64,17 +65,17 @@ def _free_port():
         return s.getsockname()[1]
 
 
-def run_ranks(model, strategy, out_dir, *flags):
-    """Two ranks of ref_train.py --strategy; (report, rank 0's stdout, rank 1's, full weights)."""
+def run_ranks(model, strategy, out_dir, *flags, world=WORLD, run=RUN):
+    """`world` ranks of ref_train.py --strategy; (report, rank 0's stdout, rank 1's, full weights)."""
     os.makedirs(out_dir, exist_ok=True)
     report = os.path.join(out_dir, "report.json")
-    argv = ["--model", model, *RUN, "--strategy", strategy, "--bs", "1", "--report", report, *flags]
-    mp.spawn(_rank_main, args=(_free_port(), argv, str(out_dir)), nprocs=WORLD)
-    shards = [torch.load(os.path.join(out_dir, f"weights{r}.pt")) for r in range(WORLD)]
+    argv = ["--model", model, *run, "--strategy", strategy, "--bs", "1", "--report", report, *flags]
+    mp.spawn(_rank_main, args=(_free_port(), argv, str(out_dir), world), nprocs=world)
+    shards = [torch.load(os.path.join(out_dir, f"weights{r}.pt")) for r in range(world)]
     # FSDP2 shards dim 0 in rank order; under DDP every rank holds the whole tensor
     weights = {n: (torch.cat([s[n] for s in shards]) if strategy == "fsdp" else shards[0][n])
                for n in shards[0]}
-    outputs = [open(os.path.join(out_dir, f"stdout{r}")).read() for r in range(WORLD)]
+    outputs = [open(os.path.join(out_dir, f"stdout{r}")).read() for r in range(world)]
     with open(report) as f:
         return json.load(f), *outputs, weights
 
@@ -103,6 +104,13 @@ def losses(report):
     return [s["loss"] for s in report["steps"]]
 
 
+def assert_every_rank_within_its_budget(report, world):
+    """Each rank's measured peak within 3% of its own budget (the issue's target)."""
+    assert len(report["ranks"]) == world
+    for r in report["ranks"]:
+        assert r["budget"]["peak_bytes"] == pytest.approx(r["peak_bytes"], rel=0.03), r["rank"]
+
+
 def assert_same_weights(a, b):
     assert a.keys() == b.keys() and a
     for name in a:
@@ -116,11 +124,13 @@ def test_two_ddp_ranks_at_bs_1_train_as_one_process_at_bs_2(single, ddp):
     assert all(losses(r) == losses(report) for r in report["ranks"])  # each rank logs the global loss
     assert_same_weights(weights, single_weights)
     assert all(w.abs().sum() > 0 for n, w in weights.items() if "lora_B" in n)  # B started at zero
+    assert_every_rank_within_its_budget(report, WORLD)
 
 
 def test_fsdp2_trains_as_ddp(ddp, fsdp):
     assert losses(fsdp[0]) == pytest.approx(losses(ddp[0]), rel=1e-5)
     assert_same_weights(fsdp[3], ddp[3])
+    assert_every_rank_within_its_budget(fsdp[0], WORLD)
 
 
 def test_rank_0_prints_one_table_of_ranks_and_writes_every_rank_report(fsdp):
@@ -147,3 +157,30 @@ def test_ddp_and_fsdp2_agree_under_bf16_autocast_with_the_fused_loss(dropout_fre
     fsdp_run = run_ranks(dropout_free_model, "fsdp", tmp_path / "fsdp", *flags)
     assert losses(fsdp_run[0]) == pytest.approx(losses(ddp_run[0]), rel=1e-3)
     assert_same_weights(fsdp_run[3], ddp_run[3])
+
+
+def _predicted_peak_mib(output):
+    return float(next(line.split()[-1] for line in output.splitlines() if line.startswith("predicted peak")))
+
+
+@pytest.mark.parametrize("strategy, flags", [("ddp", ["--precision", "bf16-mixed", "--ckpt", "none"]),
+                                             ("fsdp", [])])
+def test_four_ranks_peak_within_3_percent_of_drive_budget_made_without_processes(
+        dropout_free_model, tmp_path, strategy, flags):
+    run = ["--device", "cpu", "--seq", "64", "--steps", "2"]
+    report = run_ranks(dropout_free_model, strategy, tmp_path, *flags, world=4, run=run)[0]
+    assert_every_rank_within_its_budget(report, 4)
+    result = drive_cli("budget", "--model", dropout_free_model, *run, "--bs", "1", *flags,
+                       "--strategy", strategy, "--world-size", "4")
+    assert result.returncode == 0, result.stderr
+    # the budget made in one process is rank 0's, the heaviest rank's (the longest shards)
+    predicted = _predicted_peak_mib(result.stdout)
+    assert predicted == float(memcheck.mib(report["ranks"][0]["budget"]["peak_bytes"]))
+    for r in report["ranks"]:
+        assert predicted * 2**20 == pytest.approx(r["peak_bytes"], rel=0.03), r["rank"]
+
+
+def test_world_size_without_a_strategy_is_refused_in_one_line():
+    result = drive_cli("budget", "--world-size", "4")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "--world-size 4 with --strategy none" in result.stderr
