@@ -17,7 +17,7 @@ import drive
 import flags
 import memcheck
 import ref_train
-from conftest import assert_markdown_tables, one_error_line, run_main
+from conftest import HANG_SECONDS, assert_markdown_tables, one_error_line, run_main
 from memcheck import MiB
 
 
@@ -166,8 +166,14 @@ def test_ablate_variants_move_the_peak_the_way_their_names_say(tiny_model):
 
 # ---------------------------------------------------------------- bench
 
-def test_bench_runs_end_to_end_on_a_tiny_model(tiny_model):
-    rows = drive.bench(["--model", tiny_model, "--device", "cpu"], steps=2, log=lambda *a: None)
+@pytest.fixture(scope="module")
+def bench_rows(tiny_model):
+    """drive.bench's rows on the tiny model, 2 steps: one run for the tests of this section."""
+    return drive.bench(["--model", tiny_model, "--device", "cpu"], steps=2, log=lambda *a: None)
+
+
+def test_bench_runs_end_to_end_on_a_tiny_model(bench_rows):
+    rows = bench_rows
     by_name = {r["comparison"]: r for r in rows}
     assert by_name["reference / PEFT: peak"]["ratio"] > 0
     assert by_name["tracker / torch.profiler: peak above start"]["met"]
@@ -178,8 +184,8 @@ def test_bench_runs_end_to_end_on_a_tiny_model(tiny_model):
     assert len(table) == len(rows)
 
 
-def test_bench_figures_meet_their_memory_targets_on_a_tiny_model(tiny_model):
-    rows = drive.bench(["--model", tiny_model, "--device", "cpu"], steps=2, log=lambda *a: None)
+def test_bench_figures_meet_their_memory_targets_on_a_tiny_model(bench_rows):
+    rows = bench_rows
     by_name = {r["comparison"]: r for r in rows}
     # The reference is as lean as PEFT (its target, 1.0), and not by leaving something out.
     assert by_name["reference / PEFT: peak"]["met"]
@@ -459,7 +465,7 @@ def test_gpu_script_on_a_machine_without_cuda_says_so_in_one_line_and_exits_0():
     # .ci/gpu asks the interpreter that runs the tests whether it sees CUDA
     env = dict(os.environ, PYTHON=sys.executable)
     done = subprocess.run(["bash", os.path.join(os.path.dirname(os.path.abspath(__file__)), ".ci", "gpu")],
-                          capture_output=True, text=True, timeout=60, env=env)
+                          capture_output=True, text=True, timeout=HANG_SECONDS, env=env)
     assert done.returncode == 0, done.stderr
     lines = done.stdout.splitlines()
     assert len(lines) == 1 and "no CUDA device" in lines[0], done.stdout

@@ -21,8 +21,8 @@ from torch import nn
 import ilora
 import memcheck
 import ref_train
-from conftest import (TINY_OPT, assert_markdown_tables, peft_opt, run_main, token_batches,
-                      user_loop)
+from conftest import (HANG_SECONDS, TINY_OPT, assert_markdown_tables, peft_opt, run_main,
+                      token_batches, user_loop)
 from memcheck import MiB
 
 
@@ -559,7 +559,7 @@ def test_memcheck_is_one_drop_in_file_beside_a_users_data_package(tmp_path):
         "print(sorted(set(sys.modules) & {'ref_train', 'ilora', 'drive'}))"])
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     done = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True,
-                          text=True, timeout=120)
+                          text=True, timeout=HANG_SECONDS)
     assert done.returncode == 0, done.stderr
     assert done.stdout.splitlines()[-1] == "[]"
     assert done.stdout.startswith("memcheck: peak ") and "report written to stack.json" in done.stdout
@@ -879,7 +879,7 @@ def test_diff_of_a_closed_pipe_ends_quietly(tmp_path):
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     done.stdout.close()   # the reader is gone before the first line, as with `| head -0`
     errors = done.stderr.read()
-    assert done.wait(timeout=60) == 0 and errors == ""
+    assert done.wait(timeout=HANG_SECONDS) == 0 and errors == ""
 
 
 def test_diff_runs_where_torch_cannot_be_imported_and_help_imports_no_torch(tmp_path):
@@ -897,11 +897,11 @@ def test_diff_runs_where_torch_cannot_be_imported_and_help_imports_no_torch(tmp_
     here = os.path.dirname(__file__)
     for how, script in scripts.items():
         done = subprocess.run([sys.executable, "-c", script, "diff", str(a), str(b)], cwd=here,
-                              capture_output=True, text=True, timeout=60)
+                              capture_output=True, text=True, timeout=HANG_SECONDS)
         assert done.returncode == 0 and done.stdout == expected + "\n", (how, done.stderr)
     for flags in (["--help"], ["diff", "--help"]):
         done = subprocess.run([sys.executable, "-X", "importtime", "memcheck.py", *flags], cwd=here,
-                              capture_output=True, text=True, timeout=60)
+                              capture_output=True, text=True, timeout=HANG_SECONDS)
         assert done.returncode == 0 and "memcheck" in done.stdout
         assert not re.search(r"\|\s+torch$", done.stderr, re.M), f"memcheck.py {flags} imported torch"
 

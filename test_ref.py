@@ -28,8 +28,8 @@ import memcheck
 import flags
 import models
 import ref_train
-from conftest import (SEQ, TINY_OPT, assert_markdown_tables, one_error_line, rel_err, run_main,
-                      run_ref_train)
+from conftest import (HANG_SECONDS, SEQ, TINY_OPT, assert_markdown_tables, one_error_line, rel_err,
+                      run_main, run_ref_train)
 from memcheck import MiB
 
 VOCAB = drive.VOCAB   # the model families' vocabulary (conftest's family_models)
@@ -848,7 +848,7 @@ def test_ctrl_c_during_training_writes_the_report_so_far_and_exits_130(tiny_mode
             if line.startswith("step"):
                 break
         run.send_signal(signal.SIGINT)
-        out, err = run.communicate(timeout=120)
+        out, err = run.communicate(timeout=HANG_SECONDS)
     finally:
         run.kill()
     lines = [line for line in err.splitlines() if line.strip()]
