@@ -28,8 +28,8 @@ import memcheck
 import flags
 import models
 import ref_train
-from conftest import (HANG_SECONDS, SEQ, TINY_OPT, assert_markdown_tables, one_error_line, rel_err,
-                      run_main, run_ref_train)
+from conftest import (HANG_SECONDS, ROOT, SEQ, TINY_OPT, assert_markdown_tables, one_error_line,
+                      rel_err, run_main, run_ref_train)
 from memcheck import MiB
 
 VOCAB = drive.VOCAB   # the model families' vocabulary (conftest's family_models)
@@ -705,10 +705,12 @@ def test_ref_train_markdown_block_is_valid(tiny_model, capsys):
     assert_markdown_tables(block)
 
 
-def test_report_holds_the_environment_and_command_line(tiny_model, tmp_path):
-    # A process of its own: the command recorded is the one the shell gave.
+def test_report_holds_the_environment_and_command_line(tiny_model, tmp_path, monkeypatch, capsys):
+    # The command line as a shell gives it to the process: sys.argv, which main() reads by default.
     path = tmp_path / "r.json"
-    done = run_ref_train("--model", tiny_model, "--steps", 1, "--r", 4, "--report", path)
+    monkeypatch.setattr(sys, "argv", [os.path.join(ROOT, "ref_train.py"), "--model", tiny_model,
+                                      "--steps", "1", "--r", "4", "--report", str(path)])
+    done = run_main(lambda argv: ref_train.main(), capsys)
     assert done.returncode == 0, done.stderr
     report = memcheck.read_report(path)
     assert report["command"].endswith(f"ref_train.py --model {tiny_model} --steps 1 --r 4 --report {path}")
