@@ -99,7 +99,7 @@ HANG_SECONDS = 900
 
 def run_ref_train(*flags, timeout=HANG_SECONDS):
     """`python ref_train.py FLAGS` as a user runs it, offline, from the repository root: only where
-    the process itself is the point (its exit code, a signal, the command line it records)."""
+    the process itself is the point (its exit code as a shell sees it, several processes)."""
     import subprocess
 
     env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")  # see set_num_threads above

@@ -744,7 +744,7 @@ def test_full_size_smoke_run(values, capsys):
     assert report["env"]["transformers"] == transformers.__version__
 
 
-# ---------------------------------------------------------------- failures during training: out of memory, Ctrl-C, a bug
+# ---------------------------------------------------------------- failures during training
 
 def test_out_of_memory_while_loading_says_the_peak_was_not_measured(values, capsys):
     # A limit that loading alone passes: the model's own weights do not fit
