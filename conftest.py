@@ -1,7 +1,9 @@
-"""Shared fixtures: tiny OPT models on disk, so that every training test runs in well under a second.
+"""Shared fixtures: tiny OPT models on disk, so that every training test runs in well under a second,
+the model families' tiny models, and the helpers several test files use.
 
 Nothing here downloads: HF_HUB_OFFLINE is set before transformers is imported anywhere.
 """
+import contextlib
 import os
 import sys
 
@@ -10,8 +12,8 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 import pytest
 import torch
 
-# One thread: the tiny models gain nothing from more, and on a shared 2-core machine (the commands of
-# test_ref.py run three at a time) OpenMP's waiting threads made every op about 10x slower.
+# One thread: the tiny models gain nothing from more, and on a shared 2-core machine OpenMP's
+# waiting threads made every op about 10x slower.
 torch.set_num_threads(1)
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
@@ -61,6 +63,23 @@ def growing_vocab_model(tmp_path_factory):
     return _save_tiny_opt(tmp_path_factory.mktemp("growing-opt"), 500, with_tokenizer=True)
 
 
+# The model families of drive.FAMILIES run at this shape: activations are most of the peak, so
+# that an error in them shows.
+STEPS, BS, SEQ = 2, 4, 128
+
+
+@pytest.fixture(scope="session")
+def family_models(tmp_path_factory):
+    """model_type -> a directory with the tiny model's config and weights, no tokenizer files."""
+    from transformers.utils import logging
+
+    import drive
+
+    logging.set_verbosity_error()
+    root = tmp_path_factory.mktemp("families")
+    return {family: drive.save_family(family, root / family) for family in drive.FAMILIES}
+
+
 @pytest.fixture(scope="session")
 def train_tiny(tiny_model):
     """train_tiny(*flags, model=tiny_model) -> ref_train's report dict, quietly, in this process."""
@@ -73,27 +92,119 @@ def train_tiny(tiny_model):
     return run
 
 
-def run_script(script, *flags, timeout=300):
-    """`python SCRIPT FLAGS` as a user runs it, offline, from the repository root."""
+# The timeout of every process a test starts: only against a process that hangs, never a measure of
+# speed, so that a machine whose cores are all busy still passes.
+HANG_SECONDS = 900
+
+
+def run_ref_train(*flags, timeout=HANG_SECONDS):
+    """`python ref_train.py FLAGS` as a user runs it, offline, from the repository root: only where
+    the process itself is the point (its exit code as a shell sees it, several processes)."""
     import subprocess
 
     env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")  # see set_num_threads above
-    return subprocess.run([sys.executable, os.path.join(ROOT, script), *map(str, flags)],
+    return subprocess.run([sys.executable, os.path.join(ROOT, "ref_train.py"), *map(str, flags)],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
 
 
-def run_ref_train(*flags, timeout=300):
-    return run_script("ref_train.py", *flags, timeout=timeout)
+def run_main(main, capsys, *argv):
+    """main(argv) of a script in this process, with what run_ref_train gives of a process: the
+    return code (argparse's SystemExit, as for --help, included), stdout and stderr."""
+    import subprocess
+
+    capsys.readouterr()   # what earlier code printed is not this command's
+    argv = [str(a) for a in argv]
+    try:
+        code = main(argv)
+    except SystemExit as e:
+        code = e.code
+    out, err = capsys.readouterr()
+    return subprocess.CompletedProcess(argv, code, out, err)
 
 
-def memcheck_cli(*flags, timeout=300):
-    return run_script("memcheck.py", *flags, timeout=timeout)
+def one_error_line(done, code=2):
+    """The run's only stderr line, after checking the exit code and that no traceback came out."""
+    lines = [line for line in done.stderr.splitlines() if line.strip()]
+    assert done.returncode == code, done.stderr
+    assert "Traceback" not in done.stderr
+    assert len(lines) == 1, done.stderr
+    return lines[0]
 
 
-def drive_cli(*flags, timeout=300):
-    return run_script("drive.py", *flags, timeout=timeout)
+# ---------------------------------------------------------------- helpers of several test files
+
+def rel_err(a, b):
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
 
 
-@pytest.fixture(scope="session")
-def ref_train_cli():
-    return run_ref_train
+def assert_markdown_tables(text):
+    """Every table in `text`: a header row, a separator row, rows with the same number of cells."""
+    blocks = [[]]
+    for line in text.splitlines():
+        if line.startswith("|"):
+            blocks[-1].append(line)
+        elif blocks[-1]:
+            blocks.append([])
+    tables = [b for b in blocks if b]
+    assert tables, text
+    for table in tables:
+        assert all(line.endswith("|") for line in table), table
+        cells = [line.count("|") for line in table]
+        assert len(set(cells)) == 1, table
+        assert set(table[1].replace("|", "")) <= {"-", ":", " "}, table[1]
+
+
+def peft_opt(ckpt=None, input_grads=True, vocab=500):
+    """A tiny OPT with PEFT's LoRA on q and v, built as a user's stack builds it.
+
+    ckpt: None, "reentrant" or "non-reentrant": the model's own gradient checkpointing.
+    input_grads=False undoes the enable_input_require_grads() that transformers 5 calls when
+    checkpointing is enabled: the frozen embeddings' output then does not require grad, as in the
+    transformers and PEFT versions the real stack pinned.
+    """
+    from peft import LoraConfig, get_peft_model
+    from transformers import OPTConfig, OPTForCausalLM
+    torch.manual_seed(0)
+    model = OPTForCausalLM(OPTConfig(vocab_size=vocab, **TINY_OPT))
+    model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    if ckpt:
+        model.gradient_checkpointing_enable(
+            gradient_checkpointing_kwargs={"use_reentrant": ckpt == "reentrant"})
+    if ckpt and not input_grads:
+        model.disable_input_require_grads()
+    # Trained beside the adapters, as iLoRA trains its projector: the loss always has a gradient.
+    model.get_base_model().model.decoder.final_layer_norm.requires_grad_(True)
+    model.train()
+    return model, torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+
+
+def token_batches(n, bs=2, seq=32, vocab=500):
+    """Batches made up front, before any probe starts: a preloaded list."""
+    generator = torch.Generator().manual_seed(0)
+    return [torch.randint(0, vocab, (bs, seq), generator=generator) for _ in range(n)]
+
+
+def user_loop(probe, model, optimizer, batches, pattern="clean", autocast_dtype=None):
+    """A user's loop, clean or with one careless pattern, under a Probe or the bare tracker; its
+    forward under CPU autocast when autocast_dtype is given."""
+    kept = []
+    for ids in batches:
+        evaluating = pattern.startswith("eval")
+        cast = torch.autocast("cpu", autocast_dtype, enabled=autocast_dtype is not None)
+        with probe.phase("forward"), cast, (torch.no_grad() if pattern == "eval_under_no_grad"
+                                            else contextlib.nullcontext()):
+            output = model(input_ids=ids, labels=ids)
+            loss = output.loss
+            if pattern != "output_kept":
+                del output   # the logits are not kept
+        if not evaluating:
+            with probe.phase("backward"):
+                loss.backward(retain_graph=pattern == "retain_graph")
+            with probe.phase("optimizer"):
+                optimizer.step()
+                optimizer.zero_grad()
+        if pattern == "outputs_in_a_list":
+            kept.append(loss)
+        output = None
+        probe.step()
+    kept.clear()  # Lightning's classic training_step_outputs, cleared at the epoch's end

@@ -1,20 +1,226 @@
-"""The drivers' tables: families' rows, sweep's error sign, and figures against a README.
+"""The drivers of drive.py: ablate, bench, budget, families, sweep and figures, their one-line
+errors and their help, and .ci/gpu on a machine without CUDA.
 
-Nothing here trains: ref_train.train and the README's commands are stood in for in-process, so
-each test checks what the driver makes of known figures.
+The tiny model of conftest.py runs in this process; where a test checks only what a driver makes
+of known figures, ref_train.train and the README's commands are stood in for.
 """
+import importlib.util
+import json
 import os
 import re
 import shutil
 
 import pytest
+import torch
 
 import drive
 import flags
+import memcheck
 import ref_train
+from conftest import HANG_SECONDS, assert_markdown_tables, one_error_line, run_main
 from memcheck import MiB
 
 README = os.path.join(os.path.dirname(os.path.abspath(__file__)), "README.md")
+
+
+# ---------------------------------------------------------------- ablate
+
+def in_process_runner(argv, report_path):
+    """ablate's runner, in this process: the real one starts a process per variant (slow in tests)."""
+    try:
+        report = ref_train.train(ref_train.parse_args([*argv, "--report", report_path]),
+                                 log=lambda *a: None)
+        return report, None
+    except (ref_train.UsageError, torch.OutOfMemoryError) as e:
+        return None, str(e)
+
+
+def test_ablate_runs_every_suspect_and_writes_the_table(tiny_model, tmp_path):
+    rows = drive.ablate(["--model", tiny_model, "--device", "cpu"], log=lambda *a: None,
+                           run=in_process_runner)
+    names = [r["variant"] for r in rows]
+    assert names[0] == "baseline"
+    for suspect in ("added tokens + resize off", "checkpointing hf", "checkpointing none",
+                    "einsum implementation", "1 expert", "LoRA dropout 0.1", "precision 16-mixed",
+                    "bf16 weights under 16-mixed", "item injection off", "targets all-linear",
+                    "injected leak"):
+        assert suspect in names
+    # On CPU the 16-bit variants are budgeted, not run: a row says so and gives the prediction.
+    sixteen = [r for r in rows if r["flags"][:2] == ["--precision", "16-mixed"]]
+    assert len(sixteen) == 2 and all(r["error"].startswith("skipped") and r["budget_peak_bytes"] > 0
+                                     for r in sixteen)
+    assert all(r["error"] is None and r["peak_bytes"] > 0 for r in rows if r not in sixteen), rows
+    deltas = [r["delta_bytes"] for r in rows[1:] if r["delta_bytes"] is not None]
+    assert deltas == sorted(deltas, reverse=True)
+    assert next(r for r in rows if r["variant"] == "injected leak")["leak_bytes_per_step"] > 0
+    header, table = drive.ablation_table(rows)
+    assert len(table) == len(rows)
+    assert_markdown_tables(memcheck.markdown_block("ablate", [(header, table)]))
+    path = tmp_path / "ablate.json"
+    memcheck.write_report(path, rows)
+    for row in json.loads(path.read_text()):
+        assert {"variant", "flags", "peak_bytes", "leak_bytes_per_step", "budget_peak_bytes"} <= set(row)
+
+
+def test_a_failing_variant_is_a_row_that_says_so(tiny_model):
+    # r 2 with one expert: the variants with 4 experts (the leak needs a gate, so it takes 4 too)
+    # cannot split rank 2 four ways.
+    rows = drive.ablate(["--model", tiny_model, "--device", "cpu", "--experts", "1", "--r", "2"],
+                           log=lambda *a: None, run=in_process_runner)
+    failed = [r for r in rows if r["error"] and not r["error"].startswith("skipped")]
+    assert sorted(r["variant"] for r in failed) == ["4 experts", "injected leak"]
+    assert all("--r 2" in r["error"] for r in failed)
+    assert "failed" in drive.ablation_table(rows)[1][-1]
+    assert sum(r["peak_bytes"] is not None for r in rows) == len(rows) - 4   # the others went on
+
+
+def test_ablate_variant_runs_in_its_own_process(tiny_model, tmp_path):
+    report, error = drive._run_reference(["--model", tiny_model, "--steps", "1"],
+                                            str(tmp_path / "one.json"))
+    assert error is None and report["peak_bytes"] > 0
+
+
+def test_ablate_rows_carry_the_load_peak_and_the_reentrant_variant(tiny_model, train_tiny):
+    report = train_tiny("--steps", 1)
+    rows = drive.ablate(["--model", tiny_model, "--device", "cpu"], log=lambda *a: None,
+                        run=lambda argv, path: (report, None))   # the same report for every variant
+    assert "checkpointing reentrant" in [r["variant"] for r in rows]
+    load = report["phases"]["load"]["peak_bytes"]
+    assert load > 0 and all(r["load_peak_bytes"] == load for r in rows if not r["error"])
+    header, table = drive.ablation_table(rows)
+    column = header.index("load peak MiB")
+    assert header[column - 1] == "peak MiB"
+    assert table[0][column] == memcheck.mib(load)
+
+
+def _promised(name):
+    """{config key: value} that an ablate variant's name promises, read from the name alone."""
+    words = name.split()
+    if name == "baseline":
+        return {}
+    if name.startswith("added tokens + resize"):
+        return {"add_tokens": words[-1] == "on"}
+    if name.startswith("checkpointing "):
+        return {"ckpt": words[1]}
+    if name.endswith(" implementation"):
+        return {"impl": words[0]}
+    if name.endswith(("expert", "experts")):
+        return {"experts": int(words[0])}
+    if name.startswith("LoRA dropout "):
+        return {"dropout": float(words[-1])}
+    if name.startswith("precision "):
+        return {"precision": words[1], "weights_dtype": "fp32"}
+    if name == "bf16 weights under 16-mixed":
+        return {"precision": "16-mixed", "weights_dtype": "bf16"}
+    if name.startswith("item injection "):
+        return {"inject_items": words[-1] == "on"}
+    if name.startswith("targets "):
+        return {"targets": tuple(words[1].split(","))}
+    if name == "injected leak":
+        return {"inject_leak": True}
+    raise AssertionError(f"a variant whose name says nothing known: {name!r}")
+
+
+@pytest.mark.parametrize("base", [
+    [],
+    ["--no-add-tokens", "--ckpt", "none", "--impl", "einsum", "--experts", "1", "--dropout", "0.1",
+     "--no-inject-items", "--targets", "all-linear", "--precision", "bf16-mixed"],
+], ids=["defaults", "every-switch-flipped"])
+def test_each_ablate_variant_changes_exactly_what_its_name_says(tiny_model, base):
+    # Mistake: a variant whose flags do not match its name ('resize off' passing no flag).
+    base = ["--model", tiny_model, "--device", "cpu", *base]
+    baseline = vars(ref_train.parse_args(base))
+    variants = drive.ablation_variants(ref_train.parse_args(base))
+    assert variants[0] == ("baseline", [])
+    for name, variant_flags in variants:
+        try:
+            changed = vars(ref_train.parse_args([*base, *variant_flags]))
+        except ref_train.UsageError:   # reentrant needs injected items: ablate's row says so
+            assert name == "checkpointing reentrant" and "--no-inject-items" in base
+            continue
+        differences = {k: v for k, v in changed.items() if v != baseline[k]}
+        promised = {k: v for k, v in _promised(name).items() if v != baseline[k]}
+        if name == "injected leak" and baseline["experts"] == 1:
+            promised["experts"] = 4   # the leak keeps the gate, which takes experts
+        assert promised or name == "baseline", f"{name!r} changes nothing its name promises ({variant_flags})"
+        assert differences == promised, (name, variant_flags, differences)
+
+
+def test_ablate_variants_move_the_peak_the_way_their_names_say(tiny_model):
+    # The same mistake seen in the figures: each change moves the peak in the direction it must.
+    # Without checkpointing, at bs 4 x seq 128 of the tiny OPT, whose vocabulary shrinks from
+    # 4200 rows to 560 when the tokens are added and the embeddings resized.
+    rows = drive.ablate(["--model", tiny_model, "--device", "cpu", "--ckpt", "none", "--bs", "4",
+                         "--seq", "128", "--steps", "2"], log=lambda *a: None, run=in_process_runner)
+    by_name = {r["variant"]: r for r in rows}
+    up = ("added tokens + resize off", "einsum implementation", "LoRA dropout 0.1",
+          "targets all-linear")
+    down = ("checkpointing manual", "checkpointing hf", "checkpointing reentrant", "1 expert",
+            "item injection off")
+    for name in up:
+        assert by_name[name]["delta_bytes"] > 0.01 * rows[0]["peak_bytes"], (name, by_name[name])
+    for name in down:
+        assert by_name[name]["delta_bytes"] < 0, (name, by_name[name])
+    assert by_name["injected leak"]["leak_bytes_per_step"] == 4 * 4 * 4   # bs x experts fp32
+    assert all(r["leak_bytes_per_step"] == 0 for r in rows if r["variant"] != "injected leak"
+               and r["error"] is None)
+
+
+# ---------------------------------------------------------------- bench
+
+@pytest.fixture(scope="module")
+def bench_rows(tiny_model):
+    """drive.bench's rows on the tiny model, 2 steps: one run for the tests of this section."""
+    return drive.bench(["--model", tiny_model, "--device", "cpu"], steps=2, log=lambda *a: None)
+
+
+def test_bench_runs_end_to_end_on_a_tiny_model(bench_rows):
+    rows = bench_rows
+    by_name = {r["comparison"]: r for r in rows}
+    assert by_name["reference / PEFT: peak"]["ratio"] > 0
+    assert by_name["tracker / torch.profiler: peak above start"]["met"]
+    assert any(name.startswith("reference --loss-chunks") and name.endswith("/ PEFT: peak")
+               for name in by_name)
+    assert all(r["a"] > 0 and r["b"] > 0 for r in rows)
+    header, table = drive.bench_table(rows)
+    assert len(table) == len(rows)
+
+
+def test_bench_figures_meet_their_memory_targets_on_a_tiny_model(bench_rows):
+    rows = bench_rows
+    by_name = {r["comparison"]: r for r in rows}
+    # The reference is as lean as PEFT (its target, 1.0), and not by leaving something out.
+    assert by_name["reference / PEFT: peak"]["met"]
+    assert by_name["reference / PEFT: peak"]["ratio"] >= 0.9
+    # With checkpointing the einsum form's outputs live only in one recomputed layer.
+    assert by_name["E=4 lean / einsum: peak"]["ratio"] <= 1.0
+    assert abs(by_name["tracker / torch.profiler: peak above start"]["ratio"] - 1) <= 0.01
+    chunks = drive.BENCH_LOSS_CHUNKS
+    assert by_name[f"reference --loss-chunks {chunks} / PEFT: peak"]["met"]
+    floor = by_name[f"reference --loss-chunks {chunks} / memory floor"]["ratio"]
+    assert 1.0 <= floor <= 1.1, floor   # never under the floor, and near it
+    for r in rows:   # times are machine-dependent: positive, and no target claimed on them here
+        assert r["a"] > 0 and r["b"] > 0
+
+
+def test_bench_times_the_tracker_and_the_fused_loss_in_turn(tiny_model):
+    args = ref_train.parse_args([*drive.BENCH_BASE, "--model", tiny_model, "--device", "cpu"])
+    chunked = ref_train.parse_args([*drive.BENCH_BASE, "--model", tiny_model, "--device", "cpu",
+                                    "--loss-chunks", "8"])
+    seconds = drive._interleaved(args, chunked, steps=1)
+    assert set(seconds) == {"untracked", "tracked", "chunked"}
+    assert all(s > 0 for s in seconds.values())
+
+
+# ---------------------------------------------------------------- budget
+
+def test_budget_command_prints_lora_and_full_side_by_side(tiny_model, capsys):
+    done = run_main(drive.main, capsys, "budget", "--model", tiny_model, "--bs", 2, "--seq", 64,
+                    "--full")
+    assert done.returncode == 0, done.stderr
+    assert "LoRA (this config)" in done.stdout and "full fine-tuning" in done.stdout
+    assert "predicted peak" in done.stdout
+
 
 # ---------------------------------------------------------------- families
 
@@ -51,6 +257,16 @@ def test_families_gives_every_family_both_checkpointing_rows(monkeypatch, capsys
     assert failed[4:7] == ["-", "-", "-"] and "failed" in " ".join(failed)
 
 
+def test_the_families_command_refuses_what_it_sets_and_what_ref_train_refuses(capsys):
+    # (each in one line, exit 2, before any model is saved)
+    for argv, said in ((["--model", "x"], "--model: families sets it"),
+                       (["--ckpt=none"], "--ckpt: families sets it"),
+                       (["--precision", "bogus"], "invalid choice: 'bogus'")):
+        assert drive.main(["families", *argv]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and said in err[0], err
+
+
 # ---------------------------------------------------------------- sweep
 
 # bs -> (measured, budget) in MiB: 25% over the budget, then 25% under it
@@ -73,6 +289,43 @@ def test_sweeps_error_is_measured_over_budget_minus_one(monkeypatch, capsys):
     assert re.search(r"^1\s+125\.0\s+100\.0\s+\+25\.0%$", out, re.M), out
     assert re.search(r"^2\s+150\.0\s+200\.0\s+-25\.0%$", out, re.M), out
     assert "worst budget error 25.0% over 2 points" in out
+
+
+def test_sweep_fits_more_memory_for_more_tokens_and_samples(tiny_model, tmp_path):
+    points = [{"bs": bs, "seq": seq} for bs in (1, 3) for seq in (32, 96, 160)]
+    rows = drive.sweep(points, ["--model", tiny_model, "--device", "cpu"], log=lambda *a: None)
+    assert all(abs(r["error"]) <= 0.10 for r in rows), rows
+    growth = drive.fit_growth(rows)
+    per_token, per_sample = growth["mib_per_unit"]["seq"], growth["mib_per_unit"]["bs"]
+    assert per_token > 0 and per_sample > 0
+    # A sample is 32..160 tokens, so it must cost more than a token and less than 200 of them.
+    assert per_token < per_sample < 200 * per_token
+    assert growth["seq"]["law"] == "linear"
+    header, table = drive.sweep_table(rows)
+    assert_markdown_tables(memcheck.markdown_block("sweep", [(header, table)]))
+
+
+def test_sweep_sees_quadratic_growth_with_eager_attention(tiny_model):
+    points = [{"seq": seq} for seq in (64, 128, 192, 256)]
+    rows = drive.sweep(points, ["--model", tiny_model, "--device", "cpu", "--attn", "eager",
+                                   "--ckpt", "none", "--bs", "4"], log=lambda *a: None)
+    assert drive.fit_growth(rows)["seq"]["law"].startswith("quadratic")
+
+
+def test_sweep_command_writes_json_and_explains_a_missing_matplotlib(tiny_model, tmp_path, capsys):
+    path, plot = tmp_path / "sweep.json", tmp_path / "sweep.png"
+    done = run_main(drive.main, capsys, "sweep", "--model", tiny_model, "--bs", "1,2",
+                    "--seq", "32,64,96", "--report", path, "--markdown", "--plot", plot)
+    if importlib.util.find_spec("matplotlib"):  # optional: either it draws, or the user is told
+        assert done.returncode == 0 and plot.stat().st_size > 0, done.stderr
+    else:
+        assert done.returncode == 2
+        assert done.stderr.strip().splitlines() == [
+            "drive.py sweep: error: --plot needs matplotlib, which is optional: pip install matplotlib"]
+    saved = json.loads(path.read_text())
+    assert len(saved["points"]) == 6 and "mib_per_unit" in saved["growth"]
+    assert "MiB per extra token" in done.stdout
+    assert_markdown_tables(done.stdout[done.stdout.index("### drive.py sweep"):])
 
 
 # ---------------------------------------------------------------- figures
@@ -124,3 +377,99 @@ def test_figures_fail_naming_a_figure_changed_missing_or_extra_in_the_readme(cha
     named, count = NAMED[change]
     assert any(named in line for line in logged), logged
     assert logged[-1] == f"{count} figures disagree with the docs"
+
+
+def test_the_figures_command_finds_every_block_it_checks_in_the_readme():
+    blocks = drive.readme_figures()
+    baseline = blocks["baseline"]
+    assert baseline["command"] == "python ref_train.py --bs 2 --seq 128"
+    assert len(baseline["figures"]) >= 30
+    assert any(f["kind"] == "time" for f in baseline["figures"])
+    assert any(f["kind"] == "loss" for f in baseline["figures"])
+    assert all(f["value"] for f in baseline["figures"])
+    for name in ("ablate", "careless diff", "budget grid", "bench"):
+        assert blocks[name]["figures"], name
+
+
+# ---------------------------------------------------------------- failures named in one line, and help
+
+# (flags, what the one stderr line must name); "{tiny}" is the tiny model
+FAILURES = {
+    "ablate-report-under-proc": (["ablate", "--model", "{tiny}", "--report", "/proc/report.json"],
+                                 ["--report /proc/report.json", "/proc"]),
+    "ablate-report-in-missing-dir": (["ablate", "--model", "{tiny}", "--report", "/no/such/dir/r.json"],
+                                     ["/no/such/dir/r.json", "does not exist"]),
+    "ablate-unknown-target": (["ablate", "--model", "{tiny}", "--targets", "foo"],
+                              ["--targets foo", "q_proj"]),
+    "sweep-report-under-proc": (["sweep", "--model", "{tiny}", "--bs", "1,2", "--report",
+                                 "/proc/report.json"], ["--report /proc/report.json", "/proc"]),
+    "sweep-plot-under-proc": (["sweep", "--model", "{tiny}", "--bs", "1,2", "--plot", "/proc/sweep.png"],
+                              ["--plot /proc/sweep.png", "/proc"]),
+    "sweep-plot-in-missing-dir": (["sweep", "--model", "{tiny}", "--bs", "1,2", "--plot",
+                                   "/no/such/dir/p.png"], ["--plot /no/such/dir/p.png", "does not exist"]),
+    "bench-report-under-proc": (["bench", "--model", "{tiny}", "--report", "/proc/report.json"],
+                                ["--report /proc/report.json", "/proc"]),
+}
+# (flags, what the help must mention): every command explains its own flags
+HELPS = {
+    "drive-sweep": (["sweep", "--help"], ["drive.py sweep", "--plot", "--bs"]),
+    "drive-budget": (["budget", "--help"], ["drive.py budget", "--full"]),
+    "drive-ablate": (["ablate", "--help"], ["drive.py ablate", "--report", "--markdown"]),
+    "drive-bench": (["bench", "--help"], ["drive.py bench", "--steps", "--report"]),
+}
+
+
+def no_variant_runs(monkeypatch):
+    """Make starting a variant's process, or training in this one, fail the test."""
+    def must_not_run(*args, **kwargs):
+        raise AssertionError("a variant ran")
+    monkeypatch.setattr(drive, "_run_reference", must_not_run)
+    monkeypatch.setattr(ref_train, "train", must_not_run)
+
+
+@pytest.mark.parametrize("case", FAILURES)
+def test_a_failure_before_training_is_one_line_naming_the_value_with_exit_code_2(case, tiny_model,
+                                                                                  monkeypatch, capsys):
+    no_variant_runs(monkeypatch)
+    values = {"tiny": tiny_model}
+    done = run_main(drive.main, capsys, *(f.format(**values) for f in FAILURES[case][0]))
+    line = one_error_line(done)
+    for value in FAILURES[case][1]:
+        assert value.format(**values) in line, (value, line)
+    assert "step" not in done.stdout   # nothing trained, no variant ran
+
+
+def test_ablate_checks_the_targets_once_before_any_variant_runs(tiny_model, monkeypatch, capsys):
+    # One model built on the meta device, not a process per variant.
+    no_variant_runs(monkeypatch)
+    builds = []
+    build = ref_train.build
+    monkeypatch.setattr(ref_train, "build", lambda *a, **kw: builds.append(kw) or build(*a, **kw))
+    done = run_main(drive.main, capsys, "ablate", "--model", tiny_model, "--targets", "foo")
+    assert "--targets foo" in one_error_line(done)
+    assert builds == [{"meta": True}]
+    assert "peak" not in done.stdout, done.stdout
+
+
+@pytest.mark.parametrize("case", HELPS)
+def test_every_command_has_its_own_help(case, capsys):
+    done = run_main(drive.main, capsys, *HELPS[case][0])
+    assert done.returncode == 0 and done.stderr == "", done.stderr
+    for flag in HELPS[case][1]:
+        assert flag in done.stdout, flag
+
+
+# ---------------------------------------------------------------- the CUDA check
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA: .ci/gpu measures here")
+def test_gpu_script_on_a_machine_without_cuda_says_so_in_one_line_and_exits_0():
+    import subprocess
+    import sys
+    # .ci/gpu asks the interpreter that runs the tests whether it sees CUDA
+    env = dict(os.environ, PYTHON=sys.executable)
+    done = subprocess.run(["bash", os.path.join(os.path.dirname(os.path.abspath(__file__)), ".ci", "gpu")],
+                          capture_output=True, text=True, timeout=HANG_SECONDS, env=env)
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert len(lines) == 1 and "no CUDA device" in lines[0], done.stdout
+    assert done.stderr == ""

@@ -1,17 +1,23 @@
-"""iLoRA's own semantics: the gate against its equations written out by hand, and LoRA dropout.
+"""iLoRA's own semantics: the gate against its equations written out by hand, the gated LoRA layer
+against its formula and against PEFT's LoRA, and LoRA dropout.
 
 The gate is recomputed without SASRec's module: its one causal block run position by position,
 the last valid position found by scanning the padded history, the router's softmax taken with
 exp. Histories of every length are padded by data.collate, as the pipeline pads them.
 """
+import copy
 import math
+from collections import OrderedDict
 
 import pytest
 import torch
 from torch import nn
 
+import budget
 import data
 import ilora
+import memcheck
+from conftest import TINY_OPT, rel_err
 
 N_EXPERTS = 4
 N_ITEMS = 1000
@@ -151,6 +157,206 @@ def test_changing_a_padded_slot_changes_no_gate():
     torch.testing.assert_close(items.gate(changed, lengths), before, rtol=0, atol=1e-6)
 
 
+# ---------------------------------------------------------------- the gated LoRA layer
+
+def gated_layer(n_experts=4, impl="lean", r=8, seed=0):
+    """A GatedLoraLinear(32 -> 48) with a random, non-zero B: with B = 0 every expert is a no-op."""
+    torch.manual_seed(seed)
+    layer = ilora.GatedLoraLinear(nn.Linear(32, 48), r=r, n_experts=n_experts, impl=impl)
+    nn.init.normal_(layer.lora_B.weight)
+    return layer
+
+
+def random_gate(batch, n_experts, seed=1):
+    return torch.randn(batch, n_experts, generator=torch.Generator().manual_seed(seed)).softmax(-1)
+
+
+def run_with_gradients(layer, x, gate, upstream):
+    """Forward, backward with `upstream` as the output's gradient; output and every gradient."""
+    x, gate = x.clone().requires_grad_(), gate.clone().requires_grad_()
+    y = layer(x, gate=gate)
+    y.backward(upstream)
+    grads = {"x": x.grad, "gate": gate.grad}
+    grads.update({name: p.grad for name, p in layer.named_parameters()})
+    return y, grads
+
+
+@pytest.mark.parametrize("flatten", [False, True], ids=["batch-seq-features", "flattened-rows"])
+def test_lean_equals_einsum_forward_and_gradients(flatten):
+    lean = gated_layer(impl="lean")
+    einsum = ilora.GatedLoraLinear(nn.Linear(32, 48), r=8, n_experts=4, impl="einsum")
+    einsum.load_state_dict(lean.state_dict())
+    x = torch.randn(3, 5, 32)
+    if flatten:  # OPT's MLP calls its linears on [batch * seq, features]
+        x = x.flatten(0, 1)
+    gate = random_gate(3, 4)
+    upstream = torch.randn(*x.shape[:-1], 48)  # a random output gradient weighs every element
+
+    y_lean, g_lean = run_with_gradients(lean, x, gate, upstream)
+    y_einsum, g_einsum = run_with_gradients(einsum, x, gate, upstream)
+
+    assert rel_err(y_lean, y_einsum) <= 1e-5
+    assert set(g_lean) == {"x", "gate", "base.weight", "base.bias", "lora_A.weight", "lora_B.weight"}
+    for name in g_lean:
+        assert g_lean[name].abs().sum() > 0, name  # an all-zero pair would compare equal for nothing
+        assert rel_err(g_lean[name], g_einsum[name]) <= 1e-5, name
+
+
+def test_flattened_rows_are_gated_by_their_own_sample():
+    # The same tokens, once as [batch, seq, d] and once flattened: each row must keep its sample's gate.
+    layer = gated_layer()
+    x, gate = torch.randn(3, 5, 32), random_gate(3, 4)
+    assert rel_err(layer(x.flatten(0, 1), gate=gate), layer(x, gate=gate).flatten(0, 1)) <= 1e-6
+
+
+def test_gated_lora_follows_ilora_formula_expert_by_expert():
+    # Written out independently of the implementation: expert e owns rank rows e*r/E..(e+1)*r/E of
+    # A and the matching columns of B, and the scaling is alpha / (r / E), not alpha / r.
+    r, experts, alpha = 8, 4, 32
+    for impl in ilora.IMPLS:
+        layer = gated_layer(n_experts=experts, impl=impl, r=r)
+        x, gate = torch.randn(3, 5, 32), random_gate(3, experts)
+        a, b = layer.lora_A.weight, layer.lora_B.weight
+        k = r // experts
+        expected = layer.base(x)
+        for e in range(experts):
+            expert = x @ a[e * k:(e + 1) * k].t() @ b[:, e * k:(e + 1) * k].t()
+            expected = expected + alpha / k * gate[:, e, None, None] * expert
+        assert rel_err(layer(x, gate=gate), expected) <= 1e-5, impl
+
+
+def test_different_gates_give_different_outputs_per_sample():
+    layer = gated_layer()
+    x, gate = torch.randn(2, 5, 32), random_gate(2, 4)
+    other = gate.clone()
+    other[0] = random_gate(1, 4, seed=7)[0]  # change sample 0's gate only
+    y, y_other = layer(x, gate=gate), layer(x, gate=other)
+    assert not torch.allclose(y[0], y_other[0])
+    assert torch.equal(y[1], y_other[1])  # a sample's output depends on its own gate alone
+    with ilora.use_gate(gate):  # the scope supplies the same gate as the argument
+        assert torch.equal(layer(x), y)
+
+
+def test_router_gets_a_gradient_through_use_gate():
+    torch.manual_seed(0)
+    items = ilora.ItemModules(n_items=50, hidden_size=32, n_experts=4)
+    layer = gated_layer()
+    lengths = torch.tensor([3, 10])
+    history = torch.randint(1, 51, (2, ilora.MAX_HISTORY))
+    history[0, 3:] = 0  # padding after the history, as data.collate writes it
+    gate = items.gate(history, lengths)
+    with ilora.use_gate(gate):
+        layer(torch.randn(2, 5, 32)).square().sum().backward()
+    assert items.router.weight.grad is not None and items.router.weight.grad.abs().sum() > 0
+    assert all(p.grad is None for p in items.sasrec.parameters())  # the encoder stays frozen
+
+
+def test_several_experts_without_a_gate_raise_a_clear_error():
+    with pytest.raises(RuntimeError, match="4 experts needs a gate.*use_gate"):
+        gated_layer(n_experts=4)(torch.randn(2, 5, 32))
+
+
+def test_one_expert_needs_no_gate():
+    layer = gated_layer(n_experts=1)
+    x = torch.randn(2, 5, 32)
+    expected = layer.base(x) + layer.scaling * layer.lora_B(layer.lora_A(x))
+    assert torch.allclose(layer(x), expected, rtol=1e-5, atol=1e-6)
+    assert ilora.ItemModules(n_items=50, hidden_size=32, n_experts=1).gate(
+        torch.ones(2, ilora.MAX_HISTORY, dtype=torch.long), torch.tensor([3, 3])) is None
+
+
+def test_gated_lora_on_a_conv1d_equals_it_on_the_same_linear():
+    from transformers.pytorch_utils import Conv1D
+
+    torch.manual_seed(0)
+    conv = Conv1D(48, 32)                      # GPT-2's: y = x W + b, W [in 32, out 48]
+    nn.init.normal_(conv.weight)
+    linear = nn.Linear(32, 48)
+    with torch.no_grad():
+        linear.weight.copy_(conv.weight.t())
+        linear.bias.copy_(conv.bias)
+    assert ilora.is_linear(conv) and ilora.features(conv) == (32, 48) == ilora.features(linear)
+    torch.manual_seed(1)
+    a = ilora.GatedLoraLinear(conv, r=8, n_experts=4)
+    torch.manual_seed(1)
+    b = ilora.GatedLoraLinear(linear, r=8, n_experts=4)
+    for m in (a, b):
+        torch.manual_seed(2)
+        nn.init.normal_(m.lora_B.weight)
+    x = torch.randn(2, 5, 32)
+    gate = torch.softmax(torch.randn(2, 4), dim=-1)
+    ya, yb = a(x, gate), b(x, gate)
+    torch.testing.assert_close(ya, yb)
+    ya.square().sum().backward()
+    yb.square().sum().backward()
+    torch.testing.assert_close(a.lora_A.weight.grad, b.lora_A.weight.grad)
+    torch.testing.assert_close(a.lora_B.weight.grad, b.lora_B.weight.grad)
+    # The budget reads the Conv1D's shape the same way, through the adapter.
+    assert budget._features(conv) == (32, 48) and memcheck._adapter(a)[0] is conv
+
+
+# ---------------------------------------------------------------- one expert is PEFT's LoRA
+
+def test_one_expert_equals_peft_lora_forward_and_gradients():
+    import peft
+
+    torch.manual_seed(0)
+    base = nn.Sequential(OrderedDict(q_proj=nn.Linear(32, 48)))
+    theirs = peft.inject_adapter_in_model(
+        peft.LoraConfig(r=8, lora_alpha=32, target_modules=["q_proj"], lora_dropout=0.0),
+        copy.deepcopy(base))
+    ours = copy.deepcopy(base)
+    assert ilora.add_gated_lora(ours, targets=("q_proj",), r=8, alpha=32, n_experts=1) == ["q_proj"]
+    with torch.no_grad():
+        nn.init.normal_(theirs.q_proj.lora_B["default"].weight)  # PEFT's B starts at zero too
+        ours.q_proj.lora_A.weight.copy_(theirs.q_proj.lora_A["default"].weight)
+        ours.q_proj.lora_B.weight.copy_(theirs.q_proj.lora_B["default"].weight)
+
+    x = torch.randn(3, 5, 32)
+    upstream = torch.randn(3, 5, 48)
+    results = []
+    for model in (theirs, ours):
+        xi = x.clone().requires_grad_()
+        y = model(xi)  # no use_gate scope: one expert must not need a gate
+        y.backward(upstream)
+        results.append((y, xi.grad))
+    (y_peft, x_grad_peft), (y_ours, x_grad_ours) = results
+
+    assert rel_err(y_ours, y_peft) <= 1e-5
+    assert rel_err(x_grad_ours, x_grad_peft) <= 1e-5
+    assert rel_err(ours.q_proj.lora_A.weight.grad, theirs.q_proj.lora_A["default"].weight.grad) <= 1e-5
+    assert rel_err(ours.q_proj.lora_B.weight.grad, theirs.q_proj.lora_B["default"].weight.grad) <= 1e-5
+    # Both freeze the base layer: only the adapter trains.
+    assert [n for n, p in ours.named_parameters() if p.requires_grad] == \
+        ["q_proj.lora_A.weight", "q_proj.lora_B.weight"]
+
+
+@pytest.mark.parametrize("impl", ilora.IMPLS)
+def test_one_expert_selected_by_the_gate_is_peft_lora_of_rank_r_over_e(impl):
+    # Both forms' scaling, caught by a second test with PEFT as the oracle: a one-hot gate on
+    # expert e leaves PEFT's LoRA of rank r/E with the same alpha, so scaling is alpha / (r / E).
+    import peft
+
+    r, experts, alpha = 8, 4, 16
+    k = r // experts
+    torch.manual_seed(0)
+    base = nn.Sequential(OrderedDict(q_proj=nn.Linear(32, 48)))
+    ours = copy.deepcopy(base)
+    ilora.add_gated_lora(ours, targets=("q_proj",), r=r, alpha=alpha, n_experts=experts, impl=impl)
+    nn.init.normal_(ours.q_proj.lora_B.weight)
+    x = torch.randn(3, 5, 32)
+    for e in range(experts):
+        theirs = peft.inject_adapter_in_model(
+            peft.LoraConfig(r=k, lora_alpha=alpha, target_modules=["q_proj"]), copy.deepcopy(base))
+        with torch.no_grad():
+            theirs.q_proj.lora_A["default"].weight.copy_(ours.q_proj.lora_A.weight[e * k:(e + 1) * k])
+            theirs.q_proj.lora_B["default"].weight.copy_(ours.q_proj.lora_B.weight[:, e * k:(e + 1) * k])
+        gate = torch.zeros(3, experts)
+        gate[:, e] = 1
+        with ilora.use_gate(gate):
+            assert rel_err(ours(x), theirs(x)) <= 1e-5, (impl, e)
+
+
 # ---------------------------------------------------------------- LoRA dropout
 
 @pytest.mark.parametrize("n_experts", [1, 4])
@@ -169,3 +375,15 @@ def test_dropout_in_train_mode_leaves_the_frozen_layers_output_unchanged_at_init
     nn.init.normal_(layer.lora_B.weight)
     outputs = [layer(x, gate=gate) for _ in range(2)]
     assert not torch.equal(outputs[0], outputs[1])
+
+
+def test_lora_dropout_is_visible_in_the_measured_peak(train_tiny):
+    # Mistake: LoRA dropout ignored in the forward. Without checkpointing, each adapted linear keeps
+    # its dropped input and the mask (fp32 on CPU) instead of the input its layer already saves:
+    # 2 layers x (q, v) x bs x seq x hidden x (4 + 4) bytes, less the shared input.
+    flags = ("--ckpt", "none", "--bs", 8, "--seq", 128, "--steps", 1)
+    plain, dropped = train_tiny(*flags), train_tiny(*flags, "--dropout", 0.1)
+    tokens, h, layers = 8 * 128, TINY_OPT["hidden_size"], TINY_OPT["num_hidden_layers"]
+    expected = layers * tokens * (2 * h * (4 + 4) - h * 4)
+    grown = dropped["peak_bytes"] - plain["peak_bytes"]
+    assert abs(grown / expected - 1) <= 0.03, (grown, expected)

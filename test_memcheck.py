@@ -1,13 +1,630 @@
-"""The report's promises: a failed write keeps the previous report, a diff says what one side never
-measured, and storages made before the probe started are never counted as new."""
+"""The instrument, memcheck.py: the tracker, categories and modules, leaks, the probe in a user's
+loop, its warnings, the callbacks in real trainers (Lightning, the HF Trainer), the verdict, the
+report and diff.
+
+The tiny OPT of conftest.py, or a PEFT stack built on the same configuration, runs in this
+process; a process of its own only where the process is the point (a closed pipe, an interpreter
+without torch, memcheck.py copied alone beside a user's code).
+"""
+import contextlib
+import copy
+import gc
+import itertools
 import json
+import os
+import sys
 
 import pytest
 import torch
 from torch import nn
 
+import ilora
 import memcheck
 import ref_train
+from conftest import (HANG_SECONDS, TINY_OPT, assert_markdown_tables, peft_opt, run_main,
+                      token_batches, user_loop)
+from memcheck import MiB
+
+
+# ---------------------------------------------------------------- the tracker
+
+def test_cpu_tracker_is_exact_on_known_allocations():
+    with memcheck.Tracker("cpu") as tracker:
+        start = tracker.live_bytes
+        x = torch.empty(1000, dtype=torch.float32)
+        assert tracker.live_bytes - start == 4000
+        views = (x.view(10, 100), x[10:], x.t())
+        assert tracker.live_bytes - start == 4000  # views share the storage: nothing new
+        y = torch.empty(250, dtype=torch.float64)
+        assert tracker.live_bytes - start == 6000
+        torch.empty(1000, device="meta")  # another device: not counted, and nothing to free
+        del x
+        assert tracker.live_bytes - start == 6000  # the views still hold x's storage
+        del views
+        assert tracker.live_bytes - start == 2000
+        del y
+        assert tracker.live_bytes - start == 0
+        assert tracker.peak_bytes - start == 6000
+
+
+def test_tracker_counts_every_output_of_a_tuple_and_names_records_when_asked():
+    x = torch.randn(1000)
+    with memcheck.Tracker("cpu") as tracker:
+        start = tracker.live_bytes
+        values, indices = torch.sort(x)         # a tuple of two new storages
+        assert tracker.live_bytes - start == 1000 * 4 + 1000 * 8
+        views = (values.view(10, 100), values[1:], indices[:5])
+        values.add_(1)                          # in place: nothing new
+        assert tracker.live_bytes - start == 1000 * 4 + 1000 * 8
+        records = [r for r in tracker.window if r.created > 0 and r.nbytes in (4000, 8000)]
+        assert {(r.op, r.shape, r.dtype) for r in records} == {("sort", (1000,), "float32"),
+                                                               ("sort", (1000,), "int64")}
+        del values, indices, views
+        assert tracker.live_bytes == start
+    assert all(r.freed is not None for r in records)
+
+
+def test_cpu_tracker_matches_the_profiler_on_a_training_step(tiny_model):
+    from torch.profiler import ProfilerActivity, profile
+
+    args = ref_train.parse_args(["--model", tiny_model, "--device", "cpu", "--ckpt", "none",
+                                 "--bs", "4", "--seq", "128"])
+    model, items, batches, _ = ref_train.build(args)
+    trainable = [p for m in (model, items) for p in m.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=1e-3)
+    batch = next(batches)
+    tracker = memcheck.Tracker("cpu")
+    # Garbage of earlier tests freed during the step would count as negative in the profiler
+    # (allocated before it started) and not at all in the tracker: collect it first, then hold gc.
+    gc.collect()
+    gc.disable()
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof, tracker:
+        # What exists before the step is adopted, so that its frees are not counted as negative.
+        tracker.tag([*model.parameters(), *model.buffers(), *items.parameters(), *items.buffers(),
+                     *batch.values()], "frozen_params")
+        start = tracker.live_bytes
+        gate = items.gate(batch["history"], batch["history_len"])
+        with ilora.use_gate(gate):
+            loss = ref_train.forward_loss(model, items, batch, args)
+            loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        del loss, gate
+        tracked_peak, tracked_end = tracker.peak_bytes - start, tracker.live_bytes - start
+    gc.enable()
+
+    events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
+    if events and hasattr(events[0], "device_type"):
+        assert {str(e.device_type()) for e in events} == {"DeviceType.CPU"}
+    assert len(events) > 100  # a real step, not an empty trace
+    running = list(itertools.accumulate(e.nbytes() for e in sorted(events, key=lambda e: e.start_ns())))
+    profiled_peak, profiled_end = max(running), running[-1]
+
+    assert tracked_peak > 1_000_000  # activations of bs 4 x seq 128: megabytes, not bookkeeping
+    assert abs(tracked_peak - profiled_peak) <= 0.01 * profiled_peak, (tracked_peak, profiled_peak)
+    # What the step leaves (AdamW's state) agrees as well.
+    assert abs(tracked_end - profiled_end) <= 0.01 * profiled_end, (tracked_end, profiled_end)
+
+
+def test_torch_compile_runs_under_the_tracker_without_tracing_it():
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    linear = nn.Linear(8, 8)
+    compiled = torch.compile(lambda x: torch.relu(linear(x)).sum(), backend="eager")
+    x = torch.randn(4, 8)
+    with memcheck.Tracker("cpu") as tracker:
+        start = tracker.live_bytes
+        compiled(x).backward()
+        assert tracker.peak_bytes > start
+    # dynamo skips frames under a dispatch mode; the tracker's own code is marked to be skipped too
+    assert not torch._dynamo.utils.counters["frames"], dict(torch._dynamo.utils.counters)
+    assert torch._dynamo.utils.counters["unimplemented"] == {}
+
+
+# ---------------------------------------------------------------- categories and modules
+
+def probe_loop(steps=3, width=32, in_forward=lambda: None):
+    """A hand-written loop measured by a Probe; in_forward() runs inside every forward phase."""
+    model = nn.Sequential(nn.Linear(width, width), nn.ReLU(), nn.Linear(width, 1))
+    optimizer = torch.optim.AdamW(model.parameters())
+    probe = memcheck.Probe(model, optimizer)
+    with probe:
+        for _ in range(steps):
+            with probe.phase("forward"):
+                loss = model(torch.randn(64, width)).square().mean()
+                in_forward()
+            with probe.phase("backward"):
+                loss.backward()
+            with probe.phase("optimizer"):
+                optimizer.step()
+                optimizer.zero_grad()
+            probe.step(loss)
+    return probe
+
+
+def test_categories_add_up_to_the_peak_in_every_phase(train_tiny):
+    report = train_tiny("--steps", 2)
+    assert sum(report["categories"].values()) == report["peak_bytes"]
+    for name, phase in report["phases"].items():
+        assert sum(phase["categories"].values()) == phase["peak_bytes"], name
+    # Each kind of memory is where it should be, not lumped into one bucket.
+    backward = report["phases"]["backward"]["categories"]
+    assert backward["frozen_params"] > 0 and backward["activations"] > 0
+    assert report["phases"]["optimizer"]["categories"]["gradients"] > 0
+    assert report["phases"]["optimizer"]["categories"]["optimizer_state"] > 0
+
+
+def test_a_temporary_of_known_size_is_in_the_temporaries_at_the_peak():
+    # The categories omitting temporaries, caught by a second test: a loop whose forward makes a
+    # 4,000,000-byte tensor that nothing saves; at the forward peak it is a temporary, and the
+    # categories still add up to the peak.
+    made = []
+    probe = probe_loop(steps=2, in_forward=lambda: made.append(torch.empty(1_000_000)) or made.clear())
+    forward = probe.report()["phases"]["forward"]
+    assert forward["categories"]["temporaries"] >= 4_000_000
+    assert forward["categories"]["activations"] > 0
+    assert sum(forward["categories"].values()) == forward["peak_bytes"]
+    report = probe.report()
+    assert set(report["categories"]) == set(memcheck.CATEGORIES)
+    assert sum(report["categories"].values()) == report["peak_bytes"]
+
+
+def test_saved_activations_are_attributed_to_modules(train_tiny):
+    report = train_tiny("--ckpt", "none", "--steps", 1)
+    modules = [m["module"] for m in report["modules"]]
+    assert any(".layers." in m for m in modules), modules
+    assert [m["bytes"] for m in report["modules"]] == sorted((m["bytes"] for m in report["modules"]),
+                                                             reverse=True)
+
+
+def test_saved_activations_by_module_have_the_sizes_of_what_autograd_keeps(train_tiny):
+    # The module attribution, with amounts: without checkpointing at bs 2 x seq 128, the log-softmax
+    # of bs x (seq - 1) x vocab fp32 logits is kept outside any module, each layer keeps its MLP
+    # activation (bs x seq x ffn fp32) in activation_fn and k (bs x seq x hidden) in k_proj.
+    bs, seq, vocab = 2, 128, 560
+    report = train_tiny("--ckpt", "none", "--bs", bs, "--seq", seq, "--steps", 1)
+    by_module = {m["module"]: m for m in report["modules"]}
+    assert by_module["(op _log_softmax, outside any module)"]["bytes"] == bs * (seq - 1) * vocab * 4
+    for layer in range(TINY_OPT["num_hidden_layers"]):
+        prefix = f"model.decoder.layers.{layer}"
+        assert by_module[f"{prefix}.activation_fn"]["bytes"] == bs * seq * TINY_OPT["ffn_dim"] * 4
+        assert by_module[f"{prefix}.self_attn.k_proj"]["bytes"] == bs * seq * TINY_OPT["hidden_size"] * 4
+
+
+# ---------------------------------------------------------------- leaks
+
+def test_injected_leak_is_flagged_with_the_gate_bytes_per_step(train_tiny):
+    leaky = train_tiny("--inject-leak", "--steps", 4, "--bs", 2, "--experts", 4)
+    leak = leaky["leak"]
+    assert leak["detected"]
+    # Each step keeps its gate: bs x experts fp32 values, and nothing else of its graph.
+    assert leak["bytes_per_step"] == 2 * 4 * 4
+    assert leak["survivors"] and all(s["shape"] == [2, 4] and s["dtype"] == "float32"
+                                     for s in leak["survivors"])
+    assert {s["step"] for s in leak["survivors"]} == {1, 2, 3}
+
+    # backward freed what the gate's graph saved: the gate alone is kept, and only the leak is named
+    assert [w["kind"] for w in leaky["warnings"]] == ["leak"]
+    clean = train_tiny("--steps", 4, "--bs", 2, "--experts", 4)
+    assert clean["warnings"] == []
+    clean = clean["leak"]
+    assert not clean["detected"] and clean["bytes_per_step"] == 0 and clean["survivors"] == []
+
+
+def test_a_leak_that_grows_every_step_is_found_in_a_hand_written_loop():
+    kept = []
+    probe = probe_loop(steps=4, in_forward=lambda: kept.append(torch.randn(1000)))  # 4000 B a step
+    leak = probe.report()["leak"]
+    assert leak["detected"] and leak["bytes_per_step"] == 4000
+    assert leak["survivors"][0]["bytes"] == 4000 and leak["survivors"][0]["op"] == "randn"
+
+
+def test_a_leaks_survivors_are_recorded_while_it_grows_not_when_the_report_is_written():
+    model, optimizer = peft_opt()
+    batches = token_batches(4)
+    with memcheck.Probe(model, optimizer) as probe:
+        user_loop(probe, model, optimizer, batches, "outputs_in_a_list")
+    leak = probe.report()["leak"]   # the list was cleared after the last step
+    assert leak["detected"] and leak["bytes_per_step"] == 4  # one fp32 loss a step
+    assert len(leak["survivors"]) == 3 and {s["step"] for s in leak["survivors"]} == {1, 2, 3}
+    assert all(s["shape"] == [] and s["dtype"] == "float32" for s in leak["survivors"])
+
+
+# ---------------------------------------------------------------- the probe in a user's loop
+
+class Unprobed:
+    """The same loop measured by the tracker alone: no saved-tensor hooks, no module hooks."""
+
+    def __init__(self, model):
+        self.tracker, self.model, self.ends = memcheck.Tracker("cpu"), model, []
+
+    def __enter__(self):
+        self.tracker.__enter__()
+        self.tracker.tag(list(self.model.parameters()), "frozen_params", adopt=True)
+        return self
+
+    def __exit__(self, *exc):
+        self.tracker.__exit__(*exc)
+
+    def phase(self, name):
+        return contextlib.nullcontext()
+
+    def step(self):
+        self.ends.append(self.tracker.live_bytes)
+
+
+@pytest.mark.parametrize("pattern", ["clean", "retain_graph", "eval_without_no_grad"])
+def test_the_probe_does_not_change_what_it_measures(pattern):
+    batches = token_batches(4)
+    model, optimizer = peft_opt()
+    with Unprobed(model) as unprobed:
+        user_loop(unprobed, model, optimizer, batches, pattern)
+    model, optimizer = peft_opt()
+    with memcheck.Probe(model, optimizer) as probe:
+        user_loop(probe, model, optimizer, batches, pattern)
+    close = lambda x, y: abs(x - y) <= max(0.01 * y, 64 * 1024)
+    ends = [s["live_bytes"] for s in probe.steps]
+    assert len(ends) == 4 and all(close(p, u) for p, u in zip(ends, unprobed.ends)), (ends, unprobed.ends)
+    assert close(probe.peak["peak_bytes"], unprobed.tracker.peak_bytes)
+    assert unprobed.ends[-1] == unprobed.ends[1]   # the loop itself does not grow ...
+    assert not probe.report()["leak"]["detected"]  # ... and the probe does not say it does
+
+
+def test_preloaded_batches_are_not_allocations_of_later_steps():
+    batches = token_batches(4)      # they exist before the probe, and each step touches a new one
+    model, optimizer = peft_opt()
+    with memcheck.Probe(model, optimizer) as probe:
+        user_loop(probe, model, optimizer, batches)
+    report = probe.report()
+    assert report["leak"]["bytes_per_step"] == 0 and not report["leak"]["detected"]
+    assert report["warnings"] == []
+
+
+def test_storages_made_before_the_probe_started_are_never_counted_as_new():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 32), nn.Tanh(), nn.Linear(32, 1))
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    batches = [torch.randn(8, 16) for _ in range(4)]     # preloaded, each step a new one
+    cached = torch.randn(8, 32)                          # one tensor reused by every step
+    model(batches[0]).sum().backward()                   # the optimizer's state exists before attach
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    state = [v for s in optimizer.state.values() for v in s.values() if isinstance(v, torch.Tensor)]
+    with memcheck.Probe(model, optimizer) as probe:
+        for x in batches:
+            with probe.phase("forward"):
+                cached.mul_(1.0)                             # in place: still the same storage
+                hidden = model[1](model[0](x)) * cached      # autograd saves x and the cached tensor
+                loss = model[2](hidden).pow(2).mean()
+            with probe.phase("backward"):
+                loss.backward()
+            with probe.phase("optimizer"):
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            probe.step(loss)
+    live = probe.tracker.live
+    record = lambda t: live.get(t.untyped_storage().data_ptr())
+    assert all(record(t) is None for t in [*batches, cached])   # never tracked, never counted
+    # The optimizer's state is counted, as what it is and from before the first step: not as new.
+    assert all(record(t).category == "optimizer_state" and record(t).phase is None for t in state)
+    report = probe.report()
+    assert report["categories"]["optimizer_state"] == sum(t.untyped_storage().nbytes() for t in state)
+    ends = report["leak"]["step_end_bytes"]
+    assert len(ends) == 4 and len(set(ends)) == 1 and not report["leak"]["detected"]
+    assert report["warnings"] == []
+
+
+def test_the_probe_infers_the_stack_and_prints_its_baseline_command():
+    report = probed_report({"ckpt": "non-reentrant"}, "clean", False)
+    config = report["config"]
+    assert config["probe"] and config["model_class"] == "OPTForCausalLM"
+    assert (config["bs"], config["seq"], config.get("autocast")) == (2, 32, None)
+    assert (config["adapters"], config["r"], config["alpha"], config["experts"]) == ("peft_lora", 4, 8, 1)
+    assert config["targets"] == ["q_proj", "v_proj"]
+    assert config["checkpointing_enabled"] and config["checkpointing"]
+    assert config["param_bytes_by_dtype"].keys() == {"float32"}
+    command = ("python ref_train.py --bs 2 --seq 32 --r 4 --alpha 8 --experts 1 --dropout 0 "
+               "--targets q_proj,v_proj --no-inject-items --precision 32 --ckpt manual")
+    assert config["baseline_command"] == command
+    assert f"the reference for this stack: {command}" in memcheck.format_report(report)
+    assert not probed_report({}, "clean", False)["config"]["checkpointing"]
+    assert ref_train.parse_args(command.split()[2:] + ["--device", "cpu"])  # a command that runs
+
+
+def test_the_probe_sees_the_gated_lora_of_the_reference(tiny_model):
+    args = ref_train.parse_args(["--model", tiny_model, "--device", "cpu", "--bs", "2", "--seq", "48"])
+    model, items, batches, _ = ref_train.build(args)
+    optimizer = torch.optim.AdamW([p for m in (model, items) for p in m.parameters() if p.requires_grad])
+    modules = nn.ModuleDict({"lm": model, "ilora": items})
+    with memcheck.Probe(modules, optimizer) as probe:
+        for _ in range(2):
+            ref_train.train_step(ref_train.ILoraModel(model, items, args), optimizer,
+                                 torch.amp.GradScaler("cpu", enabled=False), next(batches), args, probe, [])
+            probe.step()
+    report = probe.report()
+    config = report["config"]
+    assert (config["adapters"], config["r"], config["alpha"], config["experts"]) == ("gated_lora", 8, 32, 4)
+    assert (config["bs"], config["seq"], config["checkpointing"]) == (2, 48, True)
+    assert report["warnings"] == []
+    # Named from the language model down, as a PEFT stack's modules are: the rows of a diff align.
+    assert any(m["module"].startswith("model.decoder.layers.") for m in report["modules"])
+
+
+# ---------------------------------------------------------------- warnings
+
+# (kind, the careless loop, its clean twin, what the message must name): each loop is
+# (peft_opt's flags, user_loop's pattern, eval mode)
+WARNINGS = [
+    ("leak", ({}, "outputs_in_a_list", False), ({}, "clean", False), "[] float32 4 B from nll_loss_forward"),
+    ("graph_kept", ({}, "retain_graph", False), ({}, "clean", False), "retain_graph=True"),
+    ("output_kept", ({}, "output_kept", False), ({}, "clean", False), "from lm_head, were alive"),
+    ("grad_in_eval", ({}, "eval_without_no_grad", False), ({}, "eval_under_no_grad", False),
+     "during 'forward'"),
+    ("no_grad", ({"ckpt": "reentrant", "input_grads": False}, "clean", False),
+     ({"ckpt": "reentrant"}, "clean", False), "8 of 10 trainable parameters"),
+    ("checkpointing_inactive", ({"ckpt": "non-reentrant"}, "clean", True),
+     ({"ckpt": "non-reentrant"}, "clean", False), "e.g. model.decoder.layers."),
+]
+
+
+def probed_report(flags, pattern, eval_mode):
+    model, optimizer = peft_opt(**flags)
+    if eval_mode:
+        model.eval()
+    with memcheck.Probe(model, optimizer) as probe:
+        user_loop(probe, model, optimizer, token_batches(4), pattern)
+    return probe.report()
+
+
+@pytest.mark.parametrize("kind, careless, clean, named", WARNINGS, ids=[w[0] for w in WARNINGS])
+def test_each_warning_names_its_careless_loop_and_its_clean_twin_stays_silent(kind, careless, clean,
+                                                                             named):
+    report = probed_report(*careless)
+    assert [w["kind"] for w in report["warnings"]] == [kind], report["warnings"]
+    warning = report["warnings"][0]
+    assert named in warning["message"], warning["message"]
+    assert f"WARNING {kind}: {warning['message']}" in memcheck.format_report(report).splitlines()
+    assert probed_report(*clean)["warnings"] == []
+
+
+def test_the_no_grad_warning_counts_the_parameters_that_got_none():
+    warning = probed_report({"ckpt": "reentrant", "input_grads": False}, "clean", False)["warnings"][0]
+    # Reentrant checkpointing of frozen inputs: no LoRA weight inside the 2 layers gets a gradient,
+    # the final layer norm after them does.
+    assert (warning["count"], warning["of"]) == (8, 10)
+    assert "lora_A" in warning["message"] and "8 of 10" in warning["message"]
+
+
+class KeepsOnCtx(torch.autograd.Function):
+    """A custom kernel that keeps what its backward needs as a ctx attribute, not saved: alive as
+    long as its graph node is, which the loop's `loss` holds past backward."""
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.wide = x.repeat(1, 1, 8)
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * ctx.wide[..., :grad.shape[-1]].sign().abs()
+
+
+def test_evaluation_outputs_kept_in_a_list_are_not_taken_for_a_training_output():
+    # (an evaluation's logits, kept under no_grad outside training's phases: the leak's business,
+    # not output_kept's; the training steps after it keep only their loss)
+    model, optimizer = peft_opt()
+    kept = []
+    with memcheck.Probe(model, optimizer) as probe:
+        with probe.phase("eval"), torch.no_grad():
+            kept.append(model(input_ids=token_batches(1, bs=8)[0]).logits)
+        probe.step()
+        user_loop(probe, model, optimizer, token_batches(3))
+    assert [w["kind"] for w in probe.report()["warnings"]] == []
+
+
+def test_what_a_custom_kernel_keeps_on_ctx_is_not_taken_for_the_models_output():
+    model, optimizer = peft_opt()
+    norm = model.get_base_model().model.decoder.final_layer_norm
+    norm.register_forward_hook(lambda module, args, out: KeepsOnCtx.apply(out))
+    with memcheck.Probe(model, optimizer) as probe:
+        user_loop(probe, model, optimizer, token_batches(4))
+    report = probe.report()
+    assert report["warnings"] == []
+    # (what it keeps would be worth a warning, were it an output held: over 2% of the peak)
+    assert 2 * 32 * 64 * 8 * 4 > memcheck.OUTPUT_KEPT_SHARE * report["peak_bytes"]
+
+
+# ---------------------------------------------------------------- callbacks in Lightning and the HF Trainer
+
+def no_probe_left_behind(model):
+    from torch.utils._python_dispatch import _get_current_dispatch_mode
+    assert _get_current_dispatch_mode() is None
+    assert torch._C._autograd._top_saved_tensors_default_hooks(False) is None
+    assert not any(m._forward_pre_hooks or m._forward_hooks for m in model.modules())
+
+
+def lightning_fit(model, callback, steps=3, return_logits=False):
+    """Lightning's fit() of a LightningModule that holds the model as self.llm (test-only
+    dependency). return_logits: training_step returns the logits beside the loss, which Lightning
+    holds (detached) until the step ends."""
+    pl = pytest.importorskip("lightning.pytorch")
+
+    class Module(pl.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.llm = model
+
+        def training_step(self, batch, batch_idx):
+            output = self.llm(input_ids=batch, labels=batch)
+            return {"loss": output.loss, "logits": output.logits} if return_logits else output.loss
+
+        def configure_optimizers(self):
+            return torch.optim.AdamW([p for p in self.parameters() if p.requires_grad], lr=1e-3)
+
+    trainer = pl.Trainer(max_steps=steps, accelerator="cpu", devices=1, logger=False,
+                         enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False, callbacks=[callback])
+    trainer.fit(Module(), torch.utils.data.DataLoader(token_batches(steps), batch_size=None))
+
+
+def hf_train(model, callback, tmp_path, steps=3):
+    from transformers import Trainer, TrainingArguments
+    args = TrainingArguments(output_dir=str(tmp_path / "hf"), max_steps=steps,
+                             per_device_train_batch_size=2, report_to=[], save_strategy="no",
+                             logging_strategy="no", use_cpu=True, disable_tqdm=True)
+    rows = [row for batch in token_batches(steps) for row in batch]
+    trainer = Trainer(model=model, args=args, callbacks=[callback],
+                      train_dataset=[{"input_ids": r, "labels": r} for r in rows])
+    try:
+        trainer.train()
+    finally:  # the callback leaves the trainer as it found it
+        assert "training_step" not in vars(trainer) and "step" not in vars(trainer.optimizer)
+
+
+STACKS = {"lightning": (memcheck.lightning_callback, lambda model, cb, tmp: lightning_fit(model, cb)),
+          "hf_trainer": (memcheck.hf_callback, hf_train)}
+
+
+@pytest.mark.parametrize("stack", STACKS)
+def test_the_shipped_callback_measures_a_real_trainer(stack, tmp_path):
+    make_callback, fit = STACKS[stack]
+    model, _ = peft_opt()
+    path = tmp_path / "stack.json"
+    fit(model, make_callback(path, log=lambda *a: None), tmp_path)
+    report = memcheck.read_report(path)
+    assert report["status"] == "ok" and report["oom"] is None and len(report["steps"]) == 3
+    assert report["peak_bytes"] > 0 and report["warnings"] == []
+    assert report["config"]["adapters"] == "peft_lora" and report["config"]["bs"] == 2
+    no_probe_left_behind(model)
+
+
+@pytest.mark.parametrize("stack", STACKS)
+def test_an_oom_inside_a_real_trainer_still_writes_the_report(stack, tmp_path):
+    make_callback, fit = STACKS[stack]
+    model, _ = peft_opt()
+    path = tmp_path / "stack.json"
+    with pytest.raises(torch.OutOfMemoryError):
+        fit(model, make_callback(path, max_memory_mib=0.9, log=lambda *a: None), tmp_path)
+    report = memcheck.read_report(path)
+    assert report["status"] == "oom" and report["oom"]["step"] == 1
+    assert report["oom"]["phase"] in ("forward", "forward+backward")
+    assert report["warnings"] == []  # a forward cut short is not an evaluation without no_grad
+    assert "max_memory_mib" in report["oom"]["message"]
+    no_probe_left_behind(model)
+
+
+def test_logits_returned_from_a_lightning_training_step_are_named_and_the_loss_alone_is_not(tmp_path):
+    for return_logits in (True, False):
+        model, _ = peft_opt()
+        path = tmp_path / f"{return_logits}.json"
+        lightning_fit(model, memcheck.lightning_callback(path, log=lambda *a: None),
+                      return_logits=return_logits)
+        warnings = memcheck.read_report(path)["warnings"]
+        assert [w["kind"] for w in warnings] == (["output_kept"] if return_logits else []), warnings
+        if return_logits:
+            assert "from lm_head" in warnings[0]["message"] and warnings[0]["steps"] == 3
+
+
+def test_the_lightning_callback_imports_where_lightning_is_installed_as_pytorch_lightning(monkeypatch):
+    pytest.importorskip("pytorch_lightning")
+    import pytorch_lightning
+    for name in [m for m in sys.modules if m == "lightning" or m.startswith("lightning.")]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setitem(sys.modules, "lightning", None)  # `import lightning` now fails
+    monkeypatch.setitem(sys.modules, "lightning.pytorch", None)
+    assert isinstance(memcheck.lightning_callback("stack.json"), pytorch_lightning.Callback)
+
+
+# ---------------------------------------------------------------- one drop-in file
+
+def test_memcheck_is_one_drop_in_file_beside_a_users_data_package(tmp_path):
+    import shutil
+    import subprocess
+    import sys
+    shutil.copy(os.path.join(os.path.dirname(__file__), "memcheck.py"), tmp_path)
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "__init__.py").write_text("USERS_OWN = True\n")
+    script = "\n".join([
+        "import sys, torch, data, memcheck",
+        "assert data.USERS_OWN",
+        "model = torch.nn.Linear(8, 8); optimizer = torch.optim.SGD(model.parameters(), lr=0.1)",
+        "with memcheck.Probe(model, optimizer, path='stack.json', log=print) as probe:",
+        "    for _ in range(3):",
+        "        with probe.phase('forward'): loss = model(torch.randn(4, 8)).square().sum()",
+        "        with probe.phase('backward'): loss.backward()",
+        "        with probe.phase('optimizer'): optimizer.step(); optimizer.zero_grad()",
+        "        probe.step(loss)",
+        "print(sorted(set(sys.modules) & {'ref_train', 'ilora', 'drive'}))"])
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    done = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True,
+                          text=True, timeout=HANG_SECONDS)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines()[-1] == "[]"
+    assert done.stdout.startswith("memcheck: peak ") and "report written to stack.json" in done.stdout
+    report = memcheck.read_report(tmp_path / "stack.json")
+    assert len(report["steps"]) == 3 and report["warnings"] == []
+
+
+def test_imports_run_one_way_and_none_hides_inside_a_function():
+    import ast
+    project = {"ref_train", "ilora", "data", "memcheck", "budget", "drive"}
+    allowed = {"memcheck": {"budget"}, "budget": {"memcheck"}, "ilora": set(), "data": {"ilora"},
+               "ref_train": {"budget", "data", "ilora", "memcheck"},
+               "drive": {"budget", "data", "ref_train", "memcheck"}}
+    for name, may_import in allowed.items():
+        tree = ast.parse(open(os.path.join(os.path.dirname(__file__), f"{name}.py")).read())
+        top = set(tree.body)
+        for node in ast.walk(tree):
+            if isinstance(node, (ast.Import, ast.ImportFrom)):
+                modules = ({a.name for a in node.names} if isinstance(node, ast.Import)
+                           else {node.module})
+                mine = modules & project
+                assert mine <= may_import, (name, mine)
+                # (but memcheck.py imports budget.py inside a function: budget.py imports memcheck)
+                late, where = name == "memcheck", "at the top" if node in top else "inside a function"
+                assert not mine or (node in top) != late, f"{name}.py imports {mine} {where}"
+
+
+# ---------------------------------------------------------------- the verdict
+
+def test_verdict_names_the_category_in_excess():
+    report = {"peak_bytes": 10 * memcheck.MiB, "peak_phase": "forward", "oom": None,
+              "categories": dict(dict.fromkeys(memcheck.CATEGORIES, 0), activations=9 * memcheck.MiB,
+                                 frozen_params=memcheck.MiB),
+              "budget": {"peak_bytes": 2 * memcheck.MiB,
+                         "categories": dict(dict.fromkeys(memcheck.CATEGORIES, 0),
+                                            activations=memcheck.MiB, frozen_params=memcheck.MiB)}}
+    assert memcheck.verdict(report) == ("measured peak 5.0x the budget: the excess is in activations "
+                                        "(+8.0 MiB) during forward")
+
+
+@pytest.mark.parametrize("ratio, expected", [(1.0, True), (1.09, True), (0.91, True), (1.12, False),
+                                             (1.3, False), (0.85, False)])
+def test_the_verdict_says_as_expected_only_within_the_readmes_ten_percent(ratio, expected):
+    # Mistake: the verdict's tolerance widened (to 50%). The README's target is 10%.
+    cats = dict.fromkeys(memcheck.CATEGORIES, 0)
+    report = {"peak_bytes": int(ratio * 100 * MiB), "peak_phase": "backward", "oom": None,
+              "categories": dict(cats, activations=int(ratio * 100 * MiB)),
+              "budget": {"peak_bytes": 100 * MiB, "categories": dict(cats, activations=100 * MiB)}}
+    assert memcheck.verdict(report).endswith("as expected") == expected, memcheck.verdict(report)
+
+
+def test_without_budget_py_beside_it_the_report_says_in_one_line_how_to_get_a_verdict(monkeypatch):
+    model, optimizer = gated_opt()
+    with_budget = probed(model, optimizer)
+    assert with_budget["budget"]["peak_bytes"] > 0 and "no_budget" not in with_budget
+    monkeypatch.setitem(sys.modules, "budget", None)   # `import budget` now fails
+    model, optimizer = gated_opt()
+    report = probed(model, optimizer)
+    assert report["budget"] is None and report["no_budget"] == memcheck.NO_BUDGET
+    assert report["config"]["baseline_command"] == with_budget["config"]["baseline_command"]
+    said = [line for line in memcheck.format_report(report).splitlines() if "budget.py" in line]
+    assert said == [f"peak {memcheck.mib(report['peak_bytes'])} MiB in {report['peak_phase']}; "
+                    f"{memcheck.NO_BUDGET}"]
+    assert memcheck.NO_BUDGET in memcheck.markdown_report(report).splitlines()[0]
+
 
 # ---------------------------------------------------------------- writing a report
 
@@ -41,6 +658,260 @@ def test_a_write_that_fails_part_way_leaves_no_temporary_file(tmp_path, monkeypa
     memcheck.write_report(path, OLD_REPORT)
     write_failing_part_way(path, monkeypatch)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["report.json"]
+
+
+def test_reports_are_written_with_the_usual_permissions(tmp_path):
+    umask = os.umask(0o022)
+    try:
+        path = tmp_path / "r.json"
+        memcheck.write_report(path, {"schema": memcheck.SCHEMA})
+        assert path.stat().st_mode & 0o777 == 0o644
+        memcheck.write_report(path, {"schema": memcheck.SCHEMA})   # replacing one keeps them
+        assert path.stat().st_mode & 0o777 == 0o644
+    finally:
+        os.umask(umask)
+
+
+def test_probe_report_has_the_schema_and_diff_reads_it(tmp_path):
+    probe = probe_loop()
+    path = tmp_path / "stack.json"
+    probe.save(path)
+    saved = memcheck.read_report(path)
+    assert saved == json.loads(json.dumps(probe.report()))
+    assert saved["schema"] == "memcheck/1" and len(saved["steps"]) == 3
+    assert saved["peak_bytes"] > 0 and set(saved["phases"]) == {"forward", "backward", "optimizer"}
+    assert saved["warnings"] == [] and saved["status"] == "ok"
+    assert "forward peak" in memcheck.format_diff(saved, saved)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_peak_comes_from_the_allocator_and_the_snapshot_is_written(tiny_model, tmp_path):
+    snapshot = tmp_path / "snapshot.pickle"
+    args = ref_train.parse_args(["--model", tiny_model, "--device", "cuda", "--steps", "2",
+                                 "--snapshot", str(snapshot)])
+    report = ref_train.train(args, log=lambda *a: None)
+    assert snapshot.stat().st_size > 0
+    backward = report["phases"]["backward"]
+    # The allocator rounds each block up to 512 bytes: its figure is at least the tracker's.
+    assert backward["peak_bytes"] >= backward["tracked_peak_bytes"] > 0
+    assert backward["reserved_bytes"] >= backward["peak_bytes"]
+    # What the allocator holds beyond the tensors is cuBLAS's workspaces, and the budget has them.
+    workspaces = report["budget"]["terms"]["cuda_workspaces"]
+    assert workspaces > 0
+    assert backward["untracked_bytes"] == pytest.approx(workspaces, rel=0.05)
+
+
+# ---------------------------------------------------------------- diff
+
+def test_diff_of_a_report_with_itself_shows_no_excess(train_tiny, tmp_path):
+    report = json.loads(json.dumps(train_tiny("--steps", 2)))
+    rows = memcheck.diff(report, report)
+    assert rows and all(a == b for _, a, b in rows)
+    assert memcheck.config_differences(report, report) == {}
+    assert "same configuration" in memcheck.format_diff(report, report)
+
+
+def test_diff_lists_configuration_differences_first_and_the_largest_excess_first(train_tiny):
+    small = train_tiny("--steps", 2, "--seq", 64)
+    large = train_tiny("--steps", 2, "--seq", 192, "--impl", "einsum")
+    text = memcheck.format_diff(small, large)
+    assert text.splitlines()[0].startswith("different configurations: ")
+    assert "seq: 64 -> 192" in text
+    excess = [abs(b - a) for what, a, b in memcheck.diff(small, large) if what.startswith("module ")]
+    assert excess == sorted(excess, reverse=True)
+
+
+def test_diff_orders_module_rows_of_equal_change_by_name(train_tiny):
+    # The table shows the first module rows only: among equal changes, the order must not follow a
+    # set's iteration order, which changes with the hash seed from one run of memcheck.py to the next.
+    a = json.loads(json.dumps(train_tiny("--steps", 2)))
+    b = copy.deepcopy(a)
+    b["modules"] = b["modules"] + [{"module": f"model.decoder.layers.0.extra_{c}", "bytes": MiB,
+                                    "ops": {"mul": MiB}} for c in "fedcba"]
+    rows = [what for what, *_ in memcheck.diff(a, b) if "extra_" in what]
+    assert len(rows) == 6 and rows == sorted(rows)
+
+
+def test_diff_markdown_is_a_valid_table(train_tiny):
+    report = train_tiny("--steps", 2)
+    assert_markdown_tables(memcheck.format_diff(report, report, markdown=True))
+
+
+def gated_opt():
+    """The tiny OPT of peft_opt() with the hand-written LoRA instead (one expert), no wrapper."""
+    from transformers import OPTConfig, OPTForCausalLM
+    torch.manual_seed(0)
+    model = OPTForCausalLM(OPTConfig(vocab_size=500, **TINY_OPT))
+    ilora.add_gated_lora(model, ("q_proj", "v_proj"), r=4, alpha=8, n_experts=1)
+    model.get_decoder().final_layer_norm.requires_grad_(True)
+    model.train()
+    return model, torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+
+
+def probed(model, optimizer, pattern="clean"):
+    batches = token_batches(3)
+    with memcheck.Probe(model, optimizer) as probe:
+        user_loop(probe, model, optimizer, batches, pattern)
+    return json.loads(json.dumps(probe.report()))
+
+
+def test_a_peft_wrapped_and_an_unwrapped_model_training_the_same_thing_diff_to_the_same():
+    plain, wrapped = probed(*gated_opt()), probed(*peft_opt())
+    rows = memcheck.diff(plain, wrapped)
+    modules = [(what, a, b) for what, a, b in rows if what.startswith(("module ", "op "))]
+    assert len(modules) >= 8 and any("lora_A" in what for what, _, _ in modules)
+    assert all(abs(b - a) <= 0.01 * max(a, b) for _, a, b in modules), modules
+    assert "module model.decoder.layers.*.self_attn (x2)" in [what for what, _, _ in modules]
+    assert memcheck.format_diff(plain, wrapped).splitlines()[-1].startswith(
+        "the two trainings cost the same (within 1%)")
+
+
+def test_diff_puts_b_in_b_column_and_concludes_where_the_excess_is(train_tiny):
+    short = json.loads(json.dumps(train_tiny("--steps", 2, "--seq", 64, "--ckpt", "none")))
+    long = json.loads(json.dumps(train_tiny("--steps", 2, "--seq", 192, "--ckpt", "none")))
+    peak = memcheck.diff(short, long)[0]
+    assert peak == ("peak", short["peak_bytes"], long["peak_bytes"]) and peak[2] > peak[1]
+    table = memcheck.format_diff(short, long, "short.json", "long.json").splitlines()
+    peak_line = next(line.split() for line in table if line.startswith("peak "))
+    assert peak_line[1:4] == [memcheck.mib(peak[1]), memcheck.mib(peak[2]),
+                              f"{(peak[2] - peak[1]) / memcheck.MiB:+.1f}"]
+    ending = table[-1]
+    assert ending.startswith(f"B's peak is {peak[2] / peak[1]:.2f}x A's (+")
+    assert "the excess is in activations" in ending and ", mostly " in ending
+    assert "the saving is in" in memcheck.format_diff(long, short).splitlines()[-1]
+
+
+@pytest.mark.parametrize("status", ["oom", "error", "interrupted"])
+def test_diff_says_first_when_a_side_did_not_finish(train_tiny, status):
+    report = json.loads(json.dumps(train_tiny("--steps", 2)))
+    failed = dict(report, status=status, error="it stopped")
+    first = memcheck.format_diff(report, failed).splitlines()[0]
+    assert first.startswith("WARNING: B ") and "it stopped" in first
+    assert not memcheck.format_diff(report, report).startswith("WARNING")
+
+
+# ---------------------------------------------------------------- diff on the command line
+
+def test_diff_on_the_command_line_puts_the_longer_run_in_b_with_a_positive_b_minus_a(train_tiny,
+                                                                                       tmp_path, capsys):
+    # Mistake: diff swapping A and B (in diff(), in its table, or in reading the two files).
+    short, long = tmp_path / "short.json", tmp_path / "long.json"
+    memcheck.write_report(short, train_tiny("--steps", 2, "--seq", 64, "--ckpt", "none"))
+    memcheck.write_report(long, train_tiny("--steps", 2, "--seq", 192, "--ckpt", "none"))
+    a, b = memcheck.read_report(short), memcheck.read_report(long)
+    assert b["peak_bytes"] > a["peak_bytes"]   # the oracle: more tokens, more memory
+
+    out = json.loads(run_main(memcheck.main, capsys, "diff", short, long, "--json").stdout)
+    rows = {r["row"]: (r["a_bytes"], r["b_bytes"]) for r in out["rows"]}
+    assert rows["peak"] == (a["peak_bytes"], b["peak_bytes"])
+    assert out["config_differences"]["seq"] == [64, 192]
+    assert out["conclusion"].startswith(f"B's peak is {b['peak_bytes'] / a['peak_bytes']:.2f}x A's (+")
+
+    text = run_main(memcheck.main, capsys, "diff", short, long).stdout.splitlines()
+    header = next(line for line in text if "short.json MiB" in line)
+    assert header.index("short.json MiB") < header.index("long.json MiB")
+    peak = next(line.split() for line in text if line.startswith("peak "))
+    assert peak[1:5] == [memcheck.mib(a["peak_bytes"]), memcheck.mib(b["peak_bytes"]),
+                         f"{(b['peak_bytes'] - a['peak_bytes']) / MiB:+.1f}",
+                         f"{b['peak_bytes'] / a['peak_bytes']:.2f}x"]
+    assert float(peak[3]) > 0
+
+
+def test_diff_json_and_the_max_ratio_gate(train_tiny, tmp_path, capsys):
+    short, long = tmp_path / "short.json", tmp_path / "long.json"
+    memcheck.write_report(short, train_tiny("--steps", 2, "--seq", 64))
+    memcheck.write_report(long, train_tiny("--steps", 2, "--seq", 192))
+    probe = tmp_path / "probe.json"
+    memcheck.write_report(probe, probed(*peft_opt()))
+    done = run_main(memcheck.main, capsys, "diff", short, probe, "--json")
+    assert done.returncode == 0, done.stderr
+    out = json.loads(done.stdout)
+    assert out["schema"] == "memcheck-diff/1"
+    rows = {r["row"]: (r["a_bytes"], r["b_bytes"]) for r in out["rows"]}
+    assert rows["load peak"][0] > 0 and rows["load peak"][1] is None   # not measured, never 0
+    assert [r["row"] for r in out["rows"]][0] == "peak" and "leak per step (bytes)" in rows
+    assert out["config_differences"]["seq"] == [64, 32] and "lr" not in out["config_differences"]
+    assert out["warnings"] == {"a": [], "b": []} and out["conclusion"].startswith("B's peak is")
+    text = run_main(memcheck.main, capsys, "diff", short, probe).stdout
+    assert "B was measured by memcheck's probe" in text and "load peak" in text and "not measured" in text
+    ratio = memcheck.read_report(long)["peak_bytes"] / memcheck.read_report(short)["peak_bytes"]
+    gate = run_main(memcheck.main, capsys, "diff", short, long, "--max-ratio",
+                    f"{ratio * 0.99:.4f}")
+    assert gate.returncode == 1 and "over --max-ratio" in gate.stderr
+    assert run_main(memcheck.main, capsys, "diff", short, long, "--max-ratio",
+                    f"{ratio * 1.01:.4f}").returncode == 0
+    stopped = tmp_path / "stopped.json"   # an OOM stops early, at a smaller peak: never a pass
+    memcheck.write_report(stopped, dict(memcheck.read_report(short), status="oom"))
+    gate = run_main(memcheck.main, capsys, "diff", long, stopped, "--max-ratio", "100")
+    assert gate.returncode == 1 and "B oom" in gate.stderr
+
+
+@pytest.mark.parametrize("content, message", [
+    ("not json at all", "not JSON"),
+    ('{"peak_bytes": 1}', "not a memcheck report"),
+    ('{"schema": "memcheck/0", "peak_bytes": 1}', "schema 'memcheck/0'"),
+    (b"\x80\x04\x95\x00pickle", "not JSON"),
+    ("WRONG_PEAK", "field 'peak_bytes' is str"),
+])
+def test_diff_rejects_files_that_are_not_reports_of_this_schema(tmp_path, content, message, capsys):
+    good = tmp_path / "good.json"
+    probe_loop(steps=1).save(good)
+    bad = tmp_path / "bad.json"
+    if content == "WRONG_PEAK":   # a report whose peak is a string
+        content = json.dumps(dict(memcheck.read_report(good), peak_bytes="645 MiB"))
+    bad.write_bytes(content if isinstance(content, bytes) else content.encode())
+    done = run_main(memcheck.main, capsys, "diff", good, bad)
+    assert done.returncode == 2
+    lines = [line for line in done.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and message in lines[0] and "bad.json" in lines[0]
+    assert "Traceback" not in done.stderr
+
+
+def test_diff_of_a_closed_pipe_ends_quietly(tmp_path):
+    import subprocess
+    import sys
+    path = tmp_path / "r.json"
+    probe_loop(steps=2).save(path)
+    done = subprocess.Popen([sys.executable, "memcheck.py", "diff", path, path], cwd=os.path.dirname(__file__),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    done.stdout.close()   # the reader is gone before the first line, as with `| head -0`
+    errors = done.stderr.read()
+    assert done.wait(timeout=HANG_SECONDS) == 0 and errors == ""
+
+
+def test_diff_runs_where_torch_cannot_be_imported_and_help_imports_no_torch(tmp_path):
+    import re
+    import subprocess
+    import sys
+    a, b = tmp_path / "a.json", tmp_path / "b.json"
+    probe_loop(steps=2).save(a)
+    probe_loop(steps=3, width=64).save(b)
+    expected = memcheck.format_diff(memcheck.read_report(a), memcheck.read_report(b), "a.json", "b.json")
+    no_torch = "import runpy, sys; sys.modules['torch'] = None; "   # `import torch` now fails
+    scripts = {"as a script": no_torch + "sys.argv[0] = 'memcheck.py'; runpy.run_path('memcheck.py', "
+                                          "run_name='__main__')",
+               "imported": no_torch + "import memcheck; sys.exit(memcheck.main(sys.argv[1:]))"}
+    here = os.path.dirname(__file__)
+    for how, script in scripts.items():
+        done = subprocess.run([sys.executable, "-c", script, "diff", str(a), str(b)], cwd=here,
+                              capture_output=True, text=True, timeout=HANG_SECONDS)
+        assert done.returncode == 0 and done.stdout == expected + "\n", (how, done.stderr)
+    for flags in (["--help"], ["diff", "--help"]):
+        done = subprocess.run([sys.executable, "-X", "importtime", "memcheck.py", *flags], cwd=here,
+                              capture_output=True, text=True, timeout=HANG_SECONDS)
+        assert done.returncode == 0 and "memcheck" in done.stdout
+        assert not re.search(r"\|\s+torch$", done.stderr, re.M), f"memcheck.py {flags} imported torch"
+
+
+HELPS = {"memcheck-diff": (["diff", "--help"], ["memcheck.py diff", "--markdown", "--json"])}
+
+
+@pytest.mark.parametrize("case", HELPS)
+def test_every_command_has_its_own_help(case, capsys):
+    done = run_main(memcheck.main, capsys, *HELPS[case][0])
+    assert done.returncode == 0 and done.stderr == "", done.stderr
+    for flag in HELPS[case][1]:
+        assert flag in done.stdout, flag
 
 
 # ---------------------------------------------------------------- diff against a run that stopped loading
@@ -99,39 +970,3 @@ def test_diff_against_a_run_stopped_while_loading_marks_every_figure_it_never_me
     wrong = {row: cells for row, cells in rows.items()
              if row != "load peak" and cells[0] != NOT_MEASURED[output]}
     assert not wrong
-
-
-# ---------------------------------------------------------------- adoption
-
-def test_storages_made_before_the_probe_started_are_never_counted_as_new():
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(16, 32), nn.Tanh(), nn.Linear(32, 1))
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
-    batches = [torch.randn(8, 16) for _ in range(4)]     # preloaded, each step a new one
-    cached = torch.randn(8, 32)                          # one tensor reused by every step
-    model(batches[0]).sum().backward()                   # the optimizer's state exists before attach
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    state = [v for s in optimizer.state.values() for v in s.values() if isinstance(v, torch.Tensor)]
-    with memcheck.Probe(model, optimizer) as probe:
-        for x in batches:
-            with probe.phase("forward"):
-                cached.mul_(1.0)                             # in place: still the same storage
-                hidden = model[1](model[0](x)) * cached      # autograd saves x and the cached tensor
-                loss = model[2](hidden).pow(2).mean()
-            with probe.phase("backward"):
-                loss.backward()
-            with probe.phase("optimizer"):
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-            probe.step(loss)
-    live = probe.tracker.live
-    record = lambda t: live.get(t.untyped_storage().data_ptr())
-    assert all(record(t) is None for t in [*batches, cached])   # never tracked, never counted
-    # The optimizer's state is counted, as what it is and from before the first step: not as new.
-    assert all(record(t).category == "optimizer_state" and record(t).phase is None for t in state)
-    report = probe.report()
-    assert report["categories"]["optimizer_state"] == sum(t.untyped_storage().nbytes() for t in state)
-    ends = report["leak"]["step_end_bytes"]
-    assert len(ends) == 4 and len(set(ends)) == 1 and not report["leak"]["detected"]
-    assert report["warnings"] == []
