@@ -9,9 +9,10 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
+import drive
 import memcheck
 import ref_train
-from conftest import drive_cli, run_ref_train
+from conftest import run_main
 
 WORLD = 2
 RUN = ["--device", "cpu", "--seq", "64", "--steps", "3"]
@@ -144,8 +145,8 @@ def test_rank_0_prints_one_table_of_ranks_and_writes_every_rank_report(fsdp):
     assert all(r["budget"] and len(r["steps"]) == 3 for r in report["ranks"])
 
 
-def test_strategy_without_torchrun_is_refused_in_one_line():
-    result = run_ref_train("--strategy", "ddp", "--bs", "1")
+def test_strategy_without_torchrun_is_refused_in_one_line(capsys):
+    result = run_main(ref_train.main, capsys, "--strategy", "ddp", "--bs", "1")
     assert result.returncode == 2
     assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
     assert "torchrun --nproc_per_node N ref_train.py --strategy ddp --bs 1" in result.stderr
@@ -166,12 +167,12 @@ def _predicted_peak_mib(output):
 @pytest.mark.parametrize("strategy, flags", [("ddp", ["--precision", "bf16-mixed", "--ckpt", "none"]),
                                              ("fsdp", [])])
 def test_four_ranks_peak_within_3_percent_of_drive_budget_made_without_processes(
-        dropout_free_model, tmp_path, strategy, flags):
+        dropout_free_model, tmp_path, strategy, flags, capsys):
     run = ["--device", "cpu", "--seq", "64", "--steps", "2"]
     report = run_ranks(dropout_free_model, strategy, tmp_path, *flags, world=4, run=run)[0]
     assert_every_rank_within_its_budget(report, 4)
-    result = drive_cli("budget", "--model", dropout_free_model, *run, "--bs", "1", *flags,
-                       "--strategy", strategy, "--world-size", "4")
+    result = run_main(drive.main, capsys, "budget", "--model", dropout_free_model, *run, "--bs", "1",
+                      *flags, "--strategy", strategy, "--world-size", "4")
     assert result.returncode == 0, result.stderr
     # the budget made in one process is rank 0's, the heaviest rank's (the longest shards)
     predicted = _predicted_peak_mib(result.stdout)
@@ -180,7 +181,7 @@ def test_four_ranks_peak_within_3_percent_of_drive_budget_made_without_processes
         assert predicted * 2**20 == pytest.approx(r["peak_bytes"], rel=0.03), r["rank"]
 
 
-def test_world_size_without_a_strategy_is_refused_in_one_line():
-    result = drive_cli("budget", "--world-size", "4")
+def test_world_size_without_a_strategy_is_refused_in_one_line(capsys):
+    result = run_main(drive.main, capsys, "budget", "--world-size", "4")
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert "--world-size 4 with --strategy none" in result.stderr
