@@ -9,6 +9,8 @@ import json
 import os
 import re
 import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -17,7 +19,7 @@ import drive
 import flags
 import memcheck
 import ref_train
-from conftest import HANG_SECONDS, assert_markdown_tables, one_error_line, run_main
+from conftest import HANG_SECONDS, ROOT, assert_markdown_tables, one_error_line, run_main
 from memcheck import MiB
 
 README = os.path.join(os.path.dirname(os.path.abspath(__file__)), "README.md")
@@ -473,3 +475,37 @@ def test_gpu_script_on_a_machine_without_cuda_says_so_in_one_line_and_exits_0():
     lines = done.stdout.splitlines()
     assert len(lines) == 1 and "no CUDA device" in lines[0], done.stdout
     assert done.stderr == ""
+
+
+# ---------------------------------------------------------------- the command line's help
+
+HEAVY = ("torch", "transformers", "ref_train", "memcheck", "data", "ilora")
+# Runs drive.main with argv, then prints which heavy modules were imported by then.
+IMPORTED_AFTER_MAIN = f"""
+import sys
+import drive
+try:
+    drive.main(sys.argv[1:])
+except SystemExit:
+    pass
+print([m for m in {HEAVY!r} if m in sys.modules])
+"""
+
+
+@pytest.mark.parametrize("argv", [["--help"], *[[c, "--help"] for c in
+                                                  ("budget", "ablate", "sweep", "bench", "families", "figures")]],
+                         ids=" ".join)
+def test_help_imports_nothing_heavy(argv):
+    done = subprocess.run([sys.executable, "-c", IMPORTED_AFTER_MAIN, *argv], cwd=ROOT,
+                          capture_output=True, text=True, timeout=HANG_SECONDS)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines()[-1] == "[]", done.stdout
+
+
+def test_figures_help_offers_only_its_own_flags_and_refuses_others_in_one_line(capsys):
+    help_text = run_main(drive.main, capsys, "figures", "--help").stdout
+    assert "--all" in help_text and "--only" in help_text
+    assert "ref_train.py's" not in help_text and "--bs" not in help_text
+    done = run_main(drive.main, capsys, "figures", "--bs", "2")
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert done.stderr.strip().splitlines() == ["drive.py figures: error: unrecognized arguments: --bs 2"]

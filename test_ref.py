@@ -686,6 +686,29 @@ def test_a_bad_flag_exits_2_with_one_line_as_a_shell_sees_it(flags, named):
     assert line.startswith("ref_train.py: error: ") and named in line, line
 
 
+# `python ref_train.py ARGS`, then which modules were imported when it stopped.
+IMPORTED_BY_THE_SCRIPT = """
+import runpy, sys
+sys.argv = ["ref_train.py", *sys.argv[1:]]
+try:
+    runpy.run_path("ref_train.py", run_name="__main__")
+except SystemExit as e:
+    print("exit", e.code)
+print(sorted(m for m in ("torch", "transformers") if m in sys.modules))
+"""
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["--bs", "0"]], ids=" ".join)
+def test_help_and_a_bad_value_answer_before_torch_is_imported(argv):
+    done = subprocess.run([sys.executable, "-c", IMPORTED_BY_THE_SCRIPT, *argv], cwd=ROOT,
+                          capture_output=True, text=True, timeout=HANG_SECONDS)
+    assert done.stdout.splitlines()[-2:] == [f"exit {0 if argv == ['--help'] else 2}", "[]"], done
+
+
+def test_flags_knows_the_gated_lora_forms_ilora_has():
+    assert flags.IMPLS == ilora.IMPLS   # flags.py keeps its own copy: importing ilora imports torch
+
+
 def test_seq_past_the_models_positions_fails_before_training(values, capsys):
     line = one_error_line(ref_train_main(capsys, values, ["--model", "{tiny}", "--seq", "1000",
                                                           "--report", "{seq_report}"]))
