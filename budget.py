@@ -456,9 +456,6 @@ def trace_layer(model, *, bs, seq, full=False, autocast_dtype=None, device="cpu"
 
 # ---------------------------------------------------------------- the budget per rank
 
-STRATEGIES = ("none", "ddp", "fsdp")
-
-
 def _shard_bytes(params, world, rank):
     """(padded shard, this rank's shard, all-gathered) bytes of parameters FSDP2 shards together.
 
@@ -493,7 +490,7 @@ def _fsdp_terms(groups, trained, world, rank):
 
 
 def rank_terms(model, extra, trained, *, strategy, world_size, rank):
-    """The terms that differ from one process's on one rank of `strategy` (STRATEGIES), in bytes.
+    """The terms that differ from one process's on one rank of `strategy` ("ddp", "fsdp"), in bytes.
 
     DDP keeps the whole model on every rank, and a flat gradient bucket for each group of trainable
     parameters (of one dtype, up to bucket_cap_mb, 25 MiB; the first 1 MiB): together as large as
@@ -637,7 +634,7 @@ def _phases(terms, layer, *, tokens, h, ckpt, loss_chunks):
                      + max(layer_backward, layer["forward"]))
     # the last layer's backward, every layer's saved activations still held (no checkpointing); its
     # output's gradient takes the place of the final norm's input, freed by then
-    last_layer = 0 if ckpt else training + 2 * gathered + saved + layer_backward
+    last_layer = 0 if ckpt else training + 2 * gathered + saved + layer["backward"]
     optimizer_peak = steady + terms["gradients"] + terms["trainable_params"]  # foreach AdamW: one temporary
     return {"forward": forward_peak, "backward": max(backward_start, recompute, last_layer, reduce_scatter),
             "optimizer": optimizer_peak}
