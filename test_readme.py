@@ -69,10 +69,10 @@ def test_the_readme_is_at_most_15_kb():
     assert os.path.getsize(README) <= README_LIMIT_BYTES
 
 
-def test_the_readme_assumes_no_history_and_no_unsupported_launcher():
-    # A newcomer has read nothing before it; torchrun is not supported yet.
+def test_the_readme_assumes_no_history():
+    # A newcomer has read nothing before it.
     text = readme_text().lower()
-    for phrase in ("the seed", "pinned", "earlier session", "previous session", "torchrun", "with a profiler"):
+    for phrase in ("the seed", "pinned", "earlier session", "previous session", "with a profiler"):
         assert phrase not in text, phrase
 
 
