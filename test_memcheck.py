@@ -135,3 +135,56 @@ def test_storages_made_before_the_probe_started_are_never_counted_as_new():
     ends = report["leak"]["step_end_bytes"]
     assert len(ends) == 4 and len(set(ends)) == 1 and not report["leak"]["detected"]
     assert report["warnings"] == []
+
+
+# ---------------------------------------------------------------- verdicts and the diff's cells
+
+def synthetic(ratio, warnings=(), leak_per_step=0.0):
+    """A report whose peak is `ratio` times its 100 MiB budget, the excess in activations."""
+    cats = dict.fromkeys(memcheck.CATEGORIES, 0)
+    peak = int(ratio * 100 * memcheck.MiB)
+    return {"peak_bytes": peak, "peak_phase": "backward", "oom": None, "warnings": list(warnings),
+            "categories": dict(cats, activations=peak), "phases": {}, "config": {}, "env": {},
+            "steps": [{}, {}], "budget": {"peak_bytes": 100 * memcheck.MiB,
+                                          "categories": dict(cats, activations=100 * memcheck.MiB)},
+            "leak": {"detected": False, "bytes_per_step": leak_per_step, "step_end_bytes": [0, 0]}}
+
+
+@pytest.mark.parametrize("ratio, expected", [
+    (1.02, "measured peak 1.02x the budget: as expected"),
+    (1.06, "measured peak 1.06x the budget, within 10%: the excess is in activations (+6.0 MiB) "
+           "during backward"),
+    (1.5, "measured peak 1.5x the budget: the excess is in activations (+50.0 MiB) during backward"),
+    (0.95, "measured peak 0.95x the budget: below it, within 10%")])
+def test_as_expected_means_within_three_percent_and_three_to_ten_names_the_excess(ratio, expected):
+    assert memcheck.verdict(synthetic(ratio)) == expected
+
+
+def test_a_warning_of_three_percent_of_the_peak_is_named_beside_a_peak_on_budget():
+    kept = {"kind": "output_kept", "bytes": 4 * memcheck.MiB, "message": "..."}
+    small = {"kind": "graph_kept", "bytes": memcheck.MiB, "message": "..."}
+    assert memcheck.verdict(synthetic(1.0, [kept, small])) == (
+        "measured peak 1.00x the budget: WARNING output_kept 4.0 MiB")
+
+
+def test_a_negative_leak_prints_as_none():
+    a, b = synthetic(1.0), synthetic(1.0, leak_per_step=-3072.0)
+    row = next(line for line in memcheck.format_diff(a, b).splitlines() if line.startswith("leak per step"))
+    assert row.split()[4:7] == ["0", "none", "+0"], row
+
+
+def test_an_evaluation_forward_before_training_does_not_set_the_batch_shape():
+    from conftest import TINY_OPT
+    from transformers import OPTConfig, OPTForCausalLM
+    model = OPTForCausalLM(OPTConfig(vocab_size=100, **TINY_OPT))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    with memcheck.Probe(model, optimizer) as probe:
+        with probe.phase("eval"):
+            model(input_ids=torch.zeros(8, 64, dtype=torch.long))
+        with probe.phase("forward"):
+            ids = torch.zeros(2, 16, dtype=torch.long)
+            loss = model(input_ids=ids, labels=ids).loss
+        with probe.phase("backward"):
+            loss.backward()
+        probe.step(loss)
+    assert (probe.report()["config"]["bs"], probe.report()["config"]["seq"]) == (2, 16)
