@@ -270,16 +270,23 @@ class Tracker(TorchDispatchMode):
                 entry["ops"][r.op] = entry["ops"].get(r.op, 0) + r.nbytes
         return sorted(by_module.values(), key=lambda m: -m["bytes"])
 
+    def temporaries(self, event, top=5):
+        """The largest temporaries alive at `event`: shape, dtype, the op and module that made them."""
+        alive = [r for r in self.window if r.category == "temporaries" and r.alive_at(event)]
+        return [{"bytes": r.nbytes, "shape": list(r.shape), "dtype": r.dtype, "op": r.op,
+                 "module": r.module} for r in sorted(alive, key=lambda r: -r.nbytes)[:top]]
+
+
 
 # ---------------------------------------------------------------- the probe: what autograd saves
 
 class _Saved:
     """What autograd keeps for a saved tensor: a detached alias, since the tensor's grad_fn would
     make a cycle keeping alive a graph nobody backpropagates (a leak the probe made itself)."""
-    __slots__ = ("tensor", "phase", "__weakref__")
+    __slots__ = ("tensor", "phase", "module", "nbytes", "used", "__weakref__")
 
-    def __init__(self, tensor, phase):
-        self.tensor, self.phase = tensor, phase
+    def __init__(self, tensor, phase, module, nbytes):
+        self.tensor, self.phase, self.module, self.nbytes, self.used = tensor, phase, module, nbytes, False
 
 
 class _Saves:
@@ -303,18 +310,25 @@ class _Saves:
         record = tracker.track(tensor, "saved", adopt=False)
         if record is not None and _RANK[record.category] > _RANK["activations"]:
             record.category = "activations"
-        module = tracker.module_stack[-1] if tracker.module_stack else NO_MODULE
-        saved = _Saved(tensor.detach(), tracker.phase)
-        watch = self.watch
-        watch["saved"].append(weakref.ref(saved))
+        phase = tracker.phase or BETWEEN_PHASES
+        # By module, unless a reentrant recomputation in backward made it: counted once used.
+        module = None
+        if record is not None and torch._C._current_autograd_node() is None:
+            module = tracker.module_stack[-1] if tracker.module_stack else NO_MODULE
+        saved = _Saved(tensor.detach(), phase, module, record.nbytes if record is not None else 0)
+        self.watch["saved"].append(weakref.ref(saved))
         if record is not None:
-            watch["bytes"].setdefault(tracker.phase, {})[id(record)] = record.nbytes
-            if torch._C._current_autograd_node() is None:  # not a reentrant recomputation in backward
-                watch["modules"][module] = watch["modules"].get(module, 0) + record.nbytes
+            self.watch["bytes"].setdefault(phase, {})[id(record)] = record.nbytes
         return saved
 
     def unpack(self, saved):
-        self.watch["unpacked"].add(saved.phase)
+        # What a backward used: the saves that tell whether checkpointing ran (an eval's never do).
+        if not saved.used:
+            saved.used = True
+            self.watch["unpacked"].add(saved.phase)
+            if saved.module is not None:
+                modules = self.watch["modules"]
+                modules[saved.module] = modules.get(saved.module, 0) + saved.nbytes
         return saved.tensor
 
     def model_output(self, module, args, output):
@@ -327,6 +341,7 @@ class _Saves:
             if isinstance(t, torch.Tensor):
                 record = self.tracker.track(t, "output", adopt=False)
                 if record is not None:
+                    record._shape = t.shape   # the tensor's shape, not the op's (a view's storage)
                     self.outputs.append(record)
 
     def forward_ended(self):
@@ -343,7 +358,7 @@ class _Saves:
         """The model's outputs autograd did not save, alive when backward ends: the loop held them."""
         held = [r for r in self.unsaved if r.freed is None]
         held_bytes = sum(r.nbytes for r in held)
-        if held and held_bytes >= OUTPUT_KEPT_SHARE * self.tracker.peak_bytes:
+        if held:
             biggest = max(held, key=lambda r: r.nbytes)
             self._event("output_kept", self.tracker.step, bytes=held_bytes, tensors=len(held),
                         shape=list(biggest.shape), dtype=biggest.dtype, module=biggest.module)
@@ -383,12 +398,19 @@ class _Saves:
         event = self.events.setdefault(kind, dict(details, first_step=step, steps=0))
         event["steps"] += 1
 
-    def warnings(self):
+    def warnings(self, peak_bytes):
+        """Memory held once is named from 1% of the peak or 1 MiB; checkpointing_inactive always."""
         return [dict(e, kind=kind, message=_EVENT_MESSAGES[kind].format(mib=mib(e["bytes"]), **e))
-                for kind, e in self.events.items()]
+                for kind, e in self.events.items() if kind == "checkpointing_inactive"
+                or e["bytes"] >= min(HELD_ONCE_SHARE * peak_bytes, HELD_ONCE_BYTES)]
 
 
-OUTPUT_KEPT_SHARE = 0.02   # of the backward's peak: below it, what a loop holds is not worth a word
+BETWEEN_PHASES = "between phases"
+HELD_ONCE_SHARE, HELD_ONCE_BYTES = 0.01, MiB  # below both, memory held once is not worth a word
+COMPILE_DISABLED = ("torch.compile was off under the probe (dynamo skips every frame while its "
+                    "dispatch mode is active): these figures are the eager model's, not the compiled "
+                    "one's; on CUDA, compare torch.cuda.max_memory_allocated of an unprobed run")
+
 _EVENT_MESSAGES = {
     "output_kept": "the model's output was held through backward: {tensors} of its tensors ({mib} "
                    "MiB) that backward did not need, e.g. {shape} {dtype} from {module}, were alive "
@@ -416,6 +438,7 @@ class _Stack:
         self.model = self.optimizer = None
         self.names, self.seen = {}, {}     # module -> name; bs, seq, autocast: read at the first forward
         self.roles, self.graded, self.hooks = None, set(), []  # roles: (parameters, buffers), once a step
+        self.compiled, self.config_dir = [], None  # torch.compile'd modules; a written config.json's
 
     def attach(self, model, optimizer):
         self.model, self.optimizer = model, optimizer
@@ -430,7 +453,16 @@ class _Stack:
             self.hooks.append(lm.register_forward_hook(self.saves.model_output))
             layers = decoder_layers(lm)
             self.saves.layers = [names[layer] for layer in layers] if layers is not None else []
+        for p in model.parameters():  # judged by what backward gave, whatever zero_grad does later
+            if p.requires_grad:
+                self.hooks.append(p.register_post_accumulate_grad_hook(self._graded))
+        self.compiled = [type(m).__name__ for m in model.modules()
+                         if type(m).__name__ == "OptimizedModule" or getattr(m, "_compiled_call_impl", None)]
         self.tag_roles(adopt=True)  # what exists now is counted from now, and never as new
+
+    def _graded(self, param):
+        self.graded.add(id(param))
+        self.tracker.tag([param.grad], "gradients")
 
     def detach(self):
         while self.hooks:
@@ -440,9 +472,11 @@ class _Stack:
         if self.tracker.module_stack:
             self.tracker.module_stack.pop()
 
-
     def _first_forward(self, module, args):
-        if "bs" not in self.seen and args and isinstance(args[0], torch.Tensor) and args[0].dim() == 2:
+        # The first training forward's shapes: an evaluation's (another batch size) never count.
+        training = self.tracker.phase != "eval" and torch.is_grad_enabled()
+        if training and "bs" not in self.seen and args and isinstance(args[0], torch.Tensor) \
+                and args[0].dim() == 2:
             self.seen["bs"], self.seen["seq"] = args[0].shape
             kind = self.device.type
             self.seen["autocast"] = (str(torch.get_autocast_dtype(kind)).replace("torch.", "")
@@ -472,9 +506,11 @@ class _Stack:
         if self.model is None:
             return {}
         lm = _language_model(self.model)
+        params = _unique_params([self.model])
         config = {"probe": True, "model_class": type(lm or self.model).__name__,
-                  "model": getattr(getattr(lm, "config", None), "_name_or_path", None) or None,
-                  "param_bytes_by_dtype": _bytes_by_dtype(_unique_params([self.model])),
+                  "model": getattr(getattr(lm, "config", None), "_name_or_path", None) or self.config_dir,
+                  "param_count": sum(p.numel() for p in params),
+                  "param_bytes_by_dtype": _bytes_by_dtype(params),
                   "bs": self.seen.get("bs"), "seq": self.seen.get("seq"),
                   "autocast": self.seen.get("autocast"),
                   "checkpointing_enabled": bool(_checkpointed_layers(self.model)),
@@ -482,10 +518,23 @@ class _Stack:
         config["baseline_command"] = baseline_command(config)
         return {k: v for k, v in config.items() if v is not None}  # unknown is absent, not null
 
+    def checkpointing(self):
+        """As measured; before any backward (an OOM in step 1), as the model is configured."""
+        measured = self.saves.checkpointing()
+        return bool(_checkpointed_layers(self.model)) if measured is None else measured
+
+    def save_config(self, report_path):
+        """A model with no path or hub name: its config.json beside the report, for the baseline."""
+        lm = _language_model(self.model) if self.model is not None else None
+        if lm is None or getattr(lm.config, "_name_or_path", None) or self.config_dir:
+            return
+        self.config_dir = os.path.splitext(os.path.abspath(report_path))[0] + "-model"
+        lm.config.save_pretrained(self.config_dir)
+
     def budget(self, cuda_workspace_bytes):
         lm = _language_model(self.model) if self.model is not None else None
-        seen, checkpointing, plan = self.seen, self.saves.checkpointing(), _budget_function()
-        if lm is None or "bs" not in seen or checkpointing is None or plan is None:
+        seen, checkpointing, plan = self.seen, self.checkpointing(), _budget_function()
+        if lm is None or "bs" not in seen or plan is None:
             return None
         try:
             return plan(lm, bs=int(seen["bs"]), seq=int(seen["seq"]), checkpointing=checkpointing,
@@ -494,7 +543,25 @@ class _Stack:
         except (ValueError, AttributeError, KeyError):  # not a decoder the budget can read
             return None
 
-    def no_grad_warnings(self):
+    def stack_warnings(self):
+        """no_grad, model_mismatch and compile_disabled: what is wrong with the stack itself."""
+        found = [{"kind": "compile_disabled", "modules": self.compiled, "message": COMPILE_DISABLED}
+                 if self.compiled else None, self._mismatch()]
+        return [w for w in found if w] + self._no_grad()
+
+    def _mismatch(self):
+        lm = _language_model(self.model) if self.model is not None else None
+        built_as = getattr(getattr(type(lm), "config_class", None), "model_type", None)
+        read_as = getattr(getattr(lm, "config", None), "model_type", None)
+        if not built_as or not read_as or built_as == read_as:
+            return None
+        cls = type(lm).__name__
+        return {"kind": "model_mismatch", "class": cls, "model_type": read_as,
+                "message": f"{cls} was built from a config of model_type {read_as!r} (architectures "
+                           f"{getattr(lm.config, 'architectures', None)}): the weights of another "
+                           "architecture; load the folder with AutoModelForCausalLM"}
+
+    def _no_grad(self):
         if not self.saves.backward_steps or self.model is None:
             return []
         trainable = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
@@ -528,6 +595,7 @@ class Probe:
         # Each phase's statistics, each step's, and the training peak's: the figures the report reads.
         self.phases, self.steps, self.peak = {}, [], {"peak_bytes": 0}
         self._started, self._step_peak = None, 0   # the open step's start time and peak
+        self._phased, self._step_ended = False, time.perf_counter()  # a phase began in this step
         self._saves = _Saves(self.tracker)
         self._stack = _Stack(self.tracker, self.device, self._saves)
         self._survivors = []             # a leak's evidence, from the last step that grew
@@ -541,6 +609,8 @@ class Probe:
         self._open = True
         if self._pending[0] is not None:
             self.attach(*self._pending)
+        self._step_ended = time.perf_counter()
+        self.tracker.start_window()   # a loop without phases: its step is measured from here
         return self
 
     def __exit__(self, exc_type, exc, tb):
@@ -566,6 +636,7 @@ class Probe:
         if self._started is not None and self.status == "ok":
             self._check_step()
         if self.path:
+            self._stack.save_config(self.path)
             report = self.report()
             write_report(self.path, report)
             baseline = report["config"].get("baseline_command")
@@ -595,6 +666,7 @@ class Probe:
         """Open a phase without a with-block (closing the open one); pair with end()."""
         self.end()
         first = self._started is None
+        self._phased = True
         self._saves.outputs = []
         self.tracker.phase, self.tracker.module_stack[:] = name, []
         if first:
@@ -631,7 +703,8 @@ class Probe:
         tracker = self.tracker
         stats = {"peak_bytes": tracker.peak_bytes, "live_bytes": tracker.live_bytes,
                  "step": tracker.step, "categories": tracker.categories(tracker.peak_event),
-                 "modules": tracker.modules(tracker.peak_event)}
+                 "modules": tracker.modules(tracker.peak_event),
+                 "temporaries": tracker.temporaries(tracker.peak_event)}
         if self.cuda:
             torch.cuda.synchronize(self.device)
             stats["tracked_peak_bytes"] = stats["peak_bytes"]
@@ -645,16 +718,21 @@ class Probe:
     def step(self, loss=None):
         """Close a training step: record its loss, time and the live bytes it leaves behind."""
         self.end()
+        if not self._phased and self._open:  # no phase in this step: the whole step is one
+            self.tracker.phase = "step"
+            self._stack.tag_roles()
+            self.end()
         if self.cuda:
             torch.cuda.synchronize(self.device)
         now, live = time.perf_counter(), self.live_bytes()
         self.steps.append({"step": self.tracker.step,
                            "loss": None if loss is None else float(torch.as_tensor(loss).detach()),
-                           "seconds": now - (self._started or now),
+                           "seconds": now - (self._started or self._step_ended),
                            "live_bytes": live, "peak_bytes": self._step_peak or live})
         self._check_step()
-        self._step_peak, self._started = 0, None
+        self._step_peak, self._started, self._phased, self._step_ended = 0, None, False, now
         self.tracker.step += 1
+        self.tracker.start_window()
         return self.steps[-1]
 
     def _check_step(self):
@@ -672,7 +750,7 @@ class Probe:
         self.status = "oom"
         self.error = first_line(error)
         if self.oom is None:
-            self.oom = {"phase": self.tracker.phase or "between phases", "step": self.tracker.step,
+            self.oom = {"phase": self.tracker.phase or BETWEEN_PHASES, "step": self.tracker.step,
                         "message": self.error}
 
     def _on_op_error(self, error):
@@ -695,9 +773,12 @@ class Probe:
     def warnings(self, leak=None):
         """Each pathology seen, as {"kind", "message", ...}; a clean loop has none."""
         leak = leak or find_leak(self.steps, self._survivors)
-        found = [{"kind": "leak", "bytes_per_step": leak["bytes_per_step"],
-                  "message": leak_message(leak)}] if leak["detected"] else []
-        return found + self._stack.no_grad_warnings() + self._saves.warnings()
+        steps = len(leak["step_end_bytes"])
+        found = [{"kind": "leak", "bytes_per_step": leak["bytes_per_step"], "steps": steps,
+                  "bytes": leak["bytes_per_step"] * (steps - 1), "message": leak_message(leak)}
+                 ] if leak["detected"] else []
+        return found + self._stack.stack_warnings() + self._saves.warnings(self.peak["peak_bytes"])
+
 
     def report(self):
         config = self.config or self.inferred_config()
@@ -706,8 +787,8 @@ class Probe:
                   "status": self.status, "error": self.error, "config": config,
                   "env": environment(self.device), "peak_bytes": self.peak["peak_bytes"],
                   "peak_phase": self.peak.get("phase"), "categories": self.peak.get("categories", {}),
-                  "modules": self.peak.get("modules", []),
-                  "phases": {name: {k: v for k, v in stats.items() if k != "modules"}
+                  "modules": self.peak.get("modules", []), "temporaries": self.peak.get("temporaries", []),
+                  "phases": {name: {k: v for k, v in stats.items() if k not in ("modules", "temporaries")}
                              for name, stats in self.phases.items()},
                   "steps": self.steps, "leak": leak, "oom": self.oom, "warnings": self.warnings(leak)}
         if not self.config:
@@ -717,6 +798,7 @@ class Probe:
         return report
 
     def save(self, path=None):
+        self._stack.save_config(path or self.path)
         write_report(path or self.path, self.report())
 
 
@@ -839,7 +921,10 @@ def baseline_command(config):
         if config["experts"] == 1:
             flags.append("--no-inject-items")
     flags.append(f"--precision {precision}")
-    flags.append("--ckpt " + ("manual" if config.get("checkpointing") else "none"))
+    # Measured, or before any backward (an OOM in step 1) as configured.
+    checkpointing = config.get("checkpointing")
+    checkpointing = config.get("checkpointing_enabled") if checkpointing is None else checkpointing
+    flags.append("--ckpt " + ("manual" if checkpointing else "none"))
     return "python ref_train.py " + " ".join(flags)
 
 
@@ -868,6 +953,14 @@ def lightning_callback(path, **probe_kwargs):
         def on_before_optimizer_step(self, trainer, pl_module, optimizer):
             self.probe.begin("optimizer")
 
+        def on_validation_batch_start(self, trainer, pl_module, *args):
+            if self.probe is not None:  # (not the sanity check before training)
+                self.probe.begin("eval")
+
+        def on_validation_batch_end(self, trainer, pl_module, *args):
+            if self.probe is not None:
+                self.probe.end()
+
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
             self.probe.step(outputs.get("loss") if isinstance(outputs, dict) else outputs)
 
@@ -892,19 +985,26 @@ def hf_callback(path, **probe_kwargs):
 
         def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
             self.probe = Probe(model, optimizer, path=path, **probe_kwargs).__enter__()
-            self.wrapped = [(owner, name) for owner, name in ((_calling(Trainer), "training_step"),
-                                                              (optimizer, "step")) if owner is not None]
-            for owner, name in self.wrapped:
-                setattr(owner, name, self._closing_on_error(getattr(owner, name)))
+            trainer = _calling(Trainer)
+            methods = ((trainer, "training_step"), (optimizer, "step"), (trainer, "prediction_step"))
+            self.wrapped = [(owner, name) for owner, name in methods if owner is not None]
+            for owner, name in self.wrapped:  # evaluation (prediction_step) is a phase of its own
+                phase = "eval" if name == "prediction_step" else None
+                setattr(owner, name, self._wrap(getattr(owner, name), phase))
 
-        def _closing_on_error(self, fn):
+        def _wrap(self, fn, phase):
             @functools.wraps(fn)  # keeps the LR scheduler's mark on optimizer.step
             def wrapped(*args, **kwargs):
+                if phase:
+                    self.probe.begin(phase)
                 try:
                     return fn(*args, **kwargs)
                 except BaseException as e:
                     self._close(e)
                     raise
+                finally:
+                    if phase:
+                        self.probe.end()
             return wrapped
 
         def _close(self, error=None):
@@ -918,6 +1018,9 @@ def hf_callback(path, **probe_kwargs):
 
         def on_pre_optimizer_step(self, args, state, control, **kwargs):
             self.probe.begin("optimizer")
+
+        def on_optimizer_step(self, args, state, control, **kwargs):
+            self.probe.end()  # the user's on_step_end callbacks are no part of it
 
         def on_step_end(self, args, state, control, **kwargs):
             self.probe.step()
@@ -1034,25 +1137,61 @@ def read_report(path):
     return report
 
 
-BUDGET_TOLERANCE = 0.10  # the budget's accuracy target: within it, a run is "as expected"
+AS_EXPECTED = 0.03       # within it of the budget a run is "as expected"; warnings this heavy are named
+BUDGET_TOLERANCE = 0.10  # the budget's accuracy target: beyond it, a peak is an excess
 
 
 def verdict(report):
-    """The measured training peak against the budget, in plain words."""
+    """The measured training peak against the budget, in plain words, with the weighty warnings."""
     planned = report.get("budget")
     if not planned or not report.get("peak_bytes"):
         return report.get("no_budget", "no budget to compare with")
     ratio = report["peak_bytes"] / planned["peak_bytes"]
     if report.get("oom"):
-        return f"out of memory: {ratio:.2f}x the budget when it stopped"
-    if abs(ratio - 1) <= BUDGET_TOLERANCE:
-        return f"measured peak {ratio:.2f}x the budget: as expected"
+        return (f"the budget for this setup is {mib(planned['peak_bytes'])} MiB; the OOM came at "
+                f"{mib(report['peak_bytes'])} MiB in {report['oom']['phase']} ({ratio:.2f}x the budget)")
+    heavy = weighty_warnings(report)
+    named = f"; WARNING {', '.join(heavy)}" if heavy else ""
+    if abs(ratio - 1) <= AS_EXPECTED:
+        return f"measured peak {ratio:.2f}x the budget: " + ("as expected" if not heavy else named[2:])
     if ratio < 1:
-        return f"measured peak {ratio:.2f}x the budget: below it, the budget overcounts this configuration"
+        below = "the budget overcounts this configuration" if ratio < 1 - BUDGET_TOLERANCE else "within 10%"
+        return f"measured peak {ratio:.2f}x the budget: below it, {below}{named}"
     excess = {c: report["categories"].get(c, 0) - planned["categories"].get(c, 0) for c in CATEGORIES}
     worst = max(excess, key=excess.get)
-    return (f"measured peak {ratio:.1f}x the budget: the excess is in {worst.replace('_', ' ')} "
-            f"(+{mib(excess[worst])} MiB) during {report['peak_phase']}")
+    where = (f"the excess is in {worst.replace('_', ' ')} (+{mib(excess[worst])} MiB) during "
+             f"{report['peak_phase']}" + (_largest_temporary(report) if worst == "temporaries" else ""))
+    if ratio > 1 + BUDGET_TOLERANCE:
+        return f"measured peak {ratio:.1f}x the budget: {where}{named}"
+    return f"measured peak {ratio:.2f}x the budget, within 10%: {where}{named}"
+
+
+def weighty_warnings(report):
+    """'kind N.N MiB' of each warning that weighs 3% of the peak or more."""
+    return [f"{w['kind']} {mib(w['bytes'])} MiB" for w in report.get("warnings") or []
+            if w.get("bytes", 0) >= AS_EXPECTED * report["peak_bytes"]]
+
+
+def _largest_temporary(report):
+    if not report.get("temporaries"):
+        return ""
+    top = report["temporaries"][0]
+    return f", mostly {top['shape']} {top['dtype']} from {top['op']} in {top['module']}"
+
+
+def _weights_line(report):
+    """The weights, when they are more than half of the peak: what to look at first after an OOM."""
+    cats, config = report.get("categories") or {}, report.get("config") or {}
+    weights = cats.get("trainable_params", 0) + cats.get("frozen_params", 0)
+    if not report["peak_bytes"] or 2 * weights <= report["peak_bytes"]:
+        return []
+    count = config.get("param_count") or sum((report.get("params") or {}).get(k, 0)
+                                             for k in ("trainable", "frozen"))
+    by_dtype = config.get("param_bytes_by_dtype") or {}
+    dtype = max(by_dtype, key=by_dtype.get) if by_dtype else config.get("weights_dtype", "")
+    return [f"the weights are {weights / report['peak_bytes']:.0%} of the peak: "
+            f"{config.get('model_class') or config.get('model')}, {count:,} parameters, {dtype}, "
+            f"{mib(weights)} MiB"]
 
 
 # ---------------------------------------------------------------- tables
@@ -1077,8 +1216,10 @@ def _phase_rows(report):
 
 
 def format_report(report):
-    """The summary a person reads at a glance: phases, verdict, categories, modules, leak, warnings."""
-    lines = [text_table(("phase", "live MiB", "peak MiB", "budget MiB"), _phase_rows(report)), ""]
+    """The summary a person reads at a glance: weights, phases, verdict, categories, modules, leak,
+    warnings."""
+    lines = _weights_line(report)
+    lines += [text_table(("phase", "live MiB", "peak MiB", "budget MiB"), _phase_rows(report)), ""]
     if report.get("oom"):
         oom = report["oom"]
         lines.append(f"OUT OF MEMORY in {oom['phase']} at step {oom['step']}: {oom['message']}")
@@ -1095,6 +1236,10 @@ def format_report(report):
     if report.get("modules"):
         lines.append("saved activations by module: " + ", ".join(
             f"{m['module']} {mib(m['bytes'])}" for m in report["modules"][:5]))
+    if report.get("temporaries"):
+        lines.append("largest temporaries: " + ", ".join(
+            f"{t['shape']} {t['dtype']} from {t['op']} in {t['module']} {mib(t['bytes'])}"
+            for t in report["temporaries"][:3]))
     if report.get("params"):
         p = report["params"]
         lines.append(f"parameters: {p['trainable']:,} trainable, {p['frozen']:,} frozen")
@@ -1244,8 +1389,19 @@ def conclusion(a, b, rows):
     x, y = a["peak_bytes"], b["peak_bytes"]
     if not x or not y:
         return "no conclusion: one side measured no training peak"
+    leaks = "".join(f"; {side} leaks {r['leak']['bytes_per_step']:,.0f} bytes per step over "
+                    f"{len(r['leak']['step_end_bytes'])} steps" for side, r in (("A", a), ("B", b))
+                    if r["leak"]["detected"])
     if abs(y / x - 1) <= SAME_WITHIN:
-        return f"the two trainings cost the same (within 1%): {mib(x)} and {mib(y)} MiB"
+        return f"the two trainings cost the same (within 1%): {mib(x)} and {mib(y)} MiB{leaks}"
+    heavier, side = (b, "B") if y > x else (a, "A")
+    warned = weighty_warnings(heavier)
+    return _where(a, b, rows) + leaks + (f"; {side} warns {', '.join(warned)}" if warned else "")
+
+
+def _where(a, b, rows):
+    """How B's peak compares with A's, and the category (module, op) the difference is in."""
+    x, y = a["peak_bytes"], b["peak_bytes"]
     sign = 1 if y > x else -1
     line = f"B's peak is {y / x:.2f}x A's ({(y - x) / MiB:+.1f} MiB)"
     cats = [r for r in rows if r[0].startswith("at peak: ") and r[1] is not None and r[2] is not None]
@@ -1261,6 +1417,8 @@ def conclusion(a, b, rows):
                       if name.startswith("module ") else None)
                 line += (f", mostly {name.split(' ', 1)[1]} ({(mb - ma) / MiB:+.1f} MiB"
                          + (f", op {op[0]})" if op else ")"))
+        elif what.endswith("temporaries"):
+            line += _largest_temporary(b if sign > 0 else a)
     return line
 
 
@@ -1286,8 +1444,9 @@ def format_diff(a, b, name_a="A", name_b="B", markdown=False):
                 continue
         if what == "leak per step (bytes)":
             flag = "LEAK in B" if b["leak"]["detected"] and not a["leak"]["detected"] else "-"
-            cells = ["not measured" if v is None else f"{v:,.0f}" for v in (x, y)]
-            shown.append((what, *cells, "-" if None in (x, y) else f"{y - x:+,.0f}", flag))
+            cells = ["not measured" if v is None else "none" if v < 0 else f"{v:,.0f}" for v in (x, y)]
+            change = "-" if None in (x, y) else f"{max(y, 0) - max(x, 0):+,.0f}"
+            shown.append((what, *cells, change, flag))
             continue
         if what.startswith("at peak: ") and not (x or y):
             continue

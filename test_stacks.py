@@ -1,0 +1,334 @@
+"""The probe on real clients: Lightning, the Hugging Face Trainer and PEFT, as a user's stack runs
+them. Each careless pattern is named; its clean twin stays silent."""
+import os
+
+import pytest
+import torch
+
+import memcheck
+from conftest import TINY_OPT
+
+VOCAB, BS, SEQ = 500, 2, 32
+
+
+def peft_opt(ckpt=None):
+    """A tiny OPT with PEFT's LoRA on q and v, its final layer norm trained beside the adapters."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import OPTConfig, OPTForCausalLM
+    torch.manual_seed(0)
+    model = OPTForCausalLM(OPTConfig(vocab_size=VOCAB, **TINY_OPT))
+    model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    if ckpt:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.get_base_model().model.decoder.final_layer_norm.requires_grad_(True)
+    model.train()
+    return model
+
+
+def token_batches(n, bs=BS, seq=SEQ):
+    generator = torch.Generator().manual_seed(0)
+    return [torch.randint(0, VOCAB, (bs, seq), generator=generator) for _ in range(n)]
+
+
+def lightning_fit(model, callback, steps=3, module_hooks=None, validate=False):
+    """Lightning's fit() of a LightningModule holding the model as self.llm. module_hooks: methods
+    added to the LightningModule; validate: a validation batch after every training step."""
+    pl = pytest.importorskip("lightning.pytorch")
+
+    class Module(pl.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.llm = model
+
+        def training_step(self, batch, batch_idx):
+            return self.llm(input_ids=batch, labels=batch).loss
+
+        def configure_optimizers(self):
+            return torch.optim.AdamW([p for p in self.parameters() if p.requires_grad], lr=1e-3)
+
+    for name, method in (module_hooks or {}).items():
+        setattr(Module, name, method)
+    validation = dict(val_check_interval=1, limit_val_batches=1, num_sanity_val_steps=0,
+                      inference_mode=False) if validate else {}
+    trainer = pl.Trainer(max_steps=steps, accelerator="cpu", devices=1, logger=False,
+                         enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False, callbacks=[callback], **validation)
+    loader = lambda: torch.utils.data.DataLoader(token_batches(steps), batch_size=None)
+    trainer.fit(Module(), loader(), loader() if validate else None)
+
+
+def hf_train(model, callbacks, tmp_path, steps=3, evaluate=False):
+    from transformers import Trainer, TrainingArguments
+    evaluation = dict(eval_strategy="steps", eval_steps=1, per_device_eval_batch_size=BS) if evaluate else {}
+    args = TrainingArguments(output_dir=str(tmp_path / "hf"), max_steps=steps,
+                             per_device_train_batch_size=BS, report_to=[], save_strategy="no",
+                             logging_strategy="no", use_cpu=True, disable_tqdm=True, **evaluation)
+    rows = [{"input_ids": r, "labels": r} for batch in token_batches(steps) for r in batch]
+    Trainer(model=model, args=args, callbacks=callbacks, train_dataset=rows,
+            eval_dataset=rows[:BS] if evaluate else None).train()
+
+
+def raising_oom(module, when):
+    """Make `module` raise CUDA's OutOfMemoryError in its forward or in its backward."""
+    def fail(*_):
+        raise torch.OutOfMemoryError(f"CUDA out of memory (raised by the test in {when})")
+
+    def fail_in_backward(module, args, out):
+        out.register_hook(fail)   # (returns None: a forward hook's value would replace the output)
+
+    module.register_forward_hook(fail if when == "forward" else fail_in_backward)
+
+
+def quiet(path, **kwargs):
+    return dict(path=path, log=lambda *a: None, **kwargs)
+
+
+# ---------------------------------------------------------------- right after an OOM
+
+@pytest.mark.parametrize("stack", ["lightning", "hf_trainer"])
+@pytest.mark.parametrize("when", ["forward", "backward"])
+def test_an_oom_in_step_one_gets_a_budget_a_verdict_and_the_configured_checkpointing(stack, when, tmp_path):
+    model = peft_opt(ckpt=True)
+    raising_oom(model.get_base_model().model.decoder.final_layer_norm, when)
+    path = tmp_path / "stack.json"
+    with pytest.raises(torch.OutOfMemoryError):
+        if stack == "lightning":
+            lightning_fit(model, memcheck.lightning_callback(**quiet(path)))
+        else:
+            hf_train(model, [memcheck.hf_callback(**quiet(path))], tmp_path)
+    report = memcheck.read_report(path)
+    assert report["status"] == "oom" and report["oom"]["step"] == 1
+    phase = "forward+backward" if stack == "hf_trainer" else when
+    assert report["oom"]["phase"] == phase
+    assert report["config"]["checkpointing_enabled"]
+    assert report["config"]["baseline_command"].endswith("--ckpt manual")
+    assert report["budget"] and report["budget"]["peak_bytes"] > 0
+    line = memcheck.verdict(report)
+    assert line.startswith(f"the budget for this setup is {memcheck.mib(report['budget']['peak_bytes'])} "
+                           f"MiB; the OOM came at {memcheck.mib(report['peak_bytes'])} MiB in {phase}"), line
+
+
+# ---------------------------------------------------------------- one odd phase flips nothing
+
+def with_grad_validation(self, batch, batch_idx):
+    with torch.enable_grad():   # the careless evaluation: graphs built, never backpropagated
+        return self.llm(input_ids=batch, labels=batch).loss
+
+
+def test_a_lightning_evaluation_without_no_grad_is_named_and_flips_no_inference(tmp_path):
+    reports = {}
+    for careless in (True, False):
+        path = tmp_path / f"{careless}.json"
+        hooks = {"validation_step": with_grad_validation if careless
+                 else lambda self, batch, i: self.llm(input_ids=batch, labels=batch).loss}
+        lightning_fit(peft_opt(ckpt=True), memcheck.lightning_callback(**quiet(path)),
+                      module_hooks=hooks, validate=True)
+        reports[careless] = memcheck.read_report(path)
+    careless, clean = reports[True], reports[False]
+    assert [w["kind"] for w in careless["warnings"]] == ["grad_in_eval"], careless["warnings"]
+    assert "during 'eval'" in careless["warnings"][0]["message"]
+    assert clean["warnings"] == []
+    for report in (careless, clean):
+        config = report["config"]
+        assert "eval" in report["phases"] and "None" not in report["phases"]
+        assert (config["checkpointing"], config["bs"], config["seq"]) == (True, BS, SEQ)
+        assert config["baseline_command"].endswith("--ckpt manual")
+
+
+def test_hf_evaluation_is_a_phase_and_user_callbacks_run_outside_the_optimizer_phase(tmp_path):
+    from transformers import TrainerCallback
+
+    class EvaluatesCarelessly(TrainerCallback):   # a user's callback, before memcheck's
+        def on_step_end(self, args, state, control, model=None, **kwargs):
+            model.eval()
+            model(input_ids=token_batches(1, bs=4)[0])   # no torch.no_grad(), another batch size
+            model.train()
+
+    path = tmp_path / "stack.json"
+    hf_train(peft_opt(ckpt=True), [EvaluatesCarelessly(), memcheck.hf_callback(**quiet(path))],
+             tmp_path, evaluate=True)
+    report = memcheck.read_report(path)
+    assert "eval" in report["phases"]
+    assert [w["kind"] for w in report["warnings"]] == ["grad_in_eval"], report["warnings"]
+    assert "during 'between phases'" in report["warnings"][0]["message"]
+    assert (report["config"]["checkpointing"], report["config"]["bs"]) == (True, BS)
+
+
+def test_a_tiny_graph_kept_by_a_metric_is_not_worth_a_warning_and_a_leak_of_32_bytes_is(tmp_path):
+    def metric_on_batch_end(self, outputs, batch, batch_idx):
+        # the metric indexes a trainable weight before .detach(): sigmoid saves 8 floats
+        self.metric = self.llm.get_base_model().model.decoder.final_layer_norm.weight[:8].sigmoid().detach()
+
+    def leaking_on_batch_end(self, outputs, batch, batch_idx):
+        self.kept = getattr(self, "kept", []) + [torch.ones(8)]   # 32 bytes a step
+
+    for hook, kinds in ((metric_on_batch_end, []), (leaking_on_batch_end, ["leak"])):
+        path = tmp_path / f"{hook.__name__}.json"
+        lightning_fit(peft_opt(), memcheck.lightning_callback(**quiet(path)), steps=4,
+                      module_hooks={"on_train_batch_end": hook})
+        report = memcheck.read_report(path)
+        assert [w["kind"] for w in report["warnings"]] == kinds, report["warnings"]
+
+
+# ---------------------------------------------------------------- verdicts that agree with the warnings
+
+def returns_logits(self, batch, batch_idx):
+    output = self.llm(input_ids=batch, labels=batch)
+    return {"loss": output.loss, "logits": output.logits}
+
+
+def test_a_verdict_names_a_weighty_warning_and_its_tensor_shape(tmp_path):
+    path = tmp_path / "stack.json"
+    lightning_fit(peft_opt(), memcheck.lightning_callback(**quiet(path)),
+                  module_hooks={"training_step": returns_logits})
+    report = memcheck.read_report(path)
+    [warning] = report["warnings"]
+    assert warning["kind"] == "output_kept" and warning["shape"] == [BS, SEQ, VOCAB]
+    line = memcheck.verdict(report)
+    assert f"WARNING output_kept {memcheck.mib(warning['bytes'])} MiB" in line and "as expected" not in line
+    assert report["temporaries"] and all(t["op"] and t["module"] for t in report["temporaries"])
+    assert "largest temporaries: " in memcheck.format_report(report)
+
+
+def test_the_diff_conclusion_names_a_leak_on_either_side(tmp_path):
+    def loop(keep):
+        model = peft_opt()
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+        kept = []
+        with memcheck.Probe(model, optimizer) as probe:
+            for ids in token_batches(4):
+                with probe.phase("forward"):
+                    loss = model(input_ids=ids, labels=ids).loss
+                with probe.phase("backward"):
+                    loss.backward()
+                with probe.phase("optimizer"):
+                    optimizer.step()
+                    optimizer.zero_grad()
+                if keep:
+                    kept.append(loss.detach())
+                probe.step(loss)
+        return probe.report()
+
+    clean, leaking = loop(False), loop(True)
+    for a, b, side in ((clean, leaking, "B"), (leaking, clean, "A")):
+        ending = memcheck.format_diff(a, b).splitlines()[-1]
+        assert f"{side} leaks 4 bytes per step over 4 steps" in ending, ending
+    assert "leaks" not in memcheck.format_diff(clean, clean).splitlines()[-1]
+
+
+# ---------------------------------------------------------------- the weights, first
+
+def tiny_llama():
+    from transformers import LlamaConfig, LlamaForCausalLM
+    torch.manual_seed(0)
+    shape = dict(vocab_size=VOCAB, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                 num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=256)
+    return LlamaForCausalLM(LlamaConfig(**shape))
+
+
+def norm_tuning(model, path, bs, seq):
+    """The model frozen but its final norm, trained in a loop under the probe."""
+    model.requires_grad_(False).model.norm.requires_grad_(True)
+    optimizer = torch.optim.AdamW(model.model.norm.parameters(), lr=1e-4)
+    with memcheck.Probe(model, optimizer, **quiet(path)) as probe:
+        for ids in token_batches(2, bs=bs, seq=seq):
+            with probe.phase("forward"):
+                loss = model(input_ids=ids, labels=ids).loss
+            with probe.phase("backward"):
+                loss.backward()
+            with probe.phase("optimizer"):
+                optimizer.step()
+                optimizer.zero_grad()
+            probe.step(loss)
+    return memcheck.read_report(path)
+
+
+def test_weights_that_dominate_come_first_and_a_model_built_in_code_is_named_by_its_config(tmp_path):
+    report = norm_tuning(tiny_llama(), tmp_path / "small.json", bs=1, seq=8)
+    params = sum(p.numel() for p in tiny_llama().parameters())
+    first = memcheck.format_report(report).splitlines()[0]
+    assert first.startswith("the weights are "), first
+    assert f"LlamaForCausalLM, {params:,} parameters, float32" in first
+    folder = str(tmp_path / "small-model")
+    assert os.path.exists(os.path.join(folder, "config.json"))
+    assert f"--model {folder} " in report["config"]["baseline_command"]
+    # the clean twin: activations dominate, the table comes first
+    big = norm_tuning(tiny_llama(), tmp_path / "big.json", bs=16, seq=128)
+    assert not memcheck.format_report(big).startswith("the weights are")
+
+
+def test_an_opt_folder_loaded_into_llama_is_a_model_mismatch(tiny_model, tmp_path):
+    from transformers import AutoModelForCausalLM, LlamaForCausalLM
+    for cls, kinds in ((LlamaForCausalLM, ["model_mismatch"]), (AutoModelForCausalLM, [])):
+        model = cls.from_pretrained(tiny_model)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+        with memcheck.Probe(model, optimizer) as probe:
+            ids = token_batches(1)[0]
+            with probe.phase("forward"):
+                loss = model(input_ids=ids, labels=ids).loss
+            with probe.phase("backward"):
+                loss.backward()
+            probe.step(loss)
+        report = probe.report()
+        assert [w["kind"] for w in report["warnings"]] == kinds, report["warnings"]
+        assert report["config"]["model"] == tiny_model
+        if kinds:
+            assert "'opt'" in report["warnings"][0]["message"]
+
+
+# ---------------------------------------------------------------- a probe without phases
+
+class StepOnly:
+    """A hand-written Lightning callback that only calls probe.step(), after zero_grad."""
+
+    def __new__(cls, path):
+        pl = pytest.importorskip("lightning.pytorch")
+
+        class Callback(pl.Callback):
+            def on_train_start(self, trainer, pl_module):
+                self.probe = memcheck.Probe(pl_module, trainer.optimizers[0], **quiet(path)).__enter__()
+
+            def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+                trainer.optimizers[0].zero_grad(set_to_none=True)
+                self.probe.step(outputs["loss"])
+
+            def on_train_end(self, trainer, pl_module):
+                self.probe.close()
+
+        return Callback()
+
+
+def test_a_callback_calling_only_step_measures_the_whole_step(tmp_path):
+    phased, step_only = tmp_path / "phased.json", tmp_path / "step_only.json"
+    lightning_fit(peft_opt(), memcheck.lightning_callback(**quiet(phased)))
+    lightning_fit(peft_opt(), StepOnly(step_only))
+    a, b = memcheck.read_report(phased), memcheck.read_report(step_only)
+    assert abs(b["peak_bytes"] / a["peak_bytes"] - 1) <= 0.01, (a["peak_bytes"], b["peak_bytes"])
+    assert b["warnings"] == []
+    for category, phased in a["categories"].items():
+        assert (b["categories"][category] > 0) == (phased > 0), (category, a["categories"], b["categories"])
+    assert b["categories"]["activations"] > 0 and b["categories"]["optimizer_state"] > 0
+    assert not b["leak"]["detected"] and len(b["steps"]) == 3
+
+
+# ---------------------------------------------------------------- compiled models
+
+def test_a_compiled_model_under_the_probe_is_said_to_run_eager():
+    def run(compiled):
+        model = peft_opt()
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+        wrapped = torch.compile(model) if compiled else model
+        with memcheck.Probe(wrapped, optimizer) as probe:
+            for ids in token_batches(2):
+                with probe.phase("forward"):
+                    loss = wrapped(input_ids=ids, labels=ids).loss
+                with probe.phase("backward"):
+                    loss.backward()
+                probe.step(loss)
+        return probe.report()
+
+    compiled, eager = run(True), run(False)
+    assert [w["kind"] for w in compiled["warnings"]] == ["compile_disabled"], compiled["warnings"]
+    assert "eager" in compiled["warnings"][0]["message"]
+    assert eager["warnings"] == []
+    assert abs(compiled["peak_bytes"] / eager["peak_bytes"] - 1) <= 0.01
