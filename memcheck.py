@@ -1188,7 +1188,7 @@ def _weights_line(report):
     count = config.get("param_count") or sum((report.get("params") or {}).get(k, 0)
                                              for k in ("trainable", "frozen"))
     by_dtype = config.get("param_bytes_by_dtype") or {}
-    dtype = max(by_dtype, key=by_dtype.get) if by_dtype else config.get("weights_dtype", "")
+    dtype = max(by_dtype, key=by_dtype.get) if by_dtype else (report.get("params") or {}).get("dtype", "")
     return [f"the weights are {weights / report['peak_bytes']:.0%} of the peak: "
             f"{config.get('model_class') or config.get('model')}, {count:,} parameters, {dtype}, "
             f"{mib(weights)} MiB"]
@@ -1239,7 +1239,7 @@ def format_report(report):
     if report.get("temporaries"):
         lines.append("largest temporaries: " + ", ".join(
             f"{t['shape']} {t['dtype']} from {t['op']} in {t['module']} {mib(t['bytes'])}"
-            for t in report["temporaries"][:3]))
+            for t in report["temporaries"][:3] if mib(t["bytes"]) != "0.0"))
     if report.get("params"):
         p = report["params"]
         lines.append(f"parameters: {p['trainable']:,} trainable, {p['frozen']:,} frozen")

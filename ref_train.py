@@ -7,8 +7,7 @@ checkpointing and Lightning's precision names, and measures every phase with mem
 peak is what the training should cost; compare your own stack's with `memcheck.py diff`.
 Nothing is downloaded: the model comes from a local path or the local Hugging Face cache, and the
 default falls back to opt-125m's architecture with seeded random weights (memory does not depend on
-weight values). The flags are in flags.py, the model loading in models.py, --loss-chunks in
-fused_loss.py.
+weight values). Beside it: flags.py, models.py, fused_loss.py (--loss-chunks), distributed.py.
 """
 import functools
 import itertools
@@ -301,8 +300,9 @@ def describe(args, model, modules, setup, log):
     log(f"adapted {len(setup['adapted'])} linear layers ({', '.join(setup['targets'])}), "
         f"r={args.r}, experts={args.experts}, impl={args.impl}, ckpt={args.ckpt}, "
         f"precision={args.precision}, weights={dtypes(args)[0]}, device={args.device}")
-    n_trainable, n_frozen = count_params(modules)
-    return {"params": {"trainable": n_trainable, "frozen": n_frozen, "adapted": len(setup["adapted"])}}
+    trainable, frozen = count_params(modules)
+    dtype = str(dtypes(args)[0]).removeprefix("torch.")
+    return {"params": dict(trainable=trainable, frozen=frozen, adapted=len(setup["adapted"]), dtype=dtype)}
 
 
 def train(args, log=print):
