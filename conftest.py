@@ -184,6 +184,52 @@ def token_batches(n, bs=2, seq=32, vocab=500):
     return [torch.randint(0, vocab, (bs, seq), generator=generator) for _ in range(n)]
 
 
+def lightning_fit(model, callback, steps=3, return_logits=False, module_hooks=None, validate=False):
+    """Lightning's fit() of a LightningModule holding the model as self.llm. return_logits:
+    training_step returns the logits beside the loss (Lightning holds them until the step ends);
+    module_hooks: methods added to the LightningModule; validate: a validation batch after every
+    training step."""
+    pl = pytest.importorskip("lightning.pytorch")
+
+    class Module(pl.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.llm = model
+
+        def training_step(self, batch, batch_idx):
+            output = self.llm(input_ids=batch, labels=batch)
+            return {"loss": output.loss, "logits": output.logits} if return_logits else output.loss
+
+        def configure_optimizers(self):
+            return torch.optim.AdamW([p for p in self.parameters() if p.requires_grad], lr=1e-3)
+
+    for name, method in (module_hooks or {}).items():
+        setattr(Module, name, method)
+    validation = dict(val_check_interval=1, limit_val_batches=1, num_sanity_val_steps=0,
+                      inference_mode=False) if validate else {}
+    trainer = pl.Trainer(max_steps=steps, accelerator="cpu", devices=1, logger=False,
+                         enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False, callbacks=[callback], **validation)
+    loader = lambda: torch.utils.data.DataLoader(token_batches(steps), batch_size=None)
+    trainer.fit(Module(), loader(), loader() if validate else None)
+
+
+def hf_train(model, callbacks, tmp_path, steps=3, evaluate=False):
+    """transformers' Trainer.train() with `callbacks`; evaluate: an evaluation after every step."""
+    from transformers import Trainer, TrainingArguments
+    evaluation = dict(eval_strategy="steps", eval_steps=1, per_device_eval_batch_size=2) if evaluate else {}
+    args = TrainingArguments(output_dir=str(tmp_path / "hf"), max_steps=steps,
+                             per_device_train_batch_size=2, report_to=[], save_strategy="no",
+                             logging_strategy="no", use_cpu=True, disable_tqdm=True, **evaluation)
+    rows = [{"input_ids": r, "labels": r} for batch in token_batches(steps) for r in batch]
+    trainer = Trainer(model=model, args=args, callbacks=callbacks, train_dataset=rows,
+                      eval_dataset=rows[:2] if evaluate else None)
+    try:
+        trainer.train()
+    finally:  # a callback leaves the trainer as it found it
+        assert "training_step" not in vars(trainer) and "step" not in vars(trainer.optimizer)
+
+
 def user_loop(probe, model, optimizer, batches, pattern="clean", autocast_dtype=None):
     """A user's loop, clean or with one careless pattern, under a Probe or the bare tracker; its
     forward under CPU autocast when autocast_dtype is given."""

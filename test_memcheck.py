@@ -21,8 +21,8 @@ from torch import nn
 import ilora
 import memcheck
 import ref_train
-from conftest import (HANG_SECONDS, TINY_OPT, assert_markdown_tables, peft_opt, run_main,
-                      token_batches, user_loop)
+from conftest import (HANG_SECONDS, TINY_OPT, assert_markdown_tables, hf_train, lightning_fit, peft_opt,
+                      run_main, token_batches, user_loop)
 from memcheck import MiB
 
 
@@ -445,46 +445,8 @@ def no_probe_left_behind(model):
     assert not any(m._forward_pre_hooks or m._forward_hooks for m in model.modules())
 
 
-def lightning_fit(model, callback, steps=3, return_logits=False):
-    """Lightning's fit() of a LightningModule that holds the model as self.llm (test-only
-    dependency). return_logits: training_step returns the logits beside the loss, which Lightning
-    holds (detached) until the step ends."""
-    pl = pytest.importorskip("lightning.pytorch")
-
-    class Module(pl.LightningModule):
-        def __init__(self):
-            super().__init__()
-            self.llm = model
-
-        def training_step(self, batch, batch_idx):
-            output = self.llm(input_ids=batch, labels=batch)
-            return {"loss": output.loss, "logits": output.logits} if return_logits else output.loss
-
-        def configure_optimizers(self):
-            return torch.optim.AdamW([p for p in self.parameters() if p.requires_grad], lr=1e-3)
-
-    trainer = pl.Trainer(max_steps=steps, accelerator="cpu", devices=1, logger=False,
-                         enable_checkpointing=False, enable_progress_bar=False,
-                         enable_model_summary=False, callbacks=[callback])
-    trainer.fit(Module(), torch.utils.data.DataLoader(token_batches(steps), batch_size=None))
-
-
-def hf_train(model, callback, tmp_path, steps=3):
-    from transformers import Trainer, TrainingArguments
-    args = TrainingArguments(output_dir=str(tmp_path / "hf"), max_steps=steps,
-                             per_device_train_batch_size=2, report_to=[], save_strategy="no",
-                             logging_strategy="no", use_cpu=True, disable_tqdm=True)
-    rows = [row for batch in token_batches(steps) for row in batch]
-    trainer = Trainer(model=model, args=args, callbacks=[callback],
-                      train_dataset=[{"input_ids": r, "labels": r} for r in rows])
-    try:
-        trainer.train()
-    finally:  # the callback leaves the trainer as it found it
-        assert "training_step" not in vars(trainer) and "step" not in vars(trainer.optimizer)
-
-
 STACKS = {"lightning": (memcheck.lightning_callback, lambda model, cb, tmp: lightning_fit(model, cb)),
-          "hf_trainer": (memcheck.hf_callback, hf_train)}
+          "hf_trainer": (memcheck.hf_callback, lambda model, cb, tmp: hf_train(model, [cb], tmp))}
 
 
 @pytest.mark.parametrize("stack", STACKS)

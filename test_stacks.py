@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import memcheck
-from conftest import TINY_OPT
+from conftest import TINY_OPT, hf_train, lightning_fit, token_batches
 
 VOCAB, BS, SEQ = 500, 2, 32
 
@@ -23,49 +23,6 @@ def peft_opt(ckpt=None):
     model.get_base_model().model.decoder.final_layer_norm.requires_grad_(True)
     model.train()
     return model
-
-
-def token_batches(n, bs=BS, seq=SEQ):
-    generator = torch.Generator().manual_seed(0)
-    return [torch.randint(0, VOCAB, (bs, seq), generator=generator) for _ in range(n)]
-
-
-def lightning_fit(model, callback, steps=3, module_hooks=None, validate=False):
-    """Lightning's fit() of a LightningModule holding the model as self.llm. module_hooks: methods
-    added to the LightningModule; validate: a validation batch after every training step."""
-    pl = pytest.importorskip("lightning.pytorch")
-
-    class Module(pl.LightningModule):
-        def __init__(self):
-            super().__init__()
-            self.llm = model
-
-        def training_step(self, batch, batch_idx):
-            return self.llm(input_ids=batch, labels=batch).loss
-
-        def configure_optimizers(self):
-            return torch.optim.AdamW([p for p in self.parameters() if p.requires_grad], lr=1e-3)
-
-    for name, method in (module_hooks or {}).items():
-        setattr(Module, name, method)
-    validation = dict(val_check_interval=1, limit_val_batches=1, num_sanity_val_steps=0,
-                      inference_mode=False) if validate else {}
-    trainer = pl.Trainer(max_steps=steps, accelerator="cpu", devices=1, logger=False,
-                         enable_checkpointing=False, enable_progress_bar=False,
-                         enable_model_summary=False, callbacks=[callback], **validation)
-    loader = lambda: torch.utils.data.DataLoader(token_batches(steps), batch_size=None)
-    trainer.fit(Module(), loader(), loader() if validate else None)
-
-
-def hf_train(model, callbacks, tmp_path, steps=3, evaluate=False):
-    from transformers import Trainer, TrainingArguments
-    evaluation = dict(eval_strategy="steps", eval_steps=1, per_device_eval_batch_size=BS) if evaluate else {}
-    args = TrainingArguments(output_dir=str(tmp_path / "hf"), max_steps=steps,
-                             per_device_train_batch_size=BS, report_to=[], save_strategy="no",
-                             logging_strategy="no", use_cpu=True, disable_tqdm=True, **evaluation)
-    rows = [{"input_ids": r, "labels": r} for batch in token_batches(steps) for r in batch]
-    Trainer(model=model, args=args, callbacks=callbacks, train_dataset=rows,
-            eval_dataset=rows[:BS] if evaluate else None).train()
 
 
 def raising_oom(module, when):
