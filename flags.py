@@ -212,9 +212,9 @@ def check_output_path(flag, path):
         raise UsageError(f"{flag} {path}: the file exists and is not writable")
 
 
-def check_model_dir(path, need_weights=True):
-    """A local --model must hold a config and weights (only a config, to budget it): say which is
-    missing before loading anything."""
+def check_model_dir(path):
+    """A local --model must hold a config.json (with no weights, the run uses random ones): say what
+    is missing before loading anything."""
     looks_like_path = path.startswith((".", os.sep, "~")) or os.path.exists(path)
     if not looks_like_path:
         return  # a name in the local Hugging Face cache, looked up when the model loads
@@ -227,8 +227,6 @@ def check_model_dir(path, need_weights=True):
     if "config.json" not in names:
         shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
         raise UsageError(f"--model {path}: no config.json (it holds {shown}); expected {MODEL_DIR}")
-    if need_weights and not any(name in names for name in WEIGHTS_FILES):
-        raise UsageError(f"--model {path}: config.json but no weights ({' or '.join(WEIGHTS_FILES[::2])})")
 
 
 def _resolve_device(args, budget_only):
@@ -247,8 +245,8 @@ def _resolve_device(args, budget_only):
 def parse_args(argv=None, budget_only=False):
     """The flags, checked; the returned namespace is only read from then on.
 
-    budget_only: the model is only built on the meta device, for a budget, so a --model directory
-    needs no weights and --device cuda no CUDA device here."""
+    budget_only: the model is only built on the meta device, for a budget, so --device cuda needs
+    no CUDA device here."""
     argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser(budget_only).parse_args(argv)
     for holds, message in _value_checks(args, argv, budget_only):
@@ -258,7 +256,7 @@ def parse_args(argv=None, budget_only=False):
         args.world_size = int(os.environ["WORLD_SIZE"]) if args.strategy != "none" else 1
     for flag, path in (("--report", args.report), ("--snapshot", args.snapshot)):
         check_output_path(flag, path)
-    check_model_dir(args.model, need_weights=not budget_only)
+    check_model_dir(args.model)
     args.targets = tuple(t for t in args.targets.split(",") if t)
     _resolve_device(args, budget_only)
     return args

@@ -73,18 +73,32 @@ def _read_config(args):
     return config
 
 
+def _config_only(path):
+    """A local folder with a config.json and no weights: a model a probe saw built in code, say."""
+    return os.path.isdir(os.path.expanduser(path)) and _weights_file(path) == path
+
+
+def _random_weights(args, config, weights_dtype, meta, attn):
+    """The architecture of `config` with seeded random weights (on meta: shapes only)."""
+    from transformers import AutoModelForCausalLM
+    config._attn_implementation = attn
+    torch.manual_seed(args.seed)
+    with torch.device("meta" if meta else "cpu"):
+        return AutoModelForCausalLM.from_config(config).to(weights_dtype)
+
+
 def _instantiate(args, config, weights_dtype, meta, attn):
     """(model, where its weights came from): random weights from the config, or the local files."""
     from transformers import AutoModelForCausalLM, OPTConfig
+    random = "with seeded random weights (memory does not depend on weight values)"
+    if config is not None and _config_only(args.model):
+        return (_random_weights(args, config, weights_dtype, meta, attn),
+                f"model: {args.model} holds a config.json and no weights; using its architecture {random}")
     if config is None or meta:
-        config = config or OPTConfig()  # OPTConfig()'s defaults are exactly opt-125m's
-        config._attn_implementation = attn
-        torch.manual_seed(args.seed)
-        with torch.device("meta" if meta else "cpu"):
-            model = AutoModelForCausalLM.from_config(config).to(weights_dtype)
-        return model, (f"model: {DEFAULT_MODEL} is not in the local cache ({_hf_cache()}); using its "
-                       "architecture from OPTConfig() with seeded random weights (memory does not "
-                       "depend on weight values)")
+        # OPTConfig()'s defaults are exactly opt-125m's
+        return (_random_weights(args, config or OPTConfig(), weights_dtype, meta, attn),
+                f"model: {DEFAULT_MODEL} is not in the local cache ({_hf_cache()}); using its "
+                f"architecture from OPTConfig() {random}")
     model = AutoModelForCausalLM.from_pretrained(args.model, local_files_only=True,
                                                  dtype=weights_dtype, attn_implementation=attn)
     return model, f"model: {args.model} from local files"
