@@ -641,7 +641,7 @@ def _block_name(before, lines, commands):
         return "careless diff", commands[-1]
     if first.split()[:4] == ["bs", "seq", "ckpt", "measured"]:
         return "budget grid", "python drive.py sweep"
-    if first.startswith("phase ") and "careless line" in before:
+    if first.startswith(("phase ", "the weights are")) and "careless line" in before:
         return "probe: careless", "python stack.py careless careless.json"
     if "clean.json MiB  careless.json MiB" in body:
         return "probe: clean vs careless", "python memcheck.py diff clean.json careless.json"

@@ -508,7 +508,8 @@ class _Stack:
         lm = _language_model(self.model)
         params = _unique_params([self.model])
         config = {"probe": True, "model_class": type(lm or self.model).__name__,
-                  "model": getattr(getattr(lm, "config", None), "_name_or_path", None) or self.config_dir,
+                  "model": getattr(getattr(lm, "config", None), "_name_or_path", None) or None,
+                  "model_config": self.config_dir,   # (where a report went: not compared by diff)
                   "param_count": sum(p.numel() for p in params),
                   "param_bytes_by_dtype": _bytes_by_dtype(params),
                   "bs": self.seen.get("bs"), "seq": self.seen.get("seq"),
@@ -913,8 +914,8 @@ def baseline_command(config):
     else:
         precision = {"fp32": "32", "bf16": "bf16-true", "fp16": "16-true"}[short]
     flags = [f"--bs {config['bs']} --seq {config['seq']}"]
-    if config.get("model"):
-        flags.append(f"--model {config['model']}")
+    if config.get("model") or config.get("model_config"):
+        flags.append(f"--model {config.get('model') or config['model_config']}")
     if config.get("adapters"):
         flags.append(f"--r {config['r']} --alpha {config['alpha']:g} --experts {config['experts']} "
                      f"--dropout {config['dropout']:g} --targets {','.join(config['targets'])}")
@@ -1283,7 +1284,7 @@ def markdown_report(report):
 DIFF_SCHEMA = "memcheck-diff/1"
 TOP_DIFF_MODULES = 12     # module rows shown in the text table; --json and the report keep all
 SAME_WITHIN = 0.01        # peaks within 1% of each other: the two trainings cost the same
-OUTPUT_FLAGS = {"report", "snapshot", "markdown"}  # where results go, not what was measured
+OUTPUT_FLAGS = {"report", "snapshot", "markdown", "model_config"}  # where results go, not what was measured
 # Wrappers that sit between a model and its layers without changing them: DDP, torch.compile,
 # torch's checkpoint_wrapper, FSDP; and a LoRA layer's base linear (PEFT's base_layer, the gated
 # LoRA's base) and PEFT's adapter name (lora_A.default), so that both LoRAs' rows align.
