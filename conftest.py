@@ -249,8 +249,8 @@ def user_loop(probe, model, optimizer, batches, pattern="clean", autocast_dtype=
             with probe.phase("optimizer"):
                 optimizer.step()
                 optimizer.zero_grad()
-        if pattern == "outputs_in_a_list":
-            kept.append(loss)
+        if pattern in ("outputs_in_a_list", "losses_in_a_list"):
+            kept.append(loss if pattern == "outputs_in_a_list" else loss.detach())
         output = None
         probe.step()
     kept.clear()  # Lightning's classic training_step_outputs, cleared at the epoch's end

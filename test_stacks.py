@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import memcheck
-from conftest import TINY_OPT, hf_train, lightning_fit, token_batches
+from conftest import TINY_OPT, hf_train, lightning_fit, token_batches, user_loop
 
 VOCAB, BS, SEQ = 500, 2, 32
 
@@ -151,20 +151,9 @@ def test_the_diff_conclusion_names_a_leak_on_either_side(tmp_path):
     def loop(keep):
         model = peft_opt()
         optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
-        kept = []
         with memcheck.Probe(model, optimizer) as probe:
-            for ids in token_batches(4):
-                with probe.phase("forward"):
-                    loss = model(input_ids=ids, labels=ids).loss
-                with probe.phase("backward"):
-                    loss.backward()
-                with probe.phase("optimizer"):
-                    optimizer.step()
-                    optimizer.zero_grad()
-                if keep:
-                    kept.append(loss.detach())
-                probe.step(loss)
-        return probe.report()
+            user_loop(probe, model, optimizer, token_batches(4), "losses_in_a_list" if keep else "clean")
+            return probe.report()   # (user_loop clears its list at the end, as an epoch does)
 
     clean, leaking = loop(False), loop(True)
     for a, b, side in ((clean, leaking, "B"), (leaking, clean, "A")):
@@ -188,15 +177,7 @@ def norm_tuning(model, path, bs, seq):
     model.requires_grad_(False).model.norm.requires_grad_(True)
     optimizer = torch.optim.AdamW(model.model.norm.parameters(), lr=1e-4)
     with memcheck.Probe(model, optimizer, **quiet(path)) as probe:
-        for ids in token_batches(2, bs=bs, seq=seq):
-            with probe.phase("forward"):
-                loss = model(input_ids=ids, labels=ids).loss
-            with probe.phase("backward"):
-                loss.backward()
-            with probe.phase("optimizer"):
-                optimizer.step()
-                optimizer.zero_grad()
-            probe.step(loss)
+        user_loop(probe, model, optimizer, token_batches(2, bs=bs, seq=seq))
     return memcheck.read_report(path)
 
 
