@@ -12,8 +12,10 @@ import weakref
 import torch
 import torch.utils._pytree as pytree
 
-from memcheck import Tracker, _bytes_by_dtype, _adapter, _unique_params, decoder_layers, first_line
+from memcheck import (AS_EXPECTED, CATEGORIES, Tracker, _adapter, _bytes_by_dtype, _largest_temporary,
+                      _unique_params, decoder_layers, first_line, mib, weighty_warnings)
 
+BUDGET_TOLERANCE = 0.10  # the budget's accuracy target: beyond it, a peak is an excess
 # Which decoder linears share an input: adapting any of them makes autograd save that input once.
 _SHARED_INPUTS = {"q_proj": "attention input", "k_proj": "attention input", "v_proj": "attention input",
                   "fc1": "mlp input", "up_proj": "mlp input", "gate_proj": "mlp input"}
@@ -730,3 +732,46 @@ def budget(model, *, bs, seq, checkpointing, autocast_dtype=None, loss_chunks=1,
     return {"full": full, "method": method, "terms": terms, "params_by_dtype": by_dtype,
             "phases": phases, "peak_phase": peak_phase, "peak_bytes": phases[peak_phase],
             "categories": _categories(terms, phases, peak_phase, loss_chunks)}
+
+
+def probed(stack, phases):
+    """The budget of the stack memcheck's probe watched (its _Stack) at the shapes and autocast of its
+    first training forward, less what the CUDA allocator held beyond tracked tensors in `phases`;
+    None before that forward, or for a model the budget cannot read."""
+    seen = stack.seen
+    if stack.lm is None or "bs" not in seen:
+        return None
+    untracked = [s["untracked_bytes"] for name, s in phases.items()
+                 if name != "load" and "untracked_bytes" in s]
+    try:
+        return budget(stack.lm, bs=int(seen["bs"]), seq=int(seen["seq"]),
+                      checkpointing=stack.checkpointing(), device=stack.device, extra=[stack.model],
+                      autocast_dtype=getattr(torch, seen["autocast"]) if seen["autocast"] else None,
+                      cuda_workspace_bytes=min(untracked, default=None))
+    except (ValueError, AttributeError, KeyError):  # not a decoder the budget can read
+        return None
+
+
+def verdict(report):
+    """The measured training peak against the budget, in plain words, with the weighty warnings."""
+    planned = report.get("budget")
+    if not planned or not report.get("peak_bytes"):
+        return report.get("no_budget", "no budget to compare with")
+    ratio = report["peak_bytes"] / planned["peak_bytes"]
+    if report.get("oom"):
+        return (f"the budget for this setup is {mib(planned['peak_bytes'])} MiB; the OOM came at "
+                f"{mib(report['peak_bytes'])} MiB in {report['oom']['phase']} ({ratio:.2f}x the budget)")
+    heavy = weighty_warnings(report)
+    named = f"; WARNING {', '.join(heavy)}" if heavy else ""
+    if abs(ratio - 1) <= AS_EXPECTED:
+        return f"measured peak {ratio:.2f}x the budget: " + ("as expected" if not heavy else named[2:])
+    if ratio < 1:
+        below = "the budget overcounts this configuration" if ratio < 1 - BUDGET_TOLERANCE else "within 10%"
+        return f"measured peak {ratio:.2f}x the budget: below it, {below}{named}"
+    excess = {c: report["categories"].get(c, 0) - planned["categories"].get(c, 0) for c in CATEGORIES}
+    worst = max(excess, key=excess.get)
+    where = (f"the excess is in {worst.replace('_', ' ')} (+{mib(excess[worst])} MiB) during "
+             f"{report['peak_phase']}" + (_largest_temporary(report) if worst == "temporaries" else ""))
+    if ratio > 1 + BUDGET_TOLERANCE:
+        return f"measured peak {ratio:.1f}x the budget: {where}{named}"
+    return f"measured peak {ratio:.2f}x the budget, within 10%: {where}{named}"

@@ -59,6 +59,7 @@ NO_BUDGET = ("no budget: copy budget.py beside memcheck.py for a verdict, or run
              "baseline command")
 
 
+
 def mib(n_bytes):
     return f"{n_bytes / MiB:.1f}"
 
@@ -95,8 +96,7 @@ class _Storage(weakref.ref):
 
 # id(op) -> (op, whether its outputs alias its inputs: views, in-place and out= ops). Keyed by id:
 # an OpOverload hashes in Python, and this is looked up for every op; the op is kept alive with it.
-_ALIASING = {}
-_OP_NAMES = {}
+_ALIASING, _OP_NAMES = {}, {}
 
 
 def _aliases_input(func):
@@ -107,30 +107,16 @@ def _aliases_input(func):
 
 
 def _op_name(op):
-    if isinstance(op, str):
-        return op
     if op not in _OP_NAMES:
-        _OP_NAMES[op] = op.overloadpacket.__name__
+        _OP_NAMES[op] = op if isinstance(op, str) else op.overloadpacket.__name__
     return _OP_NAMES[op]
 
 
-def _on_device(device_type):
-    """A fast test of a tensor's device type: its is_cpu / is_cuda flag, not a torch.device."""
-    flag = f"is_{device_type}"
-    if hasattr(torch.Tensor, flag):
-        return operator.attrgetter(flag)
-    return lambda tensor: tensor.device.type == device_type
-
-
-_DYNAMO_KEPT_OUT = []
-
-
+@functools.cache  # once per process
 def _keep_dynamo_out():
-    """Keep torch.compile from tracing the tracker's per-op code, once per process: by marking its
-    code for dynamo to skip, not with the wrapper TorchDispatchMode puts around every op (a quarter
-    of the tracker's per-op time); where torch cannot, the wrapper is back."""
-    if _DYNAMO_KEPT_OUT:
-        return
+    """Keep torch.compile from tracing the tracker's per-op code: by marking its code for dynamo to
+    skip, not with the wrapper TorchDispatchMode puts around every op (a quarter of the tracker's
+    per-op time); where torch cannot, the wrapper is back."""
     functions = (Tracker.__dict__["__torch_dispatch__"], Tracker.track, Tracker._free_record,
                  _aliases_input, _op_name)
     try:
@@ -144,7 +130,6 @@ def _keep_dynamo_out():
         disable = getattr(torch, "_disable_dynamo", None)
         if disable is not None:
             Tracker.__torch_dispatch__ = disable(functions[0], recursive=True)
-    _DYNAMO_KEPT_OUT.append(True)
 
 
 class Tracker(TorchDispatchMode):
@@ -155,15 +140,16 @@ class Tracker(TorchDispatchMode):
 
     def __init__(self, device, limit_bytes=None, on_error=None):
         super().__init__()
-        self.device_type = torch.device(device).type
+        self.device_type = device_type = torch.device(device).type
         self.limit_bytes = limit_bytes
         self.on_error = on_error  # called with any exception an op raises, before it propagates
         self.live = {}            # storage data_ptr -> _Storage
         self.window = []          # every storage alive at the phase start or created since
         self.live_bytes = self.peak_bytes = self.peak_event = self.event = 0
-        self.step, self.phase = 1, None
-        self.module_stack = []
-        self._on_device = _on_device(self.device_type)
+        self.step, self.phase, self.module_stack = 1, None, []
+        flag = f"is_{device_type}"  # a fast test of a tensor's device: its flag, not a torch.device
+        self._on_device = (operator.attrgetter(flag) if hasattr(torch.Tensor, flag)
+                           else lambda tensor: tensor.device.type == device_type)
         self._freed = self._free_record  # one bound method for every storage's callback
         _keep_dynamo_out()
 
@@ -200,7 +186,6 @@ class Tracker(TorchDispatchMode):
             tensor = getattr(tensor, "_local_tensor", tensor)  # not to_local(): no op under the mode
         if not self._on_device(tensor):
             return None
-
         try:
             storage = tensor.untyped_storage()
         except (NotImplementedError, RuntimeError):  # tensor subclasses without a plain storage
@@ -240,45 +225,62 @@ class Tracker(TorchDispatchMode):
 
     def tag(self, tensors, category, adopt=False):
         """Mark the storages of `tensors` as `category` unless they already hold a higher one."""
-        rank = _RANK[category]
         for t in tensors:
-            record = self.track(t, "preexisting", adopt)
-            if record is not None and _RANK[record.category] > rank:
-                record.category = category
+            _promote(self.track(t, "preexisting", adopt), category)
 
     def start_window(self):
         self.window = list(self.live.values())
         self.peak_bytes, self.peak_event = self.live_bytes, self.event
 
-    def categories(self, event=None):
-        """Bytes per category of what was alive at `event` (default: now)."""
-        event = self.event if event is None else event
-        totals = dict.fromkeys(CATEGORIES, 0)
+    def at(self, event, top=5):
+        """What was alive at `event`: bytes per category, the activations by the module (or op,
+        outside any) that made them, and the `top` largest temporaries."""
+        categories, by_module, temporaries = dict.fromkeys(CATEGORIES, 0), {}, []
         for r in self.window:
-            if r.alive_at(event):
-                totals[r.category] += r.nbytes
-        return totals
-
-    def modules(self, event):
-        """Activation bytes alive at `event`, by the module (or op, outside any) that made them."""
-        by_module = {}
-        for r in self.window:
-            if r.category == "activations" and r.alive_at(event):
+            if not r.alive_at(event):
+                continue
+            categories[r.category] += r.nbytes
+            if r.category == "temporaries":
+                temporaries.append(r)
+            elif r.category == "activations":
                 where = r.module if r.module != NO_MODULE else f"(op {r.op}, outside any module)"
                 entry = by_module.setdefault(where, {"module": where, "bytes": 0, "ops": {}})
                 entry["bytes"] += r.nbytes
                 entry["ops"][r.op] = entry["ops"].get(r.op, 0) + r.nbytes
-        return sorted(by_module.values(), key=lambda m: -m["bytes"])
+        temporaries = [{"bytes": r.nbytes, "shape": list(r.shape), "dtype": r.dtype, "op": r.op,
+                        "module": r.module} for r in sorted(temporaries, key=lambda r: -r.nbytes)[:top]]
+        return categories, sorted(by_module.values(), key=lambda m: -m["bytes"]), temporaries
 
-    def temporaries(self, event, top=5):
-        """The largest temporaries alive at `event`: shape, dtype, the op and module that made them."""
-        alive = [r for r in self.window if r.category == "temporaries" and r.alive_at(event)]
-        return [{"bytes": r.nbytes, "shape": list(r.shape), "dtype": r.dtype, "op": r.op,
-                 "module": r.module} for r in sorted(alive, key=lambda r: -r.nbytes)[:top]]
 
+def _promote(record, category):
+    """Give a storage's record `category` unless it holds a higher one already (CATEGORIES' order)."""
+    if record is not None and _RANK[record.category] > _RANK[category]:
+        record.category = category
 
 
 # ---------------------------------------------------------------- the probe: what autograd saves
+
+BETWEEN_PHASES = "between phases"
+HELD_ONCE_SHARE, HELD_ONCE_BYTES = 0.01, MiB  # below both, memory held once is not worth a word
+COMPILE_DISABLED = ("torch.compile was off under the probe (dynamo skips every frame while its "
+                    "dispatch mode is active): these figures are the eager model's, not the compiled "
+                    "one's; on CUDA, compare torch.cuda.max_memory_allocated of an unprobed run")
+_EVENT_MESSAGES = {
+    "output_kept": "the model's output was held through backward: {tensors} of its tensors ({mib} "
+                   "MiB) that backward did not need, e.g. {shape} {dtype} from {module}, were alive "
+                   "when it ended (step {first_step}, {steps} steps in all); keep only the loss "
+                   "(loss = model(...).loss) or del the output before backward",
+    "graph_kept": "a graph outlived its backward: {tensors} tensors ({mib} MiB) saved for backward "
+                  "were still alive at the end of step {first_step} ({steps} steps in all); a loss "
+                  "or output kept with its graph, or backward(retain_graph=True)",
+    "grad_in_eval": "autograd saved {mib} MiB for backward during '{phase}' at step {first_step} "
+                    "({steps} steps in all) and no backward used it: run evaluation under "
+                    "torch.no_grad()",
+    "checkpointing_inactive": "gradient checkpointing is enabled but did not run: checkpointed "
+                              "layers saved {mib} MiB for backward at step {first_step} (e.g. "
+                              "{modules[0]}); is the model in train() mode?",
+}
+
 
 class _Saved:
     """What autograd keeps for a saved tensor: a detached alias, since the tensor's grad_fn would
@@ -308,8 +310,7 @@ class _Saves:
         # Called for every tensor autograd saves for backward outside a checkpointed region.
         tracker = self.tracker
         record = tracker.track(tensor, "saved", adopt=False)
-        if record is not None and _RANK[record.category] > _RANK["activations"]:
-            record.category = "activations"
+        _promote(record, "activations")
         phase = tracker.phase or BETWEEN_PHASES
         # By module, unless a reentrant recomputation in backward made it: counted once used.
         module = None
@@ -338,30 +339,27 @@ class _Saves:
         leaves = pytree.tree_leaves({k: v for k, v in output.items() if k != "loss"}
                                     if isinstance(output, dict) else output)
         for t in leaves:
-            if isinstance(t, torch.Tensor):
-                record = self.tracker.track(t, "output", adopt=False)
-                if record is not None:
-                    record._shape = t.shape   # the tensor's shape, not the op's (a view's storage)
-                    self.outputs.append(record)
+            record = self.tracker.track(t, "output", adopt=False) if isinstance(t, torch.Tensor) else None
+            if record is not None:
+                record._shape = t.shape   # the tensor's shape, not the op's (a view's storage)
+                self.outputs.append(record)
 
     def forward_ended(self):
         """What forward made and still holds is kept for backward: activations."""
-        tracker = self.tracker
-        made = [r for r in tracker.window
-                if r.freed is None and r.phase == "forward" and r.step == tracker.step]
+        step = self.tracker.step
         self.unsaved = [r for r in self.outputs if r.freed is None and r.category == "temporaries"]
-        for r in made:
-            if _RANK[r.category] > _RANK["activations"]:
-                r.category = "activations"
+        for r in self.tracker.window:
+            if r.freed is None and r.phase == "forward" and r.step == step:
+                _promote(r, "activations")
 
     def backward_ended(self):
         """The model's outputs autograd did not save, alive when backward ends: the loop held them."""
         held = [r for r in self.unsaved if r.freed is None]
-        held_bytes = sum(r.nbytes for r in held)
         if held:
             biggest = max(held, key=lambda r: r.nbytes)
-            self._event("output_kept", self.tracker.step, bytes=held_bytes, tensors=len(held),
-                        shape=list(biggest.shape), dtype=biggest.dtype, module=biggest.module)
+            self._event("output_kept", self.tracker.step, bytes=sum(r.nbytes for r in held),
+                        tensors=len(held), shape=list(biggest.shape), dtype=biggest.dtype,
+                        module=biggest.module)
         self.unsaved = []
 
     def check_step(self, step, checkpointed):
@@ -374,10 +372,8 @@ class _Saves:
             self.backward_steps += 1
             self.steps_saving_in_layers += any(_inside(m, self.layers) for m in watch["modules"])
             kept = {}  # what the kept graphs hold beyond the parameters they also save
-            for ref in watch["saved"]:
-                saved = ref()
-                record = None if saved is None else self.tracker.live.get(
-                    saved.tensor.untyped_storage().data_ptr())
+            for saved in filter(None, (ref() for ref in watch["saved"])):
+                record = self.tracker.live.get(saved.tensor.untyped_storage().data_ptr())
                 if record is not None and record.category in ("activations", "temporaries"):
                     kept[id(record)] = record.nbytes
             if kept:
@@ -405,29 +401,6 @@ class _Saves:
                 or e["bytes"] >= min(HELD_ONCE_SHARE * peak_bytes, HELD_ONCE_BYTES)]
 
 
-BETWEEN_PHASES = "between phases"
-HELD_ONCE_SHARE, HELD_ONCE_BYTES = 0.01, MiB  # below both, memory held once is not worth a word
-COMPILE_DISABLED = ("torch.compile was off under the probe (dynamo skips every frame while its "
-                    "dispatch mode is active): these figures are the eager model's, not the compiled "
-                    "one's; on CUDA, compare torch.cuda.max_memory_allocated of an unprobed run")
-
-_EVENT_MESSAGES = {
-    "output_kept": "the model's output was held through backward: {tensors} of its tensors ({mib} "
-                   "MiB) that backward did not need, e.g. {shape} {dtype} from {module}, were alive "
-                   "when it ended (step {first_step}, {steps} steps in all); keep only the loss "
-                   "(loss = model(...).loss) or del the output before backward",
-    "graph_kept": "a graph outlived its backward: {tensors} tensors ({mib} MiB) saved for backward "
-                  "were still alive at the end of step {first_step} ({steps} steps in all); a loss "
-                  "or output kept with its graph, or backward(retain_graph=True)",
-    "grad_in_eval": "autograd saved {mib} MiB for backward during '{phase}' at step {first_step} "
-                    "({steps} steps in all) and no backward used it: run evaluation under "
-                    "torch.no_grad()",
-    "checkpointing_inactive": "gradient checkpointing is enabled but did not run: checkpointed "
-                              "layers saved {mib} MiB for backward at step {first_step} (e.g. "
-                              "{modules[0]}); is the model in train() mode?",
-}
-
-
 # ---------------------------------------------------------------- the probe: what it sees of the stack
 
 class _Stack:
@@ -435,24 +408,22 @@ class _Stack:
 
     def __init__(self, tracker, device, saves):
         self.tracker, self.device, self.saves = tracker, device, saves
-        self.model = self.optimizer = None
+        self.model = self.optimizer = self.lm = None  # lm: the Hugging Face model in it, if any
         self.names, self.seen = {}, {}     # module -> name; bs, seq, autocast: read at the first forward
         self.roles, self.graded, self.hooks = None, set(), []  # roles: (parameters, buffers), once a step
         self.compiled, self.config_dir = [], None  # torch.compile'd modules; a written config.json's
 
     def attach(self, model, optimizer):
-        self.model, self.optimizer = model, optimizer
-        self.names = names = module_names(model)
-        for module, name in names.items():
+        self.model, self.optimizer, self.lm = model, optimizer, _language_model(model)
+        self.names = module_names(model)
+        for module, name in self.names.items():
             self.hooks.append(module.register_forward_pre_hook(
                 lambda *_, name=name: self.tracker.module_stack.append(name)))
             self.hooks.append(module.register_forward_hook(self._leave_module, always_call=True))
-        lm = _language_model(model)
-        if lm is not None:
-            self.hooks.append(lm.get_input_embeddings().register_forward_pre_hook(self._first_forward))
-            self.hooks.append(lm.register_forward_hook(self.saves.model_output))
-            layers = decoder_layers(lm)
-            self.saves.layers = [names[layer] for layer in layers] if layers is not None else []
+        if self.lm is not None:
+            self.hooks += [self.lm.get_input_embeddings().register_forward_pre_hook(self._first_forward),
+                           self.lm.register_forward_hook(self.saves.model_output)]
+            self.saves.layers = [self.names[layer] for layer in decoder_layers(self.lm) or []]
         for p in model.parameters():  # judged by what backward gave, whatever zero_grad does later
             if p.requires_grad:
                 self.hooks.append(p.register_post_accumulate_grad_hook(self._graded))
@@ -505,10 +476,9 @@ class _Stack:
     def inferred_config(self):
         if self.model is None:
             return {}
-        lm = _language_model(self.model)
         params = _unique_params([self.model])
-        config = {"probe": True, "model_class": type(lm or self.model).__name__,
-                  "model": getattr(getattr(lm, "config", None), "_name_or_path", None) or None,
+        config = {"probe": True, "model_class": type(self.lm or self.model).__name__,
+                  "model": getattr(getattr(self.lm, "config", None), "_name_or_path", None) or None,
                   "model_config": self.config_dir,   # (where a report went: not compared by diff)
                   "param_count": sum(p.numel() for p in params),
                   "param_bytes_by_dtype": _bytes_by_dtype(params),
@@ -519,61 +489,42 @@ class _Stack:
         config["baseline_command"] = baseline_command(config)
         return {k: v for k, v in config.items() if v is not None}  # unknown is absent, not null
 
+    def save_config(self, report_path):
+        """A model with no path or hub name: its config.json beside the report, for the baseline."""
+        if self.lm is None or getattr(self.lm.config, "_name_or_path", None) or self.config_dir:
+            return
+        self.config_dir = os.path.splitext(os.path.abspath(report_path))[0] + "-model"
+        self.lm.config.save_pretrained(self.config_dir)
+
     def checkpointing(self):
         """As measured; before any backward (an OOM in step 1), as the model is configured."""
         measured = self.saves.checkpointing()
         return bool(_checkpointed_layers(self.model)) if measured is None else measured
 
-    def save_config(self, report_path):
-        """A model with no path or hub name: its config.json beside the report, for the baseline."""
-        lm = _language_model(self.model) if self.model is not None else None
-        if lm is None or getattr(lm.config, "_name_or_path", None) or self.config_dir:
-            return
-        self.config_dir = os.path.splitext(os.path.abspath(report_path))[0] + "-model"
-        lm.config.save_pretrained(self.config_dir)
-
-    def budget(self, cuda_workspace_bytes):
-        lm = _language_model(self.model) if self.model is not None else None
-        seen, checkpointing, plan = self.seen, self.checkpointing(), _budget_function()
-        if lm is None or "bs" not in seen or plan is None:
-            return None
-        try:
-            return plan(lm, bs=int(seen["bs"]), seq=int(seen["seq"]), checkpointing=checkpointing,
-                        autocast_dtype=getattr(torch, seen["autocast"]) if seen["autocast"] else None,
-                        device=self.device, extra=[self.model], cuda_workspace_bytes=cuda_workspace_bytes)
-        except (ValueError, AttributeError, KeyError):  # not a decoder the budget can read
-            return None
-
-    def stack_warnings(self):
-        """no_grad, model_mismatch and compile_disabled: what is wrong with the stack itself."""
-        found = [{"kind": "compile_disabled", "modules": self.compiled, "message": COMPILE_DISABLED}
-                 if self.compiled else None, self._mismatch()]
-        return [w for w in found if w] + self._no_grad()
-
-    def _mismatch(self):
-        lm = _language_model(self.model) if self.model is not None else None
+    def warnings(self):
+        """compile_disabled, model_mismatch and no_grad: what is wrong with the stack itself."""
+        lm, found = self.lm, []
+        if self.compiled:
+            found.append({"kind": "compile_disabled", "modules": self.compiled, "message": COMPILE_DISABLED})
         built_as = getattr(getattr(type(lm), "config_class", None), "model_type", None)
         read_as = getattr(getattr(lm, "config", None), "model_type", None)
-        if not built_as or not read_as or built_as == read_as:
-            return None
-        cls = type(lm).__name__
-        return {"kind": "model_mismatch", "class": cls, "model_type": read_as,
-                "message": f"{cls} was built from a config of model_type {read_as!r} (architectures "
-                           f"{getattr(lm.config, 'architectures', None)}): the weights of another "
-                           "architecture; load the folder with AutoModelForCausalLM"}
-
-    def _no_grad(self):
+        if built_as and read_as and built_as != read_as:
+            cls = type(lm).__name__
+            message = (f"{cls} was built from a config of model_type {read_as!r} (architectures "
+                       f"{getattr(lm.config, 'architectures', None)}): the weights of another "
+                       "architecture; load the folder with AutoModelForCausalLM")
+            found.append({"kind": "model_mismatch", "class": cls, "model_type": read_as, "message": message})
         if not self.saves.backward_steps or self.model is None:
-            return []
+            return found
         trainable = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
         missing = [n for n, p in trainable if id(p) not in self.graded]
-        if not missing:
-            return []
-        return [{"kind": "no_grad", "count": len(missing), "of": len(trainable), "names": missing[:5],
-                 "message": f"{len(missing)} of {len(trainable)} trainable parameters never received a "
-                            f"gradient, e.g. {', '.join(missing[:3])}: with reentrant checkpointing and "
-                            "frozen input embeddings, call model.enable_input_require_grads() or use "
-                            "use_reentrant=False"}]
+        if missing:
+            message = (f"{len(missing)} of {len(trainable)} trainable parameters never received a "
+                       f"gradient, e.g. {', '.join(missing[:3])}: with reentrant checkpointing and frozen "
+                       "input embeddings, call model.enable_input_require_grads() or use use_reentrant=False")
+            found.append({"kind": "no_grad", "count": len(missing), "of": len(trainable),
+                          "names": missing[:5], "message": message})
+        return found
 
 
 # ---------------------------------------------------------------- the probe
@@ -619,13 +570,12 @@ class Probe:
 
     def close(self, error=None):
         """Stop measuring, record how the run ended, write the report to `path`. Safe twice."""
-        if error is not None:
-            if isinstance(error, KeyboardInterrupt):
-                self.status, self.error = "interrupted", "interrupted (Ctrl-C)"
-            elif is_out_of_memory(error):
-                self._record_oom(error)
-            elif self.status == "ok":
-                self.status, self.error = "error", f"{type(error).__name__}: {first_line(error)}"
+        if isinstance(error, KeyboardInterrupt):
+            self.status, self.error = "interrupted", "interrupted (Ctrl-C)"
+        elif is_out_of_memory(error):
+            self._record_oom(error)
+        elif error is not None and self.status == "ok":
+            self.status, self.error = "error", f"{type(error).__name__}: {first_line(error)}"
         if not self._open:
             return
         self._open = False
@@ -637,9 +587,7 @@ class Probe:
         if self._started is not None and self.status == "ok":
             self._check_step()
         if self.path:
-            self._stack.save_config(self.path)
-            report = self.report()
-            write_report(self.path, report)
+            report = self.save()
             baseline = report["config"].get("baseline_command")
             self.log(f"memcheck: peak {mib(report['peak_bytes'])} MiB ({report['status']}), "
                      f"{len(report['warnings'])} warnings; report written to {self.path}"
@@ -702,10 +650,9 @@ class Probe:
     def _phase_stats(self):
         """The closing phase's peak, what was alive then, and on CUDA the allocator's own figures."""
         tracker = self.tracker
-        stats = {"peak_bytes": tracker.peak_bytes, "live_bytes": tracker.live_bytes,
-                 "step": tracker.step, "categories": tracker.categories(tracker.peak_event),
-                 "modules": tracker.modules(tracker.peak_event),
-                 "temporaries": tracker.temporaries(tracker.peak_event)}
+        categories, modules, temporaries = tracker.at(tracker.peak_event)
+        stats = {"peak_bytes": tracker.peak_bytes, "live_bytes": tracker.live_bytes, "step": tracker.step,
+                 "categories": categories, "modules": modules, "temporaries": temporaries}
         if self.cuda:
             torch.cuda.synchronize(self.device)
             stats["tracked_peak_bytes"] = stats["peak_bytes"]
@@ -725,7 +672,8 @@ class Probe:
             self.end()
         if self.cuda:
             torch.cuda.synchronize(self.device)
-        now, live = time.perf_counter(), self.live_bytes()
+        now = time.perf_counter()
+        live = torch.cuda.memory_allocated(self.device) if self.cuda else self.tracker.live_bytes
         self.steps.append({"step": self.tracker.step,
                            "loss": None if loss is None else float(torch.as_tensor(loss).detach()),
                            "seconds": now - (self._started or self._step_ended),
@@ -737,19 +685,21 @@ class Probe:
         return self.steps[-1]
 
     def _check_step(self):
-        """The end-of-step checks: what autograd saved, and the leak's survivors while memory grows."""
-        self._saves.check_step(self.tracker.step, self._stack.checkpointed())
+        """The end-of-step checks: what autograd saved, and while memory grows, the leak's survivors:
+        activations and temporaries made before this step (the loop's setup aside), still alive."""
+        step = self.tracker.step
+        self._saves.check_step(step, self._stack.checkpointed())
         ends = [s["live_bytes"] for s in self.steps]
         if len(ends) >= 2 and ends[-1] > ends[-2]:
-            self._survivors = _survivors(self.tracker, self.tracker.step)
-
-    def live_bytes(self):
-        return torch.cuda.memory_allocated(self.device) if self.cuda else self.tracker.live_bytes
+            kept = sorted((r for r in self.tracker.live.values() if r.step < step and r.category in
+                           ("activations", "temporaries") and not (r.step == 1 and r.phase is None)),
+                          key=lambda r: (-r.nbytes, r.created))
+            self._survivors = [{"shape": list(r.shape), "dtype": r.dtype, "bytes": r.nbytes, "step": r.step,
+                                "module": r.module, "op": r.op} for r in kept[:TOP_SURVIVORS]]
 
     # -- failures
     def _record_oom(self, error):
-        self.status = "oom"
-        self.error = first_line(error)
+        self.status, self.error = "oom", first_line(error)
         if self.oom is None:
             self.oom = {"phase": self.tracker.phase or BETWEEN_PHASES, "step": self.tracker.step,
                         "message": self.error}
@@ -762,28 +712,17 @@ class Probe:
                 self.save(self.path)
 
     # -- results
-    def inferred_config(self):
-        return self._stack.inferred_config()
-
-    def budget(self):
-        """The budget at the observed shapes, less what the allocator held beyond tracked tensors."""
-        untracked = [s["untracked_bytes"] for n, s in self.phases.items()
-                     if n != "load" and "untracked_bytes" in s]
-        return self._stack.budget(min(untracked) if untracked else None)
-
-    def warnings(self, leak=None):
-        """Each pathology seen, as {"kind", "message", ...}; a clean loop has none."""
-        leak = leak or find_leak(self.steps, self._survivors)
-        steps = len(leak["step_end_bytes"])
-        found = [{"kind": "leak", "bytes_per_step": leak["bytes_per_step"], "steps": steps,
-                  "bytes": leak["bytes_per_step"] * (steps - 1), "message": leak_message(leak)}
-                 ] if leak["detected"] else []
-        return found + self._stack.stack_warnings() + self._saves.warnings(self.peak["peak_bytes"])
-
-
     def report(self):
-        config = self.config or self.inferred_config()
+        config = self.config or self._stack.inferred_config()
         leak = find_leak(self.steps, self._survivors)
+        steps, survivors = len(leak["step_end_bytes"]), leak["survivors"]
+        examples = "; ".join(f"{s['shape']} {s['dtype']} {s['bytes']:,} B from {s['op']} in {s['module']} "
+                             f"(step {s['step']})" for s in survivors[:3])
+        warnings = [{"kind": "leak", "bytes_per_step": leak["bytes_per_step"], "steps": steps,
+                     "bytes": leak["bytes_per_step"] * (steps - 1),
+                     "message": f"live memory grows {leak['bytes_per_step']:,.0f} bytes every step; "
+                                f"{len(survivors)} tensors from earlier steps survive"
+                                + (f", e.g. {examples}" if survivors else "")}] if leak["detected"] else []
         report = {"schema": SCHEMA, "command": " ".join([os.path.basename(sys.executable)] + sys.argv),
                   "status": self.status, "error": self.error, "config": config,
                   "env": environment(self.device), "peak_bytes": self.peak["peak_bytes"],
@@ -791,25 +730,23 @@ class Probe:
                   "modules": self.peak.get("modules", []), "temporaries": self.peak.get("temporaries", []),
                   "phases": {name: {k: v for k, v in stats.items() if k not in ("modules", "temporaries")}
                              for name, stats in self.phases.items()},
-                  "steps": self.steps, "leak": leak, "oom": self.oom, "warnings": self.warnings(leak)}
+                  "steps": self.steps, "leak": leak, "oom": self.oom, "warnings": warnings
+                  + self._stack.warnings() + self._saves.warnings(self.peak["peak_bytes"])}
         if not self.config:
-            report["budget"] = self.budget()
-            if _budget_function() is None:
-                report["no_budget"] = NO_BUDGET
+            try:
+                from budget import probed  # late: budget.py imports this file
+            except ImportError:  # no budget.py beside this file
+                report["budget"], report["no_budget"] = None, NO_BUDGET
+            else:
+                report["budget"] = probed(self._stack, self.phases)
         return report
 
     def save(self, path=None):
+        """Write the report to `path` (default: the probe's), and return it."""
         self._stack.save_config(path or self.path)
-        write_report(path or self.path, self.report())
-
-
-def _budget_function():
-    """budget.budget from budget.py beside this file (imported late: it imports this one), or None."""
-    try:
-        from budget import budget
-    except ImportError:
-        return None
-    return budget
+        report = self.report()
+        write_report(path or self.path, report)
+        return report
 
 
 # ---------------------------------------------------------------- the stack, duck-typed
@@ -864,13 +801,12 @@ def _checkpointed_layers(model):
 def _adapter(module):
     """(base linear, {r, experts, impl, dropout}) of a gated LoRA or a PEFT LoRA layer, else None."""
     if hasattr(module, "n_experts") and hasattr(module, "base"):
-        p = getattr(module.dropout, "p", 0.0)
         return module.base, {"r": module.r, "experts": module.n_experts, "impl": module.impl,
-                             "dropout": p}
+                             "dropout": getattr(module.dropout, "p", 0.0)}
     if hasattr(module, "base_layer") and isinstance(getattr(module, "r", None), dict) and module.r:
         name = next(iter(module.r))
-        p = getattr(module.lora_dropout[name], "p", 0.0)
-        return module.base_layer, {"r": module.r[name], "experts": 1, "impl": "lean", "dropout": p,
+        return module.base_layer, {"r": module.r[name], "experts": 1, "impl": "lean",
+                                   "dropout": getattr(module.lora_dropout[name], "p", 0.0),
                                    "alpha": module.lora_alpha[name]}
     return None
 
@@ -918,14 +854,12 @@ def baseline_command(config):
         flags.append(f"--model {config.get('model') or config['model_config']}")
     if config.get("adapters"):
         flags.append(f"--r {config['r']} --alpha {config['alpha']:g} --experts {config['experts']} "
-                     f"--dropout {config['dropout']:g} --targets {','.join(config['targets'])}")
-        if config["experts"] == 1:
-            flags.append("--no-inject-items")
-    flags.append(f"--precision {precision}")
+                     f"--dropout {config['dropout']:g} --targets {','.join(config['targets'])}"
+                     + (" --no-inject-items" if config["experts"] == 1 else ""))
     # Measured, or before any backward (an OOM in step 1) as configured.
     checkpointing = config.get("checkpointing")
     checkpointing = config.get("checkpointing_enabled") if checkpointing is None else checkpointing
-    flags.append("--ckpt " + ("manual" if checkpointing else "none"))
+    flags.append(f"--precision {precision} --ckpt " + ("manual" if checkpointing else "none"))
     return "python ref_train.py " + " ".join(flags)
 
 
@@ -986,7 +920,10 @@ def hf_callback(path, **probe_kwargs):
 
         def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
             self.probe = Probe(model, optimizer, path=path, **probe_kwargs).__enter__()
-            trainer = _calling(Trainer)
+            frame = sys._getframe()  # the Trainer whose train() is running further up this thread
+            while frame is not None and not isinstance(frame.f_locals.get("self"), Trainer):
+                frame = frame.f_back
+            trainer = None if frame is None else frame.f_locals["self"]
             methods = ((trainer, "training_step"), (optimizer, "step"), (trainer, "prediction_step"))
             self.wrapped = [(owner, name) for owner, name in methods if owner is not None]
             for owner, name in self.wrapped:  # evaluation (prediction_step) is a phase of its own
@@ -1032,49 +969,25 @@ def hf_callback(path, **probe_kwargs):
     return MemcheckCallback()
 
 
-def _calling(cls):
-    """The instance of `cls` whose method is running further up this thread's stack, or None."""
-    frame = sys._getframe(1)
-    while frame is not None and not isinstance(frame.f_locals.get("self"), cls):
-        frame = frame.f_back
-    return None if frame is None else frame.f_locals["self"]
-
-
 def environment(device):
     try:
         from transformers import __version__ as transformers_version
     except ImportError:
         transformers_version = None
-    device = torch.device(device)
+    device, cpu = torch.device(device), platform.processor() or "cpu"
+    with contextlib.suppress(OSError, StopIteration), open("/proc/cpuinfo") as f:
+        cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
     return {"python": platform.python_version(), "torch": torch.__version__,
             "transformers": transformers_version, "cuda": torch.version.cuda,
-            "device": torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_name(),
+            "device": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu,
             "cpu_cores": os.cpu_count(), "torch_threads": torch.get_num_threads()}
-
-
-def _cpu_name():
-    with contextlib.suppress(OSError, StopIteration), open("/proc/cpuinfo") as f:
-        return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    return platform.processor() or "cpu"
-
 
 
 # ---------------------------------------------------------------- leaks
 
-def _survivors(tracker, step):
-    """Activations and temporaries made before `step` (the loop's setup aside), still alive."""
-    kept = [r for r in tracker.live.values()
-            if r.step < step and r.category in ("activations", "temporaries")
-            and not (r.step == 1 and r.phase is None)]
-    kept.sort(key=lambda r: (-r.nbytes, r.created))
-    return [{"shape": list(r.shape), "dtype": r.dtype, "bytes": r.nbytes, "step": r.step,
-             "module": r.module, "op": r.op} for r in kept[:TOP_SURVIVORS]]
-
-
 def find_leak(steps, survivors=()):
     """Live memory that grows at every step after the first, over three steps or more, by any amount:
     the tracker is exact, and a one-off cache does not grow every step."""
-
     ends = [s["live_bytes"] for s in steps]
     growth = [b - a for a, b in zip(ends, ends[1:])]
     # Two intervals at least: a single one cannot tell a leak from a one-off allocation.
@@ -1082,14 +995,6 @@ def find_leak(steps, survivors=()):
     return {"detected": detected,
             "bytes_per_step": (ends[-1] - ends[0]) / (len(ends) - 1) if len(ends) > 1 else 0.0,
             "step_end_bytes": ends, "survivors": list(survivors) if detected else []}
-
-
-def leak_message(leak):
-    survivors = leak["survivors"]
-    return (f"live memory grows {leak['bytes_per_step']:,.0f} bytes every step; "
-            f"{len(survivors)} tensors from earlier steps survive" + (", e.g. " if survivors else "")
-            + "; ".join(f"{s['shape']} {s['dtype']} {s['bytes']:,} B from {s['op']} in {s['module']} "
-                        f"(step {s['step']})" for s in survivors[:3]))
 
 
 # ---------------------------------------------------------------- reports
@@ -1138,33 +1043,16 @@ def read_report(path):
     return report
 
 
-AS_EXPECTED = 0.03       # within it of the budget a run is "as expected"; warnings this heavy are named
-BUDGET_TOLERANCE = 0.10  # the budget's accuracy target: beyond it, a peak is an excess
+AS_EXPECTED = 0.03  # within it of the budget a run is "as expected"; warnings this heavy are named
 
 
 def verdict(report):
-    """The measured training peak against the budget, in plain words, with the weighty warnings."""
-    planned = report.get("budget")
-    if not planned or not report.get("peak_bytes"):
-        return report.get("no_budget", "no budget to compare with")
-    ratio = report["peak_bytes"] / planned["peak_bytes"]
-    if report.get("oom"):
-        return (f"the budget for this setup is {mib(planned['peak_bytes'])} MiB; the OOM came at "
-                f"{mib(report['peak_bytes'])} MiB in {report['oom']['phase']} ({ratio:.2f}x the budget)")
-    heavy = weighty_warnings(report)
-    named = f"; WARNING {', '.join(heavy)}" if heavy else ""
-    if abs(ratio - 1) <= AS_EXPECTED:
-        return f"measured peak {ratio:.2f}x the budget: " + ("as expected" if not heavy else named[2:])
-    if ratio < 1:
-        below = "the budget overcounts this configuration" if ratio < 1 - BUDGET_TOLERANCE else "within 10%"
-        return f"measured peak {ratio:.2f}x the budget: below it, {below}{named}"
-    excess = {c: report["categories"].get(c, 0) - planned["categories"].get(c, 0) for c in CATEGORIES}
-    worst = max(excess, key=excess.get)
-    where = (f"the excess is in {worst.replace('_', ' ')} (+{mib(excess[worst])} MiB) during "
-             f"{report['peak_phase']}" + (_largest_temporary(report) if worst == "temporaries" else ""))
-    if ratio > 1 + BUDGET_TOLERANCE:
-        return f"measured peak {ratio:.1f}x the budget: {where}{named}"
-    return f"measured peak {ratio:.2f}x the budget, within 10%: {where}{named}"
+    """The measured training peak against the budget (budget.py's verdict), or how to get one."""
+    try:
+        from budget import verdict as budget_verdict  # late: budget.py imports this file
+    except ImportError:  # no budget.py beside this file
+        return report.get("no_budget", NO_BUDGET)
+    return budget_verdict(report)
 
 
 def weighty_warnings(report):
@@ -1174,25 +1062,8 @@ def weighty_warnings(report):
 
 
 def _largest_temporary(report):
-    if not report.get("temporaries"):
-        return ""
-    top = report["temporaries"][0]
-    return f", mostly {top['shape']} {top['dtype']} from {top['op']} in {top['module']}"
-
-
-def _weights_line(report):
-    """The weights, when they are more than half of the peak: what to look at first after an OOM."""
-    cats, config = report.get("categories") or {}, report.get("config") or {}
-    weights = cats.get("trainable_params", 0) + cats.get("frozen_params", 0)
-    if not report["peak_bytes"] or 2 * weights <= report["peak_bytes"]:
-        return []
-    count = config.get("param_count") or sum((report.get("params") or {}).get(k, 0)
-                                             for k in ("trainable", "frozen"))
-    by_dtype = config.get("param_bytes_by_dtype") or {}
-    dtype = max(by_dtype, key=by_dtype.get) if by_dtype else (report.get("params") or {}).get("dtype", "")
-    return [f"the weights are {weights / report['peak_bytes']:.0%} of the peak: "
-            f"{config.get('model_class') or config.get('model')}, {count:,} parameters, {dtype}, "
-            f"{mib(weights)} MiB"]
+    top = (report.get("temporaries") or [{}])[0]
+    return f", mostly {top['shape']} {top['dtype']} from {top['op']} in {top['module']}" if top else ""
 
 
 # ---------------------------------------------------------------- tables
@@ -1209,28 +1080,32 @@ def markdown_table(header, rows):
     return "\n".join(lines + ["| " + " | ".join(map(str, r)) + " |" for r in rows])
 
 
-def _phase_rows(report):
+def _phase_table(report):
     planned = (report.get("budget") or {}).get("phases", {})
-    return [(name, mib(stats["live_bytes"]), mib(stats["peak_bytes"]),
-             mib(planned[name]) if name in planned else "-")
-            for name, stats in report["phases"].items()]
+    return ("phase", "live MiB", "peak MiB", "budget MiB"), [
+        (name, mib(stats["live_bytes"]), mib(stats["peak_bytes"]), mib(planned[name]) if name in planned
+         else "-") for name, stats in report["phases"].items()]
 
 
 def format_report(report):
-    """The summary a person reads at a glance: weights, phases, verdict, categories, modules, leak,
-    warnings."""
-    lines = _weights_line(report)
-    lines += [text_table(("phase", "live MiB", "peak MiB", "budget MiB"), _phase_rows(report)), ""]
-    if report.get("oom"):
-        oom = report["oom"]
+    """What a person reads at a glance: weights, phases, verdict, categories, modules, leak, warnings."""
+    cats, config, params = (report.get(key) or {} for key in ("categories", "config", "params"))
+    oom, leak, peak, lines = report.get("oom"), report["leak"], report["peak_bytes"], []
+    weights = cats.get("trainable_params", 0) + cats.get("frozen_params", 0)
+    if peak and 2 * weights > peak:  # more than half of the peak: what to look at first after an OOM
+        count = config.get("param_count") or params.get("trainable", 0) + params.get("frozen", 0)
+        by_dtype = config.get("param_bytes_by_dtype") or {}
+        dtype = max(by_dtype, key=by_dtype.get) if by_dtype else params.get("dtype", "")
+        model = config.get("model_class") or config.get("model")
+        lines.append(f"the weights are {weights / peak:.0%} of the peak: {model}, {count:,} parameters, "
+                     f"{dtype}, {mib(weights)} MiB")
+    lines += [text_table(*_phase_table(report)), ""]
+    if oom:
         lines.append(f"OUT OF MEMORY in {oom['phase']} at step {oom['step']}: {oom['message']}")
     elif report.get("status", "ok") != "ok":
         lines.append(f"run {report['status'].upper()}: {report.get('error')}")
-    if report["peak_phase"] is None:
-        lines.append("peak: not measured (no training phase finished)")
-    else:
-        lines.append(f"peak {mib(report['peak_bytes'])} MiB in {report['peak_phase']}; {verdict(report)}")
-    cats = report.get("categories") or {}
+    lines.append("peak: not measured (no training phase finished)" if report["peak_phase"] is None else
+                 f"peak {mib(peak)} MiB in {report['peak_phase']}; {verdict(report)}")
     if any(cats.values()):
         lines.append("at the peak: " + " | ".join(f"{c.replace('_', ' ')} {mib(v)}"
                                                  for c, v in cats.items() if v))
@@ -1241,20 +1116,15 @@ def format_report(report):
         lines.append("largest temporaries: " + ", ".join(
             f"{t['shape']} {t['dtype']} from {t['op']} in {t['module']} {mib(t['bytes'])}"
             for t in report["temporaries"][:3] if mib(t["bytes"]) != "0.0"))
-    if report.get("params"):
-        p = report["params"]
-        lines.append(f"parameters: {p['trainable']:,} trainable, {p['frozen']:,} frozen")
-    leak = report["leak"]
+    if params:
+        lines.append(f"parameters: {params['trainable']:,} trainable, {params['frozen']:,} frozen")
     if len(leak["step_end_bytes"]) < 2:
         lines.append("leak: not measured (it takes two finished steps or more)")
     elif not leak["detected"]:
         lines.append("leak: none (live memory at the end of each step does not grow)")
-    for w in report.get("warnings") or []:
-        lines.append(f"WARNING {w['kind']}: {w['message']}")
-    baseline = (report.get("config") or {}).get("baseline_command")
-    if baseline:
-        lines.append(f"the reference for this stack: {baseline}")
-    return "\n".join(lines)
+    lines += [f"WARNING {w['kind']}: {w['message']}" for w in report.get("warnings") or []]
+    baseline = config.get("baseline_command")
+    return "\n".join(lines + ([f"the reference for this stack: {baseline}"] if baseline else []))
 
 
 def markdown_block(title, tables, env=None, command=None):
@@ -1274,9 +1144,7 @@ def markdown_report(report):
     cats = [(c.replace("_", " "), mib(v)) for c, v in (report.get("categories") or {}).items()]
     return markdown_block(
         f"memcheck: peak {mib(report['peak_bytes'])} MiB in {report['peak_phase']} ({verdict(report)})",
-        [(("phase", "live MiB", "peak MiB", "budget MiB"), _phase_rows(report)),
-         (("at the peak", "MiB"), cats)],
-        report["env"], report["command"])
+        [_phase_table(report), (("at the peak", "MiB"), cats)], report["env"], report["command"])
 
 
 # ---------------------------------------------------------------- diff
@@ -1319,48 +1187,43 @@ def _phase_peak(phases, name):
     return phases.get(name)
 
 
-def _reserved(report):
-    return max((s["reserved_bytes"] for n, s in report["phases"].items()
-                if n != "load" and "reserved_bytes" in s), default=None)
+def _peak(report):
+    """The training peak, None where no training phase finished (a run stopped while loading)."""
+    return report["peak_bytes"] if report["peak_phase"] is not None else None
 
 
 def diff(a, b):
     """Rows (what, A bytes or None, B bytes or None) in the text table's order; None is "not measured
     on that side", never 0. Modules are aligned by their place in the model (module_group)."""
     rows = [("peak", _peak(a), _peak(b))]
-    if _reserved(a) is not None or _reserved(b) is not None:
-        rows.append(("reserved", _reserved(a), _reserved(b)))
+    reserved = [max((s["reserved_bytes"] for name, s in r["phases"].items()
+                     if name != "load" and "reserved_bytes" in s), default=None) for r in (a, b)]
+    rows += [("reserved", *reserved)] if reserved != [None, None] else []
     pa, pb = ({name: stats["peak_bytes"] for name, stats in r["phases"].items()} for r in (a, b))
     names = dict.fromkeys([p for p in PHASES if p in pa or p in pb] + list(pa) + list(pb))
     rows += [(f"{name} peak", _phase_peak(pa, name), _phase_peak(pb, name)) for name in names]
     rows += [(f"at peak: {c.replace('_', ' ')}", a["categories"].get(c), b["categories"].get(c))
              for c in CATEGORIES]
     ga, gb = _modules_by_group(a), _modules_by_group(b)
-    groups = sorted(set(ga) | set(gb), key=lambda g: (-abs(gb.get(g, {"bytes": 0})["bytes"]
-                                                           - ga.get(g, {"bytes": 0})["bytes"]), g))
+    size = lambda groups, g: groups.get(g, {}).get("bytes", 0)
     # (ties by name: a set's order changes with the hash seed, and the table shows the first rows)
-    for g in groups:
+    for g in sorted(set(ga) | set(gb), key=lambda g: (-abs(size(gb, g) - size(ga, g)), g)):
         count = max(ga.get(g, {}).get("count", 0), gb.get(g, {}).get("count", 0))
         if g.startswith("(op "):  # made outside any module: the op names the row in both stacks
             label = "op " + g[len("(op "):].replace(", outside any module)", " (outside any module)")
         else:
             label = f"module {g}" + (f" (x{count})" if "*" in g else "")
-        rows.append((label, *(groups.get(g, {}).get("bytes", 0) if _peak(r) is not None else None
+        rows.append((label, *(size(groups, g) if _peak(r) is not None else None
                               for groups, r in ((ga, a), (gb, b)))))
     rows.append(("leak per step (bytes)", *(r["leak"]["bytes_per_step"] if len(r["steps"]) > 1 else None
                                             for r in (a, b))))
     return rows
 
 
-def _peak(report):
-    """The training peak, None where no training phase finished (a run stopped while loading)."""
-    return report["peak_bytes"] if report["peak_phase"] is not None else None
-
-
-def _dominant_op(groups_a, groups_b, row):
+def _dominant_op(a, b, row):
     """(op, excess bytes) when one op explains most of a module row's excess, else None."""
     group = row[0][len("module "):].split(" (x")[0]
-    ops_a, ops_b = (groups.get(group, {}).get("ops", {}) for groups in (groups_a, groups_b))
+    ops_a, ops_b = (_modules_by_group(r).get(group, {}).get("ops", {}) for r in (a, b))
     excess = {op: ops_b.get(op, 0) - ops_a.get(op, 0) for op in set(ops_a) | set(ops_b)}
     if not excess:
         return None
@@ -1376,17 +1239,9 @@ def config_differences(a, b):
     return {k: [ca[k], cb[k]] for k in keys if ca[k] != cb[k]}
 
 
-def _run_warnings(report, name):
-    status = report.get("status", "ok")
-    if status == "ok" and not report.get("oom"):
-        return []
-    what = {"error": "failed", "interrupted": "was interrupted"}.get(status, "ran out of memory")
-    detail = (report.get("oom") or {}).get("message") or report.get("error") or ""
-    return [f"WARNING: {name} {what} ({detail}); its figures stop where it stopped"]
-
-
 def conclusion(a, b, rows):
-    """One line: how B's peak compares with A's, and where the difference is."""
+    """One line: how B's peak compares with A's, where the difference is (the category, module, op),
+    and what leaks or warns."""
     x, y = a["peak_bytes"], b["peak_bytes"]
     if not x or not y:
         return "no conclusion: one side measured no training peak"
@@ -1395,15 +1250,7 @@ def conclusion(a, b, rows):
                     if r["leak"]["detected"])
     if abs(y / x - 1) <= SAME_WITHIN:
         return f"the two trainings cost the same (within 1%): {mib(x)} and {mib(y)} MiB{leaks}"
-    heavier, side = (b, "B") if y > x else (a, "A")
-    warned = weighty_warnings(heavier)
-    return _where(a, b, rows) + leaks + (f"; {side} warns {', '.join(warned)}" if warned else "")
-
-
-def _where(a, b, rows):
-    """How B's peak compares with A's, and the category (module, op) the difference is in."""
-    x, y = a["peak_bytes"], b["peak_bytes"]
-    sign = 1 if y > x else -1
+    sign, side = (1, "B") if y > x else (-1, "A")
     line = f"B's peak is {y / x:.2f}x A's ({(y - x) / MiB:+.1f} MiB)"
     cats = [r for r in rows if r[0].startswith("at peak: ") and r[1] is not None and r[2] is not None]
     if cats:
@@ -1414,13 +1261,13 @@ def _where(a, b, rows):
         if places and what.endswith("activations"):  # module and op rows are saved activations
             name, ma, mb = max(places, key=lambda r: sign * (r[2] - r[1]))
             if sign * (mb - ma) > 0:
-                op = (_dominant_op(_modules_by_group(a), _modules_by_group(b), (name, ma, mb))
-                      if name.startswith("module ") else None)
+                op = _dominant_op(a, b, (name, ma, mb)) if name.startswith("module ") else None
                 line += (f", mostly {name.split(' ', 1)[1]} ({(mb - ma) / MiB:+.1f} MiB"
                          + (f", op {op[0]})" if op else ")"))
         elif what.endswith("temporaries"):
             line += _largest_temporary(b if sign > 0 else a)
-    return line
+    warned = weighty_warnings(b if sign > 0 else a)
+    return line + leaks + (f"; {side} warns {', '.join(warned)}" if warned else "")
 
 
 def diff_json(a, b):
@@ -1432,13 +1279,34 @@ def diff_json(a, b):
             "conclusion": conclusion(a, b, rows)}
 
 
+def _diff_notes(a, b):
+    """What to know before reading the table: runs that stopped early, probed stacks, configurations,
+    warnings one side has."""
+    notes, sides, changed = [], (("A", a), ("B", b)), config_differences(a, b)
+    for side, r in sides:
+        status = r.get("status", "ok")
+        if status != "ok" or r.get("oom"):
+            what = {"error": "failed", "interrupted": "was interrupted"}.get(status, "ran out of memory")
+            detail = (r.get("oom") or {}).get("message") or r.get("error") or ""
+            notes.append(f"WARNING: {side} {what} ({detail}); its figures stop where it stopped")
+    notes += [f"{side} was measured by memcheck's probe in its own stack: its configuration is what the "
+              "probe could see" for side, r in sides if (r.get("config") or {}).get("probe")]
+    notes.append("different configurations: " + ", ".join(f"{k}: {x!r} -> {y!r}"
+                                                          for k, (x, y) in changed.items())
+                 if changed else "same configuration (on the keys both reports have)")
+    for side, report, other in (("A", a, b), ("B", b, a)):
+        theirs = {w["kind"] for w in other.get("warnings") or []}
+        notes += [f"only {side} warns: {w['kind']}: {w['message']}" for w in report.get("warnings") or []
+                  if w["kind"] not in theirs]
+    return notes
+
+
 def format_diff(a, b, name_a="A", name_b="B", markdown=False):
     rows = diff(a, b)
-    fmt = lambda v: "not measured" if v is None else mib(v)
     header = ("", f"{name_a} MiB", f"{name_b} MiB", "B - A MiB", "B / A")
     shown, modules = [], 0
-    groups_a, groups_b = _modules_by_group(a), _modules_by_group(b)
     for what, x, y in rows:
+        both = x is not None and y is not None
         if what.startswith("module "):
             modules += 1
             if modules > TOP_DIFF_MODULES or not (x or y):
@@ -1446,42 +1314,23 @@ def format_diff(a, b, name_a="A", name_b="B", markdown=False):
         if what == "leak per step (bytes)":
             flag = "LEAK in B" if b["leak"]["detected"] and not a["leak"]["detected"] else "-"
             cells = ["not measured" if v is None else "none" if v < 0 else f"{v:,.0f}" for v in (x, y)]
-            change = "-" if None in (x, y) else f"{max(y, 0) - max(x, 0):+,.0f}"
-            shown.append((what, *cells, change, flag))
-            continue
-        if what.startswith("at peak: ") and not (x or y):
-            continue
-        both = x is not None and y is not None
-        shown.append((what, fmt(x), fmt(y), f"{(y - x) / MiB:+.1f}" if both else "-",
-                      f"{y / x:.2f}x" if both and x else "-"))
-        if (what.startswith("module ") and modules <= 3 and both
-                and abs(y - x) > SAME_WITHIN * a["peak_bytes"]):
-
-            op = _dominant_op(groups_a, groups_b, (what, x, y))
-            if op and op[1]:
-                shown.append((f"  mostly op {op[0]}", "", "", f"{op[1] / MiB:+.1f}", ""))
+            shown.append((what, *cells, f"{max(y, 0) - max(x, 0):+,.0f}" if both else "-", flag))
+        elif not what.startswith("at peak: ") or x or y:
+            shown.append((what, *("not measured" if v is None else mib(v) for v in (x, y)),
+                          f"{(y - x) / MiB:+.1f}" if both else "-", f"{y / x:.2f}x" if both and x else "-"))
+        op = (_dominant_op(a, b, (what, x, y)) if what.startswith("module ") and modules <= 3 and both
+              and abs(y - x) > SAME_WITHIN * a["peak_bytes"] else None)
+        if op and op[1]:
+            shown.append((f"  mostly op {op[0]}", "", "", f"{op[1] / MiB:+.1f}", ""))
     if modules > TOP_DIFF_MODULES:
         shown.insert(len(shown) - 1, (f"({modules - TOP_DIFF_MODULES} more module rows: --json "
                                       "lists them)", "", "", "", ""))
-    notes = _run_warnings(a, "A") + _run_warnings(b, "B")
-    for side, report in (("A", a), ("B", b)):
-        if (report.get("config") or {}).get("probe"):
-            notes.append(f"{side} was measured by memcheck's probe in its own stack: its configuration "
-                         "is what the probe could see")
-    changed = config_differences(a, b)
-    notes.append("different configurations: " + ", ".join(f"{k}: {x!r} -> {y!r}"
-                                                          for k, (x, y) in changed.items())
-                 if changed else "same configuration (on the keys both reports have)")
-    for side, report, other in (("A", a, b), ("B", b, a)):
-        theirs = {w["kind"] for w in other.get("warnings") or []}
-        for w in report.get("warnings") or []:
-            if w["kind"] not in theirs:
-                notes.append(f"only {side} warns: {w['kind']}: {w['message']}")
-    ending = conclusion(a, b, rows)
+    notes, ending = _diff_notes(a, b), conclusion(a, b, rows)
     if markdown:
-        return (markdown_block(f"memcheck diff: {name_a} vs {name_b}", [], a["env"],
-                               " ".join(["python"] + sys.argv)) + "\n\n" + "\n".join(f"- {n}" for n in notes)
-                + "\n\n" + markdown_table(header, shown) + f"\n\n**{ending}**")
+        block = markdown_block(f"memcheck diff: {name_a} vs {name_b}", [], a["env"],
+                               " ".join(["python"] + sys.argv))
+        return "\n\n".join([block, "\n".join(f"- {n}" for n in notes), markdown_table(header, shown),
+                            f"**{ending}**"])
     return "\n".join(notes + ["", text_table(header, shown), "", ending])
 
 
@@ -1496,9 +1345,9 @@ class OneLineParser(argparse.ArgumentParser):
 
 def diff_parser():
     p = OneLineParser(prog="memcheck.py diff", allow_abbrev=False,
-                description="Compare two memcheck reports: A, the reference (ref_train.py --report), and "
-                            "B, your stack (a probe's or callback's report). Ends with one line saying "
-                            "where B's excess is.")
+                      description="Compare two memcheck reports: A, the reference (ref_train.py --report), "
+                                  "and B, your stack (a probe's or callback's report). Ends with one line "
+                                  "saying where B's excess is.")
     p.add_argument("a", metavar="A.json", help="the report to compare against, usually the reference's")
     p.add_argument("b", metavar="B.json", help="the report under suspicion, usually your stack's")
     out = p.add_mutually_exclusive_group()
