@@ -59,7 +59,6 @@ NO_BUDGET = ("no budget: copy budget.py beside memcheck.py for a verdict, or run
              "baseline command")
 
 
-
 def mib(n_bytes):
     return f"{n_bytes / MiB:.1f}"
 
@@ -920,7 +919,7 @@ def hf_callback(path, **probe_kwargs):
 
         def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
             self.probe = Probe(model, optimizer, path=path, **probe_kwargs).__enter__()
-            frame = sys._getframe()  # the Trainer whose train() is running further up this thread
+            frame = sys._getframe(1)  # the Trainer whose train() is running further up this thread
             while frame is not None and not isinstance(frame.f_locals.get("self"), Trainer):
                 frame = frame.f_back
             trainer = None if frame is None else frame.f_locals["self"]
@@ -1162,16 +1161,13 @@ _ADAPTER_NAME = re.compile(r"(\.lora_(?:A|B|dropout|embedding_A|embedding_B))\.[
 _INDEX = re.compile(r"\.\d+(?=\.|$)")
 
 
-def module_group(name):
-    """A module's place in the model, whatever wraps it: `layers.3.self_attn` -> `layers.*.self_attn`."""
-    name = _ADAPTER_NAME.sub(r"\1", _WRAPPERS.sub("", name).lstrip("."))
-    return _INDEX.sub(".*", name)
-
-
 def _modules_by_group(report):
+    """The saved activations by module group: a module's place in the model, whatever wraps it
+    (`layers.3.self_attn` -> `layers.*.self_attn`)."""
     groups = {}
     for m in report.get("modules") or []:
-        g = groups.setdefault(module_group(m["module"]), {"bytes": 0, "count": 0, "ops": {}})
+        name = _ADAPTER_NAME.sub(r"\1", _WRAPPERS.sub("", m["module"]).lstrip("."))
+        g = groups.setdefault(_INDEX.sub(".*", name), {"bytes": 0, "count": 0, "ops": {}})
         g["bytes"] += m["bytes"]
         g["count"] += 1
         for op, n in (m.get("ops") or {}).items():
@@ -1194,7 +1190,7 @@ def _peak(report):
 
 def diff(a, b):
     """Rows (what, A bytes or None, B bytes or None) in the text table's order; None is "not measured
-    on that side", never 0. Modules are aligned by their place in the model (module_group)."""
+    on that side", never 0. Modules are aligned by their place in the model (_modules_by_group)."""
     rows = [("peak", _peak(a), _peak(b))]
     reserved = [max((s["reserved_bytes"] for name, s in r["phases"].items()
                      if name != "load" and "reserved_bytes" in s), default=None) for r in (a, b)]
@@ -1220,9 +1216,9 @@ def diff(a, b):
     return rows
 
 
-def _dominant_op(a, b, row):
+def _dominant_op(a, b, label):
     """(op, excess bytes) when one op explains most of a module row's excess, else None."""
-    group = row[0][len("module "):].split(" (x")[0]
+    group = label[len("module "):].split(" (x")[0]
     ops_a, ops_b = (_modules_by_group(r).get(group, {}).get("ops", {}) for r in (a, b))
     excess = {op: ops_b.get(op, 0) - ops_a.get(op, 0) for op in set(ops_a) | set(ops_b)}
     if not excess:
@@ -1261,7 +1257,7 @@ def conclusion(a, b, rows):
         if places and what.endswith("activations"):  # module and op rows are saved activations
             name, ma, mb = max(places, key=lambda r: sign * (r[2] - r[1]))
             if sign * (mb - ma) > 0:
-                op = _dominant_op(a, b, (name, ma, mb)) if name.startswith("module ") else None
+                op = _dominant_op(a, b, name) if name.startswith("module ") else None
                 line += (f", mostly {name.split(' ', 1)[1]} ({(mb - ma) / MiB:+.1f} MiB"
                          + (f", op {op[0]})" if op else ")"))
         elif what.endswith("temporaries"):
@@ -1318,7 +1314,7 @@ def format_diff(a, b, name_a="A", name_b="B", markdown=False):
         elif not what.startswith("at peak: ") or x or y:
             shown.append((what, *("not measured" if v is None else mib(v) for v in (x, y)),
                           f"{(y - x) / MiB:+.1f}" if both else "-", f"{y / x:.2f}x" if both and x else "-"))
-        op = (_dominant_op(a, b, (what, x, y)) if what.startswith("module ") and modules <= 3 and both
+        op = (_dominant_op(a, b, what) if what.startswith("module ") and modules <= 3 and both
               and abs(y - x) > SAME_WITHIN * a["peak_bytes"] else None)
         if op and op[1]:
             shown.append((f"  mostly op {op[0]}", "", "", f"{op[1] / MiB:+.1f}", ""))
