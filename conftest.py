@@ -5,6 +5,7 @@ Nothing here downloads: HF_HUB_OFFLINE is set before transformers is imported an
 """
 import contextlib
 import os
+import socket
 import sys
 
 os.environ["HF_HUB_OFFLINE"] = "1"
@@ -131,6 +132,34 @@ def one_error_line(done, code=2):
     return lines[0]
 
 
+# ---------------------------------------------------------------- processes as torchrun starts them
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def on_ranks(runs, world=2):
+    """Each (function, args) of `runs` in turn on `world` processes, each started as torchrun starts a
+    rank (its environment; gloo on CPU): several runs for one start-up of the processes. Forked: the
+    ranks import nothing again (torch, transformers, Lightning: seconds each on a busy machine)."""
+    import torch.multiprocessing as mp
+    mp.start_processes(_rank_runs, args=(world, [free_port() for _ in runs], runs), nprocs=world,
+                       start_method="fork")
+
+
+def _rank_runs(rank, world, ports, runs):
+    import torch.distributed as dist
+    for port, (function, args) in zip(ports, runs):
+        if dist.is_initialized():  # left by Lightning or the HF Trainer: each run joins its own group
+            dist.destroy_process_group()
+        # (again for each run: Lightning's teardown deletes WORLD_SIZE)
+        os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world),
+                          LOCAL_WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+        function(*args)
+
+
 # ---------------------------------------------------------------- helpers of several test files
 
 def rel_err(a, b):
@@ -184,11 +213,12 @@ def token_batches(n, bs=2, seq=32, vocab=500):
     return [torch.randint(0, vocab, (bs, seq), generator=generator) for _ in range(n)]
 
 
-def lightning_fit(model, callback, steps=3, return_logits=False, module_hooks=None, validate=False):
+def lightning_fit(model, callback, steps=3, return_logits=False, module_hooks=None, validate=False,
+                  strategy="auto", devices=1):
     """Lightning's fit() of a LightningModule holding the model as self.llm. return_logits:
     training_step returns the logits beside the loss (Lightning holds them until the step ends);
     module_hooks: methods added to the LightningModule; validate: a validation batch after every
-    training step."""
+    training step; strategy and devices: Lightning's (several devices: one rank of on_ranks each)."""
     pl = pytest.importorskip("lightning.pytorch")
 
     class Module(pl.LightningModule):
@@ -207,7 +237,7 @@ def lightning_fit(model, callback, steps=3, return_logits=False, module_hooks=No
         setattr(Module, name, method)
     validation = dict(val_check_interval=1, limit_val_batches=1, num_sanity_val_steps=0,
                       inference_mode=False) if validate else {}
-    trainer = pl.Trainer(max_steps=steps, accelerator="cpu", devices=1, logger=False,
+    trainer = pl.Trainer(max_steps=steps, accelerator="cpu", devices=devices, strategy=strategy, logger=False,
                          enable_checkpointing=False, enable_progress_bar=False,
                          enable_model_summary=False, callbacks=[callback], **validation)
     loader = lambda: torch.utils.data.DataLoader(token_batches(steps), batch_size=None)

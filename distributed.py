@@ -78,35 +78,6 @@ def grad_scaler(args):
     return torch.amp.GradScaler(args.device, enabled=enabled)
 
 
-def _track_fsdp2_storage(tracker):
-    """FSDP2 frees a layer's all-gathered parameters by resizing their storage to 0 bytes, and
-    gathers them again into the same storage: no op that a dispatch mode sees, and no storage
-    freed, so memcheck's tracker would count them held from their first all-gather on. Its two
-    functions are wrapped to tell the tracker (private names of both: torch's _fsdp_param, memcheck's
-    Tracker)."""
-    from torch.distributed.fsdp._fully_shard import _fsdp_param, _fsdp_param_group
-    alloc, free = _fsdp_param.alloc_storage, _fsdp_param.free_storage
-
-    def free_seen(tensor):
-        record = tracker.track(tensor, "free_storage", adopt=False)
-        free(tensor)
-        if record is not None:
-            tracker._free_record(record)
-
-    def alloc_seen(tensor):
-        alloc(tensor)
-        tracker.track(tensor, "alloc_storage")   # the storage's new bytes, counted from now
-    _fsdp_param.free_storage = free_seen
-    _fsdp_param.alloc_storage = _fsdp_param_group.alloc_storage = alloc_seen
-
-
-def track_fsdp2(probe, args):
-    """Under FSDP2, tell the probe's tracker when FSDP2 frees and gathers again a layer's parameters
-    (memcheck tracks each DTensor as its local shard, this rank's memory)."""
-    if args.strategy == "fsdp":
-        _track_fsdp2_storage(probe.tracker)
-
-
 def rank_rows(batches, args):
     """This rank's rows of each global batch (read at bs x world size): rank r gets rows
     r*bs .. (r+1)*bs, so N ranks at --bs b see what one process sees at --bs b*N."""
@@ -134,7 +105,9 @@ def gather_reports(report, args):
     if rank(args) != 0:
         return report
     top = {k: v for k, v in report.items() if k != "rank"}
-    return dict(top, peak_bytes=max(r["peak_bytes"] for r in reports), ranks=reports)
+    imbalance = memcheck.rank_imbalance(reports)
+    return dict(top, peak_bytes=max(r["peak_bytes"] for r in reports), ranks=reports,
+                warnings=report["warnings"] + ([imbalance] if imbalance else []))
 
 
 def rank_table(report):

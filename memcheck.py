@@ -485,6 +485,8 @@ class _Stack:
                   "autocast": self.seen.get("autocast"),
                   "checkpointing_enabled": bool(_checkpointed_layers(self.model)),
                   "checkpointing": self.saves.checkpointing(), **_adapters(self.model)}
+        if rank_and_world()[1] > 1:
+            config.update(strategy=_strategy(self.model), world_size=rank_and_world()[1])
         config["baseline_command"] = baseline_command(config)
         return {k: v for k, v in config.items() if v is not None}  # unknown is absent, not null
 
@@ -541,7 +543,11 @@ class Probe:
         self.cuda = self.device.type == "cuda"
         limit = None if max_memory_mib is None else int(max_memory_mib * MiB)
         self.tracker = Tracker(self.device, limit, on_error=self._on_op_error)
-        self.config, self.path, self.log = config or {}, path, log
+        self.rank, self.world_size = rank_and_world()
+        self.paths = rank_paths(str(path), self.world_size) if path else None  # every rank's report
+        self.config, self.path, self.log = config or {}, path and self.paths[self.rank], log
+        beside = "" if "{rank}" in str(path) else f"; ranks but 0 add .rankN to {path}, which has no {{rank}}"
+        self._rank_note = f" (rank {self.rank} of {self.world_size}{beside})" if self.world_size > 1 else ""
         self.status, self.error, self.oom = "ok", None, None
         # Each phase's statistics, each step's, and the training peak's: the figures the report reads.
         self.phases, self.steps, self.peak = {}, [], {"peak_bytes": 0}
@@ -589,12 +595,14 @@ class Probe:
             report = self.save()
             baseline = report["config"].get("baseline_command")
             self.log(f"memcheck: peak {mib(report['peak_bytes'])} MiB ({report['status']}), "
-                     f"{len(report['warnings'])} warnings; report written to {self.path}"
-                     + (f"\nthe reference for this stack: {baseline}" if baseline else ""))
+                     f"{len(report['warnings'])} warnings; report written to {self.path}{self._rank_note}"
+                     + (f"\nthe reference for this stack: {baseline}" if baseline and self.rank == 0 else ""))
 
     def attach(self, model, optimizer=None):
         self._started = None
         self._stack.attach(model, optimizer)
+        if _strategy(model) == "fsdp":
+            _watch_fsdp_storage(self.tracker, self._scope)
 
     # -- measurement
     @contextlib.contextmanager
@@ -724,7 +732,8 @@ class Probe:
                                 + (f", e.g. {examples}" if survivors else "")}] if leak["detected"] else []
         report = {"schema": SCHEMA, "command": " ".join([os.path.basename(sys.executable)] + sys.argv),
                   "status": self.status, "error": self.error, "config": config,
-                  "env": environment(self.device), "peak_bytes": self.peak["peak_bytes"],
+                  "env": environment(self.device), "rank": self.rank, "world_size": self.world_size,
+                  "peak_bytes": self.peak["peak_bytes"],
                   "peak_phase": self.peak.get("phase"), "categories": self.peak.get("categories", {}),
                   "modules": self.peak.get("modules", []), "temporaries": self.peak.get("temporaries", []),
                   "phases": {name: {k: v for k, v in stats.items() if k not in ("modules", "temporaries")}
@@ -738,6 +747,9 @@ class Probe:
                 report["budget"], report["no_budget"] = None, NO_BUDGET
             else:
                 report["budget"] = probed(self._stack, self.phases)
+        if self.paths and self.world_size > 1:  # relative to this report: diff finds them beside it
+            here = os.path.dirname(self.path) or "."
+            report["rank_reports"] = [os.path.relpath(p, here) for p in self.paths]
         return report
 
     def save(self, path=None):
@@ -859,6 +871,9 @@ def baseline_command(config):
     checkpointing = config.get("checkpointing")
     checkpointing = config.get("checkpointing_enabled") if checkpointing is None else checkpointing
     flags.append(f"--precision {precision} --ckpt " + ("manual" if checkpointing else "none"))
+    if config.get("world_size", 1) > 1:  # --bs is per rank, as the probe saw it
+        flags.insert(0, f"--strategy {config['strategy']}")
+        return f"torchrun --nproc_per_node {config['world_size']} ref_train.py " + " ".join(flags)
     return "python ref_train.py " + " ".join(flags)
 
 
@@ -1146,6 +1161,95 @@ def markdown_report(report):
         [_phase_table(report), (("at the peak", "MiB"), cats)], report["env"], report["command"])
 
 
+# ---------------------------------------------------------------- many ranks (torchrun: DDP, FSDP)
+
+RANK_IMBALANCE = 0.05  # ranks' peaks further apart than this: one rank holds more than the others
+# FSDP frees and regathers a parameter by resizing its storage, unseen by a dispatch mode: where it
+# does, as (module, its free, its alloc) of FSDP1 and FSDP2.
+_FSDP_STORAGE = (("torch.distributed.fsdp._flat_param", "_free_storage", "_alloc_storage"),
+                 ("torch.distributed.fsdp._fully_shard._fsdp_param", "free_storage", "alloc_storage"),
+                 ("torch.distributed.fsdp._fully_shard._fsdp_param_group", None, "alloc_storage"))
+
+
+def rank_and_world():
+    """(this process's rank, the world size) from torch.distributed; (0, 1) outside a process group."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+def rank_paths(path, world_size):
+    """Every rank's report path: `{rank}` in `path` filled in, or stack.json, stack.rank1.json, ..."""
+    if "{rank}" in path:
+        return [path.replace("{rank}", str(r)) for r in range(world_size)]
+    root, ext = os.path.splitext(path)
+    return [path] + [f"{root}.rank{r}{ext}" for r in range(1, world_size)]
+
+
+def _strategy(model):
+    """'fsdp' where a parameter is a DTensor or flattened by FSDP1, or a module is FSDP's; else 'ddp'."""
+    classes = {c.__name__ for x in [*model.modules(), *model.parameters()] for c in type(x).__mro__}
+    flattened = any(getattr(p, "_fsdp_flattened", False) for p in model.parameters())
+    return "fsdp" if flattened or classes & {"DTensor", "FSDPModule", "FullyShardedDataParallel"} else "ddp"
+
+
+def _watch_fsdp_storage(tracker, scope):
+    """Tell `tracker` what FSDP's storage functions free and gather again, until ExitStack `scope` ends."""
+    def seen(function, freeing, tensor, *args):
+        record = tracker.track(tensor, "free_storage", adopt=False) if freeing else None
+        function(tensor, *args)
+        if record is not None:
+            tracker._free_record(record)
+        elif not freeing:
+            tracker.track(tensor, "alloc_storage")  # the storage's new bytes, counted from now
+    for module_name, *names in _FSDP_STORAGE:
+        module = sys.modules.get(module_name)  # loaded where FSDP is (another torch may lack one)
+        for name, freeing in ((n, f) for n, f in zip(names, (True, False)) if n and hasattr(module, n)):
+            scope.callback(setattr, module, name, getattr(module, name))
+            setattr(module, name, functools.partial(seen, getattr(module, name), freeing))
+
+
+def rank_imbalance(ranks):
+    """The rank_imbalance warning of a run's rank reports whose peaks are over 5% apart, or None."""
+    heavy, light = (f(ranks, key=lambda r: r["peak_bytes"]) for f in (max, min))
+    if not 0 < light["peak_bytes"] * (1 + RANK_IMBALANCE) < heavy["peak_bytes"]:
+        return None
+    more = {c: heavy["categories"].get(c, 0) - light["categories"].get(c, 0) for c in CATEGORIES}
+    what, (x, y) = max(more, key=more.get), (light["peak_bytes"], heavy["peak_bytes"])
+    return {"kind": "rank_imbalance", "rank": heavy["rank"], "category": what, "bytes": y - x,
+            "message": f"rank {heavy['rank']}'s peak is {y / x:.2f}x rank {light['rank']}'s ({mib(y)} and "
+                       f"{mib(x)} MiB): it holds more {what.replace('_', ' ')} (+{mib(more[what])} MiB)"}
+
+
+def with_ranks(report, path):
+    """A run of several ranks as diff reads it: its heaviest rank's report, with `ranks` (the reference's,
+    or a probe's rank-0 report's siblings at the paths it records) and rank_imbalance where due."""
+    if "ranks" not in report and report.get("rank", 0) == 0 and len(report.get("rank_reports") or []) > 1:
+        report = dict(report, ranks=[read_report(os.path.join(os.path.dirname(path), p))
+                                     for p in report["rank_reports"]])
+    ranks = report.get("ranks") or []
+    if len(ranks) < 2:
+        return report
+    heaviest, imbalance = max(ranks, key=lambda r: r["peak_bytes"]), rank_imbalance(ranks)
+    warnings = [w for w in heaviest.get("warnings") or [] if w["kind"] != "rank_imbalance"]
+    return dict(heaviest, ranks=ranks, warnings=warnings + ([imbalance] if imbalance else []))
+
+
+def _rank_rows(a, b):
+    """Each rank's peak, where both runs have several ranks."""
+    if min(len(a.get("ranks") or []), len(b.get("ranks") or [])) < 2:
+        return []
+    peak = lambda r, i: r["ranks"][i]["peak_bytes"] if i < len(r["ranks"]) else None
+    return [(f"rank {i} peak", peak(a, i), peak(b, i)) for i in range(max(len(a["ranks"]), len(b["ranks"])))]
+
+
+def _largest_rank_excess(rows):
+    """'; rank N has the largest excess (...)' from the rank rows, or nothing."""
+    ranks = [(name, x, y) for name, x, y in rows if name.startswith("rank ") and None not in (x, y)]
+    name, x, y = max(ranks, key=lambda r: r[2] - r[1], default=("", 0, 0))
+    return f"; {name.replace(' peak', '')} has the largest excess ({(y - x) / MiB:+.1f} MiB)" if y > x else ""
+
+
 # ---------------------------------------------------------------- diff
 
 DIFF_SCHEMA = "memcheck-diff/1"
@@ -1191,7 +1295,7 @@ def _peak(report):
 def diff(a, b):
     """Rows (what, A bytes or None, B bytes or None) in the text table's order; None is "not measured
     on that side", never 0. Modules are aligned by their place in the model (_modules_by_group)."""
-    rows = [("peak", _peak(a), _peak(b))]
+    rows = [("peak", _peak(a), _peak(b))] + _rank_rows(a, b)
     reserved = [max((s["reserved_bytes"] for name, s in r["phases"].items()
                      if name != "load" and "reserved_bytes" in s), default=None) for r in (a, b)]
     rows += [("reserved", *reserved)] if reserved != [None, None] else []
@@ -1244,8 +1348,9 @@ def conclusion(a, b, rows):
     leaks = "".join(f"; {side} leaks {r['leak']['bytes_per_step']:,.0f} bytes per step over "
                     f"{len(r['leak']['step_end_bytes'])} steps" for side, r in (("A", a), ("B", b))
                     if r["leak"]["detected"])
+    ranks = _largest_rank_excess(rows)
     if abs(y / x - 1) <= SAME_WITHIN:
-        return f"the two trainings cost the same (within 1%): {mib(x)} and {mib(y)} MiB{leaks}"
+        return f"the two trainings cost the same (within 1%): {mib(x)} and {mib(y)} MiB{ranks}{leaks}"
     sign, side = (1, "B") if y > x else (-1, "A")
     line = f"B's peak is {y / x:.2f}x A's ({(y - x) / MiB:+.1f} MiB)"
     cats = [r for r in rows if r[0].startswith("at peak: ") and r[1] is not None and r[2] is not None]
@@ -1263,7 +1368,7 @@ def conclusion(a, b, rows):
         elif what.endswith("temporaries"):
             line += _largest_temporary(b if sign > 0 else a)
     warned = weighty_warnings(b if sign > 0 else a)
-    return line + leaks + (f"; {side} warns {', '.join(warned)}" if warned else "")
+    return line + ranks + leaks + (f"; {side} warns {', '.join(warned)}" if warned else "")
 
 
 def diff_json(a, b):
@@ -1367,7 +1472,7 @@ def main(argv=None):
         args = diff_parser().parse_args(argv[1:])
         if args.max_ratio is not None and not args.max_ratio > 0:
             raise ReportError(f"--max-ratio {args.max_ratio}: must be a positive number")
-        a, b = read_report(args.a), read_report(args.b)
+        a, b = (with_ranks(read_report(path), path) for path in (args.a, args.b))
         if args.json:
             print(json.dumps(diff_json(a, b), indent=1))
         else:

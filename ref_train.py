@@ -310,7 +310,6 @@ def train(args, log=print):
     check_runnable(args)
     config = {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(args).items()}
     probe = memcheck.Probe(device=args.device, max_memory_mib=args.max_memory, config=config)
-    distributed.track_fsdp2(probe, args)
     recording = bool(args.snapshot) and record_allocation_history(log)
     extra, leaked, failure = {}, [], None
     try:

@@ -3,7 +3,6 @@ import contextlib
 import json
 import os
 import shutil
-import socket
 
 import pytest
 import torch
@@ -12,7 +11,7 @@ import torch.multiprocessing as mp
 import drive
 import memcheck
 import ref_train
-from conftest import run_main
+from conftest import free_port, run_main
 
 WORLD = 2
 RUN = ["--device", "cpu", "--seq", "64", "--steps", "3"]
@@ -60,18 +59,13 @@ def _rank_main(rank, port, argv, out_dir, world):
     torch.save(_lora_weights(kept["modules"]), os.path.join(out_dir, f"weights{rank}.pt"))
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def run_ranks(model, strategy, out_dir, *flags, world=WORLD, run=RUN):
     """`world` ranks of ref_train.py --strategy; (report, rank 0's stdout, rank 1's, full weights)."""
     os.makedirs(out_dir, exist_ok=True)
     report = os.path.join(out_dir, "report.json")
     argv = ["--model", model, *run, "--strategy", strategy, "--bs", "1", "--report", report, *flags]
-    mp.spawn(_rank_main, args=(_free_port(), argv, str(out_dir), world), nprocs=world)
+    mp.start_processes(_rank_main, args=(free_port(), argv, str(out_dir), world), nprocs=world,
+                       start_method="fork")  # (conftest.on_ranks says why)
     shards = [torch.load(os.path.join(out_dir, f"weights{r}.pt")) for r in range(world)]
     # FSDP2 shards dim 0 in rank order; under DDP every rank holds the whole tensor
     weights = {n: (torch.cat([s[n] for s in shards]) if strategy == "fsdp" else shards[0][n])
@@ -143,6 +137,7 @@ def test_rank_0_prints_one_table_of_ranks_and_writes_every_rank_report(fsdp):
     assert [(r["rank"], r["world_size"]) for r in report["ranks"]] == [(0, WORLD), (1, WORLD)]
     assert report["peak_bytes"] == max(r["peak_bytes"] for r in report["ranks"])
     assert all(r["budget"] and len(r["steps"]) == 3 for r in report["ranks"])
+    assert "rank_imbalance" not in [w["kind"] for w in report["warnings"]]  # the ranks' peaks agree
 
 
 def test_strategy_without_torchrun_is_refused_in_one_line(capsys):

@@ -21,8 +21,8 @@ from torch import nn
 import ilora
 import memcheck
 import ref_train
-from conftest import (HANG_SECONDS, TINY_OPT, assert_markdown_tables, hf_train, lightning_fit, peft_opt,
-                      run_main, token_batches, user_loop)
+from conftest import (HANG_SECONDS, TINY_OPT, assert_markdown_tables, hf_train, lightning_fit,
+                      one_error_line, peft_opt, run_main, token_batches, user_loop)
 from memcheck import MiB
 
 
@@ -990,3 +990,87 @@ def test_an_evaluation_forward_before_training_does_not_set_the_batch_shape():
             loss.backward()
         probe.step(loss)
     assert (probe.report()["config"]["bs"], probe.report()["config"]["seq"]) == (2, 16)
+
+
+# ---------------------------------------------------------------- one report per rank
+
+def test_a_rank_path_fills_in_rank_or_puts_rank_n_before_the_extension():
+    assert memcheck.rank_paths("out/stack.json", 3) == ["out/stack.json", "out/stack.rank1.json",
+                                                        "out/stack.rank2.json"]
+    assert memcheck.rank_paths("run{rank}/stack.json", 2) == ["run0/stack.json", "run1/stack.json"]
+    assert memcheck.rank_paths("stack.json", 1) == ["stack.json"]
+
+
+def ranks_of_a_run(path, batch_sizes, log=lambda *a: None):
+    """A PEFT loop run once per rank of len(batch_sizes), in this process (torch.distributed's rank
+    and world size faked), rank r at batch size batch_sizes[r], each with a Probe writing to `path`."""
+    with pytest.MonkeyPatch.context() as patch:
+        for rank, bs in enumerate(batch_sizes):
+            patch.setattr(memcheck, "rank_and_world", lambda rank=rank: (rank, len(batch_sizes)))
+            model, optimizer = peft_opt()
+            with memcheck.Probe(model, optimizer, path=path, log=log) as probe:
+                user_loop(probe, model, optimizer, token_batches(2, bs=bs))
+
+
+@pytest.fixture(scope="module")
+def two_runs_of_two_ranks(tmp_path_factory):
+    """(balanced, imbalanced): rank 0 of each at batch size 2, rank 1 at 2 and 4; rank 0's path."""
+    root = tmp_path_factory.mktemp("ranks")
+    ranks_of_a_run(str(root / "balanced" / "stack.json"), (2, 2))
+    ranks_of_a_run(str(root / "imbalanced" / "stack.json"), (2, 4))
+    return str(root / "balanced" / "stack.json"), str(root / "imbalanced" / "stack.json")
+
+
+def test_each_rank_writes_its_own_report_says_so_and_records_every_ranks_path(tmp_path):
+    lines = []
+    ranks_of_a_run(str(tmp_path / "stack.json"), (2, 2), log=lines.append)
+    ranks_of_a_run(str(tmp_path / "r{rank}.json"), (2, 2), log=lines.append)
+    assert sorted(f for f in os.listdir(tmp_path) if f.endswith(".json")) == [
+        "r0.json", "r1.json", "stack.json", "stack.rank1.json"]
+    assert lines[0].count("\n") == 1 and lines[0].splitlines()[1].startswith(
+        "the reference for this stack: torchrun --nproc_per_node 2 ref_train.py --strategy ddp --bs 2 ")
+    beside = f"; ranks but 0 add .rankN to {tmp_path}/stack.json, which has no {{rank}})"
+    assert lines[0].splitlines()[0].endswith(f"{tmp_path}/stack.json (rank 0 of 2{beside}"), lines[0]
+    assert lines[1].endswith(f"{tmp_path}/stack.rank1.json (rank 1 of 2{beside}"), lines[1]
+    assert "\n" not in lines[1]   # the baseline is in rank 0's line only
+    assert lines[3].endswith(f"{tmp_path}/r1.json (rank 1 of 2)"), lines[3]
+    for rank, name in enumerate(["stack.json", "stack.rank1.json"]):
+        report = memcheck.read_report(tmp_path / name)
+        assert (report["rank"], report["world_size"]) == (rank, 2)
+        assert report["rank_reports"] == ["stack.json", "stack.rank1.json"]
+        assert (report["config"]["strategy"], report["config"]["world_size"]) == ("ddp", 2)
+
+
+def test_diff_compares_two_runs_rank_by_rank_and_names_the_rank_with_the_largest_excess(
+        two_runs_of_two_ranks, capsys):
+    balanced, imbalanced = two_runs_of_two_ranks
+    result = run_main(memcheck.main, capsys, "diff", balanced, imbalanced)
+    assert result.returncode == 0, result.stderr
+    rows = {line.split("  ")[0]: line.split() for line in result.stdout.splitlines()}
+    peaks = [memcheck.read_report(p)["peak_bytes"] for p in memcheck.rank_paths(imbalanced, 2)]
+    assert rows["rank 0 peak"][3:5] == [memcheck.mib(peaks[0]), memcheck.mib(peaks[0])]
+    assert rows["rank 1 peak"][4] == memcheck.mib(peaks[1]) and peaks[1] > peaks[0]
+    assert rows["peak"][2] == memcheck.mib(peaks[1])   # a run's peak is its largest rank's
+    ending = result.stdout.splitlines()[-1]
+    assert "; rank 1 has the largest excess (+" in ending, ending
+
+
+def test_rank_imbalance_names_the_heaviest_rank_and_what_it_holds_more_of_and_balanced_ranks_get_none(
+        two_runs_of_two_ranks, capsys):
+    balanced, imbalanced = (memcheck.with_ranks(memcheck.read_report(p), p) for p in two_runs_of_two_ranks)
+    assert not [w for w in balanced["warnings"] if w["kind"] == "rank_imbalance"]
+    [warning] = [w for w in imbalanced["warnings"] if w["kind"] == "rank_imbalance"]
+    light, heavy = imbalanced["ranks"]
+    more = {c: heavy["categories"][c] - light["categories"][c] for c in memcheck.CATEGORIES}
+    assert warning["rank"] == 1 and warning["category"] == max(more, key=more.get)
+    assert warning["message"].startswith(f"rank 1's peak is {heavy['peak_bytes'] / light['peak_bytes']:.2f}x "
+                                         "rank 0's"), warning["message"]
+    result = run_main(memcheck.main, capsys, "diff", *two_runs_of_two_ranks)
+    assert f"only B warns: rank_imbalance: {warning['message']}" in result.stdout
+
+
+def test_a_diff_missing_a_ranks_report_names_it_in_one_line(two_runs_of_two_ranks, tmp_path, capsys):
+    alone = tmp_path / "stack.json"
+    alone.write_text(open(two_runs_of_two_ranks[0]).read())   # rank 0's report without rank 1's
+    line = one_error_line(run_main(memcheck.main, capsys, "diff", alone, two_runs_of_two_ranks[1]))
+    assert f"{tmp_path}/stack.rank1.json: cannot read" in line, line

@@ -1,22 +1,25 @@
 """The probe on real clients: Lightning, the Hugging Face Trainer and PEFT, as a user's stack runs
 them. Each careless pattern is named; its clean twin stays silent."""
+import contextlib
 import os
+import shlex
 
 import pytest
 import torch
 
 import memcheck
-from conftest import TINY_OPT, hf_train, lightning_fit, token_batches, user_loop
+import ref_train
+from conftest import TINY_OPT, hf_train, lightning_fit, on_ranks, run_main, token_batches, user_loop
 
 VOCAB, BS, SEQ = 500, 2, 32
 
 
-def peft_opt(ckpt=None):
+def peft_opt(ckpt=None, vocab=VOCAB):
     """A tiny OPT with PEFT's LoRA on q and v, its final layer norm trained beside the adapters."""
     from peft import LoraConfig, get_peft_model
     from transformers import OPTConfig, OPTForCausalLM
     torch.manual_seed(0)
-    model = OPTForCausalLM(OPTConfig(vocab_size=VOCAB, **TINY_OPT))
+    model = OPTForCausalLM(OPTConfig(vocab_size=vocab, **TINY_OPT))
     model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
     if ckpt:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -270,3 +273,94 @@ def test_a_compiled_model_under_the_probe_is_said_to_run_eager():
     assert "eager" in compiled["warnings"][0]["message"]
     assert eager["warnings"] == []
     assert abs(compiled["peak_bytes"] / eager["peak_bytes"] - 1) <= 0.01
+
+
+# ---------------------------------------------------------------- one report per rank, under torchrun
+
+WORLD, RANK_STEPS = 2, 2
+# The reference adds its 4 placeholder tokens to a model built from a config (the probe's baseline):
+# from 556 rows to 560, the stand-in tokenizer's size, where 500 would become 560 as well.
+RANK_VOCAB = 556
+
+
+def cpu_fsdp(auto_wrap_policy):
+    """Lightning's strategy="fsdp" (FSDP1) on CPU and gloo. Lightning refuses FSDPStrategy itself
+    without a GPU (a subclass passes its check), and FSDP1 needs device_id=cpu where it finds no
+    accelerator, which Lightning does not give it on a CPU."""
+    from lightning.pytorch.strategies import FSDPStrategy
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    class CpuFSDPStrategy(FSDPStrategy):
+        def _setup_model(self, model):
+            policy = self.kwargs.pop("auto_wrap_policy", None)
+            return super()._setup_model(FullyShardedDataParallel(
+                model, device_id=torch.device("cpu"), auto_wrap_policy=policy, **self.kwargs))
+
+    return CpuFSDPStrategy(auto_wrap_policy=auto_wrap_policy)
+
+
+def lora_only():
+    """peft_opt's model training LoRA alone, as the reference does: under FSDP1 a trained final norm
+    is a unit of its own, which backward prefetches first instead of the last layer (9% below FSDP2's
+    peak at this shape)."""
+    model = peft_opt(vocab=RANK_VOCAB)
+    model.get_base_model().model.decoder.final_layer_norm.requires_grad_(False)
+    return model
+
+
+def lightning_rank(strategy, path):
+    """This rank's share of Lightning's fit() on WORLD devices."""
+    model = lora_only()
+    if strategy == "fsdp":
+        # PEFT's policy for FSDP: LoRA's layers in units of their own, else FSDP1's flat parameters
+        # mix frozen and trainable weights and every rank keeps gradients of the frozen ones too
+        from peft.utils.other import fsdp_auto_wrap_policy
+        strategy = cpu_fsdp(fsdp_auto_wrap_policy(model))
+    lightning_fit(model, memcheck.lightning_callback(**quiet(path)), steps=RANK_STEPS, strategy=strategy,
+                  devices=WORLD)
+
+
+def hf_rank(path, out_dir):
+    hf_train(lora_only(), [memcheck.hf_callback(**quiet(path))], out_dir, steps=RANK_STEPS)
+
+
+def reference_rank(stack_path, path):
+    """This rank's share of the baseline command the probe printed for a stack (its torchrun line)."""
+    rank = int(os.environ["RANK"])
+    config = memcheck.read_report(memcheck.rank_paths(stack_path, WORLD)[rank])["config"]
+    command = shlex.split(config["baseline_command"])
+    argv = command[command.index("ref_train.py") + 1:]
+    with open(os.devnull, "w") as quiet_out, contextlib.redirect_stdout(quiet_out):
+        assert ref_train.main([*argv, "--device", "cpu", "--steps", str(RANK_STEPS), "--report", path]) == 0
+
+
+def test_lightning_ddp_and_fsdp_and_the_hf_trainer_under_torchrun_peak_on_every_rank_as_the_reference(
+        tmp_path, capsys):
+    """One report per rank, none lost, each within 3% of the same rank's in the printed baseline."""
+    pytest.importorskip("lightning.pytorch")  # imported here, once: the forked ranks have it
+    paths = {"lightning ddp": f"{tmp_path}/lightning-ddp.json",
+             "lightning fsdp": f"{tmp_path}/fsdp-{{rank}}.json", "hf trainer ddp": f"{tmp_path}/hf.json"}
+    references = {stack: f"{tmp_path}/reference-{i}.json" for i, stack in enumerate(paths)}
+    on_ranks([(lightning_rank, ("ddp", paths["lightning ddp"])),
+              (lightning_rank, ("fsdp", paths["lightning fsdp"])),
+              (hf_rank, (paths["hf trainer ddp"], tmp_path))]
+             + [(reference_rank, (paths[stack], references[stack])) for stack in paths], world=WORLD)
+    written = sorted(f for f in os.listdir(tmp_path) if f.endswith(".json") and not f.startswith("reference"))
+    assert written == ["fsdp-0.json", "fsdp-1.json", "hf.json", "hf.rank1.json", "lightning-ddp.json",
+                       "lightning-ddp.rank1.json"]
+    for stack, path in paths.items():
+        strategy, reference = stack.split()[-1], memcheck.read_report(references[stack])
+        for rank, rank_path in enumerate(memcheck.rank_paths(path, WORLD)):
+            report = memcheck.read_report(rank_path)
+            assert (report["rank"], report["world_size"]) == (rank, WORLD)
+            assert report["rank_reports"] == [os.path.basename(p) for p in memcheck.rank_paths(path, WORLD)]
+            assert report["config"]["strategy"] == strategy and report["config"]["world_size"] == WORLD
+            assert report["config"]["baseline_command"].startswith(
+                f"torchrun --nproc_per_node {WORLD} ref_train.py --strategy {strategy} --bs 2 --seq 32 ")
+            measured = reference["ranks"][rank]["peak_bytes"]
+            assert report["peak_bytes"] == pytest.approx(measured, rel=0.03), (stack, rank, measured)
+    # diff reads the reference's ranks and the probe's rank reports, and compares them rank by rank
+    result = run_main(memcheck.main, capsys, "diff", references["lightning fsdp"], f"{tmp_path}/fsdp-0.json")
+    assert result.returncode == 0 and "strategy:" not in result.stdout, result.stdout + result.stderr
+    assert [line.split()[:3] for line in result.stdout.splitlines() if line.startswith("rank ")] == [
+        ["rank", "0", "peak"], ["rank", "1", "peak"]]
