@@ -409,7 +409,11 @@ BETWEEN_PHASES = "between phases"
 HELD_ONCE_SHARE, HELD_ONCE_BYTES = 0.01, MiB  # below both, memory held once is not worth a word
 COMPILE_DISABLED = ("torch.compile was off under the probe (dynamo skips every frame while its "
                     "dispatch mode is active): these figures are the eager model's, not the compiled "
-                    "one's; on CUDA, compare torch.cuda.max_memory_allocated of an unprobed run")
+                    "one's; on CUDA, Probe(..., allocator_only=True) (or the callbacks' "
+                    "allocator_only=True) measures the compiled model with the allocator's counters")
+ALLOCATOR_ONLY = ("allocator only: peaks and live bytes from torch.cuda's counters, with no dispatch "
+                  "mode (torch.compile stays on); categories, modules, temporaries, shapes, the "
+                  "budget and autograd's warnings were not measured")
 
 _EVENT_MESSAGES = {
     "output_kept": "the model's output was held through backward: {tensors} of its tensors ({mib} "
@@ -584,11 +588,18 @@ class Probe:
     the same without with-blocks, for callbacks."""
 
     def __init__(self, model=None, optimizer=None, device=None, max_memory_mib=None, config=None,
-                 path=None, log=print):
+                 path=None, log=print, allocator_only=False):
         if device is None:
             device = next(model.parameters()).device if model is not None else "cpu"
         self.device = torch.device(device)
         self.cuda = self.device.type == "cuda"
+        self.allocator_only = allocator_only  # no dispatch mode, no hooks: torch.compile stays on
+        if allocator_only and not self.cuda:
+            raise ReportError(f"allocator_only=True on device {str(self.device)!r}: it needs CUDA (torch "
+                              "keeps no allocator counters on CPU); use allocator_only=False there")
+        if allocator_only and max_memory_mib is not None:
+            raise ReportError(f"max_memory_mib={max_memory_mib} needs the tracker, and "
+                              "allocator_only=True runs without it: pass one or the other")
         limit = None if max_memory_mib is None else int(max_memory_mib * MiB)
         self.tracker = Tracker(self.device, limit, on_error=self._on_op_error)
         self.config, self.path, self.log = config or {}, path, log
@@ -604,14 +615,15 @@ class Probe:
 
     # -- scope
     def __enter__(self):
-        self._scope.enter_context(self.tracker)
-        self._scope.enter_context(torch.autograd.graph.saved_tensors_hooks(self._saves.pack,
-                                                                           self._saves.unpack))
+        if not self.allocator_only:
+            self._scope.enter_context(self.tracker)
+            self._scope.enter_context(torch.autograd.graph.saved_tensors_hooks(self._saves.pack,
+                                                                               self._saves.unpack))
         self._open = True
         if self._pending[0] is not None:
             self.attach(*self._pending)
         self._step_ended = time.perf_counter()
-        self.tracker.start_window()   # a loop without phases: its step is measured from here
+        self._new_window()   # a loop without phases: its step is measured from here
         return self
 
     def __exit__(self, exc_type, exc, tb):
@@ -641,13 +653,17 @@ class Probe:
             report = self.report()
             write_report(self.path, report)
             baseline = report["config"].get("baseline_command")
-            self.log(f"memcheck: peak {mib(report['peak_bytes'])} MiB ({report['status']}), "
+            self.log(f"memcheck: peak {mib(report['peak_bytes'])} MiB ({report['status']}"
+                     f"{', allocator only' if self.allocator_only else ''}), "
                      f"{len(report['warnings'])} warnings; report written to {self.path}"
                      + (f"\nthe reference for this stack: {baseline}" if baseline else ""))
 
     def attach(self, model, optimizer=None):
         self._started = None
-        self._stack.attach(model, optimizer)
+        if self.allocator_only:  # nothing inside what torch.compile traces; read for the config only
+            self._stack.model, self._stack.optimizer = model, optimizer
+        else:
+            self._stack.attach(model, optimizer)
 
     # -- measurement
     @contextlib.contextmanager
@@ -672,17 +688,25 @@ class Probe:
         self.tracker.phase, self.tracker.module_stack[:] = name, []
         if first:
             self._started = time.perf_counter()
+        self._new_window()
+        self._tag_roles(again=first)
+
+    def _new_window(self):
+        """The next phase's peak is measured from here, by the tracker and by CUDA's allocator."""
         self.tracker.start_window()
         if self.cuda:
             torch.cuda.synchronize(self.device)
             torch.cuda.reset_peak_memory_stats(self.device)
-        self._stack.tag_roles(again=first)
+
+    def _tag_roles(self, **kwargs):
+        if not self.allocator_only:  # (without the tracker there is nothing to tag)
+            self._stack.tag_roles(**kwargs)
 
     def end(self):
         name = self.tracker.phase
         if name is None:
             return
-        self._stack.tag_roles(again=False)
+        self._tag_roles(again=False)
         if name == "forward":
             self._saves.forward_ended()
         elif name == "backward":
@@ -702,16 +726,15 @@ class Probe:
     def _phase_stats(self):
         """The closing phase's peak, what was alive then, and on CUDA the allocator's own figures."""
         tracker = self.tracker
+        if self.allocator_only:
+            return dict(_allocator_stats(self.device), step=tracker.step)
         stats = {"peak_bytes": tracker.peak_bytes, "live_bytes": tracker.live_bytes,
                  "step": tracker.step, "categories": tracker.categories(tracker.peak_event),
                  "modules": tracker.modules(tracker.peak_event),
                  "temporaries": tracker.temporaries(tracker.peak_event)}
         if self.cuda:
-            torch.cuda.synchronize(self.device)
             stats["tracked_peak_bytes"] = stats["peak_bytes"]
-            stats["peak_bytes"] = torch.cuda.max_memory_allocated(self.device)
-            stats["live_bytes"] = torch.cuda.memory_allocated(self.device)
-            stats["reserved_bytes"] = torch.cuda.max_memory_reserved(self.device)
+            stats.update(_allocator_stats(self.device))
             # What the allocator holds that no tracked tensor owns: cuBLAS's workspaces, mostly.
             stats["untracked_bytes"] = max(0, stats["live_bytes"] - tracker.live_bytes)
         return stats
@@ -721,7 +744,7 @@ class Probe:
         self.end()
         if not self._phased and self._open:  # no phase in this step: the whole step is one
             self.tracker.phase = "step"
-            self._stack.tag_roles()
+            self._tag_roles()
             self.end()
         if self.cuda:
             torch.cuda.synchronize(self.device)
@@ -733,7 +756,7 @@ class Probe:
         self._check_step()
         self._step_peak, self._started, self._phased, self._step_ended = 0, None, False, now
         self.tracker.step += 1
-        self.tracker.start_window()
+        self._new_window()
         return self.steps[-1]
 
     def _check_step(self):
@@ -792,6 +815,8 @@ class Probe:
                   "phases": {name: {k: v for k, v in stats.items() if k not in ("modules", "temporaries")}
                              for name, stats in self.phases.items()},
                   "steps": self.steps, "leak": leak, "oom": self.oom, "warnings": self.warnings(leak)}
+        if self.allocator_only:
+            report["allocator_only"] = ALLOCATOR_ONLY
         if not self.config:
             report["budget"] = self.budget()
             if _budget_function() is None:
@@ -801,6 +826,14 @@ class Probe:
     def save(self, path=None):
         self._stack.save_config(path or self.path)
         write_report(path or self.path, self.report())
+
+
+def _allocator_stats(device):
+    """CUDA's allocator's own figures: its peak since the phase began (reset then), what it holds."""
+    torch.cuda.synchronize(device)
+    return {"peak_bytes": torch.cuda.max_memory_allocated(device),
+            "live_bytes": torch.cuda.memory_allocated(device),
+            "reserved_bytes": torch.cuda.max_memory_reserved(device)}
 
 
 def _budget_function():
@@ -944,6 +977,7 @@ def lightning_callback(path, **probe_kwargs):
         def on_train_start(self, trainer, pl_module):
             optimizer = trainer.optimizers[0] if trainer.optimizers else None
             self.probe = Probe(pl_module, optimizer, path=path, **probe_kwargs).__enter__()
+            self.unwrap = _ending_phase_with_step(optimizer, self.probe)
 
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
             self.probe.begin("forward")
@@ -966,13 +1000,31 @@ def lightning_callback(path, **probe_kwargs):
             self.probe.step(outputs.get("loss") if isinstance(outputs, dict) else outputs)
 
         def on_train_end(self, trainer, pl_module):
+            self.unwrap()
             self.probe.close()
 
         def on_exception(self, trainer, pl_module, exception):
             if self.probe is not None:
+                self.unwrap()
                 self.probe.close(exception)
 
     return MemcheckCallback()
+
+
+def _ending_phase_with_step(optimizer, probe):
+    """Lightning's closure, on_before_optimizer_step and update run inside the optimizer's step: the
+    phase ends as it returns, before the user's on_train_batch_end callbacks. Returns the undo."""
+    if optimizer is None:
+        return lambda: None
+    before, step = vars(optimizer).get("step"), optimizer.step  # (an LR scheduler's wrapper, or None)
+
+    @functools.wraps(step)  # keeps the LR scheduler's mark on optimizer.step
+    def stepped(*args, **kwargs):
+        result = step(*args, **kwargs)
+        probe.end()  # (not on an error: an OOM is recorded in the phase it came in)
+        return result
+    optimizer.step = stepped
+    return lambda: vars(optimizer).pop("step", None) if before is None else setattr(optimizer, "step", before)
 
 
 def hf_callback(path, **probe_kwargs):
@@ -1086,8 +1138,8 @@ def find_leak(steps, survivors=()):
 
 def leak_message(leak):
     survivors = leak["survivors"]
-    return (f"live memory grows {leak['bytes_per_step']:,.0f} bytes every step; "
-            f"{len(survivors)} tensors from earlier steps survive" + (", e.g. " if survivors else "")
+    return (f"live memory grows {leak['bytes_per_step']:,.0f} bytes every step"
+            + (f"; {len(survivors)} tensors from earlier steps survive, e.g. " if survivors else "")
             + "; ".join(f"{s['shape']} {s['dtype']} {s['bytes']:,} B from {s['op']} in {s['module']} "
                         f"(step {s['step']})" for s in survivors[:3]))
 
@@ -1219,7 +1271,7 @@ def _phase_rows(report):
 def format_report(report):
     """The summary a person reads at a glance: weights, phases, verdict, categories, modules, leak,
     warnings."""
-    lines = _weights_line(report)
+    lines = _weights_line(report) + ([report["allocator_only"]] if report.get("allocator_only") else [])
     lines += [text_table(("phase", "live MiB", "peak MiB", "budget MiB"), _phase_rows(report)), ""]
     if report.get("oom"):
         oom = report["oom"]
