@@ -466,6 +466,8 @@ def bench(base_argv, steps=5, log=print):
     chunked_args = ref_train.parse_args([*BENCH_BASE, *base_argv, "--loss-chunks", str(BENCH_LOSS_CHUNKS)])
     paired = _interleaved(args, chunked_args, steps)
     add("tracker overhead: tracked / untracked step", paired["tracked"], paired["untracked"], "s", 1.10)
+    add("probe overhead, PEFT + HF checkpointing: tracked / untracked step", paired["peft tracked"],
+        paired["peft untracked"], "s", 1.10)
     if args.device == "cpu":
         tracked, profiled = tracker_against_profiler(args)
         rows.append({"comparison": "tracker / torch.profiler: peak above start", "a": tracked,
@@ -484,14 +486,16 @@ def bench(base_argv, steps=5, log=print):
 
 def _interleaved(args, chunked_args, steps):
     """Median seconds of the reference's steps untracked, tracked, and untracked with the chunked
-    loss, taken in turn (one of each, `steps` times, after a warm-up step of each), so that a
-    machine shared with other work slows the three alike. A tracked step is timed as a user pays
-    for it, from before its forward to after probe.step(), each in a Probe of its own."""
+    loss, and of PEFT's (HF checkpointing) untracked and tracked, taken in turn (one of each,
+    `steps` times, after a warm-up step of each), so that a machine shared with other work slows
+    them alike. A tracked step is timed as a user pays for it, from before its forward to after
+    probe.step(), each in a Probe of its own."""
     import torch
 
     from memcheck import Probe
     plain, model, optimizer = _reference_loop(args)
     chunked = _reference_loop(chunked_args)[0]
+    peft = _peft_loop(args)
 
     def timed(fn):
         if args.device == "cuda":
@@ -502,12 +506,15 @@ def _interleaved(args, chunked_args, steps):
             torch.cuda.synchronize()
         return time.perf_counter() - started
 
-    def tracked():
+    def tracked(step, model, optimizer):
         with Probe(model, optimizer, device=args.device) as probe:
-            return timed(lambda: probe.step(plain(probe)))
+            return timed(lambda: probe.step(step(probe)))
 
-    runs = {"untracked": lambda: timed(lambda: plain(_Untracked())), "tracked": tracked,
-            "chunked": lambda: timed(lambda: chunked(_Untracked()))}
+    runs = {"untracked": lambda: timed(lambda: plain(_Untracked())),
+            "tracked": lambda: tracked(plain, model, optimizer),
+            "chunked": lambda: timed(lambda: chunked(_Untracked())),
+            "peft untracked": lambda: timed(lambda: peft[0](_Untracked())),
+            "peft tracked": lambda: tracked(*peft)}
     seconds = {name: [] for name in runs}
     for i in range(steps + 1):
         for name, run in runs.items():

@@ -263,7 +263,11 @@ BETWEEN_PHASES = "between phases"
 HELD_ONCE_SHARE, HELD_ONCE_BYTES = 0.01, MiB  # below both, memory held once is not worth a word
 COMPILE_DISABLED = ("torch.compile was off under the probe (dynamo skips every frame while its "
                     "dispatch mode is active): these figures are the eager model's, not the compiled "
-                    "one's; on CUDA, compare torch.cuda.max_memory_allocated of an unprobed run")
+                    "one's; on CUDA, Probe(..., allocator_only=True) (or the callbacks' "
+                    "allocator_only=True) measures the compiled model with the allocator's counters")
+ALLOCATOR_ONLY = ("allocator only: peaks and live bytes from torch.cuda's counters, with no dispatch "
+                  "mode (torch.compile stays on); categories, modules, temporaries, shapes, the "
+                  "budget and autograd's warnings were not measured")
 _EVENT_MESSAGES = {
     "output_kept": "the model's output was held through backward: {tensors} of its tensors ({mib} "
                    "MiB) that backward did not need, e.g. {shape} {dtype} from {module}, were alive "
@@ -536,11 +540,18 @@ class Probe:
     the same without with-blocks, for callbacks."""
 
     def __init__(self, model=None, optimizer=None, device=None, max_memory_mib=None, config=None,
-                 path=None, log=print):
+                 path=None, log=print, allocator_only=False):
         if device is None:
             device = next(model.parameters()).device if model is not None else "cpu"
         self.device = torch.device(device)
         self.cuda = self.device.type == "cuda"
+        self.allocator_only = allocator_only  # no dispatch mode, no hooks: torch.compile stays on
+        if allocator_only and not self.cuda:
+            raise ReportError(f"allocator_only=True on device {str(self.device)!r}: it needs CUDA (torch "
+                              "keeps no allocator counters on CPU); use allocator_only=False there")
+        if allocator_only and max_memory_mib is not None:
+            raise ReportError(f"max_memory_mib={max_memory_mib} needs the tracker, and "
+                              "allocator_only=True runs without it: pass one or the other")
         limit = None if max_memory_mib is None else int(max_memory_mib * MiB)
         self.tracker = Tracker(self.device, limit, on_error=self._on_op_error)
         self.rank, self.world_size = rank_and_world()
@@ -560,14 +571,15 @@ class Probe:
 
     # -- scope
     def __enter__(self):
-        self._scope.enter_context(self.tracker)
-        self._scope.enter_context(torch.autograd.graph.saved_tensors_hooks(self._saves.pack,
-                                                                           self._saves.unpack))
+        if not self.allocator_only:
+            self._scope.enter_context(self.tracker)
+            self._scope.enter_context(torch.autograd.graph.saved_tensors_hooks(self._saves.pack,
+                                                                               self._saves.unpack))
         self._open = True
         if self._pending[0] is not None:
             self.attach(*self._pending)
         self._step_ended = time.perf_counter()
-        self.tracker.start_window()   # a loop without phases: its step is measured from here
+        self._new_window()   # a loop without phases: its step is measured from here
         return self
 
     def __exit__(self, exc_type, exc, tb):
@@ -594,12 +606,16 @@ class Probe:
         if self.path:
             report = self.save()
             baseline = report["config"].get("baseline_command")
-            self.log(f"memcheck: peak {mib(report['peak_bytes'])} MiB ({report['status']}), "
+            self.log(f"memcheck: peak {mib(report['peak_bytes'])} MiB ({report['status']}"
+                     f"{', allocator only' if self.allocator_only else ''}), "
                      f"{len(report['warnings'])} warnings; report written to {self.path}{self._rank_note}"
                      + (f"\nthe reference for this stack: {baseline}" if baseline and self.rank == 0 else ""))
 
     def attach(self, model, optimizer=None):
         self._started = None
+        if self.allocator_only:  # nothing inside what torch.compile traces; read for the config only
+            self._stack.model, self._stack.optimizer = model, optimizer
+            return
         self._stack.attach(model, optimizer)
         if _strategy(model) == "fsdp":
             _watch_fsdp_storage(self.tracker, self._scope)
@@ -627,17 +643,25 @@ class Probe:
         self.tracker.phase, self.tracker.module_stack[:] = name, []
         if first:
             self._started = time.perf_counter()
+        self._new_window()
+        self._tag_roles(again=first)
+
+    def _new_window(self):
+        """The next phase's peak is measured from here, by the tracker and by CUDA's allocator."""
         self.tracker.start_window()
         if self.cuda:
             torch.cuda.synchronize(self.device)
             torch.cuda.reset_peak_memory_stats(self.device)
-        self._stack.tag_roles(again=first)
+
+    def _tag_roles(self, **kwargs):
+        if not self.allocator_only:  # (without the tracker there is nothing to tag)
+            self._stack.tag_roles(**kwargs)
 
     def end(self):
         name = self.tracker.phase
         if name is None:
             return
-        self._stack.tag_roles(again=False)
+        self._tag_roles(again=False)
         if name == "forward":
             self._saves.forward_ended()
         elif name == "backward":
@@ -657,15 +681,14 @@ class Probe:
     def _phase_stats(self):
         """The closing phase's peak, what was alive then, and on CUDA the allocator's own figures."""
         tracker = self.tracker
+        if self.allocator_only:
+            return dict(_allocator_stats(self.device), step=tracker.step)
         categories, modules, temporaries = tracker.at(tracker.peak_event)
         stats = {"peak_bytes": tracker.peak_bytes, "live_bytes": tracker.live_bytes, "step": tracker.step,
                  "categories": categories, "modules": modules, "temporaries": temporaries}
         if self.cuda:
-            torch.cuda.synchronize(self.device)
             stats["tracked_peak_bytes"] = stats["peak_bytes"]
-            stats["peak_bytes"] = torch.cuda.max_memory_allocated(self.device)
-            stats["live_bytes"] = torch.cuda.memory_allocated(self.device)
-            stats["reserved_bytes"] = torch.cuda.max_memory_reserved(self.device)
+            stats.update(_allocator_stats(self.device))
             # What the allocator holds that no tracked tensor owns: cuBLAS's workspaces, mostly.
             stats["untracked_bytes"] = max(0, stats["live_bytes"] - tracker.live_bytes)
         return stats
@@ -675,7 +698,7 @@ class Probe:
         self.end()
         if not self._phased and self._open:  # no phase in this step: the whole step is one
             self.tracker.phase = "step"
-            self._stack.tag_roles()
+            self._tag_roles()
             self.end()
         if self.cuda:
             torch.cuda.synchronize(self.device)
@@ -688,7 +711,7 @@ class Probe:
         self._check_step()
         self._step_peak, self._started, self._phased, self._step_ended = 0, None, False, now
         self.tracker.step += 1
-        self.tracker.start_window()
+        self._new_window()
         return self.steps[-1]
 
     def _check_step(self):
@@ -727,9 +750,9 @@ class Probe:
                              f"(step {s['step']})" for s in survivors[:3])
         warnings = [{"kind": "leak", "bytes_per_step": leak["bytes_per_step"], "steps": steps,
                      "bytes": leak["bytes_per_step"] * (steps - 1),
-                     "message": f"live memory grows {leak['bytes_per_step']:,.0f} bytes every step; "
-                                f"{len(survivors)} tensors from earlier steps survive"
-                                + (f", e.g. {examples}" if survivors else "")}] if leak["detected"] else []
+                     "message": f"live memory grows {leak['bytes_per_step']:,.0f} bytes every step"
+                                + (f"; {len(survivors)} tensors from earlier steps survive, e.g. {examples}"
+                                   if survivors else "")}] if leak["detected"] else []
         report = {"schema": SCHEMA, "command": " ".join([os.path.basename(sys.executable)] + sys.argv),
                   "status": self.status, "error": self.error, "config": config,
                   "env": environment(self.device), "rank": self.rank, "world_size": self.world_size,
@@ -740,6 +763,8 @@ class Probe:
                              for name, stats in self.phases.items()},
                   "steps": self.steps, "leak": leak, "oom": self.oom, "warnings": warnings
                   + self._stack.warnings() + self._saves.warnings(self.peak["peak_bytes"])}
+        if self.allocator_only:
+            report["allocator_only"] = ALLOCATOR_ONLY
         if not self.config:
             try:
                 from budget import probed  # late: budget.py imports this file
@@ -758,6 +783,14 @@ class Probe:
         report = self.report()
         write_report(path or self.path, report)
         return report
+
+
+def _allocator_stats(device):
+    """CUDA's allocator's own figures: its peak since the phase began (reset then), what it holds."""
+    torch.cuda.synchronize(device)
+    return {"peak_bytes": torch.cuda.max_memory_allocated(device),
+            "live_bytes": torch.cuda.memory_allocated(device),
+            "reserved_bytes": torch.cuda.max_memory_reserved(device)}
 
 
 # ---------------------------------------------------------------- the stack, duck-typed
@@ -892,6 +925,7 @@ def lightning_callback(path, **probe_kwargs):
         def on_train_start(self, trainer, pl_module):
             optimizer = trainer.optimizers[0] if trainer.optimizers else None
             self.probe = Probe(pl_module, optimizer, path=path, **probe_kwargs).__enter__()
+            _end_phase_with_step(optimizer, self.probe)
 
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
             self.probe.begin("forward")
@@ -921,6 +955,23 @@ def lightning_callback(path, **probe_kwargs):
                 self.probe.close(exception)
 
     return MemcheckCallback()
+
+
+def _end_phase_with_step(optimizer, probe):
+    """Lightning's closure, on_before_optimizer_step and update all run inside the optimizer's step:
+    the phase ends as it returns, before the user's on_train_batch_end callbacks (undone at close)."""
+    if optimizer is None:
+        return
+    before, step = vars(optimizer).get("step"), optimizer.step  # (an LR scheduler's wrapper, or None)
+
+    @functools.wraps(step)  # keeps the LR scheduler's mark on optimizer.step
+    def stepped(*args, **kwargs):
+        result = step(*args, **kwargs)
+        probe.end()  # (not on an error: an OOM is recorded in the phase it came in)
+        return result
+    optimizer.step = stepped
+    probe._scope.callback(lambda: vars(optimizer).pop("step", None) if before is None
+                          else setattr(optimizer, "step", before))
 
 
 def hf_callback(path, **probe_kwargs):
@@ -1105,6 +1156,7 @@ def format_report(report):
     """What a person reads at a glance: weights, phases, verdict, categories, modules, leak, warnings."""
     cats, config, params = (report.get(key) or {} for key in ("categories", "config", "params"))
     oom, leak, peak, lines = report.get("oom"), report["leak"], report["peak_bytes"], []
+    lines += [report["allocator_only"]] if report.get("allocator_only") else []
     weights = cats.get("trainable_params", 0) + cats.get("frozen_params", 0)
     if peak and 2 * weights > peak:  # more than half of the peak: what to look at first after an OOM
         count = config.get("param_count") or params.get("trainable", 0) + params.get("frozen", 0)

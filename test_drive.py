@@ -181,6 +181,9 @@ def test_bench_runs_end_to_end_on_a_tiny_model(bench_rows):
     by_name = {r["comparison"]: r for r in rows}
     assert by_name["reference / PEFT: peak"]["ratio"] > 0
     assert by_name["tracker / torch.profiler: peak above start"]["met"]
+    # the issue's overhead on a PEFT loop with HF checkpointing: a row with a ratio (its value is a time)
+    peft = by_name["probe overhead, PEFT + HF checkpointing: tracked / untracked step"]
+    assert peft["ratio"] > 0 and peft["target"] == 1.10 and peft["unit"] == "s"
     assert any(name.startswith("reference --loss-chunks") and name.endswith("/ PEFT: peak")
                for name in by_name)
     assert all(r["a"] > 0 and r["b"] > 0 for r in rows)
@@ -210,7 +213,7 @@ def test_bench_times_the_tracker_and_the_fused_loss_in_turn(tiny_model):
     chunked = ref_train.parse_args([*drive.BENCH_BASE, "--model", tiny_model, "--device", "cpu",
                                     "--loss-chunks", "8"])
     seconds = drive._interleaved(args, chunked, steps=1)
-    assert set(seconds) == {"untracked", "tracked", "chunked"}
+    assert set(seconds) == {"untracked", "tracked", "chunked", "peft untracked", "peft tracked"}
     assert all(s > 0 for s in seconds.values())
 
 
@@ -475,6 +478,35 @@ def test_gpu_script_on_a_machine_without_cuda_says_so_in_one_line_and_exits_0():
     lines = done.stdout.splitlines()
     assert len(lines) == 1 and "no CUDA device" in lines[0], done.stdout
     assert done.stderr == ""
+
+
+class FinishedJob:
+    """What .ci/gpu.py's sections read of a finished Job, without running one."""
+
+    def __init__(self, status, tail=()):
+        self.shown, self.status, self.ok = "python -c <the check>", status, status == "ok"
+        self.stdout_tail = lambda: list(tail)
+
+
+def test_gpu_scripts_compiled_check_is_a_table_with_its_two_targets_or_how_far_it_got(tmp_path):
+    spec = importlib.util.spec_from_file_location("ci_gpu", os.path.join(ROOT, ".ci", "gpu.py"))
+    ci_gpu = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ci_gpu)
+    path = tmp_path / "compiled.json"
+    path.write_text(json.dumps({"model": "an MLP", "pairs": 20, "unprobed_peak_bytes": 1000 * MiB,
+                                "probed_peak_bytes": 1005 * MiB, "eager_peak_bytes": 1200 * MiB,
+                                "tracked_peak_bytes": 1200 * MiB, "unprobed_s": 0.010, "probed_s": 0.0106}))
+    md = "\n".join(ci_gpu.compiled_section(FinishedJob("ok"), str(path)))
+    assert_markdown_tables(md)
+    rows = {line.split(" | ")[0].lstrip("| "): line.split(" | ") for line in md.splitlines()
+            if line.startswith("| ")}
+    peak = rows["allocator-only probe / unprobed: peak"]
+    assert peak[1:4] == ["1005.0 MiB", "1000.0 MiB", "1.0050"] and peak[-1].startswith("yes"), peak
+    step = rows["allocator-only probe / unprobed: median step (20 pairs in turn)"]
+    assert step[1:4] == ["10.6 ms", "10.0 ms", "1.060"] and step[-1].startswith("NO"), step   # over 1.05
+    failed = ci_gpu.compiled_section(FinishedJob("FAILED: exit 1: boom", ["Traceback", "boom"]), str(path))
+    assert "FAILED: exit 1: boom" in failed[3] and "boom" in failed   # its last lines, no table
+    assert not any(line.startswith("|") for line in failed)
 
 
 # ---------------------------------------------------------------- the command line's help

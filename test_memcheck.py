@@ -1074,3 +1074,106 @@ def test_a_diff_missing_a_ranks_report_names_it_in_one_line(two_runs_of_two_rank
     alone.write_text(open(two_runs_of_two_ranks[0]).read())   # rank 0's report without rank 1's
     line = one_error_line(run_main(memcheck.main, capsys, "diff", alone, two_runs_of_two_ranks[1]))
     assert f"{tmp_path}/stack.rank1.json: cannot read" in line, line
+
+
+# ---------------------------------------------------------------- allocator only: compiled models on CUDA
+
+class FakeAllocator:
+    """torch.cuda's counters on a CPU build: they count what the test says it allocates."""
+
+    def __init__(self):
+        self.live = self.peak = 0
+
+    def allocate(self, n_bytes):
+        self.live += n_bytes
+        self.peak = max(self.peak, self.live)
+
+    def free(self, n_bytes):
+        self.live -= n_bytes
+
+    def reset_peak(self, device=None):
+        self.peak = self.live
+
+
+@pytest.fixture
+def fake_cuda(monkeypatch):
+    fake = FakeAllocator()
+    counters = {"synchronize": lambda device=None: None, "reset_peak_memory_stats": fake.reset_peak,
+                "max_memory_allocated": lambda device=None: fake.peak,
+                "memory_allocated": lambda device=None: fake.live,
+                "max_memory_reserved": lambda device=None: 2 * fake.peak,
+                "get_device_name": lambda device=None: "a faked GPU"}
+    for name, fn in counters.items():
+        monkeypatch.setattr(torch.cuda, name, fn)
+    return fake
+
+
+def test_allocator_only_on_cpu_is_refused_in_one_line_naming_the_device_and_what_is_allowed():
+    with pytest.raises(memcheck.ReportError) as refused:
+        memcheck.Probe(nn.Linear(4, 4), allocator_only=True)
+    message = str(refused.value)
+    assert "\n" not in message and "device 'cpu'" in message and "CUDA" in message, message
+    assert "allocator_only=False" in message
+    with pytest.raises(memcheck.ReportError, match="max_memory_mib=10 needs the tracker"):
+        memcheck.Probe(nn.Linear(4, 4), device="cuda", allocator_only=True, max_memory_mib=10)
+
+
+def test_allocator_only_leaves_torch_compile_on_and_takes_its_figures_from_the_allocator(fake_cuda):
+    import torch._dynamo
+    torch._dynamo.reset()
+    graphs = []   # a backend that counts what dynamo compiled: under a dispatch mode, nothing
+    linear = nn.Linear(8, 8)
+    compiled = torch.compile(lambda x: torch.relu(linear(x)).sum(),
+                             backend=lambda gm, inputs: graphs.append(gm) or gm.forward)
+    optimizer = torch.optim.SGD(linear.parameters(), lr=0.1)
+    with memcheck.Probe(linear, optimizer, device="cuda", allocator_only=True, log=lambda *a: None) as probe:
+        for _ in range(3):
+            with probe.phase("forward"):
+                loss = compiled(torch.randn(4, 8))
+                fake_cuda.allocate(5000)           # activations
+            with probe.phase("backward"):
+                loss.backward()
+                fake_cuda.allocate(2000)           # a temporary on top of them
+                fake_cuda.free(7000)
+            with probe.phase("optimizer"):
+                optimizer.step()
+                fake_cuda.allocate(100)            # kept: a leak of 100 bytes a step
+            probe.step(loss)
+    assert graphs, "dynamo compiled nothing under the probe"
+    assert probe.tracker.live == {}                # the dispatch mode never ran
+    report = probe.report()
+    assert report["peak_bytes"] == 200 + 7000 and report["peak_phase"] == "backward"
+    assert report["phases"]["forward"]["peak_bytes"] == 200 + 5000
+    assert report["phases"]["backward"]["reserved_bytes"] == 2 * (200 + 7000)
+    assert [s["live_bytes"] for s in report["steps"]] == [100, 200, 300]
+    assert report["leak"]["detected"] and report["leak"]["bytes_per_step"] == 100
+    [leak] = report["warnings"]
+    assert leak["kind"] == "leak" and "tensors" not in leak["message"]   # which ones: not measured
+    # what the allocator cannot see is absent, never a zero
+    assert report["categories"] == {} and report["modules"] == [] and report["temporaries"] == []
+    assert "categories" not in report["phases"]["forward"] and report["budget"] is None
+    printed = memcheck.format_report(report)
+    assert printed.splitlines()[0] == memcheck.ALLOCATOR_ONLY and "at the peak" not in printed
+
+
+@pytest.mark.parametrize("stack", STACKS)
+def test_allocator_only_runs_through_both_callbacks_with_no_dispatch_mode_and_no_autograd_hooks(
+        stack, fake_cuda, tmp_path):
+    from torch.utils._python_dispatch import _get_current_dispatch_mode
+    make_callback, fit = STACKS[stack]
+    model, _ = peft_opt()
+    seen = []
+
+    def no_probe_inside(module, args):
+        saved_tensor_hooks = torch._C._autograd._top_saved_tensors_default_hooks(False)
+        seen.append((_get_current_dispatch_mode(), saved_tensor_hooks))
+        fake_cuda.allocate(1000)
+
+    model.register_forward_pre_hook(no_probe_inside)
+    path = tmp_path / "stack.json"
+    fit(model, make_callback(path, device="cuda", allocator_only=True, log=lambda *a: None), tmp_path)
+    report = memcheck.read_report(path)
+    assert seen and set(seen) == {(None, None)}
+    assert report["status"] == "ok" and len(report["steps"]) == 3 and report["allocator_only"]
+    assert report["peak_bytes"] == 3000 and report["categories"] == {}
+    assert "optimizer" in report["phases"] and report["warnings"][0]["kind"] == "leak"

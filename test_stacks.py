@@ -114,6 +114,23 @@ def test_hf_evaluation_is_a_phase_and_user_callbacks_run_outside_the_optimizer_p
     assert (report["config"]["checkpointing"], report["config"]["bs"]) == (True, BS)
 
 
+def test_a_lightning_users_on_train_batch_end_runs_outside_the_optimizer_phase(tmp_path):
+    pl = pytest.importorskip("lightning.pytorch")
+    big = 16 * memcheck.MiB
+
+    class AllocatesAtBatchEnd(pl.Callback):   # a user's callback, before memcheck's
+        def on_train_batch_end(self, trainer, *args):
+            self.optimizer = trainer.optimizers[0]
+            torch.ones(big, dtype=torch.uint8).sum()   # made and freed at once: a peak of its own
+
+    path, user = tmp_path / "stack.json", AllocatesAtBatchEnd()
+    lightning_fit(peft_opt(), memcheck.lightning_callback(**quiet(path)), user_callbacks=[user])
+    report = memcheck.read_report(path)
+    assert report["phases"]["optimizer"]["peak_bytes"] < big / 4, report["phases"]["optimizer"]
+    assert report["peak_bytes"] < big / 4 and len(report["steps"]) == 3
+    assert "step" not in vars(user.optimizer)   # the optimizer as it was
+
+
 def test_a_tiny_graph_kept_by_a_metric_is_not_worth_a_warning_and_a_leak_of_32_bytes_is(tmp_path):
     def metric_on_batch_end(self, outputs, batch, batch_idx):
         # the metric indexes a trainable weight before .detach(): sigmoid saves 8 floats
@@ -271,6 +288,7 @@ def test_a_compiled_model_under_the_probe_is_said_to_run_eager():
     compiled, eager = run(True), run(False)
     assert [w["kind"] for w in compiled["warnings"]] == ["compile_disabled"], compiled["warnings"]
     assert "eager" in compiled["warnings"][0]["message"]
+    assert "allocator_only=True" in compiled["warnings"][0]["message"]   # what measures it compiled
     assert eager["warnings"] == []
     assert abs(compiled["peak_bytes"] / eager["peak_bytes"] - 1) <= 0.01
 

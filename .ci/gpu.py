@@ -89,6 +89,78 @@ lines = [l for l in summary.splitlines() if l.startswith(("segments:", "total_")
 events = sum(len(t) for t in snapshot.get("device_traces", []))
 print(json.dumps({"summary": lines, "trace_events": events, "html_bytes": len(html)}))
 """
+# A torch.compile'd model trained unprobed, then under memcheck's allocator-only probe (no dispatch
+# mode: compilation stays on): the peaks must agree, and the probe must cost little, timed in turn.
+# The MLP's GELUs make compile's and eager's peaks differ (compiled, backward recomputes them); its
+# fp32 step of tens of ms on an H200 is bound by the GPU, as a real one is, not by launching kernels.
+COMPILED_CHECK = r"""
+import contextlib, json, statistics, sys, time
+import torch
+import memcheck
+
+WIDTH, DEPTH, ROWS, PAIRS = 4096, 4, 4096, 20
+torch.manual_seed(0)
+model = torch.nn.Sequential(*[m for _ in range(DEPTH) for m in (torch.nn.Linear(WIDTH, WIDTH),
+                                                                torch.nn.GELU())]).cuda()
+optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+compiled = torch.compile(model)
+x = torch.randn(ROWS, WIDTH, device="cuda")
+quiet = dict(log=lambda *a: None)
+
+
+def step(net, probe=None):
+    phase = probe.phase if probe else lambda name: contextlib.nullcontext()
+    with phase("forward"):
+        loss = net(x).square().mean()
+    with phase("backward"):
+        loss.backward()
+    with phase("optimizer"):
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    if probe:
+        probe.step(loss)
+
+
+def timed(fn):
+    torch.cuda.synchronize()
+    started = time.perf_counter()
+    fn()
+    torch.cuda.synchronize()
+    return time.perf_counter() - started
+
+
+def unprobed_peak(net, steps=3):
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    for _ in range(steps):
+        step(net)
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated()
+
+
+def probed(steps=1, **kwargs):
+    with memcheck.Probe(compiled, optimizer, **quiet, **kwargs) as probe:
+        seconds = [timed(lambda: step(compiled, probe)) for _ in range(steps)]
+    return seconds, probe.peak["peak_bytes"]
+
+
+for _ in range(3):   # compiles forward and backward, makes Adam's state
+    step(compiled)
+result = {"model": f"{DEPTH} x (Linear({WIDTH}, {WIDTH}), GELU), {ROWS} rows, fp32, AdamW",
+          "unprobed_peak_bytes": unprobed_peak(compiled),
+          "probed_peak_bytes": probed(steps=3, allocator_only=True)[1], "pairs": PAIRS}
+times = {"unprobed": [], "probed": []}
+for _ in range(PAIRS):   # in turn, so that anything else on the machine slows both alike
+    times["unprobed"].append(timed(lambda: step(compiled)))
+    times["probed"].append(probed(allocator_only=True)[0][0])
+result.update({f"{k}_s": statistics.median(v) for k, v in times.items()})
+result["eager_peak_bytes"] = unprobed_peak(model)
+result["tracked_peak_bytes"] = probed(steps=2)[1]   # the full probe: compilation off under it
+with open(sys.argv[1], "w") as f:
+    json.dump(result, f, indent=1)
+print(json.dumps(result))
+"""
+COMPILED_PEAK_TOLERANCE, COMPILED_OVERHEAD = 0.01, 1.05
 
 
 def slug(name):
@@ -326,7 +398,8 @@ def json_table(data):
 def work_files(work):
     """Where each step writes, all under the temp dir `work` that becomes the bundle."""
     files = {name: os.path.join(work, name) for name in ("logs", "runs")}
-    files.update({name: os.path.join(work, name + ".json") for name in ("ablate", "families", "bench")})
+    files.update({name: os.path.join(work, name + ".json")
+                  for name in ("ablate", "families", "bench", "compiled")})
     files["snapshot"] = os.path.join(work, "snapshot.pickle")
     return files
 
@@ -400,7 +473,8 @@ def take_snapshot(files):
 
 
 def run_steps(files):
-    """Every step, bench last and alone (its targets are times): the jobs by name, and the runs."""
+    """Every step, bench and the compiled check last and alone (their targets are times): the jobs
+    by name, and the runs."""
     jobs = {"install": install_requirements(files["logs"]), **start_alongside(files)}
     runs = run_trainings(files)
     jobs["snapshot"], jobs["check"] = take_snapshot(files)
@@ -408,6 +482,9 @@ def run_steps(files):
         jobs[name].wait()
     jobs["bench"] = Job("drive.py bench", [PY, "drive.py", "bench", "--device", "cuda", "--report",
                                            files["bench"]], files["logs"], cap=100, needs="drive.py").wait()
+    jobs["compiled"] = Job("torch.compile, allocator only", [PY, "-c", COMPILED_CHECK, files["compiled"]],
+                           files["logs"], cap=90, shown="python -c <a torch.compile'd MLP, unprobed and "
+                           "under Probe(allocator_only=True), in turn> " + files["compiled"]).wait()
     return jobs, runs
 
 
@@ -415,7 +492,7 @@ def all_steps(jobs, runs):
     """Every job in the order the Steps table lists them."""
     steps = [jobs["install"], jobs["pytest"], jobs["ablate"], jobs["families"]]
     steps += [job for _, _, job, _ in runs] + [jobs["snapshot"]]
-    return steps + ([jobs["check"]] if jobs["check"] else []) + [jobs["bench"]]
+    return steps + ([jobs["check"]] if jobs["check"] else []) + [jobs["bench"], jobs["compiled"]]
 
 
 # ------------------------------------------------------------------ the report
@@ -482,6 +559,36 @@ def drive_section(title, job, path):
     return md + details("stdout (last lines)", job.stdout_tail())
 
 
+def compiled_rows(result):
+    """The compiled check's comparisons, as bench's table has them: (what, A, B, A / B, target, met)."""
+    ms, peak = (lambda s: f"{s * 1e3:.1f} ms"), (lambda b: f"{mib(b)} MiB")
+    peaks = result["probed_peak_bytes"] / result["unprobed_peak_bytes"]
+    overhead = result["probed_s"] / result["unprobed_s"]
+    return [("allocator-only probe / unprobed: peak", peak(result["probed_peak_bytes"]),
+             peak(result["unprobed_peak_bytes"]), f"{peaks:.4f}", f"1 +- {COMPILED_PEAK_TOLERANCE}",
+             yes(abs(peaks - 1) <= COMPILED_PEAK_TOLERANCE)),
+            (f"allocator-only probe / unprobed: median step ({result['pairs']} pairs in turn)",
+             ms(result["probed_s"]), ms(result["unprobed_s"]), f"{overhead:.3f}", COMPILED_OVERHEAD,
+             yes(overhead <= COMPILED_OVERHEAD)),
+            ("compiled / eager: peak, unprobed", peak(result["unprobed_peak_bytes"]),
+             peak(result["eager_peak_bytes"]),
+             f"{result['unprobed_peak_bytes'] / result['eager_peak_bytes']:.3f}", "-", "-"),
+            ("full probe (compilation off) / eager: peak", peak(result["tracked_peak_bytes"]),
+             peak(result["eager_peak_bytes"]),
+             f"{result['tracked_peak_bytes'] / result['eager_peak_bytes']:.3f}", "-", "-")]
+
+
+def compiled_section(job, path):
+    """The compiled check's table from its JSON, or how far it got."""
+    md = ["", "## torch.compile under Probe(allocator_only=True)", "", f"`{job.shown}`: {job.status}"]
+    result = read_json(path) if job.ok else None
+    if result is None:
+        return md + details("stdout (last lines)", job.stdout_tail())
+    return md + ["", f"{result['model']}, torch.compile's default backend (inductor); peaks are "
+                 "max_memory_allocated over 3 steps.", ""] + table(
+        ("comparison", "A", "B", "A / B", "target", "met"), compiled_rows(result))
+
+
 def pytest_section(pytest):
     md = ["", "## pytest", "", f"`{pytest.shown}`: {pytest.status}"]
     out = pytest.stdout_tail(400)
@@ -499,6 +606,7 @@ def report(gpu, jobs, runs, files):
     for title, name in (("drive.py ablate", "ablate"), ("drive.py families", "families"),
                         ("drive.py bench", "bench")):
         md += drive_section(title, jobs[name], files[name])
+    md += compiled_section(jobs["compiled"], files["compiled"])
     return "\n".join(md + pytest_section(jobs["pytest"])) + "\n"
 
 
