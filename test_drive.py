@@ -541,3 +541,27 @@ def test_figures_help_offers_only_its_own_flags_and_refuses_others_in_one_line(c
     done = run_main(drive.main, capsys, "figures", "--bs", "2")
     assert done.returncode == 2 and "Traceback" not in done.stderr
     assert done.stderr.strip().splitlines() == ["drive.py figures: error: unrecognized arguments: --bs 2"]
+
+
+def test_gpu_script_runs_ddp_and_fsdp_under_torchrun_with_one_rank_and_the_rest_plainly(tmp_path, monkeypatch):
+    spec = importlib.util.spec_from_file_location("ci_gpu", os.path.join(ROOT, ".ci", "gpu.py"))
+    ci_gpu = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ci_gpu)
+    launched = []
+
+    class RecordedJob(FinishedJob):
+        def __init__(self, name, argv, *args, **kwargs):
+            super().__init__("ok")
+            launched.append(argv)
+
+        def wait(self):
+            return self
+
+    monkeypatch.setattr(ci_gpu, "Job", RecordedJob)
+    ci_gpu.run_trainings({"runs": str(tmp_path), "logs": str(tmp_path)})
+    under_torchrun = [argv for argv in launched if "torch.distributed.run" in argv]
+    assert [argv[argv.index("--strategy") + 1] for argv in under_torchrun] == ["ddp", "fsdp"]
+    for argv in under_torchrun:
+        assert argv[argv.index("--nproc_per_node") + 1] == "1" and "cuda" in argv
+    assert len(launched) == len(ci_gpu.RUNS) and all(
+        argv[1] == "ref_train.py" for argv in launched if argv not in under_torchrun)

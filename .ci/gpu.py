@@ -44,7 +44,11 @@ RUNS = [  # (name, flags): one ref_train.py run each, on the default model
     ("ckpt none", ["--ckpt", "none"]),
     ("impl einsum", ["--impl", "einsum"]),
     ("loss-chunks 8", ["--loss-chunks", "8"]),
+    # torchrun on NCCL (issue 21): one GPU holds one rank; the table reads rank 0's report
+    ("ddp, 1 rank on NCCL", ["--strategy", "ddp"]),
+    ("fsdp, 1 rank on NCCL", ["--strategy", "fsdp"]),
 ]
+TORCHRUN = [PY, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1"]
 TRACKER_TOLERANCE, BUDGET_AIM = 0.02, 0.05   # the budget's tolerance is memcheck's "as expected"
 RUN_HEADER = ("run", "flags", "allocator peak MiB", "tracker peak MiB", "untracked MiB",
               "(tracker + untracked)/allocator",
@@ -453,7 +457,8 @@ def run_trainings(files):
     runs = []
     for name, flags in RUNS:
         path = os.path.join(files["runs"], slug(name) + ".json")
-        job = Job(f"run {name}", [PY, "ref_train.py", *RUN_BASE, *flags, "--report", path],
+        launcher = TORCHRUN if "--strategy" in flags else [PY]
+        job = Job(f"run {name}", [*launcher, "ref_train.py", *RUN_BASE, *flags, "--report", path],
                   files["logs"], cap=60).wait()
         runs.append((name, flags, job, read_json(path)))  # an OOM exits 1 and still reports
     return runs
