@@ -554,11 +554,8 @@ class Probe:
                               "allocator_only=True runs without it: pass one or the other")
         limit = None if max_memory_mib is None else int(max_memory_mib * MiB)
         self.tracker = Tracker(self.device, limit, on_error=self._on_op_error)
-        self.rank, self.world_size = rank_and_world()
-        self.paths = rank_paths(str(path), self.world_size) if path else None  # every rank's report
-        self.config, self.path, self.log = config or {}, path and self.paths[self.rank], log
-        beside = "" if "{rank}" in str(path) else f"; ranks but 0 add .rankN to {path}, which has no {{rank}}"
-        self._rank_note = f" (rank {self.rank} of {self.world_size}{beside})" if self.world_size > 1 else ""
+        self.config, self.log, self._path = config or {}, log, path
+        self._join_ranks()
         self.status, self.error, self.oom = "ok", None, None
         # Each phase's statistics, each step's, and the training peak's: the figures the report reads.
         self.phases, self.steps, self.peak = {}, [], {"peak_bytes": 0}
@@ -569,8 +566,19 @@ class Probe:
         self._survivors = []             # a leak's evidence, from the last step that grew
         self._scope, self._open, self._pending = contextlib.ExitStack(), False, (model, optimizer)
 
+    def _join_ranks(self):
+        """This rank's report path among every rank's, from torch.distributed (again at __enter__:
+        a probe made before init_process_group)."""
+        path = self._path
+        self.rank, self.world_size = rank_and_world()
+        self.paths = rank_paths(str(path), self.world_size) if path else None  # every rank's report
+        self.path = path and self.paths[self.rank]
+        beside = "" if "{rank}" in str(path) else f"; ranks but 0 add .rankN to {path}, which has no {{rank}}"
+        self._rank_note = f" (rank {self.rank} of {self.world_size}{beside})" if self.world_size > 1 else ""
+
     # -- scope
     def __enter__(self):
+        self._join_ranks()
         if not self.allocator_only:
             self._scope.enter_context(self.tracker)
             self._scope.enter_context(torch.autograd.graph.saved_tensors_hooks(self._saves.pack,
@@ -596,9 +604,11 @@ class Probe:
         if not self._open:
             return
         self._open = False
-        self.end()
-        self._stack.detach()
-        self._scope.close()
+        try:
+            self.end()
+        finally:  # the patched functions and hooks go back, whatever happened
+            self._stack.detach()
+            self._scope.close()
         # A step left open by a loop that ended normally (an eval loop that never calls step())
         # still has its checks; one cut short by a failure saved for a backward that never came.
         if self._started is not None and self.status == "ok":
@@ -614,7 +624,8 @@ class Probe:
     def attach(self, model, optimizer=None):
         self._started = None
         if self.allocator_only:  # nothing inside what torch.compile traces; read for the config only
-            self._stack.model, self._stack.optimizer = model, optimizer
+            stack = self._stack
+            stack.model, stack.optimizer, stack.lm = model, optimizer, _language_model(model)
             return
         self._stack.attach(model, optimizer)
         if _strategy(model) == "fsdp":
@@ -718,7 +729,8 @@ class Probe:
         """The end-of-step checks: what autograd saved, and while memory grows, the leak's survivors:
         activations and temporaries made before this step (the loop's setup aside), still alive."""
         step = self.tracker.step
-        self._saves.check_step(step, self._stack.checkpointed())
+        if not self.allocator_only:  # (it sees no saves and names no modules)
+            self._saves.check_step(step, self._stack.checkpointed())
         ends = [s["live_bytes"] for s in self.steps]
         if len(ends) >= 2 and ends[-1] > ends[-2]:
             kept = sorted((r for r in self.tracker.live.values() if r.step < step and r.category in
@@ -1268,9 +1280,10 @@ def rank_imbalance(ranks):
         return None
     more = {c: heavy["categories"].get(c, 0) - light["categories"].get(c, 0) for c in CATEGORIES}
     what, (x, y) = max(more, key=more.get), (light["peak_bytes"], heavy["peak_bytes"])
-    return {"kind": "rank_imbalance", "rank": heavy["rank"], "category": what, "bytes": y - x,
-            "message": f"rank {heavy['rank']}'s peak is {y / x:.2f}x rank {light['rank']}'s ({mib(y)} and "
-                       f"{mib(x)} MiB): it holds more {what.replace('_', ' ')} (+{mib(more[what])} MiB)"}
+    held = f": it holds more {what.replace('_', ' ')} (+{mib(more[what])} MiB)" if more[what] > 0 else ""
+    return {"kind": "rank_imbalance", "rank": heavy["rank"], "category": what if held else None,
+            "bytes": y - x, "message": f"rank {heavy['rank']}'s peak is {y / x:.2f}x rank {light['rank']}'s "
+                                       f"({mib(y)} and {mib(x)} MiB){held}"}
 
 
 def with_ranks(report, path):
@@ -1365,8 +1378,8 @@ def diff(a, b):
             label = "op " + g[len("(op "):].replace(", outside any module)", " (outside any module)")
         else:
             label = f"module {g}" + (f" (x{count})" if "*" in g else "")
-        rows.append((label, *(size(groups, g) if _peak(r) is not None else None
-                              for groups, r in ((ga, a), (gb, b)))))
+        rows.append((label, *(size(groups, g) if _peak(r) is not None and not r.get("allocator_only")
+                              else None for groups, r in ((ga, a), (gb, b)))))
     rows.append(("leak per step (bytes)", *(r["leak"]["bytes_per_step"] if len(r["steps"]) > 1 else None
                                             for r in (a, b))))
     return rows

@@ -1177,3 +1177,35 @@ def test_allocator_only_runs_through_both_callbacks_with_no_dispatch_mode_and_no
     assert report["status"] == "ok" and len(report["steps"]) == 3 and report["allocator_only"]
     assert report["peak_bytes"] == 3000 and report["categories"] == {}
     assert "optimizer" in report["phases"] and report["warnings"][0]["kind"] == "leak"
+
+
+def test_allocator_only_on_a_checkpointed_model_writes_its_report(fake_cuda, tmp_path):
+    model = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 1))
+    model[0].gradient_checkpointing = True   # as Hugging Face's gradient_checkpointing_enable() marks it
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    with memcheck.Probe(model, optimizer, device="cuda", allocator_only=True, path=tmp_path / "r.json",
+                        log=lambda *a: None) as probe:
+        for _ in range(2):
+            loss = model(torch.randn(4, 8)).sum()
+            loss.backward()
+            fake_cuda.allocate(100)
+            probe.step(loss)
+    assert memcheck.read_report(tmp_path / "r.json")["steps"][-1]["live_bytes"] == 200
+
+
+def test_what_an_allocator_only_side_never_measured_reads_not_measured_and_names_no_category(train_tiny):
+    measured = train_tiny()
+    counted = dict(measured, categories={}, modules=[], temporaries=[], allocator_only=memcheck.ALLOCATOR_ONLY)
+    module_rows = [row for row in memcheck.diff(measured, counted) if row[0].startswith(("module ", "op "))]
+    assert module_rows and all(row[1] is not None and row[2] is None for row in module_rows), module_rows
+    light, heavy = (dict(counted, rank=rank, peak_bytes=peak) for rank, peak in ((0, 100 * MiB), (1, 120 * MiB)))
+    warning = memcheck.rank_imbalance([light, heavy])
+    assert warning["category"] is None and warning["message"].endswith("(120.0 and 100.0 MiB)"), warning
+
+
+def test_a_probe_made_before_the_process_group_takes_its_rank_when_it_starts(tmp_path, monkeypatch):
+    probe = memcheck.Probe(nn.Linear(4, 4), path=str(tmp_path / "stack.json"), log=lambda *a: None)
+    monkeypatch.setattr(memcheck, "rank_and_world", lambda: (1, 2))   # init_process_group ran since
+    with probe:
+        probe.step()
+    assert os.listdir(tmp_path) == ["stack.rank1.json"]
