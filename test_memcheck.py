@@ -1209,3 +1209,17 @@ def test_a_probe_made_before_the_process_group_takes_its_rank_when_it_starts(tmp
     with probe:
         probe.step()
     assert os.listdir(tmp_path) == ["stack.rank1.json"]
+
+
+def test_a_failure_while_closing_still_removes_the_probes_hooks_and_dispatch_mode():
+    from torch.utils._python_dispatch import _get_current_dispatch_mode
+    model = nn.Sequential(nn.Linear(4, 4))
+    probe = memcheck.Probe(model, log=lambda *a: None).__enter__()
+    assert model[0]._forward_pre_hooks and _get_current_dispatch_mode() is probe.tracker
+
+    def failing_end():
+        raise RuntimeError("a device-side assert, say")
+    probe.end = failing_end
+    with pytest.raises(RuntimeError, match="device-side assert"):
+        probe.close()
+    assert not model[0]._forward_pre_hooks and _get_current_dispatch_mode() is None
