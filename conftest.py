@@ -123,6 +123,14 @@ def run_main(main, capsys, *argv):
     return subprocess.CompletedProcess(argv, code, out, err)
 
 
+def help_text(main, capsys, *argv):
+    """What `--help` (in argv) of a script's main prints, after checking it exits 0 and says nothing
+    on stderr."""
+    done = run_main(main, capsys, *argv)
+    assert done.returncode == 0 and done.stderr == "", done.stderr
+    return done.stdout
+
+
 def one_error_line(done, code=2):
     """The run's only stderr line, after checking the exit code and that no traceback came out."""
     lines = [line for line in done.stderr.splitlines() if line.strip()]

@@ -489,8 +489,9 @@ class _Stack:
                   "autocast": self.seen.get("autocast"),
                   "checkpointing_enabled": bool(_checkpointed_layers(self.model)),
                   "checkpointing": self.saves.checkpointing(), **_adapters(self.model)}
-        if rank_and_world()[1] > 1:
-            config.update(strategy=_strategy(self.model), world_size=rank_and_world()[1])
+        world_size = rank_and_world()[1]
+        if world_size > 1:
+            config.update(strategy=_strategy(self.model), world_size=world_size)
         config["baseline_command"] = baseline_command(config)
         return {k: v for k, v in config.items() if v is not None}  # unknown is absent, not null
 
