@@ -45,7 +45,17 @@ except ModuleNotFoundError:
 SCHEMA = "memcheck/1"
 REPORT_FIELDS = {"config": dict, "env": dict, "peak_bytes": int, "peak_phase": (str, type(None)),
                  "phases": dict, "categories": dict, "steps": list, "leak": dict}
-_KIND_NAMES = {type(None): "null", dict: "an object", list: "a list", int: "an integer", str: "a string"}
+# What the report, diff and the verdict read inside those fields: each entry's fields, and those of
+# the objects a report may have.
+_ENTRY_FIELDS = {"steps": {"live_bytes": int}, "modules": {"module": str, "bytes": int},
+                 "temporaries": {"bytes": int, "op": str}, "warnings": {"kind": str, "message": str}}
+_OOM_FIELDS = {"phase": str, "step": int, "message": str}
+_OPTIONAL_FIELDS = {"leak": {"detected": bool, "bytes_per_step": (int, float), "step_end_bytes": list},
+                    "oom": _OOM_FIELDS, "recovered_oom": dict(_OOM_FIELDS, recovered_at_step=int),
+                    "rank_reports": list, "ranks": list}
+_MISSING = object()
+_KIND_NAMES = {type(None): "null", dict: "an object", list: "a list", int: "an integer", str: "a string",
+               bool: "true or false", (int, float): "a number"}
 MiB = 2 ** 20
 PHASES = ("load", "forward", "backward", "optimizer")
 # Highest priority first: a storage that is both a parameter and saved for backward is a parameter.
@@ -75,6 +85,17 @@ def is_out_of_memory(error):
 
 def first_line(error):
     return (str(error).strip().splitlines() or [type(error).__name__])[0]
+
+
+def _make_report_dir(path):
+    """A report's folder, made at the start: a path that cannot be written is said now, not when the
+    training ends."""
+    folder = os.path.dirname(os.path.abspath(path)) if path else None
+    try:
+        if folder:
+            os.makedirs(folder, exist_ok=True)
+    except OSError as e:
+        raise ReportError(f"report path {str(path)!r}: cannot make its folder {folder} ({e.strerror})")
 
 
 # ---------------------------------------------------------------- the tracker
@@ -287,11 +308,13 @@ _EVENT_MESSAGES = {
 
 class _Saved:
     """What autograd keeps for a saved tensor: a detached alias, since the tensor's grad_fn would
-    make a cycle keeping alive a graph nobody backpropagates (a leak the probe made itself)."""
-    __slots__ = ("tensor", "phase", "module", "nbytes", "used", "__weakref__")
+    make a cycle keeping alive a graph nobody backpropagates (a leak the probe made itself). Its
+    version is checked when backward unpacks it: autograd skips that check for hooked saves."""
+    __slots__ = ("tensor", "version", "phase", "module", "nbytes", "used", "__weakref__")
 
     def __init__(self, tensor, phase, module, nbytes):
-        self.tensor, self.phase, self.module, self.nbytes, self.used = tensor, phase, module, nbytes, False
+        self.tensor, self.version, self.phase, self.module = tensor.detach(), tensor._version, phase, module
+        self.nbytes, self.used = nbytes, False
 
 
 class _Saves:
@@ -319,13 +342,19 @@ class _Saves:
         module = None
         if record is not None and torch._C._current_autograd_node() is None:
             module = tracker.module_stack[-1] if tracker.module_stack else NO_MODULE
-        saved = _Saved(tensor.detach(), phase, module, record.nbytes if record is not None else 0)
+        saved = _Saved(tensor, phase, module, record.nbytes if record is not None else 0)
         self.watch["saved"].append(weakref.ref(saved))
         if record is not None:
             self.watch["bytes"].setdefault(phase, {})[id(record)] = record.nbytes
         return saved
 
     def unpack(self, saved):
+        if saved.tensor._version != saved.version:  # (the detached alias shares the version counter)
+            raise RuntimeError(
+                "one of the variables needed for gradient computation has been modified by an inplace "
+                f"operation: [{str(saved.tensor.dtype).replace('torch.', '')} {list(saved.tensor.shape)}] "
+                f"is at version {saved.tensor._version}; expected version {saved.version} instead "
+                "(checked by memcheck's probe, as autograd does without it)")
         # What a backward used: the saves that tell whether checkpointing ran (an eval's never do).
         if not saved.used:
             saved.used = True
@@ -557,7 +586,7 @@ class Probe:
         self.tracker = Tracker(self.device, limit, on_error=self._on_op_error)
         self.config, self.log, self._path = config or {}, log, path
         self._join_ranks()
-        self.status, self.error, self.oom = "ok", None, None
+        self.status, self.error, self.oom, self.recovered_oom = "ok", None, None, None
         # Each phase's statistics, each step's, and the training peak's: the figures the report reads.
         self.phases, self.steps, self.peak = {}, [], {"peak_bytes": 0}
         self._started, self._step_peak = None, 0   # the open step's start time and peak
@@ -574,6 +603,7 @@ class Probe:
         self.rank, self.world_size = rank_and_world()
         self.paths = rank_paths(str(path), self.world_size) if path else None  # every rank's report
         self.path = path and self.paths[self.rank]
+        _make_report_dir(self.path)
         beside = "" if "{rank}" in str(path) else f"; ranks but 0 add .rankN to {path}, which has no {{rank}}"
         self._rank_note = f" (rank {self.rank} of {self.world_size}{beside})" if self.world_size > 1 else ""
 
@@ -721,6 +751,9 @@ class Probe:
                            "seconds": now - (self._started or self._step_ended),
                            "live_bytes": live, "peak_bytes": self._step_peak or live})
         self._check_step()
+        if self.status == "oom":  # the loop caught it and went on (with a smaller batch, say)
+            self.recovered_oom = dict(self.oom, recovered_at_step=self.tracker.step)
+            self.status, self.error, self.oom = "ok", None, None
         self._step_peak, self._started, self._phased, self._step_ended = 0, None, False, now
         self.tracker.step += 1
         self._new_window()
@@ -774,7 +807,8 @@ class Probe:
                   "modules": self.peak.get("modules", []), "temporaries": self.peak.get("temporaries", []),
                   "phases": {name: {k: v for k, v in stats.items() if k not in ("modules", "temporaries")}
                              for name, stats in self.phases.items()},
-                  "steps": self.steps, "leak": leak, "oom": self.oom, "warnings": warnings
+                  "steps": self.steps, "leak": leak, "oom": self.oom,
+                  "recovered_oom": self.recovered_oom, "warnings": warnings
                   + self._stack.warnings() + self._saves.warnings(self.peak["peak_bytes"])}
         if self.allocator_only:
             report["allocator_only"] = ALLOCATOR_ONLY
@@ -987,47 +1021,62 @@ def _end_phase_with_step(optimizer, probe):
                           else setattr(optimizer, "step", before))
 
 
+def _running_trainer():
+    """The transformers Trainer whose method is running further up this thread, or None."""
+    from transformers import Trainer
+    frame = sys._getframe(1)
+    while frame is not None and not isinstance(frame.f_locals.get("self"), Trainer):
+        frame = frame.f_back
+    return None if frame is None else frame.f_locals["self"]
+
+
+def _closing_on_error(fn, callback, phase=None):
+    """`fn` that closes `callback`'s probe (writing its report) if it raises; measured as `phase`."""
+    @functools.wraps(fn)  # keeps the LR scheduler's mark on optimizer.step
+    def wrapped(*args, **kwargs):
+        if phase:
+            callback.probe.begin(phase)
+        try:
+            return fn(*args, **kwargs)
+        except BaseException as e:
+            callback._close(e)
+            raise
+        finally:
+            if phase:
+                callback.probe.end()
+    return wrapped
+
+
 def hf_callback(path, **probe_kwargs):
     """A transformers TrainerCallback that measures train() into the report at `path`. Forward and
-    backward are one phase (no hook between them); training_step and optimizer.step are wrapped so
-    that an error in either closes the probe and writes the report (no hook for exceptions)."""
-    from transformers import Trainer, TrainerCallback
+    backward are one phase (no hook between them). The Trainer has no hook for exceptions: its train()
+    is wrapped (training_step and optimizer.step too, for a callback added after Trainer(...)), so
+    that an error anywhere closes the probe and writes the report."""
+    from transformers import TrainerCallback
 
     class MemcheckCallback(TrainerCallback):
-        probe = None
+        probe, wrapped = None, ()
+
+        def on_init_end(self, args, state, control, **kwargs):
+            trainer = _running_trainer()
+            if trainer is not None:  # (kept for the trainer's life: it acts only while a probe is open)
+                trainer.train = _closing_on_error(trainer.train, self)
 
         def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
             self.probe = Probe(model, optimizer, path=path, **probe_kwargs).__enter__()
-            frame = sys._getframe(1)  # the Trainer whose train() is running further up this thread
-            while frame is not None and not isinstance(frame.f_locals.get("self"), Trainer):
-                frame = frame.f_back
-            trainer = None if frame is None else frame.f_locals["self"]
+            trainer = _running_trainer()
             methods = ((trainer, "training_step"), (optimizer, "step"), (trainer, "prediction_step"))
             self.wrapped = [(owner, name) for owner, name in methods if owner is not None]
             for owner, name in self.wrapped:  # evaluation (prediction_step) is a phase of its own
                 phase = "eval" if name == "prediction_step" else None
-                setattr(owner, name, self._wrap(getattr(owner, name), phase))
-
-        def _wrap(self, fn, phase):
-            @functools.wraps(fn)  # keeps the LR scheduler's mark on optimizer.step
-            def wrapped(*args, **kwargs):
-                if phase:
-                    self.probe.begin(phase)
-                try:
-                    return fn(*args, **kwargs)
-                except BaseException as e:
-                    self._close(e)
-                    raise
-                finally:
-                    if phase:
-                        self.probe.end()
-            return wrapped
+                setattr(owner, name, _closing_on_error(getattr(owner, name), self, phase))
 
         def _close(self, error=None):
             for owner, name in self.wrapped:  # the instance attribute goes, the method is back
                 if name in vars(owner):
                     delattr(owner, name)
-            self.probe.close(error)
+            if self.probe is not None and self.probe._open:
+                self.probe.close(error)
 
         def on_step_begin(self, args, state, control, **kwargs):
             self.probe.begin("forward+backward")
@@ -1094,6 +1143,42 @@ def write_report(path, report):
         raise
 
 
+def _check_fields(path, record, kinds, where=""):
+    """ReportError unless `record` is an object whose every field in `kinds` is of its kind."""
+    if not isinstance(record, dict):
+        raise ReportError(f"{path}: field {where.rstrip('.')} is {type(record).__name__} {record!r:.40}, "
+                          "expected an object")
+    for key, kind in kinds.items():
+        value = record.get(key, _MISSING)
+        if isinstance(kind, dict):  # an object whose own fields are checked
+            _check_fields(path, value, kind, f"{where}{key}.")
+        elif not isinstance(value, kind) or isinstance(value, bool) is not (kind is bool):
+            expected = _KIND_NAMES.get(kind) or " or ".join(_KIND_NAMES[k] for k in kind)
+            got = "missing" if value is _MISSING else f"{type(value).__name__} {value!r:.40}"
+            raise ReportError(f"{path}: field {where + key if where else repr(key)} is {got}, expected {expected}")
+
+
+def _check_report(path, report):
+    """ReportError naming the first field the report, diff or the verdict would misread."""
+    _check_fields(path, report, REPORT_FIELDS)
+    _check_fields(path, report, {k: v for k, v in _OPTIONAL_FIELDS.items() if report.get(k) is not None})
+    _check_fields(path, report, {k: list for k in _ENTRY_FIELDS if report.get(k) is not None})
+    for field, kinds in _ENTRY_FIELDS.items():
+        for i, entry in enumerate(report.get(field) or []):
+            _check_fields(path, entry, kinds, f"{field}[{i}].")
+    for name, stats in report["phases"].items():
+        counts = ["peak_bytes", "live_bytes"] + [k for k in stats if k.endswith("_bytes")] \
+            if isinstance(stats, dict) else []
+        _check_fields(path, stats, dict.fromkeys(counts, int), f"phases[{name!r}].")
+    _check_fields(path, report["categories"], dict.fromkeys(report["categories"], int), "categories.")
+    if not all(isinstance(p, str) for p in report.get("rank_reports") or []):
+        raise ReportError(f"{path}: field 'rank_reports' is {report['rank_reports']!r:.60}, expected file names")
+    for rank, entry in enumerate(report.get("ranks") or []):
+        _check_report(f"{path} (rank {rank})", entry)
+    if report.get("status", "ok") not in STATUSES:
+        raise ReportError(f"{path}: status {report['status']!r}, expected one of {', '.join(STATUSES)}")
+
+
 def read_report(path):
     """A memcheck report from `path`, checked field by field; ReportError says what is wrong."""
     try:
@@ -1108,16 +1193,7 @@ def read_report(path):
         raise ReportError(f"{path}: not a memcheck report (no 'schema' field)")
     if report["schema"] != SCHEMA:
         raise ReportError(f"{path}: schema {report['schema']!r}, this memcheck reads {SCHEMA!r}")
-    missing = [k for k in REPORT_FIELDS if k not in report]
-    if missing:
-        raise ReportError(f"{path}: a {SCHEMA} report without {', '.join(missing)}")
-    for key, kind in REPORT_FIELDS.items():
-        if not isinstance(report[key], kind) or isinstance(report[key], bool):
-            expected = " or ".join(_KIND_NAMES[k] for k in (kind if isinstance(kind, tuple) else (kind,)))
-            raise ReportError(f"{path}: field {key!r} is {type(report[key]).__name__} "
-                              f"{report[key]!r:.40}, expected {expected}")
-    if report.get("status", "ok") not in STATUSES:
-        raise ReportError(f"{path}: status {report['status']!r}, expected one of {', '.join(STATUSES)}")
+    _check_report(path, report)
     return report
 
 
@@ -1183,6 +1259,8 @@ def format_report(report):
         lines.append(f"OUT OF MEMORY in {oom['phase']} at step {oom['step']}: {oom['message']}")
     elif report.get("status", "ok") != "ok":
         lines.append(f"run {report['status'].upper()}: {report.get('error')}")
+    if report.get("recovered_oom"):
+        lines.append(_recovered(report["recovered_oom"]))
     lines.append("peak: not measured (no training phase finished)" if report["peak_phase"] is None else
                  f"peak {mib(peak)} MiB in {report['peak_phase']}; {verdict(report)}")
     if any(cats.values()):
@@ -1197,13 +1275,18 @@ def format_report(report):
             for t in report["temporaries"][:3] if mib(t["bytes"]) != "0.0"))
     if params:
         lines.append(f"parameters: {params['trainable']:,} trainable, {params['frozen']:,} frozen")
-    if len(leak["step_end_bytes"]) < 2:
-        lines.append("leak: not measured (it takes two finished steps or more)")
+    if len(leak["step_end_bytes"]) < 3:
+        lines.append("leak: not measured (it takes three finished steps or more)")
     elif not leak["detected"]:
         lines.append("leak: none (live memory at the end of each step does not grow)")
     lines += [f"WARNING {w['kind']}: {w['message']}" for w in report.get("warnings") or []]
     baseline = config.get("baseline_command")
     return "\n".join(lines + ([f"the reference for this stack: {baseline}"] if baseline else []))
+
+
+def _recovered(oom):
+    return (f"out of memory in {oom['phase']} at step {oom['step']} ({oom['message']}), and the loop went "
+            f"on: step {oom['recovered_at_step']} finished after it; the peak counts the failed attempt")
 
 
 def markdown_block(title, tables, env=None, command=None):
@@ -1456,6 +1539,7 @@ def _diff_notes(a, b):
             what = {"error": "failed", "interrupted": "was interrupted"}.get(status, "ran out of memory")
             detail = (r.get("oom") or {}).get("message") or r.get("error") or ""
             notes.append(f"WARNING: {side} {what} ({detail}); its figures stop where it stopped")
+    notes += [f"{side} {_recovered(r['recovered_oom'])}" for side, r in sides if r.get("recovered_oom")]
     notes += [f"{side} was measured by memcheck's probe in its own stack: its configuration is what the "
               "probe could see" for side, r in sides if (r.get("config") or {}).get("probe")]
     notes.append("different configurations: " + ", ".join(f"{k}: {x!r} -> {y!r}"

@@ -125,16 +125,20 @@ def test_torch_compile_runs_under_the_tracker_without_tracing_it():
 
 # ---------------------------------------------------------------- categories and modules
 
-def probe_loop(steps=3, width=32, in_forward=lambda: None):
-    """A hand-written loop measured by a Probe; in_forward() runs inside every forward phase."""
+def probe_loop(steps=3, width=32, in_forward=lambda: None, batch_sizes=None, **probe_kwargs):
+    """A hand-written loop measured by a Probe; in_forward() runs inside every forward phase. A batch
+    that runs out of memory in forward is skipped, as a loop that shrinks its batch would."""
     model = nn.Sequential(nn.Linear(width, width), nn.ReLU(), nn.Linear(width, 1))
     optimizer = torch.optim.AdamW(model.parameters())
-    probe = memcheck.Probe(model, optimizer)
+    probe = memcheck.Probe(model, optimizer, **probe_kwargs)
     with probe:
-        for _ in range(steps):
-            with probe.phase("forward"):
-                loss = model(torch.randn(64, width)).square().mean()
-                in_forward()
+        for bs in batch_sizes or [64] * steps:
+            try:
+                with probe.phase("forward"):
+                    loss = model(torch.randn(bs, width)).square().mean()
+                    in_forward()
+            except torch.OutOfMemoryError:
+                continue
             with probe.phase("backward"):
                 loss.backward()
             with probe.phase("optimizer"):
@@ -169,6 +173,21 @@ def test_a_temporary_of_known_size_is_in_the_temporaries_at_the_peak():
     report = probe.report()
     assert set(report["categories"]) == set(memcheck.CATEGORIES)
     assert sum(report["categories"].values()) == report["peak_bytes"]
+
+
+def test_what_forward_leaves_alive_for_backward_is_counted_as_activations():
+    # Not saved by autograd, yet alive when forward ends: the forward's output and the loss (a
+    # mistake would leave them among the temporaries).
+    layer, x = nn.Linear(256, 1024), torch.randn(64, 256)   # x made before the probe: not counted
+    with memcheck.Probe(layer, torch.optim.SGD(layer.parameters(), lr=0.1)) as probe:
+        with probe.phase("forward"):
+            out = layer(x)       # 64 x 1024 fp32; addmm saves x and the weight, not its output
+            loss = out.sum()     # sum saves no tensor
+        with probe.phase("backward"):
+            loss.backward()
+        probe.step(loss)
+    forward = probe.phases["forward"]["categories"]
+    assert forward["activations"] == 64 * 1024 * 4 + 4 and forward["temporaries"] == 0
 
 
 def test_saved_activations_are_attributed_to_modules(train_tiny):
@@ -221,6 +240,15 @@ def test_a_leak_that_grows_every_step_is_found_in_a_hand_written_loop():
     assert leak["survivors"][0]["bytes"] == 4000 and leak["survivors"][0]["op"] == "randn"
 
 
+@pytest.mark.parametrize("steps", [2, 3])
+def test_a_leak_is_found_from_three_steps_and_two_are_said_not_to_measure_one(steps):
+    kept = []
+    report = probe_loop(steps=steps, in_forward=lambda: kept.append(torch.randn(1000))).report()
+    assert report["leak"]["detected"] == (steps == 3)
+    said = "leak: not measured (it takes three finished steps or more)"
+    assert (said in memcheck.format_report(report).splitlines()) == (steps == 2)
+
+
 def test_a_leaks_survivors_are_recorded_while_it_grows_not_when_the_report_is_written():
     model, optimizer = peft_opt()
     batches = token_batches(4)
@@ -264,12 +292,51 @@ def test_the_probe_does_not_change_what_it_measures(pattern):
     model, optimizer = peft_opt()
     with memcheck.Probe(model, optimizer) as probe:
         user_loop(probe, model, optimizer, batches, pattern)
-    close = lambda x, y: abs(x - y) <= max(0.01 * y, 64 * 1024)
     ends = [s["live_bytes"] for s in probe.steps]
-    assert len(ends) == 4 and all(close(p, u) for p, u in zip(ends, unprobed.ends)), (ends, unprobed.ends)
-    assert close(probe.peak["peak_bytes"], unprobed.tracker.peak_bytes)
+    assert len(ends) == 4 and ends == unprobed.ends   # to the byte: the tracker is exact
+    assert probe.peak["peak_bytes"] == unprobed.tracker.peak_bytes
     assert unprobed.ends[-1] == unprobed.ends[1]   # the loop itself does not grow ...
     assert not probe.report()["leak"]["detected"]  # ... and the probe does not say it does
+
+
+def test_an_inplace_change_to_a_saved_tensor_fails_backward_under_the_probe_as_without_it():
+    def backward():
+        x = torch.randn(3, 4, requires_grad=True)
+        y = x.sigmoid()    # sigmoid saves its output for backward
+        y.mul_(2)          # changed in place: its gradient would be wrong
+        y.sum().backward()
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        backward()
+    with memcheck.Probe(nn.Linear(4, 4)), pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        backward()
+
+
+def test_the_report_is_on_disk_as_the_allocation_fails_before_the_scope_closes(tmp_path):
+    path = tmp_path / "stack.json"
+    with memcheck.Probe(nn.Linear(32, 32), path=path, max_memory_mib=1, log=lambda *a: None) as probe:
+        with probe.phase("forward"), pytest.raises(torch.OutOfMemoryError):
+            torch.empty(MiB // 2)   # 2 MiB, over the limit
+        assert memcheck.read_report(path)["oom"]["phase"] == "forward"   # the process may not live on
+
+
+def test_a_loop_that_recovers_from_an_oom_ends_ok_and_says_where_it_ran_out(tmp_path, capsys):
+    path = tmp_path / "recovered.json"
+    # The first batch's 4 MiB input is over the limit; the loop goes on with smaller ones.
+    probe_loop(width=256, batch_sizes=(4096, 64, 64, 64), path=path, max_memory_mib=2, log=lambda *a: None)
+    report = memcheck.read_report(path)
+    assert (report["status"], report["oom"], len(report["steps"])) == ("ok", None, 3)
+    assert report["recovered_oom"]["phase"] == "forward" and report["recovered_oom"]["recovered_at_step"] == 1
+    assert "and the loop went on: step 1 finished after it" in memcheck.format_report(report)
+    done = run_main(memcheck.main, capsys, "diff", path, path, "--max-ratio", "1")
+    assert done.returncode == 0 and "A out of memory in forward at step 1" in done.stdout
+
+
+def test_a_report_folder_is_made_at_the_start_and_one_that_cannot_be_is_said_in_one_line(tmp_path):
+    memcheck.Probe(nn.Linear(2, 2), path=tmp_path / "runs" / "a" / "stack.json")
+    assert (tmp_path / "runs" / "a").is_dir()
+    (tmp_path / "file").write_text("")
+    with pytest.raises(memcheck.ReportError, match=r"'.*file/stack.json': cannot make its folder .*file "):
+        memcheck.Probe(nn.Linear(2, 2), path=tmp_path / "file" / "stack.json")
 
 
 def test_preloaded_batches_are_not_allocations_of_later_steps():
@@ -432,7 +499,7 @@ def test_what_a_custom_kernel_keeps_on_ctx_is_not_taken_for_the_models_output():
         user_loop(probe, model, optimizer, token_batches(4))
     report = probe.report()
     assert report["warnings"] == []
-    # (what it keeps would be worth a warning, were it an output held: over 2% of the peak)
+    # (what it keeps would be worth a warning, were it an output held: over 1% of the peak)
     assert 2 * 32 * 64 * 8 * 4 > memcheck.HELD_ONCE_SHARE * report["peak_bytes"]
 
 
@@ -569,8 +636,8 @@ def test_verdict_names_the_category_in_excess():
 
 @pytest.mark.parametrize("ratio, expected", [(1.0, True), (1.02, True), (1.09, False), (0.91, False),
                                              (1.12, False), (1.3, False), (0.85, False)])
-def test_the_verdict_says_as_expected_only_within_the_readmes_ten_percent(ratio, expected):
-    # Mistake: the verdict's tolerance widened (to 50%). The README's target is 10%.
+def test_the_verdict_says_as_expected_only_within_three_percent(ratio, expected):
+    # Mistake: the verdict's tolerance widened (to the budget's 10%, or to 50%).
     cats = dict.fromkeys(memcheck.CATEGORIES, 0)
     report = {"peak_bytes": int(ratio * 100 * MiB), "peak_phase": "backward", "oom": None,
               "categories": dict(cats, activations=int(ratio * 100 * MiB)),
@@ -818,14 +885,21 @@ def test_diff_json_and_the_max_ratio_gate(train_tiny, tmp_path, capsys):
     ('{"peak_bytes": 1}', "not a memcheck report"),
     ('{"schema": "memcheck/0", "peak_bytes": 1}', "schema 'memcheck/0'"),
     (b"\x80\x04\x95\x00pickle", "not JSON"),
-    ("WRONG_PEAK", "field 'peak_bytes' is str"),
+    (lambda r: r.update(peak_bytes="645 MiB"), "field 'peak_bytes' is str"),
+    (lambda r: r["leak"].pop("detected"), "field leak.detected is missing, expected true or false"),
+    (lambda r: r["phases"].update(forward=5), "field phases['forward'] is int 5, expected an object"),
+    (lambda r: r.update(modules=[{"bytes": 3}]), "field modules[0].module is missing"),
+    (lambda r: r.update(oom="x"), "field oom is str 'x', expected an object"),
+    (lambda r: r.update(ranks=[{}, {}]), "(rank 0): field 'config' is missing"),
 ])
 def test_diff_rejects_files_that_are_not_reports_of_this_schema(tmp_path, content, message, capsys):
     good = tmp_path / "good.json"
     probe_loop(steps=1).save(good)
     bad = tmp_path / "bad.json"
-    if content == "WRONG_PEAK":   # a report whose peak is a string
-        content = json.dumps(dict(memcheck.read_report(good), peak_bytes="645 MiB"))
+    if callable(content):   # a good report with one field spoilt
+        report = memcheck.read_report(good)
+        content(report)
+        content = json.dumps(report)
     bad.write_bytes(content if isinstance(content, bytes) else content.encode())
     done = run_main(memcheck.main, capsys, "diff", good, bad)
     assert done.returncode == 2

@@ -68,6 +68,43 @@ def test_an_oom_in_step_one_gets_a_budget_a_verdict_and_the_configured_checkpoin
                            f"MiB; the OOM came at {memcheck.mib(report['peak_bytes'])} MiB in {phase}"), line
 
 
+class FailingRows(torch.utils.data.Dataset):
+    """Training rows the fifth of which fails to load: an error in the data loader, between steps."""
+
+    def __init__(self):
+        self.rows = [{"input_ids": r, "labels": r} for batch in token_batches(3) for r in batch]
+
+    def __len__(self):
+        return len(self.rows)
+
+    def __getitem__(self, i):
+        if i == 4:
+            raise ValueError("row 4 is corrupt")
+        return self.rows[i]
+
+
+@pytest.mark.parametrize("ending", ["data_loader", "user_callback", "ctrl_c"])
+def test_an_hf_run_that_fails_outside_its_steps_writes_the_report_and_leaves_no_probe_behind(ending, tmp_path):
+    from torch.utils._python_dispatch import _get_current_dispatch_mode
+    from transformers import TrainerCallback
+    error = {"data_loader": ValueError, "user_callback": RuntimeError, "ctrl_c": KeyboardInterrupt}[ending]
+
+    class FailsAfterStepTwo(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == 2:
+                raise error("raised by the user's callback")
+
+    path = tmp_path / "stack.json"
+    user = [] if ending == "data_loader" else [FailsAfterStepTwo()]
+    with pytest.raises(error):
+        hf_train(peft_opt(), [memcheck.hf_callback(**quiet(path)), *user], tmp_path,
+                 rows=FailingRows() if ending == "data_loader" else None)
+    report = memcheck.read_report(path)
+    assert report["status"] == ("interrupted" if ending == "ctrl_c" else "error"), report["error"]
+    assert _get_current_dispatch_mode() is None
+    assert torch._C._autograd._top_saved_tensors_default_hooks(False) is None
+
+
 # ---------------------------------------------------------------- one odd phase flips nothing
 
 def with_grad_validation(self, batch, batch_idx):
