@@ -84,7 +84,7 @@ def movielens_catalogue(directory, seed=0):
     titles = {}
     for line_no, line in _lines(os.path.join(directory, "u.item")):
         fields = line.split("|")
-        if len(fields) < 2 or not fields[0].isdigit() or int(fields[0]) < 1 or not fields[1]:
+        if len(fields) < 2 or not _is_id(fields[0]) or int(fields[0]) < 1 or not fields[1]:
             # id 0 is the padding id of item_ids and histories
             raise DataError(f"{directory}/u.item line {line_no}: expected 'id|title|...' with an "
                             f"id of 1 or more, got {line[:60]!r}")
@@ -92,18 +92,21 @@ def movielens_catalogue(directory, seed=0):
     if len(titles) < MAX_HISTORY + N_CANDIDATES:  # fewer could leave no negatives to draw
         raise DataError(f"{directory}/u.item: {len(titles)} items; a sample needs up to "
                         f"{MAX_HISTORY + N_CANDIDATES} distinct ones (history and candidates)")
+    # Items are numbered 1..n in id order: the item table is sized by their count, whatever the ids.
+    number = {item: n for n, item in enumerate(sorted(titles), 1)}
+    titles = {number[item]: title for item, title in titles.items()}
     ratings = {}
     for line_no, line in _lines(os.path.join(directory, "u.data")):
         fields = line.split()
-        if len(fields) != 4 or not all(f.isdigit() for f in fields):
+        if len(fields) != 4 or not all(map(_is_id, fields)):
             raise DataError(f"{directory}/u.data line {line_no}: expected 'user item rating "
                             f"timestamp' as integers, got {line[:60]!r}")
         user, item, _, stamp = map(int, fields)
-        if item not in titles:
+        if item not in number:
             raise DataError(f"{directory}/u.data line {line_no}: item {item} is not in u.item")
-        ratings.setdefault(user, []).append((stamp, item))
+        ratings.setdefault(user, []).append((stamp, number[item]))
     rng = random.Random(seed)
-    catalogue = sorted(titles)  # MovieLens ids are 1..n, but any file's ids may have gaps
+    catalogue = sorted(titles)
     samples = []
     for user in sorted(ratings):
         items = [item for _, item in sorted(ratings[user])]
@@ -112,6 +115,10 @@ def movielens_catalogue(directory, seed=0):
     if not samples:
         raise DataError(f"{directory}/u.data: no user has more than {MIN_HISTORY} ratings")
     return titles, samples
+
+
+def _is_id(field):
+    return field.isascii() and field.isdigit()  # ('²'.isdigit() holds, and int() refuses it)
 
 
 def _lines(path):

@@ -164,14 +164,14 @@ def _value_checks(args, argv, budget_only=False):
         (args.r % max(args.experts, 1) == 0,
          f"--r {args.r}: must be divisible by --experts {args.experts} (each expert owns r/experts rows)"),
         (0 <= args.dropout < 1, f"--dropout {args.dropout}: must be in [0, 1)"),
-        (1 <= args.loss_chunks < args.seq,
-         f"--loss-chunks {args.loss_chunks}: must be between 1 and seq - 1 = {args.seq - 1}"),
+        (args.loss_chunks >= 1, f"--loss-chunks {args.loss_chunks}: must be 1 or more (slices of the vocabulary)"),
+        (0 <= args.seed < 2 ** 64, f"--seed {args.seed}: must be between 0 and 2**64 - 1 (torch's seeds)"),
         (math.isfinite(args.lr) and args.lr > 0, f"--lr {args.lr}: must be a positive number"),
         (math.isfinite(args.alpha) and args.alpha > 0, f"--alpha {args.alpha}: must be a positive number"),
         (not (args.inject_leak and args.experts == 1),
          "--inject-leak with --experts 1: one expert needs no gate, so there is no gate to keep; "
          "use --experts 2 or more"),
-        (args.max_memory is None or args.max_memory > 0,
+        (args.max_memory is None or math.isfinite(args.max_memory) and args.max_memory > 0,
          f"--max-memory {args.max_memory}: must be a positive number of MiB"),
         # Reentrant checkpointing runs the layers' forward without a graph unless an input needs a
         # gradient; without the items' projector nothing before the layers is trainable.
@@ -194,6 +194,8 @@ def check_output_path(flag, path):
     """Fail now, not after the run, on a file that cannot be written."""
     if path is None:
         return
+    if not path:
+        raise UsageError(f"{flag} '': an empty path; give a file name")
     directory = os.path.dirname(os.path.abspath(path))
     if os.path.isdir(path):
         raise UsageError(f"{flag} {path}: is a directory; give a file name")
@@ -256,6 +258,8 @@ def parse_args(argv=None, budget_only=False):
         args.world_size = int(os.environ["WORLD_SIZE"]) if args.strategy != "none" else 1
     for flag, path in (("--report", args.report), ("--snapshot", args.snapshot)):
         check_output_path(flag, path)
+    if args.model.startswith("~"):  # a quoted ~ the shell left alone
+        args.model = os.path.expanduser(args.model)
     check_model_dir(args.model)
     args.targets = tuple(t for t in args.targets.split(",") if t)
     _resolve_device(args, budget_only)

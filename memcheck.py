@@ -78,8 +78,8 @@ class ReportError(ValueError):
 
 
 def is_out_of_memory(error):
-    """CUDA's OutOfMemoryError, or a failed CPU allocation, which PyTorch raises as a RuntimeError."""
-    return isinstance(error, torch.OutOfMemoryError) or (
+    """CUDA's OutOfMemoryError, a failed CPU allocation (PyTorch raises a RuntimeError), or Python's."""
+    return isinstance(error, (torch.OutOfMemoryError, MemoryError)) or (
         isinstance(error, RuntimeError) and "can't allocate memory" in str(error))
 
 

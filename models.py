@@ -60,6 +60,8 @@ def _read_config(args):
     try:
         config = AutoConfig.from_pretrained(args.model, local_files_only=True)
     except OSError as e:
+        if os.path.isfile(os.path.join(args.model, "config.json")):
+            raise UsageError(f"--model {args.model}: cannot read its config.json ({memcheck.first_line(e)})") from e
         if args.model != DEFAULT_MODEL:
             raise UsageError(f"--model {args.model}: not a local model directory and not in the local "
                              f"Hugging Face cache ({_hf_cache()}); nothing is downloaded") from e

@@ -331,6 +331,12 @@ def test_a_loop_that_recovers_from_an_oom_ends_ok_and_says_where_it_ran_out(tmp_
     assert done.returncode == 0 and "A out of memory in forward at step 1" in done.stdout
 
 
+def test_pythons_own_memory_error_is_an_out_of_memory():
+    with pytest.raises(MemoryError), memcheck.Probe(nn.Linear(2, 2)) as probe:
+        [0] * (2 ** 62)   # more than any machine has: Python refuses it before asking
+    assert probe.status == "oom" and probe.oom["phase"] == memcheck.BETWEEN_PHASES
+
+
 def test_a_report_folder_is_made_at_the_start_and_one_that_cannot_be_is_said_in_one_line(tmp_path):
     memcheck.Probe(nn.Linear(2, 2), path=tmp_path / "runs" / "a" / "stack.json")
     assert (tmp_path / "runs" / "a").is_dir()

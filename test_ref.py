@@ -149,7 +149,7 @@ def write_movielens(directory, n_items=40, item_ids=None, ratings=None, item_lin
                    for user in range(1, 6) for k in reversed(range(12))]
     with open(os.path.join(directory, "u.item"), "w", encoding="latin-1") as f:
         f.write("\n".join(item_lines) + "\n")
-    with open(os.path.join(directory, "u.data"), "w") as f:
+    with open(os.path.join(directory, "u.data"), "w", encoding="latin-1") as f:
         f.write("".join(line if isinstance(line, str) else "\t".join(map(str, line)) + "\n"
                         for line in ratings))
     return str(directory)
@@ -169,9 +169,13 @@ def test_movielens_directory_trains(tmp_path, train_tiny):
     assert all(math.isfinite(s["loss"]) and s["loss"] > 0 for s in report["steps"])
 
 
-def test_movielens_ids_with_gaps_draw_candidates_from_the_catalogue(tmp_path):
-    directory = write_movielens(tmp_path / "ml", item_ids=list(range(2, 82, 2)))  # 40 even ids
+@pytest.mark.parametrize("item_ids", [list(range(2, 82, 2)), [10 ** 10 + i for i in range(40)]],
+                         ids=["even", "huge"])
+def test_movielens_ids_with_gaps_are_numbered_in_order_so_the_item_table_is_their_count(tmp_path, item_ids):
+    directory = write_movielens(tmp_path / "ml", item_ids=item_ids)
     titles, samples = data.movielens_catalogue(directory)
+    assert sorted(titles) == list(range(1, 41))
+    assert titles[1].startswith(f"Movie number {item_ids[0]} ")   # the smallest id's title
     for s in samples:  # an id outside u.item has no title: encode() would fail with a KeyError
         assert set(s.candidates) <= set(titles)
 
@@ -186,8 +190,9 @@ GOOD = None  # write_movielens' default for that file
     (GOOD, ["1\t1\t5\t880000000\n", "1\t2\t5\n"], "u.data line 2: expected 'user item rating"),
     (GOOD, ["1\t1\t5\t880000000\n", "\n", "1\t99\t5\t880000001\n"], "u.data line 3: item 99 is not"),
     (GOOD, ["1\t1\t5\t880000000\n"], "u.data: no user has more than 3 ratings"),
+    (GOOD, ["1\t\xb2\t5\t880000000\n"], "u.data line 1: expected 'user item rating"),
 ], ids=["u.item-bad-id", "u.item-id-0-is-padding", "too-few-items", "u.data-3-fields",
-        "u.data-unknown-item", "no-usable-user"])
+        "u.data-unknown-item", "no-usable-user", "u.data-superscript-digit"])
 def test_malformed_movielens_names_the_file_and_line(tmp_path, item_lines, ratings, message):
     directory = write_movielens(tmp_path / "ml", item_lines=item_lines, ratings=ratings)
     with pytest.raises(data.DataError, match=message.replace("|", r"\|").replace(".", r"\.")):
@@ -374,7 +379,7 @@ def test_checkpointing_modes_give_the_same_loss_and_gradients(tiny_model, ckpt_r
     kinds = ("lora_A", "lora_B", "router", "projector")
     for kind in kinds:  # each kind is there and alive, so the comparisons below mean something
         assert any(kind in name and g.abs().sum() > 0 for name, g in grads.items()), kind
-    for ckpt in ("manual", "hf"):
+    for ckpt in ("manual", "hf", "reentrant"):
         ckpt_loss, ckpt_grads = one_step_gradients(tiny_model, ckpt)
         assert ckpt_loss == pytest.approx(loss, rel=1e-6), ckpt
         assert ckpt_grads.keys() == grads.keys(), ckpt
@@ -561,6 +566,9 @@ def test_chunked_loss_equals_the_full_loss_and_lowers_the_peak(tiny_model, train
     chunked = train_tiny("--seq", 128, "--bs", 4, "--steps", 1, "--loss-chunks", 8)
     assert chunked["steps"][0]["loss"] == pytest.approx(plain["steps"][0]["loss"], rel=1e-5)
     assert chunked["peak_bytes"] < 0.8 * plain["peak_bytes"]
+    # More chunks than positions: they slice the vocabulary, not the sequence.
+    short = [train_tiny("--seq", 16, "--steps", 1, *chunks) for chunks in ((), ("--loss-chunks", 64))]
+    assert short[1]["steps"][0]["loss"] == pytest.approx(short[0]["steps"][0]["loss"], rel=1e-5)
 
 
 @pytest.mark.parametrize("flags", [("--loss-chunks", 8, "--ckpt", "none"),
@@ -586,9 +594,10 @@ def bad_movielens(directory):
     return write_movielens(directory, ratings=ratings)
 
 
-def not_a_model(directory):
+def not_a_model(directory, files=None):
     directory.mkdir()
-    (directory / "notes.txt").write_text("not a model\n")
+    for name, text in (files or {"notes.txt": "not a model\n"}).items():
+        (directory / name).write_text(text)
     return str(directory)
 
 
@@ -607,6 +616,7 @@ def values(tiny_model, tmp_path_factory):
     (tmp / "empty").mkdir()
     return {"tiny": tiny_model, "bad_data": bad_movielens(tmp / "bad-ml"),
             "text_dir": not_a_model(tmp / "text"), "empty_dir": str(tmp / "empty"),
+            "bad_config": not_a_model(tmp / "bad-config", {"config.json": "{bad json"}),
             "truncated": truncated_model(tiny_model, tmp / "truncated"),
             "report": str(tmp / "report.json"), "seq_report": str(tmp / "seq.json"),
             "load_report": str(tmp / "load.json")}
@@ -633,7 +643,10 @@ BAD_INPUTS = {
                          ["{bad_data}/u.data line 3", "three"]),
     "lr-negative": (["--lr", "-1"], ["--lr -1.0", "positive"]),
     "alpha-zero": (["--alpha", "0"], ["--alpha 0.0", "positive"]),
-    "loss-chunks-beyond-seq": (["--seq", "16", "--loss-chunks", "100"], ["--loss-chunks 100", "15"]),
+    "loss-chunks-0": (["--loss-chunks", "0"], ["--loss-chunks 0", "1 or more"]),
+    "seed-beyond-64-bits": (["--seed", str(2 ** 64)], [f"--seed {2 ** 64}", "2**64 - 1"]),
+    "max-memory-infinite": (["--max-memory", "inf"], ["--max-memory inf", "positive"]),
+    "report-empty": (["--report", ""], ["--report ''", "empty"]),
     "report-in-missing-dir": (["--report", "/no/such/dir/r.json"], ["/no/such/dir/r.json"]),
     "leak-without-gate": (["--inject-leak", "--experts", "1"], ["--inject-leak", "--experts 1"]),
 }
@@ -656,6 +669,7 @@ def test_bad_input_is_one_line_naming_the_value_with_exit_code_2(case, values, c
 FAILURES = {
     "not-a-model": (["--model", "{text_dir}"], ["--model {text_dir}", "config.json"]),
     "empty-model-dir": (["--model", "{empty_dir}"], ["--model {empty_dir}", "empty"]),
+    "config-not-json": (["--model", "{bad_config}"], ["--model {bad_config}", "config.json", "not a valid JSON"]),
     "truncated-weights": (["--model", "{truncated}"], ["{truncated}/model.safetensors", "truncated"]),
     "report-under-proc": (["--report", "/proc/report.json"],
                           ["--report /proc/report.json", "cannot create a file in /proc"]),
@@ -676,6 +690,13 @@ def test_a_failure_before_training_is_one_line_naming_the_value_with_exit_code_2
     for value in FAILURES[case][1]:
         assert value.format(**values) in line, (value, line)
     assert "step" not in done.stdout   # nothing trained
+
+
+def test_a_quoted_tilde_in_the_model_path_is_the_home_directory(tiny_model, tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    shutil.copytree(tiny_model, tmp_path / "tiny")
+    args = ref_train.parse_args(["--model", "~/tiny"])   # as '~/tiny' in quotes leaves it
+    assert args.model == str(tmp_path / "tiny") and models._read_config(args).vocab_size > 0
 
 
 @pytest.mark.parametrize("flags, named", [(["--bs", "0"], "--bs 0"), (["--no-such-flag"], "--no-such-flag")],
