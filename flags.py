@@ -70,7 +70,7 @@ def _model_and_data(p):
 def _shape(p):
     g = p.add_argument_group("shape of the run")
     g.add_argument("--bs", type=int, default=2, help="batch size (per rank under --strategy)")
-    g.add_argument("--seq", type=int, default=128, help="tokens per sample (pad or cut to exactly this)")
+    g.add_argument("--seq", type=int, default=128, help=f"tokens per sample, {MIN_SEQ} or more (pad or cut to exactly this)")
     g.add_argument("--steps", type=int, default=5, help="optimizer steps (>= 3 to see a leak)")
     g.add_argument("--seed", type=int, default=0, help="seeds the data, the weights and the adapters")
     g.add_argument("--lr", type=float, default=1e-4, help="AdamW's learning rate")
