@@ -29,6 +29,11 @@ def world_size(args):
     return args.world_size
 
 
+def rank_path(path, args):
+    """This rank's file of `path`: rank 0's is `path`, another's has .rankN before the extension."""
+    return memcheck.rank_paths(path, world_size(args))[rank(args)] if path and is_distributed(args) else path
+
+
 def placement(args):
     """Where this process is, as budget.budget takes it: its strategy, world size and rank."""
     return {"strategy": args.strategy, "world_size": world_size(args), "rank": rank(args)}
@@ -80,8 +85,9 @@ def grad_scaler(args):
 
 def rank_rows(batches, args):
     """This rank's rows of each global batch (read at bs x world size): rank r gets rows
-    r*bs .. (r+1)*bs, so N ranks at --bs b see what one process sees at --bs b*N."""
-    if not is_distributed(args):
+    r*bs .. (r+1)*bs, so N ranks at --bs b see what one process sees at --bs b*N. A budget of N
+    ranks made in one process (no process group) reads them all: any rank's padding counts."""
+    if not is_distributed(args) or not dist.is_initialized():  # a budget of many ranks: all their rows
         return batches
     start = rank(args) * args.bs
     return ({k: v[start:start + args.bs] for k, v in batch.items()} for batch in batches)  # views
@@ -95,7 +101,7 @@ def global_sum(tensor, args):
 
 
 def gather_reports(report, args):
-    """Rank 0: its report, with the largest rank's peak_bytes and `ranks`, every rank's report.
+    """Rank 0: the heaviest rank's report (its `rank` says which), with `ranks`, every rank's report.
     Other ranks: their own. Each rank's report says its rank and the world size."""
     if not is_distributed(args):
         return report
@@ -104,10 +110,8 @@ def gather_reports(report, args):
     dist.gather_object(report, reports, dst=0)
     if rank(args) != 0:
         return report
-    top = {k: v for k, v in report.items() if k != "rank"}
-    imbalance = memcheck.rank_imbalance(reports)
-    return dict(top, peak_bytes=max(r["peak_bytes"] for r in reports), ranks=reports,
-                warnings=report["warnings"] + ([imbalance] if imbalance else []))
+    heaviest, imbalance = max(reports, key=lambda r: r["peak_bytes"]), memcheck.rank_imbalance(reports)
+    return dict(heaviest, ranks=reports, warnings=heaviest["warnings"] + ([imbalance] if imbalance else []))
 
 
 def rank_table(report):

@@ -895,7 +895,7 @@ def budget_command(argv):
     p = _parser("budget", "Predict the run's memory without training: the model is built on the meta "
                 "device, so nothing is allocated and --model needs only its config.json, and every "
                 "term of the budget is printed. With --strategy ddp|fsdp --world-size N: the budget of "
-                "each of N ranks (rank 0's, the heaviest), without starting them.",
+                "the heaviest of N ranks (rank 0's shards, with any rank's padding), without starting them.",
                 (("--full",), dict(action="store_true",
                                    help="add a column for full fine-tuning of the same model and shapes")))
     own, rest = p.parse_known_args(argv)
@@ -919,8 +919,8 @@ def budget_command(argv):
         rows.append(row)
     print(f"budget for --bs {args.bs} --seq {args.seq}, ckpt {args.ckpt}, precision {args.precision}, "
           f"{args.experts} experts of rank {args.r // args.experts}, targets {','.join(setup['targets'])}")
-    if args.strategy != "none":  # rank 0 holds the longest shards: the heaviest rank
-        print(f"per rank of {args.world_size} under {args.strategy}: rank 0's"
+    if args.strategy != "none":  # rank 0 holds the longest shards; any rank's padding is counted
+        print(f"per rank of {args.world_size} under {args.strategy}: the heaviest rank's"
               + (", whose params, gradients and optimizer state are its shards" if args.strategy == "fsdp"
                  else ""))
     print(text_table(("term (MiB)", *[c for c, _ in columns]), rows))

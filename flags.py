@@ -148,9 +148,13 @@ def _world_size_checks(args, argv, budget_only):
                 (args.strategy != "none" or args.world_size == 1,
                  f"--world-size {args.world_size} with --strategy none: one process; use --strategy "
                  "ddp or fsdp")]
+    world = os.environ.get("WORLD_SIZE", "1")
     return [(args.strategy == "none" or all(v in os.environ for v in TORCHRUN_ENV),
              f"--strategy {args.strategy}: needs torchrun's environment ({', '.join(TORCHRUN_ENV)} are "
-             f"unset); run: torchrun --nproc_per_node N ref_train.py {shlex.join(argv)}")]
+             f"unset); run: torchrun --nproc_per_node N ref_train.py {shlex.join(argv)}"),
+            (args.strategy != "none" or world == "1",
+             f"--strategy none under torchrun (WORLD_SIZE={world}): every rank would train the same rows "
+             "alone and write the same report; pass --strategy ddp or fsdp")]
 
 
 def _value_checks(args, argv, budget_only=False):
@@ -266,6 +270,12 @@ def parse_args(argv=None, budget_only=False):
     return args
 
 
+def print_error(prog, error):
+    """The one-line error, printed once: under torchrun by rank 0 (every rank exits 2)."""
+    if os.environ.get("RANK", "0") == "0":
+        print(f"{prog}: error: {error}", file=sys.stderr)
+
+
 def exit_on_help_or_bad_flags(argv, prog="ref_train.py"):
     """Answer --help, or a bad value in one line with exit code 2, before the caller imports torch."""
     try:
@@ -274,5 +284,5 @@ def exit_on_help_or_bad_flags(argv, prog="ref_train.py"):
             if not holds:
                 raise UsageError(message)
     except UsageError as e:
-        print(f"{prog}: error: {e}", file=sys.stderr)
+        print_error(prog, e)
         sys.exit(2)

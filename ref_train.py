@@ -344,22 +344,32 @@ def train(args, log=print):
 
 
 def finish(args, probe, extra, recording, failure, log):
-    """Write the report (and the snapshot) however the run ended; say where a failed run stopped."""
+    """Write the report (and the snapshot) however the run ended; say where a failed run stopped.
+    After a failure other ranks may be gone: each rank writes its own report (PATH.rankN beside
+    rank 0's), and a rank but 0 says in one line on stderr how it ended."""
+    rank = distributed.rank(args)
     if recording:
-        torch.cuda.memory._dump_snapshot(args.snapshot)
+        torch.cuda.memory._dump_snapshot(distributed.rank_path(args.snapshot, args))
         torch.cuda.memory._record_memory_history(enabled=None)
     report = dict(probe.report(), **extra)
-    if failure is None:  # after a failure other ranks may be gone: each rank keeps its own report
+    path = distributed.rank_path(args.report, args) if failure is not None or rank == 0 else None
+    if failure is None:
         report = distributed.gather_reports(report, args)
-    if args.report and distributed.rank(args) == 0:
-        memcheck.write_report(args.report, report)
+    if path:
+        memcheck.write_report(path, report)
     if failure is not None:
         failure.report = report  # for main(), which says where the run stopped
         # The figures so far, for a run that ended while measuring; bad input has none to show.
         if not isinstance(failure, (UsageError, data.DataError)):
             log(memcheck.format_report(report))
-            if probe.oom:
-                log(f"report written to {args.report}" if args.report else "(no --report given)")
+            where = f"report written to {path}" if path else "(no --report given)"
+            if rank != 0:
+                oom = report["oom"]
+                ended = f"OUT OF MEMORY in {oom['phase']} at step {oom['step']}" if oom else \
+                    f"run {report['status'].upper()}"
+                print(f"[rank {rank}] {ended}: {report['error']}; {where}", file=sys.stderr)
+            elif probe.oom:
+                log(where)
     return report
 
 
@@ -372,7 +382,7 @@ def main(argv=None):
             log = functools.partial(print, flush=True) if rank == 0 else lambda *_: None
             report = train(args, log=log)  # flushed: live through a pipe or tee
     except (UsageError, data.DataError) as e:
-        print(f"{prog}: error: {e}", file=sys.stderr)
+        flags.print_error(prog, e)
         return 2
     except KeyboardInterrupt as e:
         report = getattr(e, "report", None)  # none when Ctrl-C came before training started

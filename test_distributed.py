@@ -11,7 +11,7 @@ import torch.multiprocessing as mp
 import drive
 import memcheck
 import ref_train
-from conftest import free_port, run_main
+from conftest import free_port, on_ranks, run_main
 
 WORLD = 2
 RUN = ["--device", "cpu", "--seq", "64", "--steps", "3"]
@@ -135,7 +135,9 @@ def test_rank_0_prints_one_table_of_ranks_and_writes_every_rank_report(fsdp):
     table = rank0[rank0.index("rank  peak MiB"):].splitlines()
     assert [line.split()[0] for line in table[1:]] == ["0", "1"]
     assert [(r["rank"], r["world_size"]) for r in report["ranks"]] == [(0, WORLD), (1, WORLD)]
-    assert report["peak_bytes"] == max(r["peak_bytes"] for r in report["ranks"])
+    heaviest = max(report["ranks"], key=lambda r: r["peak_bytes"])   # the top level is its report
+    assert (report["rank"], report["peak_bytes"], report["categories"], report["budget"]) == (
+        heaviest["rank"], heaviest["peak_bytes"], heaviest["categories"], heaviest["budget"])
     assert all(r["budget"] and len(r["steps"]) == 3 for r in report["ranks"])
     assert "rank_imbalance" not in [w["kind"] for w in report["warnings"]]  # the ranks' peaks agree
 
@@ -180,3 +182,51 @@ def test_world_size_without_a_strategy_is_refused_in_one_line(capsys):
     result = run_main(drive.main, capsys, "budget", "--world-size", "4")
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert "--world-size 4 with --strategy none" in result.stderr
+
+
+def _rank_that_may_fail(argv, out_dir):
+    """ref_train.main on one rank, rank 1 with --max-memory 1.5: its exit code and stderr to out_dir."""
+    rank = os.environ["RANK"]
+    argv = argv + (["--max-memory", "1.5"] if rank == "1" else [])
+    with open(os.path.join(out_dir, f"stderr{rank}"), "w") as err, contextlib.redirect_stderr(err):
+        try:
+            code = ref_train.main(argv)
+        except Exception as e:  # rank 0's collective fails once rank 1 is gone
+            code = f"{type(e).__name__}"
+    with open(os.path.join(out_dir, f"code{rank}"), "w") as f:
+        f.write(str(code))
+
+
+def test_a_rank_that_runs_out_of_memory_writes_its_own_report_and_says_so(tiny_model, tmp_path):
+    report = tmp_path / "oom.json"
+    argv = ["--model", tiny_model, "--device", "cpu", "--seq", "32", "--steps", "2", "--bs", "1",
+            "--strategy", "fsdp", "--report", str(report)]
+    on_ranks([(_rank_that_may_fail, (argv, str(tmp_path)))])
+    rank1 = memcheck.read_report(tmp_path / "oom.rank1.json")
+    assert rank1["status"] == "oom" and rank1["rank"] == 1
+    said = (tmp_path / "stderr1").read_text()
+    assert said.startswith(f"[rank 1] OUT OF MEMORY in {rank1['oom']['phase']} at step ") and \
+        said.rstrip().endswith(f"report written to {tmp_path}/oom.rank1.json"), said
+    assert (tmp_path / "code1").read_text() == "1"
+    assert memcheck.read_report(report)["rank"] == 0   # rank 0's own, however it ended
+
+
+def test_a_budget_of_many_ranks_counts_the_attention_mask_when_any_ranks_rows_pad(tiny_model):
+    # At seq 240 the first two global batches of two rows pad in the second row only: rank 1's.
+    run = ["--model", tiny_model, "--seq", "240", "--steps", "2", "--bs", "1"]
+    rank_0_alone = ref_train.parse_args(run, budget_only=True)   # one process: rank 0's rows
+    assert ref_train.plan(rank_0_alone)["terms"]["attention_mask_per_layer"] == 0
+    ranks = ref_train.parse_args(run + ["--strategy", "ddp", "--world-size", "2"], budget_only=True)
+    assert ref_train.plan(ranks)["terms"]["attention_mask_per_layer"] > 0
+
+
+def test_torchrun_without_a_strategy_is_refused_by_rank_0_in_one_line(capsys, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    said = {}
+    for rank in ("0", "1"):   # every rank exits 2; rank 0 alone says why
+        monkeypatch.setenv("RANK", rank)
+        result = run_main(ref_train.main, capsys, "--bs", "1")
+        assert result.returncode == 2 and "Traceback" not in result.stderr
+        said[rank] = [line for line in result.stderr.splitlines() if line.strip()]
+    assert said["1"] == [] and len(said["0"]) == 1
+    assert "--strategy none under torchrun (WORLD_SIZE=2)" in said["0"][0]
