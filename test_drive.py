@@ -414,6 +414,15 @@ FAILURES = {
                                    "/no/such/dir/p.png"], ["--plot /no/such/dir/p.png", "does not exist"]),
     "bench-report-under-proc": (["bench", "--model", "{tiny}", "--report", "/proc/report.json"],
                                 ["--report /proc/report.json", "/proc"]),
+    "sweep-bad-listed-value": (["sweep", "--model", "{tiny}", "--ckpt", "bogus"], ["--ckpt", "'bogus'"]),
+    "sweep-unknown-base-flag": (["sweep", "--model", "{tiny}", "--bs", "1", "--bogus"], ["--bogus"]),
+    "sweep-unknown-target": (["sweep", "--model", "{tiny}", "--bs", "1", "--targets", "nosuch"],
+                             ["--targets nosuch", "q_proj"]),
+    # the first point is good: it must not train before the second is refused
+    "sweep-bad-second-point": (["sweep", "--model", "{tiny}", "--bs", "1,0"], ["--bs 0", "1 or more"]),
+    "sweep-16-bit-weights-on-cpu": (["sweep", "--model", "{tiny}", "--bs", "1", "--device", "cpu",
+                                     "--precision", "16-mixed", "--weights-dtype", "bf16"],
+                                    ["--weights-dtype bf16", "--device cuda"]),
 }
 # (flags, what the help must mention): every command explains its own flags
 HELPS = {
