@@ -91,10 +91,7 @@ def ablate(base_argv, log=print, steps=3, run=None):
     """
     import ref_train
     from memcheck import mib, verdict
-    args = ref_train.parse_args(base_argv)
-    # The model and --targets are checked against each other only when the model is built: build it
-    # once on the meta device (no memory, seconds), so a typo fails now, not in every variant's row.
-    ref_train.build(args, meta=True)
+    args = _checked_args(base_argv)
     jobs = 1 if run else _side_by_side(args)
     run = run or functools.partial(_run_reference, threads=None if jobs == 1 else 1)
     if "--steps" not in base_argv:
@@ -132,6 +129,17 @@ def ablate(base_argv, log=print, steps=3, run=None):
         row["delta_bytes"] = row["peak_bytes"] - base if row["peak_bytes"] is not None and base else None
     rows[1:] = sorted(rows[1:], key=lambda r: (r["delta_bytes"] is None, -(r["delta_bytes"] or 0)))
     return rows
+
+
+def _checked_args(argv):
+    """ref_train's flags for argv, or ref_train.UsageError naming the bad value. The model and
+    --targets are checked against each other only when the model is built: it is built here on the
+    meta device (no memory, seconds), so a typo fails before any run, not
+    in every run's row."""
+    import ref_train
+    args = ref_train.parse_args(argv)
+    ref_train.build(args, meta=True)
+    return args
 
 
 def _side_by_side(args):
@@ -178,15 +186,25 @@ def ablation_table(rows):
 SWEEP_VARIABLES = {"bs": "sample", "seq": "token", "r": "unit of rank"}
 
 
+def _point_argv(point, base_argv, steps):
+    """ref_train's flags for one point of a sweep: the baseline's, then the point's values."""
+    argv = [*base_argv, "--steps", str(steps)]
+    for flag, value in point.items():
+        argv += [f"--{flag}", str(value)]
+    return argv
+
+
 def sweep(points, base_argv, log=print, steps=2):
     """Measure and predict each point ({flag: value}); returns one row per point."""
     import ref_train
     from memcheck import is_out_of_memory, mib
+    argvs = [_point_argv(point, base_argv, steps) for point in points]
+    # Every point's flags before the first is measured: a bad base flag or listed value is one
+    # line (UsageError) now, not a FAILED row per point after minutes of the others training.
+    for argv in argvs:
+        ref_train.check_runnable(_checked_args(argv))
     rows = []
-    for point in points:
-        argv = [*base_argv, "--steps", str(steps)]
-        for flag, value in point.items():
-            argv += [f"--{flag}", str(value)]
+    for point, argv in zip(points, argvs):
         row = dict(point)
         try:
             report = ref_train.train(ref_train.parse_args(argv), log=lambda *_: None)

@@ -1,5 +1,6 @@
 """The drivers of drive.py: ablate, bench, budget, families, sweep and figures, their one-line
-errors and their help, and .ci/gpu on a machine without CUDA.
+errors and their help, and .ci/gpu: on a machine without CUDA, and its report and exit code on
+faked steps.
 
 The tiny model of conftest.py runs in this process; where a test checks only what a driver makes
 of known figures, ref_train.train and the README's commands are stood in for.
@@ -11,6 +12,7 @@ import re
 import shutil
 import subprocess
 import sys
+import tempfile
 
 import pytest
 import torch
@@ -414,6 +416,15 @@ FAILURES = {
                                    "/no/such/dir/p.png"], ["--plot /no/such/dir/p.png", "does not exist"]),
     "bench-report-under-proc": (["bench", "--model", "{tiny}", "--report", "/proc/report.json"],
                                 ["--report /proc/report.json", "/proc"]),
+    "sweep-bad-listed-value": (["sweep", "--model", "{tiny}", "--ckpt", "bogus"], ["--ckpt", "'bogus'"]),
+    "sweep-unknown-base-flag": (["sweep", "--model", "{tiny}", "--bs", "1", "--bogus"], ["--bogus"]),
+    "sweep-unknown-target": (["sweep", "--model", "{tiny}", "--bs", "1", "--targets", "nosuch"],
+                             ["--targets nosuch", "q_proj"]),
+    # the first point is good: it must not train before the second is refused
+    "sweep-bad-second-point": (["sweep", "--model", "{tiny}", "--bs", "1,0"], ["--bs 0", "1 or more"]),
+    "sweep-16-bit-weights-on-cpu": (["sweep", "--model", "{tiny}", "--bs", "1", "--device", "cpu",
+                                     "--precision", "16-mixed", "--weights-dtype", "bf16"],
+                                    ["--weights-dtype bf16", "--device cuda"]),
 }
 # (flags, what the help must mention): every command explains its own flags
 HELPS = {
@@ -479,18 +490,28 @@ def test_gpu_script_on_a_machine_without_cuda_says_so_in_one_line_and_exits_0():
     assert done.stderr == ""
 
 
+def load_ci_gpu():
+    """.ci/gpu.py as a module: a script in a folder that is no package."""
+    spec = importlib.util.spec_from_file_location("ci_gpu", os.path.join(ROOT, ".ci", "gpu.py"))
+    ci_gpu = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ci_gpu)
+    return ci_gpu
+
+
 class FinishedJob:
     """What .ci/gpu.py's sections read of a finished Job, without running one."""
 
     def __init__(self, status, tail=()):
         self.shown, self.status, self.ok = "python -c <the check>", status, status == "ok"
-        self.stdout_tail = lambda: list(tail)
+        self.name, self.seconds = self.shown, None
+        self.stdout_tail = lambda n=40: list(tail)[-n:]
+
+    def wait(self):
+        return self
 
 
 def test_gpu_scripts_compiled_check_is_a_table_with_its_two_targets_or_how_far_it_got(tmp_path):
-    spec = importlib.util.spec_from_file_location("ci_gpu", os.path.join(ROOT, ".ci", "gpu.py"))
-    ci_gpu = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(ci_gpu)
+    ci_gpu = load_ci_gpu()
     path = tmp_path / "compiled.json"
     path.write_text(json.dumps({"model": "an MLP", "pairs": 20, "unprobed_peak_bytes": 1000 * MiB,
                                 "probed_peak_bytes": 1005 * MiB, "eager_peak_bytes": 1200 * MiB,
@@ -543,18 +564,13 @@ def test_figures_help_offers_only_its_own_flags_and_refuses_others_in_one_line(c
 
 
 def test_gpu_script_runs_ddp_and_fsdp_under_torchrun_with_one_rank_and_the_rest_plainly(tmp_path, monkeypatch):
-    spec = importlib.util.spec_from_file_location("ci_gpu", os.path.join(ROOT, ".ci", "gpu.py"))
-    ci_gpu = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(ci_gpu)
+    ci_gpu = load_ci_gpu()
     launched = []
 
     class RecordedJob(FinishedJob):
         def __init__(self, name, argv, *args, **kwargs):
             super().__init__("ok")
             launched.append(argv)
-
-        def wait(self):
-            return self
 
     monkeypatch.setattr(ci_gpu, "Job", RecordedJob)
     ci_gpu.run_trainings({"runs": str(tmp_path), "logs": str(tmp_path)})
@@ -564,3 +580,59 @@ def test_gpu_script_runs_ddp_and_fsdp_under_torchrun_with_one_rank_and_the_rest_
         assert argv[argv.index("--nproc_per_node") + 1] == "1" and "cuda" in argv
     assert len(launched) == len(ci_gpu.RUNS) and all(
         argv[1] == "ref_train.py" for argv in launched if argv not in under_torchrun)
+
+
+def ci_run_report(tracker_mib, budget_mib, allocator_mib=1000):
+    """A run's report as ref_train.py writes it on CUDA, with only the fields .ci/gpu.py reads."""
+    return {"status": "ok", "peak_bytes": int(allocator_mib * MiB), "peak_phase": "backward", "steps": [],
+            "phases": {"backward": {"peak_bytes": int(allocator_mib * MiB), "untracked_bytes": 0,
+                                    "tracked_peak_bytes": int(tracker_mib * MiB)}},
+            "budget": {"peak_bytes": int(budget_mib * MiB)}}
+
+
+# case -> (the first run's report, the compiled model's probed peak in MiB against 1000 unprobed,
+# the lines .ci/gpu must end with). Every other run meets both: tracker 1% off, budget 5.3% off.
+CI_TARGETS = {
+    "all met": (ci_run_report(990, 950), 1005, []),
+    "tracker": (ci_run_report(900, 1000), 1000,
+                ["{run}: (tracker + untracked)/allocator 0.9000, target within 2%"]),
+    "budget": (ci_run_report(1000, 500), 1000, ["{run}: budget error +100.0%, target within 10%"]),
+    "compiled peak": (ci_run_report(1000, 1000), 1100,
+                      ["torch.compile: allocator-only probe / unprobed peak 1.1000, target within 1%"]),
+    "figures missing": ({"status": "ok"}, 1000, ["{run}: (tracker + untracked)/allocator -, target within 2%",
+                                                 "{run}: budget error -, target within 10%"]),
+}
+
+
+@pytest.mark.parametrize("case", CI_TARGETS)
+def test_gpu_script_exits_1_naming_each_missed_memory_target_and_still_writes_the_report(
+        case, tmp_path, monkeypatch, capsys):
+    ci_gpu = load_ci_gpu()
+    first_report, probed_mib, expected = CI_TARGETS[case]
+    # The compiled check's step is 5x slower probed in every case: a time target never fails it.
+    compiled = {"model": "an MLP", "pairs": 20, "unprobed_peak_bytes": 1000 * MiB,
+                "probed_peak_bytes": probed_mib * MiB, "eager_peak_bytes": 1000 * MiB,
+                "tracked_peak_bytes": 1000 * MiB, "unprobed_s": 0.01, "probed_s": 0.05}
+
+    def every_step_ok(files):
+        with open(files["compiled"], "w") as f:
+            json.dump(compiled, f)
+        jobs = {name: FinishedJob("ok") for name in ("install", "pytest", "ablate", "families",
+                                                     "snapshot", "bench", "compiled")}
+        runs = [(name, flags, FinishedJob("ok"), first_report if i == 0 else ci_run_report(990, 950))
+                for i, (name, flags) in enumerate(ci_gpu.RUNS)]
+        return dict(jobs, check=None), runs
+
+    monkeypatch.setattr(ci_gpu, "run_steps", every_step_ok)
+    monkeypatch.setattr(ci_gpu, "describe_gpu", lambda: "a faked GPU, 1 MiB")
+    monkeypatch.setattr(ci_gpu, "OUT", str(tmp_path))
+    monkeypatch.setattr(ci_gpu, "BUNDLE", str(tmp_path / "ci-gpu-files.tar.gz"))
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))   # main's work dir, not the machine's /tmp
+    assert ci_gpu.main() == (1 if expected else 0)
+    out = capsys.readouterr().out.splitlines()
+    missed = [line for line in out if line.startswith("ci/gpu: memory target missed: ")]
+    run = "run " + ci_gpu.RUNS[0][0]
+    assert missed == ["ci/gpu: memory target missed: " + line.format(run=run) for line in expected]
+    assert out[len(out) - len(missed):] == missed   # at the end
+    md = (tmp_path / "gpu.md").read_text()
+    assert "## Runs" in md and "## torch.compile" in md and (tmp_path / "ci-gpu-files.tar.gz").exists()
