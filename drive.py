@@ -188,7 +188,7 @@ SWEEP_VARIABLES = {"bs": "sample", "seq": "token", "r": "unit of rank"}
 
 def _point_argv(point, base_argv, steps):
     """ref_train's flags for one point of a sweep: the baseline's, then the point's values."""
-    argv = [*base_argv, "--steps", str(steps)]
+    argv = [*base_argv, "--steps", str(steps)] if "--steps" not in base_argv else list(base_argv)
     for flag, value in point.items():
         argv += [f"--{flag}", str(value)]
     return argv

@@ -285,6 +285,11 @@ def fake_sweep_run(args, log):
     return {"peak_bytes": int(measured * MiB), "budget": {"peak_bytes": int(budget * MiB)}}
 
 
+def test_a_sweep_keeps_the_users_steps_and_adds_two_only_without_them():
+    assert drive._point_argv({"bs": 4}, ["--steps", "5"], steps=2) == ["--steps", "5", "--bs", "4"]
+    assert drive._point_argv({"bs": 4}, [], steps=2) == ["--steps", "2", "--bs", "4"]
+
+
 def test_sweeps_error_is_measured_over_budget_minus_one(monkeypatch, capsys):
     monkeypatch.setattr(ref_train, "train", fake_sweep_run)
     logged = []
