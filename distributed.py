@@ -6,6 +6,7 @@ collective runs.
 """
 import contextlib
 import os
+import sys
 import warnings
 
 import torch
@@ -32,6 +33,23 @@ def world_size(args):
 def rank_path(path, args):
     """This rank's file of `path`: rank 0's is `path`, another's has .rankN before the extension."""
     return memcheck.rank_paths(path, world_size(args))[rank(args)] if path and is_distributed(args) else path
+
+
+def report_path(args, failure):
+    """Where this rank writes --report: rank 0 the gathered report; after a failure, when other
+    ranks may be gone, every rank its own (PATH.rankN beside rank 0's)."""
+    if failure is None:
+        return args.report if rank(args) == 0 else None
+    return rank_path(args.report, args)
+
+
+def say_how_a_rank_ended(report, path, args):
+    """A rank but 0, silent until now, says in one line on stderr how its failed run ended."""
+    if rank(args) == 0:
+        return
+    oom, where = report["oom"], f"report written to {path}" if path else "no --report given"
+    ended = f"OUT OF MEMORY in {oom['phase']} at step {oom['step']}" if oom else f"run {report['status'].upper()}"
+    print(f"[rank {rank(args)}] {ended}: {report['error']}; {where}", file=sys.stderr)
 
 
 def placement(args):

@@ -344,17 +344,14 @@ def train(args, log=print):
 
 
 def finish(args, probe, extra, recording, failure, log):
-    """Write the report (and the snapshot) however the run ended; say where a failed run stopped.
-    After a failure other ranks may be gone: each rank writes its own report (PATH.rankN beside
-    rank 0's), and a rank but 0 says in one line on stderr how it ended."""
-    rank = distributed.rank(args)
+    """Write the report (and the snapshot) however the run ended; say where a failed run stopped."""
     if recording:
         torch.cuda.memory._dump_snapshot(distributed.rank_path(args.snapshot, args))
         torch.cuda.memory._record_memory_history(enabled=None)
     report = dict(probe.report(), **extra)
-    path = distributed.rank_path(args.report, args) if failure is not None or rank == 0 else None
     if failure is None:
         report = distributed.gather_reports(report, args)
+    path = distributed.report_path(args, failure)
     if path:
         memcheck.write_report(path, report)
     if failure is not None:
@@ -362,20 +359,14 @@ def finish(args, probe, extra, recording, failure, log):
         # The figures so far, for a run that ended while measuring; bad input has none to show.
         if not isinstance(failure, (UsageError, data.DataError)):
             log(memcheck.format_report(report))
-            where = f"report written to {path}" if path else "(no --report given)"
-            if rank != 0:
-                oom = report["oom"]
-                ended = f"OUT OF MEMORY in {oom['phase']} at step {oom['step']}" if oom else \
-                    f"run {report['status'].upper()}"
-                print(f"[rank {rank}] {ended}: {report['error']}; {where}", file=sys.stderr)
-            elif probe.oom:
-                log(where)
+            if probe.oom:
+                log(f"report written to {path}" if path else "(no --report given)")
+            distributed.say_how_a_rank_ended(report, path, args)
     return report
 
 
 def main(argv=None):
     prog = os.path.basename(sys.argv[0])
-    args = None
     try:
         args = parse_args(argv)
         with distributed.process_group(args) as rank:  # rank 0 speaks for all
