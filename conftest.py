@@ -253,17 +253,21 @@ def lightning_fit(model, callback, steps=3, return_logits=False, module_hooks=No
     trainer.fit(Module(), loader(), loader() if validate else None)
 
 
-def hf_train(model, callbacks, tmp_path, steps=3, evaluate=False, rows=None):
-    """transformers' Trainer.train() with `callbacks`; evaluate: an evaluation after every step;
-    rows: the training rows, if not token_batches'."""
+def hf_train(model, callbacks, tmp_path, steps=3, evaluate=False, rows=None, added=False, **training):
+    """transformers' Trainer.train() with `callbacks` (added by add_callback() if `added`); evaluate:
+    an evaluation after every step; rows: the training rows, if not token_batches'; training:
+    TrainingArguments beside the defaults."""
     from transformers import Trainer, TrainingArguments
     evaluation = dict(eval_strategy="steps", eval_steps=1, per_device_eval_batch_size=2) if evaluate else {}
-    args = TrainingArguments(output_dir=str(tmp_path / "hf"), max_steps=steps,
-                             per_device_train_batch_size=2, report_to=[], save_strategy="no",
-                             logging_strategy="no", use_cpu=True, disable_tqdm=True, **evaluation)
+    args = TrainingArguments(**dict(dict(output_dir=str(tmp_path / "hf"), max_steps=steps,
+                                         per_device_train_batch_size=2, report_to=[], save_strategy="no",
+                                         logging_strategy="no", use_cpu=True, disable_tqdm=True),
+                                    **evaluation, **training))
     rows = rows or [{"input_ids": r, "labels": r} for batch in token_batches(steps) for r in batch]
-    trainer = Trainer(model=model, args=args, callbacks=callbacks, train_dataset=rows,
+    trainer = Trainer(model=model, args=args, callbacks=[] if added else callbacks, train_dataset=rows,
                       eval_dataset=rows[:2] if evaluate else None)
+    for callback in callbacks if added else []:
+        trainer.add_callback(callback)
     try:
         trainer.train()
     finally:  # a callback leaves the trainer as it found it

@@ -38,9 +38,7 @@ def rank_path(path, args):
 def report_path(args, failure):
     """Where this rank writes --report: rank 0 the gathered report; after a failure, when other
     ranks may be gone, every rank its own (PATH.rankN beside rank 0's)."""
-    if failure is None:
-        return args.report if rank(args) == 0 else None
-    return rank_path(args.report, args)
+    return rank_path(args.report, args) if failure is not None or rank(args) == 0 else None
 
 
 def say_how_a_rank_ended(report, path, args):

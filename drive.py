@@ -94,8 +94,7 @@ def ablate(base_argv, log=print, steps=3, run=None):
     args = _checked_args(base_argv)
     jobs = 1 if run else _side_by_side(args)
     run = run or functools.partial(_run_reference, threads=None if jobs == 1 else 1)
-    if "--steps" not in base_argv:
-        base_argv = [*base_argv, "--steps", str(steps)]
+    base_argv = _with_steps(base_argv, steps)
     variants = ablation_variants(args)
     rows = [None] * len(variants)
     with tempfile.TemporaryDirectory() as tmp, ThreadPoolExecutor(jobs) as pool:
@@ -186,9 +185,16 @@ def ablation_table(rows):
 SWEEP_VARIABLES = {"bs": "sample", "seq": "token", "r": "unit of rank"}
 
 
+def _with_steps(argv, steps):
+    """argv with --steps `steps` unless it gives --steps itself, in any form argparse takes
+    (--steps=5, --step 5): a namespace that has `steps` already gets no default for it."""
+    given = flags.build_parser().parse_known_args(argv, namespace=argparse.Namespace(steps=None))[0]
+    return list(argv) if given.steps is not None else [*argv, "--steps", str(steps)]
+
+
 def _point_argv(point, base_argv, steps):
     """ref_train's flags for one point of a sweep: the baseline's, then the point's values."""
-    argv = [*base_argv, "--steps", str(steps)] if "--steps" not in base_argv else list(base_argv)
+    argv = _with_steps(base_argv, steps)
     for flag, value in point.items():
         argv += [f"--{flag}", str(value)]
     return argv
@@ -197,7 +203,7 @@ def _point_argv(point, base_argv, steps):
 def sweep(points, base_argv, log=print, steps=2):
     """Measure and predict each point ({flag: value}); returns one row per point."""
     import ref_train
-    from memcheck import is_out_of_memory, mib
+    from memcheck import first_line, is_out_of_memory, mib
     argvs = [_point_argv(point, base_argv, steps) for point in points]
     # Every point's flags before the first is measured: a bad base flag or listed value is one
     # line (UsageError) now, not a FAILED row per point after minutes of the others training.
@@ -210,10 +216,10 @@ def sweep(points, base_argv, log=print, steps=2):
             report = ref_train.train(ref_train.parse_args(argv), log=lambda *_: None)
             row.update(peak_bytes=report["peak_bytes"], budget_bytes=report["budget"]["peak_bytes"])
             row["error"] = row["peak_bytes"] / row["budget_bytes"] - 1
-        except (ref_train.UsageError, RuntimeError) as e:
-            if isinstance(e, RuntimeError) and not is_out_of_memory(e):  # only OOM, CUDA's or CPU's
+        except (ref_train.UsageError, RuntimeError, MemoryError) as e:
+            if not isinstance(e, ref_train.UsageError) and not is_out_of_memory(e):  # only OOM
                 raise
-            row.update(peak_bytes=None, budget_bytes=None, error=None, failed=str(e).splitlines()[0])
+            row.update(peak_bytes=None, budget_bytes=None, error=None, failed=first_line(e))
         rows.append(row)
         log("  ".join(f"{k} {v}" for k, v in point.items()) + "  " + (
             f"measured {mib(row['peak_bytes'])} MiB, budget {mib(row['budget_bytes'])} MiB, "

@@ -169,7 +169,8 @@ def _value_checks(args, argv, budget_only=False):
          f"--r {args.r}: must be divisible by --experts {args.experts} (each expert owns r/experts rows)"),
         (0 <= args.dropout < 1, f"--dropout {args.dropout}: must be in [0, 1)"),
         (args.loss_chunks >= 1, f"--loss-chunks {args.loss_chunks}: must be 1 or more (slices of the vocabulary)"),
-        (0 <= args.seed < 2 ** 64, f"--seed {args.seed}: must be between 0 and 2**64 - 1 (torch's seeds)"),
+        (-2 ** 63 <= args.seed < 2 ** 64,
+         f"--seed {args.seed}: must be between -2**63 and 2**64 - 1 (torch.manual_seed's range)"),
         (math.isfinite(args.lr) and args.lr > 0, f"--lr {args.lr}: must be a positive number"),
         (math.isfinite(args.alpha) and args.alpha > 0, f"--alpha {args.alpha}: must be a positive number"),
         (not (args.inject_leak and args.experts == 1),
@@ -272,7 +273,7 @@ def parse_args(argv=None, budget_only=False):
 
 def print_error(prog, error):
     """The one-line error, printed once: under torchrun by rank 0 (every rank exits 2)."""
-    if os.environ.get("RANK", "0") == "0":
+    if os.environ.get("RANK", "0") == "0" or os.environ.get("WORLD_SIZE", "1") == "1":
         print(f"{prog}: error: {error}", file=sys.stderr)
 
 

@@ -87,15 +87,21 @@ def first_line(error):
     return (str(error).strip().splitlines() or [type(error).__name__])[0]
 
 
-def _make_report_dir(path):
-    """A report's folder, made at the start: a path that cannot be written is said now, not when the
-    training ends."""
-    folder = os.path.dirname(os.path.abspath(path)) if path else None
+def _check_report_path(path):
+    """A report's folder made, and tried with a file, at the start: a path that cannot be written is
+    said now, not when the training ends."""
+    if not path:
+        return
+    folder = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path):
+        raise ReportError(f"report path {str(path)!r}: is a directory; give a file name")
     try:
-        if folder:
-            os.makedirs(folder, exist_ok=True)
+        os.makedirs(folder, exist_ok=True)
+        fd, tried = tempfile.mkstemp(dir=folder, prefix=".memcheck-")
+        os.close(fd)
+        os.remove(tried)
     except OSError as e:
-        raise ReportError(f"report path {str(path)!r}: cannot make its folder {folder} ({e.strerror})")
+        raise ReportError(f"report path {str(path)!r}: cannot write in its folder {folder} ({e.strerror})")
 
 
 # ---------------------------------------------------------------- the tracker
@@ -603,7 +609,7 @@ class Probe:
         self.rank, self.world_size = rank_and_world()
         self.paths = rank_paths(str(path), self.world_size) if path else None  # every rank's report
         self.path = path and self.paths[self.rank]
-        _make_report_dir(self.path)
+        _check_report_path(self.path)
         beside = "" if "{rank}" in str(path) else f"; ranks but 0 add .rankN to {path}, which has no {{rank}}"
         self._rank_note = f" (rank {self.rank} of {self.world_size}{beside})" if self.world_size > 1 else ""
 
@@ -1047,11 +1053,17 @@ def _closing_on_error(fn, callback, phase=None):
     return wrapped
 
 
+# What train() runs after on_train_begin, where an error can come from (what a transformers version
+# lacks is skipped): wrapped for a callback added by add_callback(), whose train() is not.
+_HF_TRAINER_METHODS = ("training_step", "prediction_step", "_run_epoch", "get_batch_samples",
+                       "_maybe_log_save_evaluate")
+
+
 def hf_callback(path, **probe_kwargs):
     """A transformers TrainerCallback that measures train() into the report at `path`. Forward and
     backward are one phase (no hook between them). The Trainer has no hook for exceptions: its train()
-    is wrapped (training_step and optimizer.step too, for a callback added after Trainer(...)), so
-    that an error anywhere closes the probe and writes the report."""
+    is wrapped, and what runs inside it, so that an error anywhere closes the probe and writes the
+    report."""
     from transformers import TrainerCallback
 
     class MemcheckCallback(TrainerCallback):
@@ -1063,10 +1075,14 @@ def hf_callback(path, **probe_kwargs):
                 trainer.train = _closing_on_error(trainer.train, self)
 
         def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
-            self.probe = Probe(model, optimizer, path=path, **probe_kwargs).__enter__()
+            failed, self.probe = self.probe, Probe(model, optimizer, path=path, **probe_kwargs).__enter__()
+            if args.auto_find_batch_size and failed is not None and failed.status == "oom":
+                # The Trainer retries at a smaller batch: the OOM stays, recovered at the next step.
+                self.probe.status, self.probe.error, self.probe.oom = failed.status, failed.error, failed.oom
             trainer = _running_trainer()
-            methods = ((trainer, "training_step"), (optimizer, "step"), (trainer, "prediction_step"))
-            self.wrapped = [(owner, name) for owner, name in methods if owner is not None]
+            owners = [(trainer, name) for name in _HF_TRAINER_METHODS] + [
+                (optimizer, "step"), (getattr(trainer, "callback_handler", None), "call_event")]
+            self.wrapped = [(owner, name) for owner, name in owners if hasattr(owner, name)]
             for owner, name in self.wrapped:  # evaluation (prediction_step) is a phase of its own
                 phase = "eval" if name == "prediction_step" else None
                 setattr(owner, name, _closing_on_error(getattr(owner, name), self, phase))
@@ -1286,7 +1302,7 @@ def format_report(report):
 
 def _recovered(oom):
     return (f"out of memory in {oom['phase']} at step {oom['step']} ({oom['message']}), and the loop went "
-            f"on: step {oom['recovered_at_step']} finished after it; the peak counts the failed attempt")
+            f"on: step {oom['recovered_at_step']} finished after it")
 
 
 def markdown_block(title, tables, env=None, command=None):

@@ -11,7 +11,7 @@ import torch.multiprocessing as mp
 import drive
 import memcheck
 import ref_train
-from conftest import free_port, on_ranks, run_main
+from conftest import free_port, on_ranks, one_error_line, run_main
 
 WORLD = 2
 RUN = ["--device", "cpu", "--seq", "64", "--steps", "3"]
@@ -230,3 +230,5 @@ def test_torchrun_without_a_strategy_is_refused_by_rank_0_in_one_line(capsys, mo
         said[rank] = [line for line in result.stderr.splitlines() if line.strip()]
     assert said["1"] == [] and len(said["0"]) == 1
     assert "--strategy none under torchrun (WORLD_SIZE=2)" in said["0"][0]
+    monkeypatch.delenv("WORLD_SIZE")   # RANK=1 outside torchrun: one process, which says it
+    assert "--bs 0" in one_error_line(run_main(ref_train.main, capsys, "--bs", "0"))

@@ -285,9 +285,18 @@ def fake_sweep_run(args, log):
     return {"peak_bytes": int(measured * MiB), "budget": {"peak_bytes": int(budget * MiB)}}
 
 
-def test_a_sweep_keeps_the_users_steps_and_adds_two_only_without_them():
-    assert drive._point_argv({"bs": 4}, ["--steps", "5"], steps=2) == ["--steps", "5", "--bs", "4"]
+def test_a_sweep_keeps_the_users_steps_in_any_form_and_adds_two_only_without_them():
+    for given in (["--steps", "5"], ["--steps=5"], ["--step", "5"]):   # argparse takes all three
+        assert drive._point_argv({"bs": 4}, given, steps=2) == [*given, "--bs", "4"]
     assert drive._point_argv({"bs": 4}, [], steps=2) == ["--steps", "2", "--bs", "4"]
+
+
+def test_a_sweep_point_that_runs_out_of_python_memory_is_a_failed_row(monkeypatch):
+    def out_of_memory(args, log):
+        raise MemoryError()
+    monkeypatch.setattr(ref_train, "train", out_of_memory)
+    rows = drive.sweep([{"bs": 1}], [], log=lambda *_: None)
+    assert rows[0]["peak_bytes"] is None and "failed" in rows[0]
 
 
 def test_sweeps_error_is_measured_over_budget_minus_one(monkeypatch, capsys):

@@ -341,8 +341,10 @@ def test_a_report_folder_is_made_at_the_start_and_one_that_cannot_be_is_said_in_
     memcheck.Probe(nn.Linear(2, 2), path=tmp_path / "runs" / "a" / "stack.json")
     assert (tmp_path / "runs" / "a").is_dir()
     (tmp_path / "file").write_text("")
-    with pytest.raises(memcheck.ReportError, match=r"'.*file/stack.json': cannot make its folder .*file "):
-        memcheck.Probe(nn.Linear(2, 2), path=tmp_path / "file" / "stack.json")
+    for path, said in ((tmp_path / "file" / "stack.json", "cannot write in its folder"),
+                       (tmp_path / "runs", "is a directory"), ("/proc/stack.json", "cannot write in its folder")):
+        with pytest.raises(memcheck.ReportError, match=f"report path '{path}': {said}"):
+            memcheck.Probe(nn.Linear(2, 2), path=path)
 
 
 def test_preloaded_batches_are_not_allocations_of_later_steps():

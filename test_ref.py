@@ -652,6 +652,10 @@ BAD_INPUTS = {
 }
 
 
+def test_a_negative_seed_is_one_torch_takes():
+    assert ref_train.parse_args(["--seed", "-1"]).seed == -1
+
+
 @pytest.mark.parametrize("case", BAD_INPUTS)
 def test_bad_input_is_one_line_naming_the_value_with_exit_code_2(case, values, capsys):
     if case == "cuda-without-cuda" and torch.cuda.is_available():

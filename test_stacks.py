@@ -83,8 +83,10 @@ class FailingRows(torch.utils.data.Dataset):
         return self.rows[i]
 
 
+@pytest.mark.parametrize("added", [False, True], ids=["Trainer(callbacks=...)", "add_callback"])
 @pytest.mark.parametrize("ending", ["data_loader", "user_callback", "ctrl_c"])
-def test_an_hf_run_that_fails_outside_its_steps_writes_the_report_and_leaves_no_probe_behind(ending, tmp_path):
+def test_an_hf_run_that_fails_outside_its_steps_writes_the_report_and_leaves_no_probe_behind(
+        ending, added, tmp_path):
     from torch.utils._python_dispatch import _get_current_dispatch_mode
     from transformers import TrainerCallback
     error = {"data_loader": ValueError, "user_callback": RuntimeError, "ctrl_c": KeyboardInterrupt}[ending]
@@ -98,11 +100,30 @@ def test_an_hf_run_that_fails_outside_its_steps_writes_the_report_and_leaves_no_
     user = [] if ending == "data_loader" else [FailsAfterStepTwo()]
     with pytest.raises(error):
         hf_train(peft_opt(), [memcheck.hf_callback(**quiet(path)), *user], tmp_path,
-                 rows=FailingRows() if ending == "data_loader" else None)
+                 rows=FailingRows() if ending == "data_loader" else None, added=added)
     report = memcheck.read_report(path)
     assert report["status"] == ("interrupted" if ending == "ctrl_c" else "error"), report["error"]
     assert _get_current_dispatch_mode() is None
     assert torch._C._autograd._top_saved_tensors_default_hooks(False) is None
+
+
+def test_an_oom_the_hf_trainer_recovers_from_at_a_smaller_batch_stays_in_the_report(tmp_path):
+    model = peft_opt()
+    forward = model.forward
+
+    def out_of_memory_at_bs_4(input_ids=None, **kwargs):   # auto_find_batch_size retries it smaller
+        if input_ids.shape[0] == 4:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (raised by the test)")
+        return forward(input_ids=input_ids, **kwargs)
+    model.forward = out_of_memory_at_bs_4
+    path = tmp_path / "stack.json"
+    hf_train(model, [memcheck.hf_callback(**quiet(path))], tmp_path, rows=[
+        {"input_ids": r, "labels": r} for batch in token_batches(6) for r in batch],
+        per_device_train_batch_size=4, auto_find_batch_size=True)
+    report = memcheck.read_report(path)
+    assert (report["status"], report["oom"]) == ("ok", None) and report["config"]["bs"] < 4
+    assert report["recovered_oom"]["step"] == 1 and report["recovered_oom"]["recovered_at_step"] == 1
+    assert "Tried to allocate 2.00 GiB" in report["recovered_oom"]["message"]
 
 
 # ---------------------------------------------------------------- one odd phase flips nothing
