@@ -45,12 +45,12 @@ except ModuleNotFoundError:
 SCHEMA = "memcheck/1"
 REPORT_FIELDS = {"config": dict, "env": dict, "peak_bytes": int, "peak_phase": (str, type(None)),
                  "phases": dict, "categories": dict, "steps": list, "leak": dict}
-# What the report, diff and the verdict read inside those fields: each entry's fields, and those of
-# the objects a report may have.
+# What the report, diff and the verdict read inside a report: each list entry's fields, and those of
+# the objects in it (each checked where present).
 _ENTRY_FIELDS = {"steps": {"live_bytes": int}, "modules": {"module": str, "bytes": int},
                  "temporaries": {"bytes": int, "op": str}, "warnings": {"kind": str, "message": str}}
 _OOM_FIELDS = {"phase": str, "step": int, "message": str}
-_OPTIONAL_FIELDS = {"leak": {"detected": bool, "bytes_per_step": (int, float), "step_end_bytes": list},
+_NESTED_FIELDS = {"leak": {"detected": bool, "bytes_per_step": (int, float), "step_end_bytes": list},
                     "oom": _OOM_FIELDS, "recovered_oom": dict(_OOM_FIELDS, recovered_at_step=int),
                     "rank_reports": list, "ranks": list}
 _MISSING = object()
@@ -1177,7 +1177,7 @@ def _check_fields(path, record, kinds, where=""):
 def _check_report(path, report):
     """ReportError naming the first field the report, diff or the verdict would misread."""
     _check_fields(path, report, REPORT_FIELDS)
-    _check_fields(path, report, {k: v for k, v in _OPTIONAL_FIELDS.items() if report.get(k) is not None})
+    _check_fields(path, report, {k: v for k, v in _NESTED_FIELDS.items() if report.get(k) is not None})
     _check_fields(path, report, {k: list for k in _ENTRY_FIELDS if report.get(k) is not None})
     for field, kinds in _ENTRY_FIELDS.items():
         for i, entry in enumerate(report.get(field) or []):
