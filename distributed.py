@@ -46,7 +46,8 @@ def say_how_a_rank_ended(report, path, args):
     if rank(args) == 0:
         return
     oom, where = report["oom"], f"report written to {path}" if path else "no --report given"
-    ended = f"OUT OF MEMORY in {oom['phase']} at step {oom['step']}" if oom else f"run {report['status'].upper()}"
+    ended = (f"OUT OF MEMORY in {oom['phase']} at step {oom['step']}" if oom
+             else f"run {report['status'].upper()}")
     print(f"[rank {rank(args)}] {ended}: {report['error']}; {where}", file=sys.stderr)
 
 

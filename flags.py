@@ -70,7 +70,8 @@ def _model_and_data(p):
 def _shape(p):
     g = p.add_argument_group("shape of the run")
     g.add_argument("--bs", type=int, default=2, help="batch size (per rank under --strategy)")
-    g.add_argument("--seq", type=int, default=128, help=f"tokens per sample, {MIN_SEQ} or more (pad or cut to exactly this)")
+    g.add_argument("--seq", type=int, default=128,
+                   help=f"tokens per sample, {MIN_SEQ} or more (pad or cut to exactly this)")
     g.add_argument("--steps", type=int, default=5, help="optimizer steps (>= 3 to see a leak)")
     g.add_argument("--seed", type=int, default=0, help="seeds the data, the weights and the adapters")
     g.add_argument("--lr", type=float, default=1e-4, help="AdamW's learning rate")
@@ -168,7 +169,8 @@ def _value_checks(args, argv, budget_only=False):
         (args.r % max(args.experts, 1) == 0,
          f"--r {args.r}: must be divisible by --experts {args.experts} (each expert owns r/experts rows)"),
         (0 <= args.dropout < 1, f"--dropout {args.dropout}: must be in [0, 1)"),
-        (args.loss_chunks >= 1, f"--loss-chunks {args.loss_chunks}: must be 1 or more (slices of the vocabulary)"),
+        (args.loss_chunks >= 1,
+         f"--loss-chunks {args.loss_chunks}: must be 1 or more (slices of the vocabulary)"),
         (-2 ** 63 <= args.seed < 2 ** 64,
          f"--seed {args.seed}: must be between -2**63 and 2**64 - 1 (torch.manual_seed's range)"),
         (math.isfinite(args.lr) and args.lr > 0, f"--lr {args.lr}: must be a positive number"),

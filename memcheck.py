@@ -1171,7 +1171,8 @@ def _check_fields(path, record, kinds, where=""):
         elif not isinstance(value, kind) or isinstance(value, bool) is not (kind is bool):
             expected = _KIND_NAMES.get(kind) or " or ".join(_KIND_NAMES[k] for k in kind)
             got = "missing" if value is _MISSING else f"{type(value).__name__} {value!r:.40}"
-            raise ReportError(f"{path}: field {where + key if where else repr(key)} is {got}, expected {expected}")
+            name = where + key if where else repr(key)
+            raise ReportError(f"{path}: field {name} is {got}, expected {expected}")
 
 
 def _check_report(path, report):
@@ -1188,7 +1189,8 @@ def _check_report(path, report):
         _check_fields(path, stats, dict.fromkeys(counts, int), f"phases[{name!r}].")
     _check_fields(path, report["categories"], dict.fromkeys(report["categories"], int), "categories.")
     if not all(isinstance(p, str) for p in report.get("rank_reports") or []):
-        raise ReportError(f"{path}: field 'rank_reports' is {report['rank_reports']!r:.60}, expected file names")
+        raise ReportError(f"{path}: field 'rank_reports' is {report['rank_reports']!r:.60}, expected "
+                          "file names")
     for rank, entry in enumerate(report.get("ranks") or []):
         _check_report(f"{path} (rank {rank})", entry)
     if report.get("status", "ok") not in STATUSES:

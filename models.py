@@ -61,7 +61,8 @@ def _read_config(args):
         config = AutoConfig.from_pretrained(args.model, local_files_only=True)
     except OSError as e:
         if os.path.isfile(os.path.join(args.model, "config.json")):
-            raise UsageError(f"--model {args.model}: cannot read its config.json ({memcheck.first_line(e)})") from e
+            raise UsageError(f"--model {args.model}: cannot read its config.json "
+                             f"({memcheck.first_line(e)})") from e
         if args.model != DEFAULT_MODEL:
             raise UsageError(f"--model {args.model}: not a local model directory and not in the local "
                              f"Hugging Face cache ({_hf_cache()}); nothing is downloaded") from e
