@@ -42,8 +42,9 @@ def report_path(args, failure):
 
 
 def say_how_a_rank_ended(report, path, args):
-    """A rank but 0, silent until now, says in one line on stderr how its failed run ended."""
-    if rank(args) == 0:
+    """A rank but 0, silent until now, says in one line on stderr how its failed run ended (main()
+    says an interruption itself, on every rank)."""
+    if rank(args) == 0 or report["status"] == "interrupted":
         return
     oom, where = report["oom"], f"report written to {path}" if path else "no --report given"
     ended = (f"OUT OF MEMORY in {oom['phase']} at step {oom['step']}" if oom

@@ -355,7 +355,7 @@ def finish(args, probe, extra, recording, failure, log):
     if path:
         memcheck.write_report(path, report)
     if failure is not None:
-        failure.report = report  # for main(), which says where the run stopped
+        failure.report, failure.report_path = report, path  # for main(), which says where the run stopped
         # The figures so far, for a run that ended while measuring; bad input has none to show.
         if not isinstance(failure, (UsageError, data.DataError)):
             log(memcheck.format_report(report))
@@ -379,7 +379,7 @@ def main(argv=None):
         report = getattr(e, "report", None)  # none when Ctrl-C came before training started
         where = ("" if report is None else f" at step {len(report['steps']) + 1}"
                  if "forward" in report["phases"] else " while loading")
-        saved = f"report written to {args.report}" if report and args.report else "no report written"
+        saved = f"report written to {e.report_path}" if getattr(e, "report_path", None) else "no report written"
         print(f"{prog}: interrupted{where}; {saved}", file=sys.stderr)
         return 130  # 128 + SIGINT, as a shell reports it
     except Exception as e:

@@ -184,10 +184,19 @@ def test_world_size_without_a_strategy_is_refused_in_one_line(capsys):
     assert "--world-size 4 with --strategy none" in result.stderr
 
 
-def _rank_that_may_fail(argv, out_dir):
-    """ref_train.main on one rank, rank 1 with --max-memory 1.5: its exit code and stderr to out_dir."""
+def _rank_that_may_fail(argv, out_dir, how="oom"):
+    """ref_train.main on one rank, its exit code and stderr to out_dir; rank 1 runs out of memory
+    (--max-memory 1.5), or is interrupted (Ctrl-C) in its second step."""
     rank = os.environ["RANK"]
-    argv = argv + (["--max-memory", "1.5"] if rank == "1" else [])
+    argv = argv + (["--max-memory", "1.5"] if rank == "1" and how == "oom" else [])
+    steps, train_step = [], ref_train.train_step
+
+    def interrupted_in_step_2(*args):
+        steps.append(None)
+        if rank == "1" and len(steps) == 2:
+            raise KeyboardInterrupt
+        return train_step(*args)
+    ref_train.train_step = interrupted_in_step_2 if how == "ctrl_c" else train_step
     with open(os.path.join(out_dir, f"stderr{rank}"), "w") as err, contextlib.redirect_stderr(err):
         try:
             code = ref_train.main(argv)
@@ -232,3 +241,15 @@ def test_torchrun_without_a_strategy_is_refused_by_rank_0_in_one_line(capsys, mo
     assert "--strategy none under torchrun (WORLD_SIZE=2)" in said["0"][0]
     monkeypatch.delenv("WORLD_SIZE")   # RANK=1 outside torchrun: one process, which says it
     assert "--bs 0" in one_error_line(run_main(ref_train.main, capsys, "--bs", "0"))
+
+
+def test_a_rank_interrupted_says_so_once_naming_its_own_report(tiny_model, tmp_path):
+    report = tmp_path / "r.json"
+    argv = ["--model", tiny_model, "--device", "cpu", "--seq", "32", "--steps", "3", "--bs", "1",
+            "--strategy", "ddp", "--report", str(report)]
+    on_ranks([(_rank_that_may_fail, (argv, str(tmp_path), "ctrl_c"))])
+    assert memcheck.read_report(tmp_path / "r.rank1.json")["status"] == "interrupted"
+    said = [line for line in (tmp_path / "stderr1").read_text().splitlines() if line.strip()]
+    assert len(said) == 1, said
+    assert said[0].endswith(f": interrupted at step 2; report written to {tmp_path}/r.rank1.json")
+    assert (tmp_path / "code1").read_text() == "130"
