@@ -611,12 +611,12 @@ def _phases(terms, layer, *, tokens, h, ckpt, loss_chunks):
         forward_peak = training + saved + 2 * terms["logits"] + terms["logits_16bit"]
         backward_start = training + gathered + saved + 3 * terms["logits"]
     else:
-        # The head and the loss fused: in forward, one chunk at a time, its logits and its
-        # log-softmax (turned in place into its gradient), while the hidden states' gradient (and
-        # the head's, when it trains), kept for backward, fills up; backward only scales what was
-        # kept into a copy. Nothing is recomputed.
+        # The head and the loss fused: in forward, one chunk of fp32 logits at a time (exp'd in
+        # place; under 16-bit beside its 16-bit copy), while the hidden states' gradient (and the
+        # head's, when it trains), kept for backward, fills up; backward only scales what was kept
+        # into a copy. Nothing is recomputed.
         kept = terms["kept_loss_gradient"]
-        forward_peak = training + saved + 2 * terms["logits"] + kept
+        forward_peak = training + saved + terms["logits"] + terms["logits_16bit"] + kept
         backward_start = training + gathered + saved + 2 * kept
     if root:
         # FSDP2 frees the root's flat all-gather buffer only once the first layer's parameters
@@ -757,6 +757,8 @@ def verdict(report):
     planned = report.get("budget")
     if not planned or not report.get("peak_bytes"):
         return report.get("no_budget", "no budget to compare with")
+    if report.get("status", "ok") not in ("ok", "oom") and not report.get("steps"):
+        return f"no verdict: the run stopped ({report['status']}) before its first step ended"
     ratio = report["peak_bytes"] / planned["peak_bytes"]
     if report.get("oom"):
         return (f"the budget for this setup is {mib(planned['peak_bytes'])} MiB; the OOM came at "

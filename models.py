@@ -114,6 +114,9 @@ def _load_tokenizer(args, model):
         tokenizer = AutoTokenizer.from_pretrained(args.model, local_files_only=True)
     except (OSError, ValueError):
         return None, f"tokenizer: none in {args.model}; using the stand-in BPE trained on the catalogue"
+    except Exception as e:  # tokenizer files the tokenizers library cannot parse
+        return None, (f"tokenizer: cannot read the one in {args.model} ({memcheck.first_line(e)}); "
+                      "using the stand-in BPE trained on the catalogue")
     rows = model.get_input_embeddings().num_embeddings
     if len(tokenizer) < max(MIN_TOKENS, rows / 100):
         # Resizing to a folder's 0-5 token tokenizer would shrink the vocabulary, and the run
@@ -154,13 +157,21 @@ def load_model(args, weights_dtype, meta=False):
     return model, tokenizer, "\n".join([source, *notes, *([note] if note else [])])
 
 
-def prepare_vocabulary(model, tokenizer, stand_in, mean_resizing=True):
-    """Add the placeholder tokens and resize the embeddings, as the real stack does.
+def prepare_vocabulary(model, tokenizer, stand_in, add_tokens=True, mean_resizing=True):
+    """Add the placeholder tokens and resize the embeddings, as the real stack does (--add-tokens).
 
     A stand-in tokenizer trained here has a small vocabulary of its own, so the model keeps its size
     and grows by the added tokens, as it would with its real tokenizer (and never has fewer rows
-    than the stand-in has tokens).
+    than the stand-in has tokens). Without --add-tokens nothing is resized: a tokenizer with more
+    tokens than the embeddings have rows is refused.
     """
+    rows = model.get_input_embeddings().num_embeddings
+    if not add_tokens:
+        if len(tokenizer) > rows:
+            raise UsageError(f"--no-add-tokens: the {'stand-in ' if stand_in else ''}tokenizer has "
+                             f"{len(tokenizer)} tokens for the model's {rows} embedding rows, so its "
+                             "ids would index past them; use --add-tokens (it resizes the embeddings)")
+        return
     added = data.add_special_tokens(tokenizer)
     size = max(model.config.vocab_size + added, len(tokenizer)) if stand_in else len(tokenizer)
     model.resize_token_embeddings(size, mean_resizing=mean_resizing)

@@ -100,11 +100,10 @@ def build_base(args, meta=False):
     stand_in = tokenizer is None
     if stand_in:
         tokenizer = data.train_tokenizer(titles)
-    if args.add_tokens:
-        # The real stack resizes with transformers' default, mean_resizing, and so do we; the new
-        # rows are drawn at random, so seed first: a run must not depend on what ran before it.
-        torch.manual_seed(args.seed)
-        models.prepare_vocabulary(model, tokenizer, stand_in, mean_resizing=not meta)
+    # The real stack resizes with transformers' default, mean_resizing, and so do we; the new rows
+    # are drawn at random, so seed first: a run must not depend on what ran before it.
+    torch.manual_seed(args.seed)
+    models.prepare_vocabulary(model, tokenizer, stand_in, args.add_tokens, mean_resizing=not meta)
     model.to("meta" if meta else args.device)
     ids = data.placeholder_ids(tokenizer, args.add_tokens)
     batches = distributed.rank_rows(data.batches(samples, titles, tokenizer, args.bs * args.world_size,

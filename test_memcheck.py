@@ -653,6 +653,14 @@ def test_the_verdict_says_as_expected_only_within_three_percent(ratio, expected)
     assert memcheck.verdict(report).endswith("as expected") == expected, memcheck.verdict(report)
 
 
+def test_a_run_that_failed_before_its_first_step_ended_gets_no_verdict():
+    cats = dict.fromkeys(memcheck.CATEGORIES, 0)
+    report = {"peak_bytes": 10 * MiB, "peak_phase": "forward", "oom": None, "status": "error", "steps": [],
+              "categories": cats, "budget": {"peak_bytes": 100 * MiB, "categories": cats}}
+    assert memcheck.verdict(report) == "no verdict: the run stopped (error) before its first step ended"
+    assert memcheck.verdict(dict(report, status="ok")).startswith("measured peak 0.10x the budget")
+
+
 def test_without_budget_py_beside_it_the_report_says_in_one_line_how_to_get_a_verdict(monkeypatch):
     model, optimizer = gated_opt()
     with_budget = probed(model, optimizer)

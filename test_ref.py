@@ -28,8 +28,8 @@ import memcheck
 import flags
 import models
 import ref_train
-from conftest import (HANG_SECONDS, ROOT, SEQ, TINY_OPT, assert_markdown_tables, one_error_line,
-                      rel_err, run_main, run_ref_train)
+from conftest import (HANG_SECONDS, ROOT, SEQ, TINY_OPT, _save_tiny_opt, assert_markdown_tables,
+                      one_error_line, rel_err, run_main, run_ref_train)
 from memcheck import MiB
 
 VOCAB = drive.VOCAB   # the model families' vocabulary (conftest's family_models)
@@ -216,6 +216,17 @@ def test_model_dir_without_tokenizer_gets_the_stand_in_tokenizer(bare_tiny_model
     batch = next(batches)
     answer_lengths = (batch["labels"] != data.IGNORE).sum(dim=1)
     assert (answer_lengths > 1).all()  # a title and </s>, not </s> alone
+
+
+def test_a_tokenizer_that_does_not_parse_is_named_and_the_stand_in_trains(tiny_model, tmp_path):
+    directory = tmp_path / "broken-tokenizer"
+    shutil.copytree(tiny_model, directory)
+    tokenizer = json.loads((directory / "tokenizer.json").read_text())
+    tokenizer["model"]["merges"] = [["a", "b", "c"]]   # valid JSON that the tokenizers library refuses
+    (directory / "tokenizer.json").write_text(json.dumps(tokenizer))
+    args = ref_train.parse_args(["--model", str(directory), "--device", "cpu"])
+    model, tokenizer, source = models.load_model(args, torch.float32, meta=True)
+    assert tokenizer is None and f"tokenizer: cannot read the one in {directory} (" in source
 
 
 def test_a_degenerate_tokenizer_counts_as_none_and_the_vocabulary_never_shrinks(family_models,
@@ -617,6 +628,7 @@ def values(tiny_model, tmp_path_factory):
     return {"tiny": tiny_model, "bad_data": bad_movielens(tmp / "bad-ml"),
             "text_dir": not_a_model(tmp / "text"), "empty_dir": str(tmp / "empty"),
             "bad_config": not_a_model(tmp / "bad-config", {"config.json": "{bad json"}),
+            "small_vocab": _save_tiny_opt(tmp / "small-vocab", 500, with_tokenizer=False),
             "truncated": truncated_model(tiny_model, tmp / "truncated"),
             "report": str(tmp / "report.json"), "seq_report": str(tmp / "seq.json"),
             "load_report": str(tmp / "load.json")}
@@ -674,6 +686,8 @@ FAILURES = {
     "not-a-model": (["--model", "{text_dir}"], ["--model {text_dir}", "config.json"]),
     "empty-model-dir": (["--model", "{empty_dir}"], ["--model {empty_dir}", "empty"]),
     "config-not-json": (["--model", "{bad_config}"], ["--model {bad_config}", "config.json", "not a valid JSON"]),
+    "stand-in-beyond-the-embeddings": (["--model", "{small_vocab}", "--no-add-tokens"],
+                                       ["--no-add-tokens", "500 embedding rows", "--add-tokens"]),
     "truncated-weights": (["--model", "{truncated}"], ["{truncated}/model.safetensors", "truncated"]),
     "report-under-proc": (["--report", "/proc/report.json"],
                           ["--report /proc/report.json", "cannot create a file in /proc"]),
