@@ -133,11 +133,12 @@ def ablate(base_argv, log=print, steps=3, run=None):
 def _checked_args(argv):
     """ref_train's flags for argv, or ref_train.UsageError naming the bad value. The model and
     --targets are checked against each other only when the model is built: it is built here on the
-    meta device (no memory, seconds), so a typo fails before any run, not
-    in every run's row."""
+    meta device (no memory, seconds), so a typo fails before any run, not in every run's row; and
+    so is a combination this device cannot run."""
     import ref_train
     args = ref_train.parse_args(argv)
     ref_train.build(args, meta=True)
+    ref_train.check_runnable(args)
     return args
 
 
@@ -208,7 +209,7 @@ def sweep(points, base_argv, log=print, steps=2):
     # Every point's flags before the first is measured: a bad base flag or listed value is one
     # line (UsageError) now, not a FAILED row per point after minutes of the others training.
     for argv in argvs:
-        ref_train.check_runnable(_checked_args(argv))
+        _checked_args(argv)
     rows = []
     for point, argv in zip(points, argvs):
         row = dict(point)

@@ -436,6 +436,9 @@ FAILURES = {
                              ["--targets nosuch", "q_proj"]),
     # the first point is good: it must not train before the second is refused
     "sweep-bad-second-point": (["sweep", "--model", "{tiny}", "--bs", "1,0"], ["--bs 0", "1 or more"]),
+    "ablate-16-bit-weights-on-cpu": (["ablate", "--model", "{tiny}", "--device", "cpu", "--precision",
+                                      "16-mixed", "--weights-dtype", "bf16"],
+                                     ["--weights-dtype bf16", "--device cuda"]),
     "sweep-16-bit-weights-on-cpu": (["sweep", "--model", "{tiny}", "--bs", "1", "--device", "cpu",
                                      "--precision", "16-mixed", "--weights-dtype", "bf16"],
                                     ["--weights-dtype bf16", "--device cuda"]),
