@@ -309,14 +309,19 @@ def growth_lines(growth):
     return lines
 
 
-def _plot(rows, path):
-    from memcheck import MiB, ReportError
+def _pyplot():
+    from memcheck import ReportError
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
         raise ReportError("--plot needs matplotlib, which is optional: pip install matplotlib")
+    return plt
+
+
+def _plot(plt, rows, path):
+    from memcheck import MiB
     ok = [r for r in rows if r.get("peak_bytes")]
     variables = [v for v in SWEEP_VARIABLES if len({r[v] for r in ok if v in r}) > 1]
     fig, axes = plt.subplots(1, max(len(variables), 1), figsize=(5 * max(len(variables), 1), 4))
@@ -983,6 +988,7 @@ def sweep_command(argv):
     from memcheck import ReportError, markdown_block, text_table, write_report
     for flag, path in (("--report", own.report), ("--plot", own.plot)):
         flags.check_output_path(flag, path)
+    plt = _pyplot() if own.plot else None   # before any point is measured
     axes = {}
     for flag, sep in _SWEEP_LISTS.items():
         value = getattr(own, flag[2:])
@@ -1017,7 +1023,7 @@ def sweep_command(argv):
     if own.report:
         write_report(own.report, {"points": rows, "growth": growth})
     if own.plot:
-        _plot(rows, own.plot)
+        _plot(plt, rows, own.plot)
     return 0 if errors else 1  # no point measured: say so in the exit code
 
 

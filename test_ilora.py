@@ -302,14 +302,19 @@ def test_one_expert_equals_peft_lora_forward_and_gradients():
 
     torch.manual_seed(0)
     base = nn.Sequential(OrderedDict(q_proj=nn.Linear(32, 48)))
+    torch.manual_seed(1)
     theirs = peft.inject_adapter_in_model(
         peft.LoraConfig(r=8, lora_alpha=32, target_modules=["q_proj"], lora_dropout=0.0),
         copy.deepcopy(base))
     ours = copy.deepcopy(base)
+    torch.manual_seed(1)
     assert ilora.add_gated_lora(ours, targets=("q_proj",), r=8, alpha=32, n_experts=1) == ["q_proj"]
+    # From the same seed, the adapter starts as PEFT's, bit for bit: A drawn as PEFT draws it, B zero.
+    assert torch.equal(ours.q_proj.lora_A.weight, theirs.q_proj.lora_A["default"].weight)
+    assert torch.equal(ours.q_proj.lora_B.weight, theirs.q_proj.lora_B["default"].weight)
+    assert ours.q_proj.lora_B.weight.abs().sum() == 0
     with torch.no_grad():
-        nn.init.normal_(theirs.q_proj.lora_B["default"].weight)  # PEFT's B starts at zero too
-        ours.q_proj.lora_A.weight.copy_(theirs.q_proj.lora_A["default"].weight)
+        nn.init.normal_(theirs.q_proj.lora_B["default"].weight)
         ours.q_proj.lora_B.weight.copy_(theirs.q_proj.lora_B["default"].weight)
 
     x = torch.randn(3, 5, 32)
@@ -375,6 +380,25 @@ def test_dropout_in_train_mode_leaves_the_frozen_layers_output_unchanged_at_init
     nn.init.normal_(layer.lora_B.weight)
     outputs = [layer(x, gate=gate) for _ in range(2)]
     assert not torch.equal(outputs[0], outputs[1])
+
+
+@pytest.mark.parametrize("n_experts", [1, 4])
+def test_lora_dropout_is_off_in_eval_mode(n_experts):
+    torch.manual_seed(0)
+    base = nn.Linear(32, 48).requires_grad_(False)
+    dropped, plain = (ilora.GatedLoraLinear(base, r=8, n_experts=n_experts, dropout=p) for p in (0.5, 0.0))
+    nn.init.normal_(dropped.lora_B.weight)
+    plain.load_state_dict(dropped.state_dict())
+    x = torch.randn(3, 5, 32)
+    gate = torch.randn(3, n_experts).softmax(-1) if n_experts > 1 else None
+    assert not torch.equal(dropped.train()(x, gate=gate), plain.train()(x, gate=gate))
+    assert torch.equal(dropped.eval()(x, gate=gate), plain.eval()(x, gate=gate))
+
+
+def test_the_item_projector_is_ilora_s_linear_gelu_linear():
+    projector = ilora.ItemModules(n_items=50, hidden_size=32, n_experts=4).projector
+    assert [type(m) for m in projector] == [nn.Linear, nn.GELU, nn.Linear]
+    assert [(m.in_features, m.out_features) for m in projector[::2]] == [(ilora.REC_DIM, 32), (32, 32)]
 
 
 def test_lora_dropout_is_visible_in_the_measured_peak(train_tiny):

@@ -56,7 +56,8 @@ def test_synthetic_catalogue_is_deterministic_and_well_formed():
     for s in samples:
         assert data.MIN_HISTORY <= len(s.history) <= data.MAX_HISTORY
         assert len(s.candidates) == data.N_CANDIDATES == len(set(s.candidates))
-        assert s.target in s.candidates and s.target not in s.history
+        assert s.target in s.candidates
+        assert set(s.history).isdisjoint(s.candidates)  # no candidate is an item the user has seen
         assert set(s.history) | set(s.candidates) <= set(titles)
 
 
@@ -110,11 +111,37 @@ def test_item_ids_mark_exactly_the_placeholder_tokens(catalogue, seq):
     placeholders = (batch["input_ids"] == history_id) | (batch["input_ids"] == candidate_id)
     assert placeholders.any()
     assert torch.equal(batch["item_ids"] != 0, placeholders)
-    if seq == 400:  # nothing cut: each placeholder carries its item, in prompt order
+    if seq == 400:  # nothing cut: each placeholder carries its item, in prompt order, after its title
         for i, s in enumerate(samples[:8]):
-            row = batch["item_ids"][i]
+            row, tokens = batch["item_ids"][i], batch["input_ids"][i].tolist()
             assert row[batch["input_ids"][i] == history_id].tolist() == s.history
             assert row[batch["input_ids"][i] == candidate_id].tolist() == s.candidates
+            for at in (row != 0).nonzero().flatten().tolist():
+                title = tokenizer.encode(" " + titles[int(row[at])], add_special_tokens=False)
+                assert tokens[at - len(title):at] == title
+
+
+def epochs_of_batches(monkeypatch, n_samples, bs, seed=0, n_batches=10):
+    """The indices of the samples in each of data.batches' first batches."""
+    monkeypatch.setattr(data, "collate", lambda rows, *_: rows)
+    return list(itertools.islice(data.batches(list(range(n_samples)), {}, None, bs, 8, None, seed),
+                                 n_batches))
+
+
+def test_each_epoch_holds_every_sample_once_in_an_order_the_seed_draws_anew(monkeypatch):
+    batches = epochs_of_batches(monkeypatch, 20, 4)   # 5 batches an epoch
+    first, second = sum(batches[:5], []), sum(batches[5:], [])
+    assert sorted(first) == sorted(second) == list(range(20))
+    assert first != second and first != list(range(20))
+    assert epochs_of_batches(monkeypatch, 20, 4, seed=1) != batches
+    # 22 samples: the 2 left over by an epoch's last full batch are not a batch of 2
+    assert all(len(b) == 4 for b in epochs_of_batches(monkeypatch, 22, 4))
+
+
+@pytest.mark.parametrize("n_samples", [2, 5])
+def test_a_batch_as_large_as_the_data_or_larger_holds_every_sample(monkeypatch, n_samples):
+    for batch in epochs_of_batches(monkeypatch, n_samples, 5, n_batches=3):
+        assert len(batch) == 5 and set(batch) == set(range(n_samples))
 
 
 def test_inject_replaces_exactly_the_placeholder_embeddings(catalogue):
@@ -167,6 +194,14 @@ def test_movielens_directory_trains(tmp_path, train_tiny):
     assert report["config"]["data"] == directory
     assert [s["step"] for s in report["steps"]] == [1, 2]
     assert all(math.isfinite(s["loss"]) and s["loss"] > 0 for s in report["steps"])
+
+
+def test_a_movielens_user_needs_more_ratings_than_the_shortest_history(tmp_path):
+    ratings = [(user, item, 5, 880000000 + item) for user, n in ((1, 12), (2, data.MIN_HISTORY + 1),
+                                                                 (3, data.MIN_HISTORY))
+               for item in range(1, n + 1)]
+    _, samples = data.movielens_catalogue(write_movielens(tmp_path / "ml", ratings=ratings))
+    assert [len(s.history) for s in samples] == [data.MAX_HISTORY, data.MIN_HISTORY]
 
 
 @pytest.mark.parametrize("item_ids", [list(range(2, 82, 2)), [10 ** 10 + i for i in range(40)]],
@@ -341,6 +376,12 @@ def test_same_flags_and_seed_give_the_same_losses_bit_for_bit(model_fixture, req
     assert other_seed != first  # the seed does reach the run
 
 
+def test_the_learning_rate_reaches_the_optimizer(train_tiny):
+    default, faster = ([s["loss"] for s in train_tiny("--steps", 2, "--seq", 64, *lr)["steps"]]
+                       for lr in ((), ("--lr", 1e-2)))
+    assert default[0] == faster[0] and default[1] != faster[1]   # the first update differs
+
+
 # ---------------------------------------------------------------- checkpointing
 
 def randomize_lora_b(model):
@@ -352,14 +393,14 @@ def randomize_lora_b(model):
                 module.lora_B.weight.copy_(torch.randn(module.lora_B.weight.shape, generator=generator))
 
 
-def one_step_gradients(model_dir, ckpt):
+def one_step_gradients(model_dir, ckpt, *flags):
     """ref_train.train_step on a fresh build, with an optimizer that keeps the gradients for us.
 
     B is set to the same random values in every build: with PEFT's zero B, the gradients of A and of
     the router are exactly zero whatever the checkpointing does, and comparing them would prove nothing.
     """
     args = ref_train.parse_args(["--model", model_dir, "--device", "cpu", "--ckpt", ckpt,
-                                 "--bs", "2", "--seq", "64", "--steps", "1"])
+                                 "--bs", "2", "--seq", "64", "--steps", "1", *flags])
     model, items, batches, _ = ref_train.build(args)
     randomize_lora_b(model)
     keep_grads = SimpleNamespace(step=lambda: None, zero_grad=lambda set_to_none=True: None)
@@ -396,6 +437,18 @@ def test_checkpointing_modes_give_the_same_loss_and_gradients(tiny_model, ckpt_r
         assert ckpt_grads.keys() == grads.keys(), ckpt
         for name, g in grads.items():
             assert torch.allclose(ckpt_grads[name], g, rtol=1e-5, atol=1e-7), (ckpt, name)
+
+
+def test_manual_checkpointing_trains_lora_when_no_layer_input_needs_a_gradient(tiny_model):
+    # One expert and no injected items: the frozen embeddings' output is all a layer gets, and a
+    # reentrant checkpoint would give the LoRA inside it no gradient.
+    flags = ("--experts", "1", "--no-inject-items")
+    loss, grads = one_step_gradients(tiny_model, "none", *flags)
+    assert any("lora_A" in name and g.abs().sum() > 0 for name, g in grads.items())
+    ckpt_loss, ckpt_grads = one_step_gradients(tiny_model, "manual", *flags)
+    assert ckpt_loss == pytest.approx(loss, rel=1e-6) and ckpt_grads.keys() == grads.keys()
+    for name, g in grads.items():
+        assert torch.allclose(ckpt_grads[name], g, rtol=1e-5, atol=1e-7), name
 
 
 def test_manual_checkpointing_carries_the_gate_into_recomputation(tiny_model):
@@ -445,10 +498,14 @@ def test_reentrant_checkpointing_trains_like_the_models_own_and_warns_of_nothing
 # ---------------------------------------------------------------- the fused loss
 
 def loss_case(vocab=300, width=32, bs=3, seq=20, bias=False, trainable=False, dtype=torch.float32, seed=0):
-    """A head, hidden states and labels with ignored positions: a prompt, padding, a row's tail."""
+    """A head, hidden states and labels with ignored positions: a prompt, padding, a row's tail.
+
+    trainable: True, False, or "bias" (the bias trains, the weight is frozen)."""
     torch.manual_seed(seed)
     head = nn.Linear(width, vocab, bias=bias).to(dtype)
-    head.requires_grad_(trainable)
+    head.requires_grad_(trainable is True)
+    if trainable == "bias":
+        head.bias.requires_grad_(True)
     hidden = torch.randn(bs, seq, width, dtype=dtype)
     labels = torch.randint(0, vocab, (bs, seq))
     labels[0, :7] = data.IGNORE
@@ -462,13 +519,15 @@ def loss_and_grads(head, hidden, labels, chunks, autocast=None):
     head.zero_grad(set_to_none=True)
     with torch.autocast("cpu", dtype=autocast or torch.bfloat16, enabled=autocast is not None):
         loss = ref_train.lm_loss(head, hidden, labels, chunks)
+    assert type(loss.grad_fn).__name__.startswith("ChunkedLinearCrossEntropy") == (chunks > 1)
     (3 * loss).backward()  # a grad_output other than 1: backward must scale what was kept
     bias_grad = head.bias.grad if head.bias is not None else None
     return loss.detach(), hidden.grad, head.weight.grad, bias_grad
 
 
-@pytest.mark.parametrize("trainable,bias", [(False, False), (True, False), (True, True)],
-                         ids=["frozen head", "trainable head", "trainable head with bias"])
+@pytest.mark.parametrize("trainable,bias", [(False, False), (True, False), (True, True), ("bias", True)],
+                         ids=["frozen head", "trainable head", "trainable head with bias",
+                              "trainable bias only"])
 @pytest.mark.parametrize("chunks", [2, 7])
 def test_fused_loss_equals_the_plain_loss_and_its_gradients_in_fp32(trainable, bias, chunks):
     head, hidden, labels = loss_case(bias=bias, trainable=trainable)
@@ -500,11 +559,14 @@ def test_fused_loss_casts_as_the_plain_path_in_16_bit(case, trainable):
         pytest.skip(f"{case} does not run on this CPU: {e}")
     fused = loss_and_grads(head, hidden, labels, 4, autocast)
     assert fused[0].dtype == torch.float32  # the loss in fp32, as transformers computes it
-    assert rel_err(fused[0], plain[0]) <= 1e-3
+    # Every logit is rounded to 16 bits as the plain path rounds it: the losses agree to fp32's
+    # rounding (a logit left in fp32 moves them 3e-6 or more); only a 16-bit weight's bias is added
+    # in another order than in the plain path's kernel.
+    assert rel_err(fused[0], plain[0]) <= (1e-4 if case == "bf16 weights" and trainable else 1e-6)
     for got, want in zip(fused[1:], plain[1:]):
         if want is not None:
             assert got.dtype == want.dtype
-            assert rel_err(got, want) <= 2e-2
+            assert rel_err(got, want) <= 1e-2   # the softmax is rounded to 16 bits in another order
 
 
 def test_fused_loss_keeps_only_the_hidden_states_gradient_for_backward():
@@ -537,8 +599,8 @@ def test_fused_loss_keeps_only_the_hidden_states_gradient_for_backward():
     # a trainable head keeps its fp32 gradient too; nothing needs a gradient: nothing is kept
     assert measure(8, trainable=True)[0] == kept_bytes + n_targets + 4000 * 32 * 4
     assert measure(8, requires_grad=False)[0] == 0
-    with torch.no_grad():
-        assert measure(8)[0] == 0
+    with torch.no_grad():  # nor made: the forward under no_grad costs what it costs without a gradient
+        assert measure(8) == measure(8, requires_grad=False)
 
 
 def test_fused_loss_recomputes_nothing_in_backward():
