@@ -348,9 +348,11 @@ class _Saves:
         module = None
         if record is not None and torch._C._current_autograd_node() is None:
             module = tracker.module_stack[-1] if tracker.module_stack else NO_MODULE
-        saved = _Saved(tensor, phase, module, record.nbytes if record is not None else 0)
+        # What saving holds: a parameter exists anyway, and nothing frees it when the graph goes.
+        held = record is not None and record.category == "activations"
+        saved = _Saved(tensor, phase, module, record.nbytes if held else 0)
         self.watch["saved"].append(weakref.ref(saved))
-        if record is not None:
+        if held:
             self.watch["bytes"].setdefault(phase, {})[id(record)] = record.nbytes
         return saved
 
@@ -1641,6 +1643,10 @@ def main(argv=None):
         if args.max_ratio is not None and not args.max_ratio > 0:
             raise ReportError(f"--max-ratio {args.max_ratio}: must be a positive number")
         a, b = (with_ranks(read_report(path), path) for path in (args.a, args.b))
+        for path, r in ((args.a, a), (args.b, b)):  # a ratio to 0 bytes means nothing, either way round
+            if args.max_ratio is not None and r.get("status", "ok") == "ok" and not r["peak_bytes"]:
+                raise ReportError(f"{path}: measured no training peak (peak_bytes 0: it ended before any "
+                                  "phase); --max-ratio needs a peak on both sides")
         if args.json:
             print(json.dumps(diff_json(a, b), indent=1))
         else:
@@ -1655,9 +1661,9 @@ def main(argv=None):
     if args.max_ratio is None:
         return 0
     unfinished = [f"{side} {r.get('status', 'ok')}" for side, r in (("A", a), ("B", b))
-                  if r.get("status", "ok") != "ok" or not r["peak_bytes"]]
+                  if r.get("status", "ok") != "ok"]
     if unfinished:  # a run that stopped early has a smaller peak: never a pass
-        print(f"memcheck.py: --max-ratio needs two finished runs with a peak: {', '.join(unfinished)}",
+        print(f"memcheck.py: --max-ratio needs two finished runs: {', '.join(unfinished)}",
               file=sys.stderr)
         return 1
     if b["peak_bytes"] > args.max_ratio * a["peak_bytes"]:

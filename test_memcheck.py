@@ -212,6 +212,25 @@ def test_saved_activations_by_module_have_the_sizes_of_what_autograd_keeps(train
         assert by_module[f"{prefix}.self_attn.k_proj"]["bytes"] == bs * seq * TINY_OPT["hidden_size"] * 4
 
 
+def mlp_and_adamw(width):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(width, width), nn.ReLU(), nn.Linear(width, width))
+    return model, torch.optim.AdamW(model.parameters())
+
+
+def test_gradients_freed_inside_a_step_without_phases_are_still_gradients_at_its_peak():
+    # A hand-written callback that calls only probe.step(), after zero_grad(set_to_none=True).
+    model, optimizer = mlp_and_adamw(256)
+    with memcheck.Probe(model, optimizer) as probe:
+        for _ in range(2):
+            model(torch.randn(64, 256)).square().mean().backward()
+            optimizer.step()
+            optimizer.zero_grad()
+            probe.step()
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    assert probe.report()["categories"]["gradients"] == weights   # AdamW's first step holds them all
+
+
 # ---------------------------------------------------------------- leaks
 
 def test_injected_leak_is_flagged_with_the_gate_bytes_per_step(train_tiny):
@@ -260,6 +279,24 @@ def test_a_leaks_survivors_are_recorded_while_it_grows_not_when_the_report_is_wr
     assert all(s["shape"] == [] and s["dtype"] == "float32" for s in leak["survivors"])
 
 
+def test_a_leaks_weight_is_what_it_holds_by_the_last_step():
+    model, optimizer = mlp_and_adamw(256)
+    kept = []
+    with memcheck.Probe(model, optimizer) as probe:
+        for _ in range(6):
+            with probe.phase("forward"):
+                loss = model(torch.randn(8, 256)).square().mean()
+            with probe.phase("backward"):
+                loss.backward()
+            with probe.phase("optimizer"):
+                optimizer.step()
+                optimizer.zero_grad()
+            kept.append(torch.ones(MiB // 4))
+            probe.step()
+    leak = next(w for w in probe.report()["warnings"] if w["kind"] == "leak")
+    assert (leak["bytes_per_step"], leak["bytes"]) == (MiB, 5 * MiB)   # grown over 5 steps after the first
+
+
 # ---------------------------------------------------------------- the probe in a user's loop
 
 class Unprobed:
@@ -297,6 +334,40 @@ def test_the_probe_does_not_change_what_it_measures(pattern):
     assert probe.peak["peak_bytes"] == unprobed.tracker.peak_bytes
     assert unprobed.ends[-1] == unprobed.ends[1]   # the loop itself does not grow ...
     assert not probe.report()["leak"]["detected"]  # ... and the probe does not say it does
+
+
+def measured_steps(batch_sizes, load_bytes=0):
+    """The report of an MLP's steps at these batch sizes, after a load phase that makes load_bytes."""
+    with memcheck.Probe() as probe:
+        with probe.phase("load"):
+            model, optimizer = mlp_and_adamw(256)
+            torch.ones(load_bytes // 4).sum()
+        probe.attach(model, optimizer)
+        for bs in batch_sizes:
+            with probe.phase("forward"):
+                loss = model(torch.randn(bs, 256)).square().mean()
+            with probe.phase("backward"):
+                loss.backward()
+            with probe.phase("optimizer"):
+                optimizer.step()
+                optimizer.zero_grad()
+            probe.step()
+    return probe.report()
+
+
+def test_a_phases_figures_are_its_largest_steps_not_its_last():
+    large_first, large_only = measured_steps([512, 16]), measured_steps([512])
+    for phase in ("forward", "backward"):
+        figures = [{k: v for k, v in report["phases"][phase].items() if k != "live_bytes"}  # (the last step's)
+                   for report in (large_first, large_only)]
+        assert figures[0] == figures[1], phase
+
+
+def test_the_first_steps_peak_is_trainings_not_the_loads():
+    report = measured_steps([64, 64], load_bytes=16 * MiB)
+    assert report["phases"]["load"]["peak_bytes"] >= 16 * MiB
+    assert report["steps"][0]["peak_bytes"] < 16 * MiB
+    assert report["steps"][0]["peak_bytes"] >= report["steps"][1]["peak_bytes"]   # AdamW's state is new
 
 
 def test_an_inplace_change_to_a_saved_tensor_fails_backward_under_the_probe_as_without_it():
@@ -462,6 +533,71 @@ def test_each_warning_names_its_careless_loop_and_its_clean_twin_stays_silent(ki
     assert named in warning["message"], warning["message"]
     assert f"WARNING {kind}: {warning['message']}" in memcheck.format_report(report).splitlines()
     assert probed_report(*clean)["warnings"] == []
+
+
+def test_a_warning_about_saved_tensors_weighs_the_activations_not_the_weights_autograd_also_saves():
+    model, optimizer = peft_opt()
+    with memcheck.Probe(model, optimizer) as probe:
+        with probe.phase("eval"):
+            model(input_ids=token_batches(1)[0])   # not under no_grad; the output dropped at once
+        probe.step()
+    inactive = probed_report(*next(w for w in WARNINGS if w[0] == "checkpointing_inactive")[1])
+    for report, phase in ((probe.report(), "eval"), (inactive, "forward")):
+        (warning,) = report["warnings"]
+        assert 0 < warning["bytes"] <= report["phases"][phase]["categories"]["activations"], warning
+
+
+def test_checkpointing_inactive_is_named_however_small_and_memory_held_once_is_not():
+    saves = memcheck._Saves(memcheck.Tracker("cpu"))
+    saves._event("checkpointing_inactive", 1, bytes=1, modules=["model.layers.0"])
+    saves._event("grad_in_eval", 1, phase="eval", bytes=1)
+    assert [w["kind"] for w in saves.warnings(peak_bytes=10 * MiB)] == ["checkpointing_inactive"]
+
+
+def test_a_model_compiled_in_place_is_said_to_run_eager_under_the_probe():
+    model, optimizer = mlp_and_adamw(64)
+    model.compile()
+    with memcheck.Probe(model, optimizer) as probe:
+        with probe.phase("forward"):
+            loss = model(torch.randn(8, 64)).square().mean()
+        with probe.phase("backward"):
+            loss.backward()
+        probe.step()
+    assert [w["kind"] for w in probe.report()["warnings"]] == ["compile_disabled"]
+
+
+def tiny_opt_under_probe(vocab=500, bs=4, seq=64, keep_output=True, **forward):
+    """The warnings of three steps of a tiny OPT; keep_output: its whole output lives through backward."""
+    from transformers import OPTConfig, OPTForCausalLM
+    torch.manual_seed(0)
+    model = OPTForCausalLM(OPTConfig(vocab_size=vocab, **TINY_OPT))
+    optimizer = torch.optim.AdamW(model.parameters())
+    ids = torch.randint(0, vocab, (bs, seq))
+    with memcheck.Probe(model, optimizer) as probe:
+        for _ in range(3):
+            with probe.phase("forward"):
+                output = model(input_ids=ids, labels=ids, **forward)
+                loss = output.loss
+                if not keep_output:
+                    del output
+            with probe.phase("backward"):
+                loss.backward(retain_graph=bool(forward))
+            with probe.phase("optimizer"):
+                optimizer.step()
+                optimizer.zero_grad()
+            probe.step()
+    return probe.report()["warnings"]
+
+
+def test_a_kept_output_is_the_logits_not_the_loss_the_loop_keeps_anyway():
+    (warning,) = tiny_opt_under_probe(vocab=500, bs=4, seq=64)
+    assert warning["kind"] == "output_kept"
+    assert (warning["tensors"], warning["bytes"]) == (1, 4 * 64 * 500 * 4)   # fp32 logits
+
+
+def test_a_graph_kept_with_its_hidden_states_is_not_also_a_kept_output():
+    warnings = tiny_opt_under_probe(keep_output=False, output_hidden_states=True)
+    assert [w["kind"] for w in warnings] == ["graph_kept"], warnings
 
 
 def test_the_no_grad_warning_counts_the_parameters_that_got_none():
@@ -896,6 +1032,17 @@ def test_diff_json_and_the_max_ratio_gate(train_tiny, tmp_path, capsys):
     assert gate.returncode == 1 and "B oom" in gate.stderr
 
 
+def test_max_ratio_refuses_a_report_with_no_training_peak_in_one_line_naming_it(tmp_path, capsys):
+    # A probe closed before any phase ends "ok" at 0 bytes: no ratio to or from it means anything.
+    empty, run = tmp_path / "empty.json", tmp_path / "run.json"
+    probe_loop(steps=0).save(empty)
+    probe_loop(steps=1).save(run)
+    assert memcheck.read_report(empty)["peak_bytes"] == 0 < memcheck.read_report(run)["peak_bytes"]
+    for a, b in ((empty, run), (run, empty)):
+        line = one_error_line(run_main(memcheck.main, capsys, "diff", a, b, "--max-ratio", "1.5"))
+        assert line.startswith(f"memcheck.py: error: {empty}: measured no training peak"), line
+
+
 @pytest.mark.parametrize("content, message", [
     ("not json at all", "not JSON"),
     ('{"peak_bytes": 1}', "not a memcheck report"),
@@ -1058,10 +1205,78 @@ def test_a_warning_of_three_percent_of_the_peak_is_named_beside_a_peak_on_budget
         "measured peak 1.00x the budget: WARNING output_kept 4.0 MiB")
 
 
+def test_a_warning_of_exactly_three_percent_of_the_peak_is_weighty_and_one_byte_less_is_not():
+    report = synthetic(1.0)
+    three = 3 * report["peak_bytes"] // 100   # the peak is 100 MiB: 3% of it is a whole number of bytes
+    report["warnings"] = [{"kind": "output_kept", "bytes": three, "message": "..."},
+                          {"kind": "graph_kept", "bytes": three - 1, "message": "..."}]
+    assert memcheck.weighty_warnings(report) == [f"output_kept {memcheck.mib(three)} MiB"]
+
+
 def test_a_negative_leak_prints_as_none():
     a, b = synthetic(1.0), synthetic(1.0, leak_per_step=-3072.0)
     row = next(line for line in memcheck.format_diff(a, b).splitlines() if line.startswith("leak per step"))
     assert row.split()[4:7] == ["0", "none", "+0"], row
+
+
+def holding(fields=(), **categories):
+    """A report like synthetic()'s whose peak is what `categories` hold (MiB each); `fields` replaced."""
+    cats = dict(dict.fromkeys(memcheck.CATEGORIES, 0), **{c: n * MiB for c, n in categories.items()})
+    return dict(synthetic(1.0), categories=cats, peak_bytes=sum(cats.values()), **dict(fields))
+
+
+def concluded(a, b):
+    return memcheck.conclusion(a, b, memcheck.diff(a, b))
+
+
+@pytest.mark.parametrize("ratio, same", [(1.005, True), (0.995, True), (1.02, False), (0.98, False)])
+def test_diff_says_two_trainings_cost_the_same_only_within_one_percent(ratio, same):
+    # Mistake: "the same" widened (to the verdict's 3%, or 5%).
+    said = concluded(synthetic(1.0), synthetic(ratio))
+    assert said.startswith("the two trainings cost the same (within 1%)") == same, said
+
+
+def test_the_excess_is_never_a_category_that_shrank():
+    # B grows two categories and shrinks a third by more than either grew, 20 MiB over in all.
+    a = holding(activations=100, temporaries=100, optimizer_state=100)
+    b = holding(activations=135, temporaries=125, optimizer_state=60)
+    assert "; the excess is in activations (+35.0 MiB)" in concluded(a, b), concluded(a, b)
+    assert "; the saving is in activations (-35.0 MiB)" in concluded(b, a), concluded(b, a)
+
+
+def test_an_op_is_named_only_where_it_holds_most_of_a_modules_excess():
+    mlp = lambda **ops: {"modules": [{"module": "layers.0.mlp", "bytes": sum(ops.values()) * MiB,
+                                      "ops": {op: n * MiB for op, n in ops.items()}}]}
+    a = holding(mlp(mm=30, relu=30, add=40), activations=100)
+    most = holding(mlp(mm=60, relu=30, add=40), activations=130)     # all 30 MiB more in mm
+    spread = holding(mlp(mm=40, relu=40, add=50), activations=130)   # 10 MiB more in each of three
+    assert concluded(a, most).endswith(", mostly layers.*.mlp (x1) (+30.0 MiB, op mm)"), concluded(a, most)
+    assert concluded(a, spread).endswith(", mostly layers.*.mlp (x1) (+30.0 MiB)"), concluded(a, spread)
+
+
+def test_a_forward_and_a_backward_stand_for_an_hf_trainers_forward_backward_by_the_larger_peak():
+    # The two phases' peak taken together is the larger of their peaks, never their sum.
+    phases = lambda **peaks: {"phases": {p.replace("_", "+"): {"peak_bytes": n * MiB, "live_bytes": 0}
+                                         for p, n in peaks.items()}}
+    reference = holding(phases(forward=80, backward=100), activations=100)
+    trainer = holding(phases(forward_backward=100), activations=100)
+    rows = {what: (x, y) for what, x, y in memcheck.diff(reference, trainer)}
+    assert rows["forward+backward peak"] == (max(80, 100) * MiB, 100 * MiB)
+
+
+@pytest.mark.parametrize("heavier", ["A", "B"])
+def test_the_conclusion_names_the_heavier_sides_largest_temporary_and_warnings(heavier):
+    # The excess (or the saving) is the heavier side's: its tensor and its warnings explain it.
+    big = holding({"temporaries": [{"bytes": 60 * MiB, "shape": [8, 2048, 1024], "dtype": "float32",
+                                    "op": "mm", "module": "lm_head"}],
+                   "warnings": [{"kind": "output_kept", "bytes": 40 * MiB, "message": "..."}]},
+                  temporaries=100, activations=100)
+    small = holding({"temporaries": [{"bytes": 10 * MiB, "shape": [2, 2048, 640], "dtype": "float32",
+                                      "op": "mm", "module": "lm_head"}]},
+                    temporaries=50, activations=100)
+    said = concluded(big, small) if heavier == "A" else concluded(small, big)
+    assert said.endswith(f"in temporaries ({'-' if heavier == 'A' else '+'}50.0 MiB), mostly [8, 2048, 1024] "
+                         f"float32 from mm in lm_head; {heavier} warns output_kept 40.0 MiB"), said
 
 
 def test_an_evaluation_forward_before_training_does_not_set_the_batch_shape():
@@ -1079,6 +1294,35 @@ def test_an_evaluation_forward_before_training_does_not_set_the_batch_shape():
             loss.backward()
         probe.step(loss)
     assert (probe.report()["config"]["bs"], probe.report()["config"]["seq"]) == (2, 16)
+
+
+def test_a_no_grad_evaluation_outside_any_phase_before_training_does_not_set_the_batch_shape():
+    model, optimizer = peft_opt()
+    with memcheck.Probe(model, optimizer) as probe:
+        with torch.no_grad():
+            model(input_ids=torch.zeros(8, 64, dtype=torch.long))
+        user_loop(probe, model, optimizer, token_batches(2))
+    assert (probe.report()["config"]["bs"], probe.report()["config"]["seq"]) == (2, 32)
+
+
+def test_the_baseline_takes_the_checkpointing_that_ran_not_the_one_configured():
+    model, optimizer = peft_opt(ckpt="non-reentrant")
+    model.eval()   # checkpointing enabled, and never run
+    with memcheck.Probe(model, optimizer) as probe:
+        user_loop(probe, model, optimizer, token_batches(2))
+    assert probe.report()["config"]["baseline_command"].endswith("--ckpt none")
+
+
+def test_the_baseline_of_16_bit_base_weights_under_autocast_keeps_their_dtype():
+    model, _ = peft_opt()
+    model.get_base_model().to(torch.bfloat16)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    for p in trainable:   # fp32 adapters beside bf16 base weights, as PEFT's autocast_adapter_dtype
+        p.data = p.data.float()
+    optimizer = torch.optim.AdamW(trainable)
+    with memcheck.Probe(model, optimizer) as probe:
+        user_loop(probe, model, optimizer, token_batches(2), autocast_dtype=torch.bfloat16)
+    assert "--precision bf16-mixed --weights-dtype bf16 " in probe.report()["config"]["baseline_command"]
 
 
 # ---------------------------------------------------------------- one report per rank
@@ -1142,6 +1386,14 @@ def test_diff_compares_two_runs_rank_by_rank_and_names_the_rank_with_the_largest
     assert rows["peak"][2] == memcheck.mib(peaks[1])   # a run's peak is its largest rank's
     ending = result.stdout.splitlines()[-1]
     assert "; rank 1 has the largest excess (+" in ending, ending
+
+
+def test_the_rank_named_for_the_largest_excess_is_the_one_that_grew_most_not_the_heaviest():
+    # Rank 0 grows by 40 MiB; rank 1, each run's heaviest (whose report diff reads), by 5 MiB.
+    a_ranks = [holding(activations=100), holding(activations=150)]
+    b_ranks = [holding(activations=140), holding(activations=155)]
+    a, b = (dict(ranks[1], ranks=ranks) for ranks in (a_ranks, b_ranks))
+    assert concluded(a, b).endswith("; rank 0 has the largest excess (+40.0 MiB)"), concluded(a, b)
 
 
 def test_rank_imbalance_names_the_heaviest_rank_and_what_it_holds_more_of_and_balanced_ranks_get_none(

@@ -63,6 +63,7 @@ def test_an_oom_in_step_one_gets_a_budget_a_verdict_and_the_configured_checkpoin
     assert report["config"]["checkpointing_enabled"]
     assert report["config"]["baseline_command"].endswith("--ckpt manual")
     assert report["budget"] and report["budget"]["peak_bytes"] > 0
+    assert report["budget"]["terms"]["checkpointed_inputs"] > 0   # budgeted as configured, too
     line = memcheck.verdict(report)
     assert line.startswith(f"the budget for this setup is {memcheck.mib(report['budget']['peak_bytes'])} "
                            f"MiB; the OOM came at {memcheck.mib(report['peak_bytes'])} MiB in {phase}"), line
