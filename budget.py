@@ -556,8 +556,10 @@ def _traced_layer(traced, *, checkpointing, on_cuda):
             "shared_inputs": traced["shared_inputs" if checkpointing else "shared_saved"]}
 
 
-def _terms(s, layer, *, bs, seq, act, mask, full, ckpt, loss_chunks, trainable_bytes, param_bytes):
-    """The budget's terms, in bytes, from the model's structure and one layer's figures."""
+def _terms(s, layer, *, bs, seq, act, mask, full, ckpt, loss_chunks, trainable_bytes, param_bytes,
+           positions):
+    """The budget's terms, in bytes, from the model's structure and one layer's figures; positions:
+    those of a sequence the logits are made for."""
     h, lora, tokens, hidden_bytes = s["hidden"], s["lora"], bs * seq, layer["hidden_bytes"]
     adapted = s["linears"] if full else s["adapted"]
     return {
@@ -582,8 +584,8 @@ def _terms(s, layer, *, bs, seq, act, mask, full, ckpt, loss_chunks, trainable_b
                              + tokens * h * hidden_bytes    # + the final norm's input
                              + (bs * seq * seq if layer["attention_mask"] else 0)  # + the bool mask, once
                              + layer["shared_inputs"],
-        "logits": bs * (seq - 1) * s["vocab"] * 4 // loss_chunks,   # one fp32 copy
-        "logits_16bit": (bs * (seq - 1) * s["vocab"] * act // loss_chunks) if act < 4 else 0,
+        "logits": bs * positions * s["vocab"] * 4 // loss_chunks,   # one fp32 copy
+        "logits_16bit": (bs * positions * s["vocab"] * act // loss_chunks) if act < 4 else 0,
         # chunked: the gradients the fused head and loss take in forward and keep for backward
         # (the hidden states', in their dtype, the last position's zero included; the head's, fp32)
         "kept_loss_gradient": (tokens * h * _dtype_bytes(s["weights_dtype"])
@@ -679,7 +681,7 @@ def _layer(model, s, *, bs, seq, act, mask, full, padded, casts_weights, checkpo
 
 def budget(model, *, bs, seq, checkpointing, autocast_dtype=None, loss_chunks=1, device="cpu",
            extra=(), full=False, padded=False, cuda_workspace_bytes=None, strategy="none",
-           world_size=1, rank=0):
+           world_size=1, rank=0, shifted_logits=True):
     """Predict training memory from a model and the run's shapes; every term in bytes.
 
     model: the causal LM with its adapters (any device, the meta device included: nothing is
@@ -689,6 +691,8 @@ def budget(model, *, bs, seq, checkpointing, autocast_dtype=None, loss_chunks=1,
     trained) for the same shapes, as the seed's "about 1 GB" estimate does. On CUDA, cuBLAS's
     workspaces count too: cuda_workspace_bytes when given, else measured (cuda_workspaces).
     strategy "ddp" or "fsdp" budgets `rank` of world_size processes, each at bs x seq (rank_terms).
+    shifted_logits: the loss makes logits for every position but the last (ref_train's); False for a
+    model's own forward, which makes them for every position (transformers' loss shifts the labels).
 
     What one decoder layer saves for backward, what its backward and its recomputed forward need
     on top, and what the model makes once for every layer are traced (trace_layer); "method" says
@@ -712,7 +716,7 @@ def budget(model, *, bs, seq, checkpointing, autocast_dtype=None, loss_chunks=1,
     trainable_bytes = sum(p.numel() * p.element_size() for p in trained)
     terms = _terms(s, layer, bs=bs, seq=seq, act=act, mask=mask, full=full, ckpt=checkpointing,
                    loss_chunks=loss_chunks, trainable_bytes=trainable_bytes,
-                   param_bytes=sum(by_dtype.values()))
+                   param_bytes=sum(by_dtype.values()), positions=seq - 1 if shifted_logits else seq)
     terms.update(rank_terms(model, extra, {id(p) for p in trained}, strategy=strategy,
                             world_size=world_size, rank=rank))
     if on_cuda and (cuda_workspace_bytes is not None or torch.cuda.is_available()):
@@ -747,7 +751,8 @@ def probed(stack, phases):
         return budget(stack.lm, bs=int(seen["bs"]), seq=int(seen["seq"]),
                       checkpointing=stack.checkpointing(), device=stack.device, extra=[stack.model],
                       autocast_dtype=getattr(torch, seen["autocast"]) if seen["autocast"] else None,
-                      cuda_workspace_bytes=min(untracked, default=None))
+                      cuda_workspace_bytes=min(untracked, default=None),
+                      shifted_logits=False)   # a model's own forward and loss: every position's logits
     except (ValueError, AttributeError, KeyError):  # not a decoder the budget can read
         return None
 

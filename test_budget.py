@@ -16,7 +16,7 @@ import ilora
 import memcheck
 import models
 import ref_train
-from conftest import BS, SEQ, STEPS, TINY_OPT, _save_tiny_opt, user_loop
+from conftest import BS, SEQ, STEPS, TINY_OPT, _save_tiny_opt, peft_opt, token_batches, user_loop
 
 # ---------------------------------------------------------------- the reference's budget
 
@@ -110,6 +110,45 @@ def test_budget_predicts_the_measured_peak_within_three_percent(train_tiny, flag
         assert abs(measured / predicted - 1) <= 0.03, ("optimizer", measured, predicted)
 
 
+def test_each_phase_is_budgeted_within_three_percent_where_the_logits_dominate(train_tiny,
+                                                                              tmp_path_factory):
+    # opt-125m's vocabulary on the tiny layers: forward's own peak (two fp32 copies of the logits)
+    # is checked apart from backward's, which alone is the peak
+    wide = _save_tiny_opt(tmp_path_factory.mktemp("wide-vocab"), 50272, with_tokenizer=False)
+    report = train_tiny("--bs", 4, "--seq", 64, "--steps", 1, model=wide)
+    planned = report["budget"]
+    assert 2 * planned["terms"]["logits"] > planned["phases"]["forward"] / 2   # the logits dominate
+    for phase in ("forward", "backward", "optimizer"):
+        measured, predicted = report["phases"][phase]["peak_bytes"], planned["phases"][phase]
+        assert abs(measured / predicted - 1) <= 0.03, (phase, measured, predicted)
+
+
+def test_the_logits_are_budgeted_for_every_position_but_the_last(tiny_model):
+    # the last position predicts nothing: the loss never makes its logits
+    args = ref_train.parse_args(["--model", tiny_model, "--device", "cpu", "--bs", "2", "--seq", "16"])
+    model, items, *_ = ref_train.build(args)
+    head = model.get_output_embeddings()
+    hidden = torch.randn(args.bs, args.seq, head.in_features)
+    labels = torch.randint(0, head.out_features, (args.bs, args.seq))
+    with memcheck.Tracker("cpu") as tracker:
+        ref_train.lm_loss(head, hidden, labels)
+    vocab_wide = {r.nbytes for r in tracker.window if r.shape[-1:] == (head.out_features,)}
+    assert vocab_wide == {ref_train.plan(args, model, items)["terms"]["logits"]}
+
+
+def test_a_probed_models_own_loss_is_budgeted_with_the_logits_of_every_position():
+    # transformers' forward makes every position's logits, the last included, and shifts the labels
+    model, optimizer = peft_opt()
+    batches = token_batches(1, bs=2, seq=16)
+    with memcheck.Probe(model, optimizer) as probe:
+        user_loop(probe, model, optimizer, batches)
+    with memcheck.Tracker("cpu") as tracker:
+        model(input_ids=batches[0], labels=batches[0])
+    vocab = model.get_output_embeddings().out_features
+    vocab_wide = {r.nbytes for r in tracker.window if r.shape[-1:] == (vocab,)}
+    assert vocab_wide == {probe.report()["budget"]["terms"]["logits"]}
+
+
 # ---------------------------------------------------------------- a layer traced on the meta device
 
 def test_a_trace_that_fails_leaves_autocast_transformers_and_torch_as_they_were(tiny_model):
@@ -187,6 +226,42 @@ def test_a_layer_traced_on_meta_saves_what_it_saves_on_cpu_under_autocast_and_wi
         assert traced["saved"] == real   # to the byte
     # the copies autocast makes of the layer's weights are saved, and said apart
     assert (traced["weight_copies"] > 0) == (autocast_dtype is not None)
+
+
+def forward_under_bf16_autocast(model, bs, seq, padding=0):
+    """The memcheck tracker of a CPU forward with the loss under bf16 autocast, `padding` positions of
+    the first row padded."""
+    ids = torch.randint(0, model.get_input_embeddings().num_embeddings, (bs, seq))
+    mask = torch.ones(bs, seq, dtype=torch.long)
+    mask[0, seq - padding:] = 0
+    with memcheck.Tracker("cpu") as tracker, torch.autocast("cpu", torch.bfloat16):
+        model(input_ids=ids, attention_mask=mask, labels=ids)
+    return tracker
+
+
+def test_a_padded_batchs_attention_bias_is_budgeted_in_the_autocast_dtype():
+    # fp32 weights under bf16 autocast: the float bias SDPA gets follows the query, bf16, not fp32
+    peft, _ = peft_opt()
+    bs, seq = 2, 32
+    tracker = forward_under_bf16_autocast(peft, bs, seq, padding=seq // 4)
+    biases = {r.nbytes for r in tracker.window if r.shape == (bs, 1, seq, seq) and r.dtype != "bool"}
+    planned = budget.budget(peft.get_base_model(), bs=bs, seq=seq, checkpointing=False,
+                            autocast_dtype=torch.bfloat16, padded=True, extra=[peft])
+    assert biases == {planned["terms"]["attention_mask_per_layer"]}
+
+
+@pytest.mark.parametrize("weights_dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_autocast_copies_only_the_weights_not_already_in_its_dtype(weights_dtype):
+    # with checkpointing the budget counts lm_head's copy alone: the tracker's, or none in bf16
+    peft, _ = peft_opt()
+    peft.get_base_model().to(weights_dtype)
+    head_shape = tuple(peft.get_output_embeddings().weight.shape)
+    tracker = forward_under_bf16_autocast(peft, 2, 32)
+    copies = sum(r.nbytes for r in tracker.window if r.shape == head_shape)
+    assert (copies > 0) == (weights_dtype != torch.bfloat16)
+    planned = budget.budget(peft.get_base_model(), bs=2, seq=32, checkpointing=True,
+                            autocast_dtype=torch.bfloat16, extra=[peft])
+    assert planned["terms"]["autocast_weight_copies"] == copies
 
 
 # ---------------------------------------------------------------- every model family
@@ -318,6 +393,18 @@ def test_on_cuda_the_budget_counts_dropouts_noise_as_the_bool_mask_cuda_keeps(ti
     assert layer("cpu") - layer("cuda") == traced["dropout_noise"] - traced["dropout_noise_numel"]
 
 
+def test_every_dropout_mask_is_budgeted_as_the_device_keeps_it(tiny_model):
+    # OPT's residual dropouts and LoRA's: CPU keeps the noise the trace sees, CUDA a bool mask of it
+    args = ref_train.parse_args(["--model", tiny_model, "--bs", "2", "--seq", "64", "--dropout", "0.1"],
+                                budget_only=True)
+    model, *_ = ref_train.build(args, meta=True)
+    for device, kept in (("cpu", "dropout_noise"), ("cuda", "dropout_noise_numel")):
+        traced = budget.trace_layer(model, bs=args.bs, seq=args.seq, device=device)
+        terms = budget.budget(model, bs=args.bs, seq=args.seq, checkpointing=False, device=device,
+                              cuda_workspace_bytes=0)["terms"]
+        assert terms["dropout_masks_per_layer"] == traced[kept] > 0, device
+
+
 def test_on_cuda_attention_dropout_is_traced_in_a_fused_kernel_that_keeps_no_weights(family_models):
     # GPT-2's attention dropout (0.1): the CPU takes SDPA's math path, which saves the attention
     # weights and the dropout's noise; CUDA's fused kernels take dropout, and save neither. (What
@@ -338,3 +425,17 @@ def test_the_fused_loss_is_budgeted_with_one_chunk_of_logits_where_they_dominate
                   ["--loss-chunks", 8, "--precision", "bf16-mixed"]):
         report = train_tiny("--bs", 4, "--seq", 128, "--steps", 1, *flags, model=wide)
         assert report["peak_bytes"] == pytest.approx(report["budget"]["peak_bytes"], rel=0.03), flags
+
+
+# ---------------------------------------------------------------- the verdict on a peak over budget
+
+def test_the_excess_is_named_in_the_category_that_grew_not_in_the_largest():
+    # the frozen weights are most of either peak, as under LoRA; only the activations grew
+    MiB, cats = memcheck.MiB, dict.fromkeys(memcheck.CATEGORIES, 0)
+    frozen, activations, grown = 80 * MiB, 20 * MiB, 20 * MiB
+    report = {"peak_bytes": frozen + activations + grown, "peak_phase": "backward", "oom": None,
+              "categories": dict(cats, frozen_params=frozen, activations=activations + grown),
+              "budget": {"peak_bytes": frozen + activations,
+                         "categories": dict(cats, frozen_params=frozen, activations=activations)}}
+    assert memcheck.verdict(report).endswith(
+        f"the excess is in activations (+{memcheck.mib(grown)} MiB) during backward"), memcheck.verdict(report)
