@@ -125,13 +125,17 @@ def test_torch_compile_runs_under_the_tracker_without_tracing_it():
 
 # ---------------------------------------------------------------- categories and modules
 
-def probe_loop(steps=3, width=32, in_forward=lambda: None, batch_sizes=None, **probe_kwargs):
-    """A hand-written loop measured by a Probe; in_forward() runs inside every forward phase. A batch
-    that runs out of memory in forward is skipped, as a loop that shrinks its batch would."""
+def probe_loop(steps=3, width=32, in_forward=lambda: None, batch_sizes=None, load=None, **probe_kwargs):
+    """A hand-written loop measured by a Probe; load(), if given, runs in a load phase first,
+    in_forward() inside every forward phase. A batch that runs out of memory in forward is skipped,
+    as a loop that shrinks its batch would."""
     model = nn.Sequential(nn.Linear(width, width), nn.ReLU(), nn.Linear(width, 1))
     optimizer = torch.optim.AdamW(model.parameters())
     probe = memcheck.Probe(model, optimizer, **probe_kwargs)
     with probe:
+        if load:
+            with probe.phase("load"):
+                load()
         for bs in batch_sizes or [64] * steps:
             try:
                 with probe.phase("forward"):
@@ -280,19 +284,8 @@ def test_a_leaks_survivors_are_recorded_while_it_grows_not_when_the_report_is_wr
 
 
 def test_a_leaks_weight_is_what_it_holds_by_the_last_step():
-    model, optimizer = mlp_and_adamw(256)
     kept = []
-    with memcheck.Probe(model, optimizer) as probe:
-        for _ in range(6):
-            with probe.phase("forward"):
-                loss = model(torch.randn(8, 256)).square().mean()
-            with probe.phase("backward"):
-                loss.backward()
-            with probe.phase("optimizer"):
-                optimizer.step()
-                optimizer.zero_grad()
-            kept.append(torch.ones(MiB // 4))
-            probe.step()
+    probe = probe_loop(steps=6, in_forward=lambda: kept.append(torch.ones(MiB // 4)))
     leak = next(w for w in probe.report()["warnings"] if w["kind"] == "leak")
     assert (leak["bytes_per_step"], leak["bytes"]) == (MiB, 5 * MiB)   # grown over 5 steps after the first
 
@@ -336,27 +329,8 @@ def test_the_probe_does_not_change_what_it_measures(pattern):
     assert not probe.report()["leak"]["detected"]  # ... and the probe does not say it does
 
 
-def measured_steps(batch_sizes, load_bytes=0):
-    """The report of an MLP's steps at these batch sizes, after a load phase that makes load_bytes."""
-    with memcheck.Probe() as probe:
-        with probe.phase("load"):
-            model, optimizer = mlp_and_adamw(256)
-            torch.ones(load_bytes // 4).sum()
-        probe.attach(model, optimizer)
-        for bs in batch_sizes:
-            with probe.phase("forward"):
-                loss = model(torch.randn(bs, 256)).square().mean()
-            with probe.phase("backward"):
-                loss.backward()
-            with probe.phase("optimizer"):
-                optimizer.step()
-                optimizer.zero_grad()
-            probe.step()
-    return probe.report()
-
-
 def test_a_phases_figures_are_its_largest_steps_not_its_last():
-    large_first, large_only = measured_steps([512, 16]), measured_steps([512])
+    large_first, large_only = (probe_loop(batch_sizes=sizes).report() for sizes in ([512, 16], [512]))
     for phase in ("forward", "backward"):
         figures = [{k: v for k, v in report["phases"][phase].items() if k != "live_bytes"}  # (the last step's)
                    for report in (large_first, large_only)]
@@ -364,10 +338,9 @@ def test_a_phases_figures_are_its_largest_steps_not_its_last():
 
 
 def test_the_first_steps_peak_is_trainings_not_the_loads():
-    report = measured_steps([64, 64], load_bytes=16 * MiB)
+    report = probe_loop(steps=2, load=lambda: torch.ones(4 * MiB).sum()).report()   # 16 MiB
     assert report["phases"]["load"]["peak_bytes"] >= 16 * MiB
     assert report["steps"][0]["peak_bytes"] < 16 * MiB
-    assert report["steps"][0]["peak_bytes"] >= report["steps"][1]["peak_bytes"]   # AdamW's state is new
 
 
 def test_an_inplace_change_to_a_saved_tensor_fails_backward_under_the_probe_as_without_it():
@@ -566,38 +539,18 @@ def test_a_model_compiled_in_place_is_said_to_run_eager_under_the_probe():
     assert [w["kind"] for w in probe.report()["warnings"]] == ["compile_disabled"]
 
 
-def tiny_opt_under_probe(vocab=500, bs=4, seq=64, keep_output=True, **forward):
-    """The warnings of three steps of a tiny OPT; keep_output: its whole output lives through backward."""
-    from transformers import OPTConfig, OPTForCausalLM
-    torch.manual_seed(0)
-    model = OPTForCausalLM(OPTConfig(vocab_size=vocab, **TINY_OPT))
-    optimizer = torch.optim.AdamW(model.parameters())
-    ids = torch.randint(0, vocab, (bs, seq))
-    with memcheck.Probe(model, optimizer) as probe:
-        for _ in range(3):
-            with probe.phase("forward"):
-                output = model(input_ids=ids, labels=ids, **forward)
-                loss = output.loss
-                if not keep_output:
-                    del output
-            with probe.phase("backward"):
-                loss.backward(retain_graph=bool(forward))
-            with probe.phase("optimizer"):
-                optimizer.step()
-                optimizer.zero_grad()
-            probe.step()
-    return probe.report()["warnings"]
-
-
 def test_a_kept_output_is_the_logits_not_the_loss_the_loop_keeps_anyway():
-    (warning,) = tiny_opt_under_probe(vocab=500, bs=4, seq=64)
-    assert warning["kind"] == "output_kept"
-    assert (warning["tensors"], warning["bytes"]) == (1, 4 * 64 * 500 * 4)   # fp32 logits
+    (warning,) = probed_report({}, "output_kept", False)["warnings"]
+    bs, seq = token_batches(1)[0].shape
+    assert (warning["tensors"], warning["bytes"]) == (1, bs * seq * 500 * 4)   # peft_opt's fp32 logits
 
 
 def test_a_graph_kept_with_its_hidden_states_is_not_also_a_kept_output():
-    warnings = tiny_opt_under_probe(keep_output=False, output_hidden_states=True)
-    assert [w["kind"] for w in warnings] == ["graph_kept"], warnings
+    model, optimizer = peft_opt()
+    model.config.output_hidden_states = True   # saved by the kept graph; 4 x 64 so they pass 1% of the peak
+    with memcheck.Probe(model, optimizer) as probe:
+        user_loop(probe, model, optimizer, token_batches(3, bs=4, seq=64), "retain_graph")
+    assert [w["kind"] for w in probe.report()["warnings"]] == ["graph_kept"], probe.report()["warnings"]
 
 
 def test_the_no_grad_warning_counts_the_parameters_that_got_none():
