@@ -595,8 +595,9 @@ def _terms(s, layer, *, bs, seq, act, mask, full, ckpt, loss_chunks, trainable_b
     }
 
 
-def _phases(terms, layer, *, tokens, h, ckpt, loss_chunks):
-    """Each phase's peak, from the terms and one layer's figures.
+def _phases(terms, layer, *, tokens, h, ckpt, loss_chunks, logits_kept):
+    """Each phase's peak, from the terms and one layer's figures; logits_kept: the 16-bit logits
+    live through the loss (a model's own forward returns them).
 
     Under FSDP2 the root's parameters stay all-gathered from forward's start to backward's end,
     and a layer's are all-gathered while it computes; in backward the next layer's are prefetched
@@ -608,9 +609,9 @@ def _phases(terms, layer, *, tokens, h, ckpt, loss_chunks):
     saved = terms["saved_activations"] + terms["autocast_weight_copies"]
     if loss_chunks == 1:
         # forward ends with the logits and their log-softmax; backward starts with the log-softmax
-        # (saved), the loss's gradient and the logits' gradient.
-        # (16-bit logits exist only until .float() has copied them: a spike in forward.)
-        forward_peak = training + saved + 2 * terms["logits"] + terms["logits_16bit"]
+        # (saved), the loss's gradient and the logits' gradient. ref_train's 16-bit logits exist
+        # only until .float() has copied them: a spike below the log-softmax's.
+        forward_peak = training + saved + 2 * terms["logits"] + (terms["logits_16bit"] if logits_kept else 0)
         backward_start = training + gathered + saved + 3 * terms["logits"]
     else:
         # The head and the loss fused: in forward, one chunk of fp32 logits at a time (exp'd in
@@ -691,8 +692,9 @@ def budget(model, *, bs, seq, checkpointing, autocast_dtype=None, loss_chunks=1,
     trained) for the same shapes, as the seed's "about 1 GB" estimate does. On CUDA, cuBLAS's
     workspaces count too: cuda_workspace_bytes when given, else measured (cuda_workspaces).
     strategy "ddp" or "fsdp" budgets `rank` of world_size processes, each at bs x seq (rank_terms).
-    shifted_logits: the loss makes logits for every position but the last (ref_train's); False for a
-    model's own forward, which makes them for every position (transformers' loss shifts the labels).
+    shifted_logits: the loss makes logits for every position but the last and frees 16-bit ones once
+    copied to fp32 (ref_train's); False for a model's own forward, which makes them for every
+    position (transformers' loss shifts the labels) and returns them, alive through its loss.
 
     What one decoder layer saves for backward, what its backward and its recomputed forward need
     on top, and what the model makes once for every layer are traced (trace_layer); "method" says
@@ -731,7 +733,7 @@ def budget(model, *, bs, seq, checkpointing, autocast_dtype=None, loss_chunks=1,
         terms["autocast_weight_copies"] = (head * act
                                            + (0 if checkpointing else s["layers"] * layer["weight_copies"]))
     phases = _phases(terms, layer, tokens=bs * seq, h=s["hidden"], ckpt=checkpointing,
-                     loss_chunks=loss_chunks)
+                     loss_chunks=loss_chunks, logits_kept=not shifted_logits)
     peak_phase = max(phases, key=phases.get)
     return {"full": full, "method": method, "terms": terms, "params_by_dtype": by_dtype,
             "phases": phases, "peak_phase": peak_phase, "peak_bytes": phases[peak_phase],

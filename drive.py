@@ -196,8 +196,8 @@ def _with_steps(argv, steps):
 def _point_argv(point, base_argv, steps):
     """ref_train's flags for one point of a sweep: the baseline's, then the point's values."""
     argv = _with_steps(base_argv, steps)
-    for flag, value in point.items():
-        argv += [f"--{flag}", str(value)]
+    for key, value in point.items():
+        argv += [_SWEEP_FLAGS.get(key, f"--{key}"), str(value)]
     return argv
 
 
@@ -338,7 +338,7 @@ def _plot(plt, rows, path):
 # ---------------------------------------------------------------- bench: the reference against its peers
 
 BENCH_BASE = ["--ckpt", "manual", "--impl", "lean", "--experts", "1", "--targets", "q_proj,v_proj",
-              "--r", "8", "--precision", "32", "--no-inject-items"]
+              "--lora-r", "8", "--precision", "32", "--no-inject-items"]
 BENCH_LOSS_CHUNKS = 8
 
 
@@ -972,15 +972,18 @@ def ablate_command(argv):
     return 0
 
 
-_SWEEP_LISTS = {"--bs": ",", "--seq": ",", "--r": ",", "--experts": ",", "--ckpt": ",",
+_SWEEP_LISTS = {"--bs": ",", "--seq": ",", "--lora-r": ",", "--experts": ",", "--ckpt": ",",
                 "--impl": ",", "--targets": "|"}
+_SWEEP_FLAGS = {"r": "--lora-r"}  # a point's key (the report's config key) -> its ref_train flag
+_SWEEP_KEYS = {flag: key for key, flag in _SWEEP_FLAGS.items()}
 
 
 def sweep_command(argv):
     p = _parser("sweep", "Measure and budget every combination of the listed values, then fit how the "
                 "peak grows per sample, token and unit of rank, and whether it is linear in seq.",
-                *[((flag,), dict(metavar="V1" + sep + "V2", help=f"values of ref_train's {flag}, "
-                                 f"separated by {sep!r}")) for flag, sep in _SWEEP_LISTS.items()],
+                *[((flag,), dict(dest=_SWEEP_KEYS.get(flag, flag[2:]), metavar="V1" + sep + "V2",
+                                 help=f"values of ref_train's {flag}, separated by {sep!r}"))
+                  for flag, sep in _SWEEP_LISTS.items()],
                 REPORT, MARKDOWN,
                 (("--plot",), dict(metavar="PNG", help="plot measured and budget against each swept "
                                    "variable (needs matplotlib, which is optional)")))
@@ -991,11 +994,12 @@ def sweep_command(argv):
     plt = _pyplot() if own.plot else None   # before any point is measured
     axes = {}
     for flag, sep in _SWEEP_LISTS.items():
-        value = getattr(own, flag[2:])
+        key = _SWEEP_KEYS.get(flag, flag[2:])
+        value = getattr(own, key)
         if value is not None:
-            axes[flag[2:]] = [v for v in value.split(sep) if v]
-            if not axes[flag[2:]]:
-                raise ReportError(f"{flag} {value!r}: expected values separated by {sep!r}")
+            axes[key] = value.split(sep)
+            if "" in axes[key] or len(set(axes[key])) < len(axes[key]):
+                raise ReportError(f"{flag} {value!r}: expected distinct values separated by {sep!r}")
     if not axes:
         raise ReportError("sweep needs at least one of " + ", ".join(_SWEEP_LISTS) +
                           " with a list of values, e.g. --bs 1,2,4")
@@ -1006,7 +1010,8 @@ def sweep_command(argv):
                 try:
                     point[k] = int(point[k])
                 except ValueError:
-                    raise ReportError(f"--{k} {point[k]}: expected a comma list of integers")
+                    raise ReportError(f"{_SWEEP_FLAGS.get(k, '--' + k)} {point[k]}: expected a comma "
+                                      "list of integers")
     rows = sweep(points, rest)
     growth = fit_growth(rows)
     header, table = sweep_table(rows)

@@ -84,7 +84,8 @@ def _shape(p):
 
 def _lora(p):
     g = p.add_argument_group("gated LoRA")
-    g.add_argument("--r", type=int, default=8, help="total LoRA rank, shared by the experts")
+    g.add_argument("--lora-r", dest="r", type=int, default=8,
+                   help="total LoRA rank, shared by the experts (PEFT's r, iLoRA's lora_r)")
     g.add_argument("--alpha", type=float, default=32, help="scaling = alpha / (r / experts)")
     g.add_argument("--experts", type=int, default=4, help="experts; each has rank r/experts")
     g.add_argument("--dropout", type=float, default=0.0, help="LoRA dropout (iLoRA uses 0.1)")
@@ -164,10 +165,10 @@ def _value_checks(args, argv, budget_only=False):
         (args.bs >= 1, f"--bs {args.bs}: must be 1 or more"),
         (args.seq >= MIN_SEQ, f"--seq {args.seq}: must be {MIN_SEQ} or more"),
         (args.steps >= 1, f"--steps {args.steps}: must be 1 or more"),
-        (args.r >= 1, f"--r {args.r}: must be 1 or more"),
+        (args.r >= 1, f"--lora-r {args.r}: must be 1 or more"),
         (args.experts >= 1, f"--experts {args.experts}: must be 1 or more"),
         (args.r % max(args.experts, 1) == 0,
-         f"--r {args.r}: must be divisible by --experts {args.experts} (each expert owns r/experts rows)"),
+         f"--lora-r {args.r}: must be divisible by --experts {args.experts} (each expert owns r/experts rows)"),
         (0 <= args.dropout < 1, f"--dropout {args.dropout}: must be in [0, 1)"),
         (args.loss_chunks >= 1,
          f"--loss-chunks {args.loss_chunks}: must be 1 or more (slices of the vocabulary)"),

@@ -1,6 +1,6 @@
 """memcheck: where training memory goes. One file that needs only torch: copy it next to your code.
 
-In your loop (README.md, "The probe in your own loop"):
+In your loop (README.md, "The probe in your stack"):
 
     probe = memcheck.Probe(model, optimizer, path="stack.json")
     with probe:
@@ -65,6 +65,8 @@ STATUSES = ("ok", "oom", "error", "interrupted")
 _RANK = {c: i for i, c in enumerate(CATEGORIES)}
 TOP_SURVIVORS = 20
 NO_MODULE = "(no module)"
+NO_LORA_BASELINE = ("the reference for this stack: none; ref_train.py trains LoRA adapters, and the "
+                    "probe found no LoRA layer (PEFT's, or a gated one) in this model")
 NO_BUDGET = ("no budget: copy budget.py beside memcheck.py for a verdict, or run the printed "
              "baseline command")
 
@@ -532,12 +534,14 @@ class _Stack:
         config["baseline_command"] = baseline_command(config)
         return {k: v for k, v in config.items() if v is not None}  # unknown is absent, not null
 
-    def save_config(self, report_path):
-        """A model with no path or hub name: its config.json beside the report, for the baseline."""
+    def save_config(self, report_path, write=True):
+        """A model with no path or hub name: its config.json beside the report, for the baseline
+        (written by rank 0 only, beside its report: every rank's baseline points there)."""
         if self.lm is None or getattr(self.lm.config, "_name_or_path", None) or self.config_dir:
             return
         self.config_dir = os.path.splitext(os.path.abspath(report_path))[0] + "-model"
-        self.lm.config.save_pretrained(self.config_dir)
+        if write:
+            self.lm.config.save_pretrained(self.config_dir)
 
     def checkpointing(self):
         """As measured; before any backward (an OOM in step 1), as the model is configured."""
@@ -587,6 +591,8 @@ class Probe:
         if allocator_only and not self.cuda:
             raise ReportError(f"allocator_only=True on device {str(self.device)!r}: it needs CUDA (torch "
                               "keeps no allocator counters on CPU); use allocator_only=False there")
+        if max_memory_mib is not None and not 0 < max_memory_mib < float("inf"):
+            raise ReportError(f"max_memory_mib={max_memory_mib}: must be a positive number of MiB")
         if allocator_only and max_memory_mib is not None:
             raise ReportError(f"max_memory_mib={max_memory_mib} needs the tracker, and "
                               "allocator_only=True runs without it: pass one or the other")
@@ -654,10 +660,10 @@ class Probe:
             self._check_step()
         if self.path:
             report = self.save()
-            baseline = report["config"].get("baseline_command")
+            baseline, warned = report["config"].get("baseline_command"), len(report["warnings"])
             self.log(f"memcheck: peak {mib(report['peak_bytes'])} MiB ({report['status']}"
-                     f"{', allocator only' if self.allocator_only else ''}), "
-                     f"{len(report['warnings'])} warnings; report written to {self.path}{self._rank_note}"
+                     f"{', allocator only' if self.allocator_only else ''}), {warned} "
+                     f"warning{'s' * (warned != 1)}; report written to {self.path}{self._rank_note}"
                      + (f"\nthe reference for this stack: {baseline}" if baseline and self.rank == 0 else ""))
 
     def attach(self, model, optimizer=None):
@@ -834,7 +840,7 @@ class Probe:
 
     def save(self, path=None):
         """Write the report to `path` (default: the probe's), and return it."""
-        self._stack.save_config(path or self.path)
+        self._stack.save_config(self.paths[0] if self.paths else path, write=self.rank == 0)
         report = self.report()
         write_report(path or self.path, report)
         return report
@@ -938,8 +944,9 @@ def _bytes_by_dtype(params):
 
 
 def baseline_command(config):
-    """The ref_train.py command that trains what a probed stack trains, done right."""
-    if not config.get("bs"):
+    """The ref_train.py command that trains what a probed stack trains, done right; None where it
+    cannot: no forward seen, or no LoRA adapter (the reference trains LoRA adapters only)."""
+    if not config.get("bs") or not config.get("adapters"):
         return None
     weights = max(config["param_bytes_by_dtype"], key=config["param_bytes_by_dtype"].get, default="float32")
     short = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}.get(weights, "fp32")
@@ -952,7 +959,7 @@ def baseline_command(config):
     if config.get("model") or config.get("model_config"):
         flags.append(f"--model {config.get('model') or config['model_config']}")
     if config.get("adapters"):
-        flags.append(f"--r {config['r']} --alpha {config['alpha']:g} --experts {config['experts']} "
+        flags.append(f"--lora-r {config['r']} --alpha {config['alpha']:g} --experts {config['experts']} "
                      f"--dropout {config['dropout']:g} --targets {','.join(config['targets'])}"
                      + (" --no-inject-items" if config["experts"] == 1 else ""))
     # Measured, or before any backward (an OOM in step 1) as configured.
@@ -1261,8 +1268,9 @@ def _phase_table(report):
          else "-") for name, stats in report["phases"].items()]
 
 
-def format_report(report):
-    """What a person reads at a glance: weights, phases, verdict, categories, modules, leak, warnings."""
+def _report_lines(report):
+    """What a report says in words, before and after its phase table: weights; then how the run
+    ended, the peak and its verdict, categories, modules, leak, warnings and the baseline."""
     cats, config, params = (report.get(key) or {} for key in ("categories", "config", "params"))
     oom, leak, peak, lines = report.get("oom"), report["leak"], report["peak_bytes"], []
     lines += [report["allocator_only"]] if report.get("allocator_only") else []
@@ -1274,7 +1282,7 @@ def format_report(report):
         model = config.get("model_class") or config.get("model")
         lines.append(f"the weights are {weights / peak:.0%} of the peak: {model}, {count:,} parameters, "
                      f"{dtype}, {mib(weights)} MiB")
-    lines += [text_table(*_phase_table(report)), ""]
+    head, lines = lines, []
     if oom:
         lines.append(f"OUT OF MEMORY in {oom['phase']} at step {oom['step']}: {oom['message']}")
     elif report.get("status", "ok") != "ok":
@@ -1301,7 +1309,17 @@ def format_report(report):
         lines.append("leak: none (live memory at the end of each step does not grow)")
     lines += [f"WARNING {w['kind']}: {w['message']}" for w in report.get("warnings") or []]
     baseline = config.get("baseline_command")
-    return "\n".join(lines + ([f"the reference for this stack: {baseline}"] if baseline else []))
+    if baseline:
+        lines.append(f"the reference for this stack: {baseline}")
+    elif config.get("probe") and config.get("bs") and not config.get("adapters"):
+        lines.append(NO_LORA_BASELINE)
+    return head, lines
+
+
+def format_report(report):
+    """What a person reads at a glance: weights, phases, verdict, categories, modules, leak, warnings."""
+    head, tail = _report_lines(report)
+    return "\n".join(head + [text_table(*_phase_table(report)), ""] + tail)
 
 
 def _recovered(oom):
@@ -1323,10 +1341,12 @@ def markdown_block(title, tables, env=None, command=None):
 
 
 def markdown_report(report):
+    """The report as a block for a GitHub issue: its tables, then what it says in words."""
     cats = [(c.replace("_", " "), mib(v)) for c, v in (report.get("categories") or {}).items()]
-    return markdown_block(
+    block = markdown_block(
         f"memcheck: peak {mib(report['peak_bytes'])} MiB in {report['peak_phase']} ({verdict(report)})",
         [_phase_table(report), (("at the peak", "MiB"), cats)], report["env"], report["command"])
+    return block + "\n\n" + "\n".join(f"- {line}" for line in sum(_report_lines(report), []))
 
 
 # ---------------------------------------------------------------- many ranks (torchrun: DDP, FSDP)

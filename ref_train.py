@@ -150,9 +150,8 @@ def has_padding(batches):
 
 
 def plan(args, model=None, items=None, full=False, padded=None):
-    """The budget (budget.py) for this run; the modules are built on meta when not given.
-
-    padded: whether a batch of the run has padding; when not given, read off its first batches."""
+    """The budget (budget.py) for this run; the modules are built on meta, and `padded` (whether a
+    batch has padding) read off the run's first batches, when not given."""
     if model is None or args.strategy == "fsdp":  # FSDP2 runs a sharded layer only from its root
         model, items, batches, _ = build(args, meta=True)
         if padded is None:
@@ -342,6 +341,13 @@ def train(args, log=print):
     return report
 
 
+def shown(report, args):
+    """The report as printed: in words, a row per rank, and with --markdown a block for an issue."""
+    ranks = "\n\n" + distributed.rank_table(report) if "ranks" in report else ""
+    return memcheck.format_report(report) + ranks + (
+        "\n\n" + memcheck.markdown_report(report) if args.markdown else "")
+
+
 def finish(args, probe, extra, recording, failure, log):
     """Write the report (and the snapshot) however the run ended; say where a failed run stopped."""
     if recording:
@@ -357,7 +363,7 @@ def finish(args, probe, extra, recording, failure, log):
         failure.report, failure.report_path = report, path  # for main(), which says where the run stopped
         # The figures so far, for a run that ended while measuring; bad input has none to show.
         if not isinstance(failure, (UsageError, data.DataError)):
-            log(memcheck.format_report(report))
+            log(shown(report, args))
             if probe.oom:
                 log(f"report written to {path}" if path else "(no --report given)")
             distributed.say_how_a_rank_ended(report, path, args)
@@ -385,13 +391,8 @@ def main(argv=None):
         if memcheck.is_out_of_memory(e):  # CUDA's, or a CPU allocation that failed; already reported
             return 1
         raise
-    if rank != 0:
-        return 0
-    print(memcheck.format_report(report))
-    if "ranks" in report:
-        print("\n" + distributed.rank_table(report))
-    if args.markdown:
-        print("\n" + memcheck.markdown_report(report))
+    if rank == 0:
+        print(shown(report, args))
     return 0
 
 

@@ -253,3 +253,62 @@ def test_a_rank_interrupted_says_so_once_naming_its_own_report(tiny_model, tmp_p
     assert len(said) == 1, said
     assert said[0].endswith(f": interrupted at step 2; report written to {tmp_path}/r.rank1.json")
     assert (tmp_path / "code1").read_text() == "130"
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_fsdp2_terms_are_each_ranks_torch_chunk_shards_padded_to_the_first(tiny_model, world):
+    # FSDP2 cuts every parameter along dim 0 with torch.chunk and pads each rank's shard to the
+    # first chunk's rows: at world 3 no row count of the tiny OPT divides (the last rank's shards
+    # are short). Groups: each decoder layer's parameters, then the root's (the rest, iLoRA's
+    # router and projector included). Figured here from torch.chunk, on every rank.
+    import budget
+    import memcheck
+    import models
+    args = ref_train.parse_args(["--model", tiny_model, "--bs", "1", "--seq", "32"], budget_only=True)
+    model, items, *_ = ref_train.build(args, meta=True)
+    params = memcheck._unique_params([model, items])
+    trained = {id(p) for p in params if p.requires_grad}
+    layers = [list(layer.parameters()) for layer in models.decoder_layers(model)]
+    in_layers = {id(p) for group in layers for p in group}
+    root = [p for p in params if id(p) not in in_layers]
+    trained_items = {id(p) for p in items.parameters() if p.requires_grad}
+    assert trained_items and trained_items <= {id(p) for p in root}
+    groups = [*layers, root]
+
+    def chunks(p):   # each rank's chunk in bytes, none for the ranks past the last chunk
+        parts = (p if p.dim() else p.reshape(1)).chunk(world)
+        return [c.nbytes for c in parts] + [0] * (world - len(parts))
+
+    padded = lambda group, only_trained=False: sum(chunks(p)[0] for p in group
+                                                   if not only_trained or id(p) in trained)
+    shards = []
+    for rank in range(world):
+        terms = budget.rank_terms(model, [items], trained, strategy="fsdp", world_size=world, rank=rank)
+        mine = sum(chunks(p)[rank] for p in params if id(p) in trained)
+        assert terms["params"] == sum(padded(g) for g in groups)             # every shard padded
+        assert terms["trainable_params"] == mine                             # this rank's, unpadded
+        assert terms["optimizer_state"] == 2 * mine                          # AdamW: exp_avg, exp_avg_sq
+        assert terms["gradients"] == sum(padded(g, True) for g in groups)    # reduce-scatter's padded output
+        assert terms["gathered_root_params"] == world * padded(root)
+        assert terms["gathered_layer_params"] == world * max(padded(g) for g in layers)
+        assert terms["reduce_scatter_buffers"] == max(2 * world * padded(g, True) + padded(g, True)
+                                                      for g in groups)
+        shards.append(mine)
+    assert (shards[-1] < shards[0]) == (world == 3)   # the last rank's shards are the short ones
+
+
+def test_ddp_holds_a_bucket_for_every_trainable_parameters_gradient_in_every_phase(tiny_model):
+    # DDP's flat gradient buckets are made once, as large as the trainable parameters together
+    # (frozen ones have none), and kept through every phase of every step
+    import budget
+    import memcheck
+    args = ref_train.parse_args(["--model", tiny_model, "--bs", "1", "--seq", "32"], budget_only=True)
+    model, items, *_ = ref_train.build(args, meta=True)
+    trainable = sum(p.numel() * p.element_size() for p in memcheck._unique_params([model, items])
+                    if p.requires_grad)
+    alone = budget.budget(model, bs=1, seq=32, checkpointing=True, extra=[items])
+    ddp = budget.budget(model, bs=1, seq=32, checkpointing=True, extra=[items], strategy="ddp",
+                        world_size=2, rank=1)
+    assert ddp["terms"]["ddp_gradient_buckets"] == trainable > 0
+    assert {phase: ddp["phases"][phase] - alone["phases"][phase] for phase in alone["phases"]} == \
+        dict.fromkeys(alone["phases"], trainable)

@@ -69,11 +69,11 @@ def test_ablate_runs_every_suspect_and_writes_the_table(tiny_model, tmp_path):
 def test_a_failing_variant_is_a_row_that_says_so(tiny_model):
     # r 2 with one expert: the variants with 4 experts (the leak needs a gate, so it takes 4 too)
     # cannot split rank 2 four ways.
-    rows = drive.ablate(["--model", tiny_model, "--device", "cpu", "--experts", "1", "--r", "2"],
+    rows = drive.ablate(["--model", tiny_model, "--device", "cpu", "--experts", "1", "--lora-r", "2"],
                            log=lambda *a: None, run=in_process_runner)
     failed = [r for r in rows if r["error"] and not r["error"].startswith("skipped")]
     assert sorted(r["variant"] for r in failed) == ["4 experts", "injected leak"]
-    assert all("--r 2" in r["error"] for r in failed)
+    assert all("--lora-r 2" in r["error"] for r in failed)
     assert "failed" in drive.ablation_table(rows)[1][-1]
     assert sum(r["peak_bytes"] is not None for r in rows) == len(rows) - 4   # the others went on
 
@@ -291,6 +291,10 @@ def test_a_sweep_keeps_the_users_steps_in_any_form_and_adds_two_only_without_the
     assert drive._point_argv({"bs": 4}, [], steps=2) == ["--steps", "2", "--bs", "4"]
 
 
+def test_a_sweep_points_rank_is_ref_trains_lora_r():
+    assert drive._point_argv({"r": 4, "bs": 2}, [], 2) == ["--steps", "2", "--lora-r", "4", "--bs", "2"]
+
+
 def test_a_sweep_point_that_runs_out_of_python_memory_is_a_failed_row(monkeypatch):
     def out_of_memory(args, log):
         raise MemoryError()
@@ -440,6 +444,9 @@ FAILURES = {
     "sweep-unknown-base-flag": (["sweep", "--model", "{tiny}", "--bs", "1", "--bogus"], ["--bogus"]),
     "sweep-unknown-target": (["sweep", "--model", "{tiny}", "--bs", "1", "--targets", "nosuch"],
                              ["--targets nosuch", "q_proj"]),
+    "sweep-empty-listed-value": (["sweep", "--model", "{tiny}", "--bs", "1,,2"], ["--bs '1,,2'", "distinct"]),
+    "sweep-repeated-value": (["sweep", "--model", "{tiny}", "--lora-r", "8,8"], ["--lora-r '8,8'", "distinct"]),
+    "sweep-rank-not-an-integer": (["sweep", "--model", "{tiny}", "--lora-r", "8,x"], ["--lora-r x", "integers"]),
     # the first point is good: it must not train before the second is refused
     "sweep-bad-second-point": (["sweep", "--model", "{tiny}", "--bs", "1,0"], ["--bs 0", "1 or more"]),
     "ablate-16-bit-weights-on-cpu": (["ablate", "--model", "{tiny}", "--device", "cpu", "--precision",

@@ -444,7 +444,7 @@ def test_the_probe_infers_the_stack_and_prints_its_baseline_command():
     assert config["targets"] == ["q_proj", "v_proj"]
     assert config["checkpointing_enabled"] and config["checkpointing"]
     assert config["param_bytes_by_dtype"].keys() == {"float32"}
-    command = ("python ref_train.py --bs 2 --seq 32 --r 4 --alpha 8 --experts 1 --dropout 0 "
+    command = ("python ref_train.py --bs 2 --seq 32 --lora-r 4 --alpha 8 --experts 1 --dropout 0 "
                "--targets q_proj,v_proj --no-inject-items --precision 32 --ckpt manual")
     assert config["baseline_command"] == command
     assert f"the reference for this stack: {command}" in memcheck.format_report(report)
@@ -486,6 +486,18 @@ WARNINGS = [
     ("checkpointing_inactive", ({"ckpt": "non-reentrant"}, "clean", True),
      ({"ckpt": "non-reentrant"}, "clean", False), "e.g. model.decoder.layers."),
 ]
+
+
+def test_a_full_fine_tune_gets_no_lora_baseline_and_the_report_says_why():
+    from transformers import OPTConfig, OPTForCausalLM
+    torch.manual_seed(0)
+    model = OPTForCausalLM(OPTConfig(vocab_size=500, **TINY_OPT))
+    optimizer = torch.optim.AdamW(model.parameters())
+    with memcheck.Probe(model, optimizer) as probe:
+        user_loop(probe, model, optimizer, token_batches(2))
+    report = probe.report()
+    assert report["config"]["bs"] == 2 and "baseline_command" not in report["config"]
+    assert memcheck.format_report(report).endswith(memcheck.NO_LORA_BASELINE)
 
 
 def probed_report(flags, pattern, eval_mode):
@@ -1313,6 +1325,10 @@ def test_each_rank_writes_its_own_report_says_so_and_records_every_ranks_path(tm
     ranks_of_a_run(str(tmp_path / "r{rank}.json"), (2, 2), log=lines.append)
     assert sorted(f for f in os.listdir(tmp_path) if f.endswith(".json")) == [
         "r0.json", "r1.json", "stack.json", "stack.rank1.json"]
+    # the model's config once, beside rank 0's report, where every rank's baseline points
+    assert sorted(f for f in os.listdir(tmp_path) if f.endswith("-model")) == ["r0-model", "stack-model"]
+    assert all(memcheck.read_report(tmp_path / name)["config"]["model_config"] == f"{tmp_path}/{model}"
+               for name, model in [("stack.rank1.json", "stack-model"), ("r1.json", "r0-model")])
     assert lines[0].count("\n") == 1 and lines[0].splitlines()[1].startswith(
         "the reference for this stack: torchrun --nproc_per_node 2 ref_train.py --strategy ddp --bs 2 ")
     beside = f"; ranks but 0 add .rankN to {tmp_path}/stack.json, which has no {{rank}})"
@@ -1410,6 +1426,12 @@ def test_allocator_only_on_cpu_is_refused_in_one_line_naming_the_device_and_what
     assert "allocator_only=False" in message
     with pytest.raises(memcheck.ReportError, match="max_memory_mib=10 needs the tracker"):
         memcheck.Probe(nn.Linear(4, 4), device="cuda", allocator_only=True, max_memory_mib=10)
+
+
+@pytest.mark.parametrize("limit", [0, -3, float("nan"), float("inf")])
+def test_a_memory_limit_that_is_not_a_positive_number_is_refused_in_one_line(limit):
+    with pytest.raises(memcheck.ReportError, match=f"^max_memory_mib={limit}: must be a positive number"):
+        memcheck.Probe(nn.Linear(4, 4), max_memory_mib=limit)
 
 
 def test_allocator_only_leaves_torch_compile_on_and_takes_its_figures_from_the_allocator(fake_cuda):

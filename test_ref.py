@@ -706,8 +706,8 @@ BAD_INPUTS = {
     "bs-0": (["--bs", "0"], ["--bs 0"]),
     "seq-8": (["--seq", "8"], ["--seq 8"]),
     "seq-beyond-positions": (["--model", "{tiny}", "--seq", "100000"], ["--seq 100000", "256"]),
-    "r-0": (["--r", "0"], ["--r 0"]),
-    "r-not-divisible": (["--r", "6", "--experts", "4"], ["--r 6", "--experts 4"]),
+    "r-0": (["--lora-r", "0"], ["--lora-r 0"]),
+    "r-not-divisible": (["--lora-r", "6", "--experts", "4"], ["--lora-r 6", "--experts 4"]),
     "unknown-target": (["--model", "{tiny}", "--targets", "nope"], ["nope", "q_proj", "v_proj"]),
     "cuda-without-cuda": (["--device", "cuda"], ["--device cuda"]),
     "precision-64": (["--precision", "64"], ["64", "bf16-mixed"]),
@@ -806,6 +806,17 @@ def test_help_and_a_bad_value_answer_before_torch_is_imported(argv):
     assert done.stdout.splitlines()[-2:] == [f"exit {0 if argv == ['--help'] else 2}", "[]"], done
 
 
+def test_every_flag_reaches_ref_train_through_torchruns_parser():
+    # torchrun's parser takes any unambiguous prefix of its own flags, even after the script: a flag
+    # of ref_train that is a prefix of one of torchrun's (--r of --rdzv-backend) would never arrive.
+    import torch.distributed.run
+    torchrun = torch.distributed.run.get_args_parser()
+    for flag in flags.build_parser()._option_string_actions:
+        if flag.startswith("--") and flag != "--help":
+            given = ["ref_train.py", flag, "1"]
+            assert torchrun.parse_args(given).training_script_args == given[1:], flag
+
+
 def test_flags_knows_the_gated_lora_forms_ilora_has():
     assert flags.IMPLS == ilora.IMPLS   # flags.py keeps its own copy: importing ilora imports torch
 
@@ -821,23 +832,26 @@ def test_seq_past_the_models_positions_fails_before_training(values, capsys):
     assert report["steps"] == [] and "forward" not in report["phases"]
 
 
-def test_ref_train_markdown_block_is_valid(tiny_model, capsys):
-    done = run_main(ref_train.main, capsys, "--model", tiny_model, "--steps", 1, "--markdown")
+def test_ref_train_markdown_block_is_valid_and_says_what_the_text_says(tiny_model, capsys):
+    done = run_main(ref_train.main, capsys, "--model", tiny_model, "--steps", 3, "--inject-leak",
+                    "--markdown")
     assert done.returncode == 0, done.stderr
-    block = done.stdout[done.stdout.index("### memcheck"):]
+    text, block = done.stdout.split("### memcheck")
     assert "- command: `" in block and "torch" in block
     assert_markdown_tables(block)
+    said = [line for line in text.splitlines() if line.startswith(("peak ", "at the peak", "WARNING leak"))]
+    assert len(said) == 3 and all(f"- {line}" in block.splitlines() for line in said), said
 
 
 def test_report_holds_the_environment_and_command_line(tiny_model, tmp_path, monkeypatch, capsys):
     # The command line as a shell gives it to the process: sys.argv, which main() reads by default.
     path = tmp_path / "r.json"
     monkeypatch.setattr(sys, "argv", [os.path.join(ROOT, "ref_train.py"), "--model", tiny_model,
-                                      "--steps", "1", "--r", "4", "--report", str(path)])
+                                      "--steps", "1", "--lora-r", "4", "--report", str(path)])
     done = run_main(lambda argv: ref_train.main(), capsys)
     assert done.returncode == 0, done.stderr
     report = memcheck.read_report(path)
-    assert report["command"].endswith(f"ref_train.py --model {tiny_model} --steps 1 --r 4 --report {path}")
+    assert report["command"].endswith(f"ref_train.py --model {tiny_model} --steps 1 --lora-r 4 --report {path}")
     assert report["config"]["r"] == 4 and report["config"]["model"] == tiny_model
     assert report["env"]["device"] and report["env"]["torch"] == torch.__version__
 
@@ -890,9 +904,12 @@ def test_out_of_memory_still_writes_the_report_naming_phase_and_step(tiny_model,
     assert fits["phases"]["load"]["peak_bytes"] < fits["peak_bytes"]
     limit = (fits["phases"]["load"]["peak_bytes"] + fits["peak_bytes"]) / 2 / memcheck.MiB
     path = tmp_path / "oom.json"
-    done = run_main(ref_train.main, capsys, "--model", tiny_model, "--max-memory", limit, "--report", path)
+    done = run_main(ref_train.main, capsys, "--model", tiny_model, "--max-memory", limit, "--report", path,
+                    "--markdown")
     assert done.returncode == 1
     assert "OUT OF MEMORY in" in done.stdout and "Traceback" not in done.stderr
+    # the block for the bug report is printed when it matters most, and says how the run ended
+    assert "- OUT OF MEMORY in" in done.stdout[done.stdout.index("### memcheck"):]
     report = memcheck.read_report(path)
     assert report["oom"]["phase"] in ("forward", "backward", "optimizer")
     assert report["oom"]["step"] == 1 and "--max-memory" in report["oom"]["message"]
