@@ -187,8 +187,8 @@ SWEEP_VARIABLES = {"bs": "sample", "seq": "token", "r": "unit of rank"}
 
 
 def _with_steps(argv, steps):
-    """argv with --steps `steps` unless it gives --steps itself, in any form argparse takes
-    (--steps=5, --step 5): a namespace that has `steps` already gets no default for it."""
+    """argv with --steps `steps` unless it gives --steps itself (--steps 5, --steps=5): a namespace
+    that has `steps` already gets no default for it."""
     given = flags.build_parser().parse_known_args(argv, namespace=argparse.Namespace(steps=None))[0]
     return list(argv) if given.steps is not None else [*argv, "--steps", str(steps)]
 
@@ -978,6 +978,17 @@ _SWEEP_FLAGS = {"r": "--lora-r"}  # a point's key (the report's config key) -> i
 _SWEEP_KEYS = {flag: key for key, flag in _SWEEP_FLAGS.items()}
 
 
+def _sweep_value(flag, value):
+    """A listed value of a sweep: an integer for the flags that take one (02 is 2)."""
+    if flag not in ("--bs", "--seq", "--lora-r", "--experts") or value == "":
+        return value
+    try:
+        return int(value)
+    except ValueError:
+        from memcheck import ReportError
+        raise ReportError(f"{flag} {value}: expected a comma list of integers")
+
+
 def sweep_command(argv):
     p = _parser("sweep", "Measure and budget every combination of the listed values, then fit how the "
                 "peak grows per sample, token and unit of rank, and whether it is linear in seq.",
@@ -997,21 +1008,14 @@ def sweep_command(argv):
         key = _SWEEP_KEYS.get(flag, flag[2:])
         value = getattr(own, key)
         if value is not None:
-            axes[key] = value.split(sep)
+            axes[key] = [_sweep_value(flag, v) for v in value.split(sep)]
             if "" in axes[key] or len(set(axes[key])) < len(axes[key]):
-                raise ReportError(f"{flag} {value!r}: expected distinct values separated by {sep!r}")
+                raise ReportError(f"{flag} {value!r}: expected non-empty, distinct values separated by "
+                                  f"{sep!r}")
     if not axes:
         raise ReportError("sweep needs at least one of " + ", ".join(_SWEEP_LISTS) +
                           " with a list of values, e.g. --bs 1,2,4")
     points = [dict(zip(axes, values)) for values in itertools.product(*axes.values())]
-    for point in points:
-        for k in ("bs", "seq", "r", "experts"):
-            if k in point:
-                try:
-                    point[k] = int(point[k])
-                except ValueError:
-                    raise ReportError(f"{_SWEEP_FLAGS.get(k, '--' + k)} {point[k]}: expected a comma "
-                                      "list of integers")
     rows = sweep(points, rest)
     growth = fit_growth(rows)
     header, table = sweep_table(rows)

@@ -41,7 +41,20 @@ class UsageError(ValueError):
     """Bad input: reported in one line with exit code 2."""
 
 
+# A renamed flag -> its name now: the baseline commands in older reports still say the old one.
+RENAMED = {"--r": "--lora-r (torchrun reads --r as a prefix of its own flags)"}
+
+
 class _Parser(argparse.ArgumentParser):
+    def __init__(self, **kwargs):  # no abbreviations: a flag renamed must not turn into another one
+        super().__init__(allow_abbrev=False, **kwargs)
+
+    def parse_known_args(self, args=None, namespace=None):
+        for arg in sys.argv[1:] if args is None else args:
+            if str(arg).split("=")[0] in RENAMED:
+                raise UsageError(f"{arg}: renamed {RENAMED[str(arg).split('=')[0]]}")
+        return super().parse_known_args(args, namespace)
+
     def error(self, message):  # one line, no usage block: the message names the value
         raise UsageError(message)
 

@@ -65,8 +65,9 @@ STATUSES = ("ok", "oom", "error", "interrupted")
 _RANK = {c: i for i, c in enumerate(CATEGORIES)}
 TOP_SURVIVORS = 20
 NO_MODULE = "(no module)"
-NO_LORA_BASELINE = ("the reference for this stack: none; ref_train.py trains LoRA adapters, and the "
-                    "probe found no LoRA layer (PEFT's, or a gated one) in this model")
+REFERENCE = "the reference for this stack"
+NO_LORA_BASELINE = (f"{REFERENCE}: none; ref_train.py trains LoRA adapters, and the probe found no LoRA "
+                    "layer (PEFT's, or a gated one) in this model")
 NO_BUDGET = ("no budget: copy budget.py beside memcheck.py for a verdict, or run the printed "
              "baseline command")
 
@@ -537,7 +538,8 @@ class _Stack:
     def save_config(self, report_path, write=True):
         """A model with no path or hub name: its config.json beside the report, for the baseline
         (written by rank 0 only, beside its report: every rank's baseline points there)."""
-        if self.lm is None or getattr(self.lm.config, "_name_or_path", None) or self.config_dir:
+        if (self.lm is None or getattr(self.lm.config, "_name_or_path", None) or self.config_dir
+                or not _adapters(self.model)["adapters"]):   # (no LoRA: no baseline to point at it)
             return
         self.config_dir = os.path.splitext(os.path.abspath(report_path))[0] + "-model"
         if write:
@@ -591,8 +593,9 @@ class Probe:
         if allocator_only and not self.cuda:
             raise ReportError(f"allocator_only=True on device {str(self.device)!r}: it needs CUDA (torch "
                               "keeps no allocator counters on CPU); use allocator_only=False there")
-        if max_memory_mib is not None and not 0 < max_memory_mib < float("inf"):
-            raise ReportError(f"max_memory_mib={max_memory_mib}: must be a positive number of MiB")
+        if max_memory_mib is not None and (type(max_memory_mib) not in (int, float)
+                                           or not 0 < max_memory_mib < float("inf")):
+            raise ReportError(f"max_memory_mib={max_memory_mib!r}: must be a positive number of MiB")
         if allocator_only and max_memory_mib is not None:
             raise ReportError(f"max_memory_mib={max_memory_mib} needs the tracker, and "
                               "allocator_only=True runs without it: pass one or the other")
@@ -660,11 +663,12 @@ class Probe:
             self._check_step()
         if self.path:
             report = self.save()
-            baseline, warned = report["config"].get("baseline_command"), len(report["warnings"])
+            warned = len(report["warnings"])
+            reference = [line for line in _report_lines(report)[1] if line.startswith(REFERENCE)]
             self.log(f"memcheck: peak {mib(report['peak_bytes'])} MiB ({report['status']}"
                      f"{', allocator only' if self.allocator_only else ''}), {warned} "
                      f"warning{'s' * (warned != 1)}; report written to {self.path}{self._rank_note}"
-                     + (f"\nthe reference for this stack: {baseline}" if baseline and self.rank == 0 else ""))
+                     + (f"\n{reference[0]}" if reference and self.rank == 0 else ""))
 
     def attach(self, model, optimizer=None):
         self._started = None
@@ -839,8 +843,9 @@ class Probe:
         return report
 
     def save(self, path=None):
-        """Write the report to `path` (default: the probe's), and return it."""
-        self._stack.save_config(self.paths[0] if self.paths else path, write=self.rank == 0)
+        """Write the report to `path` (default: the probe's), and return it. A model built in code
+        has its config.json written beside it (beside rank 0's, under torchrun), for the baseline."""
+        self._stack.save_config(self.paths[0] if self.paths else path, write=not self.paths or self.rank == 0)
         report = self.report()
         write_report(path or self.path, report)
         return report
@@ -1310,7 +1315,7 @@ def _report_lines(report):
     lines += [f"WARNING {w['kind']}: {w['message']}" for w in report.get("warnings") or []]
     baseline = config.get("baseline_command")
     if baseline:
-        lines.append(f"the reference for this stack: {baseline}")
+        lines.append(f"{REFERENCE}: {baseline}")
     elif config.get("probe") and config.get("bs") and not config.get("adapters"):
         lines.append(NO_LORA_BASELINE)
     return head, lines
@@ -1340,13 +1345,16 @@ def markdown_block(title, tables, env=None, command=None):
     return "\n".join(lines).rstrip()
 
 
-def markdown_report(report):
-    """The report as a block for a GitHub issue: its tables, then what it says in words."""
+def markdown_report(report, more=()):
+    """The report as a block for a GitHub issue: its tables, then what it says in words (and the
+    lines `more`), fenced as text: an error's `__init__` or `<lambda>` is never read as markdown."""
     cats = [(c.replace("_", " "), mib(v)) for c, v in (report.get("categories") or {}).items()]
-    block = markdown_block(
-        f"memcheck: peak {mib(report['peak_bytes'])} MiB in {report['peak_phase']} ({verdict(report)})",
-        [_phase_table(report), (("at the peak", "MiB"), cats)], report["env"], report["command"])
-    return block + "\n\n" + "\n".join(f"- {line}" for line in sum(_report_lines(report), []))
+    peak = ("peak not measured" if report["peak_phase"] is None
+            else f"peak {mib(report['peak_bytes'])} MiB in {report['peak_phase']}")
+    block = markdown_block(f"memcheck: {peak} ({verdict(report)})",
+                           [_phase_table(report)] + ([(("at the peak", "MiB"), cats)] if cats else []),
+                           report["env"], report["command"])
+    return "\n".join([block, "", "```text", *sum(_report_lines(report), []), *more, "```"])
 
 
 # ---------------------------------------------------------------- many ranks (torchrun: DDP, FSDP)

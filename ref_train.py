@@ -343,9 +343,9 @@ def train(args, log=print):
 
 def shown(report, args):
     """The report as printed: in words, a row per rank, and with --markdown a block for an issue."""
-    ranks = "\n\n" + distributed.rank_table(report) if "ranks" in report else ""
-    return memcheck.format_report(report) + ranks + (
-        "\n\n" + memcheck.markdown_report(report) if args.markdown else "")
+    ranks = ["", distributed.rank_table(report)] if "ranks" in report else []
+    markdown = ["", memcheck.markdown_report(report, more=ranks)] if args.markdown else []
+    return "\n".join([memcheck.format_report(report), *ranks, *markdown])
 
 
 def finish(args, probe, extra, recording, failure, log):

@@ -92,7 +92,7 @@ def ddp(dropout_free_model, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def fsdp(dropout_free_model, tmp_path_factory):
-    return run_ranks(dropout_free_model, "fsdp", tmp_path_factory.mktemp("fsdp"))
+    return run_ranks(dropout_free_model, "fsdp", tmp_path_factory.mktemp("fsdp"), "--markdown")
 
 
 def losses(report):
@@ -132,8 +132,10 @@ def test_rank_0_prints_one_table_of_ranks_and_writes_every_rank_report(fsdp):
     report, rank0, rank1, _ = fsdp
     assert rank1 == ""  # rank 0 speaks for all
     assert rank0.count("step   1 |") == 1
-    table = rank0[rank0.index("rank  peak MiB"):].splitlines()
+    text, block = rank0.split("### memcheck")
+    table = text[text.index("rank  peak MiB"):].strip().splitlines()
     assert [line.split()[0] for line in table[1:]] == ["0", "1"]
+    assert all(line in block.splitlines() for line in table)   # --markdown's block has every rank too
     assert [(r["rank"], r["world_size"]) for r in report["ranks"]] == [(0, WORLD), (1, WORLD)]
     heaviest = max(report["ranks"], key=lambda r: r["peak_bytes"])   # the top level is its report
     assert (report["rank"], report["peak_bytes"], report["categories"], report["budget"]) == (

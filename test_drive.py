@@ -285,8 +285,8 @@ def fake_sweep_run(args, log):
     return {"peak_bytes": int(measured * MiB), "budget": {"peak_bytes": int(budget * MiB)}}
 
 
-def test_a_sweep_keeps_the_users_steps_in_any_form_and_adds_two_only_without_them():
-    for given in (["--steps", "5"], ["--steps=5"], ["--step", "5"]):   # argparse takes all three
+def test_a_sweep_keeps_the_users_steps_in_either_form_and_adds_two_only_without_them():
+    for given in (["--steps", "5"], ["--steps=5"]):
         assert drive._point_argv({"bs": 4}, given, steps=2) == [*given, "--bs", "4"]
     assert drive._point_argv({"bs": 4}, [], steps=2) == ["--steps", "2", "--bs", "4"]
 
@@ -445,7 +445,8 @@ FAILURES = {
     "sweep-unknown-target": (["sweep", "--model", "{tiny}", "--bs", "1", "--targets", "nosuch"],
                              ["--targets nosuch", "q_proj"]),
     "sweep-empty-listed-value": (["sweep", "--model", "{tiny}", "--bs", "1,,2"], ["--bs '1,,2'", "distinct"]),
-    "sweep-repeated-value": (["sweep", "--model", "{tiny}", "--lora-r", "8,8"], ["--lora-r '8,8'", "distinct"]),
+    "sweep-repeated-value": (["sweep", "--model", "{tiny}", "--lora-r", "8,08"], ["--lora-r '8,08'", "distinct"]),
+    "sweep-renamed-rank": (["sweep", "--model", "{tiny}", "--bs", "1,2", "--r", "8,16"], ["--r: renamed --lora-r"]),
     "sweep-rank-not-an-integer": (["sweep", "--model", "{tiny}", "--lora-r", "8,x"], ["--lora-r x", "integers"]),
     # the first point is good: it must not train before the second is refused
     "sweep-bad-second-point": (["sweep", "--model", "{tiny}", "--bs", "1,0"], ["--bs 0", "1 or more"]),

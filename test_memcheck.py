@@ -488,16 +488,19 @@ WARNINGS = [
 ]
 
 
-def test_a_full_fine_tune_gets_no_lora_baseline_and_the_report_says_why():
+def test_a_full_fine_tune_gets_no_lora_baseline_and_the_report_says_why(tmp_path):
     from transformers import OPTConfig, OPTForCausalLM
     torch.manual_seed(0)
     model = OPTForCausalLM(OPTConfig(vocab_size=500, **TINY_OPT))
     optimizer = torch.optim.AdamW(model.parameters())
-    with memcheck.Probe(model, optimizer) as probe:
+    said = []
+    with memcheck.Probe(model, optimizer, path=tmp_path / "ft.json", log=said.append) as probe:
         user_loop(probe, model, optimizer, token_batches(2))
-    report = probe.report()
+    report = memcheck.read_report(tmp_path / "ft.json")
     assert report["config"]["bs"] == 2 and "baseline_command" not in report["config"]
     assert memcheck.format_report(report).endswith(memcheck.NO_LORA_BASELINE)
+    assert said[0].endswith("\n" + memcheck.NO_LORA_BASELINE)
+    assert os.listdir(tmp_path) == ["ft.json"]   # no config.json for a baseline there is not
 
 
 def probed_report(flags, pattern, eval_mode):
@@ -1319,7 +1322,11 @@ def two_runs_of_two_ranks(tmp_path_factory):
     return str(root / "balanced" / "stack.json"), str(root / "imbalanced" / "stack.json")
 
 
-def test_each_rank_writes_its_own_report_says_so_and_records_every_ranks_path(tmp_path):
+def test_each_rank_writes_its_own_report_says_so_and_records_every_ranks_path(tmp_path, monkeypatch):
+    from transformers import PretrainedConfig
+    written, save = [], PretrainedConfig.save_pretrained
+    monkeypatch.setattr(PretrainedConfig, "save_pretrained",
+                        lambda self, folder, **kw: written.append(folder) or save(self, folder, **kw))
     lines = []
     ranks_of_a_run(str(tmp_path / "stack.json"), (2, 2), log=lines.append)
     ranks_of_a_run(str(tmp_path / "r{rank}.json"), (2, 2), log=lines.append)
@@ -1327,6 +1334,7 @@ def test_each_rank_writes_its_own_report_says_so_and_records_every_ranks_path(tm
         "r0.json", "r1.json", "stack.json", "stack.rank1.json"]
     # the model's config once, beside rank 0's report, where every rank's baseline points
     assert sorted(f for f in os.listdir(tmp_path) if f.endswith("-model")) == ["r0-model", "stack-model"]
+    assert sorted(written) == [f"{tmp_path}/r0-model", f"{tmp_path}/stack-model"]   # by rank 0 alone
     assert all(memcheck.read_report(tmp_path / name)["config"]["model_config"] == f"{tmp_path}/{model}"
                for name, model in [("stack.rank1.json", "stack-model"), ("r1.json", "r0-model")])
     assert lines[0].count("\n") == 1 and lines[0].splitlines()[1].startswith(
@@ -1341,6 +1349,17 @@ def test_each_rank_writes_its_own_report_says_so_and_records_every_ranks_path(tm
         assert (report["rank"], report["world_size"]) == (rank, 2)
         assert report["rank_reports"] == ["stack.json", "stack.rank1.json"]
         assert (report["config"]["strategy"], report["config"]["world_size"]) == ("ddp", 2)
+
+
+def test_a_probe_without_a_path_saved_by_each_rank_writes_the_config_its_baseline_names(tmp_path,
+                                                                                        monkeypatch):
+    for rank in range(2):
+        monkeypatch.setattr(memcheck, "rank_and_world", lambda rank=rank: (rank, 2))
+        model, optimizer = peft_opt()
+        with memcheck.Probe(model, optimizer) as probe:
+            user_loop(probe, model, optimizer, token_batches(1))
+        report = probe.save(str(tmp_path / f"r{rank}.json"))
+        assert os.path.isfile(os.path.join(report["config"]["model_config"], "config.json")), rank
 
 
 def test_diff_compares_two_runs_rank_by_rank_and_names_the_rank_with_the_largest_excess(
@@ -1428,9 +1447,9 @@ def test_allocator_only_on_cpu_is_refused_in_one_line_naming_the_device_and_what
         memcheck.Probe(nn.Linear(4, 4), device="cuda", allocator_only=True, max_memory_mib=10)
 
 
-@pytest.mark.parametrize("limit", [0, -3, float("nan"), float("inf")])
+@pytest.mark.parametrize("limit", [0, -3, float("nan"), float("inf"), "5", True])
 def test_a_memory_limit_that_is_not_a_positive_number_is_refused_in_one_line(limit):
-    with pytest.raises(memcheck.ReportError, match=f"^max_memory_mib={limit}: must be a positive number"):
+    with pytest.raises(memcheck.ReportError, match=f"^max_memory_mib={limit!r}: must be a positive number"):
         memcheck.Probe(nn.Linear(4, 4), max_memory_mib=limit)
 
 

@@ -708,6 +708,10 @@ BAD_INPUTS = {
     "seq-beyond-positions": (["--model", "{tiny}", "--seq", "100000"], ["--seq 100000", "256"]),
     "r-0": (["--lora-r", "0"], ["--lora-r 0"]),
     "r-not-divisible": (["--lora-r", "6", "--experts", "4"], ["--lora-r 6", "--experts 4"]),
+    # an older report's baseline command, and an abbreviation, which never becomes another flag
+    "r-renamed": (["--r", "16"], ["--r: renamed --lora-r"]),
+    "r-renamed-with-equals": (["--r=16"], ["--r=16: renamed --lora-r"]),
+    "abbreviated-flag": (["--step", "5"], ["--step"]),
     "unknown-target": (["--model", "{tiny}", "--targets", "nope"], ["nope", "q_proj", "v_proj"]),
     "cuda-without-cuda": (["--device", "cuda"], ["--device cuda"]),
     "precision-64": (["--precision", "64"], ["64", "bf16-mixed"]),
@@ -840,7 +844,9 @@ def test_ref_train_markdown_block_is_valid_and_says_what_the_text_says(tiny_mode
     assert "- command: `" in block and "torch" in block
     assert_markdown_tables(block)
     said = [line for line in text.splitlines() if line.startswith(("peak ", "at the peak", "WARNING leak"))]
-    assert len(said) == 3 and all(f"- {line}" in block.splitlines() for line in said), said
+    assert len(said) == 3 and all(line in block.splitlines() for line in said), said
+    # the words are fenced as text: an error's __init__ or <lambda> is never read as markdown
+    assert block.rstrip().endswith("```") and "```text" in block
 
 
 def test_report_holds_the_environment_and_command_line(tiny_model, tmp_path, monkeypatch, capsys):
@@ -887,9 +893,10 @@ def test_full_size_smoke_run(values, capsys):
 def test_out_of_memory_while_loading_says_the_peak_was_not_measured(values, capsys):
     # A limit that loading alone passes: the model's own weights do not fit
     done = ref_train_main(capsys, values, ["--model", "{tiny}", "--max-memory", "0.1",
-                                           "--report", "{load_report}"])
+                                           "--report", "{load_report}", "--markdown"])
     assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr
     assert "OUT OF MEMORY in load at step 1" in done.stdout
+    assert "### memcheck: peak not measured (" in done.stdout   # --markdown: no "in None" either
     assert "peak: not measured (no training phase finished)" in done.stdout
     assert "in None" not in done.stdout and "peak 0.0 MiB" not in done.stdout
     report = memcheck.read_report(values["load_report"])
@@ -909,7 +916,8 @@ def test_out_of_memory_still_writes_the_report_naming_phase_and_step(tiny_model,
     assert done.returncode == 1
     assert "OUT OF MEMORY in" in done.stdout and "Traceback" not in done.stderr
     # the block for the bug report is printed when it matters most, and says how the run ended
-    assert "- OUT OF MEMORY in" in done.stdout[done.stdout.index("### memcheck"):]
+    block = done.stdout[done.stdout.index("### memcheck"):]
+    assert any(line.startswith("OUT OF MEMORY in") for line in block.splitlines()), block
     report = memcheck.read_report(path)
     assert report["oom"]["phase"] in ("forward", "backward", "optimizer")
     assert report["oom"]["step"] == 1 and "--max-memory" in report["oom"]["message"]
