@@ -510,6 +510,15 @@ def rank_terms(model, extra, trained, *, strategy, world_size, rank):
     return _fsdp_terms(groups, trained, world_size, rank)
 
 
+def _adamw_temporary(trained, *, on_cuda, strategy, world_size, rank):
+    """AdamW's temporary in its step: foreach (CUDA's default) makes one of every trainable
+    parameter at once; the single-tensor loop (CPU's) two of each in turn (sqrt, then its
+    division): twice the largest. Under FSDP2, of this rank's shards."""
+    sizes = [_shard_bytes([p], world_size, rank)[1] if strategy == "fsdp" else p.numel() * p.element_size()
+             for p in trained]
+    return sum(sizes) if on_cuda else 2 * max(sizes, default=0)
+
+
 # ---------------------------------------------------------------- the budget
 
 def _estimated_layer(s, *, bs, seq, act, mask, full, casts_weights):
@@ -640,7 +649,7 @@ def _phases(terms, layer, *, tokens, h, ckpt, loss_chunks, logits_kept):
     # the last layer's backward, every layer's saved activations still held (no checkpointing); its
     # output's gradient takes the place of the final norm's input, freed by then
     last_layer = 0 if ckpt else training + 2 * gathered + saved + layer["backward"]
-    optimizer_peak = steady + terms["gradients"] + terms["trainable_params"]  # foreach AdamW: one temporary
+    optimizer_peak = steady + terms["gradients"] + terms["optimizer_temporary"]
     return {"forward": forward_peak, "backward": max(backward_start, recompute, last_layer, reduce_scatter),
             "optimizer": optimizer_peak}
 
@@ -721,6 +730,8 @@ def budget(model, *, bs, seq, checkpointing, autocast_dtype=None, loss_chunks=1,
                    param_bytes=sum(by_dtype.values()), positions=seq - 1 if shifted_logits else seq)
     terms.update(rank_terms(model, extra, {id(p) for p in trained}, strategy=strategy,
                             world_size=world_size, rank=rank))
+    terms["optimizer_temporary"] = _adamw_temporary(trained, on_cuda=on_cuda, strategy=strategy,
+                                                    world_size=world_size, rank=rank)
     if on_cuda and (cuda_workspace_bytes is not None or torch.cuda.is_available()):
         # (budgeting for CUDA on a machine without it, they are not known: the term is absent)
         terms["cuda_workspaces"] = (cuda_workspaces(device) if cuda_workspace_bytes is None

@@ -125,6 +125,18 @@ def test_each_phase_is_budgeted_within_three_percent_where_the_logits_dominate(t
         assert abs(measured / predicted - 1) <= 0.03, (phase, measured, predicted)
 
 
+def test_adamws_step_is_budgeted_as_the_loop_cpu_runs_and_the_foreach_cuda_runs(train_tiny, tiny_model):
+    # On CPU, AdamW's single-tensor loop makes its temporaries one parameter at a time (rank 64 on
+    # every linear: the largest parameters weigh); on CUDA, foreach makes one of every parameter.
+    flags = ("--bs", 1, "--seq", 16, "--targets", "all-linear", "--lora-r", 64)
+    report = train_tiny("--steps", 2, *flags)
+    measured, predicted = report["phases"]["optimizer"]["peak_bytes"], report["budget"]["phases"]["optimizer"]
+    assert abs(measured / predicted - 1) <= 0.03, (measured, predicted)
+    on_cuda = ref_train.plan(ref_train.parse_args(["--model", tiny_model, "--device", "cuda",
+                                                   *map(str, flags)], budget_only=True))["terms"]
+    assert on_cuda["optimizer_temporary"] == on_cuda["trainable_params"]
+
+
 def test_the_logits_are_budgeted_for_every_position_but_the_last(tiny_model):
     # the last position predicts nothing: the loss never makes its logits
     args = ref_train.parse_args(["--model", tiny_model, "--device", "cpu", "--bs", "2", "--seq", "16"])
