@@ -510,13 +510,14 @@ def rank_terms(model, extra, trained, *, strategy, world_size, rank):
     return _fsdp_terms(groups, trained, world_size, rank)
 
 
-def _adamw_temporary(trained, *, on_cuda, strategy, world_size, rank):
+def _adamw_temporary(trainable_bytes, trained, *, on_cuda, strategy, world_size, rank):
     """AdamW's temporary in its step: foreach (CUDA's default) makes one of every trainable
-    parameter at once; the single-tensor loop (CPU's) two of each in turn (sqrt, then its
-    division): twice the largest. Under FSDP2, of this rank's shards."""
-    sizes = [_shard_bytes([p], world_size, rank)[1] if strategy == "fsdp" else p.numel() * p.element_size()
-             for p in trained]
-    return sum(sizes) if on_cuda else 2 * max(sizes, default=0)
+    parameter at once (trainable_bytes: this rank's, under FSDP2); the single-tensor loop (CPU's)
+    two of each in turn (sqrt, then its division): twice the largest (its shard, under FSDP2)."""
+    if on_cuda:
+        return trainable_bytes
+    return 2 * max((_shard_bytes([p], world_size, rank)[1] if strategy == "fsdp"
+                    else p.numel() * p.element_size() for p in trained), default=0)
 
 
 # ---------------------------------------------------------------- the budget
@@ -730,8 +731,8 @@ def budget(model, *, bs, seq, checkpointing, autocast_dtype=None, loss_chunks=1,
                    param_bytes=sum(by_dtype.values()), positions=seq - 1 if shifted_logits else seq)
     terms.update(rank_terms(model, extra, {id(p) for p in trained}, strategy=strategy,
                             world_size=world_size, rank=rank))
-    terms["optimizer_temporary"] = _adamw_temporary(trained, on_cuda=on_cuda, strategy=strategy,
-                                                    world_size=world_size, rank=rank)
+    terms["optimizer_temporary"] = _adamw_temporary(terms["trainable_params"], trained, on_cuda=on_cuda,
+                                                    strategy=strategy, world_size=world_size, rank=rank)
     if on_cuda and (cuda_workspace_bytes is not None or torch.cuda.is_available()):
         # (budgeting for CUDA on a machine without it, they are not known: the term is absent)
         terms["cuda_workspaces"] = (cuda_workspaces(device) if cuda_workspace_bytes is None

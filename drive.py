@@ -197,7 +197,7 @@ def _point_argv(point, base_argv, steps):
     """ref_train's flags for one point of a sweep: the baseline's, then the point's values."""
     argv = _with_steps(base_argv, steps)
     for key, value in point.items():
-        argv += [_SWEEP_FLAGS.get(key, f"--{key}"), str(value)]
+        argv += [_flag_of(key), str(value)]
     return argv
 
 
@@ -972,15 +972,27 @@ def ablate_command(argv):
     return 0
 
 
+# ref_train's flags a sweep lists values of, and their separators
 _SWEEP_LISTS = {"--bs": ",", "--seq": ",", "--lora-r": ",", "--experts": ",", "--ckpt": ",",
                 "--impl": ",", "--targets": "|"}
-_SWEEP_FLAGS = {"r": "--lora-r"}  # a point's key (the report's config key) -> its ref_train flag
-_SWEEP_KEYS = {flag: key for key, flag in _SWEEP_FLAGS.items()}
+
+
+@functools.cache
+def _ref_train_actions():
+    """{flag: argparse action} of ref_train.py. A sweep point's key is a flag's dest, the report's
+    config key (--lora-r's is r), and a listed value is read with the flag's type."""
+    return {flag: action for action in flags.build_parser()._actions for flag in action.option_strings}
+
+
+def _flag_of(key):
+    """ref_train's flag that sets `key` (r: --lora-r)."""
+    return next((f for f, a in _ref_train_actions().items() if a.dest == key and f.startswith("--")),
+                f"--{key}")
 
 
 def _sweep_value(flag, value):
     """A listed value of a sweep: an integer for the flags that take one (02 is 2)."""
-    if flag not in ("--bs", "--seq", "--lora-r", "--experts") or value == "":
+    if _ref_train_actions()[flag].type is not int or value == "":
         return value
     try:
         return int(value)
@@ -992,7 +1004,7 @@ def _sweep_value(flag, value):
 def sweep_command(argv):
     p = _parser("sweep", "Measure and budget every combination of the listed values, then fit how the "
                 "peak grows per sample, token and unit of rank, and whether it is linear in seq.",
-                *[((flag,), dict(dest=_SWEEP_KEYS.get(flag, flag[2:]), metavar="V1" + sep + "V2",
+                *[((flag,), dict(dest=_ref_train_actions()[flag].dest, metavar="V1" + sep + "V2",
                                  help=f"values of ref_train's {flag}, separated by {sep!r}"))
                   for flag, sep in _SWEEP_LISTS.items()],
                 REPORT, MARKDOWN,
@@ -1005,7 +1017,7 @@ def sweep_command(argv):
     plt = _pyplot() if own.plot else None   # before any point is measured
     axes = {}
     for flag, sep in _SWEEP_LISTS.items():
-        key = _SWEEP_KEYS.get(flag, flag[2:])
+        key = _ref_train_actions()[flag].dest
         value = getattr(own, key)
         if value is not None:
             axes[key] = [_sweep_value(flag, v) for v in value.split(sep)]

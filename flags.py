@@ -50,9 +50,10 @@ class _Parser(argparse.ArgumentParser):
         super().__init__(allow_abbrev=False, **kwargs)
 
     def parse_known_args(self, args=None, namespace=None):
-        for arg in sys.argv[1:] if args is None else args:
-            if str(arg).split("=")[0] in RENAMED:
-                raise UsageError(f"{arg}: renamed {RENAMED[str(arg).split('=')[0]]}")
+        for arg in map(str, sys.argv[1:] if args is None else args):
+            renamed = RENAMED.get(arg.split("=")[0])
+            if renamed:
+                raise UsageError(f"{arg}: renamed {renamed}")
         return super().parse_known_args(args, namespace)
 
     def error(self, message):  # one line, no usage block: the message names the value

@@ -663,12 +663,11 @@ class Probe:
             self._check_step()
         if self.path:
             report = self.save()
-            warned = len(report["warnings"])
-            reference = [line for line in _report_lines(report)[1] if line.startswith(REFERENCE)]
+            warned, reference = len(report["warnings"]), reference_line(report["config"])
             self.log(f"memcheck: peak {mib(report['peak_bytes'])} MiB ({report['status']}"
                      f"{', allocator only' if self.allocator_only else ''}), {warned} "
                      f"warning{'s' * (warned != 1)}; report written to {self.path}{self._rank_note}"
-                     + (f"\n{reference[0]}" if reference and self.rank == 0 else ""))
+                     + (f"\n{reference}" if reference and self.rank == 0 else ""))
 
     def attach(self, model, optimizer=None):
         self._started = None
@@ -975,6 +974,16 @@ def baseline_command(config):
         flags.insert(0, f"--strategy {config['strategy']}")
         return f"torchrun --nproc_per_node {config['world_size']} ref_train.py " + " ".join(flags)
     return "python ref_train.py " + " ".join(flags)
+
+
+def reference_line(config):
+    """The line naming a probed stack's reference: its baseline command, why there is none (no LoRA
+    adapter), or None (the reference's own report, or no training forward seen)."""
+    if config.get("baseline_command"):
+        return f"{REFERENCE}: {config['baseline_command']}"
+    if config.get("probe") and config.get("bs") and not config.get("adapters"):
+        return NO_LORA_BASELINE
+    return None
 
 
 # ---------------------------------------------------------------- callbacks for Lightning and the HF Trainer
@@ -1313,12 +1322,8 @@ def _report_lines(report):
     elif not leak["detected"]:
         lines.append("leak: none (live memory at the end of each step does not grow)")
     lines += [f"WARNING {w['kind']}: {w['message']}" for w in report.get("warnings") or []]
-    baseline = config.get("baseline_command")
-    if baseline:
-        lines.append(f"{REFERENCE}: {baseline}")
-    elif config.get("probe") and config.get("bs") and not config.get("adapters"):
-        lines.append(NO_LORA_BASELINE)
-    return head, lines
+    reference = reference_line(config)
+    return head, lines + ([reference] if reference else [])
 
 
 def format_report(report):

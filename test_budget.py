@@ -6,6 +6,7 @@ Training runs use the tiny models of conftest.py, in this process.
 """
 import contextlib
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -487,16 +488,25 @@ def test_a_peak_beyond_the_budgets_ten_percent_is_said_to_be_beyond_it(ratio, ex
     assert memcheck.verdict(_verdict_report(ratio)) == expected
 
 
+def meta_opt(tiny_model):
+    """The tiny OPT with the reference's adapters, on the meta device."""
+    args = ref_train.parse_args(["--model", tiny_model, "--bs", "2", "--seq", "16"], budget_only=True)
+    return ref_train.build(args, meta=True)[0]
+
+
+def probed_stack(lm, model, device):
+    """What budget.probed reads of a probe's _Stack: a first forward at bs 2, seq 16, no checkpointing."""
+    return SimpleNamespace(lm=lm, model=model, device=device, checkpointing=lambda: False,
+                           seen={"bs": 2, "seq": 16, "autocast": None})
+
+
 def test_a_probe_on_cuda_counts_the_least_untracked_bytes_of_a_training_phase_as_cublas_workspaces(
         tiny_model):
     # The workspaces exist from the first forward's matrix product on, in every training phase, and
     # the allocator may hold more beside them: the least any training phase holds beyond the tracked
     # tensors is theirs. Loading comes before any product: its figure says nothing of them.
-    from types import SimpleNamespace
-    args = ref_train.parse_args(["--model", tiny_model, "--bs", "2", "--seq", "16"], budget_only=True)
-    model, items, *_ = ref_train.build(args, meta=True)
-    stack = SimpleNamespace(lm=model, model=model, device="cuda", checkpointing=lambda: False,
-                            seen={"bs": 2, "seq": 16, "autocast": None})
+    model = meta_opt(tiny_model)
+    stack = probed_stack(model, model, "cuda")
     MiB = memcheck.MiB
     phases = {"load": {"untracked_bytes": 0}, "forward": {"untracked_bytes": 9 * MiB},
               "backward": {"untracked_bytes": 8 * MiB}, "optimizer": {"untracked_bytes": 12 * MiB}}
@@ -543,12 +553,8 @@ def test_an_oom_is_said_to_come_in_the_phase_it_came_in_not_the_peaks():
 
 def test_a_probe_budgets_every_parameter_of_the_users_model_not_only_the_language_models(tiny_model):
     # a user's module around the language model, with a trainable projector of its own (as iLoRA's)
-    from types import SimpleNamespace
-    args = ref_train.parse_args(["--model", tiny_model, "--bs", "2", "--seq", "16"], budget_only=True)
-    model, *_ = ref_train.build(args, meta=True)
+    model = meta_opt(tiny_model)
     user = torch.nn.ModuleDict({"llm": model, "projector": torch.nn.Linear(64, 64, device="meta")})
-    stack = SimpleNamespace(lm=model, model=user, device="cpu", checkpointing=lambda: False,
-                            seen={"bs": 2, "seq": 16, "autocast": None})
-    terms = budget.probed(stack, {})["terms"]
+    terms = budget.probed(probed_stack(model, user, "cpu"), {})["terms"]
     assert terms["params"] == sum(p.nbytes for p in user.parameters())
     assert terms["trainable_params"] == sum(p.nbytes for p in user.parameters() if p.requires_grad)

@@ -8,8 +8,10 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
+import budget
 import drive
 import memcheck
+import models
 import ref_train
 from conftest import free_port, on_ranks, one_error_line, run_main
 
@@ -263,9 +265,6 @@ def test_fsdp2_terms_are_each_ranks_torch_chunk_shards_padded_to_the_first(tiny_
     # first chunk's rows: at world 3 no row count of the tiny OPT divides (the last rank's shards
     # are short). Groups: each decoder layer's parameters, then the root's (the rest, iLoRA's
     # router and projector included). Figured here from torch.chunk, on every rank.
-    import budget
-    import memcheck
-    import models
     args = ref_train.parse_args(["--model", tiny_model, "--bs", "1", "--seq", "32"], budget_only=True)
     model, items, *_ = ref_train.build(args, meta=True)
     params = memcheck._unique_params([model, items])
@@ -302,8 +301,6 @@ def test_fsdp2_terms_are_each_ranks_torch_chunk_shards_padded_to_the_first(tiny_
 def test_ddp_holds_a_bucket_for_every_trainable_parameters_gradient_in_every_phase(tiny_model):
     # DDP's flat gradient buckets are made once, as large as the trainable parameters together
     # (frozen ones have none), and kept through every phase of every step
-    import budget
-    import memcheck
     args = ref_train.parse_args(["--model", tiny_model, "--bs", "1", "--seq", "32"], budget_only=True)
     model, items, *_ = ref_train.build(args, meta=True)
     trainable = sum(p.numel() * p.element_size() for p in memcheck._unique_params([model, items])
