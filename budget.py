@@ -510,14 +510,24 @@ def rank_terms(model, extra, trained, *, strategy, world_size, rank):
     return _fsdp_terms(groups, trained, world_size, rank)
 
 
-def _adamw_temporary(trainable_bytes, trained, *, on_cuda, strategy, world_size, rank):
+def _gradient_terms(model, terms, trained, *, traced, on_cuda, strategy, world_size, rank):
     """AdamW's temporary in its step: foreach (CUDA's default) makes one of every trainable
-    parameter at once (trainable_bytes: this rank's, under FSDP2); the single-tensor loop (CPU's)
-    two of each in turn (sqrt, then its division): twice the largest (its shard, under FSDP2)."""
-    if on_cuda:
-        return trainable_bytes
-    return 2 * max((_shard_bytes([p], world_size, rank)[1] if strategy == "fsdp"
-                    else p.numel() * p.element_size() for p in trained), default=0)
+    parameter at once (terms' trainable_params: this rank's, under FSDP2); the single-tensor loop
+    (CPU's) two of each in turn (sqrt, then its division): twice the largest (its shard, under
+    FSDP2). One decoder layer's gradients as the gradients term holds them (its shard, under
+    FSDP2), where the traced backward counts them already (0 for the per-token estimate's). And
+    a trained weight the head shares with the input embeddings: autograd holds the head's
+    gradient of it until the embeddings' comes, at the end of backward, then adds the two."""
+    held = lambda params: (_shard_bytes(params, world_size, rank)[0] if strategy == "fsdp"
+                           else sum(p.numel() * p.element_size() for p in params))
+    trained_ids = {id(p) for p in trained}
+    layer = [p for p in _unique_params([decoder_layers(model)[-1]]) if id(p) in trained_ids]
+    head = model.get_output_embeddings().weight
+    tied = head is model.get_input_embeddings().weight and id(head) in trained_ids
+    return {"optimizer_temporary": (terms["trainable_params"] if on_cuda
+                                    else 2 * max((held([p]) for p in trained), default=0)),
+            "layer_gradients": held(layer) if traced else 0,
+            "tied_head_gradient": head.numel() * head.element_size() if tied else 0}
 
 
 # ---------------------------------------------------------------- the budget
@@ -605,7 +615,29 @@ def _terms(s, layer, *, bs, seq, act, mask, full, ckpt, loss_chunks, trainable_b
     }
 
 
-def _phases(terms, layer, *, tokens, h, ckpt, loss_chunks, logits_kept):
+def _layers_backward(terms, layer, *, training, gathered, saved, tokens, h, n_layers, ckpt):
+    """The peak of the decoder layers' backward, which goes from the last layer to the first: the
+    last layer's with every layer's saved activations (or checkpointed inputs) still held, the
+    first's with every other layer's gradients made (its own are in its traced backward). A tied
+    head's gradient, held until the embeddings' comes, stands in the gradients term for the
+    weight's."""
+    outside_layers = terms["gradients"] - n_layers * terms["layer_gradients"]
+    other_layers = terms["gradients"] - terms["layer_gradients"]
+    hidden = tokens * h * layer["hidden_bytes"]
+    if ckpt:
+        # one layer recomputed, plus the gradient in flight, while the inputs of the layers before
+        # it stay (the recomputed forward's own peak, its temporaries included, can be the higher)
+        layer_backward = layer["saved"] + layer["weight_copies"] + layer["backward"]
+        return (training + 2 * gathered + hidden + max(layer_backward, layer["forward"])
+                + max(terms["checkpointed_inputs"] + outside_layers, hidden + other_layers))
+    # the last layer's output's gradient takes the place of the final norm's input, freed by then
+    last_layer = training + 2 * gathered + saved + layer["backward"] + outside_layers
+    first_layer = (training + 2 * gathered + saved - (n_layers - 1) * layer["saved"]
+                   + layer["backward"] + other_layers)
+    return max(last_layer, first_layer)
+
+
+def _phases(terms, layer, *, tokens, h, n_layers, ckpt, loss_chunks, logits_kept):
     """Each phase's peak, from the terms and one layer's figures; logits_kept: the 16-bit logits
     live through the loss (a model's own forward returns them).
 
@@ -617,11 +649,13 @@ def _phases(terms, layer, *, tokens, h, ckpt, loss_chunks, logits_kept):
     root, gathered = terms.get("gathered_root_params", 0), terms.get("gathered_layer_params", 0)
     training = steady + root
     saved = terms["saved_activations"] + terms["autocast_weight_copies"]
+    last_hidden = tokens * h * layer["hidden_bytes"]  # the final norm's output, held until the loss
     if loss_chunks == 1:
         # forward ends with the logits and their log-softmax; backward starts with the log-softmax
         # (saved), the loss's gradient and the logits' gradient. ref_train's 16-bit logits exist
         # only until .float() has copied them: a spike below the log-softmax's.
-        forward_peak = training + saved + 2 * terms["logits"] + (terms["logits_16bit"] if logits_kept else 0)
+        forward_peak = (training + saved + last_hidden + 2 * terms["logits"]
+                        + (terms["logits_16bit"] if logits_kept else 0))
         backward_start = training + gathered + saved + 3 * terms["logits"]
     else:
         # The head and the loss fused: in forward, one chunk of fp32 logits at a time (exp'd in
@@ -629,30 +663,22 @@ def _phases(terms, layer, *, tokens, h, ckpt, loss_chunks, logits_kept):
         # head's, when it trains), kept for backward, fills up; backward only scales what was kept
         # into a copy. Nothing is recomputed.
         kept = terms["kept_loss_gradient"]
-        forward_peak = training + saved + terms["logits"] + terms["logits_16bit"] + kept
+        forward_peak = training + saved + last_hidden + terms["logits"] + terms["logits_16bit"] + kept
         backward_start = training + gathered + saved + 2 * kept
     if root:
         # FSDP2 frees the root's flat all-gather buffer only once the first layer's parameters
         # are copied out of theirs: both groups twice, and the embeddings' outputs
         forward_peak = max(forward_peak, steady + 2 * root + 2 * gathered
                            + 3 * tokens * h * layer["hidden_bytes"])
-    layer_backward = layer["saved"] + layer["weight_copies"] + layer["backward"]
+    layers = _layers_backward(terms, layer, training=training, gathered=gathered, saved=saved,
+                              tokens=tokens, h=h, n_layers=n_layers, ckpt=ckpt)
     # FSDP2 reduce-scatters a group's gradients once its backward is done (the root's last)
     reduce_scatter = (training + gathered + terms["gradients"] + terms["reduce_scatter_buffers"]
                       if "reduce_scatter_buffers" in terms else 0)
-    recompute = 0
-    if ckpt:
-        # one layer recomputed, plus its gradients in flight, while the other inputs stay
-        # (the recomputed forward's own peak, its temporaries included, can be the higher)
-        recompute = (training + 2 * gathered + terms["checkpointed_inputs"]
-                     + tokens * h * layer["hidden_bytes"] + terms["gradients"]
-                     + max(layer_backward, layer["forward"]))
-    # the last layer's backward, every layer's saved activations still held (no checkpointing); its
-    # output's gradient takes the place of the final norm's input, freed by then
-    last_layer = 0 if ckpt else training + 2 * gathered + saved + layer["backward"]
-    optimizer_peak = steady + terms["gradients"] + terms["optimizer_temporary"]
-    return {"forward": forward_peak, "backward": max(backward_start, recompute, last_layer, reduce_scatter),
-            "optimizer": optimizer_peak}
+    # the end: every gradient made (a tied weight's two summed, beside both)
+    backward_end = training + terms["gradients"] + 2 * terms["tied_head_gradient"]
+    return {"forward": forward_peak, "backward": max(backward_start, layers, reduce_scatter, backward_end),
+            "optimizer": steady + terms["gradients"] + terms["optimizer_temporary"]}
 
 
 def _categories(terms, phases, peak_phase, loss_chunks):
@@ -731,8 +757,8 @@ def budget(model, *, bs, seq, checkpointing, autocast_dtype=None, loss_chunks=1,
                    param_bytes=sum(by_dtype.values()), positions=seq - 1 if shifted_logits else seq)
     terms.update(rank_terms(model, extra, {id(p) for p in trained}, strategy=strategy,
                             world_size=world_size, rank=rank))
-    terms["optimizer_temporary"] = _adamw_temporary(terms["trainable_params"], trained, on_cuda=on_cuda,
-                                                    strategy=strategy, world_size=world_size, rank=rank)
+    terms.update(_gradient_terms(model, terms, trained, traced=method == "traced", on_cuda=on_cuda,
+                                 strategy=strategy, world_size=world_size, rank=rank))
     if on_cuda and (cuda_workspace_bytes is not None or torch.cuda.is_available()):
         # (budgeting for CUDA on a machine without it, they are not known: the term is absent)
         terms["cuda_workspaces"] = (cuda_workspaces(device) if cuda_workspace_bytes is None
@@ -744,8 +770,8 @@ def budget(model, *, bs, seq, checkpointing, autocast_dtype=None, loss_chunks=1,
         head = s["vocab"] * s["hidden"] // loss_chunks if casts_weights else 0  # (the fused loss: a slice)
         terms["autocast_weight_copies"] = (head * act
                                            + (0 if checkpointing else s["layers"] * layer["weight_copies"]))
-    phases = _phases(terms, layer, tokens=bs * seq, h=s["hidden"], ckpt=checkpointing,
-                     loss_chunks=loss_chunks, logits_kept=not shifted_logits)
+    phases = _phases(terms, layer, tokens=bs * seq, h=s["hidden"], n_layers=s["layers"],
+                     ckpt=checkpointing, loss_chunks=loss_chunks, logits_kept=not shifted_logits)
     peak_phase = max(phases, key=phases.get)
     return {"full": full, "method": method, "terms": terms, "params_by_dtype": by_dtype,
             "phases": phases, "peak_phase": peak_phase, "peak_bytes": phases[peak_phase],

@@ -129,9 +129,8 @@ _ALIASING, _OP_NAMES = {}, {}
 
 
 def _aliases_input(func):
-    entry = _ALIASING.get(id(func))
-    if entry is None or entry[0] is not func:
-        entry = _ALIASING[id(func)] = (func, any(r.alias_info is not None for r in func._schema.returns))
+    """Whether `func`'s outputs alias its inputs: read off its schema on a miss of _ALIASING."""
+    entry = _ALIASING[id(func)] = (func, any(r.alias_info is not None for r in func._schema.returns))
     return entry[1]
 
 
@@ -535,7 +534,7 @@ class _Stack:
         config["baseline_command"] = baseline_command(config)
         return {k: v for k, v in config.items() if v is not None}  # unknown is absent, not null
 
-    def save_config(self, report_path, write=True):
+    def save_config(self, report_path, write):
         """A model with no path or hub name: its config.json beside the report, for the baseline
         (written by rank 0 only, beside its report: every rank's baseline points there)."""
         if (self.lm is None or getattr(self.lm.config, "_name_or_path", None) or self.config_dir
@@ -802,7 +801,7 @@ class Probe:
         if is_out_of_memory(error) and self.oom is None:
             self._record_oom(error)
             if self.path:
-                self.save(self.path)
+                self.save()
 
     # -- results
     def report(self):
@@ -962,10 +961,9 @@ def baseline_command(config):
     flags = [f"--bs {config['bs']} --seq {config['seq']}"]
     if config.get("model") or config.get("model_config"):
         flags.append(f"--model {config.get('model') or config['model_config']}")
-    if config.get("adapters"):
-        flags.append(f"--lora-r {config['r']} --alpha {config['alpha']:g} --experts {config['experts']} "
-                     f"--dropout {config['dropout']:g} --targets {','.join(config['targets'])}"
-                     + (" --no-inject-items" if config["experts"] == 1 else ""))
+    flags.append(f"--lora-r {config['r']} --alpha {config['alpha']:g} --experts {config['experts']} "
+                 f"--dropout {config['dropout']:g} --targets {','.join(config['targets'])}"
+                 + (" --no-inject-items" if config["experts"] == 1 else ""))
     # Measured, or before any backward (an OOM in step 1) as configured.
     checkpointing = config.get("checkpointing")
     checkpointing = config.get("checkpointing_enabled") if checkpointing is None else checkpointing

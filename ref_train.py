@@ -186,6 +186,7 @@ def forward_loss(model, items, batch, args, n_targets=None):
         embeds = items.inject(embeds, batch["item_ids"])
     hidden = model.get_decoder()(inputs_embeds=embeds, attention_mask=batch["attention_mask"],
                                  use_cache=False).last_hidden_state
+    del embeds  # the decoder is done with them: not held through the loss, the forward's peak
     return lm_loss(model.get_output_embeddings(), hidden, batch["labels"], args.loss_chunks, n_targets)
 
 
@@ -354,8 +355,7 @@ def finish(args, probe, extra, recording, failure, log):
         torch.cuda.memory._dump_snapshot(distributed.rank_path(args.snapshot, args))
         torch.cuda.memory._record_memory_history(enabled=None)
     report = dict(probe.report(), **extra)
-    if failure is None:
-        report = distributed.gather_reports(report, args)
+    report = distributed.gather_reports(report, args) if failure is None else report
     path = distributed.report_path(args, failure)
     if path:
         memcheck.write_report(path, report)

@@ -1022,6 +1022,8 @@ def test_max_ratio_refuses_a_report_with_no_training_peak_in_one_line_naming_it(
     (lambda r: r.update(modules=[{"bytes": 3}]), "field modules[0].module is missing"),
     (lambda r: r.update(oom="x"), "field oom is str 'x', expected an object"),
     (lambda r: r.update(ranks=[{}, {}]), "(rank 0): field 'config' is missing"),
+    (lambda r: r.update(rank_reports=[1]), "field 'rank_reports' is [1], expected file names"),
+    (lambda r: r.update(status="done"), "status 'done', expected one of ok, oom, error, interrupted"),
 ])
 def test_diff_rejects_files_that_are_not_reports_of_this_schema(tmp_path, content, message, capsys):
     good = tmp_path / "good.json"
@@ -1037,6 +1039,22 @@ def test_diff_rejects_files_that_are_not_reports_of_this_schema(tmp_path, conten
     lines = [line for line in done.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and message in lines[0] and "bad.json" in lines[0]
     assert "Traceback" not in done.stderr
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["frob"], "unknown command 'frob'; expected diff"),
+    (["diff", "a.json"], "the following arguments are required: B.json"),
+    (["diff", "a.json", "b.json", "--max-ratio", "0"], "--max-ratio 0.0: must be a positive number"),
+    (["diff", "a.json", "b.json", "--json", "--markdown"], "not allowed with argument --json"),
+])
+def test_the_command_line_refuses_bad_usage_in_one_line(argv, message, capsys):
+    line = one_error_line(run_main(memcheck.main, capsys, *argv))
+    assert line.startswith("memcheck.py: error: ") and message in line, line
+
+
+def test_the_command_line_without_a_command_shows_its_usage_and_exits_2(capsys):
+    done = run_main(memcheck.main, capsys)
+    assert done.returncode == 2 and "memcheck.py diff" in done.stdout
 
 
 def test_diff_of_a_closed_pipe_ends_quietly(tmp_path):

@@ -716,6 +716,8 @@ BAD_INPUTS = {
     "cuda-without-cuda": (["--device", "cuda"], ["--device cuda"]),
     "precision-64": (["--precision", "64"], ["64", "bf16-mixed"]),
     "missing-model": (["--model", "/no/such/dir"], ["/no/such/dir"]),
+    "hub-name-not-cached": (["--model", "facebook/opt-350m"], ["--model facebook/opt-350m",
+                                                               "nothing is downloaded"]),
     "missing-data": (["--data", "/no/such/dir"], ["/no/such/dir"]),
     "malformed-u.data": (["--model", "{tiny}", "--data", "{bad_data}"],
                          ["{bad_data}/u.data line 3", "three"]),
