@@ -226,8 +226,9 @@ def lightning_fit(model, callback, steps=3, return_logits=False, module_hooks=No
     """Lightning's fit() of a LightningModule holding the model as self.llm. return_logits:
     training_step returns the logits beside the loss (Lightning holds them until the step ends);
     module_hooks: methods added to the LightningModule; validate: a validation batch after every
-    training step; strategy and devices: Lightning's (several devices: one rank of on_ranks each);
-    user_callbacks: listed before `callback`."""
+    training step, with grad allowed and no sanity check ("defaults": Lightning's, inference mode
+    and a sanity check before training); strategy and devices: Lightning's (several devices: one
+    rank of on_ranks each); user_callbacks: listed before `callback`."""
     pl = pytest.importorskip("lightning.pytorch")
 
     class Module(pl.LightningModule):
@@ -244,8 +245,9 @@ def lightning_fit(model, callback, steps=3, return_logits=False, module_hooks=No
 
     for name, method in (module_hooks or {}).items():
         setattr(Module, name, method)
-    validation = dict(val_check_interval=1, limit_val_batches=1, num_sanity_val_steps=0,
-                      inference_mode=False) if validate else {}
+    validation = dict(val_check_interval=1, limit_val_batches=1) if validate else {}
+    if validate is True:
+        validation.update(num_sanity_val_steps=0, inference_mode=False)
     trainer = pl.Trainer(max_steps=steps, accelerator="cpu", devices=devices, strategy=strategy, logger=False,
                          enable_checkpointing=False, enable_progress_bar=False,
                          enable_model_summary=False, callbacks=[*user_callbacks, callback], **validation)

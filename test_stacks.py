@@ -155,6 +155,26 @@ def test_a_lightning_evaluation_without_no_grad_is_named_and_flips_no_inference(
         assert config["baseline_command"].endswith("--ckpt manual")
 
 
+def test_lightnings_default_validation_with_its_sanity_check_leaves_the_training_figures_alone(tmp_path):
+    # Lightning validates twice before training (no probe yet) and in inference mode after each
+    # step. (Its forward differs: it frees the gradients before validating, and otherwise only
+    # between the next training_step and its backward.)
+    reports = {}
+    for validate in ("defaults", False):
+        path = tmp_path / f"{validate}.json"
+        lightning_fit(peft_opt(ckpt=True), memcheck.lightning_callback(**quiet(path)), validate=validate,
+                      module_hooks={"validation_step": lambda self, batch, i: self.llm(input_ids=batch).loss})
+        reports[validate] = memcheck.read_report(path)
+    validated, plain = reports["defaults"], reports[False]
+    assert validated["status"] == "ok" and validated["warnings"] == [] and "eval" in validated["phases"]
+    assert validated["peak_bytes"] == plain["peak_bytes"]
+    for phase in ("backward", "optimizer"):
+        assert validated["phases"][phase]["peak_bytes"] == plain["phases"][phase]["peak_bytes"], phase
+    beside = ("model_config", "baseline_command")   # (they name the report's own folder)
+    assert ({k: v for k, v in validated["config"].items() if k not in beside}
+            == {k: v for k, v in plain["config"].items() if k not in beside})
+
+
 def test_hf_evaluation_is_a_phase_and_user_callbacks_run_outside_the_optimizer_phase(tmp_path):
     from transformers import TrainerCallback
 
