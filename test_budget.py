@@ -219,6 +219,25 @@ def test_a_trace_that_fails_leaves_autocast_transformers_and_torch_as_they_were(
         "formula: the layer does not run on meta (RuntimeError: a layer that cannot run on meta)")
 
 
+def test_a_trained_fp32_weight_used_twice_is_cast_once_on_meta_as_autocast_caches_it():
+    def saved_bytes(device, cast):
+        weight = torch.ones(64, 64, device=device, requires_grad=True)   # a trained leaf, fp32
+        x = torch.ones(8, 64, device=device, requires_grad=True)
+        saved = {}
+
+        def pack(t):
+            saved[t.untyped_storage()._cdata] = t.untyped_storage().nbytes()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), cast:
+            torch.nn.functional.linear(x, weight) + torch.nn.functional.linear(x * 2, weight)
+        return sum(saved.values())
+
+    real = saved_bytes("cpu", torch.autocast("cpu", torch.bfloat16))
+    traced = saved_bytes("meta", budget._autocast_on_meta(torch.bfloat16, "cpu", ()))
+    assert traced == real == 64 * 64 * 2 + 2 * 8 * 64 * 2   # one copy of the weight; of x and x * 2
+
+
 def saved_by_a_real_layer(model, ids, autocast_dtype):
     """Unique bytes the last decoder layer saves for backward when it really runs on CPU, under
     autocast when given: parameters and the inputs every layer shares not counted."""
