@@ -45,6 +45,19 @@ def catalogue():
     return titles, samples, tokenizer, data.placeholder_ids(tokenizer, added_tokens=True)
 
 
+def test_a_tokenizer_without_a_pad_token_gets_one_and_counts_it_as_added():
+    # Llama's tokenizer has none: padding a batch needs one, and the embeddings grow by one more row
+    titles, _ = data.synthetic_catalogue(0)
+    tokenizer = data.train_tokenizer(titles)
+    before = len(tokenizer)
+    tokenizer.pad_token = None
+    added = data.add_special_tokens(tokenizer)
+    assert tokenizer.pad_token == data.PAD_TOKEN
+    assert added == len(data.SPECIAL_TOKENS) + 1 == len(tokenizer) - before
+    assert data.placeholder_ids(tokenizer, added_tokens=True)[2] == tokenizer.convert_tokens_to_ids(
+        data.PAD_TOKEN)
+
+
 def test_synthetic_catalogue_is_deterministic_and_well_formed():
     titles, samples = data.synthetic_catalogue(0)
     assert (titles, samples) == data.synthetic_catalogue(0)
