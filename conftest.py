@@ -191,19 +191,20 @@ def assert_markdown_tables(text):
         assert set(table[1].replace("|", "")) <= {"-", ":", " "}, table[1]
 
 
-def peft_opt(ckpt=None, input_grads=True, vocab=500):
+def peft_opt(ckpt=None, input_grads=True, vocab=500, dropout=0.0):
     """A tiny OPT with PEFT's LoRA on q and v, built as a user's stack builds it.
 
     ckpt: None, "reentrant" or "non-reentrant": the model's own gradient checkpointing.
     input_grads=False undoes the enable_input_require_grads() that transformers 5 calls when
     checkpointing is enabled: the frozen embeddings' output then does not require grad, as in the
-    transformers and PEFT versions the real stack pinned.
+    transformers and PEFT versions the real stack pinned. dropout: the adapters' (PEFT's lora_dropout).
     """
     from peft import LoraConfig, get_peft_model
     from transformers import OPTConfig, OPTForCausalLM
     torch.manual_seed(0)
     model = OPTForCausalLM(OPTConfig(vocab_size=vocab, **TINY_OPT))
-    model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, lora_dropout=dropout,
+                                             target_modules=["q_proj", "v_proj"]))
     if ckpt:
         model.gradient_checkpointing_enable(
             gradient_checkpointing_kwargs={"use_reentrant": ckpt == "reentrant"})

@@ -1458,7 +1458,8 @@ SAME_WITHIN = 0.01        # peaks within 1% of each other: the two trainings cos
 OUTPUT_FLAGS = {"report", "snapshot", "markdown", "model_config"}  # where results go, not what was measured
 # Wrappers that sit between a model and its layers without changing them: DDP, torch.compile,
 # torch's checkpoint_wrapper, FSDP; and a LoRA layer's base linear (PEFT's base_layer, the gated
-# LoRA's base) and PEFT's adapter name (lora_A.default), so that both LoRAs' rows align.
+# LoRA's base), PEFT's adapter name (lora_A.default), and PEFT's lora_dropout named as the gated
+# LoRA's dropout, so that both LoRAs' rows align.
 _WRAPPERS = re.compile(r"(^|\.)(module|_orig_mod|_checkpoint_wrapped_module|_fsdp_wrapped_module"
                        r"|base_layer|base)(?=\.|$)")
 _ADAPTER_NAME = re.compile(r"(\.lora_(?:A|B|dropout|embedding_A|embedding_B))\.[^.]+")
@@ -1471,6 +1472,7 @@ def _modules_by_group(report):
     groups = {}
     for m in report.get("modules") or []:
         name = _ADAPTER_NAME.sub(r"\1", _WRAPPERS.sub("", m["module"]).lstrip("."))
+        name = name.replace(".lora_dropout", ".dropout")  # PEFT's, named as the gated LoRA's
         g = groups.setdefault(_INDEX.sub(".*", name), {"bytes": 0, "count": 0, "ops": {}})
         g["bytes"] += m["bytes"]
         g["count"] += 1

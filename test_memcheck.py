@@ -64,6 +64,49 @@ def test_tracker_counts_every_output_of_a_tuple_and_names_records_when_asked():
     assert all(r.freed is not None for r in records)
 
 
+def test_the_tracker_allows_live_bytes_up_to_its_limit_and_fails_one_byte_past_it():
+    with memcheck.Tracker("cpu", limit_bytes=4000) as tracker:
+        x = torch.empty(1000)                       # exactly the limit: not over it
+        assert tracker.live_bytes == 4000
+        with pytest.raises(torch.OutOfMemoryError, match="live tensors reached"):
+            torch.empty(1, dtype=torch.uint8)
+    del x
+
+
+def test_the_peak_is_the_first_moment_live_bytes_reach_it():
+    # Two temporaries of the same size, one after the other: what was alive at the peak is the first.
+    with memcheck.Tracker("cpu") as tracker:
+        first = torch.zeros(1000)
+        del first
+        second = torch.ones(1000)
+        _, _, temporaries = tracker.at(tracker.peak_event)
+    assert tracker.peak_bytes == 4000 and [t["op"] for t in temporaries] == ["zeros"]
+    del second
+
+
+def test_a_storage_with_two_roles_is_counted_in_the_higher_one():
+    # Parameters, then gradients and optimizer state, over what a step saves, over temporaries:
+    # a gradient a loop's forward uses (and autograd saves) is still a gradient.
+    order = ["trainable_params", "frozen_params", "gradients", "optimizer_state", "activations",
+             "temporaries"]
+    with memcheck.Tracker("cpu") as tracker:
+        for higher, lower in itertools.combinations(order, 2):
+            t = torch.empty(10)
+            for first, then in ((lower, higher), (higher, lower)):
+                tracker.tag([t], first, adopt=True)
+                tracker.tag([t], then)
+                assert tracker.track(t, "x").category == higher, (first, then)
+                tracker.track(t, "x").category = "temporaries"
+
+
+def test_the_temporaries_at_the_peak_are_the_largest_largest_first():
+    with memcheck.Tracker("cpu") as tracker:
+        alive = [torch.empty(n) for n in (10, 1000, 100, 1, 10000, 50, 5)]
+        _, _, temporaries = tracker.at(tracker.peak_event)
+    assert [t["bytes"] for t in temporaries] == [40000, 4000, 400, 200, 40]
+    del alive
+
+
 def test_cpu_tracker_matches_the_profiler_on_a_training_step(tiny_model):
     from torch.profiler import ProfilerActivity, profile
 
@@ -343,6 +386,17 @@ def test_the_first_steps_peak_is_trainings_not_the_loads():
     assert report["steps"][0]["peak_bytes"] < 16 * MiB
 
 
+def test_a_step_with_only_a_load_phase_peaks_at_what_it_leaves_alive():
+    # Loading is no part of training's peak: such a step's peak is its live bytes, never 0.
+    layer = nn.Linear(32, 32)
+    with memcheck.Probe(layer) as probe:
+        with probe.phase("load"):
+            weights = torch.randn(1000)
+        step = probe.step()
+    assert step["peak_bytes"] == step["live_bytes"] > 4000
+    del weights
+
+
 def test_an_inplace_change_to_a_saved_tensor_fails_backward_under_the_probe_as_without_it():
     def backward():
         x = torch.randn(3, 4, requires_grad=True)
@@ -379,6 +433,14 @@ def test_pythons_own_memory_error_is_an_out_of_memory():
     with pytest.raises(MemoryError), memcheck.Probe(nn.Linear(2, 2)) as probe:
         [0] * (2 ** 62)   # more than any machine has: Python refuses it before asking
     assert probe.status == "oom" and probe.oom["phase"] == memcheck.BETWEEN_PHASES
+
+
+def test_pythons_own_memory_error_inside_a_phase_is_an_out_of_memory_in_that_phase():
+    # No op raised it (the tracker records those): the phase records it before it closes.
+    with pytest.raises(MemoryError), memcheck.Probe(nn.Linear(2, 2)) as probe:
+        with probe.phase("forward"):
+            [0] * (2 ** 62)
+    assert probe.status == "oom" and probe.oom["phase"] == "forward"
 
 
 def test_a_report_folder_is_made_at_the_start_and_one_that_cannot_be_is_said_in_one_line(tmp_path):
@@ -891,12 +953,12 @@ def test_diff_markdown_is_a_valid_table(train_tiny):
     assert_markdown_tables(memcheck.format_diff(report, report, markdown=True))
 
 
-def gated_opt():
+def gated_opt(dropout=0.0):
     """The tiny OPT of peft_opt() with the hand-written LoRA instead (one expert), no wrapper."""
     from transformers import OPTConfig, OPTForCausalLM
     torch.manual_seed(0)
     model = OPTForCausalLM(OPTConfig(vocab_size=500, **TINY_OPT))
-    ilora.add_gated_lora(model, ("q_proj", "v_proj"), r=4, alpha=8, n_experts=1)
+    ilora.add_gated_lora(model, ("q_proj", "v_proj"), r=4, alpha=8, n_experts=1, dropout=dropout)
     model.get_decoder().final_layer_norm.requires_grad_(True)
     model.train()
     return model, torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
@@ -918,6 +980,34 @@ def test_a_peft_wrapped_and_an_unwrapped_model_training_the_same_thing_diff_to_t
     assert "module model.decoder.layers.*.self_attn (x2)" in [what for what, _, _ in modules]
     assert memcheck.format_diff(plain, wrapped).splitlines()[-1].startswith(
         "the two trainings cost the same (within 1%)")
+
+
+def test_both_loras_dropout_masks_are_one_row_of_the_diff():
+    # The gated LoRA's dropout and PEFT's lora_dropout.default save the same mask.
+    plain, wrapped = probed(*gated_opt(dropout=0.1)), probed(*peft_opt(dropout=0.1))
+    rows = {what: (a, b) for what, a, b in memcheck.diff(plain, wrapped) if "dropout" in what}
+    assert set(rows) == {f"module model.decoder.layers.*.self_attn.{p}.dropout (x2)"
+                         for p in ("q_proj", "v_proj")}
+    assert all(a == b > 0 for a, b in rows.values()), rows
+
+
+def test_module_groups_drop_wrappers_adapter_names_and_layer_indices_wherever_they_are():
+    # DDP's and compile's wrappers, the base linear of PEFT's LoRA and the gated one's, PEFT's adapter
+    # name (after lora_dropout too, which is the gated LoRA's dropout), and a layer's index at the end
+    # of its name (what a checkpointed layer saves at its own level): rows of the same place in the
+    # model, whatever wraps it.
+    names = {"module._orig_mod.model.decoder.layers.0": 1, "model.decoder.layers.1": 2,
+             "model.decoder.layers.0.self_attn.q_proj.base_layer": 4,
+             "model.decoder.layers.1.self_attn.q_proj.base": 8,
+             "model.decoder.layers.0.self_attn.q_proj.lora_dropout.default": 16,
+             "model.decoder.layers.1.self_attn.q_proj.dropout": 128,
+             "model.decoder.layers.1.self_attn.q_proj.lora_A.default": 32,
+             "model.decoder.layers.1.self_attn.q_proj.lora_A": 64}
+    groups = memcheck._modules_by_group({"modules": [{"module": m, "bytes": b} for m, b in names.items()]})
+    assert {g: (v["bytes"], v["count"]) for g, v in groups.items()} == {
+        "model.decoder.layers.*": (3, 2), "model.decoder.layers.*.self_attn.q_proj": (12, 2),
+        "model.decoder.layers.*.self_attn.q_proj.dropout": (144, 2),
+        "model.decoder.layers.*.self_attn.q_proj.lora_A": (96, 2)}
 
 
 def test_diff_puts_b_in_b_column_and_concludes_where_the_excess_is(train_tiny):
@@ -1017,6 +1107,7 @@ def test_max_ratio_refuses_a_report_with_no_training_peak_in_one_line_naming_it(
     ('{"schema": "memcheck/0", "peak_bytes": 1}', "schema 'memcheck/0'"),
     (b"\x80\x04\x95\x00pickle", "not JSON"),
     (lambda r: r.update(peak_bytes="645 MiB"), "field 'peak_bytes' is str"),
+    (lambda r: r.update(peak_bytes=True), "field 'peak_bytes' is bool True, expected an integer"),
     (lambda r: r["leak"].pop("detected"), "field leak.detected is missing, expected true or false"),
     (lambda r: r["phases"].update(forward=5), "field phases['forward'] is int 5, expected an object"),
     (lambda r: r.update(modules=[{"bytes": 3}]), "field modules[0].module is missing"),
@@ -1203,6 +1294,32 @@ def test_a_negative_leak_prints_as_none():
     a, b = synthetic(1.0), synthetic(1.0, leak_per_step=-3072.0)
     row = next(line for line in memcheck.format_diff(a, b).splitlines() if line.startswith("leak per step"))
     assert row.split()[4:7] == ["0", "none", "+0"], row
+
+
+@pytest.mark.parametrize("a_leaks, flag", [(False, "LEAK in B"), (True, "-")])
+def test_the_leak_row_flags_b_only_where_a_does_not_leak_as_well(a_leaks, flag):
+    a, b = synthetic(1.0, leak_per_step=4096.0 * a_leaks), synthetic(1.0, leak_per_step=4096.0)
+    a["leak"]["detected"], b["leak"]["detected"] = a_leaks, True
+    row = next(line for line in memcheck.format_diff(a, b).splitlines() if line.startswith("leak per step"))
+    assert row.endswith(f"  {flag}"), row
+
+
+def test_the_reserved_row_is_trainings_not_the_loads():
+    # CUDA's reserved bytes, per phase: loading (a resize_token_embeddings) keeps its own, not diff's.
+    a, b = synthetic(1.0), synthetic(1.0)
+    for report, load, forward in ((a, 900, 100), (b, 50, 200)):
+        report["phases"] = {name: {"peak_bytes": 1, "live_bytes": 1, "reserved_bytes": n * MiB}
+                            for name, n in (("load", load), ("forward", forward))}
+    assert ("reserved", 100 * MiB, 200 * MiB) in memcheck.diff(a, b)
+
+
+def test_where_the_results_went_is_no_configuration_difference():
+    a, b = synthetic(1.0), synthetic(1.0)
+    a["config"] = {"bs": 2, "report": "a.json", "snapshot": "a.pickle", "markdown": False,
+                   "model_config": "/runs/a-model"}
+    b["config"] = {"bs": 4, "report": "b.json", "snapshot": None, "markdown": True,
+                   "model_config": "/runs/b-model"}
+    assert memcheck.config_differences(a, b) == {"bs": [2, 4]}
 
 
 def holding(fields=(), **categories):
