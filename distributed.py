@@ -126,10 +126,7 @@ def gather_reports(report, args):
     report = dict(report, rank=rank(args), world_size=world_size(args))
     reports = [None] * world_size(args) if rank(args) == 0 else None
     dist.gather_object(report, reports, dst=0)
-    if rank(args) != 0:
-        return report
-    heaviest, imbalance = max(reports, key=lambda r: r["peak_bytes"]), memcheck.rank_imbalance(reports)
-    return dict(heaviest, ranks=reports, warnings=heaviest["warnings"] + ([imbalance] if imbalance else []))
+    return memcheck.with_ranks({"ranks": reports}, path=None) if rank(args) == 0 else report
 
 
 def rank_table(report):
