@@ -510,24 +510,40 @@ def rank_terms(model, extra, trained, *, strategy, world_size, rank):
     return _fsdp_terms(groups, trained, world_size, rank)
 
 
-def _gradient_terms(model, terms, trained, *, traced, on_cuda, strategy, world_size, rank):
-    """AdamW's temporary in its step: foreach (CUDA's default) makes one of every trainable
-    parameter at once (terms' trainable_params: this rank's, under FSDP2); the single-tensor loop
-    (CPU's) two of each in turn (sqrt, then its division): twice the largest (its shard, under
-    FSDP2). One decoder layer's gradients as the gradients term holds them (its shard, under
-    FSDP2), where the traced backward counts them already (0 for the per-token estimate's). And
-    a trained weight the head shares with the input embeddings: autograd holds the head's
-    gradient of it until the embeddings' comes, at the end of backward, then adds the two."""
-    held = lambda params: (_shard_bytes(params, world_size, rank)[0] if strategy == "fsdp"
-                           else sum(p.numel() * p.element_size() for p in params))
+def _held_bytes(params, *, strategy, world_size, rank, padded):
+    """Bytes of `params` on this rank: under FSDP2 their shards, padded (as gradients are) or the
+    unpadded local view (as the optimizer's state and temporaries are)."""
+    if strategy == "fsdp":
+        return _shard_bytes(params, world_size, rank)[0 if padded else 1]
+    return sum(p.numel() * p.element_size() for p in params)
+
+
+def _gradient_terms(model, trained, *, traced, **placement):
+    """The gradients' own moments, in bytes on this rank. "layer_gradients": the last decoder
+    layer's, which its traced backward makes (0 for the per-token estimate, which leaves them out);
+    "outside_layers_gradients": those of trained parameters outside the decoder layers; and
+    "tied_head_gradient": a trained weight the head shares with the input embeddings, whose head
+    gradient autograd holds until the embeddings' comes, at the end of backward, then adds."""
     trained_ids = {id(p) for p in trained}
-    layer = [p for p in _unique_params([decoder_layers(model)[-1]]) if id(p) in trained_ids]
+    layers = decoder_layers(model)
+    in_layers = [p for p in _unique_params(layers) if id(p) in trained_ids]
+    last = [p for p in _unique_params([layers[-1]]) if id(p) in trained_ids]
     head = model.get_output_embeddings().weight
     tied = head is model.get_input_embeddings().weight and id(head) in trained_ids
-    return {"optimizer_temporary": (terms["trainable_params"] if on_cuda
-                                    else 2 * max((held([p]) for p in trained), default=0)),
-            "layer_gradients": held(layer) if traced else 0,
+    in_layer_ids = {id(p) for p in in_layers}
+    return {"layer_gradients": _held_bytes(last, padded=True, **placement) if traced else 0,
+            "outside_layers_gradients": _held_bytes([p for p in trained if id(p) not in in_layer_ids],
+                                                    padded=True, **placement),
             "tied_head_gradient": head.numel() * head.element_size() if tied else 0}
+
+
+def _adamw_temporary(trained, *, on_cuda, **placement):
+    """AdamW's temporary in its step, on this rank (its shards, under FSDP2): foreach (CUDA's
+    default) makes one of every trained parameter at once; the single-tensor loop (CPU's) two of
+    each in turn (sqrt, then its division): twice the largest."""
+    if on_cuda:
+        return _held_bytes(trained, padded=False, **placement)
+    return 2 * max((_held_bytes([p], padded=False, **placement) for p in trained), default=0)
 
 
 # ---------------------------------------------------------------- the budget
@@ -615,26 +631,28 @@ def _terms(s, layer, *, bs, seq, act, mask, full, ckpt, loss_chunks, trainable_b
     }
 
 
-def _layers_backward(terms, layer, *, training, gathered, saved, tokens, h, n_layers, ckpt):
-    """The peak of the decoder layers' backward, which goes from the last layer to the first: the
-    last layer's with every layer's saved activations (or checkpointed inputs) still held, the
-    first's with every other layer's gradients made (its own are in its traced backward). A tied
-    head's gradient, held until the embeddings' comes, stands in the gradients term for the
-    weight's."""
-    outside_layers = terms["gradients"] - n_layers * terms["layer_gradients"]
+def _layers_backward(terms, layer, *, training, gathered, hidden, n_layers, ckpt):
+    """The peak of the decoder layers' backward, which goes from the last layer to the first; hidden:
+    the bytes of one hidden state. The last layer's comes with every layer's saved activations (or
+    checkpointed inputs) still held, and only the gradients outside the layers; the first's with its
+    own activations, and every gradient but its own, which its backward makes (as the traced last
+    layer's does). A tied head's gradient, held until the embeddings' comes, stands in the gradients
+    term for the weight's."""
+    outside_layers = terms["outside_layers_gradients"]
     other_layers = terms["gradients"] - terms["layer_gradients"]
-    hidden = tokens * h * layer["hidden_bytes"]
     if ckpt:
         # one layer recomputed, plus the gradient in flight, while the inputs of the layers before
         # it stay (the recomputed forward's own peak, its temporaries included, can be the higher)
         layer_backward = layer["saved"] + layer["weight_copies"] + layer["backward"]
         return (training + 2 * gathered + hidden + max(layer_backward, layer["forward"])
                 + max(terms["checkpointed_inputs"] + outside_layers, hidden + other_layers))
-    # the last layer's output's gradient takes the place of the final norm's input, freed by then
-    last_layer = training + 2 * gathered + saved + layer["backward"] + outside_layers
-    first_layer = (training + 2 * gathered + saved - (n_layers - 1) * layer["saved"]
-                   + layer["backward"] + other_layers)
-    return max(last_layer, first_layer)
+    # Beside the layers' own: the final norm's input (its output's gradient takes its place), the
+    # mask and the inputs every layer shares. lm_head's autocast copy went with its backward.
+    per_layer = layer["saved"] + layer["weight_copies"]
+    beside = terms["saved_activations"] - n_layers * layer["saved"]
+    last_layer = n_layers * per_layer + outside_layers
+    first_layer = per_layer + other_layers
+    return training + 2 * gathered + beside + layer["backward"] + max(last_layer, first_layer)
 
 
 def _phases(terms, layer, *, tokens, h, n_layers, ckpt, loss_chunks, logits_kept):
@@ -649,12 +667,12 @@ def _phases(terms, layer, *, tokens, h, n_layers, ckpt, loss_chunks, logits_kept
     root, gathered = terms.get("gathered_root_params", 0), terms.get("gathered_layer_params", 0)
     training = steady + root
     saved = terms["saved_activations"] + terms["autocast_weight_copies"]
-    last_hidden = tokens * h * layer["hidden_bytes"]  # the final norm's output, held until the loss
+    hidden = tokens * h * layer["hidden_bytes"]  # a hidden state (the final norm's lives through the loss)
     if loss_chunks == 1:
         # forward ends with the logits and their log-softmax; backward starts with the log-softmax
         # (saved), the loss's gradient and the logits' gradient. ref_train's 16-bit logits exist
         # only until .float() has copied them: a spike below the log-softmax's.
-        forward_peak = (training + saved + last_hidden + 2 * terms["logits"]
+        forward_peak = (training + saved + hidden + 2 * terms["logits"]
                         + (terms["logits_16bit"] if logits_kept else 0))
         backward_start = training + gathered + saved + 3 * terms["logits"]
     else:
@@ -663,15 +681,14 @@ def _phases(terms, layer, *, tokens, h, n_layers, ckpt, loss_chunks, logits_kept
         # head's, when it trains), kept for backward, fills up; backward only scales what was kept
         # into a copy. Nothing is recomputed.
         kept = terms["kept_loss_gradient"]
-        forward_peak = training + saved + last_hidden + terms["logits"] + terms["logits_16bit"] + kept
+        forward_peak = training + saved + hidden + terms["logits"] + terms["logits_16bit"] + kept
         backward_start = training + gathered + saved + 2 * kept
     if root:
         # FSDP2 frees the root's flat all-gather buffer only once the first layer's parameters
         # are copied out of theirs: both groups twice, and the embeddings' outputs
-        forward_peak = max(forward_peak, steady + 2 * root + 2 * gathered
-                           + 3 * tokens * h * layer["hidden_bytes"])
-    layers = _layers_backward(terms, layer, training=training, gathered=gathered, saved=saved,
-                              tokens=tokens, h=h, n_layers=n_layers, ckpt=ckpt)
+        forward_peak = max(forward_peak, steady + 2 * root + 2 * gathered + 3 * hidden)
+    layers = _layers_backward(terms, layer, training=training, gathered=gathered, hidden=hidden,
+                              n_layers=n_layers, ckpt=ckpt)
     # FSDP2 reduce-scatters a group's gradients once its backward is done (the root's last)
     reduce_scatter = (training + gathered + terms["gradients"] + terms["reduce_scatter_buffers"]
                       if "reduce_scatter_buffers" in terms else 0)
@@ -755,10 +772,10 @@ def budget(model, *, bs, seq, checkpointing, autocast_dtype=None, loss_chunks=1,
     terms = _terms(s, layer, bs=bs, seq=seq, act=act, mask=mask, full=full, ckpt=checkpointing,
                    loss_chunks=loss_chunks, trainable_bytes=trainable_bytes,
                    param_bytes=sum(by_dtype.values()), positions=seq - 1 if shifted_logits else seq)
-    terms.update(rank_terms(model, extra, {id(p) for p in trained}, strategy=strategy,
-                            world_size=world_size, rank=rank))
-    terms.update(_gradient_terms(model, terms, trained, traced=method == "traced", on_cuda=on_cuda,
-                                 strategy=strategy, world_size=world_size, rank=rank))
+    placement = dict(strategy=strategy, world_size=world_size, rank=rank)
+    terms.update(rank_terms(model, extra, {id(p) for p in trained}, **placement))
+    terms["optimizer_temporary"] = _adamw_temporary(trained, on_cuda=on_cuda, **placement)
+    terms.update(_gradient_terms(model, trained, traced=method == "traced", **placement))
     if on_cuda and (cuda_workspace_bytes is not None or torch.cuda.is_available()):
         # (budgeting for CUDA on a machine without it, they are not known: the term is absent)
         terms["cuda_workspaces"] = (cuda_workspaces(device) if cuda_workspace_bytes is None

@@ -178,22 +178,42 @@ def test_a_probed_forward_under_autocast_is_budgeted_with_its_16_bit_logits_aliv
     assert abs(measured / predicted - 1) <= 0.03, (measured, predicted)
 
 
-@pytest.mark.parametrize("ckpt", [False, True], ids=["no-checkpointing", "checkpointing"])
-def test_a_full_fine_tunes_backward_is_budgeted_with_its_tied_head_gradient_waiting_for_the_embeddings(ckpt):
-    # OPT's head is its input embeddings: autograd holds the head's gradient through the layers'
-    # backward and adds the embeddings' to it at the end, when every other gradient is made
-    from transformers import OPTConfig, OPTForCausalLM
+def tiny_causal_lm(family):
+    """A tiny OPT (its head tied to the input embeddings) or Llama (untied), every parameter trained."""
+    from transformers import LlamaConfig, LlamaForCausalLM, OPTConfig, OPTForCausalLM
     torch.manual_seed(0)
-    model = OPTForCausalLM(OPTConfig(vocab_size=4200, **TINY_OPT))
+    if family == "opt":
+        return OPTForCausalLM(OPTConfig(vocab_size=4200, **TINY_OPT))
+    return LlamaForCausalLM(LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                        num_attention_heads=4, num_key_value_heads=2, vocab_size=4200))
+
+
+def probed_backward(model, autocast_dtype=None):
+    """(the backward phase's measured peak, its budget, the budget's terms) of a plain loop of `model`."""
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    model.train()
+    with memcheck.Probe(model, optimizer) as probe:
+        user_loop(probe, model, optimizer, token_batches(2, bs=1, seq=16, vocab=4200),
+                  autocast_dtype=autocast_dtype)
+    report = probe.report()
+    planned = report["budget"]
+    return report["phases"]["backward"]["peak_bytes"], planned["phases"]["backward"], planned["terms"]
+
+
+@pytest.mark.parametrize("autocast_dtype", [None, torch.bfloat16], ids=["fp32", "bf16-autocast"])
+@pytest.mark.parametrize("ckpt", [False, True], ids=["no-checkpointing", "checkpointing"])
+@pytest.mark.parametrize("family", ["opt", "llama"])
+def test_a_full_fine_tunes_backward_is_budgeted_with_every_gradient_where_it_is_made(family, ckpt,
+                                                                                    autocast_dtype):
+    # Every layer's gradients come as backward reaches it, the embeddings' last; OPT's head is its
+    # input embeddings: autograd holds the head's gradient through the layers' backward and adds
+    # the embeddings' to it at the end. Under autocast, each layer's copies of its weights go with
+    # its backward (lm_head's first).
+    model = tiny_causal_lm(family)
     if ckpt:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    model.train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    with memcheck.Probe(model, optimizer) as probe:
-        user_loop(probe, model, optimizer, token_batches(2, bs=1, seq=16, vocab=4200))
-    report = probe.report()
-    assert report["budget"]["terms"]["tied_head_gradient"] > 0
-    measured, predicted = report["phases"]["backward"]["peak_bytes"], report["budget"]["phases"]["backward"]
+    measured, predicted, terms = probed_backward(model, autocast_dtype)
+    assert (terms["tied_head_gradient"] > 0) == (family == "opt")
     assert abs(measured / predicted - 1) <= 0.03, (measured, predicted)
 
 

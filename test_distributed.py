@@ -294,6 +294,14 @@ def test_fsdp2_terms_are_each_ranks_torch_chunk_shards_padded_to_the_first(tiny_
         assert terms["gathered_layer_params"] == world * max(padded(g) for g in layers)
         assert terms["reduce_scatter_buffers"] == max(2 * world * padded(g, True) + padded(g, True)
                                                       for g in groups)
+        placement = dict(strategy="fsdp", world_size=world, rank=rank)
+        trained_params = [p for p in params if id(p) in trained]
+        gradients = budget._gradient_terms(model, trained_params, traced=True, **placement)
+        assert gradients["layer_gradients"] == padded(layers[-1], True)
+        assert gradients["outside_layers_gradients"] == padded(root, True)
+        # CPU's AdamW: two temporaries of the largest parameter's shard, made like its unpadded view
+        assert budget._adamw_temporary(trained_params, on_cuda=False, **placement) == 2 * max(
+            chunks(p)[rank] for p in trained_params)
         shards.append(mine)
     assert (shards[-1] < shards[0]) == (world == 3)   # the last rank's shards are the short ones
 
