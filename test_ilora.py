@@ -237,6 +237,18 @@ def test_different_gates_give_different_outputs_per_sample():
         assert torch.equal(layer(x), y)
 
 
+def test_nested_use_gate_scopes_supply_the_innermost_gate_and_restore_the_outer_one():
+    # Mistake: the outermost scope's gate read. A scope opened inside another (a checkpointed
+    # layer's recomputation inside train_step's backward scope) must be the one its layers see.
+    layer = gated_layer()
+    x, outer, inner = torch.randn(2, 5, 32), random_gate(2, 4), random_gate(2, 4, seed=7)
+    with ilora.use_gate(outer):
+        with ilora.use_gate(inner):
+            assert torch.equal(layer(x), layer(x, gate=inner))
+        assert torch.equal(layer(x), layer(x, gate=outer))
+    assert ilora.current_gate() is None
+
+
 def test_router_gets_a_gradient_through_use_gate():
     torch.manual_seed(0)
     items = ilora.ItemModules(n_items=50, hidden_size=32, n_experts=4)
@@ -395,10 +407,46 @@ def test_lora_dropout_is_off_in_eval_mode(n_experts):
     assert torch.equal(dropped.eval()(x, gate=gate), plain.eval()(x, gate=gate))
 
 
+@pytest.mark.parametrize("n_experts", [1, 4])
+@pytest.mark.parametrize("impl", ilora.IMPLS)
+def test_lora_dropout_drops_the_adapters_input_once_as_peft_does_from_the_same_seed(impl, n_experts):
+    # Mistake: dropout applied again after A (or in another place than PEFT's: dropout(x), then A,
+    # then B). In train mode, from the same seed, both draw the same mask of x: one expert is PEFT's
+    # LoRA with the same lora_dropout, a one-hot gate on the last expert PEFT's LoRA of rank r / E.
+    import peft
+
+    r, alpha, p = 8, 16, 0.5
+    k = r // n_experts
+    torch.manual_seed(0)
+    base = nn.Sequential(OrderedDict(q_proj=nn.Linear(32, 48)))
+    ours = copy.deepcopy(base)
+    ilora.add_gated_lora(ours, targets=("q_proj",), r=r, alpha=alpha, n_experts=n_experts, dropout=p,
+                         impl=impl)
+    nn.init.normal_(ours.q_proj.lora_B.weight)
+    theirs = peft.inject_adapter_in_model(
+        peft.LoraConfig(r=k, lora_alpha=alpha, lora_dropout=p, target_modules=["q_proj"]),
+        copy.deepcopy(base))
+    with torch.no_grad():
+        theirs.q_proj.lora_A["default"].weight.copy_(ours.q_proj.lora_A.weight[-k:])
+        theirs.q_proj.lora_B["default"].weight.copy_(ours.q_proj.lora_B.weight[:, -k:])
+    gate = torch.zeros(3, n_experts).index_fill_(1, torch.tensor([n_experts - 1]), 1) if n_experts > 1 else None
+    x = torch.randn(3, 5, 32)
+    outputs = []
+    for model in (ours.train(), theirs.train()):
+        torch.manual_seed(3)
+        with ilora.use_gate(gate):
+            outputs.append(model(x))
+    assert rel_err(outputs[0], outputs[1]) <= 1e-5
+    assert not torch.allclose(outputs[0], theirs.eval()(x))   # the dropout was live
+
+
 def test_the_item_projector_is_ilora_s_linear_gelu_linear():
     projector = ilora.ItemModules(n_items=50, hidden_size=32, n_experts=4).projector
     assert [type(m) for m in projector] == [nn.Linear, nn.GELU, nn.Linear]
     assert [(m.in_features, m.out_features) for m in projector[::2]] == [(ilora.REC_DIM, 32), (32, 32)]
+    # nn.GELU()'s exact (erf) form, as iLoRA's: not the tanh approximation
+    x = torch.randn(3, ilora.REC_DIM)
+    assert torch.equal(projector(x), projector[2](nn.functional.gelu(projector[0](x))))
 
 
 def test_lora_dropout_is_visible_in_the_measured_peak(train_tiny):

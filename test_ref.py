@@ -632,6 +632,43 @@ def test_fused_loss_recomputes_nothing_in_backward():
     assert sum(flops[8]) <= 1.01 * sum(flops[1])  # the same products as the plain path, no more
 
 
+@pytest.mark.parametrize("trainable", [False, True], ids=["frozen head", "trainable head"])
+def test_fused_loss_stays_finite_when_a_later_chunks_logits_lie_far_below_an_earlier_ones(trainable):
+    # Mistake: the running maximum replaced by each chunk's own: the first chunk's sum is then
+    # rescaled by exp(its max - the second's), which overflows fp32 when they lie 200 apart.
+    head, hidden, labels = loss_case(bias=True, trainable=trainable)
+    with torch.no_grad():
+        head.bias[:150] = 100   # the first of 2 chunks
+        head.bias[150:] = -100
+    plain = loss_and_grads(head, hidden, labels, 1)
+    fused = loss_and_grads(head, hidden, labels, 2)
+    for got, want in zip(fused, plain):
+        if want is not None:
+            assert torch.isfinite(got).all()
+            assert rel_err(got, want) <= 1e-5
+
+
+@pytest.mark.parametrize("chunks", [1, 4])
+def test_the_loss_is_the_mean_over_the_shifted_targets_or_their_sum_over_a_given_count(chunks):
+    # Mistakes: the count of the labels before the shift (the first position's label, which no
+    # position predicts, counted), or a loss that divides by its own rows' count when given the
+    # global batch's (each rank's share under DDP and FSDP2).
+    head, hidden, labels = loss_case(trainable=True)
+    assert (labels[:, 0] != data.IGNORE).any()
+    h = hidden.detach().requires_grad_()
+    logits, targets = head(h[:, :-1]).float().flatten(0, 1), labels[:, 1:].flatten()
+    total = nn.functional.cross_entropy(logits, targets, ignore_index=data.IGNORE, reduction="sum")
+    mean = nn.functional.cross_entropy(logits, targets, ignore_index=data.IGNORE)
+    assert rel_err(ref_train.lm_loss(head, hidden, labels, chunks), mean) <= 1e-5
+    n_targets = torch.tensor(100)   # the count of a global batch of more rows than these
+    expected = torch.autograd.grad(total / n_targets, [h, head.weight])
+    h = hidden.detach().requires_grad_()
+    loss = ref_train.lm_loss(head, h, labels, chunks, n_targets)
+    assert rel_err(loss, total / n_targets) <= 1e-5
+    for got, want in zip(torch.autograd.grad(loss, [h, head.weight]), expected):
+        assert rel_err(got, want) <= 1e-5
+
+
 def test_chunked_loss_equals_the_full_loss_and_lowers_the_peak(tiny_model, train_tiny):
     args = ref_train.parse_args(["--model", tiny_model, "--device", "cpu", "--seq", "128"])
     model, items, batches, _ = ref_train.build(args)
