@@ -524,16 +524,13 @@ def _gradient_terms(model, trained, *, traced, **placement):
     "outside_layers_gradients": those of trained parameters outside the decoder layers; and
     "tied_head_gradient": a trained weight the head shares with the input embeddings, whose head
     gradient autograd holds until the embeddings' comes, at the end of backward, then adds."""
-    trained_ids = {id(p) for p in trained}
     layers = decoder_layers(model)
-    in_layers = [p for p in _unique_params(layers) if id(p) in trained_ids]
-    last = [p for p in _unique_params([layers[-1]]) if id(p) in trained_ids]
+    in_layers, in_last = {id(p) for p in _unique_params(layers)}, {id(p) for p in layers[-1].parameters()}
+    last, outside = [p for p in trained if id(p) in in_last], [p for p in trained if id(p) not in in_layers]
     head = model.get_output_embeddings().weight
-    tied = head is model.get_input_embeddings().weight and id(head) in trained_ids
-    in_layer_ids = {id(p) for p in in_layers}
+    tied = head is model.get_input_embeddings().weight and any(p is head for p in trained)
     return {"layer_gradients": _held_bytes(last, padded=True, **placement) if traced else 0,
-            "outside_layers_gradients": _held_bytes([p for p in trained if id(p) not in in_layer_ids],
-                                                    padded=True, **placement),
+            "outside_layers_gradients": _held_bytes(outside, padded=True, **placement),
             "tied_head_gradient": head.numel() * head.element_size() if tied else 0}
 
 

@@ -54,7 +54,8 @@ class GatedLoraLinear(nn.Module):
         self.base = base
         self.r, self.n_experts, self.impl = r, n_experts, impl
         self.scaling = alpha / (r / n_experts)
-        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        # PEFT's names (lora_dropout, lora_A, lora_B): memcheck's diff aligns the two LoRAs by them
+        self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         factory = dict(device=base.weight.device, dtype=lora_dtype or base.weight.dtype)
         d_in, d_out = features(base)  # a Conv1D's weight is [in, out]: its shape is not read here
         self.lora_A = nn.Linear(d_in, r, bias=False, **factory)
@@ -65,7 +66,7 @@ class GatedLoraLinear(nn.Module):
 
     def forward(self, x, gate=None):
         result = self.base(x)
-        x = self.dropout(x.to(self.lora_A.weight.dtype))
+        x = self.lora_dropout(x.to(self.lora_A.weight.dtype))
         if self.n_experts == 1:
             delta = self.lora_B(self.lora_A(x))
         else:

@@ -910,7 +910,7 @@ def _adapter(module):
     """(base linear, {r, experts, impl, dropout}) of a gated LoRA or a PEFT LoRA layer, else None."""
     if hasattr(module, "n_experts") and hasattr(module, "base"):
         return module.base, {"r": module.r, "experts": module.n_experts, "impl": module.impl,
-                             "dropout": getattr(module.dropout, "p", 0.0)}
+                             "dropout": getattr(module.lora_dropout, "p", 0.0)}
     if hasattr(module, "base_layer") and isinstance(getattr(module, "r", None), dict) and module.r:
         name = next(iter(module.r))
         return module.base_layer, {"r": module.r[name], "experts": 1, "impl": "lean",
@@ -1458,8 +1458,7 @@ SAME_WITHIN = 0.01        # peaks within 1% of each other: the two trainings cos
 OUTPUT_FLAGS = {"report", "snapshot", "markdown", "model_config"}  # where results go, not what was measured
 # Wrappers that sit between a model and its layers without changing them: DDP, torch.compile,
 # torch's checkpoint_wrapper, FSDP; and a LoRA layer's base linear (PEFT's base_layer, the gated
-# LoRA's base), PEFT's adapter name (lora_A.default), and PEFT's lora_dropout named as the gated
-# LoRA's dropout, so that both LoRAs' rows align.
+# LoRA's base) and PEFT's adapter name (lora_A.default), so that both LoRAs' rows align.
 _WRAPPERS = re.compile(r"(^|\.)(module|_orig_mod|_checkpoint_wrapped_module|_fsdp_wrapped_module"
                        r"|base_layer|base)(?=\.|$)")
 _ADAPTER_NAME = re.compile(r"(\.lora_(?:A|B|dropout|embedding_A|embedding_B))\.[^.]+")
@@ -1472,7 +1471,6 @@ def _modules_by_group(report):
     groups = {}
     for m in report.get("modules") or []:
         name = _ADAPTER_NAME.sub(r"\1", _WRAPPERS.sub("", m["module"]).lstrip("."))
-        name = name.replace(".lora_dropout", ".dropout")  # PEFT's, named as the gated LoRA's
         g = groups.setdefault(_INDEX.sub(".*", name), {"bytes": 0, "count": 0, "ops": {}})
         g["bytes"] += m["bytes"]
         g["count"] += 1

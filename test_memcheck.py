@@ -986,7 +986,7 @@ def test_both_loras_dropout_masks_are_one_row_of_the_diff():
     # The gated LoRA's dropout and PEFT's lora_dropout.default save the same mask.
     plain, wrapped = probed(*gated_opt(dropout=0.1)), probed(*peft_opt(dropout=0.1))
     rows = {what: (a, b) for what, a, b in memcheck.diff(plain, wrapped) if "dropout" in what}
-    assert set(rows) == {f"module model.decoder.layers.*.self_attn.{p}.dropout (x2)"
+    assert set(rows) == {f"module model.decoder.layers.*.self_attn.{p}.lora_dropout (x2)"
                          for p in ("q_proj", "v_proj")}
     assert all(a == b > 0 for a, b in rows.values()), rows
 
@@ -1000,13 +1000,13 @@ def test_module_groups_drop_wrappers_adapter_names_and_layer_indices_wherever_th
              "model.decoder.layers.0.self_attn.q_proj.base_layer": 4,
              "model.decoder.layers.1.self_attn.q_proj.base": 8,
              "model.decoder.layers.0.self_attn.q_proj.lora_dropout.default": 16,
-             "model.decoder.layers.1.self_attn.q_proj.dropout": 128,
+             "model.decoder.layers.1.self_attn.q_proj.lora_dropout": 128,
              "model.decoder.layers.1.self_attn.q_proj.lora_A.default": 32,
              "model.decoder.layers.1.self_attn.q_proj.lora_A": 64}
     groups = memcheck._modules_by_group({"modules": [{"module": m, "bytes": b} for m, b in names.items()]})
     assert {g: (v["bytes"], v["count"]) for g, v in groups.items()} == {
         "model.decoder.layers.*": (3, 2), "model.decoder.layers.*.self_attn.q_proj": (12, 2),
-        "model.decoder.layers.*.self_attn.q_proj.dropout": (144, 2),
+        "model.decoder.layers.*.self_attn.q_proj.lora_dropout": (144, 2),
         "model.decoder.layers.*.self_attn.q_proj.lora_A": (96, 2)}
 
 
