@@ -272,6 +272,16 @@ def _is_cache(value):
     return any(c.__name__ == "Cache" for c in type(value).__mro__)
 
 
+def _cache_tensors(cache, depth=3):
+    """The tensors a KV cache holds, in its attributes' lists and objects (its layers' keys, values)."""
+    if isinstance(cache, torch.Tensor):
+        return [cache]
+    if depth == 0 or isinstance(cache, (str, bytes, int, float, type(None))):
+        return []
+    values = cache if isinstance(cache, (list, tuple)) else list(getattr(cache, "__dict__", {}).values())
+    return [t for v in values for t in _cache_tensors(v, depth - 1)]
+
+
 @contextlib.contextmanager
 def _unpadded_on_meta():
     """transformers asks whether a batch has padding by reading its mask (masking_utils.fast_all;
@@ -318,38 +328,49 @@ def _as_run(autocast_dtype, device, weights):
 
 
 def _layer_inputs(model, state, ids, inputs, autocast_dtype, device, weights):
-    """The last decoder layer's (args, kwargs), from a forward on meta stopped as it starts.
+    """The last decoder layer's (args, kwargs), from a forward on meta stopped as it starts, and the
+    bytes that forward holds then beside the first and the last layer's inputs and the KV cache.
 
     `inputs` gathers, by storage, what every layer takes besides the hidden states: layers of
     different kinds take different masks (Gemma2's sliding window), all made once by the model and
     kept until backward (kept: a storage freed in the meantime could see its address reused, and a
     new one taken for it)."""
     layers = decoder_layers(model)
-    layer, captured = layers[-1], {}
+    layer, captured, tracker = layers[-1], {}, Tracker("meta")
+    key = lambda t: t.untyped_storage()._cdata
 
     def capture(module, args, kwargs):
-        if module is layer:
-            captured.update(args=args, kwargs=kwargs)
+        hidden = args[0] if args else kwargs["hidden_states"]
         rest = [*args[1:], *(v for k, v in kwargs.items() if k != "hidden_states")]
-        inputs.update((t.untyped_storage()._cdata, t) for t in pytree.tree_leaves(
+        caches = [t for v in rest if _is_cache(v) for t in _cache_tensors(v)]
+        inputs.update((key(t), t) for t in pytree.tree_leaves(
             [v for v in rest if not _is_cache(v)]) if isinstance(t, torch.Tensor))
+        if module is layers[0]:
+            captured["first"] = key(hidden)
         if module is layer:
+            # what the model's own forward holds beside the layers' inputs (masks, rotary tables,
+            # OPT's embeddings and position embeddings), the KV cache a training forward lacks aside
+            apart = {captured["first"], key(hidden), *map(key, caches)}
+            captured.update(args=args, kwargs=kwargs,
+                            held=sum(r.nbytes for k, r in tracker.live.items() if k not in apart))
             raise _Captured
 
     capturing = [each.register_forward_pre_hook(capture, with_kwargs=True) for each in layers]
     kernels, cast = _as_run(autocast_dtype, device, weights)
     try:
         # With the cache on (the config's default), transformers skips a packed-sequence test
-        # that reads values; the layer then runs without it.
+        # that reads values; the layer then runs without it. Nothing is saved: the layers before
+        # are checkpointed, as far as this forward knows.
         # (fork_rng: a model may draw on the CPU's generator, as OPT's layerdrop does)
-        with kernels, cast, _unpadded_on_meta(), torch.random.fork_rng(devices=[]):
+        with kernels, cast, _unpadded_on_meta(), torch.random.fork_rng(devices=[]), \
+                torch.autograd.graph.saved_tensors_hooks(lambda t: None, lambda t: t), tracker:
             torch.func.functional_call(model, state, (), {"input_ids": ids})
     except _Captured:
         pass
     finally:
         for h in capturing:
             h.remove()
-    return captured["args"], captured["kwargs"]
+    return captured["args"], captured["kwargs"], captured["held"]
 
 
 def _without_cache(args, kwargs):
@@ -382,11 +403,16 @@ def _run_layer(layer, layer_state, call, inputs, autocast_dtype, device, weights
                 shared_saved.add(key)
         return t
 
+    # first as checkpointing runs it (what it would save is let go at once), then as backward needs
+    unsaved, (kernels, cast) = Tracker("meta"), _as_run(autocast_dtype, device, weights)
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: None, lambda t: t), kernels, cast, unsaved:
+        torch.func.functional_call(_Unwrapped(layer), layer_state, args, kwargs)
     kernels, cast = _as_run(autocast_dtype, device, weights)
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), kernels, cast, forward:
         out = torch.func.functional_call(_Unwrapped(layer), layer_state, args, kwargs)
     out = out if isinstance(out, torch.Tensor) else out[0]
     saved = tracker.live_bytes
+    saved_input = getattr(tracker.live.get(hidden.untyped_storage()._cdata), "nbytes", 0)
     copies = (sum(r.nbytes for k, r in tracker.live.items() if k in cast.weight_copies)
               if autocast_dtype is not None else 0)
     # dropout's noise: what the forward made with empty_like (then filled by bernoulli_)
@@ -398,10 +424,11 @@ def _run_layer(layer, layer_state, call, inputs, autocast_dtype, device, weights
     start = tracker.live_bytes
     with tracker, kernels:
         torch.autograd.backward(out, grad_out)
-    return {"saved": saved, "dropout_noise": sum(r.nbytes for r in noise),
+    return {"saved": saved, "saved_input": saved_input, "dropout_noise": sum(r.nbytes for r in noise),
             "dropout_noise_numel": sum(r.nbytes // r._dtype.itemsize for r in noise),
             "weight_copies": copies,
             "hidden_bytes": hidden.element_size(), "forward": forward.peak_bytes,
+            "forward_unsaved": unsaved.peak_bytes,
             "shared_inputs": sum(t.untyped_storage().nbytes() for k, t in inputs.items()
                                  if k not in weights),
             "shared_saved": sum(inputs[k].untyped_storage().nbytes() for k in shared_saved),
@@ -417,14 +444,18 @@ def trace_layer(model, *, bs, seq, full=False, autocast_dtype=None, device="cpu"
     with the kernels CPU and CUDA run (_KernelsOnMeta) and the run's autocast (_AutocastOnMeta,
     with the device's policies). A gated LoRA layer gets a meta gate; full=True trains every
     parameter. Returns {"saved": unique bytes saved for backward, the layer's input included,
-    parameters and the inputs every layer shares (masks, rotary tables) not; "weight_copies": the
+    parameters and the inputs every layer shares (masks, rotary tables) not; "saved_input": the part
+    of it that is the layer's input (under checkpointing, the input kept); "weight_copies": the
     part of it that is autocast's copies of weights; "dropout_noise": the part that is dropout's
     noise (on meta, as on CPU, dropout multiplies by a noise tensor of the input's dtype; CUDA's
     fused kernel keeps a bool mask instead, of "dropout_noise_numel" bytes); "hidden_bytes": the
     layer input's element size; "backward": the backward's peak above what it starts with;
-    "forward": the forward's peak, its temporaries included; "shared_inputs": what the model makes
+    "forward": the forward's peak, its temporaries included; "forward_unsaved": the same in a
+    forward that saves nothing, as checkpointing's first; "shared_inputs": what the model makes
     once for every layer (masks, rotary tables), which checkpointing keeps as inputs;
-    "shared_saved": the part of it that a layer saves}. Raises what the model raises when it
+    "shared_saved": the part of it that a layer saves; "model_held": what the model's forward
+    holds as the layer starts, those and the embeddings' outputs (OPT's position embeddings too),
+    the layers' inputs and the KV cache aside}. Raises what the model raises when it
     cannot run on meta (an op that reads values).
     """
     layers = decoder_layers(model)
@@ -448,9 +479,9 @@ def trace_layer(model, *, bs, seq, full=False, autocast_dtype=None, device="cpu"
     try:
         with _training_unchecked(model):
             ids = torch.zeros(bs, seq, dtype=torch.long, device="meta")
-            call = _layer_inputs(model, state, ids, inputs, autocast_dtype, device, weights)
-            return _run_layer(layer, layer_state, _without_cache(*call), inputs, autocast_dtype,
-                              device, weights)
+            *call, model_held = _layer_inputs(model, state, ids, inputs, autocast_dtype, device, weights)
+            return dict(_run_layer(layer, layer_state, _without_cache(*call), inputs, autocast_dtype,
+                                   device, weights), model_held=model_held)
     finally:
         for h in hooks:
             h.remove()
@@ -545,9 +576,23 @@ def _adamw_temporary(trained, *, on_cuda, **placement):
 
 # ---------------------------------------------------------------- the budget
 
+def _per_layer(checkpointing, n_layers):
+    """checkpointing as a flag per decoder layer: True or False for all, N for every N-th layer from
+    the first (transformers' every_n_layers; True is 1, False 0), or a flag per layer already."""
+    if isinstance(checkpointing, int):
+        return [bool(checkpointing) and i % checkpointing == 0 for i in range(n_layers)]
+    if len(checkpointing) != n_layers:
+        raise ValueError(f"checkpointing: {len(checkpointing)} flags for {n_layers} decoder layers")
+    return [bool(c) for c in checkpointing]
+
+
 def _estimated_layer(s, *, bs, seq, act, mask, full, casts_weights):
-    """One decoder layer by the per-token estimate, calibrated on OPT, in the trace's terms;
-    "lora_per_token": the adapters' own part, kept in both cases to explain the per-layer figure."""
+    """One decoder layer by the per-token estimate, calibrated on OPT, in the trace's terms: layer
+    input, the residual before the MLP, q, k, v and the attention output, SDPA's log-sum-exp, the
+    MLP activation (three of them for a gated MLP), two residual-dropout masks, the inputs of
+    adapted linears, and each adapter's own: r/E-wide expert activations (lean), or E x out
+    per-expert outputs (einsum); LoRA dropout keeps its output and its mask. "lora_per_token": the
+    adapters' own part, kept in both cases to explain the per-layer figure."""
     h, lora, tokens = s["hidden"], s["lora"], bs * seq
     adapted = s["linears"] if full else s["adapted"]
     lora_dropout = 0 if full else lora["dropout"]
@@ -575,25 +620,30 @@ def _estimated_layer(s, *, bs, seq, act, mask, full, casts_weights):
     # estimate leaves out).
     copies = sum(i * o for i, o in s["linears"].values()) * act if casts_weights else 0
     return {"saved": tokens * (per_token + lora_per_token) + eager_scores, "weight_copies": copies,
-            "backward": tokens * act * (s["ffn"] + 2 * h), "forward": 0, "shared_inputs": 0,
+            "backward": tokens * act * (s["ffn"] + 2 * h), "forward": 0, "forward_unsaved": 0,
+            "model_held": 0, "shared_inputs": 0, "saved_input": tokens * h * act,
             "hidden_bytes": act, "lora_per_token": lora_per_token}
 
 
 def _traced_layer(traced, *, checkpointing, on_cuda):
-    """The trace's figures in place of the estimate's."""
+    """The trace's figures in place of the estimate's; checkpointing: whether any layer is."""
     # (on CUDA, dropout's fused kernel keeps a bool mask where the trace has the noise)
     bool_masks = traced["dropout_noise"] - traced["dropout_noise_numel"] if on_cuda else 0
     return {"saved": traced["saved"] - traced["weight_copies"] - bool_masks,
-            "weight_copies": traced["weight_copies"], "backward": traced["backward"],
-            "forward": traced["forward"], "hidden_bytes": traced["hidden_bytes"],
+            "saved_input": traced["saved_input"], "weight_copies": traced["weight_copies"],
+            "backward": traced["backward"], "forward": traced["forward"],
+            "forward_unsaved": traced["forward_unsaved"],
+            "model_held": traced["model_held"], "hidden_bytes": traced["hidden_bytes"],
             "shared_inputs": traced["shared_inputs" if checkpointing else "shared_saved"]}
 
 
-def _terms(s, layer, *, bs, seq, act, mask, full, ckpt, loss_chunks, trainable_bytes, param_bytes,
+def _terms(s, layer, *, bs, seq, act, mask, full, checkpointed, loss_chunks, trainable_bytes, param_bytes,
            positions):
-    """The budget's terms, in bytes, from the model's structure and one layer's figures; positions:
-    those of a sequence the logits are made for."""
+    """The budget's terms, in bytes, from the model's structure and one layer's figures; checkpointed:
+    how many layers are; positions: those of a sequence the logits are made for."""
     h, lora, tokens, hidden_bytes = s["hidden"], s["lora"], bs * seq, layer["hidden_bytes"]
+    kept_inputs = checkpointed * tokens * h * hidden_bytes
+    head_gradient = s["vocab"] * h * 4 if loss_chunks > 1 and (full or s["head_trains"]) else 0   # fp32
     adapted = s["linears"] if full else s["adapted"]
     return {
         "params": param_bytes,
@@ -611,9 +661,8 @@ def _terms(s, layer, *, bs, seq, act, mask, full, ckpt, loss_chunks, trainable_b
         "dropout_masks_per_layer": tokens * ((2 * h * mask if s["dropout"] > 0 else 0)
                                              + (sum(d for d, _ in adapted.values()) * mask
                                                 if not full and lora["dropout"] > 0 else 0)),
-        "checkpointed_inputs": s["layers"] * tokens * h * hidden_bytes if ckpt else 0,
-        "saved_activations": (s["layers"] * tokens * h * hidden_bytes if ckpt
-                              else s["layers"] * layer["saved"])
+        "checkpointed_inputs": kept_inputs,
+        "saved_activations": kept_inputs + (s["layers"] - checkpointed) * layer["saved"]
                              + tokens * h * hidden_bytes    # + the final norm's input
                              + (bs * seq * seq if layer["attention_mask"] else 0)  # + the bool mask, once
                              + layer["shared_inputs"],
@@ -621,38 +670,62 @@ def _terms(s, layer, *, bs, seq, act, mask, full, ckpt, loss_chunks, trainable_b
         "logits_16bit": (bs * positions * s["vocab"] * act // loss_chunks) if act < 4 else 0,
         # chunked: the gradients the fused head and loss take in forward and keep for backward
         # (the hidden states', in their dtype, the last position's zero included; the head's, fp32)
-        "kept_loss_gradient": (tokens * h * _dtype_bytes(s["weights_dtype"])
-                               + (s["vocab"] * h * 4 if full or s["head_trains"] else 0)
+        "kept_loss_gradient": (tokens * h * _dtype_bytes(s["weights_dtype"]) + head_gradient
                                if loss_chunks > 1 else 0),
+        # chunked, what its forward holds beside a chunk's logits: the hidden states' gradient as
+        # the fp32 sum it gathers in (and the head's), and in the head's compute dtype each
+        # position's target row of the head, the shifted hidden states (a copy, unless one
+        # sequence's already are in it) and, in 16 bits, a chunk's product with the head
+        "loss_forward_buffers": (bs * (seq - 1) * h * (4 + act * (1 + (bs > 1 or act != hidden_bytes)
+                                                                  + (act < 4))) + head_gradient
+                                 if loss_chunks > 1 else 0),
         "autocast_weight_copies": 0,
     }
 
 
-def _layers_backward(terms, layer, *, training, gathered, hidden, n_layers, ckpt):
+def _layers_forward(layer, *, training, gathered, hidden, checkpointed):
+    """The peak of the decoder layers' forward, inside the layer that holds the most: the model's
+    forward holding what it made before the layers (embeddings' outputs, masks, rotary tables), the
+    layers before it their saved activations (or their checkpointed input), and its own input and
+    forward's peak (as checkpointing runs it, saving nothing, where it is checkpointed)."""
+    per_layer = layer["saved"] + layer["weight_copies"]
+    peak = 0
+    for i, recomputed in enumerate(checkpointed):
+        own = layer["forward_unsaved"] if recomputed else layer["forward"]
+        peak = max(peak, sum(hidden if c else per_layer for c in checkpointed[:i]) + hidden + own)
+    return training + 2 * gathered + layer["model_held"] + peak
+
+
+def _layers_backward(terms, layer, *, training, gathered, hidden, checkpointed):
     """The peak of the decoder layers' backward, which goes from the last layer to the first; hidden:
-    the bytes of one hidden state. The last layer's comes with every layer's saved activations (or
-    checkpointed inputs) still held, and only the gradients outside the layers; the first's with its
-    own activations, and every gradient but its own, which its backward makes (as the traced last
-    layer's does). A tied head's gradient, held until the embeddings' comes, stands in the gradients
-    term for the weight's."""
+    the bytes of one hidden state; checkpointed: per layer, whether it is. Each layer's backward
+    comes with the activations (or checkpointed inputs) of the layers before it still held, its
+    own, and the gradients of the layers after it and outside them: the last layer's with only
+    those outside, the first's with every gradient but its own, which its backward makes (as the
+    traced last layer's does). A checkpointed layer recomputes its forward first (whose own peak,
+    its temporaries included, can be the higher). A tied head's gradient, held until the
+    embeddings' comes, stands in the gradients term for the weight's."""
+    n_layers = len(checkpointed)
     outside_layers = terms["outside_layers_gradients"]
     other_layers = terms["gradients"] - terms["layer_gradients"]
-    if ckpt:
-        # one layer recomputed, plus the gradient in flight, while the inputs of the layers before
-        # it stay (the recomputed forward's own peak, its temporaries included, can be the higher)
-        layer_backward = layer["saved"] + layer["weight_copies"] + layer["backward"]
-        return (training + 2 * gathered + hidden + max(layer_backward, layer["forward"])
-                + max(terms["checkpointed_inputs"] + outside_layers, hidden + other_layers))
-    # Beside the layers' own: the final norm's input (its output's gradient takes its place), the
-    # mask and the inputs every layer shares. lm_head's autocast copy went with its backward.
     per_layer = layer["saved"] + layer["weight_copies"]
-    beside = terms["saved_activations"] - n_layers * layer["saved"]
-    last_layer = n_layers * per_layer + outside_layers
-    first_layer = per_layer + other_layers
-    return training + 2 * gathered + beside + layer["backward"] + max(last_layer, first_layer)
+    held = [hidden if c else per_layer for c in checkpointed]
+    # Beside the layers': the gradient in flight and, where a layer is not checkpointed, the final
+    # norm's input (the gradient takes its place), the mask and the inputs every layer shares.
+    # lm_head's autocast copy went with its backward.
+    beside = (hidden if all(checkpointed) else terms["saved_activations"]
+              - sum(hidden if c else layer["saved"] for c in checkpointed))
+    peak = 0
+    for i, recomputed in enumerate(checkpointed):
+        after = (other_layers - outside_layers) * (n_layers - 1 - i) // max(n_layers - 1, 1)
+        # (a recomputed layer saves its checkpointed input again: the same tensor)
+        own = (max(per_layer - layer["saved_input"] + layer["backward"], layer["forward"]) if recomputed
+               else layer["backward"])
+        peak = max(peak, sum(held[:i + 1]) + own + outside_layers + after)
+    return training + 2 * gathered + beside + peak
 
 
-def _phases(terms, layer, *, tokens, h, n_layers, ckpt, loss_chunks, logits_kept):
+def _phases(terms, layer, *, tokens, h, checkpointed, loss_chunks, logits_kept):
     """Each phase's peak, from the terms and one layer's figures; logits_kept: the 16-bit logits
     live through the loss (a model's own forward returns them).
 
@@ -675,17 +748,20 @@ def _phases(terms, layer, *, tokens, h, n_layers, ckpt, loss_chunks, logits_kept
     else:
         # The head and the loss fused: in forward, one chunk of fp32 logits at a time (exp'd in
         # place; under 16-bit beside its 16-bit copy), while the hidden states' gradient (and the
-        # head's, when it trains), kept for backward, fills up; backward only scales what was kept
-        # into a copy. Nothing is recomputed.
+        # head's, when it trains) fills up, then is kept for backward, which only scales it into a
+        # copy. Nothing is recomputed.
         kept = terms["kept_loss_gradient"]
-        forward_peak = training + saved + hidden + terms["logits"] + terms["logits_16bit"] + kept
+        forward_peak = (training + saved + hidden + terms["logits"] + terms["logits_16bit"]
+                        + terms["loss_forward_buffers"])
         backward_start = training + gathered + saved + 2 * kept
+    forward_peak = max(forward_peak, _layers_forward(layer, training=training, gathered=gathered,
+                                                     hidden=hidden, checkpointed=checkpointed))
     if root:
         # FSDP2 frees the root's flat all-gather buffer only once the first layer's parameters
         # are copied out of theirs: both groups twice, and the embeddings' outputs
         forward_peak = max(forward_peak, steady + 2 * root + 2 * gathered + 3 * hidden)
     layers = _layers_backward(terms, layer, training=training, gathered=gathered, hidden=hidden,
-                              n_layers=n_layers, ckpt=ckpt)
+                              checkpointed=checkpointed)
     # FSDP2 reduce-scatters a group's gradients once its backward is done (the root's last)
     reduce_scatter = (training + gathered + terms["gradients"] + terms["reduce_scatter_buffers"]
                       if "reduce_scatter_buffers" in terms else 0)
@@ -727,6 +803,7 @@ def _layer(model, s, *, bs, seq, act, mask, full, padded, casts_weights, checkpo
     # each layer's call turns it into a float bias, bs x 1 x seq x seq, which it saves for backward.
     layer["attention_mask"] = bs * seq * seq * act if padded and s["attn"] == "sdpa" else 0
     layer["saved"] += layer["attention_mask"]
+    layer["model_held"] += bs * seq * seq if layer["attention_mask"] else 0   # its bool mask, made once
     return layer, method
 
 
@@ -736,38 +813,37 @@ def budget(model, *, bs, seq, checkpointing, autocast_dtype=None, loss_chunks=1,
     """Predict training memory from a model and the run's shapes; every term in bytes.
 
     model: the causal LM with its adapters (any device, the meta device included: nothing is
-    allocated). extra: other modules whose parameters train with it (iLoRA's router and projector).
-    The LoRA rank, experts, form and dropout are read off the adapted layers, the attention kernel
-    and the weights' dtype off the model. full=True budgets full fine-tuning (every parameter
-    trained) for the same shapes, as the seed's "about 1 GB" estimate does. On CUDA, cuBLAS's
-    workspaces count too: cuda_workspace_bytes when given, else measured (cuda_workspaces).
-    strategy "ddp" or "fsdp" budgets `rank` of world_size processes, each at bs x seq (rank_terms).
-    shifted_logits: the loss makes logits for every position but the last and frees 16-bit ones once
-    copied to fp32 (ref_train's); False for a model's own forward, which makes them for every
-    position (transformers' loss shifts the labels) and returns them, alive through its loss.
+    allocated). checkpointing: True, False, N (every N-th decoder layer, as transformers'
+    every_n_layers), or a flag per decoder layer. extra: other modules whose parameters train with it (iLoRA's
+    router and projector). The LoRA rank, experts, form and dropout are read off the adapted
+    layers, the attention kernel and the weights' dtype off the model. full=True budgets full
+    fine-tuning (every parameter trained) for the same shapes, as the seed's "about 1 GB" estimate
+    does. On CUDA, cuBLAS's workspaces count too: cuda_workspace_bytes when given, else measured
+    (cuda_workspaces). strategy "ddp" or "fsdp" budgets `rank` of world_size processes, each at
+    bs x seq (rank_terms). shifted_logits: the loss makes logits for every position but the last
+    and frees 16-bit ones once copied to fp32 (ref_train's); False for a model's own forward, which
+    makes them for every position (transformers' loss shifts the labels) and returns them, alive
+    through its loss.
 
     What one decoder layer saves for backward, what its backward and its recomputed forward need
     on top, and what the model makes once for every layer are traced (trace_layer); "method" says
-    "traced". Where the layer cannot run on meta, a per-token estimate calibrated on OPT stands
-    instead ("method" says "formula: " and why): layer input, the residual before the MLP, q, k, v
-    and the attention output, SDPA's log-sum-exp, the MLP activation (three of them for a gated
-    MLP), two residual-dropout masks, the inputs of adapted linears, and each adapter's own:
-    r/E-wide expert activations (lean), or E x out per-expert outputs (einsum); LoRA dropout keeps
-    its output and its mask. Those adapter terms are kept in both cases."""
+    "traced". Where the layer cannot run on meta, the per-token estimate calibrated on OPT stands
+    instead (_estimated_layer), and "method" says "formula: " and why."""
     s = _structure(model)
+    checkpointed = _per_layer(checkpointing, s["layers"])
     act = _dtype_bytes(autocast_dtype or s["weights_dtype"])
     on_cuda = torch.device(device).type == "cuda"
     mask = 1 if on_cuda else act                       # dropout masks: bool on CUDA, act dtype on CPU
     casts_weights = autocast_dtype is not None and autocast_dtype != s["weights_dtype"]
     layer, method = _layer(model, s, bs=bs, seq=seq, act=act, mask=mask, full=full, padded=padded,
-                           casts_weights=casts_weights, checkpointing=checkpointing,
+                           casts_weights=casts_weights, checkpointing=any(checkpointed),
                            autocast_dtype=autocast_dtype, device=device)
     params = _unique_params([model, *extra])
     by_dtype = _bytes_by_dtype(params)
     trained = params if full else [p for p in params if p.requires_grad]
     trainable_bytes = sum(p.numel() * p.element_size() for p in trained)
-    terms = _terms(s, layer, bs=bs, seq=seq, act=act, mask=mask, full=full, ckpt=checkpointing,
-                   loss_chunks=loss_chunks, trainable_bytes=trainable_bytes,
+    terms = _terms(s, layer, bs=bs, seq=seq, act=act, mask=mask, full=full,
+                   checkpointed=sum(checkpointed), loss_chunks=loss_chunks, trainable_bytes=trainable_bytes,
                    param_bytes=sum(by_dtype.values()), positions=seq - 1 if shifted_logits else seq)
     placement = dict(strategy=strategy, world_size=world_size, rank=rank)
     terms.update(rank_terms(model, extra, {id(p) for p in trained}, **placement))
@@ -779,13 +855,12 @@ def budget(model, *, bs, seq, checkpointing, autocast_dtype=None, loss_chunks=1,
                                     else cuda_workspace_bytes)
     if autocast_dtype is not None:
         # Autocast re-casts each frozen weight at every call and the copy is saved for backward:
-        # every layer's and lm_head's; under checkpointing lm_head's, and the recomputed layer's
-        # while it is (its forward saved nothing).
+        # lm_head's and every layer's, but a checkpointed layer's only while it is recomputed (its
+        # forward saved nothing).
         head = s["vocab"] * s["hidden"] // loss_chunks if casts_weights else 0  # (the fused loss: a slice)
-        terms["autocast_weight_copies"] = (head * act
-                                           + (0 if checkpointing else s["layers"] * layer["weight_copies"]))
-    phases = _phases(terms, layer, tokens=bs * seq, h=s["hidden"], n_layers=s["layers"],
-                     ckpt=checkpointing, loss_chunks=loss_chunks, logits_kept=not shifted_logits)
+        terms["autocast_weight_copies"] = head * act + checkpointed.count(False) * layer["weight_copies"]
+    phases = _phases(terms, layer, tokens=bs * seq, h=s["hidden"], checkpointed=checkpointed,
+                     loss_chunks=loss_chunks, logits_kept=not shifted_logits)
     peak_phase = max(phases, key=phases.get)
     return {"full": full, "method": method, "terms": terms, "params_by_dtype": by_dtype,
             "phases": phases, "peak_phase": peak_phase, "peak_bytes": phases[peak_phase],

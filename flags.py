@@ -121,6 +121,9 @@ def _memory(p):
                    help="gradient checkpointing: per decoder layer in this loop, the model's own "
                         "(hf; reentrant: use_reentrant=True without input grads, as older "
                         "transformers and PEFT ran it), or off")
+    g.add_argument("--ckpt-every", type=int, default=1, metavar="N",
+                   help="checkpoint only every N-th decoder layer, from the first, as transformers' "
+                        "every_n_layers does: the others keep what they save (--ckpt manual)")
     g.add_argument("--precision", choices=tuple(PRECISIONS), default="32",
                    help="Lightning's precision names; *-mixed keeps fp32 weights under autocast")
     g.add_argument("--weights-dtype", choices=DTYPE_NAMES,
@@ -184,6 +187,10 @@ def _value_checks(args, argv, budget_only=False):
         (args.r % max(args.experts, 1) == 0,
          f"--lora-r {args.r}: must be divisible by --experts {args.experts} (each expert owns r/experts rows)"),
         (0 <= args.dropout < 1, f"--dropout {args.dropout}: must be in [0, 1)"),
+        (args.ckpt_every >= 1, f"--ckpt-every {args.ckpt_every}: must be 1 or more (every N-th layer)"),
+        (args.ckpt_every == 1 or args.ckpt == "manual",
+         f"--ckpt-every {args.ckpt_every} with --ckpt {args.ckpt}: only this loop's own checkpointing "
+         "(--ckpt manual) picks its layers"),
         (args.loss_chunks >= 1,
          f"--loss-chunks {args.loss_chunks}: must be 1 or more (slices of the vocabulary)"),
         (-2 ** 63 <= args.seed < 2 ** 64,
@@ -286,6 +293,11 @@ def parse_args(argv=None, budget_only=False):
     args.targets = tuple(t for t in args.targets.split(",") if t)
     _resolve_device(args, budget_only)
     return args
+
+
+def ckpt_label(args):
+    """--ckpt as the run's summary line says it: manual, or manual/2 for every 2nd layer."""
+    return args.ckpt + (f"/{args.ckpt_every}" if args.ckpt_every > 1 else "")
 
 
 def print_error(prog, error):

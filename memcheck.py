@@ -334,7 +334,7 @@ class _Saves:
         self.events = {}               # warning kind -> details, first seen
         self.outputs = []              # records of the language model's outputs, this forward
         self.unsaved = []              # those alive when it ended, autograd not saving them
-        self.backward_steps = self.steps_saving_in_layers = 0
+        self.backward_steps, self.layers_saving = 0, set()
         self.new_step()
 
     def new_step(self):
@@ -412,7 +412,8 @@ class _Saves:
                 self._event("grad_in_eval", step, phase=phase, bytes=sum(storages.values()))
         if watch["unpacked"]:  # a backward ran
             self.backward_steps += 1
-            self.steps_saving_in_layers += any(_inside(m, self.layers) for m in watch["modules"])
+            self.layers_saving.update(layer for layer in self.layers
+                                      if any(_inside(m, [layer]) for m in watch["modules"]))
             kept = {}  # what the kept graphs hold beyond the parameters they also save
             for saved in filter(None, (ref() for ref in watch["saved"])):
                 record = self.tracker.live.get(saved.tensor.untyped_storage().data_ptr())
@@ -427,10 +428,10 @@ class _Saves:
         self.new_step()
 
     def checkpointing(self):
-        """Whether no step's backward used anything saved inside the decoder layers (None: unknown)."""
+        """Per decoder layer, whether no backward used anything saved inside it (None: unknown)."""
         if not self.backward_steps or not self.layers:
             return None
-        return self.steps_saving_in_layers == 0
+        return [layer not in self.layers_saving for layer in self.layers]
 
     def _event(self, kind, step, **details):
         event = self.events.setdefault(kind, dict(details, first_step=step, steps=0))
@@ -527,7 +528,7 @@ class _Stack:
                   "bs": self.seen.get("bs"), "seq": self.seen.get("seq"),
                   "autocast": self.seen.get("autocast"),
                   "checkpointing_enabled": bool(_checkpointed_layers(self.model)),
-                  "checkpointing": self.saves.checkpointing(), **_adapters(self.model)}
+                  "checkpointing": _checkpointing(self.checkpointing()), **_adapters(self.model)}
         world_size = rank_and_world()[1]
         if world_size > 1:
             config.update(strategy=_strategy(self.model), world_size=world_size)
@@ -545,9 +546,15 @@ class _Stack:
             self.lm.config.save_pretrained(self.config_dir)
 
     def checkpointing(self):
-        """As measured; before any backward (an OOM in step 1), as the model is configured."""
+        """Per decoder layer, whether it is checkpointed: as measured; before any backward (an OOM
+        in step 1), as the model is configured."""
         measured = self.saves.checkpointing()
-        return bool(_checkpointed_layers(self.model)) if measured is None else measured
+        if measured is not None or not self.saves.layers:
+            return measured
+        # a layer's own flag (transformers 5 flags each), else the flag of the model that holds it
+        enabled = any(getattr(m, "gradient_checkpointing", False) is True for m in self.model.modules())
+        return [getattr(layer, "gradient_checkpointing", enabled) is True
+                for layer in decoder_layers(self.lm)]
 
     def warnings(self):
         """compile_disabled, model_mismatch and no_grad: what is wrong with the stack itself."""
@@ -906,6 +913,17 @@ def _checkpointed_layers(model):
     return [m for m in flagged if not any(o in flagged for o in m.modules() if o is not m)]
 
 
+def _checkpointing(flags):
+    """Checkpointing per decoder layer as a report's config says it: True or False for all, N for
+    every N-th layer from the first (transformers' every_n_layers), else the flags; None: unknown."""
+    if not flags:
+        return None
+    if all(flags) or not any(flags):
+        return flags[0]
+    every = flags.index(True, 1) if flags.count(True) > 1 else len(flags)
+    return every if flags == [i % every == 0 for i in range(len(flags))] else flags
+
+
 def _adapter(module):
     """(base linear, {r, experts, impl, dropout}) of a gated LoRA or a PEFT LoRA layer, else None."""
     if hasattr(module, "n_experts") and hasattr(module, "base"):
@@ -964,10 +982,12 @@ def baseline_command(config):
     flags.append(f"--lora-r {config['r']} --alpha {config['alpha']:g} --experts {config['experts']} "
                  f"--dropout {config['dropout']:g} --targets {','.join(config['targets'])}"
                  + (" --no-inject-items" if config["experts"] == 1 else ""))
-    # Measured, or before any backward (an OOM in step 1) as configured.
-    checkpointing = config.get("checkpointing")
-    checkpointing = config.get("checkpointing_enabled") if checkpointing is None else checkpointing
-    flags.append(f"--precision {precision} --ckpt " + ("manual" if checkpointing else "none"))
+    checkpointing = config.get("checkpointing", config.get("checkpointing_enabled"))
+    if isinstance(checkpointing, list):  # some layers, in no every-N-th pattern: ref_train cannot
+        return None
+    ckpt = "none" if not checkpointing else "manual" + ("" if checkpointing is True
+                                                        else f" --ckpt-every {checkpointing}")
+    flags.append(f"--precision {precision} --ckpt {ckpt}")
     if config.get("world_size", 1) > 1:  # --bs is per rank, as the probe saw it
         flags.insert(0, f"--strategy {config['strategy']}")
         return f"torchrun --nproc_per_node {config['world_size']} ref_train.py " + " ".join(flags)

@@ -54,13 +54,13 @@ def _checkpointed(forward, *args, **kwargs):
     return checkpoint(run, ilora.current_gate(), *args, use_reentrant=False)
 
 
-def checkpoint_layers(model):
-    """Manual gradient checkpointing: each decoder layer keeps only its inputs for backward.
+def checkpoint_layers(model, every=1):
+    """Manual gradient checkpointing: each decoder layer (every `every`-th from the first, as
+    transformers' every_n_layers) keeps only its inputs for backward.
 
     The gate goes through torch.utils.checkpoint as an input, so the recomputation in backward runs
-    under the same gate even though the use_gate() scope of the forward pass has closed.
-    """
-    for layer in models.decoder_layers(model):
+    under the same gate even though the use_gate() scope of the forward pass has closed."""
+    for layer in models.decoder_layers(model)[::every]:
         layer.forward = functools.partial(_checkpointed, layer.forward)
 
 
@@ -130,7 +130,7 @@ def build(args, meta=False):
     if meta:
         return model, items, batches, setup
     if args.ckpt == "manual":
-        checkpoint_layers(model)
+        checkpoint_layers(model, args.ckpt_every)
     elif args.ckpt in ("hf", "reentrant"):
         enable_hf_checkpointing(model, reentrant=args.ckpt == "reentrant")
     model.train()
@@ -156,8 +156,8 @@ def plan(args, model=None, items=None, full=False, padded=None):
         model, items, batches, _ = build(args, meta=True)
         if padded is None:
             padded = has_padding(first_batches(args, batches))
-    return budget.budget(model, bs=args.bs, seq=args.seq, checkpointing=args.ckpt != "none",
-                         autocast_dtype=dtypes(args)[1], loss_chunks=args.loss_chunks,
+    return budget.budget(model, bs=args.bs, seq=args.seq, autocast_dtype=dtypes(args)[1],
+                         checkpointing=args.ckpt != "none" and args.ckpt_every, loss_chunks=args.loss_chunks,
                          device=args.device, extra=[items], full=full, padded=bool(padded),
                          **distributed.placement(args))
 
@@ -297,7 +297,7 @@ def describe(args, model, modules, setup, log):
             "experts' weights fused in 3-D tensors, not linear layers; all-linear adapts the "
             "linear layers only")
     log(f"adapted {len(setup['adapted'])} linear layers ({', '.join(setup['targets'])}), "
-        f"r={args.r}, experts={args.experts}, impl={args.impl}, ckpt={args.ckpt}, "
+        f"r={args.r}, experts={args.experts}, impl={args.impl}, ckpt={flags.ckpt_label(args)}, "
         f"precision={args.precision}, weights={dtypes(args)[0]}, device={args.device}")
     trainable, frozen = count_params(modules)
     dtype = str(dtypes(args)[0]).removeprefix("torch.")

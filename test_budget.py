@@ -96,6 +96,15 @@ TIGHT_GRID = [
     ("--bs", 8, "--seq", 128, "--precision", "bf16-mixed"),
     ("--bs", 8, "--seq", 128, "--ckpt", "none", "--precision", "bf16-mixed", "--dropout", 0.1),
     ("--bs", 8, "--seq", 128, "--ckpt", "none", "--no-add-tokens", "--no-inject-items"),
+    # the fused loss, forward's peak inside the last layer (its checkpointed forward saving nothing)
+    # or in the loss (its copies of the hidden states and the targets' rows of the head)
+    ("--bs", 4, "--seq", 128, "--loss-chunks", 8), ("--bs", 4, "--seq", 128, "--loss-chunks", 2,
+                                                    "--precision", "bf16-mixed"),
+    ("--bs", 4, "--seq", 128, "--loss-chunks", 4, "--ckpt", "none", "--precision", "bf16-true"),
+    # one layer of the two checkpointed: the other's activations held while the first recomputes
+    ("--bs", 8, "--seq", 128, "--ckpt-every", 2), ("--bs", 4, "--seq", 256, "--ckpt-every", 2,
+                                                    "--precision", "bf16-mixed", "--dropout", 0.1),
+    ("--bs", 1, "--seq", 16, "--targets", "all-linear", "--lora-r", 64, "--ckpt-every", 2),
 ]
 
 
@@ -219,6 +228,18 @@ def test_a_full_fine_tunes_backward_is_budgeted_with_every_gradient_where_it_is_
 
 # ---------------------------------------------------------------- a layer traced on the meta device
 
+def test_checkpointing_is_all_layers_none_every_nth_or_a_flag_per_layer_alike(tiny_model):
+    args = ref_train.parse_args(["--model", tiny_model, "--device", "cpu", "--bs", "2", "--seq", "32"])
+    model, items, _, _ = ref_train.build(args, meta=True)
+    planned = lambda ckpt: budget.budget(model, bs=2, seq=32, checkpointing=ckpt, extra=[items])
+    for forms in ((True, 1, [True, True]), (False, 0, [False, False]), (2, [True, False])):
+        assert all(planned(form) == planned(forms[0]) for form in forms[1:]), forms
+    phases = [planned(form)["phases"]["backward"] for form in (True, 2, False)]
+    assert phases == sorted(phases) and len(set(phases)) == 3   # some layers checkpointed: between
+    with pytest.raises(ValueError, match="3 flags for 2 decoder layers"):
+        planned([True] * 3)
+
+
 def test_a_trace_that_fails_leaves_autocast_transformers_and_torch_as_they_were(tiny_model):
     import transformers.masking_utils as masking
     args = ref_train.parse_args(["--model", tiny_model, "--bs", "2", "--seq", "32"], budget_only=True)
@@ -289,6 +310,48 @@ def saved_by_a_real_layer(model, ids, autocast_dtype):
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), cast, ilora.use_gate(gate):
         budget._Unwrapped(layer)(hidden, *args[1:], **kwargs)
     return sum(saved.values())
+
+
+def held_in_a_real_forward(model, ids):
+    """(what the model's forward holds on CPU as its last decoder layer starts, the first and last
+    layers' inputs aside; that layer's peak in a forward that saves nothing, as checkpointing's)."""
+    layers, tracker, captured = models.decoder_layers(model), memcheck.Tracker("cpu"), {}
+    key = lambda t: t.untyped_storage().data_ptr()
+
+    def capture(module, args, kwargs):
+        hidden = args[0] if args else kwargs["hidden_states"]
+        captured.setdefault("first", key(hidden))
+        if module is layers[-1]:
+            captured.update(args=args, kwargs=kwargs, held=sum(
+                r.nbytes for k, r in tracker.live.items() if k not in (captured["first"], key(hidden))))
+            raise budget._Captured
+
+    experts = next(m.n_experts for m in model.modules() if isinstance(m, ilora.GatedLoraLinear))
+    gate = torch.rand(ids.shape[0], experts, requires_grad=True)
+    hooks = [layer.register_forward_pre_hook(capture, with_kwargs=True) for layer in layers]
+    unsaved = torch.autograd.graph.saved_tensors_hooks(lambda t: None, lambda t: t)
+    with contextlib.suppress(budget._Captured), ilora.use_gate(gate), unsaved, tracker:
+        model(input_ids=ids, use_cache=False)
+    for hook in hooks:
+        hook.remove()
+    args, kwargs, layer_tracker = captured["args"], captured["kwargs"], memcheck.Tracker("cpu")
+    with ilora.use_gate(gate), unsaved, layer_tracker:
+        budget._Unwrapped(layers[-1])(args[0].detach().requires_grad_(), *args[1:], **kwargs)
+    return captured["held"], layer_tracker.peak_bytes
+
+
+@pytest.mark.parametrize("family", ["opt", "llama", "mixtral", "phi3", "gemma2", "gpt2", "bloom"])
+def test_the_trace_holds_what_a_real_forward_holds_before_and_inside_a_checkpointed_layer(
+        family_models, tiny_model, family):
+    model_dir = tiny_model if family == "opt" else family_models[family]
+    args = ref_train.parse_args(["--model", model_dir, "--device", "cpu", "--bs", "2", "--seq", "32",
+                                 "--ckpt", "none"])
+    model, *_ = ref_train.build(args)
+    traced = budget.trace_layer(model, bs=2, seq=32)
+    held, forward_peak = held_in_a_real_forward(model, torch.randint(0, 500, (2, 32)))
+    assert (traced["model_held"], traced["forward_unsaved"]) == (held, forward_peak)
+    if family == "opt":   # its embeddings and position embeddings, beside the mask it makes
+        assert held >= 2 * 2 * 32 * TINY_OPT["hidden_size"] * 4
 
 
 # fp32; fp32 weights under bf16 autocast; bf16 weights under it (only LoRA's fp32 weights cast)

@@ -18,6 +18,7 @@ import pytest
 import torch
 from torch import nn
 
+import budget
 import ilora
 import memcheck
 import ref_train
@@ -1414,6 +1415,28 @@ def test_the_baseline_takes_the_checkpointing_that_ran_not_the_one_configured():
     with memcheck.Probe(model, optimizer) as probe:
         user_loop(probe, model, optimizer, token_batches(2))
     assert probe.report()["config"]["baseline_command"].endswith("--ckpt none")
+
+
+@pytest.mark.parametrize("flags, said, ckpt", [
+    ([True] * 4, True, "--ckpt manual"), ([False] * 4, False, "--ckpt none"),
+    ([True, False] * 2, 2, "--ckpt manual --ckpt-every 2"),
+    ([True, False, False, False], 4, "--ckpt manual --ckpt-every 4"),
+    ([True, False, False, True], 3, "--ckpt manual --ckpt-every 3"),
+    ([True, True, False, True], [True, True, False, True], None),     # no every-N-th pattern
+    ([False, True] * 2, [False, True] * 2, None),                      # not from the first layer
+], ids=["all", "none", "every-2", "first-only", "every-3", "irregular", "from-the-second"])
+def test_checkpointing_of_some_layers_is_said_every_nth_where_it_is_and_the_baseline_reproduces_it(
+        flags, said, ckpt):
+    assert memcheck._checkpointing(flags) == said
+    config = {"bs": 2, "seq": 32, "adapters": "peft_lora", "param_bytes_by_dtype": {"float32": 4}, "r": 4,
+              "alpha": 8, "experts": 1, "dropout": 0.0, "targets": ["q_proj"], "checkpointing": said}
+    command = memcheck.baseline_command(config)
+    if ckpt is None:   # ref_train picks every N-th layer from the first, or all, or none
+        assert command is None
+    else:
+        assert command.endswith(ckpt)
+        args = ref_train.parse_args(command.split()[2:] + ["--device", "cpu"])
+        assert budget._per_layer(args.ckpt != "none" and args.ckpt_every, len(flags)) == flags
 
 
 def test_the_baseline_of_16_bit_base_weights_under_autocast_keeps_their_dtype():

@@ -488,6 +488,19 @@ def test_manual_checkpointing_carries_the_gate_into_recomputation(tiny_model):
         assert torch.allclose(g, h, rtol=1e-5, atol=1e-7)
 
 
+def test_every_nth_layer_checkpointed_trains_as_none_and_only_the_others_save_in_them(
+        tiny_model, train_tiny):
+    loss, grads = one_step_gradients(tiny_model, "none")
+    every_loss, every_grads = one_step_gradients(tiny_model, "manual", "--ckpt-every", "2")
+    assert every_loss == pytest.approx(loss, rel=1e-6) and every_grads.keys() == grads.keys()
+    for name, g in grads.items():
+        assert torch.allclose(every_grads[name], g, rtol=1e-5, atol=1e-7), name
+    # the tiny OPT's two layers: the first checkpointed (saving only its input, at its own level),
+    # the second saving inside it for backward
+    names = [m["module"].split(".") for m in train_tiny("--ckpt-every", 2, "--steps", 1)["modules"]]
+    assert {n[3] for n in names if n[:3] == ["model", "decoder", "layers"] and len(n) > 4} == {"1"}
+
+
 def test_checkpointing_lowers_the_measured_peak(ckpt_reports):
     peaks = {ckpt: r["peak_bytes"] for ckpt, r in ckpt_reports.items()}
     # Without checkpointing both decoder layers' activations are alive at once; with it, one layer's
@@ -779,6 +792,8 @@ BAD_INPUTS = {
     "report-empty": (["--report", ""], ["--report ''", "empty"]),
     "report-in-missing-dir": (["--report", "/no/such/dir/r.json"], ["/no/such/dir/r.json"]),
     "leak-without-gate": (["--inject-leak", "--experts", "1"], ["--inject-leak", "--experts 1"]),
+    "ckpt-every-0": (["--ckpt-every", "0"], ["--ckpt-every 0", "1 or more"]),
+    "ckpt-every-with-hf": (["--ckpt", "hf", "--ckpt-every", "2"], ["--ckpt-every 2", "--ckpt hf", "manual"]),
 }
 
 

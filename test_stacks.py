@@ -128,6 +128,31 @@ def test_an_oom_the_hf_trainer_recovers_from_at_a_smaller_batch_stays_in_the_rep
     assert "Tried to allocate 2.00 GiB" in report["recovered_oom"]["message"]
 
 
+# ---------------------------------------------------------------- checkpointing some layers
+
+@pytest.mark.parametrize("oom", [False, True], ids=["measured", "configured-oom-in-step-1"])
+def test_transformers_every_n_layers_is_budgeted_layer_by_layer_and_the_baseline_checkpoints_alike(
+        oom, tmp_path):
+    model = peft_opt()
+    if "every_n_layers" not in getattr(model.get_base_model(), "activation_checkpointing_enable",
+                                       lambda: None).__code__.co_varnames:
+        pytest.skip("this transformers checkpoints every layer or none")
+    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False},
+                                          every_n_layers=2)   # the tiny OPT's first layer of two
+    if oom:
+        raising_oom(model.get_base_model().model.decoder.final_layer_norm, "forward")
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    with contextlib.suppress(torch.OutOfMemoryError), memcheck.Probe(model, optimizer) as probe:
+        user_loop(probe, model, optimizer, token_batches(3, bs=8, seq=128, vocab=VOCAB))
+    report = probe.report()
+    assert report["config"]["checkpointing"] == 2 and report["warnings"] == []
+    assert report["config"]["baseline_command"].endswith("--ckpt manual --ckpt-every 2")
+    terms = report["budget"]["terms"]
+    assert terms["checkpointed_inputs"] == 8 * 128 * TINY_OPT["hidden_size"] * 4   # one layer's input
+    if not oom:
+        assert memcheck.verdict(report).endswith("as expected"), memcheck.verdict(report)
+
+
 # ---------------------------------------------------------------- one odd phase flips nothing
 
 def with_grad_validation(self, batch, batch_idx):
