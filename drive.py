@@ -39,7 +39,9 @@ def ablation_variants(args):
         ("baseline", []),
         ("added tokens + resize " + ("off" if args.add_tokens else "on"),
          ["--no-add-tokens" if args.add_tokens else "--add-tokens"]),
-        *[(f"checkpointing {c}", ["--ckpt", c]) for c in flags.CKPT_MODES if c != args.ckpt],
+        *[(f"checkpointing {c}", ["--ckpt", c, "--ckpt-every", "1"])
+          for c in flags.CKPT_MODES if c != args.ckpt],
+        *([("checkpointing every layer", ["--ckpt-every", "1"])] if args.ckpt_every > 1 else []),
         *[(f"{i} implementation", ["--impl", i]) for i in ("lean", "einsum") if i != args.impl],
         ("1 expert" if args.experts != 1 else "4 experts", ["--experts", "1" if args.experts != 1 else "4"]),
         ("LoRA dropout " + ("0" if args.dropout else "0.1"), ["--dropout", "0" if args.dropout else "0.1"]),
@@ -947,7 +949,8 @@ def budget_command(argv):
                      b["peak_bytes"] if name == "predicted peak" else b["phases"][name.split()[0]])
             row.append(mib(value))
         rows.append(row)
-    print(f"budget for --bs {args.bs} --seq {args.seq}, ckpt {args.ckpt}, precision {args.precision}, "
+    print(f"budget for --bs {args.bs} --seq {args.seq}, ckpt {flags.ckpt_label(args)}, "
+          f"precision {args.precision}, "
           f"{args.experts} experts of rank {args.r // args.experts}, targets {','.join(setup['targets'])}")
     if args.strategy != "none":  # rank 0 holds the longest shards; any rank's padding is counted
         print(f"per rank of {args.world_size} under {args.strategy}: the heaviest rank's"

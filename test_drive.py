@@ -104,8 +104,10 @@ def _promised(name):
         return {}
     if name.startswith("added tokens + resize"):
         return {"add_tokens": words[-1] == "on"}
+    if name == "checkpointing every layer":
+        return {"ckpt_every": 1}
     if name.startswith("checkpointing "):
-        return {"ckpt": words[1]}
+        return {"ckpt": words[1], "ckpt_every": 1}
     if name.endswith(" implementation"):
         return {"impl": words[0]}
     if name.endswith(("expert", "experts")):
@@ -129,7 +131,8 @@ def _promised(name):
     [],
     ["--no-add-tokens", "--ckpt", "none", "--impl", "einsum", "--experts", "1", "--dropout", "0.1",
      "--no-inject-items", "--targets", "all-linear", "--precision", "bf16-mixed"],
-], ids=["defaults", "every-switch-flipped"])
+    ["--ckpt-every", "2"],
+], ids=["defaults", "every-switch-flipped", "every-2nd-layer-checkpointed"])
 def test_each_ablate_variant_changes_exactly_what_its_name_says(tiny_model, base):
     # Mistake: a variant whose flags do not match its name ('resize off' passing no flag).
     base = ["--model", tiny_model, "--device", "cpu", *base]
