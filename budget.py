@@ -162,6 +162,8 @@ class _KernelsOnMeta(torch.overrides.TorchFunctionMode):
             q, k, v, mask, dropout_p, is_causal, scale, gqa = _sdpa_args(*args, **kwargs)
             fused = dropout_p == 0 or self.device_type == "cuda"
             if fused and (gqa or k.shape[-3] == q.shape[-3]):
+                if mask is not None and mask.dtype == torch.bool:   # made a float bias, as torch does
+                    mask = torch.zeros(mask.shape, dtype=q.dtype, device=mask.device)
                 return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
                     q, k, v, 0.0, is_causal, attn_mask=mask, scale=scale)[0]
         if func in _GROUPED_MM:
@@ -388,7 +390,7 @@ def _without_cache(args, kwargs):
     return args, kwargs, hidden
 
 
-def _run_layer(layer, layer_state, call, inputs, autocast_dtype, device, weights):
+def _run_layer(layer, layer_state, call, inputs, autocast_dtype, device, weights, padded):
     """Forward and backward of `layer` on meta, under trackers: trace_layer's figures."""
     args, kwargs, hidden = call
     shared = set(inputs) | weights
@@ -403,6 +405,9 @@ def _run_layer(layer, layer_state, call, inputs, autocast_dtype, device, weights
                 shared_saved.add(key)
         return t
 
+    if padded:   # the mask transformers gives every layer when a batch has padding
+        bs, seq = hidden.shape[:2]
+        kwargs = dict(kwargs, attention_mask=torch.empty(bs, 1, seq, seq, dtype=torch.bool, device="meta"))
     # first as checkpointing runs it (what it would save is let go at once), then as backward needs
     unsaved, (kernels, cast) = Tracker("meta"), _as_run(autocast_dtype, device, weights)
     with torch.autograd.graph.saved_tensors_hooks(lambda t: None, lambda t: t), kernels, cast, unsaved:
@@ -435,28 +440,29 @@ def _run_layer(layer, layer_state, call, inputs, autocast_dtype, device, weights
             "backward": tracker.peak_bytes - start}
 
 
-def trace_layer(model, *, bs, seq, full=False, autocast_dtype=None, device="cpu"):
+def trace_layer(model, *, bs, seq, full=False, autocast_dtype=None, device="cpu", padded=False):
     """What one decoder layer keeps for backward, and what its backward needs on top, in bytes.
 
     The model runs on the meta device (nothing is allocated): its parameters and buffers are
     replaced by meta tensors, a forward at bs x seq runs up to the last decoder layer, taking every
     layer's inputs, and that layer then runs forward and backward, in train mode, under a tracker,
-    with the kernels CPU and CUDA run (_KernelsOnMeta) and the run's autocast (_AutocastOnMeta,
-    with the device's policies). A gated LoRA layer gets a meta gate; full=True trains every
-    parameter. Returns {"saved": unique bytes saved for backward, the layer's input included,
-    parameters and the inputs every layer shares (masks, rotary tables) not; "saved_input": the part
-    of it that is the layer's input (under checkpointing, the input kept); "weight_copies": the
-    part of it that is autocast's copies of weights; "dropout_noise": the part that is dropout's
-    noise (on meta, as on CPU, dropout multiplies by a noise tensor of the input's dtype; CUDA's
-    fused kernel keeps a bool mask instead, of "dropout_noise_numel" bytes); "hidden_bytes": the
-    layer input's element size; "backward": the backward's peak above what it starts with;
-    "forward": the forward's peak, its temporaries included; "forward_unsaved": the same in a
-    forward that saves nothing, as checkpointing's first; "shared_inputs": what the model makes
-    once for every layer (masks, rotary tables), which checkpointing keeps as inputs;
-    "shared_saved": the part of it that a layer saves; "model_held": what the model's forward
-    holds as the layer starts, those and the embeddings' outputs (OPT's position embeddings too),
-    the layers' inputs and the KV cache aside}. Raises what the model raises when it
-    cannot run on meta (an op that reads values).
+    with the kernels CPU and CUDA run (_KernelsOnMeta) and the run's autocast (_AutocastOnMeta, with
+    the device's policies). A gated LoRA layer gets a meta gate; full=True trains every parameter;
+    padded=True gives the layer the bool mask transformers makes for a batch with padding (the
+    model's forward before it runs without one). Returns {"saved": unique bytes saved for backward,
+    the layer's input included, parameters and the inputs every layer shares (masks, rotary tables)
+    not; "saved_input": the part of it that is the layer's input (under checkpointing, the input
+    kept); "weight_copies": the part of it that is autocast's copies of weights; "dropout_noise":
+    the part that is dropout's noise (on meta, as on CPU, dropout multiplies by a noise tensor of
+    the input's dtype; CUDA's fused kernel keeps a bool mask instead, of "dropout_noise_numel"
+    bytes); "hidden_bytes": the layer input's element size; "backward": the backward's peak above
+    what it starts with; "forward": the forward's peak, its temporaries included; "forward_unsaved":
+    the same in a forward that saves nothing, as checkpointing's first; "shared_inputs": what the
+    model makes once for every layer (masks, rotary tables), which checkpointing keeps as inputs;
+    "shared_saved": the part of it that a layer saves; "model_held": what the model's forward holds
+    as the layer starts, those and the embeddings' outputs (OPT's position embeddings too), the
+    layers' inputs and the KV cache aside}. Raises what the model raises when it cannot run on meta
+    (an op that reads values).
     """
     layers = decoder_layers(model)
     if layers is None:
@@ -481,7 +487,7 @@ def trace_layer(model, *, bs, seq, full=False, autocast_dtype=None, device="cpu"
             ids = torch.zeros(bs, seq, dtype=torch.long, device="meta")
             *call, model_held = _layer_inputs(model, state, ids, inputs, autocast_dtype, device, weights)
             return dict(_run_layer(layer, layer_state, _without_cache(*call), inputs, autocast_dtype,
-                                   device, weights), model_held=model_held)
+                                   device, weights, padded), model_held=model_held)
     finally:
         for h in hooks:
             h.remove()
@@ -637,12 +643,12 @@ def _traced_layer(traced, *, checkpointing, on_cuda):
             "shared_inputs": traced["shared_inputs" if checkpointing else "shared_saved"]}
 
 
-def _terms(s, layer, *, bs, seq, act, mask, full, checkpointed, loss_chunks, trainable_bytes, param_bytes,
-           positions):
-    """The budget's terms, in bytes, from the model's structure and one layer's figures; checkpointed:
-    how many layers are; positions: those of a sequence the logits are made for."""
+def _terms(s, layer, *, bs, seq, act, mask, full, n_checkpointed, loss_chunks, trainable_bytes,
+           param_bytes, positions):
+    """The budget's terms, in bytes, from the model's structure and one layer's figures;
+    n_checkpointed: how many layers are; positions: those of a sequence the logits are made for."""
     h, lora, tokens, hidden_bytes = s["hidden"], s["lora"], bs * seq, layer["hidden_bytes"]
-    kept_inputs = checkpointed * tokens * h * hidden_bytes
+    kept_inputs = n_checkpointed * tokens * h * hidden_bytes
     head_gradient = s["vocab"] * h * 4 if loss_chunks > 1 and (full or s["head_trains"]) else 0   # fp32
     adapted = s["linears"] if full else s["adapted"]
     return {
@@ -662,7 +668,7 @@ def _terms(s, layer, *, bs, seq, act, mask, full, checkpointed, loss_chunks, tra
                                              + (sum(d for d, _ in adapted.values()) * mask
                                                 if not full and lora["dropout"] > 0 else 0)),
         "checkpointed_inputs": kept_inputs,
-        "saved_activations": kept_inputs + (s["layers"] - checkpointed) * layer["saved"]
+        "saved_activations": kept_inputs + (s["layers"] - n_checkpointed) * layer["saved"]
                              + tokens * h * hidden_bytes    # + the final norm's input
                              + (bs * seq * seq if layer["attention_mask"] else 0)  # + the bool mask, once
                              + layer["shared_inputs"],
@@ -710,11 +716,10 @@ def _layers_backward(terms, layer, *, training, gathered, hidden, checkpointed):
     other_layers = terms["gradients"] - terms["layer_gradients"]
     per_layer = layer["saved"] + layer["weight_copies"]
     held = [hidden if c else per_layer for c in checkpointed]
-    # Beside the layers': the gradient in flight and, where a layer is not checkpointed, the final
-    # norm's input (the gradient takes its place), the mask and the inputs every layer shares.
-    # lm_head's autocast copy went with its backward.
-    beside = (hidden if all(checkpointed) else terms["saved_activations"]
-              - sum(hidden if c else layer["saved"] for c in checkpointed))
+    # Beside the layers': the gradient in flight (in the final norm's input's place), the bool mask
+    # and the inputs every layer shares, which checkpointing keeps too (a padded batch's mask is
+    # bs x seq x seq). lm_head's autocast copy went with its backward.
+    beside = terms["saved_activations"] - sum(hidden if c else layer["saved"] for c in checkpointed)
     peak = 0
     for i, recomputed in enumerate(checkpointed):
         after = (other_layers - outside_layers) * (n_layers - 1 - i) // max(n_layers - 1, 1)
@@ -791,8 +796,10 @@ def _layer(model, s, *, bs, seq, act, mask, full, padded, casts_weights, checkpo
            autocast_dtype, device):
     """(one decoder layer's figures, how they were had): traced, else the per-token estimate."""
     layer = _estimated_layer(s, bs=bs, seq=seq, act=act, mask=mask, full=full, casts_weights=casts_weights)
+    padded = padded and s["attn"] == "sdpa"
     try:
-        traced = trace_layer(model, bs=bs, seq=seq, full=full, device=device, autocast_dtype=autocast_dtype)
+        traced = trace_layer(model, bs=bs, seq=seq, full=full, device=device, autocast_dtype=autocast_dtype,
+                             padded=padded)
     except Exception as e:  # an op that reads values, or a decoder this trace cannot call
         method = f"formula: the layer does not run on meta ({type(e).__name__}: {first_line(e)})"
     else:
@@ -801,8 +808,9 @@ def _layer(model, s, *, bs, seq, act, mask, full, padded, casts_weights, checkpo
         layer.update(_traced_layer(traced, checkpointing=checkpointing, on_cuda=on_cuda))
     # padded=True: some batch has padding, so SDPA gets an explicit mask instead of is_causal, and
     # each layer's call turns it into a float bias, bs x 1 x seq x seq, which it saves for backward.
-    layer["attention_mask"] = bs * seq * seq * act if padded and s["attn"] == "sdpa" else 0
-    layer["saved"] += layer["attention_mask"]
+    layer["attention_mask"] = bs * seq * seq * act if padded else 0
+    if method != "traced":   # (traced under the mask, SDPA's float bias is in the trace's figures)
+        layer["saved"] += layer["attention_mask"]
     layer["model_held"] += bs * seq * seq if layer["attention_mask"] else 0   # its bool mask, made once
     return layer, method
 
@@ -814,9 +822,9 @@ def budget(model, *, bs, seq, checkpointing, autocast_dtype=None, loss_chunks=1,
 
     model: the causal LM with its adapters (any device, the meta device included: nothing is
     allocated). checkpointing: True, False, N (every N-th decoder layer, as transformers'
-    every_n_layers), or a flag per decoder layer. extra: other modules whose parameters train with it (iLoRA's
-    router and projector). The LoRA rank, experts, form and dropout are read off the adapted
-    layers, the attention kernel and the weights' dtype off the model. full=True budgets full
+    every_n_layers), or a flag per decoder layer. extra: other modules whose parameters train with
+    it (iLoRA's router and projector). The LoRA rank, experts, form and dropout are read off the
+    adapted layers, the attention kernel and the weights' dtype off the model. full=True budgets full
     fine-tuning (every parameter trained) for the same shapes, as the seed's "about 1 GB" estimate
     does. On CUDA, cuBLAS's workspaces count too: cuda_workspace_bytes when given, else measured
     (cuda_workspaces). strategy "ddp" or "fsdp" budgets `rank` of world_size processes, each at
@@ -842,8 +850,8 @@ def budget(model, *, bs, seq, checkpointing, autocast_dtype=None, loss_chunks=1,
     by_dtype = _bytes_by_dtype(params)
     trained = params if full else [p for p in params if p.requires_grad]
     trainable_bytes = sum(p.numel() * p.element_size() for p in trained)
-    terms = _terms(s, layer, bs=bs, seq=seq, act=act, mask=mask, full=full,
-                   checkpointed=sum(checkpointed), loss_chunks=loss_chunks, trainable_bytes=trainable_bytes,
+    terms = _terms(s, layer, bs=bs, seq=seq, act=act, mask=mask, full=full, loss_chunks=loss_chunks,
+                   n_checkpointed=sum(checkpointed), trainable_bytes=trainable_bytes,
                    param_bytes=sum(by_dtype.values()), positions=seq - 1 if shifted_logits else seq)
     placement = dict(strategy=strategy, world_size=world_size, rank=rank)
     terms.update(rank_terms(model, extra, {id(p) for p in trained}, **placement))

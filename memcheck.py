@@ -334,7 +334,7 @@ class _Saves:
         self.events = {}               # warning kind -> details, first seen
         self.outputs = []              # records of the language model's outputs, this forward
         self.unsaved = []              # those alive when it ended, autograd not saving them
-        self.backward_steps, self.layers_saving = 0, set()
+        self.backward_steps, self.layers_saving = 0, {}   # layer -> where its used saves were made
         self.new_step()
 
     def new_step(self):
@@ -412,8 +412,11 @@ class _Saves:
                 self._event("grad_in_eval", step, phase=phase, bytes=sum(storages.values()))
         if watch["unpacked"]:  # a backward ran
             self.backward_steps += 1
-            self.layers_saving.update(layer for layer in self.layers
-                                      if any(_inside(m, [layer]) for m in watch["modules"]))
+            for layer in self.layers:
+                if any(_inside(m, [layer]) for m in watch["modules"]):
+                    self.layers_saving[layer] = "inside"
+                elif layer in watch["modules"]:
+                    self.layers_saving.setdefault(layer, "at its level")
             kept = {}  # what the kept graphs hold beyond the parameters they also save
             for saved in filter(None, (ref() for ref in watch["saved"])):
                 record = self.tracker.live.get(saved.tensor.untyped_storage().data_ptr())
@@ -428,10 +431,13 @@ class _Saves:
         self.new_step()
 
     def checkpointing(self):
-        """Per decoder layer, whether no backward used anything saved inside it (None: unknown)."""
+        """Per decoder layer, whether it was checkpointed: a backward used what was saved at its
+        level (checkpoint's input) and nothing inside it; None where it used nothing of it (a layer
+        with nothing to train and no input that needs a gradient), or before any backward."""
         if not self.backward_steps or not self.layers:
             return None
-        return [layer not in self.layers_saving for layer in self.layers]
+        return [{"inside": False, "at its level": True}.get(self.layers_saving.get(layer))
+                for layer in self.layers]
 
     def _event(self, kind, step, **details):
         event = self.events.setdefault(kind, dict(details, first_step=step, steps=0))
@@ -546,15 +552,17 @@ class _Stack:
             self.lm.config.save_pretrained(self.config_dir)
 
     def checkpointing(self):
-        """Per decoder layer, whether it is checkpointed: as measured; before any backward (an OOM
-        in step 1), as the model is configured."""
+        """Per decoder layer, whether it is checkpointed: as measured; as the model is configured
+        where nothing was (before any backward, as after an OOM in step 1; a layer that saved
+        nothing a backward used)."""
         measured = self.saves.checkpointing()
-        if measured is not None or not self.saves.layers:
+        if not self.saves.layers:
             return measured
         # a layer's own flag (transformers 5 flags each), else the flag of the model that holds it
         enabled = any(getattr(m, "gradient_checkpointing", False) is True for m in self.model.modules())
-        return [getattr(layer, "gradient_checkpointing", enabled) is True
-                for layer in decoder_layers(self.lm)]
+        configured = [getattr(layer, "gradient_checkpointing", enabled) is True
+                      for layer in decoder_layers(self.lm)]
+        return [c if m is None else m for m, c in zip(measured or configured, configured)]
 
     def warnings(self):
         """compile_disabled, model_mismatch and no_grad: what is wrong with the stack itself."""
@@ -982,7 +990,9 @@ def baseline_command(config):
     flags.append(f"--lora-r {config['r']} --alpha {config['alpha']:g} --experts {config['experts']} "
                  f"--dropout {config['dropout']:g} --targets {','.join(config['targets'])}"
                  + (" --no-inject-items" if config["experts"] == 1 else ""))
-    checkpointing = config.get("checkpointing", config.get("checkpointing_enabled"))
+    # Measured, or before any backward (an OOM in step 1) as configured.
+    checkpointing = config.get("checkpointing")
+    checkpointing = config.get("checkpointing_enabled") if checkpointing is None else checkpointing
     if isinstance(checkpointing, list):  # some layers, in no every-N-th pattern: ref_train cannot
         return None
     ckpt = "none" if not checkpointing else "manual" + ("" if checkpointing is True
@@ -996,11 +1006,16 @@ def baseline_command(config):
 
 def reference_line(config):
     """The line naming a probed stack's reference: its baseline command, why there is none (no LoRA
-    adapter), or None (the reference's own report, or no training forward seen)."""
+    adapter, layers checkpointed in a pattern ref_train.py has no flag for), or None (the
+    reference's own report, or no training forward seen)."""
     if config.get("baseline_command"):
         return f"{REFERENCE}: {config['baseline_command']}"
     if config.get("probe") and config.get("bs") and not config.get("adapters"):
         return NO_LORA_BASELINE
+    if isinstance(config.get("checkpointing"), list):
+        layers = [i for i, c in enumerate(config["checkpointing"]) if c]
+        return (f"{REFERENCE}: none; layers {', '.join(map(str, layers))} were checkpointed, and "
+                "ref_train.py checkpoints every layer, none, or every N-th from the first (--ckpt-every)")
     return None
 
 

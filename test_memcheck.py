@@ -1433,6 +1433,8 @@ def test_checkpointing_of_some_layers_is_said_every_nth_where_it_is_and_the_base
     command = memcheck.baseline_command(config)
     if ckpt is None:   # ref_train picks every N-th layer from the first, or all, or none
         assert command is None
+        layers = ", ".join(str(i) for i, c in enumerate(flags) if c)
+        assert f"none; layers {layers} were checkpointed" in memcheck.reference_line(dict(config, probe=True))
     else:
         assert command.endswith(ckpt)
         args = ref_train.parse_args(command.split()[2:] + ["--device", "cpu"])

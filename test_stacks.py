@@ -153,6 +153,26 @@ def test_transformers_every_n_layers_is_budgeted_layer_by_layer_and_the_baseline
         assert memcheck.verdict(report).endswith("as expected"), memcheck.verdict(report)
 
 
+@pytest.mark.parametrize("ckpt", [False, True], ids=["not-checkpointed", "checkpointed"])
+def test_a_layer_without_adapters_or_input_gradients_is_not_taken_for_a_checkpointed_one(ckpt):
+    # PEFT's layers_to_transform: the first layer has nothing to train and, without the input
+    # gradients transformers' checkpointing asks for, nothing to save: it saves as a checkpointed
+    # layer does (nothing inside it), and is what the model is configured to be
+    from peft import LoraConfig, get_peft_model
+    from transformers import OPTConfig, OPTForCausalLM
+    torch.manual_seed(0)
+    model = get_peft_model(OPTForCausalLM(OPTConfig(vocab_size=VOCAB, **TINY_OPT)), LoraConfig(
+        r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], layers_to_transform=[1]))
+    if ckpt:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    with memcheck.Probe(model.train(), optimizer) as probe:
+        user_loop(probe, model, optimizer, token_batches(2, vocab=VOCAB))
+    config = probe.report()["config"]
+    assert config["checkpointing"] is ckpt
+    assert config["baseline_command"].endswith("--ckpt manual" if ckpt else "--ckpt none")
+
+
 # ---------------------------------------------------------------- one odd phase flips nothing
 
 def with_grad_validation(self, batch, batch_idx):
