@@ -6,6 +6,7 @@ is allocated, and any architecture that runs on meta is budgeted as it runs; whe
 per-token estimate calibrated on OPT stands. Needs torch and memcheck.py, nothing else.
 """
 import contextlib
+import inspect
 import sys
 import weakref
 
@@ -407,7 +408,14 @@ def _run_layer(layer, layer_state, call, inputs, autocast_dtype, device, weights
 
     if padded:   # the mask transformers gives every layer when a batch has padding
         bs, seq = hidden.shape[:2]
-        kwargs = dict(kwargs, attention_mask=torch.empty(bs, 1, seq, seq, dtype=torch.bool, device="meta"))
+        mask = torch.empty(bs, 1, seq, seq, dtype=torch.bool, device="meta")
+        # where the model passes it: by keyword, or by position (GPT-2's blocks)
+        names = list(inspect.signature(type(layer).forward).parameters)[1:]
+        at = names.index("attention_mask") if "attention_mask" in names else len(args)
+        if at < len(args):
+            args = (*args[:at], mask, *args[at + 1:])
+        else:
+            kwargs = dict(kwargs, attention_mask=mask)
     # first as checkpointing runs it (what it would save is let go at once), then as backward needs
     unsaved, (kernels, cast) = Tracker("meta"), _as_run(autocast_dtype, device, weights)
     with torch.autograd.graph.saved_tensors_hooks(lambda t: None, lambda t: t), kernels, cast, unsaved:
@@ -797,19 +805,24 @@ def _layer(model, s, *, bs, seq, act, mask, full, padded, casts_weights, checkpo
     """(one decoder layer's figures, how they were had): traced, else the per-token estimate."""
     layer = _estimated_layer(s, bs=bs, seq=seq, act=act, mask=mask, full=full, casts_weights=casts_weights)
     padded = padded and s["attn"] == "sdpa"
-    try:
-        traced = trace_layer(model, bs=bs, seq=seq, full=full, device=device, autocast_dtype=autocast_dtype,
-                             padded=padded)
-    except Exception as e:  # an op that reads values, or a decoder this trace cannot call
-        method = f"formula: the layer does not run on meta ({type(e).__name__}: {first_line(e)})"
-    else:
+    traced = None
+    # traced under the mask a padded batch gets, else without it (a layer this trace cannot give
+    # one), else not at all (an op that reads values, or a decoder this trace cannot call)
+    for masked in (True, False) if padded else (False,):
+        try:
+            traced = trace_layer(model, bs=bs, seq=seq, full=full, device=device,
+                                 autocast_dtype=autocast_dtype, padded=masked)
+            break
+        except Exception as e:
+            method = f"formula: the layer does not run on meta ({type(e).__name__}: {first_line(e)})"
+    if traced is not None:
         method = "traced"
         on_cuda = torch.device(device).type == "cuda"
         layer.update(_traced_layer(traced, checkpointing=checkpointing, on_cuda=on_cuda))
     # padded=True: some batch has padding, so SDPA gets an explicit mask instead of is_causal, and
     # each layer's call turns it into a float bias, bs x 1 x seq x seq, which it saves for backward.
     layer["attention_mask"] = bs * seq * seq * act if padded else 0
-    if method != "traced":   # (traced under the mask, SDPA's float bias is in the trace's figures)
+    if not (traced and masked):   # (traced under the mask, the bias is in the trace's figures)
         layer["saved"] += layer["attention_mask"]
     layer["model_held"] += bs * seq * seq if layer["attention_mask"] else 0   # its bool mask, made once
     return layer, method

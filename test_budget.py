@@ -414,6 +414,40 @@ def test_a_padded_batch_is_traced_under_its_mask_where_grouped_query_attention_r
         assert abs(measured / predicted - 1) <= 0.03, (phase, measured, predicted)
 
 
+@pytest.mark.parametrize("family", ["gpt2", "falcon", "phi3"])
+def test_a_padded_batch_is_traced_whether_the_layer_takes_its_mask_by_keyword_or_by_position(
+        family_models, train_tiny, family):
+    # GPT-2's blocks are given the mask by position; Falcon's multi-query attention takes SDPA's
+    # math path; Phi-3 pads with token 0
+    report = train_tiny("--bs", 4, "--seq", 256, "--steps", 2, "--ckpt", "none", model=family_models[family])
+    assert report["budget"]["terms"]["attention_mask_per_layer"] > 0   # a batch pads
+    assert report["budget"]["method"] == "traced", report["budget"]["method"]
+    for phase in ("forward", "backward"):
+        measured, predicted = report["phases"][phase]["peak_bytes"], report["budget"]["phases"][phase]
+        assert abs(measured / predicted - 1) <= 0.03, (phase, measured, predicted)
+
+
+def test_a_layer_that_cannot_take_the_padded_mask_is_traced_without_it_and_its_bias_added(
+        tiny_model, monkeypatch):
+    args = ref_train.parse_args(["--model", tiny_model, "--device", "cpu", "--bs", "2", "--seq", "32"])
+    model, items, _, _ = ref_train.build(args, meta=True)
+    planned = lambda padded: budget.budget(model, bs=2, seq=32, checkpointing=False, padded=padded,
+                                           extra=[items])
+    unpadded, run = planned(False), budget._run_layer
+
+    def refusing_the_mask(*args):   # (its last argument: padded)
+        if args[-1]:
+            raise TypeError("forward() got multiple values for argument 'attention_mask'")
+        return run(*args)
+
+    monkeypatch.setattr(budget, "_run_layer", refusing_the_mask)
+    padded = planned(True)
+    assert padded["method"] == "traced"
+    bias = padded["terms"]["attention_mask_per_layer"]
+    assert bias == 2 * 32 * 32 * 4
+    assert padded["terms"]["activations_per_layer"] == unpadded["terms"]["activations_per_layer"] + bias
+
+
 @pytest.mark.parametrize("weights_dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_autocast_copies_only_the_weights_not_already_in_its_dtype(weights_dtype):
     # with checkpointing the budget counts lm_head's copy alone: the tracker's, or none in bf16
