@@ -285,6 +285,7 @@ def _cache_tensors(cache, depth=3):
     return [t for v in values for t in _cache_tensors(v, depth - 1)]
 
 
+
 @contextlib.contextmanager
 def _unpadded_on_meta():
     """transformers asks whether a batch has padding by reading its mask (masking_utils.fast_all;
@@ -332,7 +333,7 @@ def _as_run(autocast_dtype, device, weights):
 
 def _layer_inputs(model, state, ids, inputs, autocast_dtype, device, weights):
     """The last decoder layer's (args, kwargs), from a forward on meta stopped as it starts, and the
-    bytes that forward holds then beside the first and the last layer's inputs and the KV cache.
+    bytes that forward holds then: (what it made before its layers, what the layers made).
 
     `inputs` gathers, by storage, what every layer takes besides the hidden states: layers of
     different kinds take different masks (Gemma2's sliding window), all made once by the model and
@@ -343,19 +344,23 @@ def _layer_inputs(model, state, ids, inputs, autocast_dtype, device, weights):
     key = lambda t: t.untyped_storage()._cdata
 
     def capture(module, args, kwargs):
-        hidden = args[0] if args else kwargs["hidden_states"]
         rest = [*args[1:], *(v for k, v in kwargs.items() if k != "hidden_states")]
-        caches = [t for v in rest if _is_cache(v) for t in _cache_tensors(v)]
         inputs.update((key(t), t) for t in pytree.tree_leaves(
             [v for v in rest if not _is_cache(v)]) if isinstance(t, torch.Tensor))
         if module is layers[0]:
-            captured["first"] = key(hidden)
+            captured.update(first=key(args[0] if args else kwargs["hidden_states"]), start=tracker.event)
         if module is layer:
-            # what the model's own forward holds beside the layers' inputs (masks, rotary tables,
-            # OPT's embeddings and position embeddings), the KV cache a training forward lacks aside
-            apart = {captured["first"], key(hidden), *map(key, caches)}
-            captured.update(args=args, kwargs=kwargs,
-                            held=sum(r.nbytes for k, r in tracker.live.items() if k not in apart))
+            # What the model's own forward made before its layers and still holds, their first
+            # input aside (masks, rotary tables, OPT's embeddings and position embeddings); and
+            # what the layers made that it still holds, this layer's input and the KV cache (which
+            # training does not make) aside: the outputs beside the hidden states that the loop
+            # keeps (Bloom's attention weights), which a layer that is not checkpointed saves anyway
+            own = {key(args[0] if args else kwargs["hidden_states"])} | {
+                key(t) for v in rest if _is_cache(v) for t in _cache_tensors(v)}
+            made = [(r.created <= captured["start"], r.nbytes) for k, r in tracker.live.items()
+                    if k != captured["first"] and k not in own]
+            captured.update(args=args, kwargs=kwargs, held=(sum(n for before, n in made if before),
+                                                            sum(n for before, n in made if not before)))
             raise _Captured
 
     capturing = [each.register_forward_pre_hook(capture, with_kwargs=True) for each in layers]
@@ -467,10 +472,11 @@ def trace_layer(model, *, bs, seq, full=False, autocast_dtype=None, device="cpu"
     what it starts with; "forward": the forward's peak, its temporaries included; "forward_unsaved":
     the same in a forward that saves nothing, as checkpointing's first; "shared_inputs": what the
     model makes once for every layer (masks, rotary tables), which checkpointing keeps as inputs;
-    "shared_saved": the part of it that a layer saves; "model_held": what the model's forward holds
-    as the layer starts, those and the embeddings' outputs (OPT's position embeddings too), the
-    layers' inputs and the KV cache aside}. Raises what the model raises when it cannot run on meta
-    (an op that reads values).
+    "shared_saved": the part of it that a layer saves; "model_held": what the model's forward made
+    before its layers and holds as the layer starts, those and the embeddings' outputs (OPT's
+    position embeddings too), the first layer's input aside; "outputs_held": what the layers before
+    made and it still holds, the layer's input and the KV cache aside (Bloom's attention weights)}.
+    Raises what the model raises when it cannot run on meta (an op that reads values).
     """
     layers = decoder_layers(model)
     if layers is None:
@@ -493,9 +499,11 @@ def trace_layer(model, *, bs, seq, full=False, autocast_dtype=None, device="cpu"
     try:
         with _training_unchecked(model):
             ids = torch.zeros(bs, seq, dtype=torch.long, device="meta")
-            *call, model_held = _layer_inputs(model, state, ids, inputs, autocast_dtype, device, weights)
+            *call, (model_held, outputs_held) = _layer_inputs(model, state, ids, inputs, autocast_dtype,
+                                                              device, weights)
             return dict(_run_layer(layer, layer_state, _without_cache(*call), inputs, autocast_dtype,
-                                   device, weights, padded), model_held=model_held)
+                                   device, weights, padded), model_held=model_held,
+                        outputs_held=outputs_held)
     finally:
         for h in hooks:
             h.remove()
@@ -635,7 +643,7 @@ def _estimated_layer(s, *, bs, seq, act, mask, full, casts_weights):
     copies = sum(i * o for i, o in s["linears"].values()) * act if casts_weights else 0
     return {"saved": tokens * (per_token + lora_per_token) + eager_scores, "weight_copies": copies,
             "backward": tokens * act * (s["ffn"] + 2 * h), "forward": 0, "forward_unsaved": 0,
-            "model_held": 0, "shared_inputs": 0, "saved_input": tokens * h * act,
+            "model_held": 0, "outputs_held": 0, "shared_inputs": 0, "saved_input": tokens * h * act,
             "hidden_bytes": act, "lora_per_token": lora_per_token}
 
 
@@ -647,7 +655,8 @@ def _traced_layer(traced, *, checkpointing, on_cuda):
             "saved_input": traced["saved_input"], "weight_copies": traced["weight_copies"],
             "backward": traced["backward"], "forward": traced["forward"],
             "forward_unsaved": traced["forward_unsaved"],
-            "model_held": traced["model_held"], "hidden_bytes": traced["hidden_bytes"],
+            "model_held": traced["model_held"], "outputs_held": traced["outputs_held"],
+            "hidden_bytes": traced["hidden_bytes"],
             "shared_inputs": traced["shared_inputs" if checkpointing else "shared_saved"]}
 
 
@@ -706,7 +715,9 @@ def _layers_forward(layer, *, training, gathered, hidden, checkpointed):
     peak = 0
     for i, recomputed in enumerate(checkpointed):
         own = layer["forward_unsaved"] if recomputed else layer["forward"]
-        peak = max(peak, sum(hidden if c else per_layer for c in checkpointed[:i]) + hidden + own)
+        # the outputs the loop keeps of the layer before, saved by it unless it is checkpointed
+        kept = layer["outputs_held"] if i and checkpointed[i - 1] else 0
+        peak = max(peak, sum(hidden if c else per_layer for c in checkpointed[:i]) + hidden + kept + own)
     return training + 2 * gathered + layer["model_held"] + peak
 
 
