@@ -285,7 +285,6 @@ def _cache_tensors(cache, depth=3):
     return [t for v in values for t in _cache_tensors(v, depth - 1)]
 
 
-
 @contextlib.contextmanager
 def _unpadded_on_meta():
     """transformers asks whether a batch has padding by reading its mask (masking_utils.fast_all;
@@ -344,19 +343,19 @@ def _layer_inputs(model, state, ids, inputs, autocast_dtype, device, weights):
     key = lambda t: t.untyped_storage()._cdata
 
     def capture(module, args, kwargs):
+        hidden = args[0] if args else kwargs["hidden_states"]
         rest = [*args[1:], *(v for k, v in kwargs.items() if k != "hidden_states")]
         inputs.update((key(t), t) for t in pytree.tree_leaves(
             [v for v in rest if not _is_cache(v)]) if isinstance(t, torch.Tensor))
         if module is layers[0]:
-            captured.update(first=key(args[0] if args else kwargs["hidden_states"]), start=tracker.event)
+            captured.update(first=key(hidden), start=tracker.event)
         if module is layer:
             # What the model's own forward made before its layers and still holds, their first
             # input aside (masks, rotary tables, OPT's embeddings and position embeddings); and
             # what the layers made that it still holds, this layer's input and the KV cache (which
             # training does not make) aside: the outputs beside the hidden states that the loop
             # keeps (Bloom's attention weights), which a layer that is not checkpointed saves anyway
-            own = {key(args[0] if args else kwargs["hidden_states"])} | {
-                key(t) for v in rest if _is_cache(v) for t in _cache_tensors(v)}
+            own = {key(hidden)} | {key(t) for v in rest if _is_cache(v) for t in _cache_tensors(v)}
             made = [(r.created <= captured["start"], r.nbytes) for k, r in tracker.live.items()
                     if k != captured["first"] and k not in own]
             captured.update(args=args, kwargs=kwargs, held=(sum(n for before, n in made if before),
@@ -712,12 +711,13 @@ def _layers_forward(layer, *, training, gathered, hidden, checkpointed):
     layers before it their saved activations (or their checkpointed input), and its own input and
     forward's peak (as checkpointing runs it, saving nothing, where it is checkpointed)."""
     per_layer = layer["saved"] + layer["weight_copies"]
-    peak = 0
+    peak = held_before = 0
     for i, recomputed in enumerate(checkpointed):
         own = layer["forward_unsaved"] if recomputed else layer["forward"]
         # the outputs the loop keeps of the layer before, saved by it unless it is checkpointed
         kept = layer["outputs_held"] if i and checkpointed[i - 1] else 0
-        peak = max(peak, sum(hidden if c else per_layer for c in checkpointed[:i]) + hidden + kept + own)
+        peak = max(peak, held_before + hidden + kept + own)
+        held_before += hidden if recomputed else per_layer
     return training + 2 * gathered + layer["model_held"] + peak
 
 
@@ -734,18 +734,18 @@ def _layers_backward(terms, layer, *, training, gathered, hidden, checkpointed):
     outside_layers = terms["outside_layers_gradients"]
     other_layers = terms["gradients"] - terms["layer_gradients"]
     per_layer = layer["saved"] + layer["weight_copies"]
-    held = [hidden if c else per_layer for c in checkpointed]
     # Beside the layers': the gradient in flight (in the final norm's input's place), the bool mask
     # and the inputs every layer shares, which checkpointing keeps too (a padded batch's mask is
     # bs x seq x seq). lm_head's autocast copy went with its backward.
     beside = terms["saved_activations"] - sum(hidden if c else layer["saved"] for c in checkpointed)
-    peak = 0
+    peak = held = 0
     for i, recomputed in enumerate(checkpointed):
+        held += hidden if recomputed else per_layer   # this layer's and those before it
         after = (other_layers - outside_layers) * (n_layers - 1 - i) // max(n_layers - 1, 1)
         # (a recomputed layer saves its checkpointed input again: the same tensor)
         own = (max(per_layer - layer["saved_input"] + layer["backward"], layer["forward"]) if recomputed
                else layer["backward"])
-        peak = max(peak, sum(held[:i + 1]) + own + outside_layers + after)
+        peak = max(peak, held + own + outside_layers + after)
     return training + 2 * gathered + beside + peak
 
 
@@ -816,13 +816,13 @@ def _layer(model, s, *, bs, seq, act, mask, full, padded, casts_weights, checkpo
     """(one decoder layer's figures, how they were had): traced, else the per-token estimate."""
     layer = _estimated_layer(s, bs=bs, seq=seq, act=act, mask=mask, full=full, casts_weights=casts_weights)
     padded = padded and s["attn"] == "sdpa"
-    traced = None
+    traced = bias_traced = None
     # traced under the mask a padded batch gets, else without it (a layer this trace cannot give
     # one), else not at all (an op that reads values, or a decoder this trace cannot call)
     for masked in (True, False) if padded else (False,):
         try:
-            traced = trace_layer(model, bs=bs, seq=seq, full=full, device=device,
-                                 autocast_dtype=autocast_dtype, padded=masked)
+            traced, bias_traced = trace_layer(model, bs=bs, seq=seq, full=full, device=device,
+                                              autocast_dtype=autocast_dtype, padded=masked), masked
             break
         except Exception as e:
             method = f"formula: the layer does not run on meta ({type(e).__name__}: {first_line(e)})"
@@ -833,7 +833,7 @@ def _layer(model, s, *, bs, seq, act, mask, full, padded, casts_weights, checkpo
     # padded=True: some batch has padding, so SDPA gets an explicit mask instead of is_causal, and
     # each layer's call turns it into a float bias, bs x 1 x seq x seq, which it saves for backward.
     layer["attention_mask"] = bs * seq * seq * act if padded else 0
-    if not (traced and masked):   # (traced under the mask, the bias is in the trace's figures)
+    if not bias_traced:   # (traced under the mask, the bias is in the trace's figures)
         layer["saved"] += layer["attention_mask"]
     layer["model_held"] += bs * seq * seq if layer["attention_mask"] else 0   # its bool mask, made once
     return layer, method

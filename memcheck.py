@@ -334,7 +334,7 @@ class _Saves:
         self.events = {}               # warning kind -> details, first seen
         self.outputs = []              # records of the language model's outputs, this forward
         self.unsaved = []              # those alive when it ended, autograd not saving them
-        self.backward_steps, self.layers_saving = 0, {}   # layer -> where its used saves were made
+        self.backward_steps, self.checkpointed = 0, {}   # layer -> whether its backward looked checkpointed
         self.new_step()
 
     def new_step(self):
@@ -412,11 +412,11 @@ class _Saves:
                 self._event("grad_in_eval", step, phase=phase, bytes=sum(storages.values()))
         if watch["unpacked"]:  # a backward ran
             self.backward_steps += 1
-            for layer in self.layers:
+            for layer in self.layers:   # saves used inside it: not; at its level only (its input): yes
                 if any(_inside(m, [layer]) for m in watch["modules"]):
-                    self.layers_saving[layer] = "inside"
+                    self.checkpointed[layer] = False
                 elif layer in watch["modules"]:
-                    self.layers_saving.setdefault(layer, "at its level")
+                    self.checkpointed.setdefault(layer, True)
             kept = {}  # what the kept graphs hold beyond the parameters they also save
             for saved in filter(None, (ref() for ref in watch["saved"])):
                 record = self.tracker.live.get(saved.tensor.untyped_storage().data_ptr())
@@ -436,8 +436,7 @@ class _Saves:
         with nothing to train and no input that needs a gradient), or before any backward."""
         if not self.backward_steps or not self.layers:
             return None
-        return [{"inside": False, "at its level": True}.get(self.layers_saving.get(layer))
-                for layer in self.layers]
+        return [self.checkpointed.get(layer) for layer in self.layers]
 
     def _event(self, kind, step, **details):
         event = self.events.setdefault(kind, dict(details, first_step=step, steps=0))
@@ -562,7 +561,9 @@ class _Stack:
         enabled = any(getattr(m, "gradient_checkpointing", False) is True for m in self.model.modules())
         configured = [getattr(layer, "gradient_checkpointing", enabled) is True
                       for layer in decoder_layers(self.lm)]
-        return [c if m is None else m for m, c in zip(measured or configured, configured)]
+        if measured is None:
+            return configured
+        return [c if m is None else m for m, c in zip(measured, configured)]
 
     def warnings(self):
         """compile_disabled, model_mismatch and no_grad: what is wrong with the stack itself."""

@@ -15,13 +15,15 @@ from conftest import TINY_OPT, hf_train, lightning_fit, on_ranks, run_main, toke
 VOCAB, BS, SEQ = 500, 2, 32
 
 
-def peft_opt(ckpt=None, vocab=VOCAB):
-    """A tiny OPT with PEFT's LoRA on q and v, its final layer norm trained beside the adapters."""
+def peft_opt(ckpt=None, vocab=VOCAB, layers_to_transform=None):
+    """A tiny OPT with PEFT's LoRA on q and v (of the layers given, else all), its final layer norm
+    trained beside the adapters."""
     from peft import LoraConfig, get_peft_model
     from transformers import OPTConfig, OPTForCausalLM
     torch.manual_seed(0)
     model = OPTForCausalLM(OPTConfig(vocab_size=vocab, **TINY_OPT))
-    model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                                             layers_to_transform=layers_to_transform))
     if ckpt:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.get_base_model().model.decoder.final_layer_norm.requires_grad_(True)
@@ -158,15 +160,9 @@ def test_a_layer_without_adapters_or_input_gradients_is_not_taken_for_a_checkpoi
     # PEFT's layers_to_transform: the first layer has nothing to train and, without the input
     # gradients transformers' checkpointing asks for, nothing to save: it saves as a checkpointed
     # layer does (nothing inside it), and is what the model is configured to be
-    from peft import LoraConfig, get_peft_model
-    from transformers import OPTConfig, OPTForCausalLM
-    torch.manual_seed(0)
-    model = get_peft_model(OPTForCausalLM(OPTConfig(vocab_size=VOCAB, **TINY_OPT)), LoraConfig(
-        r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], layers_to_transform=[1]))
-    if ckpt:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model = peft_opt(ckpt, layers_to_transform=[1])
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
-    with memcheck.Probe(model.train(), optimizer) as probe:
+    with memcheck.Probe(model, optimizer) as probe:
         user_loop(probe, model, optimizer, token_batches(2, vocab=VOCAB))
     config = probe.report()["config"]
     assert config["checkpointing"] is ckpt
