@@ -1,8 +1,8 @@
 """budget: what training should take, from the model and the run's shapes, before it runs.
 
 memcheck.py's companion: copy it beside memcheck.py and the probe's report gets a budget, and with it
-a verdict on the measured peak. One decoder layer is traced on the meta device (trace_layer): nothing
-is allocated, and any architecture that runs on meta is budgeted as it runs; where one cannot, a
+a verdict on the measured peak. Each kind of decoder layer is traced on the meta device (trace_layers):
+nothing is allocated, and any architecture that runs on meta is budgeted as it runs; where one cannot, a
 per-token estimate calibrated on OPT stands. Needs torch and memcheck.py, nothing else.
 """
 import contextlib
@@ -285,23 +285,31 @@ def _cache_tensors(cache, depth=3):
     return [t for v in values for t in _cache_tensors(v, depth - 1)]
 
 
+# What transformers reads off a batch's values, and what the trace answers on meta instead.
+_META_ANSWERS = {"fast_all": True, "find_packed_sequence_indices": None}
+
+
 @contextlib.contextmanager
 def _unpadded_on_meta():
-    """transformers asks whether a batch has padding by reading its mask (masking_utils.fast_all;
-    transformers 5.17's OPT makes one of ones when given none). On meta there is nothing to read:
-    the trace is of a batch without padding (the budget counts padding's mask apart), so every
-    such read answers "all true". (The other read of fast_all, of a cache's part of the mask, comes
-    only after a first forward; and the patch is process-wide, like the trace's other switches.)"""
+    """transformers reads values off a batch: whether it has padding, from its mask
+    (masking_utils.fast_all; transformers 5.17's OPT makes one of ones when given none), and
+    without a KV cache (config.use_cache off, as the HF Trainer sets it) whether it packs several
+    sequences in a row, from its position ids (find_packed_sequence_indices). On meta there is
+    nothing to read: the trace is of a batch of whole sequences without padding (the budget counts
+    padding's mask apart), so every such read answers "all true", "none packed". (The other read of
+    fast_all, of a cache's part of the mask, comes only after a first forward; and the patch is
+    process-wide, like the trace's other switches.)"""
     masking = sys.modules.get("transformers.masking_utils")
-    read = getattr(masking, "fast_all", None)
-    if read is None:
-        yield
-        return
-    masking.fast_all = lambda mask: True if mask.device.type == "meta" else read(mask)
+    reads = {name: getattr(masking, name) for name in _META_ANSWERS if hasattr(masking, name)}
+    for name, read in reads.items():
+        answer = _META_ANSWERS[name]
+        setattr(masking, name,
+                lambda t, read=read, answer=answer: answer if t.device.type == "meta" else read(t))
     try:
         yield
     finally:
-        masking.fast_all = read
+        for name, read in reads.items():
+            setattr(masking, name, read)
 
 
 
@@ -330,16 +338,18 @@ def _as_run(autocast_dtype, device, weights):
     return _KernelsOnMeta(torch.device(device).type), _autocast_on_meta(autocast_dtype, device, weights)
 
 
-def _layer_inputs(model, state, ids, inputs, autocast_dtype, device, weights):
-    """The last decoder layer's (args, kwargs), from a forward on meta stopped as it starts, and the
-    bytes that forward holds then: (what it made before its layers, what the layers made).
+def _layer_inputs(model, state, ids, inputs, autocast_dtype, device, weights, input_grads):
+    """Every decoder layer's call (args, kwargs, hidden: its hidden states taken out, described as
+    (shape, dtype, requires_grad)), from a forward on meta stopped as the last layer starts, and what
+    that forward holds then, in bytes: (made before the layers, made by them). input_grads: whether
+    the first layer's input requires grad (None: as this forward from token ids makes it).
 
     `inputs` gathers, by storage, what every layer takes besides the hidden states: layers of
     different kinds take different masks (Gemma2's sliding window), all made once by the model and
     kept until backward (kept: a storage freed in the meantime could see its address reused, and a
     new one taken for it)."""
     layers = decoder_layers(model)
-    layer, captured, tracker = layers[-1], {}, Tracker("meta")
+    calls, captured, tracker = [], {}, Tracker("meta")
     key = lambda t: t.untyped_storage()._cdata
 
     def capture(module, args, kwargs):
@@ -347,9 +357,18 @@ def _layer_inputs(model, state, ids, inputs, autocast_dtype, device, weights):
         rest = [*args[1:], *(v for k, v in kwargs.items() if k != "hidden_states")]
         inputs.update((key(t), t) for t in pytree.tree_leaves(
             [v for v in rest if not _is_cache(v)]) if isinstance(t, torch.Tensor))
+        changed = None
         if module is layers[0]:
             captured.update(first=key(hidden), start=tracker.event)
-        if module is layer:
+            if input_grads is not None and hidden.requires_grad != input_grads:
+                hidden = hidden.detach().requires_grad_(input_grads)   # (the same storage)
+                changed = (((hidden, *args[1:]), kwargs) if args
+                           else (args, dict(kwargs, hidden_states=hidden)))
+        # (the hidden states described, not kept: a layer's input is no longer held at the last's)
+        calls.append(((None, *args[1:]) if args else args,
+                      {k: v for k, v in kwargs.items() if k != "hidden_states"},
+                      (hidden.shape, hidden.dtype, hidden.requires_grad)))
+        if module is layers[-1]:
             # What the model's own forward made before its layers and still holds, their first
             # input aside (masks, rotary tables, OPT's embeddings and position embeddings); and
             # what the layers made that it still holds, this layer's input and the KV cache (which
@@ -358,16 +377,15 @@ def _layer_inputs(model, state, ids, inputs, autocast_dtype, device, weights):
             own = {key(hidden)} | {key(t) for v in rest if _is_cache(v) for t in _cache_tensors(v)}
             made = [(r.created <= captured["start"], r.nbytes) for k, r in tracker.live.items()
                     if k != captured["first"] and k not in own]
-            captured.update(args=args, kwargs=kwargs, held=(sum(n for before, n in made if before),
-                                                            sum(n for before, n in made if not before)))
+            captured["held"] = (sum(n for before, n in made if before),
+                                sum(n for before, n in made if not before))
             raise _Captured
+        return changed
 
     capturing = [each.register_forward_pre_hook(capture, with_kwargs=True) for each in layers]
     kernels, cast = _as_run(autocast_dtype, device, weights)
     try:
-        # With the cache on (the config's default), transformers skips a packed-sequence test
-        # that reads values; the layer then runs without it. Nothing is saved: the layers before
-        # are checkpointed, as far as this forward knows.
+        # Nothing is saved: the layers before are checkpointed, as far as this forward knows.
         # (fork_rng: a model may draw on the CPU's generator, as OPT's layerdrop does)
         with kernels, cast, _unpadded_on_meta(), torch.random.fork_rng(devices=[]), \
                 torch.autograd.graph.saved_tensors_hooks(lambda t: None, lambda t: t), tracker:
@@ -377,17 +395,18 @@ def _layer_inputs(model, state, ids, inputs, autocast_dtype, device, weights):
     finally:
         for h in capturing:
             h.remove()
-    return captured["args"], captured["kwargs"], captured["held"]
+    return calls, captured["held"]
 
 
-def _without_cache(args, kwargs):
-    """The captured call without the KV cache, which by now holds the other layers' keys and values,
-    its hidden states a meta leaf that requires grad: (args, kwargs, hidden states)."""
+def _without_cache(args, kwargs, hidden):
+    """A captured call without the KV cache, which by now holds the other layers' keys and values,
+    its hidden states a new meta leaf as described: (args, kwargs, hidden states)."""
     args = tuple(None if _is_cache(a) else a for a in args)
     kwargs = {k: None if _is_cache(v) else v for k, v in kwargs.items()}
     if "use_cache" in kwargs:
         kwargs["use_cache"] = False
-    hidden = _on_meta(args[0] if args else kwargs.pop("hidden_states"), requires_grad=True)
+    shape, dtype, requires_grad = hidden
+    hidden = torch.empty(shape, dtype=dtype, device="meta").requires_grad_(requires_grad)
     if args:
         args = (hidden, *args[1:])
     else:
@@ -395,8 +414,30 @@ def _without_cache(args, kwargs):
     return args, kwargs, hidden
 
 
+def _with_padding_mask(layer, args, kwargs, hidden):
+    """The call with the mask transformers gives every layer when a batch has padding, where the
+    model passes it: by keyword, or by position (GPT-2's blocks)."""
+    bs, seq = hidden.shape[:2]
+    mask = torch.empty(bs, 1, seq, seq, dtype=torch.bool, device="meta")
+    names = list(inspect.signature(type(layer).forward).parameters)[1:]
+    at = names.index("attention_mask") if "attention_mask" in names else len(args)
+    if at < len(args):
+        return (*args[:at], mask, *args[at + 1:]), kwargs
+    return args, dict(kwargs, attention_mask=mask)
+
+
 def _run_layer(layer, layer_state, call, inputs, autocast_dtype, device, weights, padded):
-    """Forward and backward of `layer` on meta, under trackers: trace_layer's figures."""
+    """Forward and backward of `layer` on meta, under trackers: {"trains": whether backward runs
+    through the layer; "saved": unique bytes saved for backward, the layer's input included,
+    parameters and the inputs every layer shares (masks, rotary tables) not; "saved_input": the part
+    of it that is the layer's input (under checkpointing, the input kept); "weight_copies": the part
+    of it that is autocast's copies of weights; "dropout_noise": the part that is dropout's noise (on
+    meta, as on CPU, dropout multiplies by a noise tensor of the input's dtype; CUDA's fused kernel
+    keeps a bool mask instead, of "dropout_noise_numel" bytes); "hidden_bytes": the layer input's
+    element size; "backward": the backward's peak above what it starts with; "forward": the
+    forward's peak, its temporaries included; "forward_unsaved": the same in a forward that saves
+    nothing, as checkpointing's first; "shared_inputs": the shared inputs' bytes; "shared_saved":
+    the storages of those the layer saves}."""
     args, kwargs, hidden = call
     shared = set(inputs) | weights
     tracker, forward, shared_saved = Tracker("meta"), Tracker("meta"), set()
@@ -410,16 +451,8 @@ def _run_layer(layer, layer_state, call, inputs, autocast_dtype, device, weights
                 shared_saved.add(key)
         return t
 
-    if padded:   # the mask transformers gives every layer when a batch has padding
-        bs, seq = hidden.shape[:2]
-        mask = torch.empty(bs, 1, seq, seq, dtype=torch.bool, device="meta")
-        # where the model passes it: by keyword, or by position (GPT-2's blocks)
-        names = list(inspect.signature(type(layer).forward).parameters)[1:]
-        at = names.index("attention_mask") if "attention_mask" in names else len(args)
-        if at < len(args):
-            args = (*args[:at], mask, *args[at + 1:])
-        else:
-            kwargs = dict(kwargs, attention_mask=mask)
+    if padded:
+        args, kwargs = _with_padding_mask(layer, args, kwargs, hidden)
     # first as checkpointing runs it (what it would save is let go at once), then as backward needs
     unsaved, (kernels, cast) = Tracker("meta"), _as_run(autocast_dtype, device, weights)
     with torch.autograd.graph.saved_tensors_hooks(lambda t: None, lambda t: t), kernels, cast, unsaved:
@@ -439,40 +472,51 @@ def _run_layer(layer, layer_state, call, inputs, autocast_dtype, device, weights
     grad_out = torch.empty(out.shape, dtype=out.dtype, device="meta")
     tracker.start_window()
     start = tracker.live_bytes
-    with tracker, kernels:
-        torch.autograd.backward(out, grad_out)
-    return {"saved": saved, "saved_input": saved_input, "dropout_noise": sum(r.nbytes for r in noise),
+    if out.requires_grad:   # (a layer with nothing to train, its input not requiring grad, has none)
+        with tracker, kernels:
+            torch.autograd.backward(out, grad_out)
+    return {"trains": out.requires_grad, "saved": saved, "saved_input": saved_input,
+            "dropout_noise": sum(r.nbytes for r in noise),
             "dropout_noise_numel": sum(r.nbytes // r._dtype.itemsize for r in noise),
-            "weight_copies": copies,
-            "hidden_bytes": hidden.element_size(), "forward": forward.peak_bytes,
+            "weight_copies": copies, "hidden_bytes": hidden.element_size(), "forward": forward.peak_bytes,
             "forward_unsaved": unsaved.peak_bytes,
             "shared_inputs": sum(t.untyped_storage().nbytes() for k, t in inputs.items()
                                  if k not in weights),
-            "shared_saved": sum(inputs[k].untyped_storage().nbytes() for k in shared_saved),
-            "backward": tracker.peak_bytes - start}
+            "shared_saved": shared_saved, "backward": tracker.peak_bytes - start}
 
 
-def trace_layer(model, *, bs, seq, full=False, autocast_dtype=None, device="cpu", padded=False):
-    """What one decoder layer keeps for backward, and what its backward needs on top, in bytes.
+def _kinds(model, state, calls):
+    """Each decoder layer's (kind, meta state): layers alike in their class, parameters (names,
+    shapes, dtypes, which train) and input (the captured call's description) trace alike."""
+    names = {id(m): n for n, m in model.named_modules()}
+    for layer, (_, _, hidden) in zip(decoder_layers(model), calls):
+        prefix = names[id(layer)] + "."
+        layer_state = {"layer." + n[len(prefix):]: t for n, t in state.items() if n.startswith(prefix)}
+        parameters = tuple((n, t.shape, t.dtype, t.requires_grad) for n, t in layer_state.items())
+        yield (type(layer), hidden, parameters), layer_state
+
+
+def trace_layers(model, *, bs, seq, full=False, autocast_dtype=None, device="cpu", padded=False,
+                 input_grads=None):
+    """What each decoder layer keeps for backward, and what its backward needs on top, in bytes: a
+    dict per layer, traced once for each kind of layer (alike in their class, parameters, which of
+    them train, and their input), which its layers share.
 
     The model runs on the meta device (nothing is allocated): its parameters and buffers are
     replaced by meta tensors, a forward at bs x seq runs up to the last decoder layer, taking every
-    layer's inputs, and that layer then runs forward and backward, in train mode, under a tracker,
-    with the kernels CPU and CUDA run (_KernelsOnMeta) and the run's autocast (_AutocastOnMeta, with
-    the device's policies). A gated LoRA layer gets a meta gate; full=True trains every parameter;
-    padded=True gives the layer the bool mask transformers makes for a batch with padding (the
-    model's forward before it runs without one). Returns {"saved": unique bytes saved for backward,
-    the layer's input included, parameters and the inputs every layer shares (masks, rotary tables)
-    not; "saved_input": the part of it that is the layer's input (under checkpointing, the input
-    kept); "weight_copies": the part of it that is autocast's copies of weights; "dropout_noise":
-    the part that is dropout's noise (on meta, as on CPU, dropout multiplies by a noise tensor of
-    the input's dtype; CUDA's fused kernel keeps a bool mask instead, of "dropout_noise_numel"
-    bytes); "hidden_bytes": the layer input's element size; "backward": the backward's peak above
-    what it starts with; "forward": the forward's peak, its temporaries included; "forward_unsaved":
-    the same in a forward that saves nothing, as checkpointing's first; "shared_inputs": what the
+    layer's inputs, and a layer of each kind then runs forward and backward, in train mode, under a
+    tracker, with the kernels CPU and CUDA run (_KernelsOnMeta) and the run's autocast
+    (_AutocastOnMeta, with the device's policies). A gated LoRA layer gets a meta gate; full=True
+    trains every parameter; padded=True gives the layers the bool mask transformers makes for a
+    batch with padding (the model's forward before them runs without one); input_grads: whether
+    the first layer's input requires grad (inputs_embeds a trained module made, or
+    enable_input_require_grads), None as the model's own forward from token ids makes it.
+
+    Each dict: its kind's figures (_run_layer's), and the model's, the same in every dict:
+    {"shared_inputs": what the
     model makes once for every layer (masks, rotary tables), which checkpointing keeps as inputs;
-    "shared_saved": the part of it that a layer saves; "model_held": what the model's forward made
-    before its layers and holds as the layer starts, those and the embeddings' outputs (OPT's
+    "shared_saved": the part of it that the layers save; "model_held": what the model's forward
+    made before its layers and holds as the last starts, those and the embeddings' outputs (OPT's
     position embeddings too), the first layer's input aside; "outputs_held": what the layers before
     made and it still holds, the layer's input and the KV cache aside (Bloom's attention weights)}.
     Raises what the model raises when it cannot run on meta (an op that reads values).
@@ -483,11 +527,6 @@ def trace_layer(model, *, bs, seq, full=False, autocast_dtype=None, device="cpu"
     state = {n: _on_meta(t, True if full else None) for n, t in model.named_parameters()}
     state.update((n, _on_meta(t)) for n, t in model.named_buffers())
     weights = {t.untyped_storage()._cdata for t in state.values()}
-    # The last layer: its input has the dtype of the residual stream from then on (bf16 weights
-    # under fp16 autocast: the first layer's is bf16, the others' fp32, as fp16 + bf16 promotes).
-    layer = layers[-1]
-    prefix = next(n for n, m in model.named_modules() if m is layer) + "."
-    layer_state = {"layer." + n[len(prefix):]: t for n, t in state.items() if n.startswith(prefix)}
     # One gate for every layer, as the router makes it, which trains: what multiplies it is saved
     # for its gradient.
     gated = [m for m in layers.modules() if getattr(m, "n_experts", 1) > 1 and hasattr(m, "base")]
@@ -498,14 +537,23 @@ def trace_layer(model, *, bs, seq, full=False, autocast_dtype=None, device="cpu"
     try:
         with _training_unchecked(model):
             ids = torch.zeros(bs, seq, dtype=torch.long, device="meta")
-            *call, (model_held, outputs_held) = _layer_inputs(model, state, ids, inputs, autocast_dtype,
-                                                              device, weights)
-            return dict(_run_layer(layer, layer_state, _without_cache(*call), inputs, autocast_dtype,
-                                   device, weights, padded), model_held=model_held,
-                        outputs_held=outputs_held)
+            calls, (model_held, outputs_held) = _layer_inputs(model, state, ids, inputs, autocast_dtype,
+                                                              device, weights, input_grads)
+            kinds, per_layer = {}, []
+            for layer, call, (kind, layer_state) in zip(layers, calls, _kinds(model, state, calls)):
+                if kind not in kinds:
+                    kinds[kind] = _run_layer(layer, layer_state, _without_cache(*call), inputs,
+                                             autocast_dtype, device, weights, padded)
+                per_layer.append(kinds[kind])
     finally:
         for h in hooks:
             h.remove()
+    shared_saved = set().union(*(each.pop("shared_saved") for each in kinds.values()))
+    model_figures = {"model_held": model_held, "outputs_held": outputs_held,
+                     "shared_saved": sum(inputs[k].untyped_storage().nbytes() for k in shared_saved)}
+    for each in kinds.values():
+        each.update(model_figures)
+    return per_layer
 
 
 # ---------------------------------------------------------------- the budget per rank
@@ -570,18 +618,24 @@ def _held_bytes(params, *, strategy, world_size, rank, padded):
     return sum(p.numel() * p.element_size() for p in params)
 
 
-def _gradient_terms(model, trained, *, traced, **placement):
+def _each_layers_gradients(model, trained, **placement):
+    """The bytes of each decoder layer's gradients on this rank."""
+    trained = {id(p) for p in trained}
+    return [_held_bytes([p for p in layer.parameters() if id(p) in trained], padded=True, **placement)
+            for layer in decoder_layers(model)]
+
+
+def _gradient_terms(model, trained, layer_gradients, *, traced, **placement):
     """The gradients' own moments, in bytes on this rank. "layer_gradients": the last decoder
     layer's, which its traced backward makes (0 for the per-token estimate, which leaves them out);
     "outside_layers_gradients": those of trained parameters outside the decoder layers; and
     "tied_head_gradient": a trained weight the head shares with the input embeddings, whose head
     gradient autograd holds until the embeddings' comes, at the end of backward, then adds."""
-    layers = decoder_layers(model)
-    in_layers, in_last = {id(p) for p in _unique_params(layers)}, {id(p) for p in layers[-1].parameters()}
-    last, outside = [p for p in trained if id(p) in in_last], [p for p in trained if id(p) not in in_layers]
+    in_layers = {id(p) for p in _unique_params(decoder_layers(model))}
+    outside = [p for p in trained if id(p) not in in_layers]
     head = model.get_output_embeddings().weight
     tied = head is model.get_input_embeddings().weight and any(p is head for p in trained)
-    return {"layer_gradients": _held_bytes(last, padded=True, **placement) if traced else 0,
+    return {"layer_gradients": layer_gradients[-1] if traced else 0,
             "outside_layers_gradients": _held_bytes(outside, padded=True, **placement),
             "tied_head_gradient": head.numel() * head.element_size() if tied else 0}
 
@@ -640,7 +694,8 @@ def _estimated_layer(s, *, bs, seq, act, mask, full, casts_weights):
     # Autocast copies what is not in its dtype: the weights, or only LoRA's fp32 ones (which the
     # estimate leaves out).
     copies = sum(i * o for i, o in s["linears"].values()) * act if casts_weights else 0
-    return {"saved": tokens * (per_token + lora_per_token) + eager_scores, "weight_copies": copies,
+    return {"trains": True, "saved": tokens * (per_token + lora_per_token) + eager_scores,
+            "weight_copies": copies,
             "backward": tokens * act * (s["ffn"] + 2 * h), "forward": 0, "forward_unsaved": 0,
             "model_held": 0, "outputs_held": 0, "shared_inputs": 0, "saved_input": tokens * h * act,
             "hidden_bytes": act, "lora_per_token": lora_per_token}
@@ -650,7 +705,7 @@ def _traced_layer(traced, *, checkpointing, on_cuda):
     """The trace's figures in place of the estimate's; checkpointing: whether any layer is."""
     # (on CUDA, dropout's fused kernel keeps a bool mask where the trace has the noise)
     bool_masks = traced["dropout_noise"] - traced["dropout_noise_numel"] if on_cuda else 0
-    return {"saved": traced["saved"] - traced["weight_copies"] - bool_masks,
+    return {"trains": traced["trains"], "saved": traced["saved"] - traced["weight_copies"] - bool_masks,
             "saved_input": traced["saved_input"], "weight_copies": traced["weight_copies"],
             "backward": traced["backward"], "forward": traced["forward"],
             "forward_unsaved": traced["forward_unsaved"],
@@ -659,12 +714,14 @@ def _traced_layer(traced, *, checkpointing, on_cuda):
             "shared_inputs": traced["shared_inputs" if checkpointing else "shared_saved"]}
 
 
-def _terms(s, layer, *, bs, seq, act, mask, full, n_checkpointed, loss_chunks, trainable_bytes,
-           param_bytes, positions):
-    """The budget's terms, in bytes, from the model's structure and one layer's figures;
-    n_checkpointed: how many layers are; positions: those of a sequence the logits are made for."""
+def _terms(s, layers, *, bs, seq, act, mask, full, checkpointed, loss_chunks, trainable_bytes,
+           casts_weights, param_bytes, positions):
+    """The budget's terms, in bytes, from the model's structure and each layer's figures (the last
+    layer's stand for a layer's); checkpointed: per layer, whether it is; positions: those of a
+    sequence the logits are made for."""
+    layer = layers[-1]
     h, lora, tokens, hidden_bytes = s["hidden"], s["lora"], bs * seq, layer["hidden_bytes"]
-    kept_inputs = n_checkpointed * tokens * h * hidden_bytes
+    kept_inputs = sum(checkpointed) * tokens * h * hidden_bytes
     head_gradient = s["vocab"] * h * 4 if loss_chunks > 1 and (full or s["head_trains"]) else 0   # fp32
     adapted = s["linears"] if full else s["adapted"]
     return {
@@ -684,7 +741,7 @@ def _terms(s, layer, *, bs, seq, act, mask, full, n_checkpointed, loss_chunks, t
                                              + (sum(d for d, _ in adapted.values()) * mask
                                                 if not full and lora["dropout"] > 0 else 0)),
         "checkpointed_inputs": kept_inputs,
-        "saved_activations": kept_inputs + (s["layers"] - n_checkpointed) * layer["saved"]
+        "saved_activations": kept_inputs + sum(l["saved"] for l, c in zip(layers, checkpointed) if not c)
                              + tokens * h * hidden_bytes    # + the final norm's input
                              + (bs * seq * seq if layer["attention_mask"] else 0)  # + the bool mask, once
                              + layer["shared_inputs"],
@@ -701,57 +758,61 @@ def _terms(s, layer, *, bs, seq, act, mask, full, n_checkpointed, loss_chunks, t
         "loss_forward_buffers": (bs * (seq - 1) * h * (4 + act * (1 + (bs > 1 or act != hidden_bytes)
                                                                   + (act < 4))) + head_gradient
                                  if loss_chunks > 1 else 0),
-        "autocast_weight_copies": 0,
+        # Autocast re-casts each frozen weight at every call and the copy is saved for backward:
+        # lm_head's (under the fused loss, a slice) and every layer's, but a checkpointed layer's
+        # only while it is recomputed (its forward saved nothing).
+        "autocast_weight_copies": ((s["vocab"] * h // loss_chunks * act if casts_weights else 0)
+                                   + sum(l["weight_copies"] for l, c in zip(layers, checkpointed) if not c)),
     }
 
 
-def _layers_forward(layer, *, training, gathered, hidden, checkpointed):
+def _layers_forward(layers, *, training, gathered, hidden, checkpointed):
     """The peak of the decoder layers' forward, inside the layer that holds the most: the model's
     forward holding what it made before the layers (embeddings' outputs, masks, rotary tables), the
     layers before it their saved activations (or their checkpointed input), and its own input and
     forward's peak (as checkpointing runs it, saving nothing, where it is checkpointed)."""
-    per_layer = layer["saved"] + layer["weight_copies"]
     peak = held_before = 0
-    for i, recomputed in enumerate(checkpointed):
+    for i, (layer, recomputed) in enumerate(zip(layers, checkpointed)):
         own = layer["forward_unsaved"] if recomputed else layer["forward"]
         # the outputs the loop keeps of the layer before, saved by it unless it is checkpointed
         kept = layer["outputs_held"] if i and checkpointed[i - 1] else 0
         peak = max(peak, held_before + hidden + kept + own)
-        held_before += hidden if recomputed else per_layer
-    return training + 2 * gathered + layer["model_held"] + peak
+        held_before += hidden if recomputed else layer["saved"] + layer["weight_copies"]
+    return training + 2 * gathered + layers[-1]["model_held"] + peak
 
 
-def _layers_backward(terms, layer, *, training, gathered, hidden, checkpointed):
+def _layers_backward(terms, layers, layer_gradients, *, training, gathered, hidden, checkpointed):
     """The peak of the decoder layers' backward, which goes from the last layer to the first; hidden:
-    the bytes of one hidden state; checkpointed: per layer, whether it is. Each layer's backward
-    comes with the activations (or checkpointed inputs) of the layers before it still held, its
-    own, and the gradients of the layers after it and outside them: the last layer's with only
-    those outside, the first's with every gradient but its own, which its backward makes (as the
-    traced last layer's does). A checkpointed layer recomputes its forward first (whose own peak,
-    its temporaries included, can be the higher). A tied head's gradient, held until the
-    embeddings' comes, stands in the gradients term for the weight's."""
-    n_layers = len(checkpointed)
+    the bytes of one hidden state; checkpointed: per layer, whether it is; layer_gradients: each
+    layer's gradients' bytes. Each layer's backward comes with the activations (or checkpointed
+    inputs) of the layers before it still held, its own, and the gradients of the layers after it
+    and outside them (its own its traced backward makes). A checkpointed layer recomputes its
+    forward first (whose own peak, its temporaries included, can be the higher). A tied head's
+    gradient, held until the embeddings' comes, stands in the gradients term for the weight's. A
+    layer that backward does not run through (nothing in it or before it trains) holds nothing."""
     outside_layers = terms["outside_layers_gradients"]
-    other_layers = terms["gradients"] - terms["layer_gradients"]
-    per_layer = layer["saved"] + layer["weight_copies"]
     # Beside the layers': the gradient in flight (in the final norm's input's place), the bool mask
     # and the inputs every layer shares, which checkpointing keeps too (a padded batch's mask is
     # bs x seq x seq). lm_head's autocast copy went with its backward.
-    beside = terms["saved_activations"] - sum(hidden if c else layer["saved"] for c in checkpointed)
+    beside = terms["saved_activations"] - sum(hidden if c else layer["saved"]
+                                              for layer, c in zip(layers, checkpointed))
     peak = held = 0
-    for i, recomputed in enumerate(checkpointed):
+    after = sum(layer_gradients)
+    for layer, recomputed, gradients in zip(layers, checkpointed, layer_gradients):
+        per_layer = layer["saved"] + layer["weight_copies"]
         held += hidden if recomputed else per_layer   # this layer's and those before it
-        after = (other_layers - outside_layers) * (n_layers - 1 - i) // max(n_layers - 1, 1)
+        after -= gradients
         # (a recomputed layer saves its checkpointed input again: the same tensor)
         own = (max(per_layer - layer["saved_input"] + layer["backward"], layer["forward"]) if recomputed
                else layer["backward"])
-        peak = max(peak, held + own + outside_layers + after)
+        if layer["trains"]:
+            peak = max(peak, held + own + outside_layers + after)
     return training + 2 * gathered + beside + peak
 
 
-def _phases(terms, layer, *, tokens, h, checkpointed, loss_chunks, logits_kept):
-    """Each phase's peak, from the terms and one layer's figures; logits_kept: the 16-bit logits
-    live through the loss (a model's own forward returns them).
+def _phases(terms, layers, layer_gradients, *, tokens, h, checkpointed, loss_chunks, logits_kept):
+    """Each phase's peak, from the terms and each layer's figures and gradients' bytes; logits_kept:
+    the 16-bit logits live through the loss (a model's own forward returns them).
 
     Under FSDP2 the root's parameters stay all-gathered from forward's start to backward's end,
     and a layer's are all-gathered while it computes; in backward the next layer's are prefetched
@@ -761,7 +822,8 @@ def _phases(terms, layer, *, tokens, h, checkpointed, loss_chunks, logits_kept):
     root, gathered = terms.get("gathered_root_params", 0), terms.get("gathered_layer_params", 0)
     training = steady + root
     saved = terms["saved_activations"] + terms["autocast_weight_copies"]
-    hidden = tokens * h * layer["hidden_bytes"]  # a hidden state (the final norm's lives through the loss)
+    # a hidden state (the final norm's lives through the loss)
+    hidden = tokens * h * layers[-1]["hidden_bytes"]
     if loss_chunks == 1:
         # forward ends with the logits and their log-softmax; backward starts with the log-softmax
         # (saved), the loss's gradient and the logits' gradient. ref_train's 16-bit logits exist
@@ -778,20 +840,20 @@ def _phases(terms, layer, *, tokens, h, checkpointed, loss_chunks, logits_kept):
         forward_peak = (training + saved + hidden + terms["logits"] + terms["logits_16bit"]
                         + terms["loss_forward_buffers"])
         backward_start = training + gathered + saved + 2 * kept
-    forward_peak = max(forward_peak, _layers_forward(layer, training=training, gathered=gathered,
+    forward_peak = max(forward_peak, _layers_forward(layers, training=training, gathered=gathered,
                                                      hidden=hidden, checkpointed=checkpointed))
     if root:
         # FSDP2 frees the root's flat all-gather buffer only once the first layer's parameters
         # are copied out of theirs: both groups twice, and the embeddings' outputs
         forward_peak = max(forward_peak, steady + 2 * root + 2 * gathered + 3 * hidden)
-    layers = _layers_backward(terms, layer, training=training, gathered=gathered, hidden=hidden,
-                              checkpointed=checkpointed)
+    in_layers = _layers_backward(terms, layers, layer_gradients, training=training, gathered=gathered,
+                                 hidden=hidden, checkpointed=checkpointed)
     # FSDP2 reduce-scatters a group's gradients once its backward is done (the root's last)
     reduce_scatter = (training + gathered + terms["gradients"] + terms["reduce_scatter_buffers"]
                       if "reduce_scatter_buffers" in terms else 0)
     # the end: every gradient made (a tied weight's two summed, beside both)
     backward_end = training + terms["gradients"] + 2 * terms["tied_head_gradient"]
-    return {"forward": forward_peak, "backward": max(backward_start, layers, reduce_scatter, backward_end),
+    return {"forward": forward_peak, "backward": max(backward_start, in_layers, reduce_scatter, backward_end),
             "optimizer": steady + terms["gradients"] + terms["optimizer_temporary"]}
 
 
@@ -811,37 +873,45 @@ def _categories(terms, phases, peak_phase, loss_chunks):
     return categories
 
 
-def _layer(model, s, *, bs, seq, act, mask, full, padded, casts_weights, checkpointing,
-           autocast_dtype, device):
-    """(one decoder layer's figures, how they were had): traced, else the per-token estimate."""
-    layer = _estimated_layer(s, bs=bs, seq=seq, act=act, mask=mask, full=full, casts_weights=casts_weights)
+def _layers(model, s, *, bs, seq, act, mask, full, padded, casts_weights, checkpointing,
+            autocast_dtype, device, input_grads):
+    """(each decoder layer's figures, how they were had): traced, else the per-token estimate.
+    Layers of one kind share one dict."""
+    estimated = _estimated_layer(s, bs=bs, seq=seq, act=act, mask=mask, full=full,
+                                 casts_weights=casts_weights)
     padded = padded and s["attn"] == "sdpa"
-    traced = bias_traced = None
+    traced, bias_traced = [None] * s["layers"], False
     # traced under the mask a padded batch gets, else without it (a layer this trace cannot give
     # one), else not at all (an op that reads values, or a decoder this trace cannot call)
     for masked in (True, False) if padded else (False,):
         try:
-            traced, bias_traced = trace_layer(model, bs=bs, seq=seq, full=full, device=device,
-                                              autocast_dtype=autocast_dtype, padded=masked), masked
+            traced, bias_traced = trace_layers(model, bs=bs, seq=seq, full=full, device=device, padded=masked,
+                                               autocast_dtype=autocast_dtype, input_grads=input_grads), masked
+            method = "traced"
             break
         except Exception as e:
             method = f"formula: the layer does not run on meta ({type(e).__name__}: {first_line(e)})"
-    if traced is not None:
-        method = "traced"
-        on_cuda = torch.device(device).type == "cuda"
-        layer.update(_traced_layer(traced, checkpointing=checkpointing, on_cuda=on_cuda))
-    # padded=True: some batch has padding, so SDPA gets an explicit mask instead of is_causal, and
-    # each layer's call turns it into a float bias, bs x 1 x seq x seq, which it saves for backward.
-    layer["attention_mask"] = bs * seq * seq * act if padded else 0
-    if not bias_traced:   # (traced under the mask, the bias is in the trace's figures)
-        layer["saved"] += layer["attention_mask"]
-    layer["model_held"] += bs * seq * seq if layer["attention_mask"] else 0   # its bool mask, made once
-    return layer, method
+    on_cuda = torch.device(device).type == "cuda"
+    kinds = {}
+    for each in traced:
+        if id(each) in kinds:
+            continue
+        layer = kinds[id(each)] = dict(estimated)
+        if each is not None:
+            layer.update(_traced_layer(each, checkpointing=checkpointing, on_cuda=on_cuda))
+        # padded=True: some batch has padding, so SDPA gets an explicit mask instead of is_causal,
+        # and each layer's call turns it into a float bias, bs x 1 x seq x seq, which it saves for
+        # backward (a layer that saves nothing, none).
+        layer["attention_mask"] = bs * seq * seq * act if padded else 0
+        if not bias_traced and layer["saved"]:   # (traced under the mask, the bias is in its figures)
+            layer["saved"] += layer["attention_mask"]
+        layer["model_held"] += bs * seq * seq if layer["attention_mask"] else 0   # its bool mask, made once
+    return [kinds[id(each)] for each in traced], method
 
 
 def budget(model, *, bs, seq, checkpointing, autocast_dtype=None, loss_chunks=1, device="cpu",
            extra=(), full=False, padded=False, cuda_workspace_bytes=None, strategy="none",
-           world_size=1, rank=0, shifted_logits=True):
+           world_size=1, rank=0, shifted_logits=True, input_grads=None):
     """Predict training memory from a model and the run's shapes; every term in bytes.
 
     model: the causal LM with its adapters (any device, the meta device included: nothing is
@@ -855,44 +925,42 @@ def budget(model, *, bs, seq, checkpointing, autocast_dtype=None, loss_chunks=1,
     bs x seq (rank_terms). shifted_logits: the loss makes logits for every position but the last
     and frees 16-bit ones once copied to fp32 (ref_train's); False for a model's own forward, which
     makes them for every position (transformers' loss shifts the labels) and returns them, alive
-    through its loss.
+    through its loss. input_grads: whether the first decoder layer's input requires grad (item
+    embeddings injected, enable_input_require_grads); None: as the model's forward makes it.
 
-    What one decoder layer saves for backward, what its backward and its recomputed forward need
-    on top, and what the model makes once for every layer are traced (trace_layer); "method" says
-    "traced". Where the layer cannot run on meta, the per-token estimate calibrated on OPT stands
-    instead (_estimated_layer), and "method" says "formula: " and why."""
+    What each kind of decoder layer saves for backward, what its backward and its recomputed
+    forward need on top, and what the model makes once for every layer are traced (trace_layers);
+    "method" says "traced". Where a layer cannot run on meta, the per-token estimate calibrated on
+    OPT stands instead (_estimated_layer), and "method" says "formula: " and why."""
     s = _structure(model)
     checkpointed = _per_layer(checkpointing, s["layers"])
     act = _dtype_bytes(autocast_dtype or s["weights_dtype"])
     on_cuda = torch.device(device).type == "cuda"
     mask = 1 if on_cuda else act                       # dropout masks: bool on CUDA, act dtype on CPU
     casts_weights = autocast_dtype is not None and autocast_dtype != s["weights_dtype"]
-    layer, method = _layer(model, s, bs=bs, seq=seq, act=act, mask=mask, full=full, padded=padded,
-                           casts_weights=casts_weights, checkpointing=any(checkpointed),
-                           autocast_dtype=autocast_dtype, device=device)
+    layers, method = _layers(model, s, bs=bs, seq=seq, act=act, mask=mask, full=full, padded=padded,
+                             casts_weights=casts_weights, checkpointing=any(checkpointed),
+                             autocast_dtype=autocast_dtype, device=device, input_grads=input_grads)
+    # (a layer that backward does not run through saves nothing, checkpointed or not)
+    checkpointed = [c and layer["trains"] for c, layer in zip(checkpointed, layers)]
     params = _unique_params([model, *extra])
     by_dtype = _bytes_by_dtype(params)
     trained = params if full else [p for p in params if p.requires_grad]
     trainable_bytes = sum(p.numel() * p.element_size() for p in trained)
-    terms = _terms(s, layer, bs=bs, seq=seq, act=act, mask=mask, full=full, loss_chunks=loss_chunks,
-                   n_checkpointed=sum(checkpointed), trainable_bytes=trainable_bytes,
+    terms = _terms(s, layers, bs=bs, seq=seq, act=act, mask=mask, full=full, loss_chunks=loss_chunks,
+                   checkpointed=checkpointed, trainable_bytes=trainable_bytes, casts_weights=casts_weights,
                    param_bytes=sum(by_dtype.values()), positions=seq - 1 if shifted_logits else seq)
     placement = dict(strategy=strategy, world_size=world_size, rank=rank)
     terms.update(rank_terms(model, extra, {id(p) for p in trained}, **placement))
     terms["optimizer_temporary"] = _adamw_temporary(trained, on_cuda=on_cuda, **placement)
-    terms.update(_gradient_terms(model, trained, traced=method == "traced", **placement))
+    layer_gradients = _each_layers_gradients(model, trained, **placement)
+    terms.update(_gradient_terms(model, trained, layer_gradients, traced=method == "traced", **placement))
     if on_cuda and (cuda_workspace_bytes is not None or torch.cuda.is_available()):
         # (budgeting for CUDA on a machine without it, they are not known: the term is absent)
         terms["cuda_workspaces"] = (cuda_workspaces(device) if cuda_workspace_bytes is None
                                     else cuda_workspace_bytes)
-    if autocast_dtype is not None:
-        # Autocast re-casts each frozen weight at every call and the copy is saved for backward:
-        # lm_head's and every layer's, but a checkpointed layer's only while it is recomputed (its
-        # forward saved nothing).
-        head = s["vocab"] * s["hidden"] // loss_chunks if casts_weights else 0  # (the fused loss: a slice)
-        terms["autocast_weight_copies"] = head * act + checkpointed.count(False) * layer["weight_copies"]
-    phases = _phases(terms, layer, tokens=bs * seq, h=s["hidden"], checkpointed=checkpointed,
-                     loss_chunks=loss_chunks, logits_kept=not shifted_logits)
+    phases = _phases(terms, layers, layer_gradients, tokens=bs * seq, h=s["hidden"],
+                     checkpointed=checkpointed, loss_chunks=loss_chunks, logits_kept=not shifted_logits)
     peak_phase = max(phases, key=phases.get)
     return {"full": full, "method": method, "terms": terms, "params_by_dtype": by_dtype,
             "phases": phases, "peak_phase": peak_phase, "peak_bytes": phases[peak_phase],
@@ -913,6 +981,7 @@ def probed(stack, phases):
                       checkpointing=stack.checkpointing(), device=stack.device, extra=[stack.model],
                       autocast_dtype=getattr(torch, seen["autocast"]) if seen["autocast"] else None,
                       cuda_workspace_bytes=min(untracked, default=None),
+                      input_grads=seen.get("input_grads"),
                       shifted_logits=False)   # a model's own forward and loss: every position's logits
     except (ValueError, AttributeError, KeyError):  # not a decoder the budget can read
         return None

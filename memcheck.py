@@ -471,7 +471,10 @@ class _Stack:
         if self.lm is not None:
             self.hooks += [self.lm.get_input_embeddings().register_forward_pre_hook(self._first_forward),
                            self.lm.register_forward_hook(self.saves.model_output)]
-            self.saves.layers = [self.names[layer] for layer in decoder_layers(self.lm) or []]
+            layers = decoder_layers(self.lm) or []
+            self.saves.layers = [self.names[layer] for layer in layers]
+            if layers:
+                self.hooks.append(layers[0].register_forward_pre_hook(self._first_layer, with_kwargs=True))
         for p in model.parameters():  # judged by what backward gave, whatever zero_grad does later
             if p.requires_grad:
                 self.hooks.append(p.register_post_accumulate_grad_hook(self._graded))
@@ -500,6 +503,13 @@ class _Stack:
             kind = self.device.type
             self.seen["autocast"] = (str(torch.get_autocast_dtype(kind)).replace("torch.", "")
                                      if torch.is_autocast_enabled(kind) else None)
+
+    def _first_layer(self, module, args, kwargs):
+        # Whether the first training forward's first decoder layer takes an input that requires grad
+        # (embeddings that train, injected, or enable_input_require_grads): the budget traces it so.
+        hidden = args[0] if args else kwargs.get("hidden_states")
+        if "bs" in self.seen and "input_grads" not in self.seen and isinstance(hidden, torch.Tensor):
+            self.seen["input_grads"] = hidden.requires_grad
 
     def tag_roles(self, adopt=False, again=True):
         """Tag parameters, buffers, gradients and optimizer state (listed again if `again`)."""

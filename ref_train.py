@@ -159,7 +159,7 @@ def plan(args, model=None, items=None, full=False, padded=None):
     return budget.budget(model, bs=args.bs, seq=args.seq, autocast_dtype=dtypes(args)[1],
                          checkpointing=args.ckpt != "none" and args.ckpt_every, loss_chunks=args.loss_chunks,
                          device=args.device, extra=[items], full=full, padded=bool(padded),
-                         **distributed.placement(args))
+                         input_grads=args.inject_items or None, **distributed.placement(args))
 
 
 # ---------------------------------------------------------------- the step

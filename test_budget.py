@@ -122,6 +122,35 @@ def test_budget_predicts_the_measured_peak_within_three_percent(train_tiny, flag
 
 
 @pytest.mark.parametrize("precision", ["32", "bf16-mixed"])
+def test_a_first_layer_whose_input_needs_no_gradient_is_budgeted_as_it_saves_less(train_tiny, precision):
+    # without injected item embeddings the frozen embeddings' output needs no gradient, and the
+    # first layer keeps no input for one (0.983x and 0.976x when every layer was budgeted as the last)
+    report = train_tiny("--steps", 2, "--bs", 4, "--seq", 128, "--ckpt", "none", "--no-inject-items",
+                        "--precision", precision)
+    assert abs(report["peak_bytes"] / report["budget"]["peak_bytes"] - 1) <= 0.005
+
+
+def test_layers_alike_share_one_trace_and_a_layer_backward_never_reaches_saves_nothing():
+    from peft import LoraConfig, get_peft_model
+    from transformers import OPTConfig, OPTForCausalLM
+    config = OPTConfig(vocab_size=VOCAB, **dict(TINY_OPT, num_hidden_layers=4))
+    adapted = lambda layers: get_peft_model(OPTForCausalLM(config), LoraConfig(
+        r=4, target_modules=["q_proj", "v_proj"], layers_to_transform=layers))
+    # adapters on the third layer: nothing trains in or before the first two
+    layers = budget.trace_layers(adapted([2]), bs=2, seq=32)
+    assert [layer["trains"] for layer in layers] == [False, False, True, True]
+    assert layers[0] is layers[1] and layers[0]["saved"] == layers[0]["backward"] == 0
+    assert len({id(layer) for layer in layers}) == 3 and layers[3]["saved"] > 0
+    # given an input that requires grad, as injected embeddings make it, every layer trains
+    assert all(layer["trains"] for layer in budget.trace_layers(adapted([2]), bs=2, seq=32, input_grads=True))
+    # adapters everywhere: the first layer, its input needing no gradient, saves less than the rest
+    layers = budget.trace_layers(adapted(None), bs=2, seq=32)
+    assert layers[1] is layers[2] is layers[3] and layers[0]["saved"] < layers[1]["saved"]
+    layers = budget.trace_layers(adapted(None), bs=2, seq=32, input_grads=True)
+    assert len({id(layer) for layer in layers}) == 1
+
+
+@pytest.mark.parametrize("precision", ["32", "bf16-mixed"])
 def test_each_phase_is_budgeted_within_three_percent_where_the_logits_dominate(train_tiny,
                                                                               tmp_path_factory, precision):
     # opt-125m's vocabulary on the tiny layers: forward's own peak (two fp32 copies of the logits;
@@ -241,6 +270,22 @@ def test_checkpointing_is_all_layers_none_every_nth_or_a_flag_per_layer_alike(ti
         planned([True] * 3)
 
 
+@pytest.mark.parametrize("family", ["llama", "gemma2", "phi3"])
+def test_a_model_with_its_cache_off_is_traced_as_with_it(family_models, family):
+    # the HF Trainer sets config.use_cache = False; transformers then reads the position ids to find
+    # packed sequences, which meta cannot (Llama's family fell back to the formula: 0.89x traced)
+    import transformers.masking_utils as masking
+    args = ref_train.parse_args(["--model", family_models[family], "--bs", "2", "--seq", "32"],
+                                budget_only=True)
+    model, items, _, _ = ref_train.build(args, meta=True)
+    cached = budget.budget(model, bs=2, seq=32, checkpointing=False, extra=[items])
+    model.config.use_cache = False
+    uncached = budget.budget(model, bs=2, seq=32, checkpointing=False, extra=[items])
+    assert uncached["method"] == cached["method"] == "traced"
+    assert uncached["phases"] == cached["phases"]
+    assert masking.find_packed_sequence_indices.__module__ == masking.__name__   # put back
+
+
 def test_a_trace_that_fails_leaves_autocast_transformers_and_torch_as_they_were(tiny_model):
     import transformers.masking_utils as masking
     args = ref_train.parse_args(["--model", tiny_model, "--bs", "2", "--seq", "32"], budget_only=True)
@@ -251,7 +296,7 @@ def test_a_trace_that_fails_leaves_autocast_transformers_and_torch_as_they_were(
     model.eval()
     read, enabled = masking.fast_all, torch.is_autocast_enabled("cpu")
     with pytest.raises(RuntimeError, match="cannot run on meta"):
-        budget.trace_layer(model, bs=2, seq=32, autocast_dtype=torch.bfloat16)
+        budget.trace_layers(model, bs=2, seq=32, autocast_dtype=torch.bfloat16)[-1]
     assert masking.fast_all is read and torch.is_autocast_enabled("cpu") == enabled
     assert torch._C._len_torch_function_stack() == 0
     assert sum(len(m._forward_pre_hooks) for m in model.modules()) == 1   # ours, that failed
@@ -352,7 +397,7 @@ def test_the_trace_holds_what_a_real_forward_holds_before_and_inside_a_checkpoin
     args = ref_train.parse_args(["--model", model_dir, "--device", "cpu", "--bs", "2", "--seq", "32",
                                  "--ckpt", "none"])
     model, *_ = ref_train.build(args)
-    traced = budget.trace_layer(model, bs=2, seq=32)
+    traced = budget.trace_layers(model, bs=2, seq=32)[-1]
     (before, by_layers), forward_peak = held_in_a_real_forward(model, torch.randint(0, 500, (2, 32)))
     assert (traced["model_held"], traced["outputs_held"], traced["forward_unsaved"]) == (
         before, by_layers, forward_peak)
@@ -375,7 +420,7 @@ def test_a_layer_traced_on_meta_saves_what_it_saves_on_cpu_under_autocast_and_wi
     model, *_ = ref_train.build(args)
     autocast_dtype = ref_train.dtypes(args)[1]
     ids = torch.randint(0, VOCAB, (2, 32))
-    traced = budget.trace_layer(model, bs=2, seq=32, autocast_dtype=autocast_dtype)
+    traced = budget.trace_layers(model, bs=2, seq=32, autocast_dtype=autocast_dtype)[-1]
     real = saved_by_a_real_layer(model, ids, autocast_dtype)
     if "--weights-dtype bf16" in precision:
         # CPU's layer norm keeps a bf16 input's mean and rstd in bf16, meta's (as CUDA's) in fp32
@@ -602,7 +647,7 @@ def test_on_cuda_the_budget_counts_dropouts_noise_as_the_bool_mask_cuda_keeps(ti
     args = ref_train.parse_args(["--model", tiny_model, "--bs", "2", "--seq", "64", "--dropout", "0.1"],
                                 budget_only=True)
     model, *_ = ref_train.build(args, meta=True)
-    traced = budget.trace_layer(model, bs=2, seq=64)
+    traced = budget.trace_layers(model, bs=2, seq=64)[-1]
     assert traced["dropout_noise"] == 4 * traced["dropout_noise_numel"] > 2 * 2 * 64 * 64 * 4
     layer = lambda device: budget.budget(model, bs=2, seq=64, checkpointing=False, device=device,
                                            cuda_workspace_bytes=0)["terms"]["activations_per_layer"]
@@ -615,7 +660,7 @@ def test_every_dropout_mask_is_budgeted_as_the_device_keeps_it(tiny_model):
                                 budget_only=True)
     model, *_ = ref_train.build(args, meta=True)
     for device, kept in (("cpu", "dropout_noise"), ("cuda", "dropout_noise_numel")):
-        traced = budget.trace_layer(model, bs=args.bs, seq=args.seq, device=device)
+        traced = budget.trace_layers(model, bs=args.bs, seq=args.seq, device=device)[-1]
         terms = budget.budget(model, bs=args.bs, seq=args.seq, checkpointing=False, device=device,
                               cuda_workspace_bytes=0)["terms"]
         assert terms["dropout_masks_per_layer"] == traced[kept] > 0, device
@@ -627,7 +672,7 @@ def test_on_cuda_attention_dropout_is_traced_in_a_fused_kernel_that_keeps_no_wei
     # the trace assumes of CUDA: the H200 test above is what checks it against a GPU.)
     args = ref_train.parse_args(["--model", family_models["gpt2"], "--device", "cpu"])
     model, *_ = ref_train.build(args, meta=True)
-    saved = {d: budget.trace_layer(model, bs=2, seq=32, device=d)["saved"] for d in ("cpu", "cuda")}
+    saved = {d: budget.trace_layers(model, bs=2, seq=32, device=d)[-1]["saved"] for d in ("cpu", "cuda")}
     heads = model.config.n_head
     assert saved["cpu"] - saved["cuda"] >= 2 * 2 * heads * 32 * 32 * 4   # weights, noise: fp32
 

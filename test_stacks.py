@@ -169,6 +169,58 @@ def test_a_layer_without_adapters_or_input_gradients_is_not_taken_for_a_checkpoi
     assert config["baseline_command"].endswith("--ckpt manual" if ckpt else "--ckpt none")
 
 
+@pytest.mark.parametrize("layers", [[1], [0], None], ids=["last-layer", "first-layer", "every-layer"])
+def test_adapters_on_some_layers_are_budgeted_layer_by_layer(layers):
+    # PEFT's layers_to_transform: a layer with nothing to train before or in it saves nothing, and
+    # a first layer whose input needs no gradient saves less (0.75x and 0.98x the budget when every
+    # layer was budgeted as the last)
+    model = peft_opt(layers_to_transform=layers)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    with memcheck.Probe(model, optimizer) as probe:
+        user_loop(probe, model, optimizer, token_batches(3, bs=8, seq=128, vocab=VOCAB))
+    report = probe.report()
+    assert abs(report["peak_bytes"] / report["budget"]["peak_bytes"] - 1) <= 0.01
+    assert memcheck.verdict(report).endswith("as expected")
+
+
+def test_a_first_layer_fed_trained_embeddings_is_budgeted_with_its_input_gradient():
+    # iLoRA's own stack: a trained projector's item embeddings join the token embeddings, so the
+    # first layer's input requires grad, which the probe sees as it runs and the budget traces so
+    model = peft_opt()
+    model.item_projector = torch.nn.Linear(TINY_OPT["hidden_size"], TINY_OPT["hidden_size"])
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    items = torch.randn(8, 1, TINY_OPT["hidden_size"])
+    with memcheck.Probe(model, optimizer) as probe:
+        for ids in token_batches(3, bs=8, seq=128, vocab=VOCAB):
+            with probe.phase("forward"):
+                embeds = model.get_input_embeddings()(ids) + model.item_projector(items)
+                loss = model(inputs_embeds=embeds, labels=ids).loss
+                del embeds
+            with probe.phase("backward"):
+                loss.backward()
+            with probe.phase("optimizer"):
+                optimizer.step()
+                optimizer.zero_grad()
+            probe.step(loss)
+    report = probe.report()
+    assert abs(report["peak_bytes"] / report["budget"]["peak_bytes"] - 1) <= 0.01
+
+
+def test_a_llama_under_the_hf_trainer_which_turns_its_cache_off_is_traced(family_models, tmp_path):
+    # transformers' Trainer sets config.use_cache = False: Llama's family lost its traced budget to
+    # the per-token formula, and the report said so only in budget.method
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+    torch.manual_seed(0)
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(family_models["llama"]),
+                           LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    path = tmp_path / "stack.json"
+    hf_train(model, [memcheck.hf_callback(**quiet(path))], tmp_path)
+    report = memcheck.read_report(path)
+    assert model.config.use_cache is False and report["budget"]["method"] == "traced"
+    assert abs(report["peak_bytes"] / report["budget"]["peak_bytes"] - 1) <= 0.03
+
+
 # ---------------------------------------------------------------- one odd phase flips nothing
 
 def with_grad_validation(self, batch, batch_idx):
