@@ -968,12 +968,12 @@ def budget(model, *, bs, seq, checkpointing, autocast_dtype=None, loss_chunks=1,
 
 
 def probed(stack, phases):
-    """The budget of the stack memcheck's probe watched (its _Stack) at the shapes and autocast of its
-    first training forward, less what the CUDA allocator held beyond tracked tensors in `phases`;
-    None before that forward, or for a model the budget cannot read."""
+    """(the budget of the stack memcheck's probe watched (its _Stack) at the shapes and autocast of
+    its largest training batch, less what the CUDA allocator held beyond tracked tensors in
+    `phases`; None, and why, before a training forward or for a model the budget cannot read)."""
     seen = stack.seen
     if stack.lm is None or "bs" not in seen:
-        return None
+        return None, "no budget: no training forward of a Hugging Face causal LM was seen"
     untracked = [s["untracked_bytes"] for name, s in phases.items()
                  if name != "load" and "untracked_bytes" in s]
     try:
@@ -981,10 +981,11 @@ def probed(stack, phases):
                       checkpointing=stack.checkpointing(), device=stack.device, extra=[stack.model],
                       autocast_dtype=getattr(torch, seen["autocast"]) if seen["autocast"] else None,
                       cuda_workspace_bytes=min(untracked, default=None),
-                      input_grads=seen.get("input_grads"),
-                      shifted_logits=False)   # a model's own forward and loss: every position's logits
-    except (ValueError, AttributeError, KeyError):  # not a decoder the budget can read
-        return None
+                      input_grads=seen.get("input_grads"), padded=seen.get("padded", False),
+                      shifted_logits=False), None   # a model's own forward and loss: every position's logits
+    except (ValueError, AttributeError, KeyError) as e:  # not a decoder the budget can read
+        return None, (f"no budget: the budget cannot read {type(stack.lm).__name__} "
+                      f"({type(e).__name__}: {first_line(e)})")
 
 
 def verdict(report):

@@ -37,7 +37,7 @@ try:  # the command line only reads JSON: run as a script, or where torch is mis
         raise ModuleNotFoundError("torch: not needed by the command line")
     import torch
     import torch.utils._pytree as pytree
-    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
 except ModuleNotFoundError:
     torch = pytree = None
     TorchDispatchMode = object  # a placeholder base: the tracker needs torch to run
@@ -457,7 +457,7 @@ class _Stack:
     def __init__(self, tracker, device, saves):
         self.tracker, self.device, self.saves = tracker, device, saves
         self.model = self.optimizer = self.lm = None  # lm: the Hugging Face model in it, if any
-        self.names, self.seen = {}, {}     # module -> name; bs, seq, autocast: read at the first forward
+        self.names, self.seen = {}, {}     # module -> name; what the training forwards showed (bs, seq, ...)
         self.roles, self.graded, self.hooks = None, set(), []  # roles: (parameters, buffers), once a step
         self.compiled, self.config_dir = [], None  # torch.compile'd modules; a written config.json's
 
@@ -469,7 +469,8 @@ class _Stack:
                 lambda *_, name=name: self.tracker.module_stack.append(name)))
             self.hooks.append(module.register_forward_hook(self._leave_module, always_call=True))
         if self.lm is not None:
-            self.hooks += [self.lm.get_input_embeddings().register_forward_pre_hook(self._first_forward),
+            self.hooks += [self.lm.get_input_embeddings().register_forward_pre_hook(self._batch_shape),
+                           self.lm.register_forward_pre_hook(self._padding, with_kwargs=True),
                            self.lm.register_forward_hook(self.saves.model_output)]
             layers = decoder_layers(self.lm) or []
             self.saves.layers = [self.names[layer] for layer in layers]
@@ -494,15 +495,29 @@ class _Stack:
         if self.tracker.module_stack:
             self.tracker.module_stack.pop()
 
-    def _first_forward(self, module, args):
-        # The first training forward's shapes: an evaluation's (another batch size) never count.
-        training = self.tracker.phase != "eval" and torch.is_grad_enabled()
-        if training and "bs" not in self.seen and args and isinstance(args[0], torch.Tensor) \
-                and args[0].dim() == 2:
-            self.seen["bs"], self.seen["seq"] = args[0].shape
+    def _training(self):
+        return self.tracker.phase != "eval" and torch.is_grad_enabled()
+
+    def _batch_shape(self, module, args):
+        # The first training batch's shapes and autocast, then the largest inside a phase (the peak's,
+        # where a collator pads each batch to its longest): an evaluation's (another batch size),
+        # or a forward between phases (a callback's), never count.
+        ids = args[0] if args else None
+        if self._training() and isinstance(ids, torch.Tensor) and ids.dim() == 2 \
+                and ids.numel() > self.seen.get("bs", 0) * self.seen.get("seq", 0) \
+                and (self.tracker.phase is not None or "bs" not in self.seen):
+            self.seen["bs"], self.seen["seq"] = ids.shape
             kind = self.device.type
             self.seen["autocast"] = (str(torch.get_autocast_dtype(kind)).replace("torch.", "")
                                      if torch.is_autocast_enabled(kind) else None)
+
+    def _padding(self, module, args, kwargs):
+        # Whether a training batch has padding: transformers then gives every layer a mask.
+        mask = kwargs.get("attention_mask")
+        if self._training() and not self.seen.get("padded") and isinstance(mask, torch.Tensor) \
+                and mask.dim() == 2:
+            with _disable_current_modes():   # (a read the tracker does not count)
+                self.seen["padded"] = not bool(mask.all())
 
     def _first_layer(self, module, args, kwargs):
         # Whether the first training forward's first decoder layer takes an input that requires grad
@@ -860,7 +875,8 @@ class Probe:
             except ImportError:  # no budget.py beside this file
                 report["budget"], report["no_budget"] = None, NO_BUDGET
             else:
-                report["budget"] = probed(self._stack, self.phases)
+                report["budget"], why = probed(self._stack, self.phases)
+                report.update({"no_budget": why} if why else {})
         if self.paths and self.world_size > 1:  # relative to this report: diff finds them beside it
             here = os.path.dirname(self.path) or "."
             report["rank_reports"] = [os.path.relpath(p, here) for p in self.paths]

@@ -742,7 +742,7 @@ def test_a_probe_on_cuda_counts_the_least_untracked_bytes_of_a_training_phase_as
     MiB = memcheck.MiB
     phases = {"load": {"untracked_bytes": 0}, "forward": {"untracked_bytes": 9 * MiB},
               "backward": {"untracked_bytes": 8 * MiB}, "optimizer": {"untracked_bytes": 12 * MiB}}
-    assert budget.probed(stack, phases)["terms"]["cuda_workspaces"] == 8 * MiB
+    assert budget.probed(stack, phases)[0]["terms"]["cuda_workspaces"] == 8 * MiB
 
 
 @pytest.mark.parametrize("precision", ["32", "bf16-true"])
@@ -787,6 +787,6 @@ def test_a_probe_budgets_every_parameter_of_the_users_model_not_only_the_languag
     # a user's module around the language model, with a trainable projector of its own (as iLoRA's)
     model = meta_opt(tiny_model)
     user = torch.nn.ModuleDict({"llm": model, "projector": torch.nn.Linear(64, 64, device="meta")})
-    terms = budget.probed(probed_stack(model, user, "cpu"), {})["terms"]
+    terms = budget.probed(probed_stack(model, user, "cpu"), {})[0]["terms"]
     assert terms["params"] == sum(p.nbytes for p in user.parameters())
     assert terms["trainable_params"] == sum(p.nbytes for p in user.parameters() if p.requires_grad)

@@ -42,6 +42,19 @@ def raising_oom(module, when):
     module.register_forward_hook(fail if when == "forward" else fail_in_backward)
 
 
+def phased_loop(probe, optimizer, batches, loss_of):
+    """A user's loop, each phase under the probe; its forward is loss_of(batch)."""
+    for batch in batches:
+        with probe.phase("forward"):
+            loss = loss_of(batch)
+        with probe.phase("backward"):
+            loss.backward()
+        with probe.phase("optimizer"):
+            optimizer.step()
+            optimizer.zero_grad()
+        probe.step(loss)
+
+
 def quiet(path, **kwargs):
     return dict(path=path, log=lambda *a: None, **kwargs)
 
@@ -190,18 +203,10 @@ def test_a_first_layer_fed_trained_embeddings_is_budgeted_with_its_input_gradien
     model.item_projector = torch.nn.Linear(TINY_OPT["hidden_size"], TINY_OPT["hidden_size"])
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
     items = torch.randn(8, 1, TINY_OPT["hidden_size"])
+    injected = lambda ids: model.get_input_embeddings()(ids) + model.item_projector(items)
     with memcheck.Probe(model, optimizer) as probe:
-        for ids in token_batches(3, bs=8, seq=128, vocab=VOCAB):
-            with probe.phase("forward"):
-                embeds = model.get_input_embeddings()(ids) + model.item_projector(items)
-                loss = model(inputs_embeds=embeds, labels=ids).loss
-                del embeds
-            with probe.phase("backward"):
-                loss.backward()
-            with probe.phase("optimizer"):
-                optimizer.step()
-                optimizer.zero_grad()
-            probe.step(loss)
+        phased_loop(probe, optimizer, token_batches(3, bs=8, seq=128, vocab=VOCAB),
+                    lambda ids: model(inputs_embeds=injected(ids), labels=ids).loss)
     report = probe.report()
     assert abs(report["peak_bytes"] / report["budget"]["peak_bytes"] - 1) <= 0.01
 
@@ -219,6 +224,42 @@ def test_a_llama_under_the_hf_trainer_which_turns_its_cache_off_is_traced(family
     report = memcheck.read_report(path)
     assert model.config.use_cache is False and report["budget"]["method"] == "traced"
     assert abs(report["peak_bytes"] / report["budget"]["peak_bytes"] - 1) <= 0.03
+
+
+def test_batches_a_collator_pads_to_their_longest_are_budgeted_at_the_largest_with_the_mask():
+    # a collator pads each batch to its longest row: lengths vary, and some rows are padded. The
+    # budget was of the first batch's shape (1.83x it) and without the padded batch's mask (1.06x)
+    model = peft_opt()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    generator, batches = torch.Generator().manual_seed(0), []
+    for seq in (64, 128, 96):
+        ids = torch.randint(0, VOCAB, (4, seq), generator=generator)
+        mask = torch.ones_like(ids)
+        mask[0, seq // 2:] = 0   # the shortest row, padded on the right
+        batches.append((ids, mask))
+    with memcheck.Probe(model, optimizer) as probe:
+        phased_loop(probe, optimizer, batches, lambda batch: model(
+            input_ids=batch[0], attention_mask=batch[1],
+            labels=batch[0].masked_fill(batch[1] == 0, -100)).loss)
+    report = probe.report()
+    assert (report["config"]["bs"], report["config"]["seq"]) == (4, 128)
+    assert report["budget"]["terms"]["attention_mask_per_layer"] == 4 * 128 * 128 * 4
+    assert abs(report["peak_bytes"] / report["budget"]["peak_bytes"] - 1) <= 0.01
+
+
+def test_a_stack_the_budget_cannot_read_is_told_why_in_its_verdict():
+    # PEFT's trainable_token_indices wraps the embeddings in a module the budget cannot read; the
+    # verdict said only "no budget to compare with"
+    from peft import LoraConfig, get_peft_model
+    from transformers import OPTConfig, OPTForCausalLM
+    model = get_peft_model(OPTForCausalLM(OPTConfig(vocab_size=VOCAB, **TINY_OPT)), LoraConfig(
+        r=4, target_modules=["q_proj", "v_proj"], trainable_token_indices=[VOCAB - 2, VOCAB - 1]))
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    with memcheck.Probe(model, optimizer) as probe:
+        user_loop(probe, model, optimizer, token_batches(2, vocab=VOCAB))
+    assert memcheck.verdict(probe.report()) == (
+        "no budget: the budget cannot read OPTForCausalLM (AttributeError: 'TrainableTokensWrapper' "
+        "object has no attribute 'embedding_dim')")
 
 
 # ---------------------------------------------------------------- one odd phase flips nothing
