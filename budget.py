@@ -630,23 +630,42 @@ def _gradient_terms(model, trained, layer_gradients, *, traced, **placement):
     layer's, which its traced backward makes (0 for the per-token estimate, which leaves them out);
     "outside_layers_gradients": those of trained parameters outside the decoder layers; and
     "tied_head_gradient": a trained weight the head shares with the input embeddings, whose head
-    gradient autograd holds until the embeddings' comes, at the end of backward, then adds."""
+    gradient autograd holds until the embeddings' comes, at the end of backward, then adds; and
+    "head_gradient": a trained head weight's, which its backward makes whole."""
     in_layers = {id(p) for p in _unique_params(decoder_layers(model))}
     outside = [p for p in trained if id(p) not in in_layers]
     head = model.get_output_embeddings().weight
-    tied = head is model.get_input_embeddings().weight and any(p is head for p in trained)
+    trains = any(p is head for p in trained)
+    tied = head is model.get_input_embeddings().weight and trains
     return {"layer_gradients": layer_gradients[-1] if traced else 0,
+            "head_gradient": head.numel() * head.element_size() if trains else 0,
             "outside_layers_gradients": _held_bytes(outside, padded=True, **placement),
             "tied_head_gradient": head.numel() * head.element_size() if tied else 0}
 
 
-def _adamw_temporary(trained, *, on_cuda, **placement):
-    """AdamW's temporary in its step, on this rank (its shards, under FSDP2): foreach (CUDA's
-    default) makes one of every trained parameter at once; the single-tensor loop (CPU's) two of
-    each in turn (sqrt, then its division): twice the largest."""
-    if on_cuda:
+def _adamw_temporary(trained, *, on_cuda, adamw=None, **placement):
+    """AdamW's temporary in its step, on this rank (its shards, under FSDP2), by its implementation
+    (None: torch's default, foreach on CUDA, else the single-tensor loop): foreach makes one of
+    every trained parameter at once; the single-tensor loop two of each in turn (sqrt, then its
+    division): twice the largest; fused, none."""
+    adamw = adamw or ("foreach" if on_cuda else "single")
+    if adamw == "fused":
+        return 0
+    if adamw == "foreach":
         return _held_bytes(trained, padded=False, **placement)
     return 2 * max((_held_bytes([p], padded=False, **placement) for p in trained), default=0)
+
+
+def _adamw_implementation(optimizer):
+    """"fused", "foreach" or "single", as a torch Adam or AdamW was made (seen through accelerate's
+    wrapper, as the HF Trainer holds it); None: its default, or another optimizer."""
+    optimizer = getattr(optimizer, "optimizer", optimizer)
+    if type(optimizer).__name__ not in ("Adam", "AdamW"):
+        return None
+    defaults = optimizer.defaults
+    if defaults.get("fused"):
+        return "fused"
+    return None if defaults.get("foreach") is None else "foreach" if defaults["foreach"] else "single"
 
 
 # ---------------------------------------------------------------- the budget
@@ -791,6 +810,8 @@ def _layers_backward(terms, layers, layer_gradients, *, training, gathered, hidd
     gradient, held until the embeddings' comes, stands in the gradients term for the weight's. A
     layer that backward does not run through (nothing in it or before it trains) holds nothing."""
     outside_layers = terms["outside_layers_gradients"]
+    if terms.get("held_gradients"):   # made before, counted in `training`: backward adds to them
+        outside_layers, layer_gradients = 0, [0] * len(layers)
     # Beside the layers': the gradient in flight (in the final norm's input's place), the bool mask
     # and the inputs every layer shares, which checkpointing keeps too (a padded batch's mask is
     # bs x seq x seq). lm_head's autocast copy went with its backward.
@@ -820,7 +841,8 @@ def _phases(terms, layers, layer_gradients, *, tokens, h, checkpointed, loss_chu
     steady = (terms["params"] + terms["optimizer_state"] + terms.get("cuda_workspaces", 0)
               + terms.get("ddp_gradient_buckets", 0))
     root, gathered = terms.get("gathered_root_params", 0), terms.get("gathered_layer_params", 0)
-    training = steady + root
+    held = terms.get("held_gradients", 0)
+    training = steady + root + held
     saved = terms["saved_activations"] + terms["autocast_weight_copies"]
     # a hidden state (the final norm's lives through the loss)
     hidden = tokens * h * layers[-1]["hidden_bytes"]
@@ -831,6 +853,10 @@ def _phases(terms, layers, layer_gradients, *, tokens, h, checkpointed, loss_chu
         forward_peak = (training + saved + hidden + 2 * terms["logits"]
                         + (terms["logits_16bit"] if logits_kept else 0))
         backward_start = training + gathered + saved + 3 * terms["logits"]
+        # then a trained head's backward: the logits' gradient, and the head's and the hidden
+        # states' gradients it makes
+        backward_start = max(backward_start, training + gathered + saved + terms["logits"]
+                             + terms["head_gradient"] + hidden)
     else:
         # The head and the loss fused: in forward, one chunk of fp32 logits at a time (exp'd in
         # place; under 16-bit beside its 16-bit copy), while the hidden states' gradient (and the
@@ -849,10 +875,10 @@ def _phases(terms, layers, layer_gradients, *, tokens, h, checkpointed, loss_chu
     in_layers = _layers_backward(terms, layers, layer_gradients, training=training, gathered=gathered,
                                  hidden=hidden, checkpointed=checkpointed)
     # FSDP2 reduce-scatters a group's gradients once its backward is done (the root's last)
-    reduce_scatter = (training + gathered + terms["gradients"] + terms["reduce_scatter_buffers"]
+    reduce_scatter = (training + gathered + terms["gradients"] - held + terms["reduce_scatter_buffers"]
                       if "reduce_scatter_buffers" in terms else 0)
     # the end: every gradient made (a tied weight's two summed, beside both)
-    backward_end = training + terms["gradients"] + 2 * terms["tied_head_gradient"]
+    backward_end = training + terms["gradients"] - held + 2 * terms["tied_head_gradient"]
     return {"forward": forward_peak, "backward": max(backward_start, in_layers, reduce_scatter, backward_end),
             "optimizer": steady + terms["gradients"] + terms["optimizer_temporary"]}
 
@@ -862,7 +888,7 @@ def _categories(terms, phases, peak_phase, loss_chunks):
     trainable_bytes = terms["trainable_params"]
     categories = {
         "trainable_params": trainable_bytes, "frozen_params": terms["params"] - trainable_bytes,
-        "gradients": terms["gradients"] if peak_phase == "optimizer" else 0,
+        "gradients": terms["gradients"] if peak_phase == "optimizer" else terms["held_gradients"],
         "optimizer_state": terms["optimizer_state"],
         "activations": terms["saved_activations"] + terms["autocast_weight_copies"]
                        + (terms["logits"] if loss_chunks == 1 else terms["kept_loss_gradient"]),
@@ -911,7 +937,8 @@ def _layers(model, s, *, bs, seq, act, mask, full, padded, casts_weights, checkp
 
 def budget(model, *, bs, seq, checkpointing, autocast_dtype=None, loss_chunks=1, device="cpu",
            extra=(), full=False, padded=False, cuda_workspace_bytes=None, strategy="none",
-           world_size=1, rank=0, shifted_logits=True, input_grads=None):
+           world_size=1, rank=0, shifted_logits=True, input_grads=None, gradients_held=False,
+           adamw=None):
     """Predict training memory from a model and the run's shapes; every term in bytes.
 
     model: the causal LM with its adapters (any device, the meta device included: nothing is
@@ -927,6 +954,8 @@ def budget(model, *, bs, seq, checkpointing, autocast_dtype=None, loss_chunks=1,
     makes them for every position (transformers' loss shifts the labels) and returns them, alive
     through its loss. input_grads: whether the first decoder layer's input requires grad (item
     embeddings injected, enable_input_require_grads); None: as the model's forward makes it.
+    gradients_held: the gradients live from one forward to the next (accumulated over micro-batches).
+    adamw: AdamW's implementation, "foreach", "fused" or "single" (None: torch's default).
 
     What each kind of decoder layer saves for backward, what its backward and its recomputed
     forward need on top, and what the model makes once for every layer are traced (trace_layers);
@@ -952,7 +981,8 @@ def budget(model, *, bs, seq, checkpointing, autocast_dtype=None, loss_chunks=1,
                    param_bytes=sum(by_dtype.values()), positions=seq - 1 if shifted_logits else seq)
     placement = dict(strategy=strategy, world_size=world_size, rank=rank)
     terms.update(rank_terms(model, extra, {id(p) for p in trained}, **placement))
-    terms["optimizer_temporary"] = _adamw_temporary(trained, on_cuda=on_cuda, **placement)
+    terms["optimizer_temporary"] = _adamw_temporary(trained, on_cuda=on_cuda, adamw=adamw, **placement)
+    terms["held_gradients"] = terms["gradients"] if gradients_held else 0
     layer_gradients = _each_layers_gradients(model, trained, **placement)
     terms.update(_gradient_terms(model, trained, layer_gradients, traced=method == "traced", **placement))
     if on_cuda and (cuda_workspace_bytes is not None or torch.cuda.is_available()):
@@ -982,6 +1012,8 @@ def probed(stack, phases):
                       autocast_dtype=getattr(torch, seen["autocast"]) if seen["autocast"] else None,
                       cuda_workspace_bytes=min(untracked, default=None),
                       input_grads=seen.get("input_grads"), padded=seen.get("padded", False),
+                      gradients_held=seen.get("gradients_held", False),
+                      adamw=_adamw_implementation(stack.optimizer),
                       shifted_logits=False), None   # a model's own forward and loss: every position's logits
     except (ValueError, AttributeError, KeyError) as e:  # not a decoder the budget can read
         return None, (f"no budget: the budget cannot read {type(stack.lm).__name__} "

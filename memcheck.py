@@ -470,7 +470,7 @@ class _Stack:
             self.hooks.append(module.register_forward_hook(self._leave_module, always_call=True))
         if self.lm is not None:
             self.hooks += [self.lm.get_input_embeddings().register_forward_pre_hook(self._batch_shape),
-                           self.lm.register_forward_pre_hook(self._padding, with_kwargs=True),
+                           self.lm.register_forward_pre_hook(self._training_forward, with_kwargs=True),
                            self.lm.register_forward_hook(self.saves.model_output)]
             layers = decoder_layers(self.lm) or []
             self.saves.layers = [self.names[layer] for layer in layers]
@@ -511,13 +511,17 @@ class _Stack:
             self.seen["autocast"] = (str(torch.get_autocast_dtype(kind)).replace("torch.", "")
                                      if torch.is_autocast_enabled(kind) else None)
 
-    def _padding(self, module, args, kwargs):
-        # Whether a training batch has padding: transformers then gives every layer a mask.
+    def _training_forward(self, module, args, kwargs):
+        # Whether a training batch has padding (transformers then gives every layer a mask), and
+        # whether gradients live from before (accumulated over micro-batches, or zeroed, not freed).
+        if not self._training():
+            return
         mask = kwargs.get("attention_mask")
-        if self._training() and not self.seen.get("padded") and isinstance(mask, torch.Tensor) \
-                and mask.dim() == 2:
+        if not self.seen.get("padded") and isinstance(mask, torch.Tensor) and mask.dim() == 2:
             with _disable_current_modes():   # (a read the tracker does not count)
                 self.seen["padded"] = not bool(mask.all())
+        if not self.seen.get("gradients_held"):
+            self.seen["gradients_held"] = any(p.grad is not None for p in self.model.parameters())
 
     def _first_layer(self, module, args, kwargs):
         # Whether the first training forward's first decoder layer takes an input that requires grad

@@ -728,7 +728,7 @@ def meta_opt(tiny_model):
 
 def probed_stack(lm, model, device):
     """What budget.probed reads of a probe's _Stack: a first forward at bs 2, seq 16, no checkpointing."""
-    return SimpleNamespace(lm=lm, model=model, device=device, checkpointing=lambda: False,
+    return SimpleNamespace(lm=lm, model=model, optimizer=None, device=device, checkpointing=lambda: False,
                            seen={"bs": 2, "seq": 16, "autocast": None})
 
 

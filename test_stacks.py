@@ -262,6 +262,44 @@ def test_a_stack_the_budget_cannot_read_is_told_why_in_its_verdict():
         "object has no attribute 'embedding_dim')")
 
 
+def head_trained(vocab):
+    """A tiny OPT with PEFT's LoRA on q and v, and its head trained (modules_to_save)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import OPTConfig, OPTForCausalLM
+    torch.manual_seed(0)
+    return get_peft_model(OPTForCausalLM(OPTConfig(vocab_size=vocab, **TINY_OPT)), LoraConfig(
+        r=4, target_modules=["q_proj", "v_proj"], modules_to_save=["lm_head"]))
+
+
+def test_a_trained_heads_backward_holds_the_logits_gradient_beside_the_heads():
+    # a head wider than a batch's tokens: its gradient, made whole in its backward beside the
+    # logits' gradient, outweighs the loss's moment (backward read 1.04x its budget)
+    model = head_trained(vocab=4000)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    with memcheck.Probe(model, optimizer) as probe:
+        phased_loop(probe, optimizer, token_batches(3, bs=1, seq=16, vocab=4000),
+                    lambda ids: model(input_ids=ids, labels=ids).loss)
+    report = probe.report()
+    measured, planned = report["phases"]["backward"]["peak_bytes"], report["budget"]["phases"]["backward"]
+    assert measured / planned == pytest.approx(1, abs=0.005)
+
+
+@pytest.mark.parametrize("accumulation", [1, 2])
+def test_a_trained_head_under_the_hf_trainer_is_budgeted_in_every_phase(tmp_path, accumulation):
+    # PEFT's modules_to_save=["lm_head"]: its gradient held from one micro-batch to the next (at 2,
+    # 1.13x "the excess is in gradients"), and the fused AdamW the Trainer picks, which makes no
+    # temporary (optimizer 0.73x)
+    model = head_trained(vocab=4000)
+    path = tmp_path / "stack.json"
+    hf_train(model, [memcheck.hf_callback(**quiet(path))], tmp_path, gradient_accumulation_steps=accumulation)
+    report = memcheck.read_report(path)
+    planned = report["budget"]["phases"]
+    measured = {name: phase["peak_bytes"] for name, phase in report["phases"].items()}
+    in_step = max(planned["forward"], planned["backward"])   # (the Trainer's one phase for both)
+    assert measured["forward+backward"] / in_step == pytest.approx(1, abs=0.01)
+    assert measured["optimizer"] / planned["optimizer"] == pytest.approx(1, abs=0.01)
+
+
 # ---------------------------------------------------------------- one odd phase flips nothing
 
 def with_grad_validation(self, batch, batch_idx):
