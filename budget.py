@@ -625,20 +625,23 @@ def _each_layers_gradients(model, trained, **placement):
             for layer in decoder_layers(model)]
 
 
-def _gradient_terms(model, trained, layer_gradients, *, traced, **placement):
+def _gradient_terms(model, trained, layer_gradients, *, traced, held, **placement):
     """The gradients' own moments, in bytes on this rank. "layer_gradients": the last decoder
     layer's, which its traced backward makes (0 for the per-token estimate, which leaves them out);
     "outside_layers_gradients": those of trained parameters outside the decoder layers; and
     "tied_head_gradient": a trained weight the head shares with the input embeddings, whose head
     gradient autograd holds until the embeddings' comes, at the end of backward, then adds; and
-    "head_gradient": a trained head weight's, which its backward makes whole."""
+    "head_gradient": a trained head weight's, which its backward makes whole; "forward_held_gradients"
+    and "backward_held_gradients": every gradient, in the phases `held` names."""
     in_layers = {id(p) for p in _unique_params(decoder_layers(model))}
     outside = [p for p in trained if id(p) not in in_layers]
     head = model.get_output_embeddings().weight
     trains = any(p is head for p in trained)
     tied = head is model.get_input_embeddings().weight and trains
+    every = _held_bytes(trained, padded=True, **placement)
     return {"layer_gradients": layer_gradients[-1] if traced else 0,
             "head_gradient": head.numel() * head.element_size() if trains else 0,
+            **{f"{phase}_held_gradients": every if phase in held else 0 for phase in ("forward", "backward")},
             "outside_layers_gradients": _held_bytes(outside, padded=True, **placement),
             "tied_head_gradient": head.numel() * head.element_size() if tied else 0}
 
@@ -810,7 +813,7 @@ def _layers_backward(terms, layers, layer_gradients, *, training, gathered, hidd
     gradient, held until the embeddings' comes, stands in the gradients term for the weight's. A
     layer that backward does not run through (nothing in it or before it trains) holds nothing."""
     outside_layers = terms["outside_layers_gradients"]
-    if terms.get("held_gradients"):   # made before, counted in `training`: backward adds to them
+    if terms["backward_held_gradients"]:   # made before, counted in `training`: backward adds to them
         outside_layers, layer_gradients = 0, [0] * len(layers)
     # Beside the layers': the gradient in flight (in the final norm's input's place), the bool mask
     # and the inputs every layer shares, which checkpointing keeps too (a padded batch's mask is
@@ -841,7 +844,8 @@ def _phases(terms, layers, layer_gradients, *, tokens, h, checkpointed, loss_chu
     steady = (terms["params"] + terms["optimizer_state"] + terms.get("cuda_workspaces", 0)
               + terms.get("ddp_gradient_buckets", 0))
     root, gathered = terms.get("gathered_root_params", 0), terms.get("gathered_layer_params", 0)
-    held = terms.get("held_gradients", 0)
+    # gradients made before, alive in forward, and in backward (which then adds to them)
+    held, in_forward = terms["backward_held_gradients"], steady + root + terms["forward_held_gradients"]
     training = steady + root + held
     saved = terms["saved_activations"] + terms["autocast_weight_copies"]
     # a hidden state (the final norm's lives through the loss)
@@ -850,7 +854,7 @@ def _phases(terms, layers, layer_gradients, *, tokens, h, checkpointed, loss_chu
         # forward ends with the logits and their log-softmax; backward starts with the log-softmax
         # (saved), the loss's gradient and the logits' gradient. ref_train's 16-bit logits exist
         # only until .float() has copied them: a spike below the log-softmax's.
-        forward_peak = (training + saved + hidden + 2 * terms["logits"]
+        forward_peak = (in_forward + saved + hidden + 2 * terms["logits"]
                         + (terms["logits_16bit"] if logits_kept else 0))
         backward_start = training + gathered + saved + 3 * terms["logits"]
         # then a trained head's backward: the logits' gradient, and the head's and the hidden
@@ -863,15 +867,15 @@ def _phases(terms, layers, layer_gradients, *, tokens, h, checkpointed, loss_chu
         # head's, when it trains) fills up, then is kept for backward, which only scales it into a
         # copy. Nothing is recomputed.
         kept = terms["kept_loss_gradient"]
-        forward_peak = (training + saved + hidden + terms["logits"] + terms["logits_16bit"]
+        forward_peak = (in_forward + saved + hidden + terms["logits"] + terms["logits_16bit"]
                         + terms["loss_forward_buffers"])
         backward_start = training + gathered + saved + 2 * kept
-    forward_peak = max(forward_peak, _layers_forward(layers, training=training, gathered=gathered,
+    forward_peak = max(forward_peak, _layers_forward(layers, training=in_forward, gathered=gathered,
                                                      hidden=hidden, checkpointed=checkpointed))
     if root:
         # FSDP2 frees the root's flat all-gather buffer only once the first layer's parameters
         # are copied out of theirs: both groups twice, and the embeddings' outputs
-        forward_peak = max(forward_peak, steady + 2 * root + 2 * gathered + 3 * hidden)
+        forward_peak = max(forward_peak, in_forward + root + 2 * gathered + 3 * hidden)
     in_layers = _layers_backward(terms, layers, layer_gradients, training=training, gathered=gathered,
                                  hidden=hidden, checkpointed=checkpointed)
     # FSDP2 reduce-scatters a group's gradients once its backward is done (the root's last)
@@ -888,7 +892,8 @@ def _categories(terms, phases, peak_phase, loss_chunks):
     trainable_bytes = terms["trainable_params"]
     categories = {
         "trainable_params": trainable_bytes, "frozen_params": terms["params"] - trainable_bytes,
-        "gradients": terms["gradients"] if peak_phase == "optimizer" else terms["held_gradients"],
+        "gradients": (terms["gradients"] if peak_phase == "optimizer"
+                      else terms[f"{peak_phase}_held_gradients"]),
         "optimizer_state": terms["optimizer_state"],
         "activations": terms["saved_activations"] + terms["autocast_weight_copies"]
                        + (terms["logits"] if loss_chunks == 1 else terms["kept_loss_gradient"]),
@@ -937,7 +942,7 @@ def _layers(model, s, *, bs, seq, act, mask, full, padded, casts_weights, checkp
 
 def budget(model, *, bs, seq, checkpointing, autocast_dtype=None, loss_chunks=1, device="cpu",
            extra=(), full=False, padded=False, cuda_workspace_bytes=None, strategy="none",
-           world_size=1, rank=0, shifted_logits=True, input_grads=None, gradients_held=False,
+           world_size=1, rank=0, shifted_logits=True, input_grads=None, gradients_held=(),
            adamw=None):
     """Predict training memory from a model and the run's shapes; every term in bytes.
 
@@ -954,13 +959,13 @@ def budget(model, *, bs, seq, checkpointing, autocast_dtype=None, loss_chunks=1,
     makes them for every position (transformers' loss shifts the labels) and returns them, alive
     through its loss. input_grads: whether the first decoder layer's input requires grad (item
     embeddings injected, enable_input_require_grads); None: as the model's forward makes it.
-    gradients_held: the gradients live from one forward to the next (accumulated over micro-batches).
+    gradients_held: the phases ("forward", "backward") in which gradients made before are alive
+    (Lightning frees them after the next forward; accumulation over micro-batches keeps them).
     adamw: AdamW's implementation, "foreach", "fused" or "single" (None: torch's default).
 
-    What each kind of decoder layer saves for backward, what its backward and its recomputed
-    forward need on top, and what the model makes once for every layer are traced (trace_layers);
-    "method" says "traced". Where a layer cannot run on meta, the per-token estimate calibrated on
-    OPT stands instead (_estimated_layer), and "method" says "formula: " and why."""
+    Each kind of decoder layer is traced (trace_layers), "method" saying "traced"; where one cannot
+    run on meta, the per-token estimate calibrated on OPT stands (_estimated_layer), and "method"
+    says "formula: " and why."""
     s = _structure(model)
     checkpointed = _per_layer(checkpointing, s["layers"])
     act = _dtype_bytes(autocast_dtype or s["weights_dtype"])
@@ -982,9 +987,9 @@ def budget(model, *, bs, seq, checkpointing, autocast_dtype=None, loss_chunks=1,
     placement = dict(strategy=strategy, world_size=world_size, rank=rank)
     terms.update(rank_terms(model, extra, {id(p) for p in trained}, **placement))
     terms["optimizer_temporary"] = _adamw_temporary(trained, on_cuda=on_cuda, adamw=adamw, **placement)
-    terms["held_gradients"] = terms["gradients"] if gradients_held else 0
     layer_gradients = _each_layers_gradients(model, trained, **placement)
-    terms.update(_gradient_terms(model, trained, layer_gradients, traced=method == "traced", **placement))
+    terms.update(_gradient_terms(model, trained, layer_gradients, traced=method == "traced",
+                                 held=gradients_held, **placement))
     if on_cuda and (cuda_workspace_bytes is not None or torch.cuda.is_available()):
         # (budgeting for CUDA on a machine without it, they are not known: the term is absent)
         terms["cuda_workspaces"] = (cuda_workspaces(device) if cuda_workspace_bytes is None
@@ -1012,7 +1017,7 @@ def probed(stack, phases):
                       autocast_dtype=getattr(torch, seen["autocast"]) if seen["autocast"] else None,
                       cuda_workspace_bytes=min(untracked, default=None),
                       input_grads=seen.get("input_grads"), padded=seen.get("padded", False),
-                      gradients_held=seen.get("gradients_held", False),
+                      gradients_held=seen.get("gradients_held", ()),
                       adamw=_adamw_implementation(stack.optimizer),
                       shifted_logits=False), None   # a model's own forward and loss: every position's logits
     except (ValueError, AttributeError, KeyError) as e:  # not a decoder the budget can read

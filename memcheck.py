@@ -479,9 +479,15 @@ class _Stack:
         for p in model.parameters():  # judged by what backward gave, whatever zero_grad does later
             if p.requires_grad:
                 self.hooks.append(p.register_post_accumulate_grad_hook(self._graded))
+                self.hooks.append(p.register_hook(functools.partial(self._arriving, p)))
         self.compiled = [type(m).__name__ for m in model.modules()
                          if type(m).__name__ == "OptimizedModule" or getattr(m, "_compiled_call_impl", None)]
         self.tag_roles(adopt=True)  # what exists now is counted from now, and never as new
+
+    def _arriving(self, param, grad):
+        # A gradient arriving where one lives from before: backward adds to it (accumulation).
+        if param.grad is not None and "backward" not in self.seen.setdefault("gradients_held", []):
+            self.seen["gradients_held"].append("backward")
 
     def _graded(self, param):
         self.graded.add(id(param))
@@ -513,15 +519,16 @@ class _Stack:
 
     def _training_forward(self, module, args, kwargs):
         # Whether a training batch has padding (transformers then gives every layer a mask), and
-        # whether gradients live from before (accumulated over micro-batches, or zeroed, not freed).
+        # whether gradients live from before (Lightning frees them after forward; accumulation).
         if not self._training():
             return
         mask = kwargs.get("attention_mask")
         if not self.seen.get("padded") and isinstance(mask, torch.Tensor) and mask.dim() == 2:
             with _disable_current_modes():   # (a read the tracker does not count)
                 self.seen["padded"] = not bool(mask.all())
-        if not self.seen.get("gradients_held"):
-            self.seen["gradients_held"] = any(p.grad is not None for p in self.model.parameters())
+        held = self.seen.setdefault("gradients_held", [])
+        if "forward" not in held and any(p.grad is not None for p in self.model.parameters()):
+            held.append("forward")
 
     def _first_layer(self, module, args, kwargs):
         # Whether the first training forward's first decoder layer takes an input that requires grad
@@ -562,7 +569,8 @@ class _Stack:
                   "bs": self.seen.get("bs"), "seq": self.seen.get("seq"),
                   "autocast": self.seen.get("autocast"),
                   "checkpointing_enabled": bool(_checkpointed_layers(self.model)),
-                  "checkpointing": _checkpointing(self.checkpointing()), **_adapters(self.model)}
+                  "checkpointing": _checkpointing(self.checkpointing()), **_adapters(self.model),
+                  "not_reproduced": _not_reproduced(self.model, self.lm, self.seen)}
         world_size = rank_and_world()[1]
         if world_size > 1:
             config.update(strategy=_strategy(self.model), world_size=world_size)
@@ -985,8 +993,32 @@ def _adapters(model):
     kinds = {"gated_lora" if hasattr(m, "n_experts") else "peft_lora" for _, m, _ in found}
     # (a gated layer keeps its scaling, alpha / (r / experts))
     alpha = lora["alpha"] if "alpha" in lora else first.scaling * lora["r"] / lora["experts"]
+    base = (first.base if hasattr(first, "base") else first.base_layer).weight
+    own = next((p for p in first.parameters() if p is not base and p.requires_grad), base)
+    # in ref_train.py's words: fp32 LoRA weights, or in the model's dtype ("match")
+    lora_dtype = ("fp32" if own.dtype == torch.float32 else "match" if own.dtype == base.dtype
+                  else str(own.dtype))
     return {"adapters": ",".join(sorted(kinds)), "r": lora["r"], "alpha": alpha, "experts": lora["experts"],
-            "dropout": lora["dropout"], "targets": sorted({name.rpartition(".")[2] for name, _, _ in found})}
+            "dropout": lora["dropout"], "targets": sorted({name.rpartition(".")[2] for name, _, _ in found}),
+            "lora_dtype": lora_dtype}
+
+
+def _not_reproduced(model, lm, seen):
+    """What a probed stack does that ref_train.py has no flag for: its baseline leaves it out."""
+    found = []
+    if any(any(getattr(m, "use_dora", {}).values()) for m in model.modules()):
+        found.append("DoRA")
+    found += [f"modules_to_save ({name.rpartition('.')[2]})" for name, m in model.named_modules()
+              if type(m).__name__ == "ModulesToSaveWrapper"]
+    if any(type(m).__name__.startswith("TrainableTokens") for m in model.modules()):
+        found.append("trainable tokens")
+    layers = (decoder_layers(lm) if lm is not None else None) or []
+    adapted = sum(any(_adapter(m) for m in layer.modules()) for layer in layers)
+    if 0 < adapted < len(layers):
+        found.append(f"adapters on {adapted} of {len(layers)} decoder layers")
+    if "backward" in seen.get("gradients_held", ()):
+        found.append("gradients held from one forward to the next (accumulation)")
+    return found or None
 
 
 def _unique_params(modules):
@@ -1020,7 +1052,8 @@ def baseline_command(config):
         flags.append(f"--model {config.get('model') or config['model_config']}")
     flags.append(f"--lora-r {config['r']} --alpha {config['alpha']:g} --experts {config['experts']} "
                  f"--dropout {config['dropout']:g} --targets {','.join(config['targets'])}"
-                 + (" --no-inject-items" if config["experts"] == 1 else ""))
+                 + (" --no-inject-items" if config["experts"] == 1 else "")
+                 + (" --lora-dtype match" if config.get("lora_dtype") == "match" else ""))
     # Measured, or before any backward (an OOM in step 1) as configured.
     checkpointing = config.get("checkpointing")
     checkpointing = config.get("checkpointing_enabled") if checkpointing is None else checkpointing
@@ -1040,7 +1073,9 @@ def reference_line(config):
     adapter, layers checkpointed in a pattern ref_train.py has no flag for), or None (the
     reference's own report, or no training forward seen)."""
     if config.get("baseline_command"):
-        return f"{REFERENCE}: {config['baseline_command']}"
+        left_out = config.get("not_reproduced")
+        return f"{REFERENCE}: {config['baseline_command']}" + (
+            f" (it leaves out what it has no flag for: {'; '.join(left_out)})" if left_out else "")
     if config.get("probe") and config.get("bs") and not config.get("adapters"):
         return NO_LORA_BASELINE
     if isinstance(config.get("checkpointing"), list):
