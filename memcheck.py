@@ -1640,6 +1640,19 @@ def config_differences(a, b):
     return {k: [ca[k], cb[k]] for k in keys if ca[k] != cb[k]}
 
 
+def _net_of_moves(row, places):
+    """A place's change (B - A), less what moved down into the modules inside it: the same bytes
+    made a level lower in the other run (a KV cache's keys and values, made by cat in self_attn,
+    where the other run's k_proj and v_proj make them) are no excess of either."""
+    group = lambda label: label[len("module "):].split(" (x")[0] + "."
+    change = row[2] - row[1]
+    if not row[0].startswith("module "):
+        return change
+    inside = [r[2] - r[1] for r in places if r[0].startswith("module ") and r is not row
+              and group(r[0]).startswith(group(row[0]))]
+    return change + sum(c for c in inside if c * change < 0)
+
+
 def conclusion(a, b, rows):
     """One line: how B's peak compares with A's, where the difference is (the category, module, op),
     and what leaks or warns."""
@@ -1661,7 +1674,7 @@ def conclusion(a, b, rows):
                  f"({(cb - ca) / MiB:+.1f} MiB)")
         places = [r for r in rows if r[0].startswith(("module ", "op "))]
         if places and what.endswith("activations"):  # module and op rows are saved activations
-            name, ma, mb = max(places, key=lambda r: sign * (r[2] - r[1]))
+            name, ma, mb = max(places, key=lambda r: sign * _net_of_moves(r, places))
             if sign * (mb - ma) > 0:
                 op = _dominant_op(a, b, name) if name.startswith("module ") else None
                 line += (f", mostly {name.split(' ', 1)[1]} ({(mb - ma) / MiB:+.1f} MiB"

@@ -1358,6 +1358,21 @@ def test_an_op_is_named_only_where_it_holds_most_of_a_modules_excess():
     assert concluded(a, spread).endswith(", mostly layers.*.mlp (x1) (+30.0 MiB)"), concluded(a, spread)
 
 
+def test_bytes_made_a_level_lower_in_the_other_run_are_no_modules_excess():
+    # A KV cache on in training: keys and values made by cat in self_attn, where the reference's
+    # k_proj and v_proj make them; the stack's real excess (DoRA's) is elsewhere. The conclusion
+    # named self_attn and its cat.
+    modules = lambda **mib: {"modules": [
+        {"module": "layers.0." + name.replace("__", "."), "bytes": n * MiB,
+         "ops": {"cat" if name == "attn" else "mm": n * MiB}} for name, n in mib.items()]}
+    a = holding(modules(attn=0, attn__k_proj=20, attn__v_proj=20, attn__q_proj__magnitude=0),
+                activations=40)
+    b = holding(modules(attn=40, attn__k_proj=0, attn__v_proj=0, attn__q_proj__magnitude=15),
+                activations=55)
+    assert concluded(a, b).endswith(", mostly layers.*.attn.q_proj.magnitude (x1) (+15.0 MiB, op mm)"), \
+        concluded(a, b)
+
+
 def test_a_forward_and_a_backward_stand_for_an_hf_trainers_forward_backward_by_the_larger_peak():
     # The two phases' peak taken together is the larger of their peaks, never their sum.
     phases = lambda **peaks: {"phases": {p.replace("_", "+"): {"peak_bytes": n * MiB, "live_bytes": 0}
