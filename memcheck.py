@@ -1641,16 +1641,18 @@ def config_differences(a, b):
 
 
 def _net_of_moves(row, places):
-    """A place's change (B - A), less what moved down into the modules inside it: the same bytes
-    made a level lower in the other run (a KV cache's keys and values, made by cat in self_attn,
-    where the other run's k_proj and v_proj make them) are no excess of either."""
+    """A place's change (B - A), less what moved down into the modules inside it (their opposite
+    changes, up to its own): the same bytes made a level lower in the other run (a KV cache's keys
+    and values, made by cat in self_attn, where the other run's k_proj and v_proj make them) are
+    no excess of either."""
     group = lambda label: label[len("module "):].split(" (x")[0] + "."
     change = row[2] - row[1]
     if not row[0].startswith("module "):
         return change
     inside = [r[2] - r[1] for r in places if r[0].startswith("module ") and r is not row
               and group(r[0]).startswith(group(row[0]))]
-    return change + sum(c for c in inside if c * change < 0)
+    moved = min(abs(change), abs(sum(c for c in inside if c * change < 0)))   # (never more than it)
+    return change - moved if change > 0 else change + moved
 
 
 def conclusion(a, b, rows):

@@ -1371,6 +1371,12 @@ def test_bytes_made_a_level_lower_in_the_other_run_are_no_modules_excess():
                 activations=55)
     assert concluded(a, b).endswith(", mostly layers.*.attn.q_proj.magnitude (x1) (+15.0 MiB, op mm)"), \
         concluded(a, b)
+    # and a module whose own small change is opposite its contents' is not where they went
+    layer = lambda own, inside: holding({"modules": [
+        {"module": "layers.0", "bytes": own * MiB, "ops": {"add": own * MiB}},
+        *({"module": f"layers.0.{name}", "bytes": inside * MiB, "ops": {"mm": inside * MiB}}
+          for name in ("attn", "mlp"))]}, activations=own + 2 * inside)
+    assert concluded(layer(10, 0), layer(9, 20)).endswith(", mostly layers.*.attn (x1) (+20.0 MiB, op mm)")
 
 
 def test_a_forward_and_a_backward_stand_for_an_hf_trainers_forward_backward_by_the_larger_peak():
