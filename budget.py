@@ -80,7 +80,9 @@ def _structure(model):
     # Leaf name -> the original linear, seen through any adapter wrapped around it.
     linears, adapted, lora = {}, {}, None
     inner = set()
-    for name, module in layers[0].named_modules():
+    # (the first adapted layer: PEFT's layers_to_transform may leave the first without adapters)
+    adapted_layer = next((l for l in layers if any(_adapter(m) for m in l.modules())), layers[0])
+    for name, module in adapted_layer.named_modules():
         leaf = name.rpartition(".")[2]
         found = _adapter(module)
         if found is not None:
@@ -489,11 +491,11 @@ def _kinds(model, state, calls):
     """Each decoder layer's (kind, meta state): layers alike in their class, parameters (names,
     shapes, dtypes, which train) and input (the captured call's description) trace alike."""
     names = {id(m): n for n, m in model.named_modules()}
-    for layer, (_, _, hidden) in zip(decoder_layers(model), calls):
+    for layer, (_, _, input_described) in zip(decoder_layers(model), calls):
         prefix = names[id(layer)] + "."
         layer_state = {"layer." + n[len(prefix):]: t for n, t in state.items() if n.startswith(prefix)}
         parameters = tuple((n, t.shape, t.dtype, t.requires_grad) for n, t in layer_state.items())
-        yield (type(layer), hidden, parameters), layer_state
+        yield (type(layer), input_described, parameters), layer_state
 
 
 def trace_layers(model, *, bs, seq, full=False, autocast_dtype=None, device="cpu", padded=False,
@@ -716,7 +718,8 @@ def _estimated_layer(s, *, bs, seq, act, mask, full, casts_weights):
     # Autocast copies what is not in its dtype: the weights, or only LoRA's fp32 ones (which the
     # estimate leaves out).
     copies = sum(i * o for i, o in s["linears"].values()) * act if casts_weights else 0
-    return {"trains": True, "saved": tokens * (per_token + lora_per_token) + eager_scores,
+    return {"trains": True, "makes_gradients": False,
+            "saved": tokens * (per_token + lora_per_token) + eager_scores,
             "weight_copies": copies,
             "backward": tokens * act * (s["ffn"] + 2 * h), "forward": 0, "forward_unsaved": 0,
             "model_held": 0, "outputs_held": 0, "shared_inputs": 0, "saved_input": tokens * h * act,
@@ -727,7 +730,8 @@ def _traced_layer(traced, *, checkpointing, on_cuda):
     """The trace's figures in place of the estimate's; checkpointing: whether any layer is."""
     # (on CUDA, dropout's fused kernel keeps a bool mask where the trace has the noise)
     bool_masks = traced["dropout_noise"] - traced["dropout_noise_numel"] if on_cuda else 0
-    return {"trains": traced["trains"], "saved": traced["saved"] - traced["weight_copies"] - bool_masks,
+    return {"trains": traced["trains"], "makes_gradients": True,
+            "saved": traced["saved"] - traced["weight_copies"] - bool_masks,
             "saved_input": traced["saved_input"], "weight_copies": traced["weight_copies"],
             "backward": traced["backward"], "forward": traced["forward"],
             "forward_unsaved": traced["forward_unsaved"],
@@ -829,6 +833,7 @@ def _layers_backward(terms, layers, layer_gradients, *, training, gathered, hidd
         # (a recomputed layer saves its checkpointed input again: the same tensor)
         own = (max(per_layer - layer["saved_input"] + layer["backward"], layer["forward"]) if recomputed
                else layer["backward"])
+        own += 0 if layer["makes_gradients"] else gradients   # (the estimate's backward leaves them out)
         if layer["trains"]:
             peak = max(peak, held + own + outside_layers + after)
     return training + 2 * gathered + beside + peak
@@ -904,10 +909,10 @@ def _categories(terms, phases, peak_phase, loss_chunks):
     return categories
 
 
-def _layers(model, s, *, bs, seq, act, mask, full, padded, casts_weights, checkpointing,
+def _layers(model, s, *, bs, seq, act, mask, full, padded, casts_weights, checkpointed,
             autocast_dtype, device, input_grads):
     """(each decoder layer's figures, how they were had): traced, else the per-token estimate.
-    Layers of one kind share one dict."""
+    Layers of one kind share one dict. checkpointed: per layer, whether it is."""
     estimated = _estimated_layer(s, bs=bs, seq=seq, act=act, mask=mask, full=full,
                                  casts_weights=casts_weights)
     padded = padded and s["attn"] == "sdpa"
@@ -923,6 +928,8 @@ def _layers(model, s, *, bs, seq, act, mask, full, padded, casts_weights, checkp
         except Exception as e:
             method = f"formula: the layer does not run on meta ({type(e).__name__}: {first_line(e)})"
     on_cuda = torch.device(device).type == "cuda"
+    # (a layer that backward does not run through saves nothing, checkpointed or not)
+    checkpointing = any(c and (each is None or each["trains"]) for c, each in zip(checkpointed, traced))
     kinds = {}
     for each in traced:
         if id(each) in kinds:
@@ -973,9 +980,8 @@ def budget(model, *, bs, seq, checkpointing, autocast_dtype=None, loss_chunks=1,
     mask = 1 if on_cuda else act                       # dropout masks: bool on CUDA, act dtype on CPU
     casts_weights = autocast_dtype is not None and autocast_dtype != s["weights_dtype"]
     layers, method = _layers(model, s, bs=bs, seq=seq, act=act, mask=mask, full=full, padded=padded,
-                             casts_weights=casts_weights, checkpointing=any(checkpointed),
+                             casts_weights=casts_weights, checkpointed=checkpointed,
                              autocast_dtype=autocast_dtype, device=device, input_grads=input_grads)
-    # (a layer that backward does not run through saves nothing, checkpointed or not)
     checkpointed = [c and layer["trains"] for c, layer in zip(checkpointed, layers)]
     params = _unique_params([model, *extra])
     by_dtype = _bytes_by_dtype(params)
@@ -1020,7 +1026,7 @@ def probed(stack, phases):
                       gradients_held=seen.get("gradients_held", ()),
                       adamw=_adamw_implementation(stack.optimizer),
                       shifted_logits=False), None   # a model's own forward and loss: every position's logits
-    except (ValueError, AttributeError, KeyError) as e:  # not a decoder the budget can read
+    except (ValueError, AttributeError, KeyError, IndexError) as e:  # not a decoder the budget can read
         return None, (f"no budget: the budget cannot read {type(stack.lm).__name__} "
                       f"({type(e).__name__}: {first_line(e)})")
 

@@ -22,6 +22,7 @@ Copy budget.py beside it too: the report then has a budget of your stack, and a 
 import argparse
 import contextlib
 import functools
+import inspect
 import json
 import operator
 import os
@@ -451,8 +452,25 @@ class _Saves:
 
 # ---------------------------------------------------------------- the probe: what it sees of the stack
 
+def _masks_attention(lm, args, kwargs):
+    """Whether a forward of `lm` gives SDPA an explicit mask: padding in its 2-D attention mask, a
+    mask made by the caller (4-D), or position ids that restart within a row (packed sequences,
+    which transformers masks when no KV cache is made, as the HF Trainer sets it)."""
+    try:
+        given = inspect.signature(lm.forward).bind_partial(*args, **kwargs).arguments
+    except (TypeError, ValueError):
+        given = kwargs
+    mask, positions = given.get("attention_mask"), given.get("position_ids")
+    with _disable_current_modes():   # (reads the tracker does not count)
+        if isinstance(mask, torch.Tensor):
+            return mask.dim() != 2 or not bool(mask.all())
+        if isinstance(positions, torch.Tensor) and positions.dim() == 2:
+            return bool((positions[:, 1:] - positions[:, :-1] != 1).any())
+    return False
+
+
 class _Stack:
-    """The stack watched: module names, parameter roles, the first forward's shapes and autocast."""
+    """The stack watched: module names, parameter roles, what the training forwards showed."""
 
     def __init__(self, tracker, device, saves):
         self.tracker, self.device, self.saves = tracker, device, saves
@@ -460,6 +478,7 @@ class _Stack:
         self.names, self.seen = {}, {}     # module -> name; what the training forwards showed (bs, seq, ...)
         self.roles, self.graded, self.hooks = None, set(), []  # roles: (parameters, buffers), once a step
         self.compiled, self.config_dir = [], None  # torch.compile'd modules; a written config.json's
+        self.phases_used = False
 
     def attach(self, model, optimizer):
         self.model, self.optimizer, self.lm = model, optimizer, _language_model(model)
@@ -505,13 +524,15 @@ class _Stack:
         return self.tracker.phase != "eval" and torch.is_grad_enabled()
 
     def _batch_shape(self, module, args):
-        # The first training batch's shapes and autocast, then the largest inside a phase (the peak's,
-        # where a collator pads each batch to its longest): an evaluation's (another batch size),
-        # or a forward between phases (a callback's), never count.
+        # The first training batch's shapes and autocast, then the largest (the peak's, where a
+        # collator pads each batch to its longest; of equal tokens, the longest) inside a phase, or
+        # anywhere in a loop without phases: an evaluation's (another batch size), or a forward
+        # between phases (a callback's), never count.
         ids = args[0] if args else None
         if self._training() and isinstance(ids, torch.Tensor) and ids.dim() == 2 \
-                and ids.numel() > self.seen.get("bs", 0) * self.seen.get("seq", 0) \
-                and (self.tracker.phase is not None or "bs" not in self.seen):
+                and (ids.numel(), ids.shape[1]) > (self.seen.get("bs", 0) * self.seen.get("seq", 0),
+                                                   self.seen.get("seq", 0)) \
+                and (self.tracker.phase is not None or not self.phases_used or "bs" not in self.seen):
             self.seen["bs"], self.seen["seq"] = ids.shape
             kind = self.device.type
             self.seen["autocast"] = (str(torch.get_autocast_dtype(kind)).replace("torch.", "")
@@ -522,10 +543,8 @@ class _Stack:
         # whether gradients live from before (Lightning frees them after forward; accumulation).
         if not self._training():
             return
-        mask = kwargs.get("attention_mask")
-        if not self.seen.get("padded") and isinstance(mask, torch.Tensor) and mask.dim() == 2:
-            with _disable_current_modes():   # (a read the tracker does not count)
-                self.seen["padded"] = not bool(mask.all())
+        if not self.seen.get("padded"):
+            self.seen["padded"] = _masks_attention(module, args, kwargs)
         held = self.seen.setdefault("gradients_held", [])
         if "forward" not in held and any(p.grad is not None for p in self.model.parameters()):
             held.append("forward")
@@ -749,7 +768,7 @@ class Probe:
         """Open a phase without a with-block (closing the open one); pair with end()."""
         self.end()
         first = self._started is None
-        self._phased = True
+        self._phased = self._stack.phases_used = True
         self._saves.outputs = []
         self.tracker.phase, self.tracker.module_stack[:] = name, []
         if first:
@@ -993,8 +1012,9 @@ def _adapters(model):
     kinds = {"gated_lora" if hasattr(m, "n_experts") else "peft_lora" for _, m, _ in found}
     # (a gated layer keeps its scaling, alpha / (r / experts))
     alpha = lora["alpha"] if "alpha" in lora else first.scaling * lora["r"] / lora["experts"]
-    base = (first.base if hasattr(first, "base") else first.base_layer).weight
-    own = next((p for p in first.parameters() if p is not base and p.requires_grad), base)
+    base_layer = first.base if hasattr(first, "base") else first.base_layer
+    base, in_base = base_layer.weight, {id(p) for p in base_layer.parameters()}
+    own = next((p for p in first.parameters() if id(p) not in in_base and p.requires_grad), base)
     # in ref_train.py's words: fp32 LoRA weights, or in the model's dtype ("match")
     lora_dtype = ("fp32" if own.dtype == torch.float32 else "match" if own.dtype == base.dtype
                   else str(own.dtype))
@@ -1017,7 +1037,8 @@ def _not_reproduced(model, lm, seen):
     if 0 < adapted < len(layers):
         found.append(f"adapters on {adapted} of {len(layers)} decoder layers")
     if "backward" in seen.get("gradients_held", ()):
-        found.append("gradients held from one forward to the next (accumulation)")
+        found.append("gradients held from one backward to the next (accumulation, or zero_grad "
+                     "that keeps them)")
     return found or None
 
 

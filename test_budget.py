@@ -141,6 +141,11 @@ def test_layers_alike_share_one_trace_and_a_layer_backward_never_reaches_saves_n
     assert [layer["trains"] for layer in layers] == [False, False, True, True]
     assert layers[0] is layers[1] and layers[0]["saved"] == layers[0]["backward"] == 0
     assert len({id(layer) for layer in layers}) == 3 and layers[3]["saved"] > 0
+    # the budget reads the adapters off an adapted layer, and checkpointing a layer backward
+    # never reaches changes nothing
+    planned = lambda checkpointing: budget.budget(adapted([2]), bs=2, seq=32, checkpointing=checkpointing)
+    assert planned(False)["terms"]["lora_activations_per_layer"] > 0
+    assert planned([True, True, False, False])["phases"] == planned(False)["phases"]
     # given an input that requires grad, as injected embeddings make it, every layer trains
     assert all(layer["trains"] for layer in budget.trace_layers(adapted([2]), bs=2, seq=32, input_grads=True))
     # adapters everywhere: the first layer, its input needing no gradient, saves less than the rest

@@ -685,6 +685,7 @@ def no_probe_left_behind(model):
     assert _get_current_dispatch_mode() is None
     assert torch._C._autograd._top_saved_tensors_default_hooks(False) is None
     assert not any(m._forward_pre_hooks or m._forward_hooks for m in model.modules())
+    assert not any(p._backward_hooks or p._post_accumulate_grad_hooks for p in model.parameters())
 
 
 STACKS = {"lightning": (memcheck.lightning_callback, lambda model, cb, tmp: lightning_fit(model, cb)),

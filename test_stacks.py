@@ -247,6 +247,55 @@ def test_batches_a_collator_pads_to_their_longest_are_budgeted_at_the_largest_wi
     assert abs(report["peak_bytes"] / report["budget"]["peak_bytes"] - 1) <= 0.01
 
 
+@pytest.mark.parametrize("given", ["by-position", "4-d", "packed"])
+def test_an_attention_mask_however_it_comes_is_budgeted(family_models, given):
+    # a padded mask passed by position, a 4-D mask the caller made, or packed sequences (position
+    # ids that restart, no KV cache) each give SDPA a mask the budget left out (1.08x)
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+    torch.manual_seed(0)
+    lm = AutoModelForCausalLM.from_pretrained(family_models["llama"])
+    lm.config.use_cache = False
+    model = get_peft_model(lm, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    padded = torch.ones(4, 128, dtype=torch.long)
+    padded[0, 64:] = 0
+    causal = torch.ones(128, 128, dtype=torch.bool).tril()
+
+    def forward(ids):
+        if given == "by-position":
+            return model.base_model.model(ids, padded, labels=ids).loss
+        if given == "4-d":
+            mask = causal[None, None] & padded.bool()[:, None, None, :]
+            return model(input_ids=ids, attention_mask=mask, labels=ids).loss
+        positions = torch.cat([torch.arange(64), torch.arange(64)]).expand(4, -1)
+        return model(input_ids=ids, position_ids=positions, labels=ids).loss
+
+    with memcheck.Probe(model, optimizer) as probe:
+        phased_loop(probe, optimizer, token_batches(2, bs=4, seq=128, vocab=VOCAB), forward)
+    report = probe.report()
+    assert report["budget"]["terms"]["attention_mask_per_layer"] > 0
+    assert abs(report["peak_bytes"] / report["budget"]["peak_bytes"] - 1) <= 0.02
+
+
+def test_a_loop_without_phases_is_budgeted_at_its_largest_batch_the_longest_of_equal_tokens():
+    # only probe.step(): the first batch's shape was kept; of equal tokens, the longer sequence's
+    # masks and scores weigh more
+    model = peft_opt()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    generator = torch.Generator().manual_seed(0)
+    with memcheck.Probe(model, optimizer) as probe:
+        for bs, seq in ((4, 64), (2, 256), (8, 64), (4, 96)):
+            ids = torch.randint(0, VOCAB, (bs, seq), generator=generator)
+            loss = model(input_ids=ids, labels=ids).loss
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+            probe.step(loss)
+    config = probe.report()["config"]
+    assert (config["bs"], config["seq"]) == (2, 256)
+
+
 def test_a_stack_the_budget_cannot_read_is_told_why_in_its_verdict():
     # PEFT's trainable_token_indices wraps the embeddings in a module the budget cannot read; the
     # verdict said only "no budget to compare with"
@@ -310,7 +359,7 @@ def test_a_trained_head_under_the_hf_trainer_is_budgeted_in_every_phase(tmp_path
     in_step = max(planned["forward"], planned["backward"])   # (the Trainer's one phase for both)
     assert measured["forward+backward"] / in_step == pytest.approx(1, abs=0.01)
     assert measured["optimizer"] / planned["optimizer"] == pytest.approx(1, abs=0.01)
-    held = "gradients held from one forward to the next (accumulation)"
+    held = "gradients held from one backward to the next (accumulation, or zero_grad that keeps them)"
     assert (held in report["config"]["not_reproduced"]) == (accumulation > 1)
 
 
@@ -333,14 +382,16 @@ def test_the_baseline_says_what_of_the_stack_it_has_no_flag_for(lora, left_out):
         f"(it leaves out what it has no flag for: {left_out})" if left_out else "--ckpt none")
 
 
+@pytest.mark.parametrize("bias", ["none", "all"])
 @pytest.mark.parametrize("lora_weights", [torch.float32, torch.bfloat16], ids=["fp32-lora", "bf16-lora"])
-def test_lora_weights_in_the_models_dtype_get_a_baseline_that_keeps_them_so(lora_weights):
+def test_lora_weights_in_the_models_dtype_get_a_baseline_that_keeps_them_so(lora_weights, bias):
     # bf16 weights, LoRA's upcast to fp32 (PEFT's default) or left in bf16: the baseline kept fp32
-    # LoRA either way (3-9% dearer than a bf16 LoRA stack)
+    # LoRA either way (3-9% dearer than a bf16 LoRA stack); the base layer's trained bias is no
+    # LoRA weight
     from peft import LoraConfig, get_peft_model
     from transformers import OPTConfig, OPTForCausalLM
     model = OPTForCausalLM(OPTConfig(vocab_size=VOCAB, **TINY_OPT)).to(torch.bfloat16)
-    model = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj", "v_proj"]),
+    model = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], bias=bias),
                            autocast_adapter_dtype=lora_weights == torch.float32)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
     with memcheck.Probe(model, optimizer) as probe:
