@@ -1700,8 +1700,9 @@ def conclusion(a, b, rows):
             name, ma, mb = max(places, key=lambda r: sign * _net_of_moves(r, places))
             if sign * (mb - ma) > 0:
                 op = _dominant_op(a, b, name) if name.startswith("module ") else None
-                line += (f", mostly {name.split(' ', 1)[1]} ({(mb - ma) / MiB:+.1f} MiB"
-                         + (f", op {op[0]})" if op else ")"))
+                most = (mb - ma) / (cb - ca) > 0.5   # (of the category's change)
+                line += (f", {'mostly' if most else 'the largest part in'} {name.split(' ', 1)[1]} "
+                         f"({(mb - ma) / MiB:+.1f} MiB" + (f", op {op[0]})" if op else ")"))
         elif what.endswith("temporaries"):
             line += _largest_temporary(b if sign > 0 else a)
     warned = weighty_warnings(b if sign > 0 else a)
