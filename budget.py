@@ -515,8 +515,8 @@ def trace_layers(model, *, bs, seq, full=False, autocast_dtype=None, device="cpu
     enable_input_require_grads), None as the model's own forward from token ids makes it.
 
     Each dict: its kind's figures (_run_layer's), and the model's, the same in every dict:
-    {"shared_inputs": what the
-    model makes once for every layer (masks, rotary tables), which checkpointing keeps as inputs;
+    {"shared_inputs": what the model makes once for every layer (masks, rotary tables), which
+    checkpointing keeps as inputs;
     "shared_saved": the part of it that the layers save; "model_held": what the model's forward
     made before its layers and holds as the last starts, those and the embeddings' outputs (OPT's
     position embeddings too), the first layer's input aside; "outputs_held": what the layers before
@@ -627,23 +627,20 @@ def _each_layers_gradients(model, trained, **placement):
             for layer in decoder_layers(model)]
 
 
-def _gradient_terms(model, trained, layer_gradients, *, traced, held, **placement):
+def _gradient_terms(model, trained, layer_gradients, *, traced, **placement):
     """The gradients' own moments, in bytes on this rank. "layer_gradients": the last decoder
     layer's, which its traced backward makes (0 for the per-token estimate, which leaves them out);
     "outside_layers_gradients": those of trained parameters outside the decoder layers; and
     "tied_head_gradient": a trained weight the head shares with the input embeddings, whose head
     gradient autograd holds until the embeddings' comes, at the end of backward, then adds; and
-    "head_gradient": a trained head weight's, which its backward makes whole; "forward_held_gradients"
-    and "backward_held_gradients": every gradient, in the phases `held` names."""
+    "head_gradient": a trained head weight's, which its backward makes whole."""
     in_layers = {id(p) for p in _unique_params(decoder_layers(model))}
     outside = [p for p in trained if id(p) not in in_layers]
     head = model.get_output_embeddings().weight
     trains = any(p is head for p in trained)
     tied = head is model.get_input_embeddings().weight and trains
-    every = _held_bytes(trained, padded=True, **placement)
     return {"layer_gradients": layer_gradients[-1] if traced else 0,
             "head_gradient": head.numel() * head.element_size() if trains else 0,
-            **{f"{phase}_held_gradients": every if phase in held else 0 for phase in ("forward", "backward")},
             "outside_layers_gradients": _held_bytes(outside, padded=True, **placement),
             "tied_head_gradient": head.numel() * head.element_size() if tied else 0}
 
@@ -722,12 +719,13 @@ def _estimated_layer(s, *, bs, seq, act, mask, full, casts_weights):
             "saved": tokens * (per_token + lora_per_token) + eager_scores,
             "weight_copies": copies,
             "backward": tokens * act * (s["ffn"] + 2 * h), "forward": 0, "forward_unsaved": 0,
-            "model_held": 0, "outputs_held": 0, "shared_inputs": 0, "saved_input": tokens * h * act,
+            "model_held": 0, "outputs_held": 0, "shared_inputs": 0, "shared_saved": 0,
+            "saved_input": tokens * h * act,
             "hidden_bytes": act, "lora_per_token": lora_per_token}
 
 
-def _traced_layer(traced, *, checkpointing, on_cuda):
-    """The trace's figures in place of the estimate's; checkpointing: whether any layer is."""
+def _traced_layer(traced, *, on_cuda):
+    """The trace's figures in place of the estimate's."""
     # (on CUDA, dropout's fused kernel keeps a bool mask where the trace has the noise)
     bool_masks = traced["dropout_noise"] - traced["dropout_noise_numel"] if on_cuda else 0
     return {"trains": traced["trains"], "makes_gradients": True,
@@ -737,7 +735,7 @@ def _traced_layer(traced, *, checkpointing, on_cuda):
             "forward_unsaved": traced["forward_unsaved"],
             "model_held": traced["model_held"], "outputs_held": traced["outputs_held"],
             "hidden_bytes": traced["hidden_bytes"],
-            "shared_inputs": traced["shared_inputs" if checkpointing else "shared_saved"]}
+            "shared_inputs": traced["shared_inputs"], "shared_saved": traced["shared_saved"]}
 
 
 def _terms(s, layers, *, bs, seq, act, mask, full, checkpointed, loss_chunks, trainable_bytes,
@@ -747,6 +745,9 @@ def _terms(s, layers, *, bs, seq, act, mask, full, checkpointed, loss_chunks, tr
     sequence the logits are made for."""
     layer = layers[-1]
     h, lora, tokens, hidden_bytes = s["hidden"], s["lora"], bs * seq, layer["hidden_bytes"]
+    # what the model makes once for every layer: kept as inputs where a layer is checkpointed,
+    # else the part the layers save
+    shared = layer["shared_inputs" if any(checkpointed) else "shared_saved"]
     kept_inputs = sum(checkpointed) * tokens * h * hidden_bytes
     head_gradient = s["vocab"] * h * 4 if loss_chunks > 1 and (full or s["head_trains"]) else 0   # fp32
     adapted = s["linears"] if full else s["adapted"]
@@ -757,7 +758,7 @@ def _terms(s, layers, *, bs, seq, act, mask, full, checkpointed, loss_chunks, tr
         "optimizer_state": 2 * trainable_bytes,
         "activations_per_layer": layer["saved"],
         "backward_temporaries_per_layer": layer["backward"],
-        "shared_layer_inputs": layer["shared_inputs"],
+        "shared_layer_inputs": shared,
         "lora_activations_per_layer": tokens * layer["lora_per_token"],
         "einsum_expert_outputs_per_layer": (tokens * 4 * lora["experts"] * sum(o for _, o in adapted.values())
                                             if lora["impl"] == "einsum" and lora["experts"] > 1 and not full
@@ -770,7 +771,7 @@ def _terms(s, layers, *, bs, seq, act, mask, full, checkpointed, loss_chunks, tr
         "saved_activations": kept_inputs + sum(l["saved"] for l, c in zip(layers, checkpointed) if not c)
                              + tokens * h * hidden_bytes    # + the final norm's input
                              + (bs * seq * seq if layer["attention_mask"] else 0)  # + the bool mask, once
-                             + layer["shared_inputs"],
+                             + shared,
         "logits": bs * positions * s["vocab"] * 4 // loss_chunks,   # one fp32 copy
         "logits_16bit": (bs * positions * s["vocab"] * act // loss_chunks) if act < 4 else 0,
         # chunked: the gradients the fused head and loss take in forward and keep for backward
@@ -909,10 +910,10 @@ def _categories(terms, phases, peak_phase, loss_chunks):
     return categories
 
 
-def _layers(model, s, *, bs, seq, act, mask, full, padded, casts_weights, checkpointed,
-            autocast_dtype, device, input_grads):
+def _layers(model, s, *, bs, seq, act, mask, full, padded, casts_weights, autocast_dtype, device,
+            input_grads):
     """(each decoder layer's figures, how they were had): traced, else the per-token estimate.
-    Layers of one kind share one dict. checkpointed: per layer, whether it is."""
+    Layers of one kind share one dict."""
     estimated = _estimated_layer(s, bs=bs, seq=seq, act=act, mask=mask, full=full,
                                  casts_weights=casts_weights)
     padded = padded and s["attn"] == "sdpa"
@@ -928,15 +929,13 @@ def _layers(model, s, *, bs, seq, act, mask, full, padded, casts_weights, checkp
         except Exception as e:
             method = f"formula: the layer does not run on meta ({type(e).__name__}: {first_line(e)})"
     on_cuda = torch.device(device).type == "cuda"
-    # (a layer that backward does not run through saves nothing, checkpointed or not)
-    checkpointing = any(c and (each is None or each["trains"]) for c, each in zip(checkpointed, traced))
     kinds = {}
     for each in traced:
         if id(each) in kinds:
             continue
         layer = kinds[id(each)] = dict(estimated)
         if each is not None:
-            layer.update(_traced_layer(each, checkpointing=checkpointing, on_cuda=on_cuda))
+            layer.update(_traced_layer(each, on_cuda=on_cuda))
         # padded=True: some batch has padding, so SDPA gets an explicit mask instead of is_causal,
         # and each layer's call turns it into a float bias, bs x 1 x seq x seq, which it saves for
         # backward (a layer that saves nothing, none).
@@ -949,8 +948,7 @@ def _layers(model, s, *, bs, seq, act, mask, full, padded, casts_weights, checkp
 
 def budget(model, *, bs, seq, checkpointing, autocast_dtype=None, loss_chunks=1, device="cpu",
            extra=(), full=False, padded=False, cuda_workspace_bytes=None, strategy="none",
-           world_size=1, rank=0, shifted_logits=True, input_grads=None, gradients_held=(),
-           adamw=None):
+           world_size=1, rank=0, shifted_logits=True, input_grads=None, gradients_held=(), adamw=None):
     """Predict training memory from a model and the run's shapes; every term in bytes.
 
     model: the causal LM with its adapters (any device, the meta device included: nothing is
@@ -980,8 +978,9 @@ def budget(model, *, bs, seq, checkpointing, autocast_dtype=None, loss_chunks=1,
     mask = 1 if on_cuda else act                       # dropout masks: bool on CUDA, act dtype on CPU
     casts_weights = autocast_dtype is not None and autocast_dtype != s["weights_dtype"]
     layers, method = _layers(model, s, bs=bs, seq=seq, act=act, mask=mask, full=full, padded=padded,
-                             casts_weights=casts_weights, checkpointed=checkpointed,
-                             autocast_dtype=autocast_dtype, device=device, input_grads=input_grads)
+                             casts_weights=casts_weights, autocast_dtype=autocast_dtype, device=device,
+                             input_grads=input_grads)
+    # (a layer that backward does not run through saves nothing, checkpointed or not)
     checkpointed = [c and layer["trains"] for c, layer in zip(checkpointed, layers)]
     params = _unique_params([model, *extra])
     by_dtype = _bytes_by_dtype(params)
@@ -994,8 +993,9 @@ def budget(model, *, bs, seq, checkpointing, autocast_dtype=None, loss_chunks=1,
     terms.update(rank_terms(model, extra, {id(p) for p in trained}, **placement))
     terms["optimizer_temporary"] = _adamw_temporary(trained, on_cuda=on_cuda, adamw=adamw, **placement)
     layer_gradients = _each_layers_gradients(model, trained, **placement)
-    terms.update(_gradient_terms(model, trained, layer_gradients, traced=method == "traced",
-                                 held=gradients_held, **placement))
+    terms.update(_gradient_terms(model, trained, layer_gradients, traced=method == "traced", **placement))
+    terms.update({f"{phase}_held_gradients": terms["gradients"] if phase in gradients_held else 0
+                  for phase in ("forward", "backward")})
     if on_cuda and (cuda_workspace_bytes is not None or torch.cuda.is_available()):
         # (budgeting for CUDA on a machine without it, they are not known: the term is absent)
         terms["cuda_workspaces"] = (cuda_workspaces(device) if cuda_workspace_bytes is None

@@ -452,12 +452,12 @@ class _Saves:
 
 # ---------------------------------------------------------------- the probe: what it sees of the stack
 
-def _masks_attention(lm, args, kwargs):
-    """Whether a forward of `lm` gives SDPA an explicit mask: padding in its 2-D attention mask, a
-    mask made by the caller (4-D), or position ids that restart within a row (packed sequences,
-    which transformers masks when no KV cache is made, as the HF Trainer sets it)."""
+def _masks_attention(signature, args, kwargs):
+    """Whether a forward (of this signature) gives SDPA an explicit mask: padding in its 2-D
+    attention mask, a mask made by the caller (4-D), or position ids that restart within a row
+    (packed sequences, which transformers masks when no KV cache is made, as the HF Trainer sets it)."""
     try:
-        given = inspect.signature(lm.forward).bind_partial(*args, **kwargs).arguments
+        given = signature.bind_partial(*args, **kwargs).arguments
     except (TypeError, ValueError):
         given = kwargs
     mask, positions = given.get("attention_mask"), given.get("position_ids")
@@ -478,16 +478,18 @@ class _Stack:
         self.names, self.seen = {}, {}     # module -> name; what the training forwards showed (bs, seq, ...)
         self.roles, self.graded, self.hooks = None, set(), []  # roles: (parameters, buffers), once a step
         self.compiled, self.config_dir = [], None  # torch.compile'd modules; a written config.json's
-        self.phases_used = False
+        self.phases_used, self.trainable, self.lm_signature = False, [], None
 
     def attach(self, model, optimizer):
         self.model, self.optimizer, self.lm = model, optimizer, _language_model(model)
+        self.trainable = [p for p in model.parameters() if p.requires_grad]
         self.names = module_names(model)
         for module, name in self.names.items():
             self.hooks.append(module.register_forward_pre_hook(
                 lambda *_, name=name: self.tracker.module_stack.append(name)))
             self.hooks.append(module.register_forward_hook(self._leave_module, always_call=True))
         if self.lm is not None:
+            self.lm_signature = inspect.signature(self.lm.forward)
             self.hooks += [self.lm.get_input_embeddings().register_forward_pre_hook(self._batch_shape),
                            self.lm.register_forward_pre_hook(self._training_forward, with_kwargs=True),
                            self.lm.register_forward_hook(self.saves.model_output)]
@@ -495,10 +497,9 @@ class _Stack:
             self.saves.layers = [self.names[layer] for layer in layers]
             if layers:
                 self.hooks.append(layers[0].register_forward_pre_hook(self._first_layer, with_kwargs=True))
-        for p in model.parameters():  # judged by what backward gave, whatever zero_grad does later
-            if p.requires_grad:
-                self.hooks.append(p.register_post_accumulate_grad_hook(self._graded))
-                self.hooks.append(p.register_hook(functools.partial(self._arriving, p)))
+        for p in self.trainable:  # judged by what backward gave, whatever zero_grad does later
+            self.hooks.append(p.register_post_accumulate_grad_hook(self._graded))
+            self.hooks.append(p.register_hook(functools.partial(self._arriving, p)))
         self.compiled = [type(m).__name__ for m in model.modules()
                          if type(m).__name__ == "OptimizedModule" or getattr(m, "_compiled_call_impl", None)]
         self.tag_roles(adopt=True)  # what exists now is counted from now, and never as new
@@ -544,9 +545,9 @@ class _Stack:
         if not self._training():
             return
         if not self.seen.get("padded"):
-            self.seen["padded"] = _masks_attention(module, args, kwargs)
+            self.seen["padded"] = _masks_attention(self.lm_signature, args, kwargs)
         held = self.seen.setdefault("gradients_held", [])
-        if "forward" not in held and any(p.grad is not None for p in self.model.parameters()):
+        if "forward" not in held and any(p.grad is not None for p in self.trainable):
             held.append("forward")
 
     def _first_layer(self, module, args, kwargs):

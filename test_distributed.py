@@ -298,8 +298,7 @@ def test_fsdp2_terms_are_each_ranks_torch_chunk_shards_padded_to_the_first(tiny_
         trained_params = [p for p in params if id(p) in trained]
         each_layers = budget._each_layers_gradients(model, trained_params, **placement)
         assert each_layers == [padded(layer, True) for layer in layers]
-        gradients = budget._gradient_terms(model, trained_params, each_layers, traced=True, held=(),
-                                           **placement)
+        gradients = budget._gradient_terms(model, trained_params, each_layers, traced=True, **placement)
         assert gradients["layer_gradients"] == padded(layers[-1], True)
         assert gradients["outside_layers_gradients"] == padded(root, True)
         # CPU's AdamW: two temporaries of the largest parameter's shard, made like its unpadded view

@@ -326,8 +326,7 @@ def test_a_trained_heads_backward_holds_the_logits_gradient_beside_the_heads():
     model = head_trained(vocab=4000)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
     with memcheck.Probe(model, optimizer) as probe:
-        phased_loop(probe, optimizer, token_batches(3, bs=1, seq=16, vocab=4000),
-                    lambda ids: model(input_ids=ids, labels=ids).loss)
+        user_loop(probe, model, optimizer, token_batches(3, bs=1, seq=16, vocab=4000))
     report = probe.report()
     measured, planned = report["phases"]["backward"]["peak_bytes"], report["budget"]["phases"]["backward"]
     assert measured / planned == pytest.approx(1, abs=0.005)
