@@ -343,16 +343,18 @@ def _as_run(autocast_dtype, device, weights):
 def _layer_inputs(model, state, ids, inputs, autocast_dtype, device, weights, input_grads):
     """Every decoder layer's call (args, kwargs, hidden: its hidden states taken out, described as
     (shape, dtype, requires_grad)), from a forward on meta stopped as the last layer starts, and what
-    that forward holds then, in bytes: (made before the layers, made by them). input_grads: whether
+    that forward holds then, in bytes: (made before the layers, made by them), and whether the input
+    embeddings' output is apart from the first layer's input (OPT adds positions). input_grads: whether
     the first layer's input requires grad (None: as this forward from token ids makes it).
 
-    `inputs` gathers, by storage, what every layer takes besides the hidden states: layers of
-    different kinds take different masks (Gemma2's sliding window), all made once by the model and
-    kept until backward (kept: a storage freed in the meantime could see its address reused, and a
-    new one taken for it)."""
+    `inputs` gathers, by storage, what every layer takes besides the hidden states (layers of other
+    kinds take other masks: Gemma2's sliding window), made once by the model and kept until backward
+    (kept: a storage freed meanwhile could see its address reused, and a new one taken for it)."""
     layers = decoder_layers(model)
     calls, captured, tracker = [], {}, Tracker("meta")
     key = lambda t: t.untyped_storage()._cdata
+    embedded = model.get_input_embeddings().register_forward_hook(   # (update returns None: no new output)
+        lambda module, args, output: captured.update(embedded=key(output)))
 
     def capture(module, args, kwargs):
         hidden = args[0] if args else kwargs["hidden_states"]
@@ -395,9 +397,9 @@ def _layer_inputs(model, state, ids, inputs, autocast_dtype, device, weights, in
     except _Captured:
         pass
     finally:
-        for h in capturing:
+        for h in [*capturing, embedded]:
             h.remove()
-    return calls, captured["held"]
+    return calls, captured["held"], captured.get("embedded") != captured["first"]
 
 
 def _without_cache(args, kwargs, hidden):
@@ -511,8 +513,7 @@ def trace_layers(model, *, bs, seq, full=False, autocast_dtype=None, device="cpu
     (_AutocastOnMeta, with the device's policies). A gated LoRA layer gets a meta gate; full=True
     trains every parameter; padded=True gives the layers the bool mask transformers makes for a
     batch with padding (the model's forward before them runs without one); input_grads: whether
-    the first layer's input requires grad (inputs_embeds a trained module made, or
-    enable_input_require_grads), None as the model's own forward from token ids makes it.
+    the first layer's input requires grad (None: as the model's forward from token ids makes it).
 
     Each dict: its kind's figures (_run_layer's), and the model's, the same in every dict:
     {"shared_inputs": what the model makes once for every layer (masks, rotary tables), which
@@ -520,7 +521,8 @@ def trace_layers(model, *, bs, seq, full=False, autocast_dtype=None, device="cpu
     "shared_saved": the part of it that the layers save; "model_held": what the model's forward
     made before its layers and holds as the last starts, those and the embeddings' outputs (OPT's
     position embeddings too), the first layer's input aside; "outputs_held": what the layers before
-    made and it still holds, the layer's input and the KV cache aside (Bloom's attention weights)}.
+    made and it still holds, the layer's input and the KV cache aside (Bloom's attention weights);
+    "embeddings_apart": whether the embeddings' output is apart from the first layer's input}.
     Raises what the model raises when it cannot run on meta (an op that reads values).
     """
     layers = decoder_layers(model)
@@ -539,8 +541,8 @@ def trace_layers(model, *, bs, seq, full=False, autocast_dtype=None, device="cpu
     try:
         with _training_unchecked(model):
             ids = torch.zeros(bs, seq, dtype=torch.long, device="meta")
-            calls, (model_held, outputs_held) = _layer_inputs(model, state, ids, inputs, autocast_dtype,
-                                                              device, weights, input_grads)
+            calls, (model_held, outputs_held), embeddings_apart = _layer_inputs(
+                model, state, ids, inputs, autocast_dtype, device, weights, input_grads)
             kinds, per_layer = {}, []
             for layer, call, (kind, layer_state) in zip(layers, calls, _kinds(model, state, calls)):
                 if kind not in kinds:
@@ -552,6 +554,7 @@ def trace_layers(model, *, bs, seq, full=False, autocast_dtype=None, device="cpu
             h.remove()
     shared_saved = set().union(*(each.pop("shared_saved") for each in kinds.values()))
     model_figures = {"model_held": model_held, "outputs_held": outputs_held,
+                     "embeddings_apart": embeddings_apart,
                      "shared_saved": sum(inputs[k].untyped_storage().nbytes() for k in shared_saved)}
     for each in kinds.values():
         each.update(model_figures)
@@ -645,6 +648,22 @@ def _gradient_terms(model, trained, layer_gradients, *, traced, **placement):
             "tied_head_gradient": head.numel() * head.element_size() if tied else 0}
 
 
+def _held_terms(model, layers, terms, *, bs, seq, gradients_held, input_leaf, loss_held):
+    """What a step holds over from the one before, in bytes. "<phase>_held_gradients": the
+    gradients, in the phases gradients_held names; "input_leaf": the input embeddings' output where
+    it is a leaf that requires grad (transformers' enable_input_require_grads) apart from the first
+    layer's input (which the layers count): the graph holds it through forward's end and backward;
+    "<phase>_held_input_leaf": that leaf and its gradient from the step before, alive as long as the
+    loop holds its loss (the phases loss_held names)."""
+    weight = model.get_input_embeddings().weight
+    leaf = bs * seq * weight.shape[-1] * weight.element_size() if input_leaf else 0
+    return {"input_leaf": leaf if layers[-1]["embeddings_apart"] else 0,
+            **{f"{phase}_held_gradients": terms["gradients"] if phase in gradients_held else 0
+               for phase in ("forward", "backward")},
+            **{f"{phase}_held_input_leaf": 2 * leaf if phase in loss_held else 0
+               for phase in ("forward", "optimizer")}}
+
+
 def _adamw_temporary(trained, *, on_cuda, adamw=None, **placement):
     """AdamW's temporary in its step, on this rank (its shards, under FSDP2), by its implementation
     (None: torch's default, foreach on CUDA, else the single-tensor loop): foreach makes one of
@@ -720,7 +739,7 @@ def _estimated_layer(s, *, bs, seq, act, mask, full, casts_weights):
             "weight_copies": copies,
             "backward": tokens * act * (s["ffn"] + 2 * h), "forward": 0, "forward_unsaved": 0,
             "model_held": 0, "outputs_held": 0, "shared_inputs": 0, "shared_saved": 0,
-            "saved_input": tokens * h * act,
+            "embeddings_apart": True, "saved_input": tokens * h * act,
             "hidden_bytes": act, "lora_per_token": lora_per_token}
 
 
@@ -734,7 +753,7 @@ def _traced_layer(traced, *, on_cuda):
             "backward": traced["backward"], "forward": traced["forward"],
             "forward_unsaved": traced["forward_unsaved"],
             "model_held": traced["model_held"], "outputs_held": traced["outputs_held"],
-            "hidden_bytes": traced["hidden_bytes"],
+            "embeddings_apart": traced["embeddings_apart"], "hidden_bytes": traced["hidden_bytes"],
             "shared_inputs": traced["shared_inputs"], "shared_saved": traced["shared_saved"]}
 
 
@@ -851,8 +870,9 @@ def _phases(terms, layers, layer_gradients, *, tokens, h, checkpointed, loss_chu
               + terms.get("ddp_gradient_buckets", 0))
     root, gathered = terms.get("gathered_root_params", 0), terms.get("gathered_layer_params", 0)
     # gradients made before, alive in forward, and in backward (which then adds to them)
-    held, in_forward = terms["backward_held_gradients"], steady + root + terms["forward_held_gradients"]
-    training = steady + root + held
+    held = terms["backward_held_gradients"]
+    in_forward = steady + root + terms["forward_held_gradients"] + terms["forward_held_input_leaf"]
+    training = steady + root + held + terms["input_leaf"]
     saved = terms["saved_activations"] + terms["autocast_weight_copies"]
     # a hidden state (the final norm's lives through the loss)
     hidden = tokens * h * layers[-1]["hidden_bytes"]
@@ -876,6 +896,7 @@ def _phases(terms, layers, layer_gradients, *, tokens, h, checkpointed, loss_chu
         forward_peak = (in_forward + saved + hidden + terms["logits"] + terms["logits_16bit"]
                         + terms["loss_forward_buffers"])
         backward_start = training + gathered + saved + 2 * kept
+    forward_peak += terms["input_leaf"]   # (inside the layers, the model's forward holds it anyway)
     forward_peak = max(forward_peak, _layers_forward(layers, training=in_forward, gathered=gathered,
                                                      hidden=hidden, checkpointed=checkpointed))
     if root:
@@ -887,10 +908,12 @@ def _phases(terms, layers, layer_gradients, *, tokens, h, checkpointed, loss_chu
     # FSDP2 reduce-scatters a group's gradients once its backward is done (the root's last)
     reduce_scatter = (training + gathered + terms["gradients"] - held + terms["reduce_scatter_buffers"]
                       if "reduce_scatter_buffers" in terms else 0)
-    # the end: every gradient made (a tied weight's two summed, beside both)
-    backward_end = training + terms["gradients"] - held + 2 * terms["tied_head_gradient"]
+    # the end: every gradient made (a tied weight's two summed, beside both; the input leaf's)
+    backward_end = (training + terms["gradients"] - held + 2 * terms["tied_head_gradient"]
+                    + terms["input_leaf"])
     return {"forward": forward_peak, "backward": max(backward_start, in_layers, reduce_scatter, backward_end),
-            "optimizer": steady + terms["gradients"] + terms["optimizer_temporary"]}
+            "optimizer": (steady + terms["gradients"] + terms["optimizer_temporary"]
+                          + terms["optimizer_held_input_leaf"])}
 
 
 def _categories(terms, phases, peak_phase, loss_chunks):
@@ -948,29 +971,29 @@ def _layers(model, s, *, bs, seq, act, mask, full, padded, casts_weights, autoca
 
 def budget(model, *, bs, seq, checkpointing, autocast_dtype=None, loss_chunks=1, device="cpu",
            extra=(), full=False, padded=False, cuda_workspace_bytes=None, strategy="none",
-           world_size=1, rank=0, shifted_logits=True, input_grads=None, gradients_held=(), adamw=None):
+           world_size=1, rank=0, shifted_logits=True, input_grads=None, gradients_held=(),
+           input_leaf=False, loss_held=(), adamw=None):
     """Predict training memory from a model and the run's shapes; every term in bytes.
 
     model: the causal LM with its adapters (any device, the meta device included: nothing is
     allocated). checkpointing: True, False, N (every N-th decoder layer, as transformers'
     every_n_layers), or a flag per decoder layer. extra: other modules whose parameters train with
     it (iLoRA's router and projector). The LoRA rank, experts, form and dropout are read off the
-    adapted layers, the attention kernel and the weights' dtype off the model. full=True budgets full
-    fine-tuning (every parameter trained) for the same shapes, as the seed's "about 1 GB" estimate
-    does. On CUDA, cuBLAS's workspaces count too: cuda_workspace_bytes when given, else measured
-    (cuda_workspaces). strategy "ddp" or "fsdp" budgets `rank` of world_size processes, each at
-    bs x seq (rank_terms). shifted_logits: the loss makes logits for every position but the last
-    and frees 16-bit ones once copied to fp32 (ref_train's); False for a model's own forward, which
-    makes them for every position (transformers' loss shifts the labels) and returns them, alive
-    through its loss. input_grads: whether the first decoder layer's input requires grad (item
-    embeddings injected, enable_input_require_grads); None: as the model's forward makes it.
+    adapted layers, the attention kernel and the weights' dtype off the model. full=True budgets
+    full fine-tuning (every parameter trained) at the same shapes. On CUDA, cuBLAS's workspaces
+    count too: cuda_workspace_bytes when given, else measured (cuda_workspaces). strategy "ddp" or
+    "fsdp" budgets `rank` of world_size processes, each at bs x seq (rank_terms). shifted_logits:
+    the loss makes logits for every position but the last and frees 16-bit ones once copied to fp32
+    (ref_train's); False for a model's own forward, which makes them for every position
+    (transformers' loss shifts the labels) and returns them, alive through its loss. input_grads:
+    whether the first decoder layer's input requires grad (None: as the model's forward makes it);
     gradients_held: the phases ("forward", "backward") in which gradients made before are alive
-    (Lightning frees them after the next forward; accumulation over micro-batches keeps them).
-    adamw: AdamW's implementation, "foreach", "fused" or "single" (None: torch's default).
+    (Lightning frees them after the next forward; accumulation keeps them); input_leaf: whether the
+    embeddings' output is a leaf that requires grad; loss_held: the phases ("optimizer", "forward")
+    into which the loop holds the loss, and that leaf with it; adamw: AdamW's implementation,
+    "foreach", "fused" or "single" (None: torch's default).
 
-    Each kind of decoder layer is traced (trace_layers), "method" saying "traced"; where one cannot
-    run on meta, the per-token estimate calibrated on OPT stands (_estimated_layer), and "method"
-    says "formula: " and why."""
+    Each kind of layer is traced ("method": "traced"), else estimated per token ("formula: ", why)."""
     s = _structure(model)
     checkpointed = _per_layer(checkpointing, s["layers"])
     act = _dtype_bytes(autocast_dtype or s["weights_dtype"])
@@ -994,8 +1017,8 @@ def budget(model, *, bs, seq, checkpointing, autocast_dtype=None, loss_chunks=1,
     terms["optimizer_temporary"] = _adamw_temporary(trained, on_cuda=on_cuda, adamw=adamw, **placement)
     layer_gradients = _each_layers_gradients(model, trained, **placement)
     terms.update(_gradient_terms(model, trained, layer_gradients, traced=method == "traced", **placement))
-    terms.update({f"{phase}_held_gradients": terms["gradients"] if phase in gradients_held else 0
-                  for phase in ("forward", "backward")})
+    terms.update(_held_terms(model, layers, terms, bs=bs, seq=seq, gradients_held=gradients_held,
+                             input_leaf=input_leaf, loss_held=loss_held))
     if on_cuda and (cuda_workspace_bytes is not None or torch.cuda.is_available()):
         # (budgeting for CUDA on a machine without it, they are not known: the term is absent)
         terms["cuda_workspaces"] = (cuda_workspaces(device) if cuda_workspace_bytes is None
@@ -1024,6 +1047,7 @@ def probed(stack, phases):
                       cuda_workspace_bytes=min(untracked, default=None),
                       input_grads=seen.get("input_grads"), padded=seen.get("padded", False),
                       gradients_held=seen.get("gradients_held", ()),
+                      input_leaf=seen.get("input_leaf", False), loss_held=seen.get("loss_held", ()),
                       adamw=_adamw_implementation(stack.optimizer),
                       shifted_logits=False), None   # a model's own forward and loss: every position's logits
     except (ValueError, AttributeError, KeyError, IndexError) as e:  # not a decoder the budget can read

@@ -479,6 +479,7 @@ class _Stack:
         self.roles, self.graded, self.hooks = None, set(), []  # roles: (parameters, buffers), once a step
         self.compiled, self.config_dir = [], None  # torch.compile'd modules; a written config.json's
         self.phases_used, self.trainable, self.lm_signature = False, [], None
+        self.leaf = None   # a weak reference to the last training forward's input leaf, if any
 
     def attach(self, model, optimizer):
         self.model, self.optimizer, self.lm = model, optimizer, _language_model(model)
@@ -490,7 +491,9 @@ class _Stack:
             self.hooks.append(module.register_forward_hook(self._leave_module, always_call=True))
         if self.lm is not None:
             self.lm_signature = inspect.signature(self.lm.forward)
-            self.hooks += [self.lm.get_input_embeddings().register_forward_pre_hook(self._batch_shape),
+            embeddings = self.lm.get_input_embeddings()
+            self.hooks += [embeddings.register_forward_pre_hook(self._batch_shape),
+                           embeddings.register_forward_hook(self._embedded),
                            self.lm.register_forward_pre_hook(self._training_forward, with_kwargs=True),
                            self.lm.register_forward_hook(self.saves.model_output)]
             layers = decoder_layers(self.lm) or []
@@ -549,6 +552,20 @@ class _Stack:
         held = self.seen.setdefault("gradients_held", [])
         if "forward" not in held and any(p.grad is not None for p in self.trainable):
             held.append("forward")
+        self.holding_loss("forward")
+
+    def _embedded(self, module, args, output):
+        # transformers' enable_input_require_grads makes the frozen embeddings' output a leaf that
+        # requires grad: the graph holds it, and its gradient, as long as the loop holds the loss.
+        if self._training() and isinstance(output, torch.Tensor) and output.requires_grad \
+                and output.grad_fn is None:
+            self.seen["input_leaf"], self.leaf = True, weakref.ref(output)
+
+    def holding_loss(self, phase):
+        """Note that the loop holds the last step's loss into `phase`, if its input leaf is alive."""
+        held = self.seen.setdefault("loss_held", [])
+        if phase not in held and self.leaf is not None and self.leaf() is not None:
+            held.append(phase)
 
     def _first_layer(self, module, args, kwargs):
         # Whether the first training forward's first decoder layer takes an input that requires grad
@@ -776,6 +793,8 @@ class Probe:
             self._started = time.perf_counter()
         self._new_window()
         self._tag_roles(again=first)
+        if name == "optimizer":
+            self._stack.holding_loss(name)
 
     def _new_window(self):
         """The next phase's peak is measured from here, by the tracker and by CUDA's allocator."""

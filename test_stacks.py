@@ -344,6 +344,33 @@ def test_gradients_lightning_keeps_through_the_next_forward_are_budgeted_there(t
     assert report["config"]["not_reproduced"] == ["modules_to_save (lm_head)"]   # (no accumulation)
 
 
+@pytest.mark.parametrize("loss_kept", [True, False])
+def test_the_embeddings_leaf_checkpointing_makes_is_budgeted_while_the_loop_holds_the_loss(loss_kept):
+    # transformers 5's enable_input_require_grads makes the frozen embeddings' output a leaf that
+    # requires grad: the graph holds it, and its gradient, for as long as the loop holds the loss
+    # (a loop that keeps it to the next step: forward +3 leaves, backward +1, optimizer +2)
+    model = peft_opt(ckpt=True)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    bs, seq, hidden = 4, 128, TINY_OPT["hidden_size"]
+    with memcheck.Probe(model, optimizer) as probe:
+        for ids in token_batches(3, bs=bs, seq=seq):
+            with probe.phase("forward"):
+                loss = model(input_ids=ids, labels=ids).loss
+            with probe.phase("backward"):
+                loss.backward()
+            if not loss_kept:
+                del loss
+            with probe.phase("optimizer"):
+                optimizer.step()
+                optimizer.zero_grad()
+            probe.step()
+    report = probe.report()
+    leaf_bytes = bs * seq * hidden * 4
+    for phase in ("forward", "backward", "optimizer"):
+        excess = report["phases"][phase]["peak_bytes"] - report["budget"]["phases"][phase]
+        assert abs(excess) < leaf_bytes / 4, (phase, excess / leaf_bytes)
+
+
 @pytest.mark.parametrize("accumulation", [1, 2])
 def test_a_trained_head_under_the_hf_trainer_is_budgeted_in_every_phase(tmp_path, accumulation):
     # PEFT's modules_to_save=["lm_head"]: its gradient held from one micro-batch to the next (at 2,
