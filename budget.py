@@ -588,7 +588,6 @@ def _fsdp_terms(groups, trained, world, rank):
         "params": sum(s[0] for s in sizes),                # this rank's shards, padded
         "trainable_params": sum(t[1] for t in trains),
         "gradients": sum(t[0] for t in trains),            # views of reduce-scatter's outputs
-        "optimizer_state": 2 * sum(t[1] for t in trains),
         "gathered_root_params": sizes[-1][2],
         "gathered_layer_params": max((s[2] for s in sizes[:-1]), default=0),
         # a group's gradients whole, copied into one flat input, and its shard of the output
@@ -677,6 +676,31 @@ def _adamw_temporary(trained, *, on_cuda, adamw=None, **placement):
     return 2 * max((_held_bytes([p], padded=False, **placement) for p in trained), default=0)
 
 
+# torch.optim's optimizers: state tensors the size of each parameter they step, from a group's options
+_STATES = {"Adam": lambda group: 2 + bool(group.get("amsgrad")), "Adadelta": 2, "Adagrad": 1,
+           "Adamax": 2, "ASGD": 1, "NAdam": 2, "RAdam": 2, "Rprop": 2,
+           "RMSprop": lambda group: 1 + (group.get("momentum", 0) != 0) + bool(group.get("centered")),
+           "SGD": lambda group: int(group.get("momentum", 0) != 0)}
+_STATES["AdamW"] = _STATES["Adam"]
+
+
+def optimizer_states(optimizer):
+    """How many times its trained parameters' bytes an optimizer keeps as state: by its class and
+    first group's options for torch's own (seen through accelerate's wrapper, as the HF Trainer
+    holds it); for another, as its state after a step holds (Adafactor keeps row and column
+    factors); AdamW's 2 for none given, or another before its first step."""
+    optimizer = getattr(optimizer, "optimizer", optimizer)
+    if optimizer is None:
+        return 2
+    states = _STATES.get(type(optimizer).__name__)
+    if states is not None and type(optimizer).__module__.startswith("torch.optim"):
+        return states(optimizer.param_groups[0]) if callable(states) else states
+    stepped = [(p, state) for p, state in optimizer.state.items() if state]
+    kept = sum(t.nbytes for _, state in stepped for t in state.values()
+               if isinstance(t, torch.Tensor) and t.dim() > 0)
+    return kept / sum(p.nbytes for p, _ in stepped) if stepped else 2
+
+
 def _adamw_implementation(optimizer):
     """"fused", "foreach" or "single", as a torch Adam or AdamW was made (seen through accelerate's
     wrapper, as the HF Trainer holds it); None: its default, or another optimizer."""
@@ -687,6 +711,13 @@ def _adamw_implementation(optimizer):
     if defaults.get("fused"):
         return "fused"
     return None if defaults.get("foreach") is None else "foreach" if defaults["foreach"] else "single"
+
+
+def _optimizer_terms(optimizer, trained, trainable_bytes, *, on_cuda, **placement):
+    """The optimizer's state and its step's temporary, in bytes on this rank."""
+    return {"optimizer_state": round(optimizer_states(optimizer) * trainable_bytes),
+            "optimizer_temporary": _adamw_temporary(trained, on_cuda=on_cuda, **placement,
+                                                    adamw=_adamw_implementation(optimizer))}
 
 
 # ---------------------------------------------------------------- the budget
@@ -774,7 +805,6 @@ def _terms(s, layers, *, bs, seq, act, mask, full, checkpointed, loss_chunks, tr
         "params": param_bytes,
         "trainable_params": trainable_bytes,
         "gradients": trainable_bytes,
-        "optimizer_state": 2 * trainable_bytes,
         "activations_per_layer": layer["saved"],
         "backward_temporaries_per_layer": layer["backward"],
         "shared_layer_inputs": shared,
@@ -972,28 +1002,27 @@ def _layers(model, s, *, bs, seq, act, mask, full, padded, casts_weights, autoca
 def budget(model, *, bs, seq, checkpointing, autocast_dtype=None, loss_chunks=1, device="cpu",
            extra=(), full=False, padded=False, cuda_workspace_bytes=None, strategy="none",
            world_size=1, rank=0, shifted_logits=True, input_grads=None, gradients_held=(),
-           input_leaf=False, loss_held=(), adamw=None):
+           input_leaf=False, loss_held=(), optimizer=None):
     """Predict training memory from a model and the run's shapes; every term in bytes.
 
-    model: the causal LM with its adapters (any device, the meta device included: nothing is
-    allocated). checkpointing: True, False, N (every N-th decoder layer, as transformers'
-    every_n_layers), or a flag per decoder layer. extra: other modules whose parameters train with
-    it (iLoRA's router and projector). The LoRA rank, experts, form and dropout are read off the
-    adapted layers, the attention kernel and the weights' dtype off the model. full=True budgets
-    full fine-tuning (every parameter trained) at the same shapes. On CUDA, cuBLAS's workspaces
-    count too: cuda_workspace_bytes when given, else measured (cuda_workspaces). strategy "ddp" or
-    "fsdp" budgets `rank` of world_size processes, each at bs x seq (rank_terms). shifted_logits:
-    the loss makes logits for every position but the last and frees 16-bit ones once copied to fp32
-    (ref_train's); False for a model's own forward, which makes them for every position
-    (transformers' loss shifts the labels) and returns them, alive through its loss. input_grads:
-    whether the first decoder layer's input requires grad (None: as the model's forward makes it);
-    gradients_held: the phases ("forward", "backward") in which gradients made before are alive
-    (Lightning frees them after the next forward; accumulation keeps them); input_leaf: whether the
-    embeddings' output is a leaf that requires grad; loss_held: the phases ("optimizer", "forward")
-    into which the loop holds the loss, and that leaf with it; adamw: AdamW's implementation,
-    "foreach", "fused" or "single" (None: torch's default).
-
-    Each kind of layer is traced ("method": "traced"), else estimated per token ("formula: ", why)."""
+    model: the causal LM with its adapters, on any device (meta: nothing is allocated).
+    checkpointing: True, False, N (every N-th decoder layer, as transformers' every_n_layers), or a
+    flag per decoder layer. extra: other modules whose parameters train with it (iLoRA's router and
+    projector). The LoRA rank, experts, form and dropout are read off the adapted layers, the
+    attention kernel and the weights' dtype off the model. full=True: full fine-tuning (every
+    parameter trained). On CUDA, cuBLAS's workspaces count too: cuda_workspace_bytes when given,
+    else measured (cuda_workspaces). strategy "ddp" or "fsdp" budgets `rank` of world_size
+    processes, each at bs x seq (rank_terms). shifted_logits: the loss makes logits for every
+    position but the last and frees 16-bit ones once copied to fp32 (ref_train's); False for a
+    model's own forward, which makes them for every position (transformers' loss shifts the labels)
+    and returns them, alive through its loss. input_grads: whether the first decoder layer's input
+    requires grad (None: as the model's forward makes it); gradients_held: the phases ("forward",
+    "backward") in which gradients made before are alive (Lightning frees them after the next
+    forward; accumulation keeps them); input_leaf: whether the embeddings' output is a leaf that
+    requires grad; loss_held: the phases ("optimizer", "forward") into which the loop holds the
+    loss, and that leaf with it; optimizer: the one the run steps, read for its state
+    (optimizer_states) and its step's temporary (None: torch's AdamW). Each kind of layer is traced
+    ("method": "traced"), else estimated per token ("formula: ", why)."""
     s = _structure(model)
     checkpointed = _per_layer(checkpointing, s["layers"])
     act = _dtype_bytes(autocast_dtype or s["weights_dtype"])
@@ -1014,7 +1043,8 @@ def budget(model, *, bs, seq, checkpointing, autocast_dtype=None, loss_chunks=1,
                    param_bytes=sum(by_dtype.values()), positions=seq - 1 if shifted_logits else seq)
     placement = dict(strategy=strategy, world_size=world_size, rank=rank)
     terms.update(rank_terms(model, extra, {id(p) for p in trained}, **placement))
-    terms["optimizer_temporary"] = _adamw_temporary(trained, on_cuda=on_cuda, adamw=adamw, **placement)
+    terms.update(_optimizer_terms(optimizer, trained, terms["trainable_params"], on_cuda=on_cuda,
+                                  **placement))
     layer_gradients = _each_layers_gradients(model, trained, **placement)
     terms.update(_gradient_terms(model, trained, layer_gradients, traced=method == "traced", **placement))
     terms.update(_held_terms(model, layers, terms, bs=bs, seq=seq, gradients_held=gradients_held,
@@ -1048,7 +1078,7 @@ def probed(stack, phases):
                       input_grads=seen.get("input_grads"), padded=seen.get("padded", False),
                       gradients_held=seen.get("gradients_held", ()),
                       input_leaf=seen.get("input_leaf", False), loss_held=seen.get("loss_held", ()),
-                      adamw=_adamw_implementation(stack.optimizer),
+                      optimizer=stack.optimizer,
                       shifted_logits=False), None   # a model's own forward and loss: every position's logits
     except (ValueError, AttributeError, KeyError, IndexError) as e:  # not a decoder the budget can read
         return None, (f"no budget: the budget cannot read {type(stack.lm).__name__} "

@@ -607,7 +607,8 @@ class _Stack:
                   "autocast": self.seen.get("autocast"),
                   "checkpointing_enabled": bool(_checkpointed_layers(self.model)),
                   "checkpointing": _checkpointing(self.checkpointing()), **_adapters(self.model),
-                  "not_reproduced": _not_reproduced(self.model, self.lm, self.seen)}
+                  "optimizer": _optimizer_kind(self.optimizer)}
+        config["not_reproduced"] = _not_reproduced(self.model, self.lm, self.seen, config["optimizer"])
         world_size = rank_and_world()[1]
         if world_size > 1:
             config.update(strategy=_strategy(self.model), world_size=world_size)
@@ -1043,9 +1044,21 @@ def _adapters(model):
             "lora_dtype": lora_dtype}
 
 
-def _not_reproduced(model, lm, seen):
+def _optimizer_kind(optimizer):
+    """The optimizer's class (through accelerate's wrapper, as the HF Trainer holds it), and
+    amsgrad, which adds a state."""
+    optimizer = getattr(optimizer, "optimizer", optimizer)
+    if optimizer is None:
+        return None
+    amsgrad = any(group.get("amsgrad") for group in getattr(optimizer, "param_groups", []))
+    return type(optimizer).__name__ + (" (amsgrad)" if amsgrad else "")
+
+
+def _not_reproduced(model, lm, seen, optimizer):
     """What a probed stack does that ref_train.py has no flag for: its baseline leaves it out."""
     found = []
+    if optimizer not in (None, "Adam", "AdamW"):
+        found.append(f"optimizer {optimizer} (the reference steps AdamW)")
     if any(any(getattr(m, "use_dora", {}).values()) for m in model.modules()):
         found.append("DoRA")
     found += [f"modules_to_save ({name.rpartition('.')[2]})" for name, m in model.named_modules()

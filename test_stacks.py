@@ -389,6 +389,38 @@ def test_a_trained_head_under_the_hf_trainer_is_budgeted_in_every_phase(tmp_path
     assert (held in report["config"]["not_reproduced"]) == (accumulation > 1)
 
 
+def _adafactor(params):
+    from transformers.optimization import Adafactor
+    return Adafactor(params, lr=1e-3, relative_step=False, scale_parameter=False)
+
+
+@pytest.mark.parametrize("make, states", [
+    (lambda params: torch.optim.AdamW(params, lr=1e-3), 2),
+    (lambda params: torch.optim.Adam(params, lr=1e-3, amsgrad=True), 3),
+    (lambda params: torch.optim.SGD(params, lr=1e-3, momentum=0.9), 1),
+    (lambda params: torch.optim.SGD(params, lr=1e-3), 0),
+    (lambda params: torch.optim.RMSprop(params, lr=1e-3, momentum=0.9, centered=True), 3),
+    (_adafactor, 0),   # (row and column factors: 2% of the parameters here)
+], ids=["AdamW", "Adam-amsgrad", "SGD-momentum", "SGD", "RMSprop-centered", "Adafactor"])
+def test_the_budget_keeps_the_state_the_optimizer_keeps_and_the_baseline_says_it_steps_adamw(make, states):
+    # the budget kept AdamW's two states for every optimizer: amsgrad read "1.1x, the excess is in
+    # optimizer state", SGD "0.78x, the budget overcounts" (rank 64 on every linear)
+    from peft import LoraConfig, get_peft_model
+    model = get_peft_model(tiny_llama(), LoraConfig(r=64, lora_alpha=8, target_modules="all-linear"))
+    optimizer = make([p for p in model.parameters() if p.requires_grad])
+    with memcheck.Probe(model, optimizer) as probe:
+        user_loop(probe, model, optimizer, token_batches(3, bs=2, seq=64))
+    report = probe.report()
+    assert report["peak_bytes"] / report["budget"]["peak_bytes"] == pytest.approx(1, abs=0.005)
+    trainable = report["categories"]["trainable_params"]
+    measured = report["categories"]["optimizer_state"]
+    assert measured / trainable == pytest.approx(states, abs=0.03)
+    assert report["budget"]["categories"]["optimizer_state"] == pytest.approx(measured, rel=0.01, abs=1)
+    kind = report["config"]["optimizer"]
+    assert (report["config"].get("not_reproduced") or []) == (
+        [] if kind == "AdamW" else [f"optimizer {kind} (the reference steps AdamW)"])
+
+
 @pytest.mark.parametrize("lora, left_out", [
     (dict(use_dora=True), "DoRA"), (dict(modules_to_save=["lm_head"]), "modules_to_save (lm_head)"),
     (dict(layers_to_transform=[1]), "adapters on 1 of 2 decoder layers"), ({}, None)],
