@@ -6,6 +6,7 @@ nothing is allocated, and any architecture that runs on meta is budgeted as it r
 per-token estimate calibrated on OPT stands. Needs torch and memcheck.py, nothing else.
 """
 import contextlib
+import copy
 import inspect
 import sys
 import weakref
@@ -402,13 +403,14 @@ def _layer_inputs(model, state, ids, inputs, autocast_dtype, device, weights, in
     return calls, captured["held"], captured.get("embedded") != captured["first"]
 
 
-def _without_cache(args, kwargs, hidden):
-    """A captured call without the KV cache, which by now holds the other layers' keys and values,
-    its hidden states a new meta leaf as described: (args, kwargs, hidden states)."""
-    args = tuple(None if _is_cache(a) else a for a in args)
-    kwargs = {k: None if _is_cache(v) else v for k, v in kwargs.items()}
+def _for_trace(args, kwargs, hidden, cache):
+    """A captured call with `cache` (an empty KV cache, or None) for the one it took, which by now
+    holds the other layers' keys and values, its hidden states a new meta leaf as described: (args,
+    kwargs, hidden states)."""
+    args = tuple(cache if _is_cache(a) else a for a in args)
+    kwargs = {k: cache if _is_cache(v) else v for k, v in kwargs.items()}
     if "use_cache" in kwargs:
-        kwargs["use_cache"] = False
+        kwargs["use_cache"] = cache is not None
     shape, dtype, requires_grad = hidden
     hidden = torch.empty(shape, dtype=dtype, device="meta").requires_grad_(requires_grad)
     if args:
@@ -416,6 +418,30 @@ def _without_cache(args, kwargs, hidden):
     else:
         kwargs["hidden_states"] = hidden
     return args, kwargs, hidden
+
+
+def _empty_cache(model, calls):
+    """An empty KV cache of the kind the model's forward made (None where it made none, or one this
+    cannot make again)."""
+    made = next((v for args, kwargs, _ in calls for v in (*args, *kwargs.values()) if _is_cache(v)), None)
+    try:
+        return None if made is None else type(made)(config=model.config)
+    except TypeError:
+        return None
+
+
+def _unsaved_in_cache(args, kwargs, saved):
+    """The bytes of the keys and values a call's KV cache holds that are not `saved` (by storage):
+    a layer with nothing to train saves none of them."""
+    held = {t.untyped_storage()._cdata: t.untyped_storage().nbytes() for v in (*args, *kwargs.values())
+            if _is_cache(v) for t in _cache_tensors(v) if t.device.type == "meta"}
+    return sum(n for key, n in held.items() if key not in saved)
+
+
+def _renewed(args, kwargs):
+    """The call with a copy of its empty KV cache: each run of a layer fills its own."""
+    renew = lambda v: copy.deepcopy(v) if _is_cache(v) else v
+    return tuple(map(renew, args)), {k: renew(v) for k, v in kwargs.items()}
 
 
 def _with_padding_mask(layer, args, kwargs, hidden):
@@ -435,13 +461,13 @@ def _run_layer(layer, layer_state, call, inputs, autocast_dtype, device, weights
     through the layer; "saved": unique bytes saved for backward, the layer's input included,
     parameters and the inputs every layer shares (masks, rotary tables) not; "saved_input": the part
     of it that is the layer's input (under checkpointing, the input kept); "weight_copies": the part
-    of it that is autocast's copies of weights; "dropout_noise": the part that is dropout's noise (on
-    meta, as on CPU, dropout multiplies by a noise tensor of the input's dtype; CUDA's fused kernel
-    keeps a bool mask instead, of "dropout_noise_numel" bytes); "hidden_bytes": the layer input's
-    element size; "backward": the backward's peak above what it starts with; "forward": the
+    of it that is autocast's copies of weights; "dropout_noise": the part that is dropout's noise
+    (on meta, as on CPU, dropout multiplies by a noise tensor of the input's dtype; CUDA's fused
+    kernel keeps a bool mask instead, of "dropout_noise_numel" bytes); "hidden_bytes": the layer
+    input's element size; "backward": the backward's peak above what it starts with; "forward": the
     forward's peak, its temporaries included; "forward_unsaved": the same in a forward that saves
     nothing, as checkpointing's first; "shared_inputs": the shared inputs' bytes; "shared_saved":
-    the storages of those the layer saves}."""
+    the storages of those the layer saves; "cache_unsaved": what a KV cache keeps of it unsaved}."""
     args, kwargs, hidden = call
     shared = set(inputs) | weights
     tracker, forward, shared_saved = Tracker("meta"), Tracker("meta"), set()
@@ -460,12 +486,13 @@ def _run_layer(layer, layer_state, call, inputs, autocast_dtype, device, weights
     # first as checkpointing runs it (what it would save is let go at once), then as backward needs
     unsaved, (kernels, cast) = Tracker("meta"), _as_run(autocast_dtype, device, weights)
     with torch.autograd.graph.saved_tensors_hooks(lambda t: None, lambda t: t), kernels, cast, unsaved:
-        torch.func.functional_call(_Unwrapped(layer), layer_state, args, kwargs)
+        torch.func.functional_call(_Unwrapped(layer), layer_state, *_renewed(args, kwargs))
     kernels, cast = _as_run(autocast_dtype, device, weights)
+    renewed = _renewed(args, kwargs)
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), kernels, cast, forward:
-        out = torch.func.functional_call(_Unwrapped(layer), layer_state, args, kwargs)
+        out = torch.func.functional_call(_Unwrapped(layer), layer_state, *renewed)
     out = out if isinstance(out, torch.Tensor) else out[0]
-    saved = tracker.live_bytes
+    saved, cache_unsaved = tracker.live_bytes, _unsaved_in_cache(*renewed, saved=tracker.live)
     saved_input = getattr(tracker.live.get(hidden.untyped_storage()._cdata), "nbytes", 0)
     copies = (sum(r.nbytes for k, r in tracker.live.items() if k in cast.weight_copies)
               if autocast_dtype is not None else 0)
@@ -486,7 +513,8 @@ def _run_layer(layer, layer_state, call, inputs, autocast_dtype, device, weights
             "forward_unsaved": unsaved.peak_bytes,
             "shared_inputs": sum(t.untyped_storage().nbytes() for k, t in inputs.items()
                                  if k not in weights),
-            "shared_saved": shared_saved, "backward": tracker.peak_bytes - start}
+            "shared_saved": shared_saved, "backward": tracker.peak_bytes - start,
+            "cache_unsaved": cache_unsaved}
 
 
 def _kinds(model, state, calls):
@@ -501,7 +529,7 @@ def _kinds(model, state, calls):
 
 
 def trace_layers(model, *, bs, seq, full=False, autocast_dtype=None, device="cpu", padded=False,
-                 input_grads=None):
+                 input_grads=None, kv_cache=False):
     """What each decoder layer keeps for backward, and what its backward needs on top, in bytes: a
     dict per layer, traced once for each kind of layer (alike in their class, parameters, which of
     them train, and their input), which its layers share.
@@ -513,26 +541,25 @@ def trace_layers(model, *, bs, seq, full=False, autocast_dtype=None, device="cpu
     (_AutocastOnMeta, with the device's policies). A gated LoRA layer gets a meta gate; full=True
     trains every parameter; padded=True gives the layers the bool mask transformers makes for a
     batch with padding (the model's forward before them runs without one); input_grads: whether
-    the first layer's input requires grad (None: as the model's forward from token ids makes it).
+    the first layer's input requires grad (None: as the model's forward from token ids makes it);
+    kv_cache: whether the run's forward makes a KV cache, each layer then traced with an empty one
+    (which keeps copies of keys and values: a fused projection's output is then not saved whole).
 
     Each dict: its kind's figures (_run_layer's), and the model's, the same in every dict:
     {"shared_inputs": what the model makes once for every layer (masks, rotary tables), which
-    checkpointing keeps as inputs;
-    "shared_saved": the part of it that the layers save; "model_held": what the model's forward
-    made before its layers and holds as the last starts, those and the embeddings' outputs (OPT's
-    position embeddings too), the first layer's input aside; "outputs_held": what the layers before
-    made and it still holds, the layer's input and the KV cache aside (Bloom's attention weights);
-    "embeddings_apart": whether the embeddings' output is apart from the first layer's input}.
-    Raises what the model raises when it cannot run on meta (an op that reads values).
-    """
+    checkpointing keeps as inputs; "shared_saved": the part of it that the layers save;
+    "model_held": what the model's forward made before its layers and holds as the last starts,
+    those and the embeddings' outputs (OPT's position embeddings too), the first layer's input
+    aside; "outputs_held": what the layers before made and it still holds, the layer's input and the
+    KV cache aside (Bloom's attention weights); "embeddings_apart": whether the embeddings' output
+    is apart from the first layer's input}. Raises what the model raises where it cannot run on meta."""
     layers = decoder_layers(model)
     if layers is None:
         raise ValueError(f"{type(model).__name__}: no list of decoder layers found")
     state = {n: _on_meta(t, True if full else None) for n, t in model.named_parameters()}
     state.update((n, _on_meta(t)) for n, t in model.named_buffers())
     weights = {t.untyped_storage()._cdata for t in state.values()}
-    # One gate for every layer, as the router makes it, which trains: what multiplies it is saved
-    # for its gradient.
+    # one gate for every layer, as the router makes it: it trains, so what multiplies it is saved
     gated = [m for m in layers.modules() if getattr(m, "n_experts", 1) > 1 and hasattr(m, "base")]
     gate = torch.empty(bs, gated[0].n_experts, device="meta", requires_grad=True) if gated else None
     inputs = {gate.untyped_storage()._cdata: gate} if gated else {}
@@ -543,10 +570,11 @@ def trace_layers(model, *, bs, seq, full=False, autocast_dtype=None, device="cpu
             ids = torch.zeros(bs, seq, dtype=torch.long, device="meta")
             calls, (model_held, outputs_held), embeddings_apart = _layer_inputs(
                 model, state, ids, inputs, autocast_dtype, device, weights, input_grads)
+            cache = _empty_cache(model, calls) if kv_cache else None
             kinds, per_layer = {}, []
             for layer, call, (kind, layer_state) in zip(layers, calls, _kinds(model, state, calls)):
                 if kind not in kinds:
-                    kinds[kind] = _run_layer(layer, layer_state, _without_cache(*call), inputs,
+                    kinds[kind] = _run_layer(layer, layer_state, _for_trace(*call, cache), inputs,
                                              autocast_dtype, device, weights, padded)
                 per_layer.append(kinds[kind])
     finally:
@@ -770,7 +798,7 @@ def _estimated_layer(s, *, bs, seq, act, mask, full, casts_weights):
             "weight_copies": copies,
             "backward": tokens * act * (s["ffn"] + 2 * h), "forward": 0, "forward_unsaved": 0,
             "model_held": 0, "outputs_held": 0, "shared_inputs": 0, "shared_saved": 0,
-            "embeddings_apart": True, "saved_input": tokens * h * act,
+            "embeddings_apart": True, "cache_unsaved": 0, "saved_input": tokens * h * act,
             "hidden_bytes": act, "lora_per_token": lora_per_token}
 
 
@@ -785,6 +813,7 @@ def _traced_layer(traced, *, on_cuda):
             "forward_unsaved": traced["forward_unsaved"],
             "model_held": traced["model_held"], "outputs_held": traced["outputs_held"],
             "embeddings_apart": traced["embeddings_apart"], "hidden_bytes": traced["hidden_bytes"],
+            "cache_unsaved": traced["cache_unsaved"],
             "shared_inputs": traced["shared_inputs"], "shared_saved": traced["shared_saved"]}
 
 
@@ -813,6 +842,8 @@ def _terms(s, layers, *, bs, seq, act, mask, full, checkpointed, loss_chunks, tr
                                             if lora["impl"] == "einsum" and lora["experts"] > 1 and not full
                                             else 0),
         "attention_mask_per_layer": layer["attention_mask"],
+        # keys and values the forward's KV cache keeps that no layer saves (layers with nothing to train)
+        "kv_cache_unsaved": sum(l["cache_unsaved"] for l in layers),
         "dropout_masks_per_layer": tokens * ((2 * h * mask if s["dropout"] > 0 else 0)
                                              + (sum(d for d, _ in adapted.values()) * mask
                                                 if not full and lora["dropout"] > 0 else 0)),
@@ -853,7 +884,8 @@ def _layers_forward(layers, *, training, gathered, hidden, checkpointed):
         # the outputs the loop keeps of the layer before, saved by it unless it is checkpointed
         kept = layer["outputs_held"] if i and checkpointed[i - 1] else 0
         peak = max(peak, held_before + hidden + kept + own)
-        held_before += hidden if recomputed else layer["saved"] + layer["weight_copies"]
+        held_before += ((hidden if recomputed else layer["saved"] + layer["weight_copies"])
+                        + layer["cache_unsaved"])
     return training + 2 * gathered + layers[-1]["model_held"] + peak
 
 
@@ -926,7 +958,8 @@ def _phases(terms, layers, layer_gradients, *, tokens, h, checkpointed, loss_chu
         forward_peak = (in_forward + saved + hidden + terms["logits"] + terms["logits_16bit"]
                         + terms["loss_forward_buffers"])
         backward_start = training + gathered + saved + 2 * kept
-    forward_peak += terms["input_leaf"]   # (inside the layers, the model's forward holds it anyway)
+    # (inside the layers, the model's forward holds the leaf anyway; the output holds the cache)
+    forward_peak += terms["input_leaf"] + terms["kv_cache_unsaved"]
     forward_peak = max(forward_peak, _layers_forward(layers, training=in_forward, gathered=gathered,
                                                      hidden=hidden, checkpointed=checkpointed))
     if root:
@@ -964,9 +997,10 @@ def _categories(terms, phases, peak_phase, loss_chunks):
 
 
 def _layers(model, s, *, bs, seq, act, mask, full, padded, casts_weights, autocast_dtype, device,
-            input_grads):
+            **seen):
     """(each decoder layer's figures, how they were had): traced, else the per-token estimate.
-    Layers of one kind share one dict."""
+    Layers of one kind share one dict. seen: what trace_layers takes of the run (input_grads,
+    kv_cache)."""
     estimated = _estimated_layer(s, bs=bs, seq=seq, act=act, mask=mask, full=full,
                                  casts_weights=casts_weights)
     padded = padded and s["attn"] == "sdpa"
@@ -976,7 +1010,7 @@ def _layers(model, s, *, bs, seq, act, mask, full, padded, casts_weights, autoca
     for masked in (True, False) if padded else (False,):
         try:
             traced, bias_traced = trace_layers(model, bs=bs, seq=seq, full=full, device=device, padded=masked,
-                                               autocast_dtype=autocast_dtype, input_grads=input_grads), masked
+                                               autocast_dtype=autocast_dtype, **seen), masked
             method = "traced"
             break
         except Exception as e:
@@ -1002,27 +1036,27 @@ def _layers(model, s, *, bs, seq, act, mask, full, padded, casts_weights, autoca
 def budget(model, *, bs, seq, checkpointing, autocast_dtype=None, loss_chunks=1, device="cpu",
            extra=(), full=False, padded=False, cuda_workspace_bytes=None, strategy="none",
            world_size=1, rank=0, shifted_logits=True, input_grads=None, gradients_held=(),
-           input_leaf=False, loss_held=(), optimizer=None):
+           input_leaf=False, loss_held=(), kv_cache=False, optimizer=None):
     """Predict training memory from a model and the run's shapes; every term in bytes.
 
     model: the causal LM with its adapters, on any device (meta: nothing is allocated).
     checkpointing: True, False, N (every N-th decoder layer, as transformers' every_n_layers), or a
-    flag per decoder layer. extra: other modules whose parameters train with it (iLoRA's router and
-    projector). The LoRA rank, experts, form and dropout are read off the adapted layers, the
-    attention kernel and the weights' dtype off the model. full=True: full fine-tuning (every
-    parameter trained). On CUDA, cuBLAS's workspaces count too: cuda_workspace_bytes when given,
-    else measured (cuda_workspaces). strategy "ddp" or "fsdp" budgets `rank` of world_size
-    processes, each at bs x seq (rank_terms). shifted_logits: the loss makes logits for every
-    position but the last and frees 16-bit ones once copied to fp32 (ref_train's); False for a
-    model's own forward, which makes them for every position (transformers' loss shifts the labels)
-    and returns them, alive through its loss. input_grads: whether the first decoder layer's input
-    requires grad (None: as the model's forward makes it); gradients_held: the phases ("forward",
-    "backward") in which gradients made before are alive (Lightning frees them after the next
-    forward; accumulation keeps them); input_leaf: whether the embeddings' output is a leaf that
-    requires grad; loss_held: the phases ("optimizer", "forward") into which the loop holds the
-    loss, and that leaf with it; optimizer: the one the run steps, read for its state
-    (optimizer_states) and its step's temporary (None: torch's AdamW). Each kind of layer is traced
-    ("method": "traced"), else estimated per token ("formula: ", why)."""
+    flag per decoder layer. extra: other modules trained with it (iLoRA's router, projector). The
+    LoRA rank, experts, form and dropout are read off the adapted layers, the attention kernel and
+    the weights' dtype off the model. full=True: full fine-tuning (every parameter trained). On
+    CUDA, cuBLAS's workspaces count too: cuda_workspace_bytes when given, else measured
+    (cuda_workspaces). strategy "ddp" or "fsdp" budgets `rank` of world_size processes, each at bs x
+    seq (rank_terms). shifted_logits: logits for every position but the last, 16-bit ones freed once
+    copied to fp32 (ref_train's loss); False: a model's own forward's, for every position, returned
+    and alive through its loss. input_grads: whether the first decoder layer's input requires grad
+    (None: as the model's forward makes it); gradients_held: the phases ("forward", "backward") in
+    which gradients made before are alive (Lightning frees them after the next forward; accumulation
+    keeps them); input_leaf: whether the embeddings' output is a leaf that requires grad; loss_held:
+    the phases ("optimizer", "forward") into which the loop holds the loss, and that leaf with it;
+    kv_cache: whether the forward makes a KV cache (use_cache in training, without checkpointing);
+    optimizer: the one the run steps, read for its state (optimizer_states) and its step's temporary
+    (None: torch's AdamW). Each kind of layer is traced ("method": "traced"), else estimated per
+    token ("formula: ", why)."""
     s = _structure(model)
     checkpointed = _per_layer(checkpointing, s["layers"])
     act = _dtype_bytes(autocast_dtype or s["weights_dtype"])
@@ -1031,7 +1065,7 @@ def budget(model, *, bs, seq, checkpointing, autocast_dtype=None, loss_chunks=1,
     casts_weights = autocast_dtype is not None and autocast_dtype != s["weights_dtype"]
     layers, method = _layers(model, s, bs=bs, seq=seq, act=act, mask=mask, full=full, padded=padded,
                              casts_weights=casts_weights, autocast_dtype=autocast_dtype, device=device,
-                             input_grads=input_grads)
+                             input_grads=input_grads, kv_cache=kv_cache)
     # (a layer that backward does not run through saves nothing, checkpointed or not)
     checkpointed = [c and layer["trains"] for c, layer in zip(checkpointed, layers)]
     params = _unique_params([model, *extra])
@@ -1078,6 +1112,7 @@ def probed(stack, phases):
                       input_grads=seen.get("input_grads"), padded=seen.get("padded", False),
                       gradients_held=seen.get("gradients_held", ()),
                       input_leaf=seen.get("input_leaf", False), loss_held=seen.get("loss_held", ()),
+                      kv_cache=seen.get("kv_cache", False),
                       optimizer=stack.optimizer,
                       shifted_logits=False), None   # a model's own forward and loss: every position's logits
     except (ValueError, AttributeError, KeyError, IndexError) as e:  # not a decoder the budget can read

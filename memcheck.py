@@ -495,7 +495,8 @@ class _Stack:
             self.hooks += [embeddings.register_forward_pre_hook(self._batch_shape),
                            embeddings.register_forward_hook(self._embedded),
                            self.lm.register_forward_pre_hook(self._training_forward, with_kwargs=True),
-                           self.lm.register_forward_hook(self.saves.model_output)]
+                           self.lm.register_forward_hook(self.saves.model_output),
+                           self.lm.register_forward_hook(self._made_cache)]
             layers = decoder_layers(self.lm) or []
             self.saves.layers = [self.names[layer] for layer in layers]
             if layers:
@@ -553,6 +554,12 @@ class _Stack:
         if "forward" not in held and any(p.grad is not None for p in self.trainable):
             held.append("forward")
         self.holding_loss("forward")
+
+    def _made_cache(self, module, args, output):
+        # A training forward that makes a KV cache (use_cache, no checkpointing) keeps copies of
+        # keys and values: the budget traces the layers with one.
+        if self._training() and getattr(output, "past_key_values", None) is not None:
+            self.seen["kv_cache"] = True
 
     def _embedded(self, module, args, output):
         # transformers' enable_input_require_grads makes the frozen embeddings' output a leaf that
