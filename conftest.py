@@ -256,10 +256,11 @@ def lightning_fit(model, callback, steps=3, return_logits=False, module_hooks=No
     trainer.fit(Module(), loader(), loader() if validate else None)
 
 
-def hf_train(model, callbacks, tmp_path, steps=3, evaluate=False, rows=None, added=False, **training):
+def hf_train(model, callbacks, tmp_path, steps=3, evaluate=False, rows=None, added=False, trainer=None,
+             **training):
     """transformers' Trainer.train() with `callbacks` (added by add_callback() if `added`); evaluate:
-    an evaluation after every step; rows: the training rows, if not token_batches'; training:
-    TrainingArguments beside the defaults."""
+    an evaluation after every step; rows: the training rows, if not token_batches'; trainer: a
+    subclass of the Trainer to run; training: TrainingArguments beside the defaults."""
     from transformers import Trainer, TrainingArguments
     evaluation = dict(eval_strategy="steps", eval_steps=1, per_device_eval_batch_size=2) if evaluate else {}
     args = TrainingArguments(**dict(dict(output_dir=str(tmp_path / "hf"), max_steps=steps,
@@ -267,8 +268,8 @@ def hf_train(model, callbacks, tmp_path, steps=3, evaluate=False, rows=None, add
                                          logging_strategy="no", use_cpu=True, disable_tqdm=True),
                                     **evaluation, **training))
     rows = rows or [{"input_ids": r, "labels": r} for batch in token_batches(steps) for r in batch]
-    trainer = Trainer(model=model, args=args, callbacks=[] if added else callbacks, train_dataset=rows,
-                      eval_dataset=rows[:2] if evaluate else None)
+    trainer = (trainer or Trainer)(model=model, args=args, callbacks=[] if added else callbacks,
+                                   train_dataset=rows, eval_dataset=rows[:2] if evaluate else None)
     for callback in callbacks if added else []:
         trainer.add_callback(callback)
     try:

@@ -290,6 +290,7 @@ def _promote(record, category):
 # ---------------------------------------------------------------- the probe: what autograd saves
 
 BETWEEN_PHASES = "between phases"
+FORWARD_BACKWARD = "forward+backward"   # the HF Trainer's one phase: no hook between them
 HELD_ONCE_SHARE, HELD_ONCE_BYTES = 0.01, MiB  # below both, memory held once is not worth a word
 COMPILE_DISABLED = ("torch.compile was off under the probe (dynamo skips every frame while its "
                     "dispatch mode is active): these figures are the eager model's, not the compiled "
@@ -377,7 +378,7 @@ class _Saves:
 
     def model_output(self, module, args, output):
         # A training forward's output, the loss aside (the loop keeps that one): output_kept's watch.
-        if self.tracker.phase != "forward":
+        if self.tracker.phase not in ("forward", FORWARD_BACKWARD):
             return
         leaves = pytree.tree_leaves({k: v for k, v in output.items() if k != "loss"}
                                     if isinstance(output, dict) else output)
@@ -820,9 +821,9 @@ class Probe:
         if name is None:
             return
         self._tag_roles(again=False)
-        if name == "forward":
+        if name in ("forward", FORWARD_BACKWARD):
             self._saves.forward_ended()
-        elif name == "backward":
+        if name in ("backward", FORWARD_BACKWARD):
             self._saves.backward_ended()
         stats = self._phase_stats()
         if name != "load":
@@ -1278,7 +1279,7 @@ def hf_callback(path, **probe_kwargs):
                 self.probe.close(error)
 
         def on_step_begin(self, args, state, control, **kwargs):
-            self.probe.begin("forward+backward")
+            self.probe.begin(FORWARD_BACKWARD)
 
         def on_pre_optimizer_step(self, args, state, control, **kwargs):
             self.probe.begin("optimizer")
@@ -1644,7 +1645,7 @@ def _modules_by_group(report):
 def _phase_peak(phases, name):
     """phases: {phase: peak bytes}; an HF Trainer's forward+backward stands for forward and backward
     (the peak of two phases taken together is the larger of their two peaks)."""
-    if name == "forward+backward" and name not in phases and ("forward" in phases or "backward" in phases):
+    if name == FORWARD_BACKWARD and name not in phases and ("forward" in phases or "backward" in phases):
         return max(phases.get("forward", 0), phases.get("backward", 0))
     return phases.get(name)
 
@@ -1718,17 +1719,19 @@ def _net_of_moves(row, places):
 
 def conclusion(a, b, rows):
     """One line: how B's peak compares with A's, where the difference is (the category, module, op),
-    and what leaks or warns."""
+    and what either side leaks or warns of."""
     x, y = a["peak_bytes"], b["peak_bytes"]
     if not x or not y:
         return "no conclusion: one side measured no training peak"
-    leaks = "".join(f"; {side} leaks {r['leak']['bytes_per_step']:,.0f} bytes per step over "
+    notes = "".join(f"; {side} leaks {r['leak']['bytes_per_step']:,.0f} bytes per step over "
                     f"{len(r['leak']['step_end_bytes'])} steps" for side, r in (("A", a), ("B", b))
                     if r["leak"]["detected"])
+    notes += "".join(f"; {side} warns {', '.join(warned)}" for side, warned
+                     in (("A", weighty_warnings(a)), ("B", weighty_warnings(b))) if warned)
     ranks = _largest_rank_excess(rows)
     if abs(y / x - 1) <= SAME_WITHIN:
-        return f"the two trainings cost the same (within 1%): {mib(x)} and {mib(y)} MiB{ranks}{leaks}"
-    sign, side = (1, "B") if y > x else (-1, "A")
+        return f"the two trainings cost the same (within 1%): {mib(x)} and {mib(y)} MiB{ranks}{notes}"
+    sign = 1 if y > x else -1
     line = f"B's peak is {y / x:.2f}x A's ({(y - x) / MiB:+.1f} MiB)"
     cats = [r for r in rows if r[0].startswith("at peak: ") and r[1] is not None and r[2] is not None]
     if cats:
@@ -1745,8 +1748,7 @@ def conclusion(a, b, rows):
                          f"({(mb - ma) / MiB:+.1f} MiB" + (f", op {op[0]})" if op else ")"))
         elif what.endswith("temporaries"):
             line += _largest_temporary(b if sign > 0 else a)
-    warned = weighty_warnings(b if sign > 0 else a)
-    return line + ranks + leaks + (f"; {side} warns {', '.join(warned)}" if warned else "")
+    return line + ranks + notes
 
 
 def diff_json(a, b):

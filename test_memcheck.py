@@ -1415,6 +1415,18 @@ def test_the_conclusion_names_the_heavier_sides_largest_temporary_and_warnings(h
                          f"float32 from mm in lm_head; {heavier} warns output_kept 40.0 MiB"), said
 
 
+def test_the_conclusion_names_either_sides_warnings_where_the_peaks_are_the_same():
+    # an evaluation without no_grad between training steps: the training peak unchanged, its
+    # grad_in_eval was named only beside an excess
+    clean = holding({}, activations=100)
+    warned = holding({"warnings": [{"kind": "grad_in_eval", "bytes": 40 * MiB, "message": "..."}]},
+                     activations=100)
+    same = "the two trainings cost the same (within 1%): 100.0 and 100.0 MiB"
+    assert concluded(clean, warned) == same + "; B warns grad_in_eval 40.0 MiB"
+    assert concluded(warned, clean) == same + "; A warns grad_in_eval 40.0 MiB"
+    assert concluded(clean, clean) == same
+
+
 def test_an_evaluation_forward_before_training_does_not_set_the_batch_shape():
     from conftest import TINY_OPT
     from transformers import OPTConfig, OPTForCausalLM

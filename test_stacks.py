@@ -604,6 +604,28 @@ def test_a_verdict_names_a_weighty_warning_and_its_tensor_shape(tmp_path):
     assert "largest temporaries: " in memcheck.format_report(report)
 
 
+@pytest.mark.parametrize("kept", [True, False], ids=["logits-kept", "clean"])
+def test_logits_a_trainer_keeps_past_its_step_are_named_and_its_clean_twin_is_silent(tmp_path, kept):
+    # the HF Trainer runs forward and backward in one phase, whose outputs were not watched: logits
+    # kept for a metric read "1.2x, the excess is in temporaries", and no warning
+    from transformers import Trainer
+
+    class Keeping(Trainer):
+        def compute_loss(self, model, inputs, return_outputs=False, **kwargs):
+            output = model(**inputs)
+            if kept:
+                self.kept_logits = output.logits
+            return (output.loss, output) if return_outputs else output.loss
+
+    path = tmp_path / "stack.json"
+    hf_train(peft_opt(), [memcheck.hf_callback(**quiet(path))], tmp_path, trainer=Keeping)
+    report = memcheck.read_report(path)
+    assert [w["kind"] for w in report["warnings"]] == (["output_kept"] if kept else [])
+    if kept:
+        assert report["warnings"][0]["shape"] == [BS, SEQ, VOCAB]
+        assert "WARNING output_kept" in memcheck.verdict(report)
+
+
 def test_the_diff_conclusion_names_a_leak_on_either_side(tmp_path):
     def loop(keep):
         model = peft_opt()
