@@ -1100,6 +1100,9 @@ def probed(stack, phases):
     its largest training batch, less what the CUDA allocator held beyond tracked tensors in
     `phases`; None, and why, before a training forward or for a model the budget cannot read)."""
     seen = stack.seen
+    if getattr(getattr(stack.lm, "config", None), "is_encoder_decoder", False):
+        return None, (f"no budget: {type(stack.lm).__name__} is an encoder-decoder model; the budget "
+                      "reads decoder-only causal LMs")
     if stack.lm is None or "bs" not in seen:
         return None, "no budget: no training forward of a Hugging Face causal LM was seen"
     untracked = [s["untracked_bytes"] for name, s in phases.items()

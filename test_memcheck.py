@@ -1293,8 +1293,10 @@ def test_a_warning_of_exactly_three_percent_of_the_peak_is_weighty_and_one_byte_
     assert memcheck.weighty_warnings(report) == [f"output_kept {memcheck.mib(three)} MiB"]
 
 
-def test_a_negative_leak_prints_as_none():
-    a, b = synthetic(1.0), synthetic(1.0, leak_per_step=-3072.0)
+def test_a_negative_leak_prints_as_none_and_growth_that_is_no_leak_as_zero():
+    # growth in a run whose report found no leak (a 4-byte evaluation loss kept from step 2 on)
+    # read "1" in the leak row
+    a, b = synthetic(1.0, leak_per_step=1.0), synthetic(1.0, leak_per_step=-3072.0)
     row = next(line for line in memcheck.format_diff(a, b).splitlines() if line.startswith("leak per step"))
     assert row.split()[4:7] == ["0", "none", "+0"], row
 

@@ -313,6 +313,21 @@ def test_a_stack_the_budget_cannot_read_is_told_why_in_its_verdict():
         "object has no attribute 'embedding_dim')")
 
 
+def test_an_encoder_decoder_is_told_it_has_no_budget_for_what_it_is():
+    # T5 and BART: the verdict said "no training forward of a Hugging Face causal LM was seen"
+    from peft import LoraConfig, get_peft_model
+    from transformers import T5Config, T5ForConditionalGeneration
+    config = T5Config(vocab_size=VOCAB, d_model=64, d_ff=128, num_layers=2, num_heads=4, d_kv=16,
+                      decoder_start_token_id=0)
+    model = get_peft_model(T5ForConditionalGeneration(config), LoraConfig(r=4, target_modules=["q", "v"]))
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    with memcheck.Probe(model, optimizer) as probe:
+        user_loop(probe, model, optimizer, token_batches(2, vocab=VOCAB))
+    assert memcheck.verdict(probe.report()) == (
+        "no budget: T5ForConditionalGeneration is an encoder-decoder model; the budget reads decoder-only "
+        "causal LMs")
+
+
 def head_trained(vocab):
     """A tiny OPT with PEFT's LoRA on q and v, and its head trained (modules_to_save)."""
     from peft import LoraConfig, get_peft_model
