@@ -681,6 +681,8 @@ class Probe:
     when the scope closes, however it closes (and as an allocation fails); begin()/end()/close() are
     the same without with-blocks, for callbacks."""
 
+    measuring = None   # the probe whose scope is open: one at a time (one's tracker hides the other's ops)
+
     def __init__(self, model=None, optimizer=None, device=None, max_memory_mib=None, config=None,
                  path=None, log=print, allocator_only=False):
         if device is None:
@@ -710,6 +712,7 @@ class Probe:
         self._stack = _Stack(self.tracker, self.device, self._saves)
         self._survivors = []             # a leak's evidence, from the last step that grew
         self._scope, self._open, self._pending = contextlib.ExitStack(), False, (model, optimizer)
+        self._within = None              # the phase a with-block holds open
 
     def _join_ranks(self):
         """This rank's report path among every rank's, from torch.distributed (again at __enter__:
@@ -724,6 +727,9 @@ class Probe:
 
     # -- scope
     def __enter__(self):
+        if Probe.measuring is not None:
+            raise ReportError(f"a memcheck Probe is measuring already (its report: {Probe.measuring.path}): "
+                              "measure with one at a time")
         self._join_ranks()
         if not self.allocator_only:
             self._scope.enter_context(self.tracker)
@@ -734,6 +740,7 @@ class Probe:
             self.attach(*self._pending)
         self._step_ended = time.perf_counter()
         self._new_window()   # a loop without phases: its step is measured from here
+        Probe.measuring = self
         return self
 
     def __exit__(self, exc_type, exc, tb):
@@ -750,6 +757,8 @@ class Probe:
         if not self._open:
             return
         self._open = False
+        if Probe.measuring is self:
+            Probe.measuring = None
         try:
             self.end()
         finally:  # the patched functions and hooks go back, whatever happened
@@ -781,6 +790,10 @@ class Probe:
     @contextlib.contextmanager
     def phase(self, name):
         """Measure the code inside as phase `name` (forward, backward, optimizer, or your own)."""
+        if self._within is not None:   # (an inner phase would end the outer one where it began)
+            raise ReportError(f"phase {name!r} inside phase {self._within!r}: phases do not nest; "
+                              f"end {self._within!r} first, or measure the two as one")
+        self._within = name
         self.begin(name)
         try:
             yield
@@ -789,6 +802,7 @@ class Probe:
                 self._record_oom(e)
             raise
         finally:
+            self._within = None
             self.end()
 
     def begin(self, name):

@@ -373,6 +373,32 @@ def test_the_probe_does_not_change_what_it_measures(pattern):
     assert not probe.report()["leak"]["detected"]  # ... and the probe does not say it does
 
 
+def test_a_phase_inside_a_phase_is_refused_in_one_line_and_the_report_still_written(tmp_path):
+    # an inner phase ended the outer one where it began: forward read 0.7 MiB against 2.6 budgeted
+    model, optimizer = peft_opt()
+    path = tmp_path / "stack.json"
+    with pytest.raises(memcheck.ReportError, match="phase 'loss' inside phase 'forward': phases do not nest"):
+        with memcheck.Probe(model, optimizer, path=path, log=lambda *a: None) as probe:
+            with probe.phase("forward"), probe.phase("loss"):
+                model(input_ids=token_batches(1)[0])
+    assert memcheck.read_report(path)["status"] == "error"
+
+
+def test_a_probe_inside_a_probe_is_refused_and_probes_one_after_another_measure_alike(tmp_path):
+    # the outer probe's tracker saw nothing of the inner's loop: "peak: not measured", and no word
+    model, optimizer = peft_opt()
+    with memcheck.Probe(model, optimizer, path=tmp_path / "outer.json", log=lambda *a: None):
+        with pytest.raises(memcheck.ReportError, match="outer.json\\): measure with one at a time"):
+            with memcheck.Probe(model, optimizer):
+                pass
+    peaks = []
+    for _ in range(2):
+        with memcheck.Probe(model, optimizer) as probe:
+            user_loop(probe, model, optimizer, token_batches(2))
+        peaks.append(probe.report()["peak_bytes"])
+    assert peaks[1] == pytest.approx(peaks[0], abs=64)   # (AdamW's step counts: made in the first)
+
+
 def test_a_phases_figures_are_its_largest_steps_not_its_last():
     large_first, large_only = (probe_loop(batch_sizes=sizes).report() for sizes in ([512, 16], [512]))
     for phase in ("forward", "backward"):
