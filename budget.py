@@ -15,7 +15,8 @@ import torch
 import torch.utils._pytree as pytree
 
 from memcheck import (AS_EXPECTED, CATEGORIES, Tracker, _adapter, _bytes_by_dtype, _largest_temporary,
-                      _unique_params, decoder_layers, first_line, mib, weighty_warnings)
+                      _unique_params, decoder_layers, first_line, mib, unwrapped_optimizer,
+                      weighty_warnings)
 
 BUDGET_TOLERANCE = 0.10  # the budget's accuracy target: beyond it, a peak is an excess
 # Which decoder linears share an input: adapting any of them makes autograd save that input once.
@@ -376,8 +377,8 @@ def _layer_inputs(model, state, ids, inputs, autocast_dtype, device, weights, in
         if module is layers[-1]:
             # What the model's own forward made before its layers and still holds, their first
             # input aside (masks, rotary tables, OPT's embeddings and position embeddings); and
-            # what the layers made that it still holds, this layer's input and the KV cache (which
-            # training does not make) aside: the outputs beside the hidden states that the loop
+            # what the layers made that it still holds, this layer's input and the KV cache (counted
+            # apart, layer by layer) aside: the outputs beside the hidden states that the loop
             # keeps (Bloom's attention weights), which a layer that is not checkpointed saves anyway
             own = {key(hidden)} | {key(t) for v in rest if _is_cache(v) for t in _cache_tensors(v)}
             made = [(r.created <= captured["start"], r.nbytes) for k, r in tracker.live.items()
@@ -426,7 +427,7 @@ def _empty_cache(model, calls):
     made = next((v for args, kwargs, _ in calls for v in (*args, *kwargs.values()) if _is_cache(v)), None)
     try:
         return None if made is None else type(made)(config=model.config)
-    except TypeError:
+    except Exception:   # (traced without one, as before the cache was traced)
         return None
 
 
@@ -679,12 +680,15 @@ def _held_terms(model, layers, terms, *, bs, seq, gradients_held, input_leaf, lo
     """What a step holds over from the one before, in bytes. "<phase>_held_gradients": the
     gradients, in the phases gradients_held names; "input_leaf": the input embeddings' output where
     it is a leaf that requires grad (transformers' enable_input_require_grads) apart from the first
-    layer's input (which the layers count): the graph holds it through forward's end and backward;
+    layer's input (which the layers count; input_leaf "apart": known to be, as injected items make a
+    new tensor of it, else as the trace finds it): the graph holds it through forward's end and backward;
     "<phase>_held_input_leaf": that leaf and its gradient from the step before, alive as long as the
     loop holds its loss (the phases loss_held names)."""
     weight = model.get_input_embeddings().weight
     leaf = bs * seq * weight.shape[-1] * weight.element_size() if input_leaf else 0
-    return {"input_leaf": leaf if layers[-1]["embeddings_apart"] else 0,
+    apart = input_leaf == "apart" or layers[-1]["embeddings_apart"]
+    # (a held leaf and its gradient outlive the graph, whether or not a layer saved the leaf)
+    return {"input_leaf": leaf if apart else 0,
             **{f"{phase}_held_gradients": terms["gradients"] if phase in gradients_held else 0
                for phase in ("forward", "backward")},
             **{f"{phase}_held_input_leaf": 2 * leaf if phase in loss_held else 0
@@ -714,15 +718,19 @@ _STATES["AdamW"] = _STATES["Adam"]
 
 def optimizer_states(optimizer):
     """How many times its trained parameters' bytes an optimizer keeps as state: by its class and
-    first group's options for torch's own (seen through accelerate's wrapper, as the HF Trainer
-    holds it); for another, as its state after a step holds (Adafactor keeps row and column
-    factors); AdamW's 2 for none given, or another before its first step."""
-    optimizer = getattr(optimizer, "optimizer", optimizer)
+    each group's options for torch's own (groups weighed by their trained bytes); for another, as
+    its state after a step holds (Adafactor keeps row and column factors); AdamW's 2 for none
+    given, or another before its first step."""
+    optimizer = unwrapped_optimizer(optimizer)
     if optimizer is None:
         return 2
     states = _STATES.get(type(optimizer).__name__)
     if states is not None and type(optimizer).__module__.startswith("torch.optim"):
-        return states(optimizer.param_groups[0]) if callable(states) else states
+        per_group = [(states(group) if callable(states) else states,
+                      sum(p.nbytes for p in group["params"] if p.requires_grad))
+                     for group in optimizer.param_groups]
+        trained = sum(n for _, n in per_group)
+        return sum(k * n for k, n in per_group) / trained if trained else 2
     stepped = [(p, state) for p, state in optimizer.state.items() if state]
     kept = sum(t.nbytes for _, state in stepped for t in state.values()
                if isinstance(t, torch.Tensor) and t.dim() > 0)
@@ -732,7 +740,7 @@ def optimizer_states(optimizer):
 def _adamw_implementation(optimizer):
     """"fused", "foreach" or "single", as a torch Adam or AdamW was made (seen through accelerate's
     wrapper, as the HF Trainer holds it); None: its default, or another optimizer."""
-    optimizer = getattr(optimizer, "optimizer", optimizer)
+    optimizer = unwrapped_optimizer(optimizer)
     if type(optimizer).__name__ not in ("Adam", "AdamW"):
         return None
     defaults = optimizer.defaults

@@ -558,16 +558,20 @@ class _Stack:
 
     def _made_cache(self, module, args, output):
         # A training forward that makes a KV cache (use_cache, no checkpointing) keeps copies of
-        # keys and values: the budget traces the layers with one.
-        if self._training() and getattr(output, "past_key_values", None) is not None:
-            self.seen["kv_cache"] = True
+        # keys and values: the budget traces the layers with one. (transformers 5 names it "cache",
+        # and warns when it is read as past_key_values, its name before.)
+        if module.training and self._training() and isinstance(output, dict):
+            fields = getattr(type(output), "__dataclass_fields__", {})
+            if output.get("cache" if "cache" in fields else "past_key_values") is not None:
+                self.seen["kv_cache"] = True
 
     def _embedded(self, module, args, output):
         # transformers' enable_input_require_grads makes the frozen embeddings' output a leaf that
         # requires grad: the graph holds it, and its gradient, as long as the loop holds the loss.
-        if self._training() and isinstance(output, torch.Tensor) and output.requires_grad \
-                and output.grad_fn is None:
-            self.seen["input_leaf"], self.leaf = True, weakref.ref(output)
+        if self.lm.training and self._training() and isinstance(output, torch.Tensor) \
+                and output.requires_grad and output.grad_fn is None:
+            self.seen.setdefault("input_leaf", True)
+            self.leaf = weakref.ref(output)
 
     def holding_loss(self, phase):
         """Note that the loop holds the last step's loss into `phase`, if its input leaf is alive."""
@@ -581,6 +585,9 @@ class _Stack:
         hidden = args[0] if args else kwargs.get("hidden_states")
         if "bs" in self.seen and "input_grads" not in self.seen and isinstance(hidden, torch.Tensor):
             self.seen["input_grads"] = hidden.requires_grad
+            leaf = self.leaf() if self.leaf is not None else None
+            if leaf is not None and leaf.untyped_storage().data_ptr() != hidden.untyped_storage().data_ptr():
+                self.seen["input_leaf"] = "apart"   # (a tensor of its own: positions added, items injected)
 
     def tag_roles(self, adopt=False, again=True):
         """Tag parameters, buffers, gradients and optimizer state (listed again if `again`)."""
@@ -806,7 +813,8 @@ class Probe:
             self.end()
 
     def begin(self, name):
-        """Open a phase without a with-block (closing the open one); pair with end()."""
+        """Open a phase without a with-block (closing the open one, as callbacks do: unlike phase(),
+        which refuses a phase inside its own); pair with end()."""
         self.end()
         first = self._started is None
         self._phased = self._stack.phases_used = True
@@ -1066,10 +1074,14 @@ def _adapters(model):
             "lora_dtype": lora_dtype}
 
 
+def unwrapped_optimizer(optimizer):
+    """The torch optimizer in `optimizer` (accelerate's wrapper, as the HF Trainer holds it, has it)."""
+    return getattr(optimizer, "optimizer", optimizer)
+
+
 def _optimizer_kind(optimizer):
-    """The optimizer's class (through accelerate's wrapper, as the HF Trainer holds it), and
-    amsgrad, which adds a state."""
-    optimizer = getattr(optimizer, "optimizer", optimizer)
+    """The optimizer's class, and amsgrad, which adds a state (in any of its groups)."""
+    optimizer = unwrapped_optimizer(optimizer)
     if optimizer is None:
         return None
     amsgrad = any(group.get("amsgrad") for group in getattr(optimizer, "param_groups", []))

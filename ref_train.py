@@ -65,13 +65,11 @@ def checkpoint_layers(model, every=1):
 
 
 def enable_hf_checkpointing(model, reentrant=False):
-    """The model's own gradient checkpointing, under either of transformers' names.
-
-    reentrant=True reproduces older transformers and PEFT: use_reentrant=True and no hook that makes
-    the embeddings' output require grad (transformers 5 adds that hook itself, so it is removed
-    again). Then a checkpointed layer whose inputs do not require grad gives its LoRA no gradient
-    (unless the injected item embeddings bring one in), which memcheck's no_grad warning names.
-    """
+    """The model's own gradient checkpointing, under either of transformers' names. reentrant=True
+    reproduces older transformers and PEFT: use_reentrant=True and no hook that makes the embeddings'
+    output require grad (transformers 5 adds it, so it is removed again): a checkpointed layer whose
+    inputs need no gradient gives its LoRA none (unless the injected items bring one), as memcheck's
+    no_grad warning says."""
     kwargs = {"use_reentrant": reentrant}
     if hasattr(model, "activation_checkpointing_enable"):  # the name since transformers 5.x
         model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
@@ -150,16 +148,18 @@ def has_padding(batches):
 
 
 def plan(args, model=None, items=None, full=False, padded=None):
-    """The budget (budget.py) for this run; the modules are built on meta, and `padded` (whether a
-    batch has padding) read off the run's first batches, when not given."""
+    """The budget (budget.py) for this run, of modules built on meta unless given; `padded` (whether
+    a batch has padding) read off the run's first batches, when not given."""
     if model is None or args.strategy == "fsdp":  # FSDP2 runs a sharded layer only from its root
         model, items, batches, _ = build(args, meta=True)
         if padded is None:
             padded = has_padding(first_batches(args, batches))
-    return budget.budget(model, bs=args.bs, seq=args.seq, autocast_dtype=dtypes(args)[1],
+    leaf = args.ckpt == "hf" and ("apart" if args.inject_items else True)  # transformers makes one
+    return budget.budget(model, bs=args.bs, seq=args.seq, autocast_dtype=dtypes(args)[1], input_leaf=leaf,
                          checkpointing=args.ckpt != "none" and args.ckpt_every, loss_chunks=args.loss_chunks,
                          device=args.device, extra=[items], full=full, padded=bool(padded),
-                         input_grads=args.inject_items or None, **distributed.placement(args))
+                         input_grads=args.inject_items or None, loss_held=("optimizer",),
+                         **distributed.placement(args))
 
 
 # ---------------------------------------------------------------- the step

@@ -288,13 +288,14 @@ def test_fsdp2_terms_are_each_ranks_torch_chunk_shards_padded_to_the_first(tiny_
         mine = sum(chunks(p)[rank] for p in params if id(p) in trained)
         assert terms["params"] == sum(padded(g) for g in groups)             # every shard padded
         assert terms["trainable_params"] == mine                             # this rank's, unpadded
-        assert budget.optimizer_states(None) * terms["trainable_params"] == 2 * mine   # AdamW's, of it
         assert terms["gradients"] == sum(padded(g, True) for g in groups)    # reduce-scatter's padded output
         assert terms["gathered_root_params"] == world * padded(root)
         assert terms["gathered_layer_params"] == world * max(padded(g) for g in layers)
         assert terms["reduce_scatter_buffers"] == max(2 * world * padded(g, True) + padded(g, True)
                                                       for g in groups)
         placement = dict(strategy="fsdp", world_size=world, rank=rank)
+        planned = budget.budget(model, bs=1, seq=32, checkpointing=True, extra=[items], **placement)
+        assert planned["terms"]["optimizer_state"] == 2 * mine   # AdamW's two, of this rank's shards
         trained_params = [p for p in params if id(p) in trained]
         each_layers = budget._each_layers_gradients(model, trained_params, **placement)
         assert each_layers == [padded(layer, True) for layer in layers]
