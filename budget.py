@@ -1103,6 +1103,12 @@ def budget(model, *, bs, seq, checkpointing, autocast_dtype=None, loss_chunks=1,
             "categories": _categories(terms, phases, peak_phase, loss_chunks)}
 
 
+def _masked(seen):
+    """Whether the probed run's SDPA gets a mask: padding or a caller's mask, or packed sequences
+    where no KV cache is made (transformers then masks them)."""
+    return seen.get("padded") is True or (seen.get("padded") == "packed" and not seen.get("kv_cache"))
+
+
 def probed(stack, phases):
     """(the budget of the stack memcheck's probe watched (its _Stack) at the shapes and autocast of
     its largest training batch, less what the CUDA allocator held beyond tracked tensors in
@@ -1120,7 +1126,7 @@ def probed(stack, phases):
                       checkpointing=stack.checkpointing(), device=stack.device, extra=[stack.model],
                       autocast_dtype=getattr(torch, seen["autocast"]) if seen["autocast"] else None,
                       cuda_workspace_bytes=min(untracked, default=None),
-                      input_grads=seen.get("input_grads"), padded=seen.get("padded", False),
+                      input_grads=seen.get("input_grads"), padded=_masked(seen),
                       gradients_held=seen.get("gradients_held", ()),
                       input_leaf=seen.get("input_leaf", False), loss_held=seen.get("loss_held", ()),
                       kv_cache=seen.get("kv_cache", False),

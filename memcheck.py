@@ -455,8 +455,8 @@ class _Saves:
 
 def _masks_attention(signature, args, kwargs):
     """Whether a forward (of this signature) gives SDPA an explicit mask: padding in its 2-D
-    attention mask, a mask made by the caller (4-D), or position ids that restart within a row
-    (packed sequences, which transformers masks when no KV cache is made, as the HF Trainer sets it)."""
+    attention mask, a mask made by the caller (4-D), or "packed": position ids that restart within a
+    row (packed sequences, which transformers masks only where no KV cache is made)."""
     try:
         given = signature.bind_partial(*args, **kwargs).arguments
     except (TypeError, ValueError):
@@ -466,7 +466,7 @@ def _masks_attention(signature, args, kwargs):
         if isinstance(mask, torch.Tensor):
             return mask.dim() != 2 or not bool(mask.all())
         if isinstance(positions, torch.Tensor) and positions.dim() == 2:
-            return bool((positions[:, 1:] - positions[:, :-1] != 1).any())
+            return "packed" if bool((positions[:, 1:] - positions[:, :-1] != 1).any()) else False
     return False
 
 
@@ -529,6 +529,11 @@ class _Stack:
     def _training(self):
         return self.tracker.phase != "eval" and torch.is_grad_enabled()
 
+    def _training_step(self):
+        # A forward of training: in a phase, or anywhere in a loop without phases (an evaluation's
+        # between phases, with grad allowed, is none; a model trained in eval mode still trains).
+        return self._training() and (self.tracker.phase is not None or not self.phases_used)
+
     def _batch_shape(self, module, args):
         # The first training batch's shapes and autocast, then the largest (the peak's, where a
         # collator pads each batch to its longest; of equal tokens, the longest) inside a phase, or
@@ -549,8 +554,9 @@ class _Stack:
         # whether gradients live from before (Lightning frees them after forward; accumulation).
         if not self._training():
             return
-        if not self.seen.get("padded"):
-            self.seen["padded"] = _masks_attention(self.lm_signature, args, kwargs)
+        if self.seen.get("padded") is not True:   # (a padded batch outweighs a packed one)
+            masked = _masks_attention(self.lm_signature, args, kwargs)
+            self.seen["padded"] = masked or self.seen.get("padded", False)
         held = self.seen.setdefault("gradients_held", [])
         if "forward" not in held and any(p.grad is not None for p in self.trainable):
             held.append("forward")
@@ -560,7 +566,7 @@ class _Stack:
         # A training forward that makes a KV cache (use_cache, no checkpointing) keeps copies of
         # keys and values: the budget traces the layers with one. (transformers 5 names it "cache",
         # and warns when it is read as past_key_values, its name before.)
-        if module.training and self._training() and isinstance(output, dict):
+        if self._training_step() and isinstance(output, dict):
             fields = getattr(type(output), "__dataclass_fields__", {})
             if output.get("cache" if "cache" in fields else "past_key_values") is not None:
                 self.seen["kv_cache"] = True
@@ -568,8 +574,8 @@ class _Stack:
     def _embedded(self, module, args, output):
         # transformers' enable_input_require_grads makes the frozen embeddings' output a leaf that
         # requires grad: the graph holds it, and its gradient, as long as the loop holds the loss.
-        if self.lm.training and self._training() and isinstance(output, torch.Tensor) \
-                and output.requires_grad and output.grad_fn is None:
+        if self._training_step() and isinstance(output, torch.Tensor) and output.requires_grad \
+                and output.grad_fn is None:
             self.seen.setdefault("input_leaf", True)
             self.leaf = weakref.ref(output)
 

@@ -249,15 +249,16 @@ def test_batches_a_collator_pads_to_their_longest_are_budgeted_at_the_largest_wi
     assert abs(report["peak_bytes"] / report["budget"]["peak_bytes"] - 1) <= 0.01
 
 
-@pytest.mark.parametrize("given", ["by-position", "4-d", "packed"])
+@pytest.mark.parametrize("given", ["by-position", "4-d", "packed", "packed-with-a-cache"])
 def test_an_attention_mask_however_it_comes_is_budgeted(family_models, given):
     # a padded mask passed by position, a 4-D mask the caller made, or packed sequences (position
-    # ids that restart, no KV cache) each give SDPA a mask the budget left out (1.08x)
+    # ids that restart, no KV cache) each give SDPA a mask the budget left out (1.08x); packed
+    # sequences where a KV cache is made get none, which the budget counted (0.90x)
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
     torch.manual_seed(0)
     lm = AutoModelForCausalLM.from_pretrained(family_models["llama"])
-    lm.config.use_cache = False
+    lm.config.use_cache = given == "packed-with-a-cache"
     model = get_peft_model(lm, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
     padded = torch.ones(4, 128, dtype=torch.long)
@@ -276,7 +277,8 @@ def test_an_attention_mask_however_it_comes_is_budgeted(family_models, given):
     with memcheck.Probe(model, optimizer) as probe:
         phased_loop(probe, optimizer, token_batches(2, bs=4, seq=128, vocab=VOCAB), forward)
     report = probe.report()
-    assert report["budget"]["terms"]["attention_mask_per_layer"] > 0
+    masked = report["budget"]["terms"]["attention_mask_per_layer"] > 0
+    assert masked == (given != "packed-with-a-cache")
     assert abs(report["peak_bytes"] / report["budget"]["peak_bytes"] - 1) <= 0.02
 
 
@@ -480,11 +482,13 @@ def _adafactor(params):
     (lambda params: torch.optim.SGD(params, lr=1e-3), 0),
     (lambda params: torch.optim.RMSprop(params, lr=1e-3, momentum=0.9, centered=True), 3),
     (_adafactor, 0),   # (row and column factors: 2% of the parameters here)
-    (lambda params: torch.optim.Adam([{"params": params[:2]}, {"params": params[2:], "amsgrad": True}]), None),
-    (lambda params: torch.optim.SGD([{"params": params[:2], "momentum": 0.9}, {"params": params[2:]}], lr=1e-3),
+    # options in one group of two: their share of the state
+    (lambda params: torch.optim.Adam([{"params": params[:2]}, {"params": params[2:], "amsgrad": True}]),
      None),
-], ids=["AdamW", "Adam-amsgrad", "SGD-momentum", "SGD", "RMSprop-centered", "Adafactor", "Adam-amsgrad-in-a-group",
-        "SGD-momentum-in-a-group"])
+    (lambda params: torch.optim.SGD([{"params": params[:2], "momentum": 0.9}, {"params": params[2:]}],
+                                    lr=1e-3), None),
+], ids=["AdamW", "Adam-amsgrad", "SGD-momentum", "SGD", "RMSprop-centered", "Adafactor",
+        "Adam-amsgrad-in-a-group", "SGD-momentum-in-a-group"])
 def test_the_budget_keeps_the_state_the_optimizer_keeps_and_the_baseline_says_it_steps_adamw(make, states):
     # the budget kept AdamW's two states for every optimizer: amsgrad read "1.1x, the excess is in
     # optimizer state", SGD "0.78x, the budget overcounts" (rank 64 on every linear); then the first
