@@ -540,10 +540,10 @@ class _Stack:
         # anywhere in a loop without phases: an evaluation's (another batch size), or a forward
         # between phases (a callback's), never count.
         ids = args[0] if args else None
-        if self._training() and isinstance(ids, torch.Tensor) and ids.dim() == 2 \
+        if (self._training_step() or self._training() and "bs" not in self.seen) \
+                and isinstance(ids, torch.Tensor) and ids.dim() == 2 \
                 and (ids.numel(), ids.shape[1]) > (self.seen.get("bs", 0) * self.seen.get("seq", 0),
-                                                   self.seen.get("seq", 0)) \
-                and (self.tracker.phase is not None or not self.phases_used or "bs" not in self.seen):
+                                                   self.seen.get("seq", 0)):
             self.seen["bs"], self.seen["seq"] = ids.shape
             kind = self.device.type
             self.seen["autocast"] = (str(torch.get_autocast_dtype(kind)).replace("torch.", "")
