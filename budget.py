@@ -15,8 +15,8 @@ import torch
 import torch.utils._pytree as pytree
 
 from memcheck import (AS_EXPECTED, CATEGORIES, Tracker, _adapter, _bytes_by_dtype, _largest_temporary,
-                      _unique_params, decoder_layers, first_line, mib, unwrapped_optimizer,
-                      weighty_warnings)
+                      _strategy, _unique_params, decoder_layers, first_line, mib, rank_and_world,
+                      unwrapped_optimizer, weighty_warnings)
 
 BUDGET_TOLERANCE = 0.10  # the budget's accuracy target: beyond it, a peak is an excess
 # Which decoder linears share an input: adapting any of them makes autograd save that input once.
@@ -319,15 +319,24 @@ def _unpadded_on_meta():
 
 # ---------------------------------------------------------------- one decoder layer, traced on meta
 
+def _is_fsdp_hook(hook):
+    return type(getattr(hook, "__self__", None)).__name__ == "FSDPState"
+
+
 @contextlib.contextmanager
 def _training_unchecked(model):
-    """The model in train mode, transformers' own checkpointing off (the forward it wraps is what is
-    traced); both as they were afterwards."""
+    """The model in train mode, transformers' own checkpointing and FSDP2's hooks off (the forward
+    they wrap is what is traced; FSDP2's would gather the real shards); all as they were afterwards."""
     modes = [(m, m.training) for m in model.modules()]
     model.train()
     checkpointing = [m for m in model.modules() if m.__dict__.get("gradient_checkpointing") is True]
     for m in checkpointing:
         m.gradient_checkpointing = False
+    hooked = [(m, name, getattr(m, name)) for m in model.modules()
+              for name in ("_forward_pre_hooks", "_forward_hooks")
+              if any(map(_is_fsdp_hook, getattr(m, name).values()))]
+    for m, name, hooks in hooked:
+        setattr(m, name, type(hooks)((k, h) for k, h in hooks.items() if not _is_fsdp_hook(h)))
     try:
         yield
     finally:
@@ -335,6 +344,8 @@ def _training_unchecked(model):
             m.training = training
         for m in checkpointing:
             m.gradient_checkpointing = True
+        for m, name, hooks in hooked:
+            setattr(m, name, hooks)
 
 
 def _as_run(autocast_dtype, device, weights):
@@ -1109,6 +1120,13 @@ def _masked(seen):
     return seen.get("padded") is True or (seen.get("padded") == "packed" and not seen.get("kv_cache"))
 
 
+def _placement(model):
+    """The strategy, world size and rank of a probed model's process: what its budget is per rank."""
+    rank, world_size = rank_and_world()
+    strategy = _strategy(model) if world_size > 1 else "none"
+    return {"strategy": strategy, "world_size": world_size, "rank": rank}
+
+
 def probed(stack, phases):
     """(the budget of the stack memcheck's probe watched (its _Stack) at the shapes and autocast of
     its largest training batch, less what the CUDA allocator held beyond tracked tensors in
@@ -1119,6 +1137,9 @@ def probed(stack, phases):
                       "reads decoder-only causal LMs")
     if stack.lm is None or "bs" not in seen:
         return None, "no budget: no training forward of a Hugging Face causal LM was seen"
+    if any(getattr(p, "_fsdp_flattened", False) for p in stack.model.parameters()):
+        return None, ("no budget: FSDP1 (FullyShardedDataParallel) flattens the parameters and hides "
+                      "the layers' shapes; the budget reads DDP and FSDP2 (fully_shard)")
     untracked = [s["untracked_bytes"] for name, s in phases.items()
                  if name != "load" and "untracked_bytes" in s]
     try:
@@ -1130,7 +1151,7 @@ def probed(stack, phases):
                       gradients_held=seen.get("gradients_held", ()),
                       input_leaf=seen.get("input_leaf", False), loss_held=seen.get("loss_held", ()),
                       kv_cache=seen.get("kv_cache", False),
-                      optimizer=stack.optimizer,
+                      optimizer=stack.optimizer, **_placement(stack.model),
                       shifted_logits=False), None   # a model's own forward and loss: every position's logits
     except (ValueError, AttributeError, KeyError, IndexError) as e:  # not a decoder the budget can read
         return None, (f"no budget: the budget cannot read {type(stack.lm).__name__} "

@@ -1487,8 +1487,9 @@ def _report_lines(report):
         by_dtype = config.get("param_bytes_by_dtype") or {}
         dtype = max(by_dtype, key=by_dtype.get) if by_dtype else params.get("dtype", "")
         model = config.get("model_class") or config.get("model")
+        sharded = config.get("strategy") == "fsdp" and config.get("world_size", 1) > 1
         lines.append(f"the weights are {weights / peak:.0%} of the peak: {model}, {count:,} parameters, "
-                     f"{dtype}, {mib(weights)} MiB")
+                     f"{dtype}, {mib(weights)} MiB" + (" on this rank (FSDP: its shards)" if sharded else ""))
     head, lines = lines, []
     if oom:
         lines.append(f"OUT OF MEMORY in {oom['phase']} at step {oom['step']}: {oom['message']}")
@@ -1642,7 +1643,10 @@ def _largest_rank_excess(rows):
     """'; rank N has the largest excess (...)' from the rank rows, or nothing."""
     ranks = [(name, x, y) for name, x, y in rows if name.startswith("rank ") and None not in (x, y)]
     name, x, y = max(ranks, key=lambda r: r[2] - r[1], default=("", 0, 0))
-    return f"; {name.replace(' peak', '')} has the largest excess ({(y - x) / MiB:+.1f} MiB)" if y > x else ""
+    excess = f"{(y - x) / MiB:+.1f}"
+    if y <= x or excess == "+0.0":   # (one that rounds to nothing is none)
+        return ""
+    return f"; {name.replace(' peak', '')} has the largest excess ({excess} MiB)"
 
 
 # ---------------------------------------------------------------- diff
@@ -1895,7 +1899,8 @@ def main(argv=None):
         if args.json:
             print(json.dumps(diff_json(a, b), indent=1))
         else:
-            print(format_diff(a, b, os.path.basename(args.a), os.path.basename(args.b), args.markdown))
+            names = [os.path.basename(args.a), os.path.basename(args.b)]
+            print(format_diff(a, b, *(names if names[0] != names[1] else (args.a, args.b)), args.markdown))
         sys.stdout.flush()
     except ReportError as e:
         print(f"memcheck.py: error: {e}", file=sys.stderr)

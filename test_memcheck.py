@@ -12,6 +12,7 @@ import gc
 import itertools
 import json
 import os
+import shutil
 import sys
 
 import pytest
@@ -1614,6 +1615,21 @@ def test_the_rank_named_for_the_largest_excess_is_the_one_that_grew_most_not_the
     b_ranks = [holding(activations=140), holding(activations=155)]
     a, b = (dict(ranks[1], ranks=ranks) for ranks in (a_ranks, b_ranks))
     assert concluded(a, b).endswith("; rank 0 has the largest excess (+40.0 MiB)"), concluded(a, b)
+    # an excess that rounds to nothing is not one
+    b_ranks = [dict(r, peak_bytes=r["peak_bytes"] + 1000) for r in a_ranks]
+    assert concluded(a, dict(b_ranks[1], ranks=b_ranks)).startswith("the two trainings cost the same")
+    assert "largest excess" not in concluded(a, dict(b_ranks[1], ranks=b_ranks))
+
+
+def test_two_reports_of_the_same_name_are_told_apart_by_their_paths(two_runs_of_two_ranks, tmp_path, capsys):
+    for folder in ("a", "b"):
+        os.makedirs(tmp_path / folder)
+        for rank, path in enumerate(memcheck.rank_paths(two_runs_of_two_ranks[0], 2)):
+            shutil.copy(path, tmp_path / folder / ("stack.json" if rank == 0 else "stack.rank1.json"))
+    a, b = str(tmp_path / "a" / "stack.json"), str(tmp_path / "b" / "stack.json")
+    lines = run_main(memcheck.main, capsys, "diff", a, b).stdout.splitlines()
+    header = next(line for line in lines if "B - A MiB" in line)
+    assert f"{a} MiB" in header and f"{b} MiB" in header, header
 
 
 def test_rank_imbalance_names_the_heaviest_rank_and_what_it_holds_more_of_and_balanced_ranks_get_none(

@@ -433,6 +433,39 @@ def test_a_fused_projection_is_budgeted_as_saved_with_the_kv_cache_training_make
     assert report["peak_bytes"] / report["budget"]["peak_bytes"] == pytest.approx(1, abs=0.003)
 
 
+def test_the_probe_adds_no_warning_or_log_line_to_a_run_that_makes_a_kv_cache(monkeypatch):
+    # transformers 5 logs "`past_key_values`/`cache_params` are deprecated" (once per process) when
+    # an output's cache is read by its old name: the probe must read it as the loop alone would
+    import warnings
+
+    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers.utils import generic
+
+    import drive
+    logged = []
+    monkeypatch.setattr(generic.logger, "warning_once", lambda message, *a, **k: logged.append(message))
+    config = AutoConfig.for_model("gpt_neox", **dict(drive.FAMILIES["gpt_neox"], vocab_size=VOCAB))
+    model = AutoModelForCausalLM.from_config(config).train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    batches = token_batches(2, bs=BS, seq=SEQ)
+
+    def said(probe):
+        """(transformers' log lines, Python's warnings) of the loop, probed or not."""
+        logged.clear()
+        with warnings.catch_warnings(record=True) as warned, probe or contextlib.nullcontext():
+            warnings.simplefilter("always")
+            for ids in batches:
+                with probe.phase("forward") if probe else contextlib.nullcontext():
+                    loss = model(input_ids=ids, labels=ids).loss
+                loss.backward()
+                optimizer.step()
+                optimizer.zero_grad()
+        return list(logged), sorted({str(w.message) for w in warned})
+
+    assert said(probe := memcheck.Probe(model, optimizer)) == said(None)
+    assert probe._stack.seen["kv_cache"] is True   # (the cache was made, and read)
+
+
 def test_an_evaluation_forward_between_steps_changes_no_term_of_the_budget():
     # model.eval() and a forward with grad between steps (the grad_in_eval pattern): its KV cache and
     # its embeddings' leaf were taken for training's, under checkpointing that makes neither, and in
@@ -729,6 +762,10 @@ def test_weights_that_dominate_come_first_and_a_model_built_in_code_is_named_by_
     first = memcheck.format_report(report).splitlines()[0]
     assert first.startswith("the weights are "), first
     assert f"LlamaForCausalLM, {params:,} parameters, float32" in first
+    assert first.endswith(" MiB")
+    # under FSDP, the parameters are counted whole and their bytes are this rank's shards
+    report["config"].update(strategy="fsdp", world_size=2)
+    assert memcheck.format_report(report).splitlines()[0].endswith(" MiB on this rank (FSDP: its shards)")
     folder = str(tmp_path / "small-model")
     assert os.path.exists(os.path.join(folder, "config.json"))
     assert f"--model {folder} " in report["config"]["baseline_command"]
@@ -864,6 +901,19 @@ def hf_rank(path, out_dir):
     hf_train(lora_only(), [memcheck.hf_callback(**quiet(path))], out_dir, steps=RANK_STEPS)
 
 
+def fsdp2_rank(path):
+    """A plain loop with FSDP2 as the reference applies it: each decoder layer sharded, then the root."""
+    from torch.distributed.fsdp import fully_shard
+    model = lora_only()
+    for layer in model.get_base_model().model.decoder.layers:
+        fully_shard(layer)
+    fully_shard(model)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    with memcheck.Probe(model, optimizer, **quiet(path)) as probe:
+        phased_loop(probe, optimizer, token_batches(RANK_STEPS, vocab=RANK_VOCAB),
+                    lambda ids: model(input_ids=ids, labels=ids).loss)
+
+
 def reference_rank(stack_path, path):
     """This rank's share of the baseline command the probe printed for a stack (its torchrun line)."""
     rank = int(os.environ["RANK"])
@@ -877,18 +927,20 @@ def reference_rank(stack_path, path):
 
 def test_lightning_ddp_and_fsdp_and_the_hf_trainer_under_torchrun_peak_on_every_rank_as_the_reference(
         tmp_path, capsys):
-    """One report per rank, none lost, each within 3% of the same rank's in the printed baseline."""
+    """One report per rank, none lost, each within 3% of the same rank's in the printed baseline,
+    and budgeted per rank as the baseline is."""
     pytest.importorskip("lightning.pytorch")  # imported here, once: the forked ranks have it
     paths = {"lightning ddp": f"{tmp_path}/lightning-ddp.json",
-             "lightning fsdp": f"{tmp_path}/fsdp-{{rank}}.json", "hf trainer ddp": f"{tmp_path}/hf.json"}
+             "lightning fsdp": f"{tmp_path}/fsdp-{{rank}}.json", "hf trainer ddp": f"{tmp_path}/hf.json",
+             "plain fsdp": f"{tmp_path}/fsdp2.json"}
     references = {stack: f"{tmp_path}/reference-{i}.json" for i, stack in enumerate(paths)}
     on_ranks([(lightning_rank, ("ddp", paths["lightning ddp"])),
               (lightning_rank, ("fsdp", paths["lightning fsdp"])),
-              (hf_rank, (paths["hf trainer ddp"], tmp_path))]
+              (hf_rank, (paths["hf trainer ddp"], tmp_path)), (fsdp2_rank, (paths["plain fsdp"],))]
              + [(reference_rank, (paths[stack], references[stack])) for stack in paths], world=WORLD)
     written = sorted(f for f in os.listdir(tmp_path) if f.endswith(".json") and not f.startswith("reference"))
-    assert written == ["fsdp-0.json", "fsdp-1.json", "hf.json", "hf.rank1.json", "lightning-ddp.json",
-                       "lightning-ddp.rank1.json"]
+    assert written == ["fsdp-0.json", "fsdp-1.json", "fsdp2.json", "fsdp2.rank1.json", "hf.json",
+                       "hf.rank1.json", "lightning-ddp.json", "lightning-ddp.rank1.json"]
     for stack, path in paths.items():
         strategy, reference = stack.split()[-1], memcheck.read_report(references[stack])
         for rank, rank_path in enumerate(memcheck.rank_paths(path, WORLD)):
@@ -900,6 +952,14 @@ def test_lightning_ddp_and_fsdp_and_the_hf_trainer_under_torchrun_peak_on_every_
                 f"torchrun --nproc_per_node {WORLD} ref_train.py --strategy {strategy} --bs 2 --seq 32 ")
             measured = reference["ranks"][rank]["peak_bytes"]
             assert report["peak_bytes"] == pytest.approx(measured, rel=0.03), (stack, rank, measured)
+            if stack == "lightning fsdp":   # (FSDP1's flat parameters hide the layers' shapes)
+                assert "no budget: FSDP1" in report["no_budget"] and report["budget"] is None
+                continue
+            # the rank's budget, as the reference's
+            planned = reference["ranks"][rank]["budget"]
+            assert report["budget"]["method"] == "traced"
+            assert report["budget"]["peak_bytes"] == pytest.approx(planned["peak_bytes"], rel=0.03), stack
+            assert abs(report["peak_bytes"] / report["budget"]["peak_bytes"] - 1) <= memcheck.AS_EXPECTED
     # diff reads the reference's ranks and the probe's rank reports, and compares them rank by rank
     result = run_main(memcheck.main, capsys, "diff", references["lightning fsdp"], f"{tmp_path}/fsdp-0.json")
     assert result.returncode == 0 and "strategy:" not in result.stdout, result.stdout + result.stderr
