@@ -15,8 +15,8 @@ import torch
 import torch.utils._pytree as pytree
 
 from memcheck import (AS_EXPECTED, CATEGORIES, Tracker, _adapter, _bytes_by_dtype, _largest_temporary,
-                      _strategy, _unique_params, decoder_layers, first_line, mib, rank_and_world,
-                      unwrapped_optimizer, weighty_warnings)
+                      _strategy, _unique_params, decoder_layers, first_line, fsdp2_cast_dtypes, mib,
+                      rank_and_world, unwrapped_optimizer, weighty_warnings)
 
 BUDGET_TOLERANCE = 0.10  # the budget's accuracy target: beyond it, a peak is an excess
 # Which decoder linears share an input: adapting any of them makes autograd save that input once.
@@ -1140,6 +1140,10 @@ def probed(stack, phases):
     if any(getattr(p, "_fsdp_flattened", False) for p in stack.model.parameters()):
         return None, ("no budget: FSDP1 (FullyShardedDataParallel) flattens the parameters and hides "
                       "the layers' shapes; the budget reads DDP and FSDP2 (fully_shard)")
+    if fsdp2_cast_dtypes(stack.model):
+        return None, (f"no budget: FSDP2's MixedPrecisionPolicy gathers the parameters in "
+                      f"{', '.join(fsdp2_cast_dtypes(stack.model))} and computes in it; the budget "
+                      "reads autocast (torch.autocast), not a policy")
     untracked = [s["untracked_bytes"] for name, s in phases.items()
                  if name != "load" and "untracked_bytes" in s]
     try:

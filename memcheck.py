@@ -1109,6 +1109,8 @@ def _not_reproduced(model, lm, seen, optimizer):
     adapted = sum(any(_adapter(m) for m in layer.modules()) for layer in layers)
     if 0 < adapted < len(layers):
         found.append(f"adapters on {adapted} of {len(layers)} decoder layers")
+    found += [f"FSDP2's MixedPrecisionPolicy (parameters gathered in {dtype})"
+              for dtype in fsdp2_cast_dtypes(model)]
     if "backward" in seen.get("gradients_held", ()):
         found.append("gradients held from one backward to the next (accumulation, or zero_grad "
                      "that keeps them)")
@@ -1586,6 +1588,13 @@ def _strategy(model):
     classes = {c.__name__ for x in [*model.modules(), *model.parameters()] for c in type(x).__mro__}
     flattened = any(getattr(p, "_fsdp_flattened", False) for p in model.parameters())
     return "fsdp" if flattened or classes & {"DTensor", "FSDPModule", "FullyShardedDataParallel"} else "ddp"
+
+
+def fsdp2_cast_dtypes(model):
+    """The dtypes FSDP2's MixedPrecisionPolicy gathers `model`'s parameters in (param_dtype), by name."""
+    states = (m._get_fsdp_state() for m in model.modules() if hasattr(m, "_get_fsdp_state"))
+    return sorted({str(s._mp_policy.param_dtype).removeprefix("torch.") for s in states
+                   if getattr(getattr(s, "_mp_policy", None), "param_dtype", None) is not None})
 
 
 def _watch_fsdp_storage(tracker, scope):

@@ -901,13 +901,15 @@ def hf_rank(path, out_dir):
     hf_train(lora_only(), [memcheck.hf_callback(**quiet(path))], out_dir, steps=RANK_STEPS)
 
 
-def fsdp2_rank(path):
-    """A plain loop with FSDP2 as the reference applies it: each decoder layer sharded, then the root."""
-    from torch.distributed.fsdp import fully_shard
+def fsdp2_rank(path, param_dtype=None):
+    """A plain loop with FSDP2 as the reference applies it: each decoder layer sharded, then the root;
+    with param_dtype, under a MixedPrecisionPolicy that gathers the parameters in it."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
     model = lora_only()
+    policy = MixedPrecisionPolicy(param_dtype=param_dtype)
     for layer in model.get_base_model().model.decoder.layers:
-        fully_shard(layer)
-    fully_shard(model)
+        fully_shard(layer, mp_policy=policy)
+    fully_shard(model, mp_policy=policy)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
     with memcheck.Probe(model, optimizer, **quiet(path)) as probe:
         phased_loop(probe, optimizer, token_batches(RANK_STEPS, vocab=RANK_VOCAB),
@@ -936,11 +938,17 @@ def test_lightning_ddp_and_fsdp_and_the_hf_trainer_under_torchrun_peak_on_every_
     references = {stack: f"{tmp_path}/reference-{i}.json" for i, stack in enumerate(paths)}
     on_ranks([(lightning_rank, ("ddp", paths["lightning ddp"])),
               (lightning_rank, ("fsdp", paths["lightning fsdp"])),
-              (hf_rank, (paths["hf trainer ddp"], tmp_path)), (fsdp2_rank, (paths["plain fsdp"],))]
+              (hf_rank, (paths["hf trainer ddp"], tmp_path)), (fsdp2_rank, (paths["plain fsdp"],)),
+              (fsdp2_rank, (f"{tmp_path}/bf16.json", torch.bfloat16))]
              + [(reference_rank, (paths[stack], references[stack])) for stack in paths], world=WORLD)
     written = sorted(f for f in os.listdir(tmp_path) if f.endswith(".json") and not f.startswith("reference"))
-    assert written == ["fsdp-0.json", "fsdp-1.json", "fsdp2.json", "fsdp2.rank1.json", "hf.json",
-                       "hf.rank1.json", "lightning-ddp.json", "lightning-ddp.rank1.json"]
+    assert written == ["bf16.json", "bf16.rank1.json", "fsdp-0.json", "fsdp-1.json", "fsdp2.json",
+                       "fsdp2.rank1.json", "hf.json", "hf.rank1.json", "lightning-ddp.json",
+                       "lightning-ddp.rank1.json"]
+    # a policy that gathers in bf16: no budget (the budget reads autocast), and the baseline says so
+    bf16 = memcheck.read_report(f"{tmp_path}/bf16.json")
+    assert bf16["budget"] is None and "MixedPrecisionPolicy gathers the parameters in bfloat16" in bf16["no_budget"]
+    assert bf16["config"]["not_reproduced"] == ["FSDP2's MixedPrecisionPolicy (parameters gathered in bfloat16)"]
     for stack, path in paths.items():
         strategy, reference = stack.split()[-1], memcheck.read_report(references[stack])
         for rank, rank_path in enumerate(memcheck.rank_paths(path, WORLD)):
