@@ -903,6 +903,8 @@ def _layers_forward(layers, *, training, gathered, hidden, checkpointed):
         # the outputs the loop keeps of the layer before, saved by it unless it is checkpointed
         kept = layer["outputs_held"] if i and checkpointed[i - 1] else 0
         peak = max(peak, held_before + hidden + kept + own)
+        if i:   # FSDP2 gathers a layer while it keeps the last layer's flat all-gather buffer: a third
+            peak = max(peak, held_before + hidden + kept + gathered)
         held_before += ((hidden if recomputed else layer["saved"] + layer["weight_copies"])
                         + layer["cache_unsaved"])
     return training + 2 * gathered + layers[-1]["model_held"] + peak
