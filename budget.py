@@ -1003,8 +1003,11 @@ def _phases(terms, layers, layer_gradients, *, tokens, h, checkpointed, loss_chu
 def _categories(terms, phases, peak_phase, loss_chunks):
     """What the peak holds, by memcheck's categories."""
     trainable_bytes = terms["trainable_params"]
+    # FSDP2's parameters gathered whole: the root's, and a layer's in forward, two in backward
+    gathered = (terms.get("gathered_root_params", 0) + (1 if peak_phase == "forward" else 2)
+                * terms.get("gathered_layer_params", 0)) if peak_phase != "optimizer" else 0
     categories = {
-        "trainable_params": trainable_bytes, "frozen_params": terms["params"] - trainable_bytes,
+        "trainable_params": trainable_bytes, "frozen_params": terms["params"] - trainable_bytes + gathered,
         "gradients": (terms["gradients"] if peak_phase == "optimizer"
                       else terms[f"{peak_phase}_held_gradients"]),
         "optimizer_state": terms["optimizer_state"],

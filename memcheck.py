@@ -797,7 +797,7 @@ class Probe:
             return
         self._stack.attach(model, optimizer)
         if _strategy(model) == "fsdp":
-            _watch_fsdp_storage(self.tracker, self._scope)
+            _watch_fsdp_storage(self.tracker, self._scope, _gathered_category(model))
 
     # -- measurement
     @contextlib.contextmanager
@@ -1597,15 +1597,34 @@ def fsdp2_cast_dtypes(model):
                    if getattr(getattr(s, "_mp_policy", None), "param_dtype", None) is not None})
 
 
-def _watch_fsdp_storage(tracker, scope):
-    """Tell `tracker` what FSDP's storage functions free and gather again, until ExitStack `scope` ends."""
+def _gathered_category(model):
+    """A function of a tensor FSDP2 gathers a parameter into: the parameter's category (trainable_params,
+    frozen_params), or None for another tensor. (Its gathered tensors are made at its first gather.)"""
+    categories = {}
+
+    def category(tensor):
+        if id(tensor) not in categories:
+            groups = [m._get_fsdp_state()._fsdp_param_group for m in model.modules()
+                      if hasattr(m, "_get_fsdp_state")]
+            categories.update((id(t), "trainable_params" if p.sharded_param.requires_grad else "frozen_params")
+                              for g in groups if g is not None for p in g.fsdp_params
+                              for t in getattr(p, "all_gather_outputs", ()))
+        return categories.get(id(tensor))
+    return category
+
+
+def _watch_fsdp_storage(tracker, scope, category):
+    """Tell `tracker` what FSDP's storage functions free and gather again, until ExitStack `scope` ends;
+    a gathered parameter is a parameter (of the category `category` gives its tensor), not the
+    activation autograd saves of it."""
     def seen(function, freeing, tensor, *args):
         record = tracker.track(tensor, "free_storage", adopt=False) if freeing else None
         function(tensor, *args)
         if record is not None:
             tracker._free_record(record)
-        elif not freeing:
-            tracker.track(tensor, "alloc_storage")  # the storage's new bytes, counted from now
+        elif not freeing:   # the storage's new bytes, counted from now
+            record = tracker.track(tensor, "alloc_storage")
+            _promote(record, category(tensor) or record.category)
     for module_name, *names in _FSDP_STORAGE:
         module = sys.modules.get(module_name)  # loaded where FSDP is (another torch may lack one)
         for name, freeing in ((n, f) for n, f in zip(names, (True, False)) if n and hasattr(module, n)):

@@ -130,6 +130,15 @@ def test_fsdp2_trains_as_ddp(ddp, fsdp):
     assert_every_rank_within_its_budget(fsdp[0], WORLD)
 
 
+def test_fsdp2s_gathered_parameters_count_as_parameters_not_as_saved_activations(fsdp):
+    report, *_ = fsdp
+    for r in report["ranks"]:
+        assert not [m for m in r["modules"] if "alloc_storage" in m["ops"]], r["rank"]
+        measured, planned = ({c: v for c, v in categories.items() if c.endswith("_params")}
+                             for categories in (r["categories"], r["budget"]["categories"]))
+        assert sum(measured.values()) == pytest.approx(sum(planned.values()), rel=0.01), r["rank"]
+
+
 def test_rank_0_prints_one_table_of_ranks_and_writes_every_rank_report(fsdp):
     report, rank0, rank1, _ = fsdp
     assert rank1 == ""  # rank 0 speaks for all
