@@ -662,8 +662,9 @@ class _Stack:
         return [c if m is None else m for m, c in zip(measured, configured)]
 
     def warnings(self):
-        """compile_disabled, model_mismatch and no_grad: what is wrong with the stack itself."""
-        lm, found = self.lm, []
+        """compile_disabled, model_mismatch, FSDP2's sharding and no_grad: what is wrong with the stack
+        itself."""
+        lm, found = self.lm, fsdp2_sharding(self.model, self.lm) if self.model is not None else []
         if self.compiled:
             found.append({"kind": "compile_disabled", "modules": self.compiled, "message": COMPILE_DISABLED})
         built_as = getattr(getattr(type(lm), "config_class", None), "model_type", None)
@@ -1597,6 +1598,15 @@ def fsdp2_cast_dtypes(model):
                    if getattr(getattr(s, "_mp_policy", None), "param_dtype", None) is not None})
 
 
+def _fsdp2_groups(module):
+    """The parameter groups FSDP2's fully_shard made of `module` (none where it was not applied)."""
+    if not hasattr(module, "_get_fsdp_state"):
+        return []
+    state = module._get_fsdp_state()
+    groups = getattr(state, "_fsdp_param_groups", None)   # (one group, and its own name, before)
+    return [g for g in (groups if groups is not None else [state._fsdp_param_group]) if g is not None]
+
+
 def _gathered_category(model):
     """A function of a tensor FSDP2 gathers a parameter into: the parameter's category (trainable_params,
     frozen_params), or None for another tensor. (Its gathered tensors are made at its first gather.)"""
@@ -1604,13 +1614,37 @@ def _gathered_category(model):
 
     def category(tensor):
         if id(tensor) not in categories:
-            groups = [m._get_fsdp_state()._fsdp_param_group for m in model.modules()
-                      if hasattr(m, "_get_fsdp_state")]
+            params = [p for m in model.modules() for g in _fsdp2_groups(m) for p in g.fsdp_params]
             categories.update((id(t), "trainable_params" if p.sharded_param.requires_grad else "frozen_params")
-                              for g in groups if g is not None for p in g.fsdp_params
-                              for t in getattr(p, "all_gather_outputs", ()))
+                              for p in params for t in getattr(p, "all_gather_outputs", ()))
         return categories.get(id(tensor))
     return category
+
+
+def fsdp2_sharding(model, lm):
+    """fsdp_layers_unsharded and fsdp_layers_kept: decoder layers that FSDP2 keeps gathered longer
+    than one at a time, as fully_shard was applied (not to them, or not resharded after forward)."""
+    layers = (decoder_layers(lm) if lm is not None else None) or []
+    if not any(_fsdp2_groups(m) for m in model.modules()):
+        return []
+    gathered = lambda modules: sum(p.numel() * p.element_size() for m in modules for p in m.parameters())
+    found, unsharded = [], [layer for layer in layers if not _fsdp2_groups(layer)]
+    if unsharded:
+        size = gathered(unsharded)
+        found.append({"kind": "fsdp_layers_unsharded", "layers": len(unsharded), "bytes": size, "message": (
+            f"fully_shard was not applied to {len(unsharded)} of the {len(layers)} decoder layers: they "
+            f"are gathered with the module that holds them, all at once ({mib(size)} MiB, and as much "
+            "again in its all-gather buffer); call fully_shard on each decoder layer, then on the model")})
+    # (the last layer is often left gathered on purpose: backward starts with it)
+    kept = [layer for layer in layers[:-1]
+            if any(g.post_forward_mesh_info is None for g in _fsdp2_groups(layer))]
+    if kept:
+        size = gathered(kept)
+        found.append({"kind": "fsdp_layers_kept", "layers": len(kept), "bytes": size, "message": (
+            f"{len(kept)} decoder layers were sharded with reshard_after_forward=False: each stays "
+            f"gathered from its forward to its backward ({mib(size)} MiB at once); leave it True (the "
+            "default), which gathers a layer again for its backward")})
+    return found
 
 
 def _watch_fsdp_storage(tracker, scope, category):

@@ -901,14 +901,14 @@ def hf_rank(path, out_dir):
     hf_train(lora_only(), [memcheck.hf_callback(**quiet(path))], out_dir, steps=RANK_STEPS)
 
 
-def fsdp2_rank(path, param_dtype=None):
-    """A plain loop with FSDP2 as the reference applies it: each decoder layer sharded, then the root;
-    with param_dtype, under a MixedPrecisionPolicy that gathers the parameters in it."""
+def fsdp2_rank(path, param_dtype=None, layers=True, reshard_after_forward=True):
+    """A plain loop with FSDP2 as the reference applies it: each decoder layer sharded (unless not
+    `layers`), then the root; with param_dtype, under a MixedPrecisionPolicy that gathers in it."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
     model = lora_only()
     policy = MixedPrecisionPolicy(param_dtype=param_dtype)
-    for layer in model.get_base_model().model.decoder.layers:
-        fully_shard(layer, mp_policy=policy)
+    for layer in model.get_base_model().model.decoder.layers if layers else []:
+        fully_shard(layer, mp_policy=policy, reshard_after_forward=reshard_after_forward)
     fully_shard(model, mp_policy=policy)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
     with memcheck.Probe(model, optimizer, **quiet(path)) as probe:
@@ -939,12 +939,22 @@ def test_lightning_ddp_and_fsdp_and_the_hf_trainer_under_torchrun_peak_on_every_
     on_ranks([(lightning_rank, ("ddp", paths["lightning ddp"])),
               (lightning_rank, ("fsdp", paths["lightning fsdp"])),
               (hf_rank, (paths["hf trainer ddp"], tmp_path)), (fsdp2_rank, (paths["plain fsdp"],)),
-              (fsdp2_rank, (f"{tmp_path}/bf16.json", torch.bfloat16))]
+              (fsdp2_rank, (f"{tmp_path}/bf16.json", torch.bfloat16)),
+              (fsdp2_rank, (f"{tmp_path}/root-only.json", None, False)),
+              (fsdp2_rank, (f"{tmp_path}/kept.json", None, True, False))]
              + [(reference_rank, (paths[stack], references[stack])) for stack in paths], world=WORLD)
     written = sorted(f for f in os.listdir(tmp_path) if f.endswith(".json") and not f.startswith("reference"))
     assert written == ["bf16.json", "bf16.rank1.json", "fsdp-0.json", "fsdp-1.json", "fsdp2.json",
-                       "fsdp2.rank1.json", "hf.json", "hf.rank1.json", "lightning-ddp.json",
-                       "lightning-ddp.rank1.json"]
+                       "fsdp2.rank1.json", "hf.json", "hf.rank1.json", "kept.json", "kept.rank1.json",
+                       "lightning-ddp.json", "lightning-ddp.rank1.json", "root-only.json",
+                       "root-only.rank1.json"]
+    # FSDP2 applied carelessly is named, and how much it keeps gathered; the clean loop is silent
+    for careless, kind, layers in (("root-only", "fsdp_layers_unsharded", 2), ("kept", "fsdp_layers_kept", 1)):
+        [warning] = memcheck.read_report(f"{tmp_path}/{careless}.json")["warnings"]
+        assert (warning["kind"], warning["layers"]) == (kind, layers) and warning["bytes"] > 0
+        assert f"WARNING {kind} {memcheck.mib(warning['bytes'])} MiB" in memcheck.format_report(
+            memcheck.read_report(f"{tmp_path}/{careless}.json"))
+    assert memcheck.read_report(paths["plain fsdp"])["warnings"] == []
     # a policy that gathers in bf16: no budget (the budget reads autocast), and the baseline says so
     bf16 = memcheck.read_report(f"{tmp_path}/bf16.json")
     assert bf16["budget"] is None and "MixedPrecisionPolicy gathers the parameters in bfloat16" in bf16["no_budget"]
