@@ -1627,23 +1627,23 @@ def fsdp2_sharding(model, lm):
     layers = (decoder_layers(lm) if lm is not None else None) or []
     if not any(_fsdp2_groups(m) for m in model.modules()):
         return []
-    gathered = lambda modules: sum(p.numel() * p.element_size() for m in modules for p in m.parameters())
-    found, unsharded = [], [layer for layer in layers if not _fsdp2_groups(layer)]
-    if unsharded:
-        size = gathered(unsharded)
-        found.append({"kind": "fsdp_layers_unsharded", "layers": len(unsharded), "bytes": size, "message": (
-            f"fully_shard was not applied to {len(unsharded)} of the {len(layers)} decoder layers: they "
-            f"are gathered with the module that holds them, all at once ({mib(size)} MiB, and as much "
-            "again in its all-gather buffer); call fully_shard on each decoder layer, then on the model")})
+    unsharded = [layer for layer in layers if not _fsdp2_groups(layer)]
     # (the last layer is often left gathered on purpose: backward starts with it)
     kept = [layer for layer in layers[:-1]
             if any(g.post_forward_mesh_info is None for g in _fsdp2_groups(layer))]
-    if kept:
-        size = gathered(kept)
-        found.append({"kind": "fsdp_layers_kept", "layers": len(kept), "bytes": size, "message": (
-            f"{len(kept)} decoder layers were sharded with reshard_after_forward=False: each stays "
-            f"gathered from its forward to its backward ({mib(size)} MiB at once); leave it True (the "
-            "default), which gathers a layer again for its backward")})
+    found = []
+    for kind, chosen, message in (
+            ("fsdp_layers_unsharded", unsharded, f"fully_shard was not applied to {len(unsharded)} of the "
+             f"{len(layers)} decoder layers: they are gathered with the module that holds them, all at once "
+             "({mib} MiB, and as much again in its all-gather buffer); call fully_shard on each decoder "
+             "layer, then on the model"),
+            ("fsdp_layers_kept", kept, f"{len(kept)} decoder layers were sharded with "
+             "reshard_after_forward=False: each stays gathered from its forward to its backward ({mib} "
+             "MiB at once); leave it True (the default), which gathers a layer again for its backward")):
+        size = sum(p.numel() * p.element_size() for layer in chosen for p in layer.parameters())
+        if chosen:
+            found.append({"kind": kind, "layers": len(chosen), "bytes": size,
+                          "message": message.format(mib=mib(size))})
     return found
 
 
