@@ -1679,18 +1679,46 @@ def rank_imbalance(ranks):
                                        f"({mib(y)} and {mib(x)} MiB){held}"}
 
 
+# What a rank reports when another rank's failure broke their process group: not a cause
+_FALLOUT = ("DistBackendError", "DistNetworkError", "gloo", "NCCL", "closed by peer", "reset by peer")
+
+
+def _sibling_reports(report, path):
+    """Every rank's report, rank 0's (`report`, read from `path`) first: the others beside it, named
+    as `path`'s (renamed with it) or as recorded in its rank_reports."""
+    folder, recorded = os.path.dirname(path), report["rank_reports"]
+    reports = [report]
+    for rank, renamed in enumerate(rank_paths(path, len(recorded))[1:], start=1):
+        original = os.path.join(folder, recorded[rank])
+        if not os.path.exists(renamed) and not os.path.exists(original):
+            where = renamed if renamed == original else f"neither {renamed} nor {original}"
+            raise ReportError(f"{path}: rank {rank}'s report is missing: {where}")
+        reports.append(read_report(renamed if os.path.exists(renamed) else original))
+    return reports
+
+
+def _telling_rank(rank_report):
+    """Which rank a run is read at, lowest first: one that ran out of memory, one that failed of itself,
+    one that stopped (or failed from another's failure), the heaviest of those that finished."""
+    status, error = rank_report.get("status", "ok"), str(rank_report.get("error") or "")
+    order = (0 if rank_report.get("oom") else 1 if status == "error" and not any(f in error for f in _FALLOUT)
+             else 2 if status != "ok" else 3)
+    return order, -rank_report["peak_bytes"]
+
+
 def with_ranks(report, path):
-    """A run of several ranks as diff reads it: its heaviest rank's report, with `ranks` (the reference's,
-    or a probe's rank-0 report's siblings at the paths it records) and rank_imbalance where due."""
+    """A run of several ranks as diff reads it: the report of the rank that tells most (_telling_rank),
+    with `ranks` (the reference's, or a probe's rank-0 report's siblings) and rank_imbalance where due
+    (ranks that all finished: a stopped one's peak is partial)."""
     if "ranks" not in report and report.get("rank", 0) == 0 and len(report.get("rank_reports") or []) > 1:
-        report = dict(report, ranks=[read_report(os.path.join(os.path.dirname(path), p))
-                                     for p in report["rank_reports"]])
+        report = dict(report, ranks=_sibling_reports(report, path))
     ranks = report.get("ranks") or []
     if len(ranks) < 2:
         return report
-    heaviest, imbalance = max(ranks, key=lambda r: r["peak_bytes"]), rank_imbalance(ranks)
-    warnings = [w for w in heaviest.get("warnings") or [] if w["kind"] != "rank_imbalance"]
-    return dict(heaviest, ranks=ranks, warnings=warnings + ([imbalance] if imbalance else []))
+    finished = all(r.get("status", "ok") == "ok" for r in ranks)
+    telling, imbalance = min(ranks, key=_telling_rank), rank_imbalance(ranks) if finished else None
+    warnings = [w for w in telling.get("warnings") or [] if w["kind"] != "rank_imbalance"]
+    return dict(telling, ranks=ranks, warnings=warnings + ([imbalance] if imbalance else []))
 
 
 def _rank_rows(a, b):
@@ -1868,8 +1896,9 @@ def _diff_notes(a, b):
         status = r.get("status", "ok")
         if status != "ok" or r.get("oom"):
             what = {"error": "failed", "interrupted": "was interrupted"}.get(status, "ran out of memory")
+            where = f" on rank {r['rank']}" if len(r.get("ranks") or []) > 1 else ""
             detail = (r.get("oom") or {}).get("message") or r.get("error") or ""
-            notes.append(f"WARNING: {side} {what} ({detail}); its figures stop where it stopped")
+            notes.append(f"WARNING: {side} {what}{where} ({detail}); its figures stop where it stopped")
     notes += [f"{side} {_recovered(r['recovered_oom'])}" for side, r in sides if r.get("recovered_oom")]
     notes += [f"{side} was measured by memcheck's probe in its own stack: its configuration is what the "
               "probe could see" for side, r in sides if (r.get("config") or {}).get("probe")]

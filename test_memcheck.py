@@ -1650,7 +1650,30 @@ def test_a_diff_missing_a_ranks_report_names_it_in_one_line(two_runs_of_two_rank
     alone = tmp_path / "stack.json"
     alone.write_text(open(two_runs_of_two_ranks[0]).read())   # rank 0's report without rank 1's
     line = one_error_line(run_main(memcheck.main, capsys, "diff", alone, two_runs_of_two_ranks[1]))
-    assert f"{tmp_path}/stack.rank1.json: cannot read" in line, line
+    assert line.endswith(f"{alone}: rank 1's report is missing: {tmp_path}/stack.rank1.json"), line
+    # renamed (a baseline kept under another name): read beside it by the new name, else the old one
+    renamed = tmp_path / "baseline.json"
+    shutil.copy(alone, renamed)
+    line = one_error_line(run_main(memcheck.main, capsys, "diff", renamed, two_runs_of_two_ranks[1]))
+    assert line.endswith(f"neither {tmp_path}/baseline.rank1.json nor {tmp_path}/stack.rank1.json"), line
+    shutil.copy(memcheck.rank_paths(two_runs_of_two_ranks[0], 2)[1], tmp_path / "baseline.rank1.json")
+    result = run_main(memcheck.main, capsys, "diff", renamed, two_runs_of_two_ranks[1])
+    assert result.returncode == 0 and "rank 1 peak" in result.stdout, result.stderr
+
+
+def test_a_run_of_ranks_is_read_at_the_rank_that_ran_out_of_memory_not_at_its_fallout(
+        two_runs_of_two_ranks, tmp_path, capsys):
+    # rank 1 runs out of memory; rank 0 then fails as its process group breaks, heavier by then
+    reports = [memcheck.read_report(p) for p in memcheck.rank_paths(two_runs_of_two_ranks[0], 2)]
+    reports[0].update(status="error", error="RuntimeError: [gloo/transport/tcp/pair.cc:534] Connection "
+                                            "closed by peer [127.0.0.1]:4242")
+    reports[1].update(status="oom", peak_bytes=reports[1]["peak_bytes"] // 2,
+                      oom={"phase": "forward", "step": 1, "message": "CUDA out of memory (rank 1)"})
+    for report, path in zip(reports, memcheck.rank_paths(str(tmp_path / "stack.json"), 2)):
+        memcheck.write_report(path, report)
+    result = run_main(memcheck.main, capsys, "diff", two_runs_of_two_ranks[0], tmp_path / "stack.json")
+    assert "WARNING: B ran out of memory on rank 1 (CUDA out of memory (rank 1))" in result.stdout
+    assert "gloo" not in result.stdout and "rank_imbalance" not in result.stdout, result.stdout
 
 
 # ---------------------------------------------------------------- allocator only: compiled models on CUDA
