@@ -87,6 +87,13 @@ def is_out_of_memory(error):
         isinstance(error, RuntimeError) and "can't allocate memory" in str(error))
 
 
+def _say(line):
+    """Print `line` in one write: ranks under torchrun share a terminal, where print()'s two writes
+    (the line, then its newline) interleave."""
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
+
+
 def first_line(error):
     return (str(error).strip().splitlines() or [type(error).__name__])[0]
 
@@ -384,14 +391,19 @@ class _Saves:
                                     if isinstance(output, dict) else output)
         for t in leaves:
             record = self.tracker.track(t, "output", adopt=False) if isinstance(t, torch.Tensor) else None
-            if record is not None:
-                record._shape = t.shape   # the tensor's shape, not the op's (a view's storage)
-                self.outputs.append(record)
+            if record is None or any(r is record for r in self.outputs):
+                continue
+            record._shape = t.shape   # the tensor's shape, not the op's (a view's storage)
+            copied = next((r for r in self.outputs if (r._shape, r._dtype) == (t.shape, t.dtype)), None)
+            if record.op == "clone" and copied is not None:   # DDP's copy: named as what it copies
+                record.module, record._op = copied.module, copied._op
+            self.outputs.append(record)
 
     def forward_ended(self):
         """What forward made and still holds is kept for backward: activations."""
         step = self.tracker.step
         self.unsaved = [r for r in self.outputs if r.freed is None and r.category == "temporaries"]
+        self.outputs = []
         for r in self.tracker.window:
             if r.freed is None and r.phase == "forward" and r.step == step:
                 _promote(r, "activations")
@@ -502,12 +514,19 @@ class _Stack:
             self.saves.layers = [self.names[layer] for layer in layers]
             if layers:
                 self.hooks.append(layers[0].register_forward_pre_hook(self._first_layer, with_kwargs=True))
+        self.watch_output(model)
         for p in self.trainable:  # judged by what backward gave, whatever zero_grad does later
             self.hooks.append(p.register_post_accumulate_grad_hook(self._graded))
             self.hooks.append(p.register_hook(functools.partial(self._arriving, p)))
         self.compiled = [type(m).__name__ for m in model.modules()
                          if type(m).__name__ == "OptimizedModule" or getattr(m, "_compiled_call_impl", None)]
         self.tag_roles(adopt=True)  # what exists now is counted from now, and never as new
+
+    def watch_output(self, wrapper):
+        """Watch a DistributedDataParallel wrapper's output too: with find_unused_parameters (the HF
+        Trainer's default for a PEFT model) it hands the loop clones of the model's, not the model's."""
+        if type(wrapper).__name__ == "DistributedDataParallel":
+            self.hooks.append(wrapper.register_forward_hook(self.saves.model_output))
 
     def _arriving(self, param, grad):
         # A gradient arriving where one lives from before: backward adds to it (accumulation).
@@ -698,7 +717,7 @@ class Probe:
     measuring = None   # the probe whose scope is open: one at a time (one's tracker hides the other's ops)
 
     def __init__(self, model=None, optimizer=None, device=None, max_memory_mib=None, config=None,
-                 path=None, log=print, allocator_only=False):
+                 path=None, log=None, allocator_only=False):
         if device is None:
             device = next(model.parameters()).device if model is not None else "cpu"
         self.device = torch.device(device)
@@ -715,7 +734,7 @@ class Probe:
                               "allocator_only=True runs without it: pass one or the other")
         limit = None if max_memory_mib is None else int(max_memory_mib * MiB)
         self.tracker = Tracker(self.device, limit, on_error=self._on_op_error)
-        self.config, self.log, self._path = config or {}, log, path
+        self.config, self.log, self._path = config or {}, log or _say, path
         self._join_ranks()
         self.status, self.error, self.oom, self.recovered_oom = "ok", None, None, None
         # Each phase's statistics, each step's, and the training peak's: the figures the report reads.
@@ -1197,6 +1216,8 @@ def lightning_callback(path, **probe_kwargs):
         def on_train_start(self, trainer, pl_module):
             optimizer = trainer.optimizers[0] if trainer.optimizers else None
             self.probe = Probe(pl_module, optimizer, path=path, **probe_kwargs).__enter__()
+            if not self.probe.allocator_only:   # (which hooks nothing)
+                self.probe._stack.watch_output(trainer.strategy.model)
             _end_phase_with_step(optimizer, self.probe)
 
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
@@ -1299,6 +1320,8 @@ def hf_callback(path, **probe_kwargs):
                 # The Trainer retries at a smaller batch: the OOM stays, recovered at the next step.
                 self.probe.status, self.probe.error, self.probe.oom = failed.status, failed.error, failed.oom
             trainer = _running_trainer()
+            if not self.probe.allocator_only:   # (which hooks nothing)
+                self.probe._stack.watch_output(getattr(trainer, "model_wrapped", None))
             owners = [(trainer, name) for name in _HF_TRAINER_METHODS] + [
                 (optimizer, "step"), (getattr(trainer, "callback_handler", None), "call_event")]
             self.wrapped = [(owner, name) for owner, name in owners if hasattr(owner, name)]

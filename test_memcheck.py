@@ -1584,6 +1584,20 @@ def test_each_rank_writes_its_own_report_says_so_and_records_every_ranks_path(tm
         assert (report["config"]["strategy"], report["config"]["world_size"]) == ("ddp", 2)
 
 
+def test_the_probes_line_is_one_write_so_that_ranks_sharing_a_terminal_do_not_run_together(
+        tmp_path, monkeypatch):
+    writes = []
+
+    class Terminal:
+        write, flush = writes.append, staticmethod(lambda: None)
+    monkeypatch.setattr(sys, "stdout", Terminal())
+    model, optimizer = peft_opt()
+    with memcheck.Probe(model, optimizer, path=str(tmp_path / "stack.json")) as probe:
+        user_loop(probe, model, optimizer, token_batches(1))
+    [line] = [w for w in writes if w.startswith("memcheck: peak")]
+    assert line.endswith("\n") and all(w.endswith("\n") for w in writes), writes
+
+
 def test_a_probe_without_a_path_saved_by_each_rank_writes_the_config_its_baseline_names(tmp_path,
                                                                                         monkeypatch):
     for rank in range(2):

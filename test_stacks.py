@@ -700,10 +700,8 @@ def test_a_verdict_names_a_weighty_warning_and_its_tensor_shape(tmp_path):
     assert "largest temporaries: " in memcheck.format_report(report)
 
 
-@pytest.mark.parametrize("kept", [True, False], ids=["logits-kept", "clean"])
-def test_logits_a_trainer_keeps_past_its_step_are_named_and_its_clean_twin_is_silent(tmp_path, kept):
-    # the HF Trainer runs forward and backward in one phase, whose outputs were not watched: logits
-    # kept for a metric read "1.2x, the excess is in temporaries", and no warning
+def keeping_trainer(kept):
+    """The HF Trainer whose compute_loss keeps the last logits (for a metric, say), if `kept`."""
     from transformers import Trainer
 
     class Keeping(Trainer):
@@ -712,9 +710,15 @@ def test_logits_a_trainer_keeps_past_its_step_are_named_and_its_clean_twin_is_si
             if kept:
                 self.kept_logits = output.logits
             return (output.loss, output) if return_outputs else output.loss
+    return Keeping
 
+
+@pytest.mark.parametrize("kept", [True, False], ids=["logits-kept", "clean"])
+def test_logits_a_trainer_keeps_past_its_step_are_named_and_its_clean_twin_is_silent(tmp_path, kept):
+    # the HF Trainer runs forward and backward in one phase, whose outputs were not watched: logits
+    # kept for a metric read "1.2x, the excess is in temporaries", and no warning
     path = tmp_path / "stack.json"
-    hf_train(peft_opt(), [memcheck.hf_callback(**quiet(path))], tmp_path, trainer=Keeping)
+    hf_train(peft_opt(), [memcheck.hf_callback(**quiet(path))], tmp_path, trainer=keeping_trainer(kept))
     report = memcheck.read_report(path)
     assert [w["kind"] for w in report["warnings"]] == (["output_kept"] if kept else [])
     if kept:
@@ -897,8 +901,12 @@ def lightning_rank(strategy, path):
                   devices=WORLD)
 
 
-def hf_rank(path, out_dir):
-    hf_train(lora_only(), [memcheck.hf_callback(**quiet(path))], out_dir, steps=RANK_STEPS)
+def hf_rank(path, out_dir, careless=False):
+    """The HF Trainer on this rank (DDP, with find_unused_parameters as it sets it for PEFT); careless:
+    rank 1 keeps its last logits."""
+    kept = careless and os.environ["RANK"] == "1"
+    hf_train(lora_only(), [memcheck.hf_callback(**quiet(path))], out_dir, steps=RANK_STEPS,
+             trainer=keeping_trainer(kept))
 
 
 def fsdp2_rank(path, param_dtype=None, layers=True, reshard_after_forward=True):
@@ -941,20 +949,25 @@ def test_lightning_ddp_and_fsdp_and_the_hf_trainer_under_torchrun_peak_on_every_
               (hf_rank, (paths["hf trainer ddp"], tmp_path)), (fsdp2_rank, (paths["plain fsdp"],)),
               (fsdp2_rank, (f"{tmp_path}/bf16.json", torch.bfloat16)),
               (fsdp2_rank, (f"{tmp_path}/root-only.json", None, False)),
-              (fsdp2_rank, (f"{tmp_path}/kept.json", None, True, False))]
+              (fsdp2_rank, (f"{tmp_path}/kept.json", None, True, False)),
+              (hf_rank, (f"{tmp_path}/hf-kept.json", tmp_path / "hf-kept", True))]
              + [(reference_rank, (paths[stack], references[stack])) for stack in paths], world=WORLD)
     written = sorted(f for f in os.listdir(tmp_path) if f.endswith(".json") and not f.startswith("reference"))
     assert written == ["bf16.json", "bf16.rank1.json", "fsdp-0.json", "fsdp-1.json", "fsdp2.json",
-                       "fsdp2.rank1.json", "hf.json", "hf.rank1.json", "kept.json", "kept.rank1.json",
-                       "lightning-ddp.json", "lightning-ddp.rank1.json", "root-only.json",
-                       "root-only.rank1.json"]
+                       "fsdp2.rank1.json", "hf-kept.json", "hf-kept.rank1.json", "hf.json", "hf.rank1.json",
+                       "kept.json", "kept.rank1.json", "lightning-ddp.json", "lightning-ddp.rank1.json",
+                       "root-only.json", "root-only.rank1.json"]
+    # logits the Trainer's loop keeps on rank 1, handed to it by DDP as clones (_DDPSink): named
+    kept = [memcheck.read_report(p)["warnings"] for p in memcheck.rank_paths(f"{tmp_path}/hf-kept.json", WORLD)]
+    assert kept[0] == [] and [(w["kind"], w["module"]) for w in kept[1]] == [("output_kept", "lm_head")], kept
     # FSDP2 applied carelessly is named, and how much it keeps gathered; the clean loop is silent
     for careless, kind, layers in (("root-only", "fsdp_layers_unsharded", 2), ("kept", "fsdp_layers_kept", 1)):
         [warning] = memcheck.read_report(f"{tmp_path}/{careless}.json")["warnings"]
         assert (warning["kind"], warning["layers"]) == (kind, layers) and warning["bytes"] > 0
         assert f"WARNING {kind} {memcheck.mib(warning['bytes'])} MiB" in memcheck.format_report(
             memcheck.read_report(f"{tmp_path}/{careless}.json"))
-    assert memcheck.read_report(paths["plain fsdp"])["warnings"] == []
+    assert all(memcheck.read_report(p)["warnings"] == [] for stack in ("plain fsdp", "hf trainer ddp")
+               for p in memcheck.rank_paths(paths[stack], WORLD))
     # a policy that gathers in bf16: no budget (the budget reads autocast), and the baseline says so
     bf16 = memcheck.read_report(f"{tmp_path}/bf16.json")
     assert bf16["budget"] is None and "MixedPrecisionPolicy gathers the parameters in bfloat16" in bf16["no_budget"]
