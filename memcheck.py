@@ -1638,8 +1638,9 @@ def _gathered_category(model):
     def category(tensor):
         if id(tensor) not in categories:
             params = [p for m in model.modules() for g in _fsdp2_groups(m) for p in g.fsdp_params]
-            categories.update((id(t), "trainable_params" if p.sharded_param.requires_grad else "frozen_params")
-                              for p in params for t in getattr(p, "all_gather_outputs", ()))
+            for p in params:
+                kind = "trainable_params" if p.sharded_param.requires_grad else "frozen_params"
+                categories.update((id(t), kind) for t in getattr(p, "all_gather_outputs", ()))
         return categories.get(id(tensor))
     return category
 
