@@ -14,9 +14,9 @@ import weakref
 import torch
 import torch.utils._pytree as pytree
 
-from memcheck import (AS_EXPECTED, CATEGORIES, Tracker, _adapter, _bytes_by_dtype, _largest_temporary,
-                      _strategy, _unique_params, decoder_layers, first_line, fsdp2_cast_dtypes, mib,
-                      rank_and_world, unwrapped_optimizer, weighty_warnings)
+from memcheck import (AS_EXPECTED, CATEGORIES, Tracker, _adapter, _bytes_by_dtype, _is_wrapped,
+                      _largest_temporary, _strategy, _unique_params, decoder_layers, first_line,
+                      fsdp2_cast_dtypes, mib, rank_and_world, unwrapped_optimizer, weighty_warnings)
 
 BUDGET_TOLERANCE = 0.10  # the budget's accuracy target: beyond it, a peak is an excess
 # Which decoder linears share an input: adapting any of them makes autograd save that input once.
@@ -320,7 +320,8 @@ def _unpadded_on_meta():
 # ---------------------------------------------------------------- one decoder layer, traced on meta
 
 def _is_fsdp_hook(hook):
-    return type(getattr(hook, "__self__", None)).__name__ == "FSDPState"
+    """FSDP2's forward hooks: its state's methods, bound, or wrapped (fully_shard of a group of modules)."""
+    return getattr(inspect.unwrap(hook), "__qualname__", "").startswith("FSDPState.")
 
 
 @contextlib.contextmanager
@@ -1003,9 +1004,10 @@ def _phases(terms, layers, layer_gradients, *, tokens, h, checkpointed, loss_chu
 def _categories(terms, phases, peak_phase, loss_chunks):
     """What the peak holds, by memcheck's categories."""
     trainable_bytes = terms["trainable_params"]
-    # FSDP2's parameters gathered whole: the root's, and a layer's in forward, two in backward
-    gathered = (terms.get("gathered_root_params", 0) + (1 if peak_phase == "forward" else 2)
-                * terms.get("gathered_layer_params", 0)) if peak_phase != "optimizer" else 0
+    # FSDP2's parameters gathered whole: the root's, and a layer's (in backward none at its start,
+    # two in a layer's: the rest of what it gathers, its flat buffers, is temporaries)
+    gathered = (terms.get("gathered_root_params", 0) + terms.get("gathered_layer_params", 0)
+                if peak_phase != "optimizer" else 0)
     categories = {
         "trainable_params": trainable_bytes, "frozen_params": terms["params"] - trainable_bytes + gathered,
         "gradients": (terms["gradients"] if peak_phase == "optimizer"
@@ -1126,9 +1128,10 @@ def _masked(seen):
 
 
 def _placement(model):
-    """The strategy, world size and rank of a probed model's process: what its budget is per rank."""
+    """The strategy, world size and rank of a probed model's process: what its budget is per rank (on
+    one process, a strategy only where its wrapper is there: DDP's buckets, FSDP2's gathers)."""
     rank, world_size = rank_and_world()
-    strategy = _strategy(model) if world_size > 1 else "none"
+    strategy = _strategy(model) if world_size > 1 or _is_wrapped(model) else "none"
     return {"strategy": strategy, "world_size": world_size, "rank": rank}
 
 

@@ -341,7 +341,7 @@ class _Saves:
         self.tracker = tracker
         self.layers = []               # the decoder layers' names
         self.events = {}               # warning kind -> details, first seen
-        self.outputs = []              # records of the language model's outputs, this forward
+        self.outputs = []              # (record, what made it) of the model's outputs, this forward
         self.unsaved = []              # those alive when it ended, autograd not saving them
         self.backward_steps, self.checkpointed = 0, {}   # layer -> whether its backward looked checkpointed
         self.new_step()
@@ -391,18 +391,20 @@ class _Saves:
                                     if isinstance(output, dict) else output)
         for t in leaves:
             record = self.tracker.track(t, "output", adopt=False) if isinstance(t, torch.Tensor) else None
-            if record is None or any(r is record for r in self.outputs):
-                continue
+            if record is None or t.dim() == 0 or any(r is record for r, _ in self.outputs):
+                continue   # (a scalar: the loss a wrapper returns in a tuple)
             record._shape = t.shape   # the tensor's shape, not the op's (a view's storage)
-            copied = next((r for r in self.outputs if (r._shape, r._dtype) == (t.shape, t.dtype)), None)
-            if record.op == "clone" and copied is not None:   # DDP's copy: named as what it copies
-                record.module, record._op = copied.module, copied._op
-            self.outputs.append(record)
+            made = record.module
+            if record.op == "clone":   # DDP's copy of the model's output: its warning says of what
+                copied = [m for r, m in self.outputs if (r._shape, r._dtype) == (t.shape, t.dtype)]
+                made = f"{copied[0]}, copied by DDP" if copied else made
+            self.outputs.append((record, made))
 
     def forward_ended(self):
         """What forward made and still holds is kept for backward: activations."""
         step = self.tracker.step
-        self.unsaved = [r for r in self.outputs if r.freed is None and r.category == "temporaries"]
+        self.unsaved = [(r, made) for r, made in self.outputs
+                        if r.freed is None and r.category == "temporaries"]
         self.outputs = []
         for r in self.tracker.window:
             if r.freed is None and r.phase == "forward" and r.step == step:
@@ -410,12 +412,11 @@ class _Saves:
 
     def backward_ended(self):
         """The model's outputs autograd did not save, alive when backward ends: the loop held them."""
-        held = [r for r in self.unsaved if r.freed is None]
+        held = [(r, made) for r, made in self.unsaved if r.freed is None]
         if held:
-            biggest = max(held, key=lambda r: r.nbytes)
-            self._event("output_kept", self.tracker.step, bytes=sum(r.nbytes for r in held),
-                        tensors=len(held), shape=list(biggest.shape), dtype=biggest.dtype,
-                        module=biggest.module)
+            biggest, made = max(held, key=lambda each: each[0].nbytes)
+            self._event("output_kept", self.tracker.step, bytes=sum(r.nbytes for r, _ in held),
+                        tensors=len(held), shape=list(biggest.shape), dtype=biggest.dtype, module=made)
         self.unsaved = []
 
     def check_step(self, step, checkpointed):
@@ -1607,6 +1608,12 @@ def rank_paths(path, world_size):
     return [path] + [f"{root}.rank{r}{ext}" for r in range(1, world_size)]
 
 
+def _is_wrapped(model):
+    """Whether DDP or FSDP wraps a module of `model`, or FSDP2 shards one."""
+    return any(c.__name__ in ("DistributedDataParallel", "FSDPModule", "FullyShardedDataParallel")
+               for m in model.modules() for c in type(m).__mro__)
+
+
 def _strategy(model):
     """'fsdp' where a parameter is a DTensor or flattened by FSDP1, or a module is FSDP's; else 'ddp'."""
     classes = {c.__name__ for x in [*model.modules(), *model.parameters()] for c in type(x).__mro__}
@@ -1626,7 +1633,7 @@ def _fsdp2_groups(module):
     if not hasattr(module, "_get_fsdp_state"):
         return []
     state = module._get_fsdp_state()
-    groups = getattr(state, "_fsdp_param_groups", None)   # (one group, and its own name, before)
+    groups = getattr(state, "_fsdp_param_groups", None)   # (older torch: one, _fsdp_param_group)
     return [g for g in (groups if groups is not None else [state._fsdp_param_group]) if g is not None]
 
 
@@ -1651,7 +1658,7 @@ def fsdp2_sharding(model, lm):
     layers = (decoder_layers(lm) if lm is not None else None) or []
     if not any(_fsdp2_groups(m) for m in model.modules()):
         return []
-    unsharded = [layer for layer in layers if not _fsdp2_groups(layer)]
+    unsharded = [layer for layer in layers if not any(_fsdp2_groups(m) for m in layer.modules())]
     # (the last layer is often left gathered on purpose: backward starts with it)
     kept = [layer for layer in layers[:-1]
             if any(g.post_forward_mesh_info is None for g in _fsdp2_groups(layer))]
@@ -1737,7 +1744,7 @@ def with_ranks(report, path):
     if "ranks" not in report and report.get("rank", 0) == 0 and len(report.get("rank_reports") or []) > 1:
         report = dict(report, ranks=_sibling_reports(report, path))
     ranks = report.get("ranks") or []
-    if len(ranks) < 2:
+    if not ranks:
         return report
     finished = all(r.get("status", "ok") == "ok" for r in ranks)
     telling, imbalance = min(ranks, key=_telling_rank), rank_imbalance(ranks) if finished else None

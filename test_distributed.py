@@ -268,6 +268,15 @@ def test_a_rank_interrupted_says_so_once_naming_its_own_report(tiny_model, tmp_p
     assert (tmp_path / "code1").read_text() == "130"
 
 
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_one_rank_under_torchrun_prints_its_report_and_its_row(dropout_free_model, tmp_path, strategy):
+    # (.ci/gpu runs each strategy on one GPU: the report of one rank was read as a run of none)
+    report, out, _ = run_ranks(dropout_free_model, strategy, tmp_path, world=1)
+    assert [r["rank"] for r in report["ranks"]] == [0] and report["peak_bytes"] > 0
+    assert f"peak {memcheck.mib(report['peak_bytes'])} MiB in " in out
+    assert [line.split()[0] for line in out.splitlines() if line.startswith(("rank ", "0 "))] == ["rank", "0"]
+
+
 def test_fsdp2_forward_is_budgeted_where_gathering_a_layer_outweighs_its_activations(tiny_model, tmp_path):
     # Wide layers and a small vocabulary: forward's peak is where FSDP2 gathers a layer while it
     # still keeps the last one's flat all-gather buffer (three copies of a layer's parameters)
