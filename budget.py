@@ -980,8 +980,9 @@ def _phases(terms, layers, layer_gradients, *, tokens, h, checkpointed, loss_chu
         forward_peak = (in_forward + saved + hidden + terms["logits"] + terms["logits_16bit"]
                         + terms["loss_forward_buffers"])
         backward_start = training + gathered + saved + 2 * kept
-    # (inside the layers, the model's forward holds the leaf anyway; the output holds the cache)
-    forward_peak += terms["input_leaf"] + terms["kv_cache_unsaved"]
+    # (inside the layers, the model's forward holds the leaf anyway; the output holds the cache;
+    # FSDP2, the last layer's flat all-gather buffer until backward's first all-gather)
+    forward_peak += terms["input_leaf"] + terms["kv_cache_unsaved"] + gathered
     forward_peak = max(forward_peak, _layers_forward(layers, training=in_forward, gathered=gathered,
                                                      hidden=hidden, checkpointed=checkpointed))
     if root:
