@@ -631,6 +631,9 @@ def _fsdp_terms(groups, trained, world, rank):
         "gradients": sum(t[0] for t in trains),            # views of reduce-scatter's outputs
         "gathered_root_params": sizes[-1][2],
         "gathered_layer_params": max((s[2] for s in sizes[:-1]), default=0),
+        # the flat buffers they are all-gathered into (on one rank, shards are copied out directly)
+        "all_gather_buffers": max((s[2] for s in sizes[:-1]), default=0) if world > 1 else 0,
+        "root_all_gather_buffer": sizes[-1][2] if world > 1 else 0,
         # a group's gradients whole, copied into one flat input, and its shard of the output
         "reduce_scatter_buffers": max(2 * t[2] + t[0] for t in trains),
     }
@@ -893,7 +896,7 @@ def _terms(s, layers, *, bs, seq, act, mask, full, checkpointed, loss_chunks, tr
     }
 
 
-def _layers_forward(layers, *, training, gathered, hidden, checkpointed):
+def _layers_forward(layers, *, training, gathered, buffer, hidden, checkpointed):
     """The peak of the decoder layers' forward, inside the layer that holds the most: the model's
     forward holding what it made before the layers (embeddings' outputs, masks, rotary tables), the
     layers before it their saved activations (or their checkpointed input), and its own input and
@@ -905,13 +908,13 @@ def _layers_forward(layers, *, training, gathered, hidden, checkpointed):
         kept = layer["outputs_held"] if i and checkpointed[i - 1] else 0
         peak = max(peak, held_before + hidden + kept + own)
         if i:   # FSDP2 gathers a layer while it keeps the last layer's flat all-gather buffer: a third
-            peak = max(peak, held_before + hidden + kept + gathered)
+            peak = max(peak, held_before + hidden + kept + buffer)
         held_before += ((hidden if recomputed else layer["saved"] + layer["weight_copies"])
                         + layer["cache_unsaved"])
-    return training + 2 * gathered + layers[-1]["model_held"] + peak
+    return training + gathered + buffer + layers[-1]["model_held"] + peak
 
 
-def _layers_backward(terms, layers, layer_gradients, *, training, gathered, hidden, checkpointed):
+def _layers_backward(terms, layers, layer_gradients, *, training, gathered, buffer, hidden, checkpointed):
     """The peak of the decoder layers' backward, which goes from the last layer to the first; hidden:
     the bytes of one hidden state; checkpointed: per layer, whether it is; layer_gradients: each
     layer's gradients' bytes. Each layer's backward comes with the activations (or checkpointed
@@ -940,7 +943,7 @@ def _layers_backward(terms, layers, layer_gradients, *, training, gathered, hidd
         own += 0 if layer["makes_gradients"] else gradients   # (the estimate's backward leaves them out)
         if layer["trains"]:
             peak = max(peak, held + own + outside_layers + after)
-    return training + 2 * gathered + beside + peak
+    return training + gathered + buffer + beside + peak
 
 
 def _phases(terms, layers, layer_gradients, *, tokens, h, checkpointed, loss_chunks, logits_kept):
@@ -948,11 +951,12 @@ def _phases(terms, layers, layer_gradients, *, tokens, h, checkpointed, loss_chu
     the 16-bit logits live through the loss (a model's own forward returns them).
 
     Under FSDP2 the root's parameters stay all-gathered from forward's start to backward's end,
-    and a layer's are all-gathered while it computes; in backward the next layer's are prefetched
-    (gathered_layer_params counts one layer: two are held). Zero terms elsewhere."""
+    and a layer's are all-gathered while it computes, through a flat buffer (all_gather_buffers;
+    none on one rank); in backward the next layer's are prefetched. Zero terms elsewhere."""
     steady = (terms["params"] + terms["optimizer_state"] + terms.get("cuda_workspaces", 0)
               + terms.get("ddp_gradient_buckets", 0))
     root, gathered = terms.get("gathered_root_params", 0), terms.get("gathered_layer_params", 0)
+    buffer = terms.get("all_gather_buffers", 0)
     # gradients made before, alive in forward, and in backward (which then adds to them)
     held = terms["backward_held_gradients"]
     in_forward = steady + root + terms["forward_held_gradients"] + terms["forward_held_input_leaf"]
@@ -966,10 +970,10 @@ def _phases(terms, layers, layer_gradients, *, tokens, h, checkpointed, loss_chu
         # only until .float() has copied them: a spike below the log-softmax's.
         forward_peak = (in_forward + saved + hidden + 2 * terms["logits"]
                         + (terms["logits_16bit"] if logits_kept else 0))
-        backward_start = training + gathered + saved + 3 * terms["logits"]
+        backward_start = training + buffer + saved + 3 * terms["logits"]
         # then a trained head's backward: the logits' gradient, and the head's and the hidden
         # states' gradients it makes
-        backward_start = max(backward_start, training + gathered + saved + terms["logits"]
+        backward_start = max(backward_start, training + buffer + saved + terms["logits"]
                              + terms["head_gradient"] + hidden)
     else:
         # The head and the loss fused: in forward, one chunk of fp32 logits at a time (exp'd in
@@ -979,18 +983,19 @@ def _phases(terms, layers, layer_gradients, *, tokens, h, checkpointed, loss_chu
         kept = terms["kept_loss_gradient"]
         forward_peak = (in_forward + saved + hidden + terms["logits"] + terms["logits_16bit"]
                         + terms["loss_forward_buffers"])
-        backward_start = training + gathered + saved + 2 * kept
+        backward_start = training + buffer + saved + 2 * kept
     # (inside the layers, the model's forward holds the leaf anyway; the output holds the cache;
     # FSDP2, the last layer's flat all-gather buffer until backward's first all-gather)
-    forward_peak += terms["input_leaf"] + terms["kv_cache_unsaved"] + gathered
+    forward_peak += terms["input_leaf"] + terms["kv_cache_unsaved"] + buffer
     forward_peak = max(forward_peak, _layers_forward(layers, training=in_forward, gathered=gathered,
-                                                     hidden=hidden, checkpointed=checkpointed))
+                                                     buffer=buffer, hidden=hidden, checkpointed=checkpointed))
     if root:
         # FSDP2 frees the root's flat all-gather buffer only once the first layer's parameters
-        # are copied out of theirs: both groups twice, and the embeddings' outputs
-        forward_peak = max(forward_peak, in_forward + root + 2 * gathered + 3 * hidden)
+        # are copied out of theirs: both groups and their buffers, and the embeddings' outputs
+        forward_peak = max(forward_peak, in_forward + terms["root_all_gather_buffer"] + gathered + buffer
+                           + 3 * hidden)
     in_layers = _layers_backward(terms, layers, layer_gradients, training=training, gathered=gathered,
-                                 hidden=hidden, checkpointed=checkpointed)
+                                 buffer=buffer, hidden=hidden, checkpointed=checkpointed)
     # FSDP2 reduce-scatters a group's gradients once its backward is done (the root's last)
     reduce_scatter = (training + gathered + terms["gradients"] - held + terms["reduce_scatter_buffers"]
                       if "reduce_scatter_buffers" in terms else 0)

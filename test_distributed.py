@@ -283,6 +283,8 @@ def test_one_rank_under_torchrun_prints_its_report_and_its_row(dropout_free_mode
     # (.ci/gpu runs each strategy on one GPU: the report of one rank was read as a run of none)
     report, out, _ = run_ranks(dropout_free_model, strategy, tmp_path, world=1)
     assert [r["rank"] for r in report["ranks"]] == [0] and report["peak_bytes"] > 0
+    # (on one rank FSDP2 copies shards out without an all-gather buffer: it read 0.82x its budget)
+    assert abs(report["peak_bytes"] / report["budget"]["peak_bytes"] - 1) <= memcheck.AS_EXPECTED
     assert f"peak {memcheck.mib(report['peak_bytes'])} MiB in " in out
     assert [line.split()[0] for line in out.splitlines() if line.startswith(("rank ", "0 "))] == ["rank", "0"]
 
