@@ -14,8 +14,8 @@ import weakref
 import torch
 import torch.utils._pytree as pytree
 
-from memcheck import (AS_EXPECTED, CATEGORIES, Tracker, _adapter, _bytes_by_dtype, _is_wrapped,
-                      _largest_temporary, _strategy, _unique_params, decoder_layers, first_line,
+from memcheck import (AS_EXPECTED, CATEGORIES, Tracker, _adapter, _bytes_by_dtype, _largest_temporary,
+                      _strategy, _unique_params, decoder_layers, first_line, flattened_by_fsdp1,
                       fsdp2_cast_dtypes, mib, rank_and_world, unwrapped_optimizer, weighty_warnings)
 
 BUDGET_TOLERANCE = 0.10  # the budget's accuracy target: beyond it, a peak is an excess
@@ -1137,7 +1137,7 @@ def _placement(model):
     """The strategy, world size and rank of a probed model's process: what its budget is per rank (on
     one process, a strategy only where its wrapper is there: DDP's buckets, FSDP2's gathers)."""
     rank, world_size = rank_and_world()
-    strategy = _strategy(model) if world_size > 1 or _is_wrapped(model) else "none"
+    strategy = _strategy(model) or ("ddp" if world_size > 1 else "none")
     return {"strategy": strategy, "world_size": world_size, "rank": rank}
 
 
@@ -1151,12 +1151,13 @@ def probed(stack, phases):
                       "reads decoder-only causal LMs")
     if stack.lm is None or "bs" not in seen:
         return None, "no budget: no training forward of a Hugging Face causal LM was seen"
-    if any(getattr(p, "_fsdp_flattened", False) for p in stack.model.parameters()):
+    if flattened_by_fsdp1(stack.model):
         return None, ("no budget: FSDP1 (FullyShardedDataParallel) flattens the parameters and hides "
                       "the layers' shapes; the budget reads DDP and FSDP2 (fully_shard)")
-    if fsdp2_cast_dtypes(stack.model):
+    cast_dtypes = fsdp2_cast_dtypes(stack.model)
+    if cast_dtypes:
         return None, (f"no budget: FSDP2's MixedPrecisionPolicy gathers the parameters in "
-                      f"{', '.join(fsdp2_cast_dtypes(stack.model))} and computes in it; the budget "
+                      f"{', '.join(cast_dtypes)} and computes in it; the budget "
                       "reads autocast (torch.autocast), not a policy")
     untracked = [s["untracked_bytes"] for name, s in phases.items()
                  if name != "load" and "untracked_bytes" in s]

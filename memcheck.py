@@ -652,7 +652,7 @@ class _Stack:
         config["not_reproduced"] = _not_reproduced(self.model, self.lm, self.seen, config["optimizer"])
         world_size = rank_and_world()[1]
         if world_size > 1:
-            config.update(strategy=_strategy(self.model), world_size=world_size)
+            config.update(strategy=_strategy(self.model) or "ddp", world_size=world_size)
         config["baseline_command"] = baseline_command(config)
         return {k: v for k, v in config.items() if v is not None}  # unknown is absent, not null
 
@@ -1608,24 +1608,18 @@ def rank_paths(path, world_size):
     return [path] + [f"{root}.rank{r}{ext}" for r in range(1, world_size)]
 
 
-def _is_wrapped(model):
-    """Whether DDP or FSDP wraps a module of `model`, or FSDP2 shards one."""
-    return any(c.__name__ in ("DistributedDataParallel", "FSDPModule", "FullyShardedDataParallel")
-               for m in model.modules() for c in type(m).__mro__)
+def flattened_by_fsdp1(model):
+    """Whether FSDP1 flattened `model`'s parameters (FlatParameters hide the layers' shapes)."""
+    return any(getattr(p, "_fsdp_flattened", False) for p in model.parameters())
 
 
 def _strategy(model):
-    """'fsdp' where a parameter is a DTensor or flattened by FSDP1, or a module is FSDP's; else 'ddp'."""
+    """'fsdp' where a parameter is a DTensor or flattened by FSDP1, or a module is FSDP's; 'ddp' where
+    DistributedDataParallel wraps a module; else None (a callback's model is inside the wrapper)."""
     classes = {c.__name__ for x in [*model.modules(), *model.parameters()] for c in type(x).__mro__}
-    flattened = any(getattr(p, "_fsdp_flattened", False) for p in model.parameters())
-    return "fsdp" if flattened or classes & {"DTensor", "FSDPModule", "FullyShardedDataParallel"} else "ddp"
-
-
-def fsdp2_cast_dtypes(model):
-    """The dtypes FSDP2's MixedPrecisionPolicy gathers `model`'s parameters in (param_dtype), by name."""
-    states = (m._get_fsdp_state() for m in model.modules() if hasattr(m, "_get_fsdp_state"))
-    return sorted({str(s._mp_policy.param_dtype).removeprefix("torch.") for s in states
-                   if getattr(getattr(s, "_mp_policy", None), "param_dtype", None) is not None})
+    if flattened_by_fsdp1(model) or classes & {"DTensor", "FSDPModule", "FullyShardedDataParallel"}:
+        return "fsdp"
+    return "ddp" if "DistributedDataParallel" in classes else None
 
 
 def _fsdp2_groups(module):
@@ -1637,14 +1631,20 @@ def _fsdp2_groups(module):
     return [g for g in (groups if groups is not None else [state._fsdp_param_group]) if g is not None]
 
 
+def fsdp2_cast_dtypes(model):
+    """The dtypes FSDP2's MixedPrecisionPolicy gathers `model`'s parameters in (param_dtype), by name."""
+    return sorted({str(g.mp_policy.param_dtype).removeprefix("torch.") for m in model.modules()
+                   for g in _fsdp2_groups(m) if g.mp_policy.param_dtype is not None})
+
+
 def _gathered_category(model):
     """A function of a tensor FSDP2 gathers a parameter into: the parameter's category (trainable_params,
     frozen_params), or None for another tensor. (Its gathered tensors are made at its first gather.)"""
+    params = [p for m in model.modules() for g in _fsdp2_groups(m) for p in g.fsdp_params]
     categories = {}
 
     def category(tensor):
         if id(tensor) not in categories:
-            params = [p for m in model.modules() for g in _fsdp2_groups(m) for p in g.fsdp_params]
             for p in params:
                 kind = "trainable_params" if p.sharded_param.requires_grad else "frozen_params"
                 categories.update((id(t), kind) for t in getattr(p, "all_gather_outputs", ()))
@@ -1688,8 +1688,9 @@ def _watch_fsdp_storage(tracker, scope, category):
         if record is not None:
             tracker._free_record(record)
         elif not freeing:   # the storage's new bytes, counted from now
-            record = tracker.track(tensor, "alloc_storage")
-            _promote(record, category(tensor) or record.category)
+            record, kind = tracker.track(tensor, "alloc_storage"), category(tensor)
+            if kind is not None:
+                _promote(record, kind)
     for module_name, *names in _FSDP_STORAGE:
         module = sys.modules.get(module_name)  # loaded where FSDP is (another torch may lack one)
         for name, freeing in ((n, f) for n, f in zip(names, (True, False)) if n and hasattr(module, n)):
