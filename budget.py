@@ -8,6 +8,7 @@ per-token estimate calibrated on OPT stands. Needs torch and memcheck.py, nothin
 import contextlib
 import copy
 import inspect
+import io
 import sys
 import weakref
 
@@ -94,9 +95,12 @@ def _structure(model):
         elif _is_linear(module) and id(module) not in inner:
             linears[leaf] = module
     hidden = model.get_input_embeddings().embedding_dim
-    # The MLP's width under each family's name: OPT, Llama and most; GPT-2; Falcon; else 4 x hidden.
-    ffn = next((v for k in ("ffn_dim", "intermediate_size", "n_inner", "ffn_hidden_size")
-                if isinstance(v := getattr(config, k, None), int)), 4 * hidden)
+    # The MLP's width under each family's name (OPT, Llama and most; GPT-2; Falcon), the one the
+    # layers were built with where a config has two (an OPT config read by a Llama class), else 4 x hidden.
+    widths = [v for k in ("ffn_dim", "intermediate_size", "n_inner", "ffn_hidden_size")
+              if isinstance(v := getattr(config, k, None), int)]
+    built = {n for m in linears.values() for n in _features(m)}
+    ffn = next((v for v in widths if v in built), widths[0] if widths else 4 * hidden)
     return {
         "layers": config.num_hidden_layers,
         "hidden": hidden,
@@ -245,6 +249,34 @@ class _AutocastOnMeta(torch.overrides.TorchFunctionMode):
         if dtype is not None and torch.is_autocast_enabled(self.device_type):
             args, kwargs = pytree.tree_map(lambda t: self._cast(t, dtype), (args, kwargs or {}))
         return func(*args, **(kwargs or {}))
+
+
+class _CaughtErrors(torch.overrides.TorchFunctionMode):
+    """Keeps the first error a torch function raises: a model whose own code catches it (an adapter
+    that returns zeros on any error, say) would otherwise be traced as running, and wrongly."""
+
+    def __init__(self):
+        super().__init__()
+        self.first = None
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        try:
+            return func(*args, **(kwargs or {}))
+        except Exception as e:
+            self.first = self.first or e
+            raise
+
+
+@contextlib.contextmanager
+def _model_code_watched():
+    """Around the model's code run on meta: what it prints is not the run's, and an error that it
+    catches and goes on after makes the trace wrong, so it is raised once the code is done."""
+    errors, printed = _CaughtErrors(), io.StringIO()
+    with errors, contextlib.redirect_stdout(printed), contextlib.redirect_stderr(printed):
+        yield
+    if errors.first is not None:
+        raise RuntimeError(f"the model's own code caught {type(errors.first).__name__}: "
+                           f"{first_line(errors.first)}")
 
 
 def _autocast_on_meta(dtype, device, weights):
@@ -579,7 +611,7 @@ def trace_layers(model, *, bs, seq, full=False, autocast_dtype=None, device="cpu
     hooks = [m.register_forward_pre_hook(lambda m, args, kwargs: (args, dict(kwargs, gate=gate)),
                                          with_kwargs=True) for m in gated]
     try:
-        with _training_unchecked(model):
+        with _training_unchecked(model), _model_code_watched():
             ids = torch.zeros(bs, seq, dtype=torch.long, device="meta")
             calls, (model_held, outputs_held), embeddings_apart = _layer_inputs(
                 model, state, ids, inputs, autocast_dtype, device, weights, input_grads)
@@ -1179,17 +1211,17 @@ def probed(stack, phases):
 
 def verdict(report):
     """The measured training peak against the budget, in plain words, with the weighty warnings."""
-    planned = report.get("budget")
+    planned, heavy = report.get("budget"), weighty_warnings(report) if report.get("peak_bytes") else []
+    named = f"; WARNING {', '.join(heavy)}" if heavy else ""
     if not planned or not report.get("peak_bytes"):
-        return report.get("no_budget", "no budget to compare with")
+        return report.get("no_budget", "no budget to compare with") + named
     if report.get("status", "ok") not in ("ok", "oom") and not report.get("steps"):
         return f"no verdict: the run stopped ({report['status']}) before its first step ended"
     ratio = report["peak_bytes"] / planned["peak_bytes"]
     if report.get("oom"):
         return (f"the budget for this setup is {mib(planned['peak_bytes'])} MiB; the OOM came at "
-                f"{mib(report['peak_bytes'])} MiB in {report['oom']['phase']} ({ratio:.2f}x the budget)")
-    heavy = weighty_warnings(report)
-    named = f"; WARNING {', '.join(heavy)}" if heavy else ""
+                f"{mib(report['peak_bytes'])} MiB in {report['oom']['phase']} ({ratio:.2f}x the "
+                f"budget){named}")
     if abs(ratio - 1) <= AS_EXPECTED:
         return f"measured peak {ratio:.2f}x the budget: " + ("as expected" if not heavy else named[2:])
     if ratio < 1:

@@ -53,7 +53,7 @@ _ENTRY_FIELDS = {"steps": {"live_bytes": int}, "modules": {"module": str, "bytes
 _OOM_FIELDS = {"phase": str, "step": int, "message": str}
 _NESTED_FIELDS = {"leak": {"detected": bool, "bytes_per_step": (int, float), "step_end_bytes": list},
                     "oom": _OOM_FIELDS, "recovered_oom": dict(_OOM_FIELDS, recovered_at_step=int),
-                    "rank_reports": list, "ranks": list}
+                    "rank_reports": list, "ranks": list, "caught_ooms": list}
 _MISSING = object()
 _KIND_NAMES = {type(None): "null", dict: "an object", list: "a list", int: "an integer", str: "a string",
                bool: "true or false", (int, float): "a number"}
@@ -66,9 +66,12 @@ STATUSES = ("ok", "oom", "error", "interrupted")
 _RANK = {c: i for i, c in enumerate(CATEGORIES)}
 TOP_SURVIVORS = 20
 NO_MODULE = "(no module)"
+EXPERT_COUNTS = ("lora_num", "num_moe", "num_experts", "n_experts")  # a LoRA fork's count of experts
 REFERENCE = "the reference for this stack"
 NO_LORA_BASELINE = (f"{REFERENCE}: none; ref_train.py trains LoRA adapters, and the probe found no LoRA "
                     "layer (PEFT's, or a gated one) in this model")
+NO_BUDGET_YET = ("no budget yet: this report was written as memory ran out; the report written as "
+                 "the run ends has it")
 NO_BUDGET = ("no budget: copy budget.py beside memcheck.py for a verdict, or run the printed "
              "baseline command")
 
@@ -212,6 +215,7 @@ class Tracker(TorchDispatchMode):
                             self.track(leaf, func)
             return out
         except BaseException as e:
+            out = t = leaf = None  # what the op made is not held by this frame while the error is handled
             if self.on_error is not None:
                 self.on_error(e)
             raise
@@ -233,8 +237,14 @@ class Tracker(TorchDispatchMode):
         nbytes = storage.nbytes()
         if nbytes == 0:
             return None
-        self.event += 1
         module = self.module_stack[-1] if self.module_stack else NO_MODULE
+        if self.limit_bytes is not None and self.live_bytes + nbytes > self.limit_bytes:
+            # as an allocator fails: the allocation is not made, so not counted, not even in the peak
+            raise torch.OutOfMemoryError(
+                f"allocating {mib(nbytes)} MiB ({tuple(tensor.shape)} {str(tensor.dtype)[6:]} in "
+                f"{_op_name(op)}, module {module}) with {mib(self.live_bytes)} MiB live: over the "
+                f"--max-memory / max_memory_mib limit of {mib(self.limit_bytes)} MiB")
+        self.event += 1
         record = _Storage(storage, self._freed)
         record.key, record.nbytes, record.created, record.freed = key, nbytes, self.event, None
         record.step, record.phase, record.module, record._op = self.step, self.phase, module, op
@@ -244,11 +254,6 @@ class Tracker(TorchDispatchMode):
         self.live_bytes += nbytes
         if self.live_bytes > self.peak_bytes:
             self.peak_bytes, self.peak_event = self.live_bytes, self.event
-        if self.limit_bytes is not None and self.live_bytes > self.limit_bytes:
-            raise torch.OutOfMemoryError(
-                f"live tensors reached {mib(self.live_bytes)} MiB, over the --max-memory / "
-                f"max_memory_mib limit of {mib(self.limit_bytes)} MiB (allocating {tuple(tensor.shape)} "
-                f"{record.dtype} in {record.op}, module {module})")
         return record
 
     def _free_record(self, record):
@@ -466,6 +471,32 @@ class _Saves:
 
 # ---------------------------------------------------------------- the probe: what it sees of the stack
 
+def _defaulted_sizes(config):
+    """'name=value' of the sizes of `config` that the config.json it was read from does not give,
+    so that its class's defaults stand."""
+    try:
+        with open(os.path.join(getattr(config, "name_or_path", None) or "", "config.json")) as f:
+            given = json.load(f)
+        defaults = type(config)()
+    except Exception:  # no file beside it, or a class that cannot be built without arguments
+        return []
+    sizes = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+             "num_key_value_heads", "vocab_size")
+    return [f"{k}={v}" for k in sizes if k not in given
+            and type(v := getattr(config, k, None)) is int and v == getattr(defaults, k, None)]
+
+
+def _handling_oom():
+    """Whether an out-of-memory error is being raised or handled where this runs (a module's hook
+    that always runs is called as its forward returns, or inside torch's handler as it raises)."""
+    error, depth = sys.exc_info()[1], 0
+    while error is not None and depth < 8:
+        if is_out_of_memory(error):
+            return True
+        error, depth = error.__cause__ or error.__context__, depth + 1
+    return False
+
+
 def _masks_attention(signature, args, kwargs):
     """Whether a forward (of this signature) gives SDPA an explicit mask: padding in its 2-D
     attention mask, a mask made by the caller (4-D), or "packed": position ids that restart within a
@@ -486,8 +517,10 @@ def _masks_attention(signature, args, kwargs):
 class _Stack:
     """The stack watched: module names, parameter roles, what the training forwards showed."""
 
-    def __init__(self, tracker, device, saves):
+    def __init__(self, tracker, device, saves, on_oom_caught):
         self.tracker, self.device, self.saves = tracker, device, saves
+        # the modules whose forward an out-of-memory error was raised in and has not yet left
+        self.oom_inside, self.on_oom_caught = [], on_oom_caught
         self.model = self.optimizer = self.lm = None  # lm: the Hugging Face model in it, if any
         self.names, self.seen = {}, {}     # module -> name; what the training forwards showed (bs, seq, ...)
         self.roles, self.graded, self.hooks = None, set(), []  # roles: (parameters, buffers), once a step
@@ -543,8 +576,12 @@ class _Stack:
             self.hooks.pop().remove()
 
     def _leave_module(self, *_):  # returns None: anything else would replace the output
-        if self.tracker.module_stack:
-            self.tracker.module_stack.pop()
+        name = self.tracker.module_stack.pop() if self.tracker.module_stack else None
+        if self.oom_inside and name in self.oom_inside:
+            self.oom_inside.remove(name)
+            if not _handling_oom():  # the error did not leave this forward: its code caught it
+                self.oom_inside = []
+                self.on_oom_caught(name)
 
     def _training(self):
         return self.tracker.phase != "eval" and torch.is_grad_enabled()
@@ -691,9 +728,12 @@ class _Stack:
         read_as = getattr(getattr(lm, "config", None), "model_type", None)
         if built_as and read_as and built_as != read_as:
             cls = type(lm).__name__
+            defaulted = _defaulted_sizes(lm.config)
+            sizes = (f", and sizes its config.json does not give ({', '.join(defaulted)}: "
+                     f"{type(lm.config).__name__}'s defaults)" if defaulted else "")
             message = (f"{cls} was built from a config of model_type {read_as!r} (architectures "
                        f"{getattr(lm.config, 'architectures', None)}): the weights of another "
-                       "architecture; load the folder with AutoModelForCausalLM")
+                       f"architecture{sizes}; load the folder with AutoModelForCausalLM")
             found.append({"kind": "model_mismatch", "class": cls, "model_type": read_as, "message": message})
         if not self.saves.backward_steps or self.model is None:
             return found
@@ -738,12 +778,13 @@ class Probe:
         self.config, self.log, self._path = config or {}, log or _say, path
         self._join_ranks()
         self.status, self.error, self.oom, self.recovered_oom = "ok", None, None, None
+        self.caught_ooms = []            # out-of-memory errors the model's own code caught
         # Each phase's statistics, each step's, and the training peak's: the figures the report reads.
         self.phases, self.steps, self.peak = {}, [], {"peak_bytes": 0}
         self._started, self._step_peak = None, 0   # the open step's start time and peak
         self._phased, self._step_ended = False, time.perf_counter()  # a phase began in this step
         self._saves = _Saves(self.tracker)
-        self._stack = _Stack(self.tracker, self.device, self._saves)
+        self._stack = _Stack(self.tracker, self.device, self._saves, self._oom_caught)
         self._survivors = []             # a leak's evidence, from the last step that grew
         self._scope, self._open, self._pending = contextlib.ExitStack(), False, (model, optimizer)
         self._within = None              # the phase a with-block holds open
@@ -918,8 +959,9 @@ class Probe:
                            "live_bytes": live, "peak_bytes": self._step_peak or live})
         self._check_step()
         if self.status == "oom":  # the loop caught it and went on (with a smaller batch, say)
-            self.recovered_oom = dict(self.oom, recovered_at_step=self.tracker.step)
+            self.recovered_oom = self.recovered_oom or dict(self.oom, recovered_at_step=self.tracker.step)
             self.status, self.error, self.oom = "ok", None, None
+        self._stack.oom_inside = []
         self._step_peak, self._started, self._phased, self._step_ended = 0, None, False, now
         self.tracker.step += 1
         self._new_window()
@@ -943,28 +985,31 @@ class Probe:
     def _record_oom(self, error):
         self.status, self.error = "oom", first_line(error)
         if self.oom is None:
+            stack = self.tracker.module_stack
             self.oom = {"phase": self.tracker.phase or BETWEEN_PHASES, "step": self.tracker.step,
-                        "message": self.error}
+                        "module": stack[-1] if stack else NO_MODULE, "message": self.error}
 
     def _on_op_error(self, error):
         # The allocation that fails is the moment to write: the process may not live to close().
+        # (without the budget, which would run the model's layers inside the forward that failed)
         if is_out_of_memory(error) and self.oom is None:
             self._record_oom(error)
+            self._stack.oom_inside = list(self.tracker.module_stack)
             if self.path:
-                self.save()
+                self.save(budget=False)
+
+    def _oom_caught(self, module):
+        """The model's own code caught an out-of-memory error inside `module`'s forward, and went on."""
+        if self.oom is not None:
+            self.caught_ooms.append(dict(self.oom, caught_in=module))
+        self.status, self.error, self.oom = "ok", None, None
 
     # -- results
-    def report(self):
+    def report(self, budget=True):
+        """The report so far; budget=False leaves the budget out (it runs the model's layers on meta,
+        which must wait for the forward that failed, as memory runs out, to end)."""
         config = self.config or self._stack.inferred_config()
         leak = find_leak(self.steps, self._survivors)
-        steps, survivors = len(leak["step_end_bytes"]), leak["survivors"]
-        examples = "; ".join(f"{s['shape']} {s['dtype']} {s['bytes']:,} B from {s['op']} in {s['module']} "
-                             f"(step {s['step']})" for s in survivors[:3])
-        warnings = [{"kind": "leak", "bytes_per_step": leak["bytes_per_step"], "steps": steps,
-                     "bytes": leak["bytes_per_step"] * (steps - 1),
-                     "message": f"live memory grows {leak['bytes_per_step']:,.0f} bytes every step"
-                                + (f"; {len(survivors)} tensors from earlier steps survive, e.g. {examples}"
-                                   if survivors else "")}] if leak["detected"] else []
         report = {"schema": SCHEMA, "command": " ".join([os.path.basename(sys.executable)] + sys.argv),
                   "status": self.status, "error": self.error, "config": config,
                   "env": environment(self.device), "rank": self.rank, "world_size": self.world_size,
@@ -974,7 +1019,8 @@ class Probe:
                   "phases": {name: {k: v for k, v in stats.items() if k not in ("modules", "temporaries")}
                              for name, stats in self.phases.items()},
                   "steps": self.steps, "leak": leak, "oom": self.oom,
-                  "recovered_oom": self.recovered_oom, "warnings": warnings
+                  "recovered_oom": self.recovered_oom, "caught_ooms": self.caught_ooms,
+                  "warnings": _leak_warnings(leak) + _caught_warnings(self.caught_ooms)
                   + self._stack.warnings() + self._saves.warnings(self.peak["peak_bytes"])}
         if self.allocator_only:
             report["allocator_only"] = ALLOCATOR_ONLY
@@ -984,20 +1030,48 @@ class Probe:
             except ImportError:  # no budget.py beside this file
                 report["budget"], report["no_budget"] = None, NO_BUDGET
             else:
-                report["budget"], why = probed(self._stack, self.phases)
+                report["budget"], why = probed(self._stack, self.phases) if budget else (None, NO_BUDGET_YET)
                 report.update({"no_budget": why} if why else {})
         if self.paths and self.world_size > 1:  # relative to this report: diff finds them beside it
             here = os.path.dirname(self.path) or "."
             report["rank_reports"] = [os.path.relpath(p, here) for p in self.paths]
         return report
 
-    def save(self, path=None):
+    def save(self, path=None, budget=True):
         """Write the report to `path` (default: the probe's), and return it. A model built in code
         has its config.json written beside it (beside rank 0's, under torchrun), for the baseline."""
         self._stack.save_config(self.paths[0] if self.paths else path, write=not self.paths or self.rank == 0)
-        report = self.report()
+        report = self.report(budget)
         write_report(path or self.path, report)
         return report
+
+
+def _leak_warnings(leak):
+    if not leak["detected"]:
+        return []
+    steps, survivors = len(leak["step_end_bytes"]), leak["survivors"]
+    examples = "; ".join(f"{s['shape']} {s['dtype']} {s['bytes']:,} B from {s['op']} in {s['module']} "
+                         f"(step {s['step']})" for s in survivors[:3])
+    return [{"kind": "leak", "bytes_per_step": leak["bytes_per_step"], "steps": steps,
+             "bytes": leak["bytes_per_step"] * (steps - 1),
+             "message": f"live memory grows {leak['bytes_per_step']:,.0f} bytes every step"
+                        + (f"; {len(survivors)} tensors from earlier steps survive, e.g. {examples}"
+                           if survivors else "")}]
+
+
+def _caught_warnings(caught):
+    """oom_caught: out-of-memory errors a module's forward caught and went on after; an except clause
+    that returns zeros instead makes a run that looks healthy and trains on wrong values."""
+    if not caught:
+        return []
+    first, places = caught[0], sorted({c["caught_in"] for c in caught})
+    times = "once" if len(caught) == 1 else f"{len(caught)} times"
+    return [{"kind": "oom_caught", "count": len(caught), "caught_in": places, "ooms": caught[:TOP_SURVIVORS],
+             "message": f"memory ran out {times} and the model's own code caught it: the forward of "
+                        f"{', '.join(places)} went on after it (first at step {first['step']} in "
+                        f"{first['phase']}, inside {first['module']}: {first['message']}); unless it "
+                        "did the work again in smaller pieces, it returned something else, and training "
+                        "goes on with wrong values and fails later, if at all, for another reason"}]
 
 
 def _allocator_stats(device):
@@ -1069,15 +1143,21 @@ def _checkpointing(flags):
 
 
 def _adapter(module):
-    """(base linear, {r, experts, impl, dropout}) of a gated LoRA or a PEFT LoRA layer, else None."""
+    """(base linear, {r, experts, impl, dropout}) of a LoRA layer, else None: ilora.py's gated one
+    (n_experts, base), or PEFT's (r, lora_alpha, lora_dropout: dicts by adapter name, lora_A), its
+    linear as base_layer or, as PEFT 0.3 and its forks build it, the layer itself (an nn.Linear);
+    a fork's mixture of experts counts them in one of EXPERT_COUNTS (their form is traced)."""
     if hasattr(module, "n_experts") and hasattr(module, "base"):
         return module.base, {"r": module.r, "experts": module.n_experts, "impl": module.impl,
                              "dropout": getattr(module.lora_dropout, "p", 0.0)}
-    if hasattr(module, "base_layer") and isinstance(getattr(module, "r", None), dict) and module.r:
-        name = next(iter(module.r))
-        return module.base_layer, {"r": module.r[name], "experts": 1, "impl": "lean",
-                                   "dropout": getattr(module.lora_dropout[name], "p", 0.0),
-                                   "alpha": module.lora_alpha[name]}
+    base = getattr(module, "base_layer", module if isinstance(module, torch.nn.Linear) else None)
+    ranks = getattr(module, "r", None)
+    if base is not None and hasattr(module, "lora_A") and isinstance(ranks, dict) and ranks:
+        name = next(iter(ranks))
+        experts = next((n for a in EXPERT_COUNTS if type(n := getattr(module, a, None)) is int and n > 0), 1)
+        return base, {"r": ranks[name], "experts": experts, "impl": "lean",
+                      "dropout": getattr(module.lora_dropout[name], "p", 0.0),
+                      "alpha": module.lora_alpha[name]}
     return None
 
 
@@ -1087,11 +1167,11 @@ def _adapters(model):
     if not found:
         return {"adapters": None}
     _, first, lora = found[0]
-    kinds = {"gated_lora" if hasattr(m, "n_experts") else "peft_lora" for _, m, _ in found}
+    kinds = {"gated_lora" if a["experts"] > 1 else "peft_lora" for _, _, a in found}
     # (a gated layer keeps its scaling, alpha / (r / experts))
     alpha = lora["alpha"] if "alpha" in lora else first.scaling * lora["r"] / lora["experts"]
-    base_layer = first.base if hasattr(first, "base") else first.base_layer
-    base, in_base = base_layer.weight, {id(p) for p in base_layer.parameters()}
+    base_layer = _adapter(first)[0]
+    base, in_base = base_layer.weight, {id(p) for p in base_layer.parameters(recurse=base_layer is not first)}
     own = next((p for p in first.parameters() if id(p) not in in_base and p.requires_grad), base)
     # in ref_train.py's words: fp32 LoRA weights, or in the model's dtype ("match")
     lora_dtype = ("fp32" if own.dtype == torch.float32 else "match" if own.dtype == base.dtype
@@ -1471,9 +1551,12 @@ def verdict(report):
 
 
 def weighty_warnings(report):
-    """'kind N.N MiB' of each warning that weighs 3% of the peak or more."""
-    return [f"{w['kind']} {mib(w['bytes'])} MiB" for w in report.get("warnings") or []
-            if w.get("bytes", 0) >= AS_EXPECTED * report["peak_bytes"]]
+    """'kind N.N MiB' of each warning that weighs 3% of the peak or more, and any oom_caught."""
+    warnings = report.get("warnings") or []
+    return ([f"oom_caught ({w['count']}x, in {', '.join(w['caught_in'])})" for w in warnings
+             if w["kind"] == "oom_caught"]
+            + [f"{w['kind']} {mib(w['bytes'])} MiB" for w in warnings
+               if w.get("bytes", 0) >= AS_EXPECTED * report["peak_bytes"]])
 
 
 def _largest_temporary(report):
@@ -1519,9 +1602,12 @@ def _report_lines(report):
                      f"{dtype}, {mib(weights)} MiB" + (" on this rank (FSDP: its shards)" if sharded else ""))
     head, lines = lines, []
     if oom:
-        lines.append(f"OUT OF MEMORY in {oom['phase']} at step {oom['step']}: {oom['message']}")
+        inside = f", inside {oom['module']}" if oom.get("module", NO_MODULE) != NO_MODULE else ""
+        lines.append(f"OUT OF MEMORY in {oom['phase']} at step {oom['step']}{inside}: {oom['message']}")
     elif report.get("status", "ok") != "ok":
-        lines.append(f"run {report['status'].upper()}: {report.get('error')}")
+        lines.append(f"run {report['status'].upper()}: {report.get('error')}" + (
+            ", after memory ran out and the model caught it (WARNING oom_caught)" if report.get("caught_ooms")
+            else ""))
     if report.get("recovered_oom"):
         lines.append(_recovered(report["recovered_oom"]))
     lines.append("peak: not measured (no training phase finished)" if report["peak_phase"] is None else
@@ -1532,10 +1618,10 @@ def _report_lines(report):
     if report.get("modules"):
         lines.append("saved activations by module: " + ", ".join(
             f"{m['module']} {mib(m['bytes'])}" for m in report["modules"][:5]))
-    if report.get("temporaries"):
+    shown = [t for t in (report.get("temporaries") or [])[:3] if mib(t["bytes"]) != "0.0"]
+    if shown:
         lines.append("largest temporaries: " + ", ".join(
-            f"{t['shape']} {t['dtype']} from {t['op']} in {t['module']} {mib(t['bytes'])}"
-            for t in report["temporaries"][:3] if mib(t["bytes"]) != "0.0"))
+            f"{t['shape']} {t['dtype']} from {t['op']} in {t['module']} {mib(t['bytes'])}" for t in shown))
     if params:
         lines.append(f"parameters: {params['trainable']:,} trainable, {params['frozen']:,} frozen")
     if len(leak["step_end_bytes"]) < 3:

@@ -70,8 +70,9 @@ def test_the_tracker_allows_live_bytes_up_to_its_limit_and_fails_one_byte_past_i
     with memcheck.Tracker("cpu", limit_bytes=4000) as tracker:
         x = torch.empty(1000)                       # exactly the limit: not over it
         assert tracker.live_bytes == 4000
-        with pytest.raises(torch.OutOfMemoryError, match="live tensors reached"):
+        with pytest.raises(torch.OutOfMemoryError, match="over the --max-memory / max_memory_mib limit"):
             torch.empty(1, dtype=torch.uint8)
+        assert tracker.live_bytes == 4000
     del x
 
 
@@ -455,6 +456,84 @@ def test_a_loop_that_recovers_from_an_oom_ends_ok_and_says_where_it_ran_out(tmp_
     assert "and the loop went on: step 1 finished after it" in memcheck.format_report(report)
     done = run_main(memcheck.main, capsys, "diff", path, path, "--max-ratio", "1")
     assert done.returncode == 0 and "A out of memory in forward at step 1" in done.stdout
+
+
+def test_an_allocation_over_max_memory_is_not_made_so_a_smaller_one_fits_after_it():
+    with memcheck.Probe(nn.Linear(4, 4), max_memory_mib=3) as probe:
+        with probe.phase("forward"):
+            kept = torch.ones(MiB // 2)   # 2 MiB
+            live = probe.tracker.live_bytes
+            with pytest.raises(torch.OutOfMemoryError, match=r"allocating 2\.0 MiB .* with 2\.0 MiB live"):
+                torch.ones(MiB // 2)
+            assert probe.tracker.live_bytes == live   # as a real allocator: nothing was allocated
+            small = torch.zeros(16)
+    assert probe.phases["forward"]["peak_bytes"] == live + small.untyped_storage().nbytes() < 3 * MiB
+    del kept
+
+
+def careless(layer):
+    """`layer` with the forward of a fork that catches any error inside it and returns zeros."""
+    forward = layer.forward
+
+    def catching(x):
+        try:
+            return forward(x)
+        except Exception as e:
+            print(f"layer error: {e}")
+        return torch.zeros_like(x)
+    layer.forward = catching
+    return layer
+
+
+def test_an_oom_a_layer_catches_is_named_and_so_is_the_error_it_leads_to(tmp_path):
+    model = nn.Sequential(nn.Linear(16, 16), careless(nn.Linear(16, 4096)))
+    path = tmp_path / "caught.json"
+    with pytest.raises(RuntimeError, match="does not require grad"):
+        with memcheck.Probe(model, path=path, max_memory_mib=1, log=lambda *a: None) as probe:
+            with probe.phase("forward"):
+                loss = model(torch.randn(64, 16)).sum()   # its [64, 4096] output is over the limit
+            with probe.phase("backward"):
+                loss.backward()   # of the zeros the layer returned instead
+    report = memcheck.read_report(path)
+    assert report["status"] == "error" and report["oom"] is None
+    assert [(c["module"], c["caught_in"], c["step"]) for c in report["caught_ooms"]] == [("1", "1", 1)]
+    shown = memcheck.format_report(report)
+    assert "grad_fn, after memory ran out and the model caught it (WARNING oom_caught)" in shown
+    assert "WARNING oom_caught: memory ran out once and the model's own code caught it: the forward of 1" \
+        in shown
+
+
+def test_an_oom_caught_in_one_layer_then_one_raised_in_the_next_are_both_named(tmp_path):
+    model = nn.Sequential(careless(nn.Linear(16, 4096)), nn.Linear(16, 4096))
+    path = tmp_path / "fatal.json"
+    with pytest.raises(torch.OutOfMemoryError):
+        with memcheck.Probe(model, path=path, max_memory_mib=1, log=lambda *a: None) as probe:
+            with probe.phase("forward"):
+                model(torch.randn(64, 16))
+    report = memcheck.read_report(path)
+    assert report["status"] == "oom" and report["oom"]["module"] == "1"
+    assert [(c["module"], c["caught_in"]) for c in report["caught_ooms"]] == [("0", "0")]
+    shown = memcheck.format_report(report)
+    assert "OUT OF MEMORY in forward at step 1, inside 1: allocating 1.0 MiB" in shown
+    assert "WARNING oom_caught (1x, in 0)" in memcheck.verdict(dict(report, budget=None))
+
+
+def test_an_oom_that_leaves_the_model_for_the_loop_is_recovered_from_not_caught(tmp_path):
+    model = nn.Sequential(nn.Linear(16, 4096))
+    path = tmp_path / "recovered.json"
+    with memcheck.Probe(model, path=path, max_memory_mib=1, log=lambda *a: None) as probe:
+        for bs in (64, 8, 8, 8):   # the first batch's output is over the limit: the loop goes smaller
+            try:
+                with probe.phase("forward"):
+                    loss = model(torch.randn(bs, 16)).sum()
+            except torch.OutOfMemoryError:
+                continue
+            with probe.phase("backward"):
+                loss.backward()
+            probe.step(loss)
+    report = memcheck.read_report(path)
+    assert (report["status"], report["caught_ooms"], report["recovered_oom"]["module"]) == ("ok", [], "0")
+    assert "oom_caught" not in [w["kind"] for w in report["warnings"]]
 
 
 def test_pythons_own_memory_error_is_an_out_of_memory():
@@ -1234,7 +1313,7 @@ def stopped_and_full(tiny_model, tmp_path_factory):
     stopped, full = tmp / "stopped.json", tmp / "full.json"
     flags = ["--model", tiny_model, "--device", "cpu", "--steps", "2"]
     with pytest.raises(torch.OutOfMemoryError):   # a limit the model's own weights pass
-        ref_train.train(ref_train.parse_args([*flags, "--max-memory", "0.1", "--report", str(stopped)]),
+        ref_train.train(ref_train.parse_args([*flags, "--max-memory", "0.3", "--report", str(stopped)]),
                         log=lambda *a: None)
     ref_train.train(ref_train.parse_args([*flags, "--report", str(full)]), log=lambda *a: None)
     report = memcheck.read_report(stopped)

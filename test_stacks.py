@@ -9,9 +9,11 @@ import pytest
 import torch
 import torch.distributed.run
 
+import budget
 import memcheck
 import ref_train
-from conftest import TINY_OPT, hf_train, lightning_fit, on_ranks, run_main, token_batches, user_loop
+from conftest import (TINY_OPT, forked_ilora_opt, hf_train, lightning_fit, on_ranks, run_main, token_batches,
+                      user_loop)
 
 VOCAB, BS, SEQ = 500, 2, 32
 
@@ -84,6 +86,31 @@ def test_an_oom_in_step_one_gets_a_budget_a_verdict_and_the_configured_checkpoin
     line = memcheck.verdict(report)
     assert line.startswith(f"the budget for this setup is {memcheck.mib(report['budget']['peak_bytes'])} "
                            f"MiB; the OOM came at {memcheck.mib(report['peak_bytes'])} MiB in {phase}"), line
+
+
+@pytest.mark.parametrize("careless", [True, False], ids=["caught-by-the-layer", "raised"])
+def test_an_oom_inside_the_forks_gated_lora_is_named_whether_or_not_the_layer_catches_it(
+        careless, tmp_path, capsys):
+    # The fork's layer catches any error in its forward and returns zeros: training goes on, wrong.
+    where = "model.decoder.layers.1.self_attn.v_proj"
+    model, _ = forked_ilora_opt(careless=careless, workspace_in=where, workspace_bytes=64 * memcheck.MiB)
+    path = tmp_path / "stack.json"
+    with contextlib.nullcontext() if careless else pytest.raises(torch.OutOfMemoryError):
+        lightning_fit(model, memcheck.lightning_callback(**quiet(path, max_memory_mib=32)))
+    report = memcheck.read_report(path)
+    kinds, shown = [w["kind"] for w in report["warnings"]], memcheck.format_report(report)
+    if careless:
+        assert (report["status"], report["oom"]) == ("ok", None)
+        assert [c["caught_in"] for c in report["caught_ooms"]] == [where] * 3
+        assert kinds.count("oom_caught") == 1 and f"WARNING oom_caught (3x, in {where})" in shown
+        # the three lines are the run's: the budget's trace of the layer on meta printed none
+        assert capsys.readouterr().out.count("MoeLoraLinear error") == 3
+        assert "the model's own code caught RuntimeError" in report["budget"]["method"]
+    else:
+        assert report["status"] == "oom" and report["oom"]["module"] == where
+        assert not report["caught_ooms"] and "oom_caught" not in kinds
+        assert f"OUT OF MEMORY in forward at step 1, inside {where}: allocating 64.0 MiB" in shown
+    assert "--experts 4 " in report["config"]["baseline_command"]   # the fork's layer read as gated LoRA
 
 
 class FailingRows(torch.utils.data.Dataset):
@@ -794,8 +821,11 @@ def test_an_opt_folder_loaded_into_llama_is_a_model_mismatch(tiny_model, tmp_pat
         report = probe.report()
         assert [w["kind"] for w in report["warnings"]] == kinds, report["warnings"]
         assert report["config"]["model"] == tiny_model
-        if kinds:
+        if kinds:   # Llama's MLP is built at LlamaConfig's width, which the OPT folder does not give
             assert "'opt'" in report["warnings"][0]["message"]
+            assert "(intermediate_size=11008: LlamaConfig's defaults)" in report["warnings"][0]["message"]
+        mlp = model.model.layers[0].mlp.up_proj if kinds else model.model.decoder.layers[0].fc1
+        assert budget._structure(model)["ffn"] == mlp.out_features   # the width the budget's formula takes
 
 
 # ---------------------------------------------------------------- a probe without phases
