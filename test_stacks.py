@@ -88,15 +88,19 @@ def test_an_oom_in_step_one_gets_a_budget_a_verdict_and_the_configured_checkpoin
                            f"MiB; the OOM came at {memcheck.mib(report['peak_bytes'])} MiB in {phase}"), line
 
 
-@pytest.mark.parametrize("careless", [True, False], ids=["caught-by-the-layer", "raised"])
+@pytest.mark.parametrize("stack, careless", [("lightning", True), ("lightning", False), ("hf_trainer", True)],
+                         ids=["lightning-caught-by-the-layer", "lightning-raised", "hf_trainer-caught-by-the-layer"])
 def test_an_oom_inside_the_forks_gated_lora_is_named_whether_or_not_the_layer_catches_it(
-        careless, tmp_path, capsys):
+        stack, careless, tmp_path, capsys):
     # The fork's layer catches any error in its forward and returns zeros: training goes on, wrong.
     where = "model.decoder.layers.1.self_attn.v_proj"
     model, _ = forked_ilora_opt(careless=careless, workspace_in=where, workspace_bytes=64 * memcheck.MiB)
     path = tmp_path / "stack.json"
     with contextlib.nullcontext() if careless else pytest.raises(torch.OutOfMemoryError):
-        lightning_fit(model, memcheck.lightning_callback(**quiet(path, max_memory_mib=32)))
+        if stack == "lightning":
+            lightning_fit(model, memcheck.lightning_callback(**quiet(path, max_memory_mib=32)))
+        else:
+            hf_train(model, [memcheck.hf_callback(**quiet(path, max_memory_mib=32))], tmp_path)
     report = memcheck.read_report(path)
     kinds, shown = [w["kind"] for w in report["warnings"]], memcheck.format_report(report)
     if careless:
