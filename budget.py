@@ -1210,7 +1210,14 @@ def probed(stack, phases):
 
 
 def verdict(report):
-    """The measured training peak against the budget, in plain words, with the weighty warnings."""
+    """The measured training peak against the budget, in plain words, with the weighty warnings, and
+    why the budget is an estimate where its layers could not be traced."""
+    method = (report.get("budget") or {}).get("method", "")
+    estimated = method.startswith("formula: ") and report.get("peak_bytes")
+    return _verdict(report) + (f"; the budget is a per-token estimate: {method[9:]}" if estimated else "")
+
+
+def _verdict(report):
     planned, heavy = report.get("budget"), weighty_warnings(report) if report.get("peak_bytes") else []
     named = f"; WARNING {', '.join(heavy)}" if heavy else ""
     if not planned or not report.get("peak_bytes"):

@@ -1391,6 +1391,14 @@ def test_a_warning_of_three_percent_of_the_peak_is_named_beside_a_peak_on_budget
         "measured peak 1.00x the budget: WARNING output_kept 4.0 MiB")
 
 
+def test_a_verdict_on_a_budget_estimated_per_token_says_so_and_why():
+    report = synthetic(1.0)
+    assert memcheck.verdict(report) == "measured peak 1.00x the budget: as expected"   # traced
+    report["budget"]["method"] = "formula: the layer does not run on meta (KeyError: 'gate')"
+    assert memcheck.verdict(report) == ("measured peak 1.00x the budget: as expected; the budget is a "
+                                        "per-token estimate: the layer does not run on meta (KeyError: 'gate')")
+
+
 def test_a_warning_of_exactly_three_percent_of_the_peak_is_weighty_and_one_byte_less_is_not():
     report = synthetic(1.0)
     three = 3 * report["peak_bytes"] // 100   # the peak is 100 MiB: 3% of it is a whole number of bytes

@@ -110,6 +110,7 @@ def test_an_oom_inside_the_forks_gated_lora_is_named_whether_or_not_the_layer_ca
         # the three lines are the run's: the budget's trace of the layer on meta printed none
         assert capsys.readouterr().out.count("MoeLoraLinear error") == 3
         assert "the model's own code caught RuntimeError" in report["budget"]["method"]
+        assert "; the budget is a per-token estimate: the layer does not run on meta" in shown
     else:
         assert report["status"] == "oom" and report["oom"]["module"] == where
         assert not report["caught_ooms"] and "oom_caught" not in kinds
