@@ -17,7 +17,7 @@ import torch.utils._pytree as pytree
 
 from memcheck import (AS_EXPECTED, CATEGORIES, Tracker, _adapter, _bytes_by_dtype, _largest_temporary,
                       _strategy, _unique_params, decoder_layers, first_line, flattened_by_fsdp1,
-                      fsdp2_cast_dtypes, mib, rank_and_world, unwrapped_optimizer, weighty_warnings)
+                      fsdp2_cast_dtypes, mib, named_warnings, rank_and_world, unwrapped_optimizer)
 
 BUDGET_TOLERANCE = 0.10  # the budget's accuracy target: beyond it, a peak is an excess
 # Which decoder linears share an input: adapting any of them makes autograd save that input once.
@@ -251,6 +251,10 @@ class _AutocastOnMeta(torch.overrides.TorchFunctionMode):
         return func(*args, **(kwargs or {}))
 
 
+class _CaughtOnMeta(Exception):
+    """The model's own code caught an error on meta, and went on."""
+
+
 class _CaughtErrors(torch.overrides.TorchFunctionMode):
     """Keeps the first error a torch function raises: a model whose own code catches it (an adapter
     that returns zeros on any error, say) would otherwise be traced as running, and wrongly."""
@@ -275,8 +279,7 @@ def _model_code_watched():
     with errors, contextlib.redirect_stdout(printed), contextlib.redirect_stderr(printed):
         yield
     if errors.first is not None:
-        raise RuntimeError(f"the model's own code caught {type(errors.first).__name__}: "
-                           f"{first_line(errors.first)}")
+        raise _CaughtOnMeta(f"{type(errors.first).__name__}: {first_line(errors.first)}")
 
 
 def _autocast_on_meta(dtype, device, weights):
@@ -1077,6 +1080,8 @@ def _layers(model, s, *, bs, seq, act, mask, full, padded, casts_weights, autoca
                                                autocast_dtype=autocast_dtype, **seen), masked
             method = "traced"
             break
+        except _CaughtOnMeta as e:
+            method = f"formula: the model's own code caught an error on meta and went on ({e})"
         except Exception as e:
             method = f"formula: the layer does not run on meta ({type(e).__name__}: {first_line(e)})"
     on_cuda = torch.device(device).type == "cuda"
@@ -1218,19 +1223,18 @@ def verdict(report):
 
 
 def _verdict(report):
-    planned, heavy = report.get("budget"), weighty_warnings(report) if report.get("peak_bytes") else []
-    named = f"; WARNING {', '.join(heavy)}" if heavy else ""
+    planned, named = report.get("budget"), named_warnings(report)
     if not planned or not report.get("peak_bytes"):
         return report.get("no_budget", "no budget to compare with") + named
     if report.get("status", "ok") not in ("ok", "oom") and not report.get("steps"):
-        return f"no verdict: the run stopped ({report['status']}) before its first step ended"
+        return f"no verdict: the run stopped ({report['status']}) before its first step ended{named}"
     ratio = report["peak_bytes"] / planned["peak_bytes"]
     if report.get("oom"):
         return (f"the budget for this setup is {mib(planned['peak_bytes'])} MiB; the OOM came at "
                 f"{mib(report['peak_bytes'])} MiB in {report['oom']['phase']} ({ratio:.2f}x the "
                 f"budget){named}")
     if abs(ratio - 1) <= AS_EXPECTED:
-        return f"measured peak {ratio:.2f}x the budget: " + ("as expected" if not heavy else named[2:])
+        return f"measured peak {ratio:.2f}x the budget: " + (named[2:] or "as expected")
     if ratio < 1:
         below = "the budget overcounts this configuration" if ratio < 1 - BUDGET_TOLERANCE else "within 10%"
         return f"measured peak {ratio:.2f}x the budget: below it, {below}{named}"

@@ -66,7 +66,7 @@ STATUSES = ("ok", "oom", "error", "interrupted")
 _RANK = {c: i for i, c in enumerate(CATEGORIES)}
 TOP_SURVIVORS = 20
 NO_MODULE = "(no module)"
-EXPERT_COUNTS = ("lora_num", "num_moe", "num_experts", "n_experts")  # a LoRA fork's count of experts
+EXPERT_COUNTS = ("lora_num", "num_moe")  # a mixture-of-LoRA-experts fork's count of its experts
 REFERENCE = "the reference for this stack"
 NO_LORA_BASELINE = (f"{REFERENCE}: none; ref_train.py trains LoRA adapters, and the probe found no LoRA "
                     "layer (PEFT's, or a gated one) in this model")
@@ -240,10 +240,12 @@ class Tracker(TorchDispatchMode):
         module = self.module_stack[-1] if self.module_stack else NO_MODULE
         if self.limit_bytes is not None and self.live_bytes + nbytes > self.limit_bytes:
             # as an allocator fails: the allocation is not made, so not counted, not even in the peak
-            raise torch.OutOfMemoryError(
-                f"allocating {mib(nbytes)} MiB ({tuple(tensor.shape)} {str(tensor.dtype)[6:]} in "
-                f"{_op_name(op)}, module {module}) with {mib(self.live_bytes)} MiB live: over the "
-                f"--max-memory / max_memory_mib limit of {mib(self.limit_bytes)} MiB")
+            over = self.live_bytes + nbytes - self.limit_bytes
+            message = (f"allocating {mib(nbytes)} MiB ({list(tensor.shape)} {str(tensor.dtype)[6:]} from "
+                       f"{_op_name(op)} in {module}) with {mib(self.live_bytes)} MiB live: {over:,} bytes "
+                       f"over the --max-memory / max_memory_mib limit of {mib(self.limit_bytes)} MiB")
+            tensor = storage = None   # (this frame, kept by the error, holds no storage)
+            raise torch.OutOfMemoryError(message)
         self.event += 1
         record = _Storage(storage, self._freed)
         record.key, record.nbytes, record.created, record.freed = key, nbytes, self.event, None
@@ -486,17 +488,6 @@ def _defaulted_sizes(config):
             and type(v := getattr(config, k, None)) is int and v == getattr(defaults, k, None)]
 
 
-def _handling_oom():
-    """Whether an out-of-memory error is being raised or handled where this runs (a module's hook
-    that always runs is called as its forward returns, or inside torch's handler as it raises)."""
-    error, depth = sys.exc_info()[1], 0
-    while error is not None and depth < 8:
-        if is_out_of_memory(error):
-            return True
-        error, depth = error.__cause__ or error.__context__, depth + 1
-    return False
-
-
 def _masks_attention(signature, args, kwargs):
     """Whether a forward (of this signature) gives SDPA an explicit mask: padding in its 2-D
     attention mask, a mask made by the caller (4-D), or "packed": position ids that restart within a
@@ -517,10 +508,8 @@ def _masks_attention(signature, args, kwargs):
 class _Stack:
     """The stack watched: module names, parameter roles, what the training forwards showed."""
 
-    def __init__(self, tracker, device, saves, on_oom_caught):
-        self.tracker, self.device, self.saves = tracker, device, saves
-        # the modules whose forward an out-of-memory error was raised in and has not yet left
-        self.oom_inside, self.on_oom_caught = [], on_oom_caught
+    def __init__(self, tracker, device, saves, ooms):
+        self.tracker, self.device, self.saves, self.ooms = tracker, device, saves, ooms
         self.model = self.optimizer = self.lm = None  # lm: the Hugging Face model in it, if any
         self.names, self.seen = {}, {}     # module -> name; what the training forwards showed (bs, seq, ...)
         self.roles, self.graded, self.hooks = None, set(), []  # roles: (parameters, buffers), once a step
@@ -575,13 +564,10 @@ class _Stack:
         while self.hooks:
             self.hooks.pop().remove()
 
-    def _leave_module(self, *_):  # returns None: anything else would replace the output
+    def _leave_module(self, module, args, output):  # returns None: anything else would replace the output
         name = self.tracker.module_stack.pop() if self.tracker.module_stack else None
-        if self.oom_inside and name in self.oom_inside:
-            self.oom_inside.remove(name)
-            if not _handling_oom():  # the error did not leave this forward: its code caught it
-                self.oom_inside = []
-                self.on_oom_caught(name)
+        if self.ooms.open:  # (always called: as the forward returns, or as it raises, with no output)
+            self.ooms.left(name, returned=output is not None or sys.exc_info()[1] is None)
 
     def _training(self):
         return self.tracker.phase != "eval" and torch.is_grad_enabled()
@@ -718,9 +704,9 @@ class _Stack:
             return configured
         return [c if m is None else m for m, c in zip(measured, configured)]
 
-    def warnings(self):
-        """compile_disabled, model_mismatch, FSDP2's sharding and no_grad: what is wrong with the stack
-        itself."""
+    def warnings(self, oom_caught=False):
+        """compile_disabled, model_mismatch, FSDP2's sharding and no_grad (after `oom_caught`, for what
+        a forward returned in its place): what is wrong with the stack itself."""
         lm, found = self.lm, fsdp2_sharding(self.model, self.lm) if self.model is not None else []
         if self.compiled:
             found.append({"kind": "compile_disabled", "modules": self.compiled, "message": COMPILE_DISABLED})
@@ -740,12 +726,57 @@ class _Stack:
         trainable = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
         missing = [n for n, p in trainable if id(p) not in self.graded]
         if missing:
+            why = ("memory ran out inside the model, and a forward that caught it returned something else "
+                   "(WARNING oom_caught)" if oom_caught else "with reentrant checkpointing and frozen input "
+                   "embeddings, call model.enable_input_require_grads() or use use_reentrant=False")
             message = (f"{len(missing)} of {len(trainable)} trainable parameters never received a "
-                       f"gradient, e.g. {', '.join(missing[:3])}: with reentrant checkpointing and frozen "
-                       "input embeddings, call model.enable_input_require_grads() or use use_reentrant=False")
+                       f"gradient, e.g. {', '.join(missing[:3])}: {why}")
             found.append({"kind": "no_grad", "count": len(missing), "of": len(trainable),
                           "names": missing[:5], "message": message})
         return found
+
+
+# ---------------------------------------------------------------- the probe: what ran out of memory
+
+class _Ooms:
+    """The run's out-of-memory errors. One raised inside modules' forwards is caught by the first of
+    them to return normally after it: the model's own code went on. One that leaves them all is the
+    loop's, which stops the run, or goes on after it (recovered)."""
+
+    def __init__(self, tracker, on_caught):
+        self.tracker, self.on_caught = tracker, on_caught
+        self.open = []   # (key, record, modules it is inside) of each error neither caught nor stepped past
+        self.caught, self.times_caught, self.caught_in = [], 0, []   # (the first TOP_SURVIVORS kept)
+
+    def raised(self, error, inside=()):
+        """The record of `error`: new, or the one made as it was raised (then inside `inside`)."""
+        key = (id(error), first_line(error))   # not the error itself: its frames hold tensors
+        record = next((r for k, r, _ in self.open if k == key), None)
+        if record is None:
+            stack = self.tracker.module_stack
+            record = {"phase": self.tracker.phase or BETWEEN_PHASES, "step": self.tracker.step,
+                      "module": stack[-1] if stack else NO_MODULE, "message": key[1]}
+            self.open.append((key, record, list(inside)))
+        return record
+
+    def left(self, name, returned):
+        """Module `name`'s forward ended, and `returned` normally, or raising."""
+        for entry in [e for e in self.open if name in e[2]]:
+            entry[2].remove(name)
+            if returned:   # after an error raised inside it: it caught it
+                self.open.remove(entry)
+                self.times_caught += 1
+                self.caught_in += [] if name in self.caught_in else [name]
+                if len(self.caught) < TOP_SURVIVORS:
+                    self.caught.append(dict(entry[1], caught_in=name))
+                self.on_caught(entry[1])
+
+    def uncaught(self):
+        return [record for _, record, _ in self.open]
+
+    def stepped(self):
+        """A step ended: the errors still open were the loop's, and it went on."""
+        self.open = []
 
 
 # ---------------------------------------------------------------- the probe
@@ -778,13 +809,13 @@ class Probe:
         self.config, self.log, self._path = config or {}, log or _say, path
         self._join_ranks()
         self.status, self.error, self.oom, self.recovered_oom = "ok", None, None, None
-        self.caught_ooms = []            # out-of-memory errors the model's own code caught
+        self._ooms, self._oom_saved_step = _Ooms(self.tracker, self._oom_caught), None
         # Each phase's statistics, each step's, and the training peak's: the figures the report reads.
         self.phases, self.steps, self.peak = {}, [], {"peak_bytes": 0}
         self._started, self._step_peak = None, 0   # the open step's start time and peak
         self._phased, self._step_ended = False, time.perf_counter()  # a phase began in this step
         self._saves = _Saves(self.tracker)
-        self._stack = _Stack(self.tracker, self.device, self._saves, self._oom_caught)
+        self._stack = _Stack(self.tracker, self.device, self._saves, self._ooms)
         self._survivors = []             # a leak's evidence, from the last step that grew
         self._scope, self._open, self._pending = contextlib.ExitStack(), False, (model, optimizer)
         self._within = None              # the phase a with-block holds open
@@ -826,7 +857,7 @@ class Probe:
         if isinstance(error, KeyboardInterrupt):
             self.status, self.error = "interrupted", "interrupted (Ctrl-C)"
         elif is_out_of_memory(error):
-            self._record_oom(error)
+            self._record_oom(error, ending=True)
         elif error is not None and self.status == "ok":
             self.status, self.error = "error", f"{type(error).__name__}: {first_line(error)}"
         if not self._open:
@@ -845,10 +876,12 @@ class Probe:
             self._check_step()
         if self.path:
             report = self.save()
-            warned, reference = len(report["warnings"]), reference_line(report["config"])
+            kinds, reference = [w["kind"] for w in report["warnings"]], reference_line(report["config"])
+            warned = f"{len(kinds)} warning{'s' * (len(kinds) != 1)}"
+            warned += f" ({', '.join(kinds)})" if kinds else ""
             self.log(f"memcheck: peak {mib(report['peak_bytes'])} MiB ({report['status']}"
-                     f"{', allocator only' if self.allocator_only else ''}), {warned} "
-                     f"warning{'s' * (warned != 1)}; report written to {self.path}{self._rank_note}"
+                     f"{', allocator only' if self.allocator_only else ''}), {warned}; "
+                     f"report written to {self.path}{self._rank_note}"
                      + (f"\n{reference}" if reference and self.rank == 0 else ""))
 
     def attach(self, model, optimizer=None):
@@ -961,7 +994,7 @@ class Probe:
         if self.status == "oom":  # the loop caught it and went on (with a smaller batch, say)
             self.recovered_oom = self.recovered_oom or dict(self.oom, recovered_at_step=self.tracker.step)
             self.status, self.error, self.oom = "ok", None, None
-        self._stack.oom_inside = []
+        self._ooms.stepped()
         self._step_peak, self._started, self._phased, self._step_ended = 0, None, False, now
         self.tracker.step += 1
         self._new_window()
@@ -982,27 +1015,27 @@ class Probe:
                                 "module": r.module, "op": r.op} for r in kept[:TOP_SURVIVORS]]
 
     # -- failures
-    def _record_oom(self, error):
-        self.status, self.error = "oom", first_line(error)
-        if self.oom is None:
-            stack = self.tracker.module_stack
-            self.oom = {"phase": self.tracker.phase or BETWEEN_PHASES, "step": self.tracker.step,
-                        "module": stack[-1] if stack else NO_MODULE, "message": self.error}
+    def _record_oom(self, error, inside=(), ending=False):
+        """An out-of-memory error: the first not caught is the run's (the one `ending` it, if one does)."""
+        record = self._ooms.raised(error, inside)
+        self.status, self.error = "oom", record["message"]
+        self.oom = record if ending else self.oom or record
 
     def _on_op_error(self, error):
-        # The allocation that fails is the moment to write: the process may not live to close().
-        # (without the budget, which would run the model's layers inside the forward that failed)
-        if is_out_of_memory(error) and self.oom is None:
-            self._record_oom(error)
-            self._stack.oom_inside = list(self.tracker.module_stack)
-            if self.path:
+        # The allocation that fails is the moment to write, once a step: the process may not live to
+        # close(). (Without the budget, which would run the model's layers inside the failed forward.)
+        if is_out_of_memory(error):
+            self._record_oom(error, inside=self.tracker.module_stack)
+            if self.path and self._oom_saved_step != self.tracker.step:
+                self._oom_saved_step = self.tracker.step
                 self.save(budget=False)
 
-    def _oom_caught(self, module):
-        """The model's own code caught an out-of-memory error inside `module`'s forward, and went on."""
-        if self.oom is not None:
-            self.caught_ooms.append(dict(self.oom, caught_in=module))
-        self.status, self.error, self.oom = "ok", None, None
+    def _oom_caught(self, record):
+        """The model's own code caught an out-of-memory error and went on: it did not stop the run."""
+        if self.oom is record:
+            self.oom = next(iter(self._ooms.uncaught()), None)
+        if self.oom is None and self.status == "oom":
+            self.status, self.error = "ok", None
 
     # -- results
     def report(self, budget=True):
@@ -1019,9 +1052,10 @@ class Probe:
                   "phases": {name: {k: v for k, v in stats.items() if k not in ("modules", "temporaries")}
                              for name, stats in self.phases.items()},
                   "steps": self.steps, "leak": leak, "oom": self.oom,
-                  "recovered_oom": self.recovered_oom, "caught_ooms": self.caught_ooms,
-                  "warnings": _leak_warnings(leak) + _caught_warnings(self.caught_ooms)
-                  + self._stack.warnings() + self._saves.warnings(self.peak["peak_bytes"])}
+                  "recovered_oom": self.recovered_oom, "caught_ooms": self._ooms.caught,
+                  "warnings": _leak_warnings(leak) + _caught_warnings(self._ooms)
+                  + self._stack.warnings(oom_caught=bool(self._ooms.caught))
+                  + self._saves.warnings(self.peak["peak_bytes"])}
         if self.allocator_only:
             report["allocator_only"] = ALLOCATOR_ONLY
         if not self.config:
@@ -1059,19 +1093,19 @@ def _leak_warnings(leak):
                            if survivors else "")}]
 
 
-def _caught_warnings(caught):
+def _caught_warnings(ooms):
     """oom_caught: out-of-memory errors a module's forward caught and went on after; an except clause
     that returns zeros instead makes a run that looks healthy and trains on wrong values."""
-    if not caught:
+    if not ooms.caught:
         return []
-    first, places = caught[0], sorted({c["caught_in"] for c in caught})
-    times = "once" if len(caught) == 1 else f"{len(caught)} times"
-    return [{"kind": "oom_caught", "count": len(caught), "caught_in": places, "ooms": caught[:TOP_SURVIVORS],
-             "message": f"memory ran out {times} and the model's own code caught it: the forward of "
-                        f"{', '.join(places)} went on after it (first at step {first['step']} in "
-                        f"{first['phase']}, inside {first['module']}: {first['message']}); unless it "
-                        "did the work again in smaller pieces, it returned something else, and training "
-                        "goes on with wrong values and fails later, if at all, for another reason"}]
+    first, places = ooms.caught[0], ooms.caught_in
+    times = "once" if ooms.times_caught == 1 else f"{ooms.times_caught} times"
+    raised = "" if first["module"] in places else f", raised inside {first['module']}"
+    return [{"kind": "oom_caught", "count": ooms.times_caught, "caught_in": places,
+             "message": f"memory ran out {times} inside the model, and the forward of {', '.join(places)} "
+                        "caught it and went on: unless it did the work again in smaller pieces, it "
+                        "returned something else, and training goes on with wrong values (first at step "
+                        f"{first['step']} in {first['phase']}{raised}: {first['message']})"}]
 
 
 def _allocator_stats(device):
@@ -1151,14 +1185,14 @@ def _adapter(module):
         return module.base, {"r": module.r, "experts": module.n_experts, "impl": module.impl,
                              "dropout": getattr(module.lora_dropout, "p", 0.0)}
     base = getattr(module, "base_layer", module if isinstance(module, torch.nn.Linear) else None)
-    ranks = getattr(module, "r", None)
-    if base is not None and hasattr(module, "lora_A") and isinstance(ranks, dict) and ranks:
-        name = next(iter(ranks))
-        experts = next((n for a in EXPERT_COUNTS if type(n := getattr(module, a, None)) is int and n > 0), 1)
-        return base, {"r": ranks[name], "experts": experts, "impl": "lean",
-                      "dropout": getattr(module.lora_dropout[name], "p", 0.0),
-                      "alpha": module.lora_alpha[name]}
-    return None
+    ranks, alphas = getattr(module, "r", None), getattr(module, "lora_alpha", None)
+    name = next(iter(ranks), None) if isinstance(ranks, dict) else None
+    if base is None or not hasattr(module, "lora_A") or not isinstance(alphas, dict) or name not in alphas:
+        return None
+    dropouts = getattr(module, "lora_dropout", {})
+    experts = next((n for a in EXPERT_COUNTS if type(n := getattr(module, a, None)) is int and n > 0), 1)
+    return base, {"r": ranks[name], "experts": experts, "impl": "lean", "alpha": alphas[name],
+                  "dropout": getattr(dropouts[name], "p", 0.0) if name in dropouts else 0.0}
 
 
 def _adapters(model):
@@ -1167,7 +1201,8 @@ def _adapters(model):
     if not found:
         return {"adapters": None}
     _, first, lora = found[0]
-    kinds = {"gated_lora" if a["experts"] > 1 else "peft_lora" for _, _, a in found}
+    kinds = {"gated_lora" if hasattr(m, "n_experts") or a["experts"] > 1 else "peft_lora"
+             for _, m, a in found}
     # (a gated layer keeps its scaling, alpha / (r / experts))
     alpha = lora["alpha"] if "alpha" in lora else first.scaling * lora["r"] / lora["experts"]
     base_layer = _adapter(first)[0]
@@ -1546,8 +1581,14 @@ def verdict(report):
     try:
         from budget import verdict as budget_verdict  # late: budget.py imports this file
     except ImportError:  # no budget.py beside this file
-        return report.get("no_budget", NO_BUDGET)
+        return report.get("no_budget", NO_BUDGET) + named_warnings(report)
     return budget_verdict(report)
+
+
+def named_warnings(report):
+    """'; WARNING ...' naming the weighty warnings, or nothing."""
+    heavy = weighty_warnings(report) if report.get("peak_bytes") else []
+    return f"; WARNING {', '.join(heavy)}" if heavy else ""
 
 
 def weighty_warnings(report):
@@ -1605,8 +1646,9 @@ def _report_lines(report):
         inside = f", inside {oom['module']}" if oom.get("module", NO_MODULE) != NO_MODULE else ""
         lines.append(f"OUT OF MEMORY in {oom['phase']} at step {oom['step']}{inside}: {oom['message']}")
     elif report.get("status", "ok") != "ok":
+        after = report["status"] == "error" and report.get("caught_ooms")
         lines.append(f"run {report['status'].upper()}: {report.get('error')}" + (
-            ", after memory ran out and the model caught it (WARNING oom_caught)" if report.get("caught_ooms")
+            " (after memory ran out inside the model and its code caught it: WARNING oom_caught)" if after
             else ""))
     if report.get("recovered_oom"):
         lines.append(_recovered(report["recovered_oom"]))
@@ -1640,8 +1682,9 @@ def format_report(report):
 
 
 def _recovered(oom):
-    return (f"out of memory in {oom['phase']} at step {oom['step']} ({oom['message']}), and the loop went "
-            f"on: step {oom['recovered_at_step']} finished after it")
+    inside = f", inside {oom['module']}" if oom.get("module", NO_MODULE) != NO_MODULE else ""
+    return (f"out of memory in {oom['phase']} at step {oom['step']}{inside} ({oom['message']}), and the "
+            f"loop went on: step {oom['recovered_at_step']} finished after it")
 
 
 def markdown_block(title, tables, env=None, command=None):

@@ -463,9 +463,12 @@ def test_an_allocation_over_max_memory_is_not_made_so_a_smaller_one_fits_after_i
         with probe.phase("forward"):
             kept = torch.ones(MiB // 2)   # 2 MiB
             live = probe.tracker.live_bytes
-            with pytest.raises(torch.OutOfMemoryError, match=r"allocating 2\.0 MiB .* with 2\.0 MiB live"):
-                torch.ones(MiB // 2)
+            with pytest.raises(torch.OutOfMemoryError, match=r"allocating 2\.0 MiB .* with 2\.0 MiB live: "
+                               r"1,048,\d+ bytes over .* limit of 3\.0 MiB"):
+                torch.ones(MiB // 2 + 1)
             assert probe.tracker.live_bytes == live   # as a real allocator: nothing was allocated
+            refused = [o for o in gc.get_objects() if type(o) is torch.Tensor and o.numel() == MiB // 2 + 1]
+            assert not refused   # nor held by the error's frames
             small = torch.zeros(16)
     assert probe.phases["forward"]["peak_bytes"] == live + small.untyped_storage().nbytes() < 3 * MiB
     del kept
@@ -498,9 +501,9 @@ def test_an_oom_a_layer_catches_is_named_and_so_is_the_error_it_leads_to(tmp_pat
     assert report["status"] == "error" and report["oom"] is None
     assert [(c["module"], c["caught_in"], c["step"]) for c in report["caught_ooms"]] == [("1", "1", 1)]
     shown = memcheck.format_report(report)
-    assert "grad_fn, after memory ran out and the model caught it (WARNING oom_caught)" in shown
-    assert "WARNING oom_caught: memory ran out once and the model's own code caught it: the forward of 1" \
+    assert "grad_fn (after memory ran out inside the model and its code caught it: WARNING oom_caught)" \
         in shown
+    assert "WARNING oom_caught: memory ran out once inside the model, and the forward of 1 caught it" in shown
 
 
 def test_an_oom_caught_in_one_layer_then_one_raised_in_the_next_are_both_named(tmp_path):
@@ -516,6 +519,75 @@ def test_an_oom_caught_in_one_layer_then_one_raised_in_the_next_are_both_named(t
     shown = memcheck.format_report(report)
     assert "OUT OF MEMORY in forward at step 1, inside 1: allocating 1.0 MiB" in shown
     assert "WARNING oom_caught (1x, in 0)" in memcheck.verdict(dict(report, budget=None))
+
+
+class CatchesTwice(nn.Module):
+    """A forward that catches an error in each of its two children and goes on."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(16, 4096), nn.Linear(16, 4096)
+
+    def forward(self, x):
+        for child in (self.a, self.b):
+            try:
+                x = x + child(x)[:, :16]
+            except torch.OutOfMemoryError:
+                pass
+        return x
+
+
+def test_every_oom_a_forward_catches_is_counted_and_the_report_is_written_once_a_step(tmp_path, monkeypatch):
+    writes = []
+    monkeypatch.setattr(memcheck, "write_report", lambda path, report: writes.append(report["status"]))
+    model = nn.Sequential(nn.Linear(16, 16), CatchesTwice())
+    optimizer = torch.optim.AdamW(model.parameters())
+    with memcheck.Probe(model, optimizer, path=tmp_path / "twice.json", max_memory_mib=1) as probe:
+        for _ in range(12):
+            with probe.phase("forward"):
+                loss = model(torch.randn(64, 16)).sum()
+            with probe.phase("backward"):
+                loss.backward()
+            probe.step(loss)
+    report = probe.report()
+    [warning] = [w for w in report["warnings"] if w["kind"] == "oom_caught"]
+    assert (warning["count"], warning["caught_in"]) == (24, ["1"])   # both children's, every step
+    assert len(report["caught_ooms"]) == memcheck.TOP_SURVIVORS < 24 and report["status"] == "ok"
+    assert len(writes) == 12 + 1   # at the first OOM of each step, and at the end
+
+
+def test_an_oom_caught_in_a_retry_after_the_loops_own_oom_is_caught_and_the_loops_recovered():
+    model = nn.Sequential(nn.Linear(16, 64), careless(nn.Linear(64, 2048)))
+    with memcheck.Probe(model, max_memory_mib=2) as probe:
+        try:
+            with probe.phase("forward"):
+                model(torch.randn(8192, 16))   # the first layer's 2 MiB output is over the limit: the loop's
+        except torch.OutOfMemoryError:
+            with probe.phase("forward"):
+                model(torch.randn(256, 16))   # retried smaller, in the except block; the layer catches
+        probe.step()
+    report = probe.report()
+    assert report["recovered_oom"]["module"] == "0"
+    assert [(c["module"], c["caught_in"]) for c in report["caught_ooms"]] == [("1", "1")]
+
+
+def test_a_forward_that_raises_another_error_after_an_oom_did_not_go_on():
+    layer = nn.Linear(16, 4096)
+
+    def raises_another(x):
+        failed = False
+        try:
+            return nn.Linear.forward(layer, x)
+        except torch.OutOfMemoryError:
+            failed = True
+        if failed:   # outside the except clause: the new error has no context
+            raise ValueError("the layer failed")
+    layer.forward = raises_another
+    with pytest.raises(ValueError), memcheck.Probe(layer, max_memory_mib=1) as probe:
+        with probe.phase("forward"):
+            layer(torch.randn(64, 16))
+    report = probe.report()   # the run stopped: not caught
+    assert (report["caught_ooms"], report["status"]) == ([], "oom")
 
 
 def test_an_oom_that_leaves_the_model_for_the_loop_is_recovered_from_not_caught(tmp_path):
@@ -619,6 +691,21 @@ def test_the_probe_infers_the_stack_and_prints_its_baseline_command():
     assert f"the reference for this stack: {command}" in memcheck.format_report(report)
     assert not probed_report({}, "clean", False)["config"]["checkpointing"]
     assert ref_train.parse_args(command.split()[2:] + ["--device", "cpu"])  # a command that runs
+
+
+class NotLora(nn.Linear):
+    """A linear layer with some of LoRA's names, not PEFT's dicts of them."""
+
+    def __init__(self):
+        super().__init__(8, 8)
+        self.lora_A, self.r = nn.Linear(8, 2), {"default": 2}
+
+
+def test_only_a_layer_with_peft_loras_dicts_is_read_as_lora_and_one_gated_expert_is_gated_lora():
+    ours = nn.Sequential(nn.Linear(8, 8))
+    ilora.add_gated_lora(ours, targets=("0",), r=4, alpha=8, n_experts=1)
+    assert memcheck._adapters(ours)["adapters"] == "gated_lora"
+    assert memcheck._adapters(nn.Sequential(NotLora())) == {"adapters": None}
 
 
 def test_the_probe_sees_the_gated_lora_of_the_reference(tiny_model):
@@ -933,6 +1020,16 @@ def test_a_run_that_failed_before_its_first_step_ended_gets_no_verdict():
               "categories": cats, "budget": {"peak_bytes": 100 * MiB, "categories": cats}}
     assert memcheck.verdict(report) == "no verdict: the run stopped (error) before its first step ended"
     assert memcheck.verdict(dict(report, status="ok")).startswith("measured peak 0.10x the budget")
+    caught = {"kind": "oom_caught", "count": 1, "caught_in": ["lora"], "message": "..."}
+    assert memcheck.verdict(dict(report, warnings=[caught])).endswith(   # why it stopped, likely
+        "before its first step ended; WARNING oom_caught (1x, in lora)")
+
+
+def test_an_oom_caught_is_named_in_the_verdict_without_budget_py_too(monkeypatch):
+    monkeypatch.setitem(sys.modules, "budget", None)   # `import budget` now fails
+    caught = {"kind": "oom_caught", "count": 2, "caught_in": ["lora"], "message": "..."}
+    assert memcheck.verdict({"peak_bytes": MiB, "warnings": [caught], "no_budget": "no budget: ..."}) == (
+        "no budget: ...; WARNING oom_caught (2x, in lora)")
 
 
 def test_without_budget_py_beside_it_the_report_says_in_one_line_how_to_get_a_verdict(monkeypatch):

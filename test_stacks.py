@@ -95,22 +95,26 @@ def test_an_oom_inside_the_forks_gated_lora_is_named_whether_or_not_the_layer_ca
     # The fork's layer catches any error in its forward and returns zeros: training goes on, wrong.
     where = "model.decoder.layers.1.self_attn.v_proj"
     model, _ = forked_ilora_opt(careless=careless, workspace_in=where, workspace_bytes=64 * memcheck.MiB)
-    path = tmp_path / "stack.json"
+    path, said = tmp_path / "stack.json", []
+    probe = dict(path=path, log=said.append, max_memory_mib=32)
     with contextlib.nullcontext() if careless else pytest.raises(torch.OutOfMemoryError):
         if stack == "lightning":
-            lightning_fit(model, memcheck.lightning_callback(**quiet(path, max_memory_mib=32)))
+            lightning_fit(model, memcheck.lightning_callback(**probe))
         else:
-            hf_train(model, [memcheck.hf_callback(**quiet(path, max_memory_mib=32))], tmp_path)
+            hf_train(model, [memcheck.hf_callback(**probe)], tmp_path)
     report = memcheck.read_report(path)
     kinds, shown = [w["kind"] for w in report["warnings"]], memcheck.format_report(report)
     if careless:
         assert (report["status"], report["oom"]) == ("ok", None)
         assert [c["caught_in"] for c in report["caught_ooms"]] == [where] * 3
         assert kinds.count("oom_caught") == 1 and f"WARNING oom_caught (3x, in {where})" in shown
+        assert "oom_caught" in said[0].split("; ")[0]   # the one line a callback prints
+        [no_grad] = [w for w in report["warnings"] if w["kind"] == "no_grad"]   # the zeros' adapter
+        assert "a forward that caught it returned something else" in no_grad["message"]
         # the three lines are the run's: the budget's trace of the layer on meta printed none
         assert capsys.readouterr().out.count("MoeLoraLinear error") == 3
-        assert "the model's own code caught RuntimeError" in report["budget"]["method"]
-        assert "; the budget is a per-token estimate: the layer does not run on meta" in shown
+        assert "; the budget is a per-token estimate: the model's own code caught an error on meta and " \
+               "went on (RuntimeError: " in shown
     else:
         assert report["status"] == "oom" and report["oom"]["module"] == where
         assert not report["caught_ooms"] and "oom_caught" not in kinds
