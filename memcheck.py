@@ -1929,6 +1929,18 @@ def _modules_by_group(report):
     return groups
 
 
+def _aligned_groups(a, b):
+    """Both reports' module groups, one that a side names under a wrapper of its own (the
+    reference's `ilora.projector.*`) under the other side's name for it (`projector.*`)."""
+    ga, gb = _modules_by_group(a), _modules_by_group(b)
+    for one, other in ((ga, gb), (gb, ga)):
+        for name in [n for n in one if n not in other]:
+            match = next((o for o in other if o not in one and name.endswith("." + o)), None)
+            if match is not None:
+                one[match] = one.pop(name)
+    return ga, gb
+
+
 def _phase_peak(phases, name):
     """phases: {phase: peak bytes}; an HF Trainer's forward+backward stands for forward and backward
     (the peak of two phases taken together is the larger of their two peaks)."""
@@ -1954,7 +1966,7 @@ def diff(a, b):
     rows += [(f"{name} peak", _phase_peak(pa, name), _phase_peak(pb, name)) for name in names]
     rows += [(f"at peak: {c.replace('_', ' ')}", a["categories"].get(c), b["categories"].get(c))
              for c in CATEGORIES]
-    ga, gb = _modules_by_group(a), _modules_by_group(b)
+    ga, gb = _aligned_groups(a, b)
     size = lambda groups, g: groups.get(g, {}).get("bytes", 0)
     # (ties by name: a set's order changes with the hash seed, and the table shows the first rows)
     for g in sorted(set(ga) | set(gb), key=lambda g: (-abs(size(gb, g) - size(ga, g)), g)):
@@ -1975,7 +1987,7 @@ def diff(a, b):
 def _dominant_op(a, b, label):
     """(op, excess bytes) when one op explains most of a module row's excess, else None."""
     group = label[len("module "):].split(" (x")[0]
-    ops_a, ops_b = (_modules_by_group(r).get(group, {}).get("ops", {}) for r in (a, b))
+    ops_a, ops_b = (groups.get(group, {}).get("ops", {}) for groups in _aligned_groups(a, b))
     excess = {op: ops_b.get(op, 0) - ops_a.get(op, 0) for op in set(ops_a) | set(ops_b)}
     if not excess:
         return None

@@ -1153,6 +1153,16 @@ def test_diff_orders_module_rows_of_equal_change_by_name(train_tiny):
     assert len(rows) == 6 and rows == sorted(rows)
 
 
+def test_diff_lines_up_the_references_item_modules_with_a_stack_that_holds_them_at_the_top(train_tiny):
+    a = json.loads(json.dumps(train_tiny("--steps", 2)))
+    assert any(m["module"].startswith("ilora.projector.") for m in a["modules"])
+    b = copy.deepcopy(a)   # a LightningModule with self.projector beside its language model
+    for m in b["modules"]:
+        m["module"] = m["module"].removeprefix("ilora.")
+    [(what, in_a, in_b)] = [row for row in memcheck.diff(a, b) if "projector" in row[0]]
+    assert what.startswith("module projector.* ") and in_a == in_b > 0
+
+
 def test_diff_markdown_is_a_valid_table(train_tiny):
     report = train_tiny("--steps", 2)
     assert_markdown_tables(memcheck.format_diff(report, report, markdown=True))
