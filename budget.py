@@ -1219,10 +1219,12 @@ def verdict(report):
     why the budget is an estimate where its layers could not be traced."""
     method = (report.get("budget") or {}).get("method", "")
     estimated = method.startswith("formula: ") and report.get("peak_bytes")
-    return _verdict(report) + (f"; the budget is a per-token estimate: {method[9:]}" if estimated else "")
+    why = method.removeprefix("formula: ")
+    return _verdict(report) + (f"; the budget is a per-token estimate: {why}" if estimated else "")
 
 
 def _verdict(report):
+    """The verdict's words on the peak, the budget and the weighty warnings."""
     planned, named = report.get("budget"), named_warnings(report)
     if not planned or not report.get("peak_bytes"):
         return report.get("no_budget", "no budget to compare with") + named
