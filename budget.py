@@ -1081,7 +1081,7 @@ def _layers(model, s, *, bs, seq, act, mask, full, padded, casts_weights, autoca
             method = "traced"
             break
         except _CaughtOnMeta as e:
-            method = f"formula: the model's own code caught an error on meta and went on ({e})"
+            method = f"formula: the layer does not run on meta ({e}; the model's own code caught it)"
         except Exception as e:
             method = f"formula: the layer does not run on meta ({type(e).__name__}: {first_line(e)})"
     on_cuda = torch.device(device).type == "cuda"

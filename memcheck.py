@@ -761,15 +761,17 @@ class _Ooms:
 
     def left(self, name, returned):
         """Module `name`'s forward ended, and `returned` normally, or raising."""
-        for entry in [e for e in self.open if name in e[2]]:
+        inside = [e for e in self.open if name in e[2]]
+        for entry in inside:
             entry[2].remove(name)
-            if returned:   # after an error raised inside it: it caught it
-                self.open.remove(entry)
-                self.times_caught += 1
-                self.caught_in += [] if name in self.caught_in else [name]
-                if len(self.caught) < TOP_SURVIVORS:
-                    self.caught.append(dict(entry[1], caught_in=name))
-                self.on_caught(entry[1])
+        if returned and inside:   # after errors raised inside it: it caught them
+            self.open = [e for e in self.open if e not in inside]
+            self.times_caught += len(inside)
+            self.caught_in += [] if name in self.caught_in else [name]
+            records = [record for _, record, _ in inside]
+            room = TOP_SURVIVORS - len(self.caught)
+            self.caught += [dict(record, caught_in=name) for record in records[:room]]
+            self.on_caught(records)
 
     def uncaught(self):
         return [record for _, record, _ in self.open]
@@ -809,7 +811,7 @@ class Probe:
         self.config, self.log, self._path = config or {}, log or _say, path
         self._join_ranks()
         self.status, self.error, self.oom, self.recovered_oom = "ok", None, None, None
-        self._ooms, self._oom_saved_step = _Ooms(self.tracker, self._oom_caught), None
+        self._ooms, self._saved_at = _Ooms(self.tracker, self._oom_caught), {}  # why -> the step saved in
         # Each phase's statistics, each step's, and the training peak's: the figures the report reads.
         self.phases, self.steps, self.peak = {}, [], {"peak_bytes": 0}
         self._started, self._step_peak = None, 0   # the open step's start time and peak
@@ -1021,21 +1023,25 @@ class Probe:
         self.status, self.error = "oom", record["message"]
         self.oom = record if ending else self.oom or record
 
-    def _on_op_error(self, error):
-        # The allocation that fails is the moment to write, once a step: the process may not live to
-        # close(). (Without the budget, which would run the model's layers inside the failed forward.)
-        if is_out_of_memory(error):
-            self._record_oom(error, inside=self.tracker.module_stack)
-            if self.path and self._oom_saved_step != self.tracker.step:
-                self._oom_saved_step = self.tracker.step
-                self.save(budget=False)
+    def _save_now(self, why):
+        """Write the report as it stands, once a step for each `why`: the process may not live to
+        close(). (Without the budget, which would run the model's layers inside a forward.)"""
+        if self.path and self._saved_at.get(why) != self.tracker.step:
+            self._saved_at[why] = self.tracker.step
+            self.save(budget=False)
 
-    def _oom_caught(self, record):
-        """The model's own code caught an out-of-memory error and went on: it did not stop the run."""
-        if self.oom is record:
+    def _on_op_error(self, error):
+        if is_out_of_memory(error):   # the allocation that fails is the moment to write
+            self._record_oom(error, inside=self.tracker.module_stack)
+            self._save_now("oom")
+
+    def _oom_caught(self, records):
+        """The model's own code caught out-of-memory errors and went on: they did not stop the run."""
+        if any(self.oom is record for record in records):
             self.oom = next(iter(self._ooms.uncaught()), None)
         if self.oom is None and self.status == "oom":
             self.status, self.error = "ok", None
+        self._save_now("caught")   # (what it returned may stop the run, or hang its ranks)
 
     # -- results
     def report(self, budget=True):
@@ -1594,7 +1600,9 @@ def named_warnings(report):
 def weighty_warnings(report):
     """'kind N.N MiB' of each warning that weighs 3% of the peak or more, and any oom_caught."""
     warnings = report.get("warnings") or []
-    return ([f"oom_caught ({w['count']}x, in {', '.join(w['caught_in'])})" for w in warnings
+    on = lambda w: (f", on rank {w['rank']}" if w.get("rank") is not None
+                    else f", on {w['ranks']} ranks" if w.get("ranks") else "")
+    return ([f"oom_caught ({w['count']}x, in {', '.join(w['caught_in'])}{on(w)})" for w in warnings
              if w["kind"] == "oom_caught"]
             + [f"{w['kind']} {mib(w['bytes'])} MiB" for w in warnings
                if w.get("bytes", 0) >= AS_EXPECTED * report["peak_bytes"]])
@@ -1646,10 +1654,9 @@ def _report_lines(report):
         inside = f", inside {oom['module']}" if oom.get("module", NO_MODULE) != NO_MODULE else ""
         lines.append(f"OUT OF MEMORY in {oom['phase']} at step {oom['step']}{inside}: {oom['message']}")
     elif report.get("status", "ok") != "ok":
-        after = report["status"] == "error" and report.get("caught_ooms")
-        lines.append(f"run {report['status'].upper()}: {report.get('error')}" + (
-            " (after memory ran out inside the model and its code caught it: WARNING oom_caught)" if after
-            else ""))
+        lines.append(f"run {report['status'].upper()}: {report.get('error')}")
+        lines += (["before it, memory ran out inside the model, and its code caught it (WARNING oom_caught)"]
+                  if report["status"] == "error" and report.get("caught_ooms") else [])
     if report.get("recovered_oom"):
         lines.append(_recovered(report["recovered_oom"]))
     lines.append("peak: not measured (no training phase finished)" if report["peak_phase"] is None else
@@ -1878,8 +1885,26 @@ def with_ranks(report, path):
         return report
     finished = all(r.get("status", "ok") == "ok" for r in ranks)
     telling, imbalance = min(ranks, key=_telling_rank), rank_imbalance(ranks) if finished else None
-    warnings = [w for w in telling.get("warnings") or [] if w["kind"] != "rank_imbalance"]
-    return dict(telling, ranks=ranks, warnings=warnings + ([imbalance] if imbalance else []))
+    warnings = _ranks_warnings(telling, ranks) + ([imbalance] if imbalance else [])
+    return dict(telling, ranks=ranks, warnings=warnings)
+
+
+def _ranks_warnings(telling, ranks):
+    """The telling rank's warnings, each kind only other ranks raise with its rank named, and the
+    out-of-memory errors the model caught counted over every rank."""
+    found = [w for w in telling.get("warnings") or [] if w["kind"] != "rank_imbalance"]
+    for r in ranks:
+        found += [dict(w, rank=r.get("rank"), message=f"on rank {r.get('rank')}: {w['message']}")
+                  for w in r.get("warnings") or [] if w["kind"] not in {v["kind"] for v in found}
+                  and w["kind"] != "rank_imbalance"]
+    caught = [w for r in ranks for w in r.get("warnings") or [] if w["kind"] == "oom_caught"]
+    if len(caught) > 1:
+        total = sum(w["count"] for w in caught)
+        merged = dict(caught[0], count=total, ranks=len(caught), message=f"on {len(caught)} ranks, {total} "
+                      f"times in all; on one: {caught[0]['message']}",
+                      caught_in=sorted({p for w in caught for p in w["caught_in"]}))
+        found = [merged if w["kind"] == "oom_caught" else w for w in found]
+    return found
 
 
 def _rank_rows(a, b):
@@ -2174,9 +2199,11 @@ def main(argv=None):
         return 0
     if args.max_ratio is None:
         return 0
-    unfinished = [f"{side} {r.get('status', 'ok')}" for side, r in (("A", a), ("B", b))
-                  if r.get("status", "ok") != "ok"]
-    if unfinished:  # a run that stopped early has a smaller peak: never a pass
+    sides = (("A", a), ("B", b))
+    unfinished = [f"{side} {r.get('status', 'ok')}" for side, r in sides if r.get("status", "ok") != "ok"]
+    unfinished += [f"{side}'s model caught out-of-memory errors (oom_caught)" for side, r in sides
+                   if any(w["kind"] == "oom_caught" for w in r.get("warnings") or [])]
+    if unfinished:  # a run that stopped early has a smaller peak, one that caught OOMs skipped work
         print(f"memcheck.py: --max-ratio needs two finished runs: {', '.join(unfinished)}",
               file=sys.stderr)
         return 1

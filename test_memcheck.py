@@ -501,8 +501,7 @@ def test_an_oom_a_layer_catches_is_named_and_so_is_the_error_it_leads_to(tmp_pat
     assert report["status"] == "error" and report["oom"] is None
     assert [(c["module"], c["caught_in"], c["step"]) for c in report["caught_ooms"]] == [("1", "1", 1)]
     shown = memcheck.format_report(report)
-    assert "grad_fn (after memory ran out inside the model and its code caught it: WARNING oom_caught)" \
-        in shown
+    assert "before it, memory ran out inside the model, and its code caught it (WARNING oom_caught)" in shown
     assert "WARNING oom_caught: memory ran out once inside the model, and the forward of 1 caught it" in shown
 
 
@@ -539,7 +538,8 @@ class CatchesTwice(nn.Module):
 
 def test_every_oom_a_forward_catches_is_counted_and_the_report_is_written_once_a_step(tmp_path, monkeypatch):
     writes = []
-    monkeypatch.setattr(memcheck, "write_report", lambda path, report: writes.append(report["status"]))
+    monkeypatch.setattr(memcheck, "write_report", lambda path, report: writes.append(
+        (report["status"], [w["kind"] for w in report["warnings"]])))
     model = nn.Sequential(nn.Linear(16, 16), CatchesTwice())
     optimizer = torch.optim.AdamW(model.parameters())
     with memcheck.Probe(model, optimizer, path=tmp_path / "twice.json", max_memory_mib=1) as probe:
@@ -553,7 +553,8 @@ def test_every_oom_a_forward_catches_is_counted_and_the_report_is_written_once_a
     [warning] = [w for w in report["warnings"] if w["kind"] == "oom_caught"]
     assert (warning["count"], warning["caught_in"]) == (24, ["1"])   # both children's, every step
     assert len(report["caught_ooms"]) == memcheck.TOP_SURVIVORS < 24 and report["status"] == "ok"
-    assert len(writes) == 12 + 1   # at the first OOM of each step, and at the end
+    # at the first OOM of each step, at its first catch (what the layer returned may hang the run), at the end
+    assert len(writes) == 2 * 12 + 1 and writes[:2] == [("oom", []), ("ok", ["oom_caught"])]
 
 
 def test_an_oom_caught_in_a_retry_after_the_loops_own_oom_is_caught_and_the_loops_recovered():
@@ -1304,6 +1305,10 @@ def test_diff_json_and_the_max_ratio_gate(train_tiny, tmp_path, capsys):
     memcheck.write_report(stopped, dict(memcheck.read_report(short), status="oom"))
     gate = run_main(memcheck.main, capsys, "diff", long, stopped, "--max-ratio", "100")
     assert gate.returncode == 1 and "B oom" in gate.stderr
+    caught = tmp_path / "caught.json"   # a model that caught OOMs skipped work: never a pass either
+    memcheck.write_report(caught, dict(memcheck.read_report(short), warnings=[CAUGHT]))
+    gate = run_main(memcheck.main, capsys, "diff", long, caught, "--max-ratio", "100")
+    assert gate.returncode == 1 and "B's model caught out-of-memory errors (oom_caught)" in gate.stderr
 
 
 def test_max_ratio_refuses_a_report_with_no_training_peak_in_one_line_naming_it(tmp_path, capsys):
@@ -1815,6 +1820,21 @@ def test_diff_compares_two_runs_rank_by_rank_and_names_the_rank_with_the_largest
     assert rows["peak"][2] == memcheck.mib(peaks[1])   # a run's peak is its largest rank's
     ending = result.stdout.splitlines()[-1]
     assert "; rank 1 has the largest excess (+" in ending, ending
+
+
+CAUGHT = {"kind": "oom_caught", "count": 3, "caught_in": ["lora"], "message": "memory ran out 3 times ..."}
+
+
+def test_an_oom_caught_on_one_rank_is_named_in_the_run_diff_reads_and_counted_over_ranks():
+    clean = [holding({"rank": 0}, activations=100), holding({"rank": 1}, activations=100)]
+    on_one = [holding({"rank": 0}, activations=100), holding({"rank": 1, "warnings": [CAUGHT]}, activations=99)]
+    on_both = [holding({"rank": r, "warnings": [CAUGHT]}, activations=100) for r in (0, 1)]
+    a, one, both = (memcheck.with_ranks(dict(ranks[0], ranks=ranks), "stack.json")
+                    for ranks in (clean, on_one, on_both))
+    assert one["rank"] == 0 and [w["kind"] for w in one["warnings"]] == ["oom_caught"]   # rank 0 is read
+    assert concluded(a, one).endswith("; B warns oom_caught (3x, in lora, on rank 1)"), concluded(a, one)
+    assert concluded(a, both).endswith("; B warns oom_caught (6x, in lora, on 2 ranks)"), concluded(a, both)
+    assert "only B warns: oom_caught: on rank 1: memory ran out" in "\n".join(memcheck._diff_notes(a, one))
 
 
 def test_the_rank_named_for_the_largest_excess_is_the_one_that_grew_most_not_the_heaviest():
