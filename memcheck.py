@@ -1046,7 +1046,7 @@ class Probe:
     # -- results
     def report(self, budget=True):
         """The report so far; budget=False leaves the budget out (it runs the model's layers on meta,
-        which must wait for the forward that failed, as memory runs out, to end)."""
+        which must not happen inside a forward, where memory runs out or an error is caught)."""
         config = self.config or self._stack.inferred_config()
         leak = find_leak(self.steps, self._survivors)
         report = {"schema": SCHEMA, "command": " ".join([os.path.basename(sys.executable)] + sys.argv),
@@ -1893,10 +1893,12 @@ def _ranks_warnings(telling, ranks):
     """The telling rank's warnings, each kind only other ranks raise with its rank named, and the
     out-of-memory errors the model caught counted over every rank."""
     found = [w for w in telling.get("warnings") or [] if w["kind"] != "rank_imbalance"]
+    kinds = {w["kind"] for w in found} | {"rank_imbalance"}
     for r in ranks:
-        found += [dict(w, rank=r.get("rank"), message=f"on rank {r.get('rank')}: {w['message']}")
-                  for w in r.get("warnings") or [] if w["kind"] not in {v["kind"] for v in found}
-                  and w["kind"] != "rank_imbalance"]
+        for w in r.get("warnings") or []:
+            if w["kind"] not in kinds:
+                kinds.add(w["kind"])
+                found.append(dict(w, rank=r.get("rank"), message=f"on rank {r.get('rank')}: {w['message']}"))
     caught = [w for r in ranks for w in r.get("warnings") or [] if w["kind"] == "oom_caught"]
     if len(caught) > 1:
         total = sum(w["count"] for w in caught)

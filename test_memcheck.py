@@ -1507,8 +1507,9 @@ def test_a_verdict_on_a_budget_estimated_per_token_says_so_and_why():
     report = synthetic(1.0)
     assert memcheck.verdict(report) == "measured peak 1.00x the budget: as expected"   # traced
     report["budget"]["method"] = "formula: the layer does not run on meta (KeyError: 'gate')"
-    assert memcheck.verdict(report) == ("measured peak 1.00x the budget: as expected; the budget is a "
-                                        "per-token estimate: the layer does not run on meta (KeyError: 'gate')")
+    assert memcheck.verdict(report) == (
+        "measured peak 1.00x the budget: as expected; the budget is a per-token estimate: the layer does "
+        "not run on meta (KeyError: 'gate')")
 
 
 def test_a_warning_of_exactly_three_percent_of_the_peak_is_weighty_and_one_byte_less_is_not():
@@ -1827,7 +1828,8 @@ CAUGHT = {"kind": "oom_caught", "count": 3, "caught_in": ["lora"], "message": "m
 
 def test_an_oom_caught_on_one_rank_is_named_in_the_run_diff_reads_and_counted_over_ranks():
     clean = [holding({"rank": 0}, activations=100), holding({"rank": 1}, activations=100)]
-    on_one = [holding({"rank": 0}, activations=100), holding({"rank": 1, "warnings": [CAUGHT]}, activations=99)]
+    on_one = [holding({"rank": 0}, activations=100),
+              holding({"rank": 1, "warnings": [CAUGHT]}, activations=99)]
     on_both = [holding({"rank": r, "warnings": [CAUGHT]}, activations=100) for r in (0, 1)]
     a, one, both = (memcheck.with_ranks(dict(ranks[0], ranks=ranks), "stack.json")
                     for ranks in (clean, on_one, on_both))

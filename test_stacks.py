@@ -89,7 +89,8 @@ def test_an_oom_in_step_one_gets_a_budget_a_verdict_and_the_configured_checkpoin
 
 
 @pytest.mark.parametrize("stack, careless", [("lightning", True), ("lightning", False), ("hf_trainer", True)],
-                         ids=["lightning-caught-by-the-layer", "lightning-raised", "hf_trainer-caught-by-the-layer"])
+                         ids=["lightning-caught-by-the-layer", "lightning-raised",
+                              "hf_trainer-caught-by-the-layer"])
 def test_an_oom_inside_the_forks_gated_lora_is_named_whether_or_not_the_layer_catches_it(
         stack, careless, tmp_path, capsys):
     # The fork's layer catches any error in its forward and returns zeros: training goes on, wrong.
