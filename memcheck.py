@@ -22,6 +22,7 @@ Copy budget.py beside it too: the report then has a budget of your stack, and a 
 import argparse
 import contextlib
 import functools
+import glob
 import inspect
 import json
 import operator
@@ -1561,13 +1562,28 @@ def _check_report(path, report):
         raise ReportError(f"{path}: status {report['status']!r}, expected one of {', '.join(STATUSES)}")
 
 
+def _other_ranks(path):
+    """The reports a run of ranks wrote where `path`'s would be: NAME.rankN.json beside it, or the same
+    name in a folder named by another rank ({rank} in a folder)."""
+    stem, ext = os.path.splitext(str(path))
+    found = glob.glob(f"{glob.escape(stem)}.rank*{ext}")
+    folder, name = os.path.split(str(path))
+    if os.path.basename(folder).isdigit():
+        found += [p for p in glob.glob(os.path.join(glob.escape(os.path.dirname(folder)), "*", name))
+                  if os.path.basename(os.path.dirname(p)).isdigit()]
+    return sorted(found)
+
+
 def read_report(path):
     """A memcheck report from `path`, checked field by field; ReportError says what is wrong."""
     try:
         with open(path) as f:
             report = json.load(f)
     except OSError as e:
-        raise ReportError(f"{path}: cannot read ({e.strerror})")
+        others = _other_ranks(path) if isinstance(e, FileNotFoundError) else []
+        raise ReportError(f"{path}: cannot read ({e.strerror})" + (
+            f"; the reports of a run of ranks are there ({', '.join(others[:4])}): a rank that torchrun "
+            "stopped, as another failed, writes none" if others else ""))
     except ValueError as e:  # a binary file (UnicodeDecodeError), or JSONDecodeError
         what = f"not JSON ({e.msg} at line {e.lineno})" if hasattr(e, "lineno") else "a binary file, not JSON"
         raise ReportError(f"{path}: {what}; expected a memcheck report")

@@ -1889,6 +1889,15 @@ def test_a_diff_missing_a_ranks_report_names_it_in_one_line(two_runs_of_two_rank
     shutil.copy(memcheck.rank_paths(two_runs_of_two_ranks[0], 2)[1], tmp_path / "baseline.rank1.json")
     result = run_main(memcheck.main, capsys, "diff", renamed, two_runs_of_two_ranks[1])
     assert result.returncode == 0 and "rank 1 peak" in result.stdout, result.stderr
+    # rank 0 stopped by torchrun as rank 1 failed: only rank 1 wrote, under {rank}/ or beside
+    os.makedirs(tmp_path / "run" / "1")
+    shutil.copy(alone, tmp_path / "run" / "1" / "stack.json")
+    for missing, written in ((tmp_path / "run" / "0" / "stack.json", tmp_path / "run" / "1" / "stack.json"),
+                             (tmp_path / "gone.json", tmp_path / "gone.rank1.json")):
+        shutil.copy(alone, written)
+        line = one_error_line(run_main(memcheck.main, capsys, "diff", missing, alone))
+        assert f"{missing}: cannot read (No such file or directory); the reports of a run of ranks are " \
+               f"there ({written}): a rank that torchrun stopped" in line, line
 
 
 def test_a_run_of_ranks_is_read_at_the_rank_that_ran_out_of_memory_not_at_its_fallout(
