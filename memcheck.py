@@ -71,8 +71,8 @@ EXPERT_COUNTS = ("lora_num", "num_moe")  # a mixture-of-LoRA-experts fork's coun
 REFERENCE = "the reference for this stack"
 NO_LORA_BASELINE = (f"{REFERENCE}: none; ref_train.py trains LoRA adapters, and the probe found no LoRA "
                     "layer (PEFT's, or a gated one) in this model")
-NO_BUDGET_YET = ("no budget yet: this report was written as memory ran out; the report written as "
-                 "the run ends has it")
+NO_BUDGET_YET = ("no budget yet: this report was written during the run, as memory ran out or as the model "
+                 "caught it; the report written as the run ends has it")
 NO_BUDGET = ("no budget: copy budget.py beside memcheck.py for a verdict, or run the printed "
              "baseline command")
 
@@ -1029,7 +1029,7 @@ class Probe:
         close(). (Without the budget, which would run the model's layers inside a forward.)"""
         if self.path and self._saved_at.get(why) != self.tracker.step:
             self._saved_at[why] = self.tracker.step
-            self.save(budget=False)
+            self.save(mid_run=True)
 
     def _on_op_error(self, error):
         if is_out_of_memory(error):   # the allocation that fails is the moment to write
@@ -1045,9 +1045,9 @@ class Probe:
         self._save_now("caught")   # (what it returned may stop the run, or hang its ranks)
 
     # -- results
-    def report(self, budget=True):
-        """The report so far; budget=False leaves the budget out (it runs the model's layers on meta,
-        which must not happen inside a forward, where memory runs out or an error is caught)."""
+    def report(self, mid_run=False):
+        """The report so far; mid_run=True marks it written while the run goes on, and leaves the budget
+        out (it runs the model's layers on meta: not inside a forward, where memory ran out)."""
         config = self.config or self._stack.inferred_config()
         leak = find_leak(self.steps, self._survivors)
         report = {"schema": SCHEMA, "command": " ".join([os.path.basename(sys.executable)] + sys.argv),
@@ -1071,18 +1071,18 @@ class Probe:
             except ImportError:  # no budget.py beside this file
                 report["budget"], report["no_budget"] = None, NO_BUDGET
             else:
-                report["budget"], why = probed(self._stack, self.phases) if budget else (None, NO_BUDGET_YET)
+                report["budget"], why = (None, NO_BUDGET_YET) if mid_run else probed(self._stack, self.phases)
                 report.update({"no_budget": why} if why else {})
         if self.paths and self.world_size > 1:  # relative to this report: diff finds them beside it
             here = os.path.dirname(self.path) or "."
             report["rank_reports"] = [os.path.relpath(p, here) for p in self.paths]
-        return report
+        return dict(report, mid_run=True) if mid_run else report
 
-    def save(self, path=None, budget=True):
+    def save(self, path=None, mid_run=False):
         """Write the report to `path` (default: the probe's), and return it. A model built in code
         has its config.json written beside it (beside rank 0's, under torchrun), for the baseline."""
         self._stack.save_config(self.paths[0] if self.paths else path, write=not self.paths or self.rank == 0)
-        report = self.report(budget)
+        report = self.report(mid_run)
         write_report(path or self.path, report)
         return report
 
@@ -1566,12 +1566,22 @@ def _other_ranks(path):
     """The reports a run of ranks wrote where `path`'s would be: NAME.rankN.json beside it, or the same
     name in a folder named by another rank ({rank} in a folder)."""
     stem, ext = os.path.splitext(str(path))
-    found = glob.glob(f"{glob.escape(stem)}.rank*{ext}")
+    found = [p for p in glob.glob(f"{glob.escape(stem)}.rank*{glob.escape(ext)}")
+             if re.fullmatch(r"\.rank\d+", p[len(stem):len(p) - len(ext)])]
     folder, name = os.path.split(str(path))
-    if os.path.basename(folder).isdigit():
-        found += [p for p in glob.glob(os.path.join(glob.escape(os.path.dirname(folder)), "*", name))
-                  if os.path.basename(os.path.dirname(p)).isdigit()]
-    return sorted(found)
+    if name and os.path.basename(folder).isdigit():
+        beside = os.path.join(glob.escape(os.path.dirname(folder)), "*", glob.escape(name))
+        found += [p for p in glob.glob(beside) if os.path.basename(os.path.dirname(p)).isdigit()]
+    return sorted((p for p in found if _of_ranks(p)), key=lambda p: (len(p), p))
+
+
+def _of_ranks(path):
+    """Whether `path` holds the report of one of several ranks."""
+    try:
+        with open(path) as f:
+            return json.load(f).get("world_size", 1) > 1
+    except (OSError, ValueError, AttributeError, TypeError):
+        return False
 
 
 def read_report(path):
@@ -1581,9 +1591,10 @@ def read_report(path):
             report = json.load(f)
     except OSError as e:
         others = _other_ranks(path) if isinstance(e, FileNotFoundError) else []
+        listed = ", ".join(others[:4]) + (f" and {len(others) - 4} more" if len(others) > 4 else "")
         raise ReportError(f"{path}: cannot read ({e.strerror})" + (
-            f"; the reports of a run of ranks are there ({', '.join(others[:4])}): a rank that torchrun "
-            "stopped, as another failed, writes none" if others else ""))
+            f"; the reports of a run of ranks are there ({listed}): a rank that torchrun stopped, as "
+            "another failed, writes none" if others else ""))
     except ValueError as e:  # a binary file (UnicodeDecodeError), or JSONDecodeError
         what = f"not JSON ({e.msg} at line {e.lineno})" if hasattr(e, "lineno") else "a binary file, not JSON"
         raise ReportError(f"{path}: {what}; expected a memcheck report")
@@ -1617,11 +1628,11 @@ def weighty_warnings(report):
     """'kind N.N MiB' of each warning that weighs 3% of the peak or more, and any oom_caught."""
     warnings = report.get("warnings") or []
     on = lambda w: (f", on rank {w['rank']}" if w.get("rank") is not None
-                    else f", on {w['ranks']} ranks" if w.get("ranks") else "")
+                    else f", on ranks {', '.join(map(str, w['on_ranks']))}" if w.get("on_ranks") else "")
     return ([f"oom_caught ({w['count']}x, in {', '.join(w['caught_in'])}{on(w)})" for w in warnings
              if w["kind"] == "oom_caught"]
-            + [f"{w['kind']} {mib(w['bytes'])} MiB" for w in warnings
-               if w.get("bytes", 0) >= AS_EXPECTED * report["peak_bytes"]])
+            + [f"{w['kind']} {mib(w['bytes'])} MiB{on(w)}" for w in warnings
+               if w.get("bytes", 0) >= AS_EXPECTED * w.get("rank_peak_bytes", report["peak_bytes"])])
 
 
 def _largest_temporary(report):
@@ -1906,21 +1917,22 @@ def with_ranks(report, path):
 
 
 def _ranks_warnings(telling, ranks):
-    """The telling rank's warnings, each kind only other ranks raise with its rank named, and the
-    out-of-memory errors the model caught counted over every rank."""
-    found = [w for w in telling.get("warnings") or [] if w["kind"] != "rank_imbalance"]
-    kinds = {w["kind"] for w in found} | {"rank_imbalance"}
-    for r in ranks:
+    """Each kind of warning the ranks raise, the telling rank's first, with its rank named and its
+    rank's peak (what its size is weighed against); the OOMs the model caught counted over every rank."""
+    found, kinds = [], {"rank_imbalance"}
+    for r in [telling, *ranks]:
         for w in r.get("warnings") or []:
             if w["kind"] not in kinds:
                 kinds.add(w["kind"])
-                found.append(dict(w, rank=r.get("rank"), message=f"on rank {r.get('rank')}: {w['message']}"))
-    caught = [w for r in ranks for w in r.get("warnings") or [] if w["kind"] == "oom_caught"]
+                found.append(dict(w, rank=r.get("rank"), rank_peak_bytes=r["peak_bytes"],
+                                  message=f"on rank {r.get('rank')}: {w['message']}"))
+    caught = [(r.get("rank"), w) for r in ranks for w in r.get("warnings") or [] if w["kind"] == "oom_caught"]
     if len(caught) > 1:
-        total = sum(w["count"] for w in caught)
-        merged = dict(caught[0], count=total, ranks=len(caught), message=f"on {len(caught)} ranks, {total} "
-                      f"times in all; on one: {caught[0]['message']}",
-                      caught_in=sorted({p for w in caught for p in w["caught_in"]}))
+        total, on = sum(w["count"] for _, w in caught), [rank for rank, _ in caught]
+        merged = dict(caught[0][1], count=total, rank=None, on_ranks=on,
+                      caught_in=sorted({p for _, w in caught for p in w["caught_in"]}),
+                      message=f"on ranks {', '.join(map(str, on))}, {total} times in all; on rank "
+                              f"{on[0]}: {caught[0][1]['message']}")
         found = [merged if w["kind"] == "oom_caught" else w for w in found]
     return found
 
@@ -2115,6 +2127,10 @@ def _diff_notes(a, b):
             where = f" on rank {r['rank']}" if len(r.get("ranks") or []) > 1 else ""
             detail = (r.get("oom") or {}).get("message") or r.get("error") or ""
             notes.append(f"WARNING: {side} {what}{where} ({detail}); its figures stop where it stopped")
+        if r.get("mid_run"):
+            notes.append(f"WARNING: {side}'s report was written during its run (as memory ran out, or as "
+                         "the model caught it) and the run wrote no other: killed, or hung; its figures "
+                         "stop there")
     notes += [f"{side} {_recovered(r['recovered_oom'])}" for side, r in sides if r.get("recovered_oom")]
     notes += [f"{side} was measured by memcheck's probe in its own stack: its configuration is what the "
               "probe could see" for side, r in sides if (r.get("config") or {}).get("probe")]
@@ -2219,10 +2235,12 @@ def main(argv=None):
         return 0
     sides = (("A", a), ("B", b))
     unfinished = [f"{side} {r.get('status', 'ok')}" for side, r in sides if r.get("status", "ok") != "ok"]
+    unfinished += [f"{side} never wrote its last report" for side, r in sides if r.get("mid_run")]
     unfinished += [f"{side}'s model caught out-of-memory errors (oom_caught)" for side, r in sides
                    if any(w["kind"] == "oom_caught" for w in r.get("warnings") or [])]
     if unfinished:  # a run that stopped early has a smaller peak, one that caught OOMs skipped work
-        print(f"memcheck.py: --max-ratio needs two finished runs: {', '.join(unfinished)}",
+        print(f"memcheck.py: --max-ratio needs two finished runs whose model caught no out-of-memory "
+              f"error: {', '.join(unfinished)}",
               file=sys.stderr)
         return 1
     if b["peak_bytes"] > args.max_ratio * a["peak_bytes"]:

@@ -539,7 +539,7 @@ class CatchesTwice(nn.Module):
 def test_every_oom_a_forward_catches_is_counted_and_the_report_is_written_once_a_step(tmp_path, monkeypatch):
     writes = []
     monkeypatch.setattr(memcheck, "write_report", lambda path, report: writes.append(
-        (report["status"], [w["kind"] for w in report["warnings"]])))
+        (report["status"], [w["kind"] for w in report["warnings"]], report.get("mid_run"))))
     model = nn.Sequential(nn.Linear(16, 16), CatchesTwice())
     optimizer = torch.optim.AdamW(model.parameters())
     with memcheck.Probe(model, optimizer, path=tmp_path / "twice.json", max_memory_mib=1) as probe:
@@ -554,7 +554,8 @@ def test_every_oom_a_forward_catches_is_counted_and_the_report_is_written_once_a
     assert (warning["count"], warning["caught_in"]) == (24, ["1"])   # both children's, every step
     assert len(report["caught_ooms"]) == memcheck.TOP_SURVIVORS < 24 and report["status"] == "ok"
     # at the first OOM of each step, at its first catch (what the layer returned may hang the run), at the end
-    assert len(writes) == 2 * 12 + 1 and writes[:2] == [("oom", []), ("ok", ["oom_caught"])]
+    assert len(writes) == 2 * 12 + 1 and writes[:2] == [("oom", [], True), ("ok", ["oom_caught"], True)]
+    assert writes[-1][2] is None   # the last, as the run ended
 
 
 def test_an_oom_caught_in_a_retry_after_the_loops_own_oom_is_caught_and_the_loops_recovered():
@@ -1309,6 +1310,12 @@ def test_diff_json_and_the_max_ratio_gate(train_tiny, tmp_path, capsys):
     memcheck.write_report(caught, dict(memcheck.read_report(short), warnings=[CAUGHT]))
     gate = run_main(memcheck.main, capsys, "diff", long, caught, "--max-ratio", "100")
     assert gate.returncode == 1 and "B's model caught out-of-memory errors (oom_caught)" in gate.stderr
+    written = tmp_path / "written.json"   # the report written as memory ran out, the run then killed
+    memcheck.write_report(written, dict(memcheck.read_report(short), mid_run=True))
+    gate = run_main(memcheck.main, capsys, "diff", long, written, "--max-ratio", "100")
+    assert gate.returncode == 1 and "B never wrote its last report" in gate.stderr
+    assert "WARNING: B's report was written during its run" in run_main(memcheck.main, capsys, "diff", long,
+                                                                        written).stdout
 
 
 def test_max_ratio_refuses_a_report_with_no_training_peak_in_one_line_naming_it(tmp_path, capsys):
@@ -1835,8 +1842,18 @@ def test_an_oom_caught_on_one_rank_is_named_in_the_run_diff_reads_and_counted_ov
                     for ranks in (clean, on_one, on_both))
     assert one["rank"] == 0 and [w["kind"] for w in one["warnings"]] == ["oom_caught"]   # rank 0 is read
     assert concluded(a, one).endswith("; B warns oom_caught (3x, in lora, on rank 1)"), concluded(a, one)
-    assert concluded(a, both).endswith("; B warns oom_caught (6x, in lora, on 2 ranks)"), concluded(a, both)
+    assert concluded(a, both).endswith("; B warns oom_caught (6x, in lora, on ranks 0, 1)")
     assert "only B warns: oom_caught: on rank 1: memory ran out" in "\n".join(memcheck._diff_notes(a, one))
+
+
+def test_a_warning_of_another_rank_is_weighed_against_that_ranks_peak_and_names_it():
+    stopped = {"rank": 0, "status": "oom", "oom": {"phase": "forward", "step": 1, "message": "out of memory"}}
+    for kept_mib, named in ((20, []), (60, ["output_kept 60.0 MiB, on rank 1"])):   # 2% and 6% of rank 1's
+        kept = {"kind": "output_kept", "bytes": kept_mib * MiB, "message": "..."}
+        ranks = [holding(stopped, activations=100),
+                 holding({"rank": 1, "warnings": [kept]}, activations=1000)]
+        run = memcheck.with_ranks(dict(ranks[0], ranks=ranks), "stack.json")
+        assert run["rank"] == 0 and memcheck.weighty_warnings(run) == named   # read at the rank that ran out
 
 
 def test_the_rank_named_for_the_largest_excess_is_the_one_that_grew_most_not_the_heaviest():
@@ -1898,6 +1915,14 @@ def test_a_diff_missing_a_ranks_report_names_it_in_one_line(two_runs_of_two_rank
         line = one_error_line(run_main(memcheck.main, capsys, "diff", missing, alone))
         assert f"{missing}: cannot read (No such file or directory); the reports of a run of ranks are " \
                f"there ({written}): a rank that torchrun stopped" in line, line
+    # numbered folders of single-process runs, and names that only start like a rank's, are none
+    os.makedirs(tmp_path / "exp" / "1")
+    single = dict(memcheck.read_report(alone), world_size=1)
+    memcheck.write_report(tmp_path / "exp" / "1" / "stack.json", single)
+    shutil.copy(alone, tmp_path / "gone.rankings.json")
+    for missing in (tmp_path / "exp" / "3" / "stack.json", tmp_path / "gone.json"):
+        line = one_error_line(run_main(memcheck.main, capsys, "diff", missing, alone))
+        assert "gone.rankings" not in line and "exp/1" not in line, line
 
 
 def test_a_run_of_ranks_is_read_at_the_rank_that_ran_out_of_memory_not_at_its_fallout(
