@@ -478,7 +478,7 @@ def _defaulted_sizes(config):
     """'name=value' of the sizes of `config` that the config.json it was read from does not give,
     so that its class's defaults stand."""
     try:
-        with open(os.path.join(getattr(config, "name_or_path", None) or "", "config.json")) as f:
+        with open(os.path.join(getattr(config, "_name_or_path", None) or "", "config.json")) as f:
             given = json.load(f)
         defaults = type(config)()
     except Exception:  # no file beside it, or a class that cannot be built without arguments
