@@ -781,6 +781,21 @@ class _Ooms:
         """A step ended: the errors still open were the loop's, and it went on."""
         self.open = []
 
+    def warnings(self):
+        """oom_caught: out-of-memory errors a module's forward caught and went on after; an except
+        clause that returns zeros instead makes a run that looks healthy and trains on wrong values."""
+        if not self.caught:
+            return []
+        first, places = self.caught[0], self.caught_in
+        times = "once" if self.times_caught == 1 else f"{self.times_caught} times"
+        raised = "" if first["module"] in places else f", raised inside {first['module']}"
+        return [{"kind": "oom_caught", "count": self.times_caught, "caught_in": places,
+                 "message": f"memory ran out {times} inside the model, and the forward of "
+                            f"{', '.join(places)} caught it and went on: unless it did the work again in "
+                            "smaller pieces, it returned something else, and training goes on with wrong "
+                            f"values (first at step {first['step']} in {first['phase']}{raised}: "
+                            f"{first['message']})"}]
+
 
 # ---------------------------------------------------------------- the probe
 
@@ -1060,7 +1075,7 @@ class Probe:
                              for name, stats in self.phases.items()},
                   "steps": self.steps, "leak": leak, "oom": self.oom,
                   "recovered_oom": self.recovered_oom, "caught_ooms": self._ooms.caught,
-                  "warnings": _leak_warnings(leak) + _caught_warnings(self._ooms)
+                  "warnings": _leak_warnings(leak) + self._ooms.warnings()
                   + self._stack.warnings(oom_caught=bool(self._ooms.caught))
                   + self._saves.warnings(self.peak["peak_bytes"])}
         if self.allocator_only:
@@ -1098,21 +1113,6 @@ def _leak_warnings(leak):
              "message": f"live memory grows {leak['bytes_per_step']:,.0f} bytes every step"
                         + (f"; {len(survivors)} tensors from earlier steps survive, e.g. {examples}"
                            if survivors else "")}]
-
-
-def _caught_warnings(ooms):
-    """oom_caught: out-of-memory errors a module's forward caught and went on after; an except clause
-    that returns zeros instead makes a run that looks healthy and trains on wrong values."""
-    if not ooms.caught:
-        return []
-    first, places = ooms.caught[0], ooms.caught_in
-    times = "once" if ooms.times_caught == 1 else f"{ooms.times_caught} times"
-    raised = "" if first["module"] in places else f", raised inside {first['module']}"
-    return [{"kind": "oom_caught", "count": ooms.times_caught, "caught_in": places,
-             "message": f"memory ran out {times} inside the model, and the forward of {', '.join(places)} "
-                        "caught it and went on: unless it did the work again in smaller pieces, it "
-                        "returned something else, and training goes on with wrong values (first at step "
-                        f"{first['step']} in {first['phase']}{raised}: {first['message']})"}]
 
 
 def _allocator_stats(device):

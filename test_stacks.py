@@ -12,8 +12,7 @@ import torch.distributed.run
 import budget
 import memcheck
 import ref_train
-from conftest import (TINY_OPT, forked_ilora_opt, hf_train, lightning_fit, on_ranks, run_main, token_batches,
-                      user_loop)
+from conftest import TINY_OPT, hf_train, lightning_fit, on_ranks, run_main, token_batches, user_loop
 
 VOCAB, BS, SEQ = 500, 2, 32
 
@@ -32,6 +31,64 @@ def peft_opt(ckpt=None, vocab=VOCAB, layers_to_transform=None):
     model.get_base_model().model.decoder.final_layer_norm.requires_grad_(True)
     model.train()
     return model
+
+
+class ForkedMoeLoraLinear(torch.nn.Linear):
+    """iLoRA's layer as its fork of PEFT 0.3 builds it: an nn.Linear holding the base weights, LoRA
+    dicts by adapter name, `lora_num` experts slicing the rank, the gate read from a list the model
+    holds. careless=True is the fork's forward: any error inside it is printed and zeros returned.
+    workspace_bytes: a buffer its forward allocates, to run out of memory in it on purpose."""
+
+    def __init__(self, base, gates, r=8, alpha=32, experts=4, careless=False, workspace_bytes=0):
+        super().__init__(base.in_features, base.out_features, bias=base.bias is not None, device="meta")
+        self.weight, self.bias = base.weight, base.bias
+        self.r, self.lora_alpha = {"default": r}, {"default": alpha}
+        self.scaling = {"default": alpha / (r / experts)}
+        self.lora_num, self.gates, self.careless = experts, gates, careless
+        self.workspace_bytes = workspace_bytes
+        self.lora_dropout = torch.nn.ModuleDict({"default": torch.nn.Identity()})
+        self.lora_A = torch.nn.ModuleDict({"default": torch.nn.Linear(self.in_features, r, bias=False)})
+        self.lora_B = torch.nn.ModuleDict({"default": torch.nn.Linear(r, self.out_features, bias=False)})
+
+    def _forward(self, x):
+        torch.empty(self.workspace_bytes, dtype=torch.uint8)
+        a = self.lora_A["default"](self.lora_dropout["default"](x)).unflatten(-1, (self.lora_num, -1))
+        gated = (a * self.gates[0][:, None, :, None]).flatten(-2)
+        lora = self.lora_B["default"](gated) * self.scaling["default"]
+        return torch.nn.functional.linear(x, self.weight, self.bias) + lora
+
+    def forward(self, x):
+        if not self.careless:
+            return self._forward(x)
+        try:
+            return self._forward(x)
+        except Exception as e:
+            print(f"MoeLoraLinear error: {e}")
+        return torch.zeros_like(x)
+
+
+def forked_ilora_opt(vocab=VOCAB, careless=False, workspace_in=None, workspace_bytes=0):
+    """(model, gates): a tiny OPT whose q and v projections are ForkedMoeLoraLinear, the gate list
+    filled as iLoRA fills it (cleared, then appended each forward) by a pre-hook; workspace_in: the
+    name of the one layer given workspace_bytes."""
+    from transformers import OPTConfig, OPTForCausalLM
+    torch.manual_seed(0)
+    model = OPTForCausalLM(OPTConfig(vocab_size=vocab, **TINY_OPT)).requires_grad_(False)
+    gates = []
+    for name, module in list(model.named_modules()):
+        for target in ("q_proj", "v_proj"):
+            if hasattr(module, target):
+                workspace = workspace_bytes if f"{name}.{target}" == workspace_in else 0
+                layer = ForkedMoeLoraLinear(getattr(module, target), gates, careless=careless,
+                                            workspace_bytes=workspace)
+                setattr(module, target, layer)
+
+    def deliver_gate(_, args, kwargs):
+        gates.clear()
+        gates.append(torch.softmax(torch.ones(kwargs["input_ids"].shape[0], 4), -1))
+    model.register_forward_pre_hook(deliver_gate, with_kwargs=True)
+    model.train()
+    return model, gates
 
 
 def raising_oom(module, when):
