@@ -668,7 +668,7 @@ class _Stack:
                   "model_config": self.config_dir,   # (where a report went: not compared by diff)
                   "param_count": sum(p.numel() for p in params),
                   "param_bytes_by_dtype": _bytes_by_dtype(params),
-                  "bs": self.seen.get("bs"), "seq": self.seen.get("seq"),
+                  "bs": self.seen.get("bs"), "seq": self.seen.get("seq"), "padded": self.seen.get("padded"),
                   "autocast": self.seen.get("autocast"),
                   "checkpointing_enabled": bool(_checkpointed_layers(self.model)),
                   "checkpointing": _checkpointing(self.checkpointing()), **_adapters(self.model),
@@ -835,6 +835,7 @@ class Probe:
         self._saves = _Saves(self.tracker)
         self._stack = _Stack(self.tracker, self.device, self._saves, self._ooms)
         self._survivors = []             # a leak's evidence, from the last step that grew
+        self._kept_steps = 0             # how many earlier steps it comes from
         self._scope, self._open, self._pending = contextlib.ExitStack(), False, (model, optimizer)
         self._within = None              # the phase a with-block holds open
 
@@ -1031,6 +1032,7 @@ class Probe:
                           key=lambda r: (-r.nbytes, r.created))
             self._survivors = [{"shape": list(r.shape), "dtype": r.dtype, "bytes": r.nbytes, "step": r.step,
                                 "module": r.module, "op": r.op} for r in kept[:TOP_SURVIVORS]]
+            self._kept_steps = len({r.step for r in kept})
 
     # -- failures
     def _record_oom(self, error, inside=(), ending=False):
@@ -1064,7 +1066,7 @@ class Probe:
         """The report so far; mid_run=True marks it written while the run goes on, and leaves the budget
         out (it runs the model's layers on meta: not inside a forward, where memory ran out)."""
         config = self.config or self._stack.inferred_config()
-        leak = find_leak(self.steps, self._survivors)
+        leak = find_leak(self.steps, self._survivors, None if self.allocator_only else self._kept_steps)
         report = {"schema": SCHEMA, "command": " ".join([os.path.basename(sys.executable)] + sys.argv),
                   "status": self.status, "error": self.error, "config": config,
                   "env": environment(self.device), "rank": self.rank, "world_size": self.world_size,
@@ -1493,13 +1495,15 @@ def environment(device):
 
 # ---------------------------------------------------------------- leaks
 
-def find_leak(steps, survivors=()):
+def find_leak(steps, survivors=(), kept_steps=None):
     """Live memory that grows at every step after the first, over three steps or more, by any amount:
-    the tracker is exact, and a one-off cache does not grow every step."""
+    the tracker is exact, and a one-off cache does not grow every step. With `kept_steps` (how many
+    earlier steps the tensors alive at the last step's end come from), the growth must be kept from
+    two steps or more: the batch a loop holds, or the next one it read ahead, grows with its length."""
     ends = [s["live_bytes"] for s in steps]
     growth = [b - a for a, b in zip(ends, ends[1:])]
     # Two intervals at least: a single one cannot tell a leak from a one-off allocation.
-    detected = len(growth) >= 2 and all(g > 0 for g in growth)
+    detected = len(growth) >= 2 and all(g > 0 for g in growth) and (kept_steps is None or kept_steps >= 2)
     return {"detected": detected,
             "bytes_per_step": (ends[-1] - ends[0]) / (len(ends) - 1) if len(ends) > 1 else 0.0,
             "step_end_bytes": ends, "survivors": list(survivors) if detected else []}
@@ -2039,16 +2043,18 @@ def diff(a, b):
     return rows
 
 
-def _dominant_op(a, b, label):
-    """(op, excess bytes) when one op explains most of a module row's excess, else None."""
+def _dominant_op(a, b, label, net):
+    """(op, excess bytes) when one op explains most of a module row's `net` excess (_net_of_moves'),
+    else None. An op whose excess is more than the net holds bytes that moved from the modules inside."""
     group = label[len("module "):].split(" (x")[0]
     ops_a, ops_b = (groups.get(group, {}).get("ops", {}) for groups in _aligned_groups(a, b))
     excess = {op: ops_b.get(op, 0) - ops_a.get(op, 0) for op in set(ops_a) | set(ops_b)}
+    if net != sum(excess.values()):
+        excess = {op: e for op, e in excess.items() if abs(e) <= abs(net)}
     if not excess:
         return None
     op = max(excess, key=lambda o: abs(excess[o]))
-    total = sum(excess.values())
-    return (op, excess[op]) if total and excess[op] / total > 0.5 else None
+    return (op, excess[op]) if net and excess[op] / net > 0.5 else None
 
 
 def config_differences(a, b):
@@ -2073,6 +2079,29 @@ def _net_of_moves(row, places):
     return change - moved if change > 0 else change + moved
 
 
+def _left_out(a, b):
+    """[(side, [what])]: what a probed stack does that the other run does not (its `not_reproduced`)."""
+    done = [(r.get("config") or {}).get("not_reproduced") or [] for r in (a, b)]
+    return [(side, [x for x in mine if x not in theirs]) for side, mine, theirs
+            in (("A", done[0], done[1]), ("B", done[1], done[0])) if set(mine) - set(theirs)]
+
+
+def _changed_temporary(a, b, sign):
+    """', the largest part <shape> <dtype> from <op> in <module> (+x MiB)': of the temporaries at the two
+    peaks, by op and module, the one whose bytes changed the most in the direction of `sign`."""
+    held = [{}, {}]
+    for side, report in zip(held, (a, b)):
+        for t in report.get("temporaries") or []:
+            side[t["op"], t["module"]] = side.get((t["op"], t["module"]), 0) + t["bytes"]
+    change = {key: held[1].get(key, 0) - held[0].get(key, 0) for key in set(held[0]) | set(held[1])}
+    key = max(change, key=lambda k: sign * change[k], default=None)
+    if key is None or sign * change[key] <= 0:
+        return ""
+    top = next(t for t in (b if sign > 0 else a)["temporaries"] if (t["op"], t["module"]) == key)
+    return (f", the largest part {top['shape']} {top['dtype']} from {top['op']} in {top['module']} "
+            f"({change[key] / MiB:+.1f} MiB)")
+
+
 def conclusion(a, b, rows):
     """One line: how B's peak compares with A's, where the difference is (the category, module, op),
     and what either side leaks or warns of."""
@@ -2084,6 +2113,8 @@ def conclusion(a, b, rows):
                     if r["leak"]["detected"])
     notes += "".join(f"; {side} warns {', '.join(warned)}" for side, warned
                      in (("A", weighty_warnings(a)), ("B", weighty_warnings(b))) if warned)
+    notes += "".join(f"; what only {side} does (ref_train.py has no flag for it): {', '.join(done)}"
+                     for side, done in _left_out(a, b))
     ranks = _largest_rank_excess(rows)
     if abs(y / x - 1) <= SAME_WITHIN:
         return f"the two trainings cost the same (within 1%): {mib(x)} and {mib(y)} MiB{ranks}{notes}"
@@ -2096,14 +2127,15 @@ def conclusion(a, b, rows):
                  f"({(cb - ca) / MiB:+.1f} MiB)")
         places = [r for r in rows if r[0].startswith(("module ", "op "))]
         if places and what.endswith("activations"):  # module and op rows are saved activations
-            name, ma, mb = max(places, key=lambda r: sign * _net_of_moves(r, places))
-            if sign * (mb - ma) > 0:
-                op = _dominant_op(a, b, name) if name.startswith("module ") else None
-                most = (mb - ma) / (cb - ca) > 0.5   # (of the category's change)
+            row = max(places, key=lambda r: sign * _net_of_moves(r, places))
+            name, net = row[0], _net_of_moves(row, places)
+            if sign * net > 0:
+                op = _dominant_op(a, b, name, net) if name.startswith("module ") else None
+                most = net / (cb - ca) > 0.5   # (of the category's change)
                 line += (f", {'mostly' if most else 'the largest part in'} {name.split(' ', 1)[1]} "
-                         f"({(mb - ma) / MiB:+.1f} MiB" + (f", op {op[0]})" if op else ")"))
+                         f"({net / MiB:+.1f} MiB" + (f", op {op[0]})" if op else ")"))
         elif what.endswith("temporaries"):
-            line += _largest_temporary(b if sign > 0 else a)
+            line += _changed_temporary(a, b, sign)
     return line + ranks + notes
 
 
@@ -2137,6 +2169,8 @@ def _diff_notes(a, b):
     notes.append("different configurations: " + ", ".join(f"{k}: {x!r} -> {y!r}"
                                                           for k, (x, y) in changed.items())
                  if changed else "same configuration (on the keys both reports have)")
+    notes += [f"{side} does what the other does not, and ref_train.py has no flag for: {', '.join(done)}; "
+              "part of the difference may be that" for side, done in _left_out(a, b)]
     for side, report, other in (("A", a, b), ("B", b, a)):
         theirs = {w["kind"] for w in other.get("warnings") or []}
         notes += [f"only {side} warns: {w['kind']}: {w['message']}" for w in report.get("warnings") or []
@@ -2147,9 +2181,9 @@ def _diff_notes(a, b):
 def format_diff(a, b, name_a="A", name_b="B", markdown=False):
     rows = diff(a, b)
     header = ("", f"{name_a} MiB", f"{name_b} MiB", "B - A MiB", "B / A")
-    shown, modules = [], 0
-    for what, x, y in rows:
-        both = x is not None and y is not None
+    shown, modules, places = [], 0, [r for r in rows if r[0].startswith(("module ", "op "))]
+    for row in rows:
+        (what, x, y), both = row, row[1] is not None and row[2] is not None
         if what.startswith("module "):
             modules += 1
             if modules > TOP_DIFF_MODULES or not (x or y):
@@ -2161,8 +2195,8 @@ def format_diff(a, b, name_a="A", name_b="B", markdown=False):
         elif not what.startswith("at peak: ") or x or y:
             shown.append((what, *("not measured" if v is None else mib(v) for v in (x, y)),
                           f"{(y - x) / MiB:+.1f}" if both else "-", f"{y / x:.2f}x" if both and x else "-"))
-        op = (_dominant_op(a, b, what) if what.startswith("module ") and modules <= 3 and both
-              and abs(y - x) > SAME_WITHIN * a["peak_bytes"] else None)
+        op = (_dominant_op(a, b, what, _net_of_moves(row, places)) if what.startswith("module ")
+              and modules <= 3 and both and abs(y - x) > SAME_WITHIN * a["peak_bytes"] else None)
         if op and op[1]:
             shown.append((f"  mostly op {op[0]}", "", "", f"{op[1] / MiB:+.1f}", ""))
     if modules > TOP_DIFF_MODULES:

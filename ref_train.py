@@ -321,12 +321,12 @@ def train(args, log=print):
                 optimizer = torch.optim.AdamW(trainable, lr=args.lr)
                 scaler = distributed.grad_scaler(args)
                 probe.attach(modules, optimizer)
-            config.update(targets=list(setup["targets"]), attn=setup["attn"])  # what ran
             extra.update(describe(args, model, modules, setup, log))
             # The run's first batches, made now (torch.tensor() from lists is no allocation the
             # tracker sees), tell whether it pads: a term of the budget.
             first = first_batches(args, batches)
-            extra["budget"] = plan(args, model, items, padded=has_padding(first))
+            config.update(targets=list(setup["targets"]), attn=setup["attn"], padded=has_padding(first))
+            extra["budget"] = plan(args, model, items, padded=config["padded"])
             batches = itertools.chain(first, batches)
             torch.manual_seed(args.seed)
             for _ in range(args.steps):

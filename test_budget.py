@@ -116,6 +116,9 @@ def test_budget_predicts_the_measured_peak_within_three_percent(train_tiny, flag
     assert abs(measured / predicted - 1) <= 0.03, (measured, predicted)
     assert report["peak_phase"] == report["budget"]["peak_phase"]
     assert report["budget"]["method"] == "traced"
+    # whether the batches pad (the tiny data's prompts are shorter than 256 tokens): a key of the
+    # configuration that diff compares with a probed stack's
+    assert report["config"]["padded"] == (256 in flags)
     for phase in ("forward", "backward", "optimizer"):
         measured, predicted = report["phases"][phase]["peak_bytes"], report["budget"]["phases"][phase]
         assert abs(measured / predicted - 1) <= 0.03, (phase, measured, predicted)

@@ -1561,6 +1561,20 @@ def test_where_the_results_went_is_no_configuration_difference():
     assert memcheck.config_differences(a, b) == {"bs": [2, 4]}
 
 
+@pytest.mark.parametrize("a_does", [[], ["DoRA"]])
+def test_diff_says_what_a_probed_stack_does_that_the_other_run_does_not(a_does):
+    # The reference has no key for DoRA: "same configuration" alone hid why B costs more.
+    a, b = synthetic(1.0), synthetic(1.1)
+    a["config"] = {"not_reproduced": a_does}
+    b["config"] = {"probe": True, "not_reproduced": ["DoRA", "trainable tokens"]}
+    said = "B does what the other does not, and ref_train.py has no flag for: "
+    expected = ["DoRA", "trainable tokens"][len(a_does):]
+    assert f"{said}{', '.join(expected)}; part of the difference may be that" in memcheck.format_diff(a, b)
+    said = "; what only B does (ref_train.py has no flag for it): "
+    assert concluded(a, b).endswith(said + ", ".join(expected))
+    assert "does what the other" not in memcheck.format_diff(b, b)
+
+
 def holding(fields=(), **categories):
     """A report like synthetic()'s whose peak is what `categories` hold (MiB each); `fields` replaced."""
     cats = dict(dict.fromkeys(memcheck.CATEGORIES, 0), **{c: n * MiB for c, n in categories.items()})
@@ -1624,6 +1638,15 @@ def test_bytes_made_a_level_lower_in_the_other_run_are_no_modules_excess():
         *({"module": f"layers.0.{name}", "bytes": inside * MiB, "ops": {"mm": inside * MiB}}
           for name in ("attn", "mlp"))]}, activations=own + 2 * inside)
     assert concluded(layer(10, 0), layer(9, 20)).endswith(", mostly layers.*.attn (x1) (+20.0 MiB, op mm)")
+    # and where the moved bytes hide a real excess of the same module (a padding mask beside a KV
+    # cache), its net excess and its op are named, not the cat of what moved
+    attn = lambda k_v, **ops: holding({"modules": [
+        {"module": "layers.0.attn", "bytes": sum(ops.values()) * MiB,
+         "ops": {o: n * MiB for o, n in ops.items()}},
+        *({"module": f"layers.0.attn.{name}", "bytes": k_v * MiB, "ops": {"mm": k_v * MiB}}
+          for name in ("k_proj", "v_proj"))]}, activations=2 * k_v + sum(ops.values()))
+    said = concluded(attn(20, sdpa=5), attn(0, sdpa=5, cat=40, where=15))
+    assert said.endswith(", mostly layers.*.attn (x1) (+15.0 MiB, op where)"), said
 
 
 def test_a_forward_and_a_backward_stand_for_an_hf_trainers_forward_backward_by_the_larger_peak():
@@ -1647,8 +1670,22 @@ def test_the_conclusion_names_the_heavier_sides_largest_temporary_and_warnings(h
                                       "op": "mm", "module": "lm_head"}]},
                     temporaries=50, activations=100)
     said = concluded(big, small) if heavier == "A" else concluded(small, big)
-    assert said.endswith(f"in temporaries ({'-' if heavier == 'A' else '+'}50.0 MiB), mostly [8, 2048, 1024] "
-                         f"float32 from mm in lm_head; {heavier} warns output_kept 40.0 MiB"), said
+    sign = "-" if heavier == "A" else "+"
+    assert said.endswith(f"in temporaries ({sign}50.0 MiB), the largest part [8, 2048, 1024] float32 from mm "
+                         f"in lm_head ({sign}50.0 MiB); {heavier} warns output_kept 40.0 MiB"), said
+
+
+def test_the_conclusion_names_the_temporary_that_changed_not_the_largest():
+    # The largest temporary, a gradient of the logits, grew 8 KiB; a new [4, 128, 64] one came.
+    made = lambda *rows: [{"bytes": n, "shape": shape, "dtype": "float32", "op": op, "module": module}
+                          for n, shape, op, module in rows]
+    logits = (2 * MiB, [512, 1000], "nll_loss_backward", "(no module)")
+    a = holding({"temporaries": made(logits)}, temporaries=2)
+    b = holding({"temporaries": made((2 * MiB + 8192, [516, 1000], *logits[2:]),
+                                     (MiB // 2, [4, 128, 64], "embedding", "embed_tokens"))},
+                temporaries=2.5)
+    assert concluded(a, b).endswith("the largest part [4, 128, 64] float32 from embedding in embed_tokens "
+                                    "(+0.5 MiB)"), concluded(a, b)
 
 
 def test_the_conclusion_names_either_sides_warnings_where_the_peaks_are_the_same():

@@ -965,7 +965,8 @@ def test_full_size_smoke_run(values, capsys):
     for s in report["steps"]:
         assert math.isfinite(s["loss"]) and s["seconds"] > 0, s
         assert s["live_bytes"] > 0 and s["peak_bytes"] >= s["live_bytes"], s
-    assert set(report["config"]) == set(vars(ref_train.parse_args([]))), "a flag is missing"
+    # every flag, and whether the batches padded (a term of the budget the flags do not set)
+    assert set(report["config"]) == set(vars(ref_train.parse_args([]))) | {"padded"}, "a key is missing"
     assert report["config"]["bs"] == 2 and report["config"]["seq"] == 128
     import transformers
     assert report["env"]["python"].count(".") == 2

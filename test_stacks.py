@@ -342,6 +342,9 @@ def test_batches_a_collator_pads_to_their_longest_are_budgeted_at_the_largest_wi
     assert (report["config"]["bs"], report["config"]["seq"]) == (4, 128)
     assert report["budget"]["terms"]["attention_mask_per_layer"] == 4 * 128 * 128 * 4
     assert abs(report["peak_bytes"] / report["budget"]["peak_bytes"] - 1) <= 0.01
+    # a reference whose batches do not pad leaves out the mask: the diff says why it is lighter
+    reference = dict(report, config=dict(report["config"], padded=False, probe=None))
+    assert "different configurations: padded: False -> True" in memcheck.format_diff(reference, report)
 
 
 @pytest.mark.parametrize("given", ["by-position", "4-d", "packed", "packed-with-a-cache"])
@@ -773,6 +776,41 @@ def test_a_tiny_graph_kept_by_a_metric_is_not_worth_a_warning_and_a_leak_of_32_b
                       module_hooks={"on_train_batch_end": hook})
         report = memcheck.read_report(path)
         assert [w["kind"] for w in report["warnings"]] == kinds, report["warnings"]
+
+
+def read_ahead(batches):
+    """The batches but the last, each read while the one before it trains, as accelerate's
+    DataLoaderShard reads them (to know which is last): a run that stops at max_steps before then."""
+    batches = iter(batches)
+    ahead = next(batches)
+    for batch in batches:
+        yield ahead
+        ahead = batch
+
+
+@pytest.mark.parametrize("ahead", [False, True], ids=["as-read", "read-ahead"])
+@pytest.mark.parametrize("losses_kept", [False, True], ids=["clean", "losses-kept"])
+def test_batches_longer_every_step_are_no_leak_and_losses_kept_in_a_list_are(ahead, losses_kept):
+    # Sorted by length, each batch is longer than the last: so is what a step leaves alive (the
+    # batch the loop holds, and the next one read ahead), though the next step replaces it.
+    loader = torch.utils.data.DataLoader([torch.arange(n) for n in range(8, 48, 4)], batch_size=2,
+                                         collate_fn=lambda rows: torch.nn.utils.rnn.pad_sequence(rows).T)
+    model, kept = peft_opt(), []
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad])
+    with memcheck.Probe(model, optimizer) as probe:
+        for ids in read_ahead(loader) if ahead else loader:
+            with probe.phase("forward"):
+                loss = model(input_ids=ids, labels=ids).loss
+            with probe.phase("backward"):
+                loss.backward()
+            with probe.phase("optimizer"):
+                optimizer.step()
+                optimizer.zero_grad()
+            kept += [loss] * losses_kept
+            probe.step()
+    report = probe.report()
+    assert [s["live_bytes"] for s in report["steps"]] == sorted({s["live_bytes"] for s in report["steps"]})
+    assert [w["kind"] for w in report["warnings"]] == ["leak"] * losses_kept, report["warnings"]
 
 
 # ---------------------------------------------------------------- verdicts that agree with the warnings
