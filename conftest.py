@@ -223,13 +223,14 @@ def token_batches(n, bs=2, seq=32, vocab=500):
 
 
 def lightning_fit(model, callback, steps=3, return_logits=False, module_hooks=None, validate=False,
-                  strategy="auto", devices=1, user_callbacks=()):
+                  strategy="auto", devices=1, user_callbacks=(), **trainer_kwargs):
     """Lightning's fit() of a LightningModule holding the model as self.llm. return_logits:
     training_step returns the logits beside the loss (Lightning holds them until the step ends);
     module_hooks: methods added to the LightningModule; validate: a validation batch after every
     training step, with grad allowed and no sanity check ("defaults": Lightning's, inference mode
     and a sanity check before training); strategy and devices: Lightning's (several devices: one
-    rank of on_ranks each); user_callbacks: listed before `callback`."""
+    rank of on_ranks each); user_callbacks: listed before `callback`; trainer_kwargs: the Trainer's,
+    beside these."""
     pl = pytest.importorskip("lightning.pytorch")
 
     class Module(pl.LightningModule):
@@ -251,7 +252,8 @@ def lightning_fit(model, callback, steps=3, return_logits=False, module_hooks=No
         validation.update(num_sanity_val_steps=0, inference_mode=False)
     trainer = pl.Trainer(max_steps=steps, accelerator="cpu", devices=devices, strategy=strategy, logger=False,
                          enable_checkpointing=False, enable_progress_bar=False,
-                         enable_model_summary=False, callbacks=[*user_callbacks, callback], **validation)
+                         enable_model_summary=False, callbacks=[*user_callbacks, callback], **validation,
+                         **trainer_kwargs)
     loader = lambda: torch.utils.data.DataLoader(token_batches(steps), batch_size=None)
     trainer.fit(Module(), loader(), loader() if validate else None)
 

@@ -1006,7 +1006,7 @@ class Probe:
         now = time.perf_counter()
         live = torch.cuda.memory_allocated(self.device) if self.cuda else self.tracker.live_bytes
         self.steps.append({"step": self.tracker.step,
-                           "loss": None if loss is None else float(torch.as_tensor(loss).detach()),
+                           "loss": None if loss is None else float(loss),
                            "seconds": now - (self._started or self._step_ended),
                            "live_bytes": live, "peak_bytes": self._step_peak or live})
         self._check_step()
@@ -1246,6 +1246,8 @@ def _not_reproduced(model, lm, seen, optimizer):
         found.append(f"optimizer {optimizer} (the reference steps AdamW)")
     if any(any(getattr(m, "use_dora", {}).values()) for m in model.modules()):
         found.append("DoRA")
+    if any(any(getattr(m, "use_rslora", {}).values()) for m in model.modules()):
+        found.append("rsLoRA (scaling alpha / sqrt(r))")   # (the same memory; another scale)
     found += [f"modules_to_save ({name.rpartition('.')[2]})" for name, m in model.named_modules()
               if type(m).__name__ == "ModulesToSaveWrapper"]
     if any(type(m).__name__.startswith("TrainableTokens") for m in model.modules()):
@@ -1336,7 +1338,7 @@ def lightning_callback(path, **probe_kwargs):
         from pytorch_lightning import Callback
 
     class MemcheckCallback(Callback):
-        probe = None
+        probe, loss, stepped = None, None, False
 
         def on_train_start(self, trainer, pl_module):
             optimizer = trainer.optimizers[0] if trainer.optimizers else None
@@ -1353,6 +1355,7 @@ def lightning_callback(path, **probe_kwargs):
 
         def on_before_optimizer_step(self, trainer, pl_module, optimizer):
             self.probe.begin("optimizer")
+            self.stepped = True
 
         def on_validation_batch_start(self, trainer, pl_module, *args):
             if self.probe is not None:  # (not the sanity check before training)
@@ -1363,7 +1366,12 @@ def lightning_callback(path, **probe_kwargs):
                 self.probe.end()
 
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-            self.probe.step(outputs.get("loss") if isinstance(outputs, dict) else outputs)
+            # A step is the optimizer's: its loss the sum of its micro-batches' (each divided by
+            # accumulate_grad_batches, as Lightning divides them)
+            self.loss = _added_loss(self.loss, outputs.get("loss") if isinstance(outputs, dict) else outputs)
+            if self.stepped or trainer.accumulate_grad_batches == 1:
+                self.probe.step(self.loss)
+                self.loss, self.stepped = None, False
 
         def on_train_end(self, trainer, pl_module):
             self.probe.close()
@@ -1373,6 +1381,11 @@ def lightning_callback(path, **probe_kwargs):
                 self.probe.close(exception)
 
     return MemcheckCallback()
+
+
+def _added_loss(total, loss):
+    """A step's loss so far, a float, with one micro-batch's `loss` added (None while none is known)."""
+    return total if loss is None else (total or 0.0) + float(loss)
 
 
 def _end_phase_with_step(optimizer, probe):
@@ -1401,14 +1414,18 @@ def _running_trainer():
     return None if frame is None else frame.f_locals["self"]
 
 
-def _closing_on_error(fn, callback, phase=None):
-    """`fn` that closes `callback`'s probe (writing its report) if it raises; measured as `phase`."""
+def _closing_on_error(fn, callback, phase=None, returned=None):
+    """`fn` that closes `callback`'s probe (writing its report) if it raises; measured as `phase`;
+    what it returns also given to `returned`."""
     @functools.wraps(fn)  # keeps the LR scheduler's mark on optimizer.step
     def wrapped(*args, **kwargs):
         if phase:
             callback.probe.begin(phase)
         try:
-            return fn(*args, **kwargs)
+            result = fn(*args, **kwargs)
+            if returned:
+                returned(result)
+            return result
         except BaseException as e:
             callback._close(e)
             raise
@@ -1432,7 +1449,7 @@ def hf_callback(path, **probe_kwargs):
     from transformers import TrainerCallback
 
     class MemcheckCallback(TrainerCallback):
-        probe, wrapped = None, ()
+        probe, wrapped, loss = None, (), None
 
         def on_init_end(self, args, state, control, **kwargs):
             trainer = _running_trainer()
@@ -1452,7 +1469,11 @@ def hf_callback(path, **probe_kwargs):
             self.wrapped = [(owner, name) for owner, name in owners if hasattr(owner, name)]
             for owner, name in self.wrapped:  # evaluation (prediction_step) is a phase of its own
                 phase = "eval" if name == "prediction_step" else None
-                setattr(owner, name, _closing_on_error(getattr(owner, name), self, phase))
+                returned = self._add_loss if owner is trainer and name == "training_step" else None
+                setattr(owner, name, _closing_on_error(getattr(owner, name), self, phase, returned))
+
+        def _add_loss(self, loss):   # (divided by the micro-batches of a step: their sum is its loss)
+            self.loss = _added_loss(self.loss, loss)
 
         def _close(self, error=None):
             for owner, name in self.wrapped:  # the instance attribute goes, the method is back
@@ -1471,7 +1492,8 @@ def hf_callback(path, **probe_kwargs):
             self.probe.end()  # the user's on_step_end callbacks are no part of it
 
         def on_step_end(self, args, state, control, **kwargs):
-            self.probe.step()
+            self.probe.step(self.loss)
+            self.loss = None
 
         def on_train_end(self, args, state, control, **kwargs):
             self._close()
@@ -1661,8 +1683,9 @@ def markdown_table(header, rows):
 def _phase_table(report):
     planned = (report.get("budget") or {}).get("phases", {})
     return ("phase", "live MiB", "peak MiB", "budget MiB"), [
-        (name, mib(stats["live_bytes"]), mib(stats["peak_bytes"]), mib(planned[name]) if name in planned
-         else "-") for name, stats in report["phases"].items()]
+        (name, mib(stats["live_bytes"]), mib(stats["peak_bytes"]),
+         "-" if _phase_peak(planned, name) is None else mib(_phase_peak(planned, name)))
+        for name, stats in report["phases"].items()]
 
 
 def _report_lines(report):

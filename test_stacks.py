@@ -8,6 +8,7 @@ import shlex
 import pytest
 import torch
 import torch.distributed.run
+import transformers
 
 import budget
 import memcheck
@@ -503,6 +504,8 @@ def test_a_trained_head_under_the_hf_trainer_is_budgeted_in_every_phase(tmp_path
     in_step = max(planned["forward"], planned["backward"])   # (the Trainer's one phase for both)
     assert measured["forward+backward"] / in_step == pytest.approx(1, abs=0.01)
     assert measured["optimizer"] / planned["optimizer"] == pytest.approx(1, abs=0.01)
+    row = next(line for line in memcheck.format_report(report).splitlines() if line.startswith("forward+"))
+    assert row.split()[-1] == memcheck.mib(in_step), row   # its budget in the table ("-")
     held = "gradients held from one backward to the next (accumulation, or zero_grad that keeps them)"
     assert (held in report["config"]["not_reproduced"]) == (accumulation > 1)
 
@@ -643,8 +646,9 @@ def test_the_budget_keeps_the_state_the_optimizer_keeps_and_the_baseline_says_it
 
 @pytest.mark.parametrize("lora, left_out", [
     (dict(use_dora=True), "DoRA"), (dict(modules_to_save=["lm_head"]), "modules_to_save (lm_head)"),
-    (dict(layers_to_transform=[1]), "adapters on 1 of 2 decoder layers"), ({}, None)],
-    ids=["dora", "modules-to-save", "layers-to-transform", "plain"])
+    (dict(layers_to_transform=[1]), "adapters on 1 of 2 decoder layers"),
+    (dict(use_rslora=True), "rsLoRA (scaling alpha / sqrt(r))"), ({}, None)],
+    ids=["dora", "modules-to-save", "layers-to-transform", "rslora", "plain"])
 def test_the_baseline_says_what_of_the_stack_it_has_no_flag_for(lora, left_out):
     # the printed baseline read as the same training (DoRA's stacks cost 1.15-1.53x it)
     from peft import LoraConfig, get_peft_model
@@ -760,6 +764,35 @@ def test_a_lightning_users_on_train_batch_end_runs_outside_the_optimizer_phase(t
     assert report["phases"]["optimizer"]["peak_bytes"] < big / 4, report["phases"]["optimizer"]
     assert report["peak_bytes"] < big / 4 and len(report["steps"]) == 3
     assert "step" not in vars(user.optimizer)   # the optimizer as it was
+
+
+@pytest.mark.parametrize("stack", ["lightning", "hf"])
+def test_a_step_is_the_optimizers_and_its_loss_the_mean_of_its_micro_batches(stack, tmp_path):
+    # Lightning counted micro-batches as steps (6 for max_steps=3), each with its loss divided by
+    # accumulate_grad_batches; the HF Trainer recorded no loss
+    losses, path = [], tmp_path / "stack.json"
+
+    def training_step(self, batch, batch_idx):
+        loss = self.llm(input_ids=batch, labels=batch).loss
+        losses.append(float(loss))
+        return loss
+
+    class Trainer(transformers.Trainer):
+        def compute_loss(self, model, inputs, **kwargs):   # (divided by the step's target count)
+            loss = super().compute_loss(model, inputs, **kwargs)
+            losses.append(2 * float(loss))
+            return loss
+
+    callback = getattr(memcheck, f"{stack}_callback")(**quiet(path))
+    if stack == "lightning":
+        lightning_fit(peft_opt(), callback, steps=4, accumulate_grad_batches=2,
+                      module_hooks={"training_step": training_step})
+    else:
+        hf_train(peft_opt(), [callback], tmp_path, steps=4, gradient_accumulation_steps=2, trainer=Trainer)
+    steps = memcheck.read_report(path)["steps"]
+    assert len(steps) == 4 and len(losses) == 8
+    assert [s["loss"] for s in steps] == pytest.approx([(x + y) / 2 for x, y in zip(losses[::2],
+                                                                                  losses[1::2])])
 
 
 def test_a_tiny_graph_kept_by_a_metric_is_not_worth_a_warning_and_a_leak_of_32_bytes_is(tmp_path):
