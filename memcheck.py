@@ -125,7 +125,7 @@ class _Storage(weakref.ref):
     """One tensor storage, live or freed within the phase: a weak reference whose callback says when
     it is freed. What made it (op, shape, dtype) is kept as it came, and named only when asked."""
     __slots__ = ("key", "nbytes", "created", "freed", "step", "phase", "module", "_op", "_shape",
-                 "_dtype", "category")
+                 "_dtype", "category", "input_step")
 
     op = property(lambda self: _op_name(self._op))
     shape = property(lambda self: tuple(self._shape))
@@ -252,6 +252,7 @@ class Tracker(TorchDispatchMode):
         record.key, record.nbytes, record.created, record.freed = key, nbytes, self.event, None
         record.step, record.phase, record.module, record._op = self.step, self.phase, module, op
         record._shape, record._dtype, record.category = tensor.shape, tensor.dtype, "temporaries"
+        record.input_step = None   # the step whose training forward took it (a batch)
         self.live[key] = record
         self.window.append(record)
         self.live_bytes += nbytes
@@ -598,6 +599,10 @@ class _Stack:
         # whether gradients live from before (Lightning frees them after forward; accumulation).
         if not self._training():
             return
+        for value in (*args, *kwargs.values()):   # this step's batch: no leak, however long
+            record = isinstance(value, torch.Tensor) and self.tracker.track(value, "input", adopt=False)
+            if record:
+                record.input_step = self.tracker.step
         if self.seen.get("padded") is not True:   # (a padded batch outweighs a packed one)
             masked = _masks_attention(self.lm_signature, args, kwargs)
             self.seen["padded"] = masked or self.seen.get("padded", False)
@@ -835,7 +840,7 @@ class Probe:
         self._saves = _Saves(self.tracker)
         self._stack = _Stack(self.tracker, self.device, self._saves, self._ooms)
         self._survivors = []             # a leak's evidence, from the last step that grew
-        self._kept_steps = 0             # how many earlier steps it comes from
+        self._step_end_records = []      # per step, what it left alive that may be a batch
         self._scope, self._open, self._pending = contextlib.ExitStack(), False, (model, optimizer)
         self._within = None              # the phase a with-block holds open
 
@@ -1005,10 +1010,11 @@ class Probe:
             torch.cuda.synchronize(self.device)
         now = time.perf_counter()
         live = torch.cuda.memory_allocated(self.device) if self.cuda else self.tracker.live_bytes
-        self.steps.append({"step": self.tracker.step,
-                           "loss": None if loss is None else float(loss),
+        self.steps.append({"step": self.tracker.step, "loss": _loss_value(loss),
                            "seconds": now - (self._started or self._step_ended),
                            "live_bytes": live, "peak_bytes": self._step_peak or live})
+        self._step_end_records.append([r for r in self.tracker.live.values() if r.step >= self.tracker.step - 1
+                                       and r.category in ("activations", "temporaries")])
         self._check_step()
         if self.status == "oom":  # the loop caught it and went on (with a smaller batch, say)
             self.recovered_oom = self.recovered_oom or dict(self.oom, recovered_at_step=self.tracker.step)
@@ -1018,6 +1024,15 @@ class Probe:
         self.tracker.step += 1
         self._new_window()
         return self.steps[-1]
+
+    def _count_batches(self):
+        """Each step's `batch_bytes`, as the report is made: of the tensors it left alive (made in it
+        or the step before), its batch and the next ones, if read ahead: what a training forward then
+        took as input, and is freed since (the loop's last batch, which it may still hold, aside)."""
+        last = self.steps[-1]["step"] if self.steps else None
+        for s, records in zip(self.steps, self._step_end_records):
+            s["batch_bytes"] = sum(r.nbytes for r in records if r.input_step is not None and r.input_step
+                                   >= s["step"] and (r.freed is not None or r.input_step == last))
 
     def _check_step(self):
         """The end-of-step checks: what autograd saved, and while memory grows, the leak's survivors:
@@ -1032,7 +1047,6 @@ class Probe:
                           key=lambda r: (-r.nbytes, r.created))
             self._survivors = [{"shape": list(r.shape), "dtype": r.dtype, "bytes": r.nbytes, "step": r.step,
                                 "module": r.module, "op": r.op} for r in kept[:TOP_SURVIVORS]]
-            self._kept_steps = len({r.step for r in kept})
 
     # -- failures
     def _record_oom(self, error, inside=(), ending=False):
@@ -1066,7 +1080,8 @@ class Probe:
         """The report so far; mid_run=True marks it written while the run goes on, and leaves the budget
         out (it runs the model's layers on meta: not inside a forward, where memory ran out)."""
         config = self.config or self._stack.inferred_config()
-        leak = find_leak(self.steps, self._survivors, None if self.allocator_only else self._kept_steps)
+        self._count_batches()
+        leak = find_leak(self.steps, self._survivors)
         report = {"schema": SCHEMA, "command": " ".join([os.path.basename(sys.executable)] + sys.argv),
                   "status": self.status, "error": self.error, "config": config,
                   "env": environment(self.device), "rank": self.rank, "world_size": self.world_size,
@@ -1341,6 +1356,7 @@ def lightning_callback(path, **probe_kwargs):
         probe, loss, stepped = None, None, False
 
         def on_train_start(self, trainer, pl_module):
+            self.loss, self.stepped = None, False   # (a callback may serve several fits)
             optimizer = trainer.optimizers[0] if trainer.optimizers else None
             self.probe = Probe(pl_module, optimizer, path=path, **probe_kwargs).__enter__()
             if not self.probe.allocator_only:   # (which hooks nothing)
@@ -1383,9 +1399,19 @@ def lightning_callback(path, **probe_kwargs):
     return MemcheckCallback()
 
 
+def _loss_value(loss):
+    """A loss as a float; None where it is none, or not one number (no reason to stop a training)."""
+    try:
+        return None if loss is None else float(loss if isinstance(loss, (int, float))
+                                                else torch.as_tensor(loss).detach())
+    except (TypeError, ValueError, RuntimeError):
+        return None
+
+
 def _added_loss(total, loss):
-    """A step's loss so far, a float, with one micro-batch's `loss` added (None while none is known)."""
-    return total if loss is None else (total or 0.0) + float(loss)
+    """A step's loss so far, with one micro-batch's `loss` added (None while none is known)."""
+    loss = _loss_value(loss)
+    return total if loss is None else (total or 0.0) + loss
 
 
 def _end_phase_with_step(optimizer, probe):
@@ -1458,6 +1484,7 @@ def hf_callback(path, **probe_kwargs):
 
         def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
             failed, self.probe = self.probe, Probe(model, optimizer, path=path, **probe_kwargs).__enter__()
+            self.loss = None   # (not a failed try's, before auto_find_batch_size's retry)
             if args.auto_find_batch_size and failed is not None and failed.status == "oom":
                 # The Trainer retries at a smaller batch: the OOM stays, recovered at the next step.
                 self.probe.status, self.probe.error, self.probe.oom = failed.status, failed.error, failed.oom
@@ -1517,15 +1544,17 @@ def environment(device):
 
 # ---------------------------------------------------------------- leaks
 
-def find_leak(steps, survivors=(), kept_steps=None):
-    """Live memory that grows at every step after the first, over three steps or more, by any amount:
-    the tracker is exact, and a one-off cache does not grow every step. With `kept_steps` (how many
-    earlier steps the tensors alive at the last step's end come from), the growth must be kept from
-    two steps or more: the batch a loop holds, or the next one it read ahead, grows with its length."""
+def find_leak(steps, survivors=()):
+    """Live memory that grows at every step after the first, over three steps or more, by any amount
+    (the tracker is exact, and a one-off cache does not grow every step), and grows with the steps'
+    `batch_bytes` aside: the batch a loop holds, and the next one it read ahead, grow with their
+    length (batches sorted by it, or padded to their longest), though the next step frees them."""
     ends = [s["live_bytes"] for s in steps]
-    growth = [b - a for a, b in zip(ends, ends[1:])]
+    # (not at the last step, where the batch the loop holds and one it keeps look alike)
+    held = [s["live_bytes"] - s.get("batch_bytes", 0) for s in steps[:-1]]
+    growth = [b - a for ends_or_held in (ends, held) for a, b in zip(ends_or_held, ends_or_held[1:])]
     # Two intervals at least: a single one cannot tell a leak from a one-off allocation.
-    detected = len(growth) >= 2 and all(g > 0 for g in growth) and (kept_steps is None or kept_steps >= 2)
+    detected = len(ends) >= 3 and all(g > 0 for g in growth)
     return {"detected": detected,
             "bytes_per_step": (ends[-1] - ends[0]) / (len(ends) - 1) if len(ends) > 1 else 0.0,
             "step_end_bytes": ends, "survivors": list(survivors) if detected else []}
@@ -1730,7 +1759,10 @@ def _report_lines(report):
     if len(leak["step_end_bytes"]) < 3:
         lines.append("leak: not measured (it takes three finished steps or more)")
     elif not leak["detected"]:
-        lines.append("leak: none (live memory at the end of each step does not grow)")
+        ends = leak["step_end_bytes"]
+        lines.append("leak: none (live memory at the end of each step " + (
+            "grows with the batches alone, which the next step frees)" if all(map(operator.lt, ends, ends[1:]))
+            else "does not grow)"))
     lines += [f"WARNING {w['kind']}: {w['message']}" for w in report.get("warnings") or []]
     reference = reference_line(config)
     return head, lines + ([reference] if reference else [])
@@ -2109,14 +2141,16 @@ def _left_out(a, b):
             in (("A", done[0], done[1]), ("B", done[1], done[0])) if set(mine) - set(theirs)]
 
 
-def _changed_temporary(a, b, sign):
+def _changed_temporary(a, b, total):
     """', the largest part <shape> <dtype> from <op> in <module> (+x MiB)': of the temporaries at the two
-    peaks, by op and module, the one whose bytes changed the most in the direction of `sign`."""
-    held = [{}, {}]
+    peaks, by op and module, the one whose bytes changed the most in the direction of the category's
+    `total` change, and by no more (one that came into, or left, a report's few largest counts whole)."""
+    held, sign = [{}, {}], 1 if total > 0 else -1
     for side, report in zip(held, (a, b)):
         for t in report.get("temporaries") or []:
             side[t["op"], t["module"]] = side.get((t["op"], t["module"]), 0) + t["bytes"]
     change = {key: held[1].get(key, 0) - held[0].get(key, 0) for key in set(held[0]) | set(held[1])}
+    change = {key: c for key, c in change.items() if sign * c <= sign * total}
     key = max(change, key=lambda k: sign * change[k], default=None)
     if key is None or sign * change[key] <= 0:
         return ""
@@ -2158,7 +2192,7 @@ def conclusion(a, b, rows):
                 line += (f", {'mostly' if most else 'the largest part in'} {name.split(' ', 1)[1]} "
                          f"({net / MiB:+.1f} MiB" + (f", op {op[0]})" if op else ")"))
         elif what.endswith("temporaries"):
-            line += _changed_temporary(a, b, sign)
+            line += _changed_temporary(a, b, cb - ca)
     return line + ranks + notes
 
 

@@ -14,6 +14,7 @@ import json
 import os
 import shutil
 import sys
+import warnings
 
 import pytest
 import torch
@@ -316,6 +317,43 @@ def test_a_leak_is_found_from_three_steps_and_two_are_said_not_to_measure_one(st
     assert report["leak"]["detected"] == (steps == 3)
     said = "leak: not measured (it takes three finished steps or more)"
     assert (said in memcheck.format_report(report).splitlines()) == (steps == 2)
+
+
+@pytest.mark.parametrize("kept", ["losses-without-phases", "made-between-phases", "gradients",
+                                  "outputs-concatenated", "batches"])
+def test_a_leak_is_found_in_three_steps_whatever_holds_it(kept):
+    # (leaks a rule of 'kept from two earlier steps' missed: one tensor that grows, a category no
+    # survivor has, tensors made outside phases; a loop's batch is no leak, a list of them is)
+    model, held = nn.Linear(32, 32), []
+    optimizer = torch.optim.AdamW(model.parameters())
+    probe = memcheck.Probe(model, optimizer)
+    phase = (lambda name: contextlib.nullcontext()) if kept == "losses-without-phases" else probe.phase
+    with probe:
+        for _ in range(3):
+            batch = torch.randn(8, 32)
+            with phase("forward"):
+                output = model(batch)
+                loss = output.square().mean()
+            with phase("backward"):
+                loss.backward()
+            held += {"gradients": [model.weight.grad], "batches": [batch]}.get(kept, [])
+            with phase("optimizer"):
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            held += {"losses-without-phases": [loss],
+                     "made-between-phases": [output.detach() * 2]}.get(kept, [])
+            if kept == "outputs-concatenated":
+                held = [torch.cat([*held, output.detach()])]
+            probe.step()
+    assert probe.report()["leak"]["detected"], probe.report()["leak"]
+
+
+@pytest.mark.parametrize("loss, value", [(2, 2.0), (torch.tensor(1.5, requires_grad=True) * 1, 1.5),
+                                         ([1.5], 1.5), ("1.5", None), (torch.ones(2), None)])
+def test_a_steps_loss_is_any_one_number_and_anything_else_none(loss, value):
+    with memcheck.Probe() as probe, warnings.catch_warnings():
+        warnings.simplefilter("error")   # (float() of a tensor that requires grad warns)
+        assert probe.step(loss)["loss"] == value
 
 
 def test_a_leaks_survivors_are_recorded_while_it_grows_not_when_the_report_is_written():

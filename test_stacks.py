@@ -221,22 +221,25 @@ def test_an_hf_run_that_fails_outside_its_steps_writes_the_report_and_leaves_no_
 
 
 def test_an_oom_the_hf_trainer_recovers_from_at_a_smaller_batch_stays_in_the_report(tmp_path):
-    model = peft_opt()
+    model, sizes = peft_opt(), []
     forward = model.forward
 
     def out_of_memory_at_bs_4(input_ids=None, **kwargs):   # auto_find_batch_size retries it smaller
-        if input_ids.shape[0] == 4:
+        sizes.append(input_ids.shape[0])
+        if sizes == [4, 4]:   # the second micro-batch: the first one's loss is the failed try's
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (raised by the test)")
         return forward(input_ids=input_ids, **kwargs)
     model.forward = out_of_memory_at_bs_4
     path = tmp_path / "stack.json"
     hf_train(model, [memcheck.hf_callback(**quiet(path))], tmp_path, rows=[
         {"input_ids": r, "labels": r} for batch in token_batches(6) for r in batch],
-        per_device_train_batch_size=4, auto_find_batch_size=True)
+        per_device_train_batch_size=4, auto_find_batch_size=True, gradient_accumulation_steps=2)
     report = memcheck.read_report(path)
     assert (report["status"], report["oom"]) == ("ok", None) and report["config"]["bs"] < 4
     assert report["recovered_oom"]["step"] == 1 and report["recovered_oom"]["recovered_at_step"] == 1
     assert "Tried to allocate 2.00 GiB" in report["recovered_oom"]["message"]
+    first, *then = [s["loss"] for s in report["steps"]]   # (the failed try's part made it 1.5x)
+    assert first == pytest.approx(then[0], rel=0.1)
 
 
 # ---------------------------------------------------------------- checkpointing some layers
@@ -844,6 +847,8 @@ def test_batches_longer_every_step_are_no_leak_and_losses_kept_in_a_list_are(ahe
     report = probe.report()
     assert [s["live_bytes"] for s in report["steps"]] == sorted({s["live_bytes"] for s in report["steps"]})
     assert [w["kind"] for w in report["warnings"]] == ["leak"] * losses_kept, report["warnings"]
+    said = "leak: none (live memory at the end of each step grows with the batches alone"
+    assert (said in memcheck.format_report(report)) != losses_kept
 
 
 # ---------------------------------------------------------------- verdicts that agree with the warnings
