@@ -125,7 +125,7 @@ class _Storage(weakref.ref):
     """One tensor storage, live or freed within the phase: a weak reference whose callback says when
     it is freed. What made it (op, shape, dtype) is kept as it came, and named only when asked."""
     __slots__ = ("key", "nbytes", "created", "freed", "step", "phase", "module", "_op", "_shape",
-                 "_dtype", "category", "input_step")
+                 "_dtype", "category")
 
     op = property(lambda self: _op_name(self._op))
     shape = property(lambda self: tuple(self._shape))
@@ -252,7 +252,6 @@ class Tracker(TorchDispatchMode):
         record.key, record.nbytes, record.created, record.freed = key, nbytes, self.event, None
         record.step, record.phase, record.module, record._op = self.step, self.phase, module, op
         record._shape, record._dtype, record.category = tensor.shape, tensor.dtype, "temporaries"
-        record.input_step = None   # the step whose training forward took it (a batch)
         self.live[key] = record
         self.window.append(record)
         self.live_bytes += nbytes
@@ -514,6 +513,7 @@ class _Stack:
         self.tracker, self.device, self.saves, self.ooms = tracker, device, saves, ooms
         self.model = self.optimizer = self.lm = None  # lm: the Hugging Face model in it, if any
         self.names, self.seen = {}, {}     # module -> name; what the training forwards showed (bs, seq, ...)
+        self.step_tokens = None            # the open step's largest training batch, in tokens
         self.roles, self.graded, self.hooks = None, set(), []  # roles: (parameters, buffers), once a step
         self.compiled, self.config_dir = [], None  # torch.compile'd modules; a written config.json's
         self.phases_used, self.trainable, self.lm_signature = False, [], None
@@ -585,6 +585,8 @@ class _Stack:
         # anywhere in a loop without phases: an evaluation's (another batch size), or a forward
         # between phases (a callback's), never count.
         ids = args[0] if args else None
+        if self._training_step() and isinstance(ids, torch.Tensor) and ids.dim() == 2:
+            self.step_tokens = max(self.step_tokens or 0, ids.numel())
         if (self._training_step() or self._training() and "bs" not in self.seen) \
                 and isinstance(ids, torch.Tensor) and ids.dim() == 2 \
                 and (ids.numel(), ids.shape[1]) > (self.seen.get("bs", 0) * self.seen.get("seq", 0),
@@ -599,10 +601,6 @@ class _Stack:
         # whether gradients live from before (Lightning frees them after forward; accumulation).
         if not self._training():
             return
-        for value in (*args, *kwargs.values()):   # this step's batch: no leak, however long
-            record = isinstance(value, torch.Tensor) and self.tracker.track(value, "input", adopt=False)
-            if record:
-                record.input_step = self.tracker.step
         if self.seen.get("padded") is not True:   # (a padded batch outweighs a packed one)
             masked = _masks_attention(self.lm_signature, args, kwargs)
             self.seen["padded"] = masked or self.seen.get("padded", False)
@@ -839,8 +837,7 @@ class Probe:
         self._phased, self._step_ended = False, time.perf_counter()  # a phase began in this step
         self._saves = _Saves(self.tracker)
         self._stack = _Stack(self.tracker, self.device, self._saves, self._ooms)
-        self._survivors = []             # a leak's evidence, from the last step that grew
-        self._step_end_records = []      # per step, what it left alive that may be a batch
+        self._survivors, self._kept_steps = [], 0   # a leak's evidence, from the last step that grew
         self._scope, self._open, self._pending = contextlib.ExitStack(), False, (model, optimizer)
         self._within = None              # the phase a with-block holds open
 
@@ -1012,10 +1009,11 @@ class Probe:
         live = torch.cuda.memory_allocated(self.device) if self.cuda else self.tracker.live_bytes
         self.steps.append({"step": self.tracker.step, "loss": _loss_value(loss),
                            "seconds": now - (self._started or self._step_ended),
-                           "live_bytes": live, "peak_bytes": self._step_peak or live})
-        self._step_end_records.append([r for r in self.tracker.live.values() if r.step >= self.tracker.step - 1
-                                       and r.category in ("activations", "temporaries")])
+                           "live_bytes": live, "peak_bytes": self._step_peak or live,
+                           "tokens": self._stack.step_tokens})
+        self._stack.step_tokens = None
         self._check_step()
+        self._keep_survivors()
         if self.status == "oom":  # the loop caught it and went on (with a smaller batch, say)
             self.recovered_oom = self.recovered_oom or dict(self.oom, recovered_at_step=self.tracker.step)
             self.status, self.error, self.oom = "ok", None, None
@@ -1025,28 +1023,22 @@ class Probe:
         self._new_window()
         return self.steps[-1]
 
-    def _count_batches(self):
-        """Each step's `batch_bytes`, as the report is made: of the tensors it left alive (made in it
-        or the step before), its batch and the next ones, if read ahead: what a training forward then
-        took as input, and is freed since (the loop's last batch, which it may still hold, aside)."""
-        last = self.steps[-1]["step"] if self.steps else None
-        for s, records in zip(self.steps, self._step_end_records):
-            s["batch_bytes"] = sum(r.nbytes for r in records if r.input_step is not None and r.input_step
-                                   >= s["step"] and (r.freed is not None or r.input_step == last))
-
     def _check_step(self):
-        """The end-of-step checks: what autograd saved, and while memory grows, the leak's survivors:
-        activations and temporaries made before this step (the loop's setup aside), still alive."""
-        step = self.tracker.step
+        """The end-of-step check of what autograd saved."""
         if not self.allocator_only:  # (it sees no saves and names no modules)
-            self._saves.check_step(step, self._stack.checkpointed())
-        ends = [s["live_bytes"] for s in self.steps]
+            self._saves.check_step(self.tracker.step, self._stack.checkpointed())
+
+    def _keep_survivors(self):
+        """While memory grows, the leak's survivors: activations and temporaries made before this
+        step (the loop's setup aside), still alive; and how many steps they come from."""
+        step, ends = self.tracker.step, [s["live_bytes"] for s in self.steps]
         if len(ends) >= 2 and ends[-1] > ends[-2]:
             kept = sorted((r for r in self.tracker.live.values() if r.step < step and r.category in
                            ("activations", "temporaries") and not (r.step == 1 and r.phase is None)),
                           key=lambda r: (-r.nbytes, r.created))
             self._survivors = [{"shape": list(r.shape), "dtype": r.dtype, "bytes": r.nbytes, "step": r.step,
                                 "module": r.module, "op": r.op} for r in kept[:TOP_SURVIVORS]]
+            self._kept_steps = len({r.step for r in kept})
 
     # -- failures
     def _record_oom(self, error, inside=(), ending=False):
@@ -1080,8 +1072,7 @@ class Probe:
         """The report so far; mid_run=True marks it written while the run goes on, and leaves the budget
         out (it runs the model's layers on meta: not inside a forward, where memory ran out)."""
         config = self.config or self._stack.inferred_config()
-        self._count_batches()
-        leak = find_leak(self.steps, self._survivors)
+        leak = find_leak(self.steps, self._survivors, self._kept_steps)
         report = {"schema": SCHEMA, "command": " ".join([os.path.basename(sys.executable)] + sys.argv),
                   "status": self.status, "error": self.error, "config": config,
                   "env": environment(self.device), "rank": self.rank, "world_size": self.world_size,
@@ -1544,18 +1535,21 @@ def environment(device):
 
 # ---------------------------------------------------------------- leaks
 
-def find_leak(steps, survivors=()):
-    """Live memory that grows at every step after the first, over three steps or more, by any amount
-    (the tracker is exact, and a one-off cache does not grow every step), and grows with the steps'
-    `batch_bytes` aside: the batch a loop holds, and the next one it read ahead, grow with their
-    length (batches sorted by it, or padded to their longest), though the next step frees them."""
-    ends = [s["live_bytes"] for s in steps]
-    # (not at the last step, where the batch the loop holds and one it keeps look alike)
-    held = [s["live_bytes"] - s.get("batch_bytes", 0) for s in steps[:-1]]
-    growth = [b - a for ends_or_held in (ends, held) for a, b in zip(ends_or_held, ends_or_held[1:])]
+def find_leak(steps, survivors=(), kept_steps=0):
+    """Live memory that grows at every step after the first, over three steps or more, by any amount:
+    the tracker is exact, and a one-off cache does not grow every step. Where the batches grew too
+    (`batches_grew`: their `tokens` never fewer, and more by the last step: sorted by length, say),
+    what a step leaves alive (its batch, the next one read ahead, its output) grows with them: then
+    only tensors kept from `kept_steps` >= 3 earlier steps (_keep_survivors) tell a leak (a running
+    loss made in the first step, beside a batch read ahead, is two)."""
+    ends, tokens = [s["live_bytes"] for s in steps], [s.get("tokens") for s in steps]
+    growth = [b - a for a, b in zip(ends, ends[1:])]
     # Two intervals at least: a single one cannot tell a leak from a one-off allocation.
-    detected = len(ends) >= 3 and all(g > 0 for g in growth)
-    return {"detected": detected,
+    grew = len(growth) >= 2 and all(g > 0 for g in growth)
+    batches_grew = grew and None not in tokens and tokens[-1] > tokens[0] and all(map(operator.le, tokens,
+                                                                                      tokens[1:]))
+    detected = grew and (not batches_grew or kept_steps >= 3)
+    return {"detected": detected, "batches_grew": batches_grew and not detected,
             "bytes_per_step": (ends[-1] - ends[0]) / (len(ends) - 1) if len(ends) > 1 else 0.0,
             "step_end_bytes": ends, "survivors": list(survivors) if detected else []}
 
@@ -1758,11 +1752,12 @@ def _report_lines(report):
         lines.append(f"parameters: {params['trainable']:,} trainable, {params['frozen']:,} frozen")
     if len(leak["step_end_bytes"]) < 3:
         lines.append("leak: not measured (it takes three finished steps or more)")
+    elif leak.get("batches_grew"):
+        lines.append("leak: not told apart: live memory at the end of each step grew, and so did the batches "
+                     "(sorted by length?); what a step leaves alive (its batch, its output) grows with them. "
+                     "A leak shows with batches of one length")
     elif not leak["detected"]:
-        ends = leak["step_end_bytes"]
-        lines.append("leak: none (live memory at the end of each step " + (
-            "grows with the batches alone, which the next step frees)" if all(map(operator.lt, ends, ends[1:]))
-            else "does not grow)"))
+        lines.append("leak: none (live memory at the end of each step does not grow)")
     lines += [f"WARNING {w['kind']}: {w['message']}" for w in report.get("warnings") or []]
     reference = reference_line(config)
     return head, lines + ([reference] if reference else [])

@@ -322,8 +322,8 @@ def test_a_leak_is_found_from_three_steps_and_two_are_said_not_to_measure_one(st
 @pytest.mark.parametrize("kept", ["losses-without-phases", "made-between-phases", "gradients",
                                   "outputs-concatenated", "batches"])
 def test_a_leak_is_found_in_three_steps_whatever_holds_it(kept):
-    # (leaks a rule of 'kept from two earlier steps' missed: one tensor that grows, a category no
-    # survivor has, tensors made outside phases; a loop's batch is no leak, a list of them is)
+    # one tensor that grows, gradients, tensors made outside phases or in a loop without them: a
+    # loop's batch is no leak, a list of them is
     model, held = nn.Linear(32, 32), []
     optimizer = torch.optim.AdamW(model.parameters())
     probe = memcheck.Probe(model, optimizer)
