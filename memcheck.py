@@ -1546,8 +1546,8 @@ def find_leak(steps, survivors=(), kept_steps=0):
     growth = [b - a for a, b in zip(ends, ends[1:])]
     # Two intervals at least: a single one cannot tell a leak from a one-off allocation.
     grew = len(growth) >= 2 and all(g > 0 for g in growth)
-    batches_grew = grew and None not in tokens and tokens[-1] > tokens[0] and all(map(operator.le, tokens,
-                                                                                      tokens[1:]))
+    batches_grew = grew and None not in tokens and (tokens[0] < tokens[-1]
+                                                    and all(map(operator.le, tokens, tokens[1:])))
     detected = grew and (not batches_grew or kept_steps >= 3)
     return {"detected": detected, "batches_grew": batches_grew and not detected,
             "bytes_per_step": (ends[-1] - ends[0]) / (len(ends) - 1) if len(ends) > 1 else 0.0,
@@ -2235,7 +2235,8 @@ def format_diff(a, b, name_a="A", name_b="B", markdown=False):
     header = ("", f"{name_a} MiB", f"{name_b} MiB", "B - A MiB", "B / A")
     shown, modules, places = [], 0, [r for r in rows if r[0].startswith(("module ", "op "))]
     for row in rows:
-        (what, x, y), both = row, row[1] is not None and row[2] is not None
+        what, x, y = row
+        both = x is not None and y is not None
         if what.startswith("module "):
             modules += 1
             if modules > TOP_DIFF_MODULES or not (x or y):
