@@ -15,9 +15,10 @@ import weakref
 import torch
 import torch.utils._pytree as pytree
 
-from memcheck import (AS_EXPECTED, CATEGORIES, Tracker, _adapter, _bytes_by_dtype, _largest_temporary,
-                      _strategy, _unique_params, decoder_layers, first_line, flattened_by_fsdp1,
-                      fsdp2_cast_dtypes, mib, named_warnings, rank_and_world, unwrapped_optimizer)
+from memcheck import (AS_EXPECTED, BETWEEN_PHASES, CATEGORIES, Tracker, _adapter, _bytes_by_dtype,
+                      _largest_temporary, _strategy, _unique_params, decoder_layers, first_line,
+                      flattened_by_fsdp1, fsdp2_cast_dtypes, mib, named_warnings, rank_and_world,
+                      unwrapped_optimizer)
 
 BUDGET_TOLERANCE = 0.10  # the budget's accuracy target: beyond it, a peak is an excess
 # Which decoder linears share an input: adapting any of them makes autograd save that input once.
@@ -1242,8 +1243,9 @@ def _verdict(report):
         return f"measured peak {ratio:.2f}x the budget: below it, {below}{named}"
     excess = {c: report["categories"].get(c, 0) - planned["categories"].get(c, 0) for c in CATEGORIES}
     worst = max(excess, key=excess.get)
-    where = (f"the excess is in {worst.replace('_', ' ')} (+{mib(excess[worst])} MiB) during "
-             f"{report['peak_phase']}" + (_largest_temporary(report) if worst == "temporaries" else ""))
+    when = report["peak_phase"] if report["peak_phase"] == BETWEEN_PHASES else f"during {report['peak_phase']}"
+    where = (f"the excess is in {worst.replace('_', ' ')} (+{mib(excess[worst])} MiB) {when}"
+             + (_largest_temporary(report) if worst == "temporaries" else ""))
     if ratio > 1 + BUDGET_TOLERANCE:
         return f"measured peak {ratio:.1f}x the budget: {where}{named}"
     return f"measured peak {ratio:.2f}x the budget, within 10%: {where}{named}"

@@ -230,7 +230,7 @@ def lightning_fit(model, callback, steps=3, return_logits=False, module_hooks=No
     training step, with grad allowed and no sanity check ("defaults": Lightning's, inference mode
     and a sanity check before training); strategy and devices: Lightning's (several devices: one
     rank of on_ranks each); user_callbacks: listed before `callback`; trainer_kwargs: the Trainer's,
-    beside these."""
+    beside or instead of these (steps is max_steps, and the batches of the loaders)."""
     pl = pytest.importorskip("lightning.pytorch")
 
     class Module(pl.LightningModule):
@@ -250,10 +250,10 @@ def lightning_fit(model, callback, steps=3, return_logits=False, module_hooks=No
     validation = dict(val_check_interval=1, limit_val_batches=1) if validate else {}
     if validate is True:
         validation.update(num_sanity_val_steps=0, inference_mode=False)
-    trainer = pl.Trainer(max_steps=steps, accelerator="cpu", devices=devices, strategy=strategy, logger=False,
+    trainer = pl.Trainer(accelerator="cpu", devices=devices, strategy=strategy, logger=False,
                          enable_checkpointing=False, enable_progress_bar=False,
-                         enable_model_summary=False, callbacks=[*user_callbacks, callback], **validation,
-                         **trainer_kwargs)
+                         enable_model_summary=False, callbacks=[*user_callbacks, callback],
+                         **{"max_steps": steps, **validation, **trainer_kwargs})
     loader = lambda: torch.utils.data.DataLoader(token_batches(steps), batch_size=None)
     trainer.fit(Module(), loader(), loader() if validate else None)
 
@@ -261,8 +261,9 @@ def lightning_fit(model, callback, steps=3, return_logits=False, module_hooks=No
 def hf_train(model, callbacks, tmp_path, steps=3, evaluate=False, rows=None, added=False, trainer=None,
              **training):
     """transformers' Trainer.train() with `callbacks` (added by add_callback() if `added`); evaluate:
-    an evaluation after every step; rows: the training rows, if not token_batches'; trainer: a
-    subclass of the Trainer to run; training: TrainingArguments beside the defaults."""
+    an evaluation after every step, of that many rows if a number (else 2); rows: the training rows,
+    if not token_batches'; trainer: a subclass of the Trainer to run; training: TrainingArguments
+    beside the defaults."""
     from transformers import Trainer, TrainingArguments
     evaluation = dict(eval_strategy="steps", eval_steps=1, per_device_eval_batch_size=2) if evaluate else {}
     args = TrainingArguments(**dict(dict(output_dir=str(tmp_path / "hf"), max_steps=steps,
@@ -270,8 +271,9 @@ def hf_train(model, callbacks, tmp_path, steps=3, evaluate=False, rows=None, add
                                          logging_strategy="no", use_cpu=True, disable_tqdm=True),
                                     **evaluation, **training))
     rows = rows or [{"input_ids": r, "labels": r} for batch in token_batches(steps) for r in batch]
+    evaluated = rows[:2 if evaluate is True else evaluate] if evaluate else None
     trainer = (trainer or Trainer)(model=model, args=args, callbacks=[] if added else callbacks,
-                                   train_dataset=rows, eval_dataset=rows[:2] if evaluate else None)
+                                   train_dataset=rows, eval_dataset=evaluated)
     for callback in callbacks if added else []:
         trainer.add_callback(callback)
     try:

@@ -938,6 +938,7 @@ class Probe:
         """Open a phase without a with-block (closing the open one, as callbacks do: unlike phase(),
         which refuses a phase inside its own); pair with end()."""
         self.end()
+        self._end_between()
         first = self._started is None
         self._phased = self._stack.phases_used = True
         self._saves.outputs = []
@@ -948,6 +949,16 @@ class Probe:
         self._tag_roles(again=first)
         if name == "optimizer":
             self._stack.holding_loss(name)
+
+    def _end_between(self):
+        """What ran between phases (a callback, an evaluation's gathering outside its phase) peaked
+        above training: then it is a phase of its own, not lost as the next window begins."""
+        if self.tracker.phase is not None or not self.peak["peak_bytes"]:
+            return
+        peak = torch.cuda.max_memory_allocated(self.device) if self.cuda else self.tracker.peak_bytes
+        if peak > self.peak["peak_bytes"]:
+            self.tracker.phase = BETWEEN_PHASES
+            self.end()
 
     def _new_window(self):
         """The next phase's peak is measured from here, by the tracker and by CUDA's allocator."""
@@ -999,7 +1010,9 @@ class Probe:
     def step(self, loss=None):
         """Close a training step: record its loss, time and the live bytes it leaves behind."""
         self.end()
-        if not self._phased and self._open:  # no phase in this step: the whole step is one
+        if self._phased:
+            self._end_between()
+        elif self._open:  # no phase in this step: the whole step is one
             self.tracker.phase = "step"
             self._tag_roles()
             self.end()
@@ -1364,11 +1377,11 @@ def lightning_callback(path, **probe_kwargs):
             self.probe.begin("optimizer")
             self.stepped = True
 
-        def on_validation_batch_start(self, trainer, pl_module, *args):
+        def on_validation_start(self, trainer, pl_module):   # (and its epoch's end, the outputs gathered)
             if self.probe is not None:  # (not the sanity check before training)
                 self.probe.begin("eval")
 
-        def on_validation_batch_end(self, trainer, pl_module, *args):
+        def on_validation_end(self, trainer, pl_module):
             if self.probe is not None:
                 self.probe.end()
 
@@ -1454,7 +1467,7 @@ def _closing_on_error(fn, callback, phase=None, returned=None):
 
 # What train() runs after on_train_begin, where an error can come from (what a transformers version
 # lacks is skipped): wrapped for a callback added by add_callback(), whose train() is not.
-_HF_TRAINER_METHODS = ("training_step", "prediction_step", "_run_epoch", "get_batch_samples",
+_HF_TRAINER_METHODS = ("training_step", "evaluate", "_run_epoch", "get_batch_samples",
                        "_maybe_log_save_evaluate")
 
 
@@ -1485,8 +1498,8 @@ def hf_callback(path, **probe_kwargs):
             owners = [(trainer, name) for name in _HF_TRAINER_METHODS] + [
                 (optimizer, "step"), (getattr(trainer, "callback_handler", None), "call_event")]
             self.wrapped = [(owner, name) for owner, name in owners if hasattr(owner, name)]
-            for owner, name in self.wrapped:  # evaluation (prediction_step) is a phase of its own
-                phase = "eval" if name == "prediction_step" else None
+            for owner, name in self.wrapped:  # evaluation, its gathering and metrics, is a phase of its own
+                phase = "eval" if name == "evaluate" else None
                 returned = self._add_loss if owner is trainer and name == "training_step" else None
                 setattr(owner, name, _closing_on_error(getattr(owner, name), self, phase, returned))
 
@@ -2172,6 +2185,8 @@ def conclusion(a, b, rows):
         return f"the two trainings cost the same (within 1%): {mib(x)} and {mib(y)} MiB{ranks}{notes}"
     sign = 1 if y > x else -1
     line = f"B's peak is {y / x:.2f}x A's ({(y - x) / MiB:+.1f} MiB)"
+    if a["peak_phase"] != b["peak_phase"]:   # (then its categories are another phase's than A's)
+        line += f", in {b['peak_phase']} where A's is in {a['peak_phase']}"
     cats = [r for r in rows if r[0].startswith("at peak: ") and r[1] is not None and r[2] is not None]
     if cats:
         what, ca, cb = max(cats, key=lambda r: sign * (r[2] - r[1]))

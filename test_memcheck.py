@@ -356,6 +356,25 @@ def test_a_steps_loss_is_any_one_number_and_anything_else_none(loss, value):
         assert probe.step(loss)["loss"] == value
 
 
+def test_a_peak_between_phases_is_a_phase_of_its_own():
+    # (a callback's work between the optimizer's step and the next forward, say)
+    assert "between phases" not in probe_loop(steps=2).report()["phases"]
+    model = nn.Linear(8, 8)
+    optimizer = torch.optim.AdamW(model.parameters())
+    with memcheck.Probe(model, optimizer) as probe:
+        for _ in range(2):
+            with probe.phase("forward"):
+                loss = model(torch.randn(4, 8)).sum()
+            with probe.phase("backward"):
+                loss.backward()
+            torch.ones(MiB, dtype=torch.uint8).sum()   # made and freed between phases
+            with probe.phase("optimizer"):
+                optimizer.step()
+            probe.step()
+    report = probe.report()
+    assert report["peak_phase"] == "between phases" and report["peak_bytes"] > MiB, report["phases"]
+
+
 def test_a_leaks_survivors_are_recorded_while_it_grows_not_when_the_report_is_written():
     model, optimizer = peft_opt()
     batches = token_batches(4)
@@ -1711,6 +1730,14 @@ def test_the_conclusion_names_the_heavier_sides_largest_temporary_and_warnings(h
     sign = "-" if heavier == "A" else "+"
     assert said.endswith(f"in temporaries ({sign}50.0 MiB), the largest part [8, 2048, 1024] float32 from mm "
                          f"in lm_head ({sign}50.0 MiB); {heavier} warns output_kept 40.0 MiB"), said
+
+
+def test_the_conclusion_says_where_the_peaks_are_when_they_are_in_different_phases():
+    # an evaluation that gathers its logits: B's peak in eval, its categories against A's backward's
+    a, b = holding(activations=100), holding({"peak_phase": "eval"}, temporaries=150)
+    assert concluded(a, b).startswith("B's peak is 1.50x A's (+50.0 MiB), in eval where A's is in backward; ")
+    assert concluded(a, a).startswith("the two trainings cost the same")
+    assert "where A's is in" not in concluded(a, holding(activations=150))
 
 
 def test_the_conclusion_names_the_temporary_that_changed_not_the_largest():
