@@ -991,6 +991,8 @@ class Probe:
         if name != "load" and stats["peak_bytes"] >= self.peak["peak_bytes"]:
             self.peak = dict(stats, phase=name)
         self.tracker.phase = None
+        if name == "load":   # (what runs between phases after it is measured from its end)
+            self._new_window()
 
     def _phase_stats(self):
         """The closing phase's peak, what was alive then, and on CUDA the allocator's own figures."""
@@ -2167,6 +2169,14 @@ def _changed_temporary(a, b, total):
             f"({change[key] / MiB:+.1f} MiB)")
 
 
+def _same_moment(phase_a, phase_b):
+    """Whether two peaks' phases are one moment of a step: the same phase, forward+backward for either
+    of the two, or a step measured whole (a loop without phases) for any."""
+    pair = {phase_a, phase_b}
+    return len(pair) == 1 or "step" in pair or FORWARD_BACKWARD in pair and pair <= {
+        FORWARD_BACKWARD, "forward", "backward"}
+
+
 def conclusion(a, b, rows):
     """One line: how B's peak compares with A's, where the difference is (the category, module, op),
     and what either side leaks or warns of."""
@@ -2185,7 +2195,7 @@ def conclusion(a, b, rows):
         return f"the two trainings cost the same (within 1%): {mib(x)} and {mib(y)} MiB{ranks}{notes}"
     sign = 1 if y > x else -1
     line = f"B's peak is {y / x:.2f}x A's ({(y - x) / MiB:+.1f} MiB)"
-    if a["peak_phase"] != b["peak_phase"]:   # (then its categories are another phase's than A's)
+    if not _same_moment(a["peak_phase"], b["peak_phase"]):   # (then B's categories are another phase's)
         line += f", in {b['peak_phase']} where A's is in {a['peak_phase']}"
     cats = [r for r in rows if r[0].startswith("at peak: ") and r[1] is not None and r[2] is not None]
     if cats:
