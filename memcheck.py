@@ -951,8 +951,8 @@ class Probe:
             self._stack.holding_loss(name)
 
     def _end_between(self):
-        """What ran between phases (a callback, an evaluation's gathering outside its phase) peaked
-        above training: then it is a phase of its own, not lost as the next window begins."""
+        """What ran between phases (a callback's work, say) peaked above training: then it is a phase
+        of its own, not lost as the next window begins."""
         if self.tracker.phase is not None or not self.peak["peak_bytes"]:
             return
         peak = torch.cuda.max_memory_allocated(self.device) if self.cuda else self.tracker.peak_bytes
