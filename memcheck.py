@@ -585,10 +585,12 @@ class _Stack:
         # anywhere in a loop without phases: an evaluation's (another batch size), or a forward
         # between phases (a callback's), never count.
         ids = args[0] if args else None
-        if self._training_step() and isinstance(ids, torch.Tensor) and ids.dim() == 2:
+        if not (isinstance(ids, torch.Tensor) and ids.dim() == 2):
+            return
+        training = self._training_step()
+        if training:
             self.step_tokens = max(self.step_tokens or 0, ids.numel())
-        if (self._training_step() or self._training() and "bs" not in self.seen) \
-                and isinstance(ids, torch.Tensor) and ids.dim() == 2 \
+        if (training or self._training() and "bs" not in self.seen) \
                 and (ids.numel(), ids.shape[1]) > (self.seen.get("bs", 0) * self.seen.get("seq", 0),
                                                    self.seen.get("seq", 0)):
             self.seen["bs"], self.seen["seq"] = ids.shape
@@ -987,12 +989,13 @@ class Probe:
             self.phases[name] = stats
         else:
             self.phases[name]["live_bytes"] = stats["live_bytes"]
-        # The peak is training's; loading (resize_token_embeddings included) keeps its own entry.
-        if name != "load" and stats["peak_bytes"] >= self.peak["peak_bytes"]:
-            self.peak = dict(stats, phase=name)
         self.tracker.phase = None
-        if name == "load":   # (what runs between phases after it is measured from its end)
+        # The peak is training's; loading (resize_token_embeddings included) keeps its own entry, and
+        # what runs between phases after it is measured from its end.
+        if name == "load":
             self._new_window()
+        elif stats["peak_bytes"] >= self.peak["peak_bytes"]:
+            self.peak = dict(stats, phase=name)
 
     def _phase_stats(self):
         """The closing phase's peak, what was alive then, and on CUDA the allocator's own figures."""
@@ -2108,11 +2111,12 @@ def diff(a, b):
     return rows
 
 
-def _dominant_op(a, b, label, net):
+def _dominant_op(groups, label, net):
     """(op, excess bytes) when one op explains most of a module row's `net` excess (_net_of_moves'),
-    else None. An op whose excess is more than the net holds bytes that moved from the modules inside."""
+    else None, from both reports' `groups` (_aligned_groups'). An op whose excess is more than the net
+    holds bytes that moved from the modules inside."""
     group = label[len("module "):].split(" (x")[0]
-    ops_a, ops_b = (groups.get(group, {}).get("ops", {}) for groups in _aligned_groups(a, b))
+    ops_a, ops_b = (side.get(group, {}).get("ops", {}) for side in groups)
     excess = {op: ops_b.get(op, 0) - ops_a.get(op, 0) for op in set(ops_a) | set(ops_b)}
     if net != sum(excess.values()):
         excess = {op: e for op, e in excess.items() if abs(e) <= abs(net)}
@@ -2204,10 +2208,9 @@ def conclusion(a, b, rows):
                  f"({(cb - ca) / MiB:+.1f} MiB)")
         places = [r for r in rows if r[0].startswith(("module ", "op "))]
         if places and what.endswith("activations"):  # module and op rows are saved activations
-            row = max(places, key=lambda r: sign * _net_of_moves(r, places))
-            name, net = row[0], _net_of_moves(row, places)
+            net, name = max(((_net_of_moves(r, places), r[0]) for r in places), key=lambda n: sign * n[0])
             if sign * net > 0:
-                op = _dominant_op(a, b, name, net) if name.startswith("module ") else None
+                op = _dominant_op(_aligned_groups(a, b), name, net) if name.startswith("module ") else None
                 most = net / (cb - ca) > 0.5   # (of the category's change)
                 line += (f", {'mostly' if most else 'the largest part in'} {name.split(' ', 1)[1]} "
                          f"({net / MiB:+.1f} MiB" + (f", op {op[0]})" if op else ")"))
@@ -2259,6 +2262,7 @@ def format_diff(a, b, name_a="A", name_b="B", markdown=False):
     rows = diff(a, b)
     header = ("", f"{name_a} MiB", f"{name_b} MiB", "B - A MiB", "B / A")
     shown, modules, places = [], 0, [r for r in rows if r[0].startswith(("module ", "op "))]
+    groups = _aligned_groups(a, b)
     for row in rows:
         what, x, y = row
         both = x is not None and y is not None
@@ -2273,7 +2277,7 @@ def format_diff(a, b, name_a="A", name_b="B", markdown=False):
         elif not what.startswith("at peak: ") or x or y:
             shown.append((what, *("not measured" if v is None else mib(v) for v in (x, y)),
                           f"{(y - x) / MiB:+.1f}" if both else "-", f"{y / x:.2f}x" if both and x else "-"))
-        op = (_dominant_op(a, b, what, _net_of_moves(row, places)) if what.startswith("module ")
+        op = (_dominant_op(groups, what, _net_of_moves(row, places)) if what.startswith("module ")
               and modules <= 3 and both and abs(y - x) > SAME_WITHIN * a["peak_bytes"] else None)
         if op and op[1]:
             shown.append((f"  mostly op {op[0]}", "", "", f"{op[1] / MiB:+.1f}", ""))
