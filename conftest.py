@@ -5,6 +5,7 @@ Nothing here downloads: HF_HUB_OFFLINE is set before transformers is imported an
 """
 import contextlib
 import os
+import random
 import socket
 import sys
 
@@ -142,10 +143,25 @@ def one_error_line(done, code=2):
 
 # ---------------------------------------------------------------- processes as torchrun starts them
 
+def _worker_ports(ports_per_worker=1500, first=20000):
+    """Ports free when taken, below the kernel's ephemeral range (the local ports that the connections
+    of tests running beside this one take at any moment), each pytest worker in a share of its own."""
+    worker = int(os.environ.get("PYTEST_XDIST_WORKER", "gw0")[2:])
+    start = first + ports_per_worker * worker
+    for port in range(start + random.Random().randrange(ports_per_worker // 2), start + ports_per_worker):
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        yield port
+
+
+_free_ports = _worker_ports()
+
+
 def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return next(_free_ports)
 
 
 def on_ranks(runs, world=2):
