@@ -1201,7 +1201,8 @@ def probed(stack, phases):
                  if name != "load" and "untracked_bytes" in s]
     try:
         return budget(stack.lm, bs=int(seen["bs"]), seq=int(seen["seq"]),
-                      checkpointing=stack.checkpointing(), device=stack.device, extra=[stack.model],
+                      checkpointing=stack.checkpointing(), device=stack.device,
+                      extra=[stack.model, torch.nn.ParameterList(stack.outside)],
                       autocast_dtype=getattr(torch, seen["autocast"]) if seen["autocast"] else None,
                       cuda_workspace_bytes=min(untracked, default=None),
                       input_grads=seen.get("input_grads"), padded=_masked(seen),

@@ -489,14 +489,18 @@ def _defaulted_sizes(config):
             and type(v := getattr(config, k, None)) is int and v == getattr(defaults, k, None)]
 
 
-def _masks_attention(signature, args, kwargs):
-    """Whether a forward (of this signature) gives SDPA an explicit mask: padding in its 2-D
+def _arguments(signature, args, kwargs):
+    """A forward's arguments by name."""
+    try:
+        return signature.bind_partial(*args, **kwargs).arguments
+    except (TypeError, ValueError):
+        return kwargs
+
+
+def _masks_attention(given):
+    """Whether a forward (given these arguments) gives SDPA an explicit mask: padding in its 2-D
     attention mask, a mask made by the caller (4-D), or "packed": position ids that restart within a
     row (packed sequences, which transformers masks only where no KV cache is made)."""
-    try:
-        given = signature.bind_partial(*args, **kwargs).arguments
-    except (TypeError, ValueError):
-        given = kwargs
     mask, positions = given.get("attention_mask"), given.get("position_ids")
     with _disable_current_modes():   # (reads the tracker does not count)
         if isinstance(mask, torch.Tensor):
@@ -506,12 +510,23 @@ def _masks_attention(signature, args, kwargs):
     return False
 
 
+def _fed_shape(given):
+    """(rows, tokens) a causal LM's forward is fed: its input_ids', else its inputs_embeds' (a stack
+    that embeds the tokens itself: row by row, with item vectors prepended, or without the module)."""
+    for name, dims in (("input_ids", 2), ("inputs_embeds", 3)):
+        value = given.get(name)
+        if isinstance(value, torch.Tensor) and value.dim() == dims:
+            return tuple(value.shape[:2])
+    return None
+
+
 class _Stack:
     """The stack watched: module names, parameter roles, what the training forwards showed."""
 
     def __init__(self, tracker, device, saves, ooms):
         self.tracker, self.device, self.saves, self.ooms = tracker, device, saves, ooms
         self.model = self.optimizer = self.lm = None  # lm: the Hugging Face model in it, if any
+        self.outside = []                  # parameters the optimizer steps that the model does not hold
         self.names, self.seen = {}, {}     # module -> name; what the training forwards showed (bs, seq, ...)
         self.step_tokens = None            # the open step's largest training batch, in tokens
         self.roles, self.graded, self.hooks = None, set(), []  # roles: (parameters, buffers), once a step
@@ -521,7 +536,13 @@ class _Stack:
 
     def attach(self, model, optimizer):
         self.model, self.optimizer, self.lm = model, optimizer, _language_model(model)
-        self.trainable = [p for p in model.parameters() if p.requires_grad]
+        inside = {id(p) for p in model.parameters()}
+        stepped = [p for group in getattr(unwrapped_optimizer(optimizer), "param_groups", ())
+                   for p in group["params"]]
+        # what the optimizer trains beside the model (a projector the probe was not given): its
+        # weights, gradients and state are the stack's too
+        self.outside = list({id(p): p for p in stepped if id(p) not in inside}.values())
+        self.trainable = [p for p in [*model.parameters(), *self.outside] if p.requires_grad]
         self.names = module_names(model)
         for module, name in self.names.items():
             self.hooks.append(module.register_forward_pre_hook(
@@ -530,7 +551,7 @@ class _Stack:
         if self.lm is not None:
             self.lm_signature = inspect.signature(self.lm.forward)
             embeddings = self.lm.get_input_embeddings()
-            self.hooks += [embeddings.register_forward_pre_hook(self._batch_shape),
+            self.hooks += [embeddings.register_forward_pre_hook(self._embedding_ids),
                            embeddings.register_forward_hook(self._embedded),
                            self.lm.register_forward_pre_hook(self._training_forward, with_kwargs=True),
                            self.lm.register_forward_hook(self.saves.model_output),
@@ -579,32 +600,39 @@ class _Stack:
         # between phases, with grad allowed, is none; a model trained in eval mode still trains).
         return self._training() and (self.tracker.phase is not None or not self.phases_used)
 
-    def _batch_shape(self, module, args):
+    def _batch_shape(self, shape):
         # The first training batch's shapes and autocast, then the largest (the peak's, where a
         # collator pads each batch to its longest; of equal tokens, the longest) inside a phase, or
         # anywhere in a loop without phases: an evaluation's (another batch size), or a forward
         # between phases (a callback's), never count.
-        ids = args[0] if args else None
-        if not (isinstance(ids, torch.Tensor) and ids.dim() == 2):
+        if shape is None:
             return
-        training = self._training_step()
+        training, (rows, tokens) = self._training_step(), shape
         if training:
-            self.step_tokens = max(self.step_tokens or 0, ids.numel())
+            self.step_tokens = max(self.step_tokens or 0, rows * tokens)
         if (training or self._training() and "bs" not in self.seen) \
-                and (ids.numel(), ids.shape[1]) > (self.seen.get("bs", 0) * self.seen.get("seq", 0),
-                                                   self.seen.get("seq", 0)):
-            self.seen["bs"], self.seen["seq"] = ids.shape
+                and (rows * tokens, tokens) > (self.seen.get("bs", 0) * self.seen.get("seq", 0),
+                                               self.seen.get("seq", 0)):
+            self.seen["bs"], self.seen["seq"] = rows, tokens
             kind = self.device.type
             self.seen["autocast"] = (str(torch.get_autocast_dtype(kind)).replace("torch.", "")
                                      if torch.is_autocast_enabled(kind) else None)
 
+    def _embedding_ids(self, module, args):
+        # The ids embedded, where no forward of the model is (a loop that runs its layers itself);
+        # where one is, the larger of the two shapes: the model's, unless it is fed fewer tokens.
+        self._batch_shape(_fed_shape({"input_ids": args[0] if args else None}))
+
     def _training_forward(self, module, args, kwargs):
-        # Whether a training batch has padding (transformers then gives every layer a mask), and
-        # whether gradients live from before (Lightning frees them after forward; accumulation).
+        # The batch's shape; whether a training batch has padding (transformers then gives every
+        # layer a mask), and whether gradients live from before (Lightning frees them after forward;
+        # accumulation).
+        given = _arguments(self.lm_signature, args, kwargs)
+        self._batch_shape(_fed_shape(given))
         if not self._training():
             return
         if self.seen.get("padded") is not True:   # (a padded batch outweighs a packed one)
-            masked = _masks_attention(self.lm_signature, args, kwargs)
+            masked = _masks_attention(given)
             self.seen["padded"] = masked or self.seen.get("padded", False)
         held = self.seen.setdefault("gradients_held", [])
         if "forward" not in held and any(p.grad is not None for p in self.trainable):
@@ -649,7 +677,7 @@ class _Stack:
         if self.model is None:
             return
         if again or self.roles is None:
-            self.roles = (list(self.model.parameters()), list(self.model.buffers()))
+            self.roles = ([*self.model.parameters(), *self.outside], list(self.model.buffers()))
         params, buffers = self.roles
         self.tracker.tag([p for p in params if p.requires_grad], "trainable_params", adopt)
         self.tracker.tag([p for p in params if not p.requires_grad], "frozen_params", adopt)
@@ -677,6 +705,7 @@ class _Stack:
                   "autocast": self.seen.get("autocast"),
                   "checkpointing_enabled": bool(_checkpointed_layers(self.model)),
                   "checkpointing": _checkpointing(self.checkpointing()), **_adapters(self.model),
+                  "inject_items": self.injects_items(),
                   "optimizer": _optimizer_kind(self.optimizer)}
         config["not_reproduced"] = _not_reproduced(self.model, self.lm, self.seen, config["optimizer"])
         world_size = rank_and_world()[1]
@@ -684,6 +713,14 @@ class _Stack:
             config.update(strategy=_strategy(self.model) or "ddp", world_size=world_size)
         config["baseline_command"] = baseline_command(config)
         return {k: v for k, v in config.items() if v is not None}  # unknown is absent, not null
+
+    def injects_items(self):
+        """Whether the decoder is fed vectors that train (iLoRA's projected items, a soft prompt): its
+        first layer's input requires grad, and parameters outside the language model train."""
+        if self.lm is None or "input_grads" not in self.seen:
+            return None
+        inside = {id(p) for p in self.lm.parameters()}
+        return self.seen["input_grads"] and any(id(p) not in inside for p in self.trainable)
 
     def save_config(self, report_path, write):
         """A model with no path or hub name: its config.json beside the report, for the baseline
@@ -1319,7 +1356,7 @@ def baseline_command(config):
         flags.append(f"--model {config.get('model') or config['model_config']}")
     flags.append(f"--lora-r {config['r']} --alpha {config['alpha']:g} --experts {config['experts']} "
                  f"--dropout {config['dropout']:g} --targets {','.join(config['targets'])}"
-                 + (" --no-inject-items" if config["experts"] == 1 else "")
+                 + ("" if config.get("inject_items") else " --no-inject-items")
                  + (" --lora-dtype match" if config.get("lora_dtype") == "match" else ""))
     # Measured, or before any backward (an OOM in step 1) as configured.
     checkpointing = config.get("checkpointing")

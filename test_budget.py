@@ -736,8 +736,8 @@ def meta_opt(tiny_model):
 
 def probed_stack(lm, model, device):
     """What budget.probed reads of a probe's _Stack: a first forward at bs 2, seq 16, no checkpointing."""
-    return SimpleNamespace(lm=lm, model=model, optimizer=None, device=device, checkpointing=lambda: False,
-                           seen={"bs": 2, "seq": 16, "autocast": None})
+    return SimpleNamespace(lm=lm, model=model, optimizer=None, outside=[], device=device,
+                           checkpointing=lambda: False, seen={"bs": 2, "seq": 16, "autocast": None})
 
 
 def test_a_probe_on_cuda_counts_the_least_untracked_bytes_of_a_training_phase_as_cublas_workspaces(

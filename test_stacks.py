@@ -402,6 +402,88 @@ def test_a_loop_without_phases_is_budgeted_at_its_largest_batch_the_longest_of_e
     assert (config["bs"], config["seq"]) == (2, 256)
 
 
+def _inputs_embeds(model, ids, how):
+    """The embeddings of `ids` as a stack that feeds the model inputs_embeds makes them: the whole
+    batch at once, row by row, with the embedding's weight and no call of its module, or with
+    vectors prepended (iLoRA's items as a soft prompt: here the first 8 tokens' embeddings)."""
+    embeddings = model.get_input_embeddings()
+    if how == "row by row":
+        return torch.cat([embeddings(row[None]) for row in ids])
+    if how == "functional":
+        return torch.nn.functional.embedding(ids, embeddings.weight)
+    whole = embeddings(ids)
+    return torch.cat([whole[:, :8], whole], 1) if how == "prepended" else whole
+
+
+@pytest.mark.parametrize("how", ["whole batch", "row by row", "functional", "prepended"])
+def test_a_stack_feeding_inputs_embeds_is_budgeted_at_the_shape_the_model_is_fed(how):
+    # bs and seq were the embedding module's input: row by row read --bs 1 and "2.8x the budget",
+    # prepended vectors a seq 8 short, and a module never called "no training forward was seen"
+    model = peft_opt()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+
+    def loss_of(ids):
+        embeds = _inputs_embeds(model, ids, how)
+        labels = torch.nn.functional.pad(ids, (embeds.shape[1] - ids.shape[1], 0), value=-100)
+        return model(inputs_embeds=embeds, labels=labels).loss
+    with memcheck.Probe(model, optimizer) as probe:
+        phased_loop(probe, optimizer, token_batches(3, bs=BS, seq=SEQ, vocab=VOCAB), loss_of)
+    report = probe.report()
+    fed = SEQ + 8 if how == "prepended" else SEQ
+    assert (report["config"]["bs"], report["config"]["seq"]) == (BS, fed)
+    assert f"--bs {BS} --seq {fed} " in report["config"]["baseline_command"]
+    assert memcheck.verdict(report).endswith("as expected"), memcheck.verdict(report)
+
+
+class AroundTheModel(torch.nn.Module):
+    """A PEFT LM with a trained module beside it: a projector of item vectors written over the first
+    4 positions' embeddings (iLoRA's placeholders), or a temperature that scales the loss."""
+
+    def __init__(self, llm, injects):
+        super().__init__()
+        self.llm, self.injects = llm, injects
+        self.projector = torch.nn.Sequential(torch.nn.Linear(16, 64), torch.nn.GELU(), torch.nn.Linear(64, 64))
+        self.temperature = torch.nn.Parameter(torch.ones(()))
+
+    def forward(self, ids):
+        embeds = self.llm.get_input_embeddings()(ids)
+        if self.injects:
+            items = self.projector(torch.ones(ids.shape[0], 4, 16))
+            embeds = torch.cat([items, embeds[:, 4:]], 1)
+        return self.llm(inputs_embeds=embeds, labels=ids).loss * self.temperature
+
+
+@pytest.mark.parametrize("injects", [True, False], ids=["items injected", "a loss scaled"])
+def test_the_baseline_injects_items_where_trained_vectors_feed_the_decoder(injects):
+    # with one expert the baseline always said --no-inject-items: 1.10x for a stack that injects
+    model = AroundTheModel(peft_opt(), injects)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    with memcheck.Probe(model, optimizer) as probe:
+        phased_loop(probe, optimizer, token_batches(2, bs=BS, seq=SEQ, vocab=VOCAB), model)
+    config = probe.report()["config"]
+    assert config["inject_items"] is injects
+    args = ref_train.parse_args(config["baseline_command"].split()[2:])
+    assert (args.experts, args.inject_items) == (1, injects)
+
+
+def test_what_the_optimizer_trains_beside_the_probed_model_counts_as_if_the_probe_had_it_all():
+    # given the language model alone, the projector's weights were uncounted, its gradients and
+    # state temporaries, and unbudgeted: the optimizer phase read 1.20x its budget
+    reports = {}
+    for given in ("the wrapper", "the language model"):
+        model = AroundTheModel(peft_opt(), injects=True)
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+        with memcheck.Probe(model if given == "the wrapper" else model.llm, optimizer) as probe:
+            phased_loop(probe, optimizer, token_batches(2, bs=BS, seq=SEQ, vocab=VOCAB), model)
+        reports[given] = probe.report()
+    wrapper, lm = reports.values()
+    assert lm["phases"] == wrapper["phases"] and lm["budget"]["phases"] == wrapper["budget"]["phases"]
+    state = [v for s in optimizer.state.values() for v in s.values()]
+    moments, steps = sum(v.nbytes for v in state if v.dim()), sum(v.nbytes for v in state if not v.dim())
+    # (AdamW's 4-byte step counts, made by torch.tensor(), are not all counted: the same either way)
+    assert moments <= lm["phases"]["optimizer"]["categories"]["optimizer_state"] <= moments + steps
+
+
 def trainable_tokens():
     from peft import LoraConfig, get_peft_model
     from transformers import OPTConfig, OPTForCausalLM
