@@ -564,33 +564,33 @@ def train_family(directory, *flags):
     return ref_train.train(args, log=lambda *a: lines.extend(" ".join(map(str, a)).splitlines())), lines
 
 
-@pytest.mark.parametrize("targets", ["auto", "all-linear"])
+# (each pair once: every family trains both target sets, and with and without checkpointing)
+@pytest.mark.parametrize("targets, ckpt", [("auto", "manual"), ("all-linear", "none")])
 @pytest.mark.parametrize("family", list(FAMILIES))
-def test_every_family_trains_with_default_and_all_linear_targets(family_models, family, targets):
+def test_every_family_trains_with_default_and_all_linear_targets(family_models, family, targets, ckpt):
     per_layer = ADAPTED[family][targets == "all-linear"]
-    for ckpt in ("manual", "none"):
-        report, lines = train_family(family_models[family], "--targets", targets, "--ckpt", ckpt)
-        assert report["status"] == "ok"
-        assert len(report["steps"]) == STEPS
-        assert all(math.isfinite(s["loss"]) for s in report["steps"])
-        assert report["params"]["adapted"] == 2 * per_layer, lines
-        # The resolved targets are what the report says ran, not "auto".
-        expected = (list(models.DEFAULT_TARGETS[family]) if targets == "auto" else ["all-linear"])
-        assert report["config"]["targets"] == expected
-        # No tokenizer files: the stand-in, said in one line, and the vocabulary only grows.
-        assert sum(line.startswith("tokenizer:") and "stand-in" in line for line in lines) == 1, lines
-        assert report["budget"]["terms"]["logits"] >= BS * (SEQ - 1) * VOCAB * 4
-        eager = [line for line in lines if line.startswith("attention:")]
-        falls_back = not supports_sdpa(family)   # Bloom; Gemma2 in recent transformers
-        assert len(eager) == falls_back and report["config"]["attn"] == (
-            "eager" if falls_back else "sdpa")
-        fused = [line for line in lines if line.startswith("not adapted:")]
-        assert len(fused) == (family == "mixtral" and targets == "all-linear"), lines
-        # The budget: the layer traced (Mixtral's routed experts included), within 3% with
-        # checkpointing and 5% without.
-        error = abs(report["peak_bytes"] / report["budget"]["peak_bytes"] - 1)
-        assert error <= (0.03 if ckpt == "manual" else 0.05), (family, targets, ckpt, error)
-        assert report["budget"]["method"] == "traced"
+    report, lines = train_family(family_models[family], "--targets", targets, "--ckpt", ckpt)
+    assert report["status"] == "ok"
+    assert len(report["steps"]) == STEPS
+    assert all(math.isfinite(s["loss"]) for s in report["steps"])
+    assert report["params"]["adapted"] == 2 * per_layer, lines
+    # The resolved targets are what the report says ran, not "auto".
+    expected = (list(models.DEFAULT_TARGETS[family]) if targets == "auto" else ["all-linear"])
+    assert report["config"]["targets"] == expected
+    # No tokenizer files: the stand-in, said in one line, and the vocabulary only grows.
+    assert sum(line.startswith("tokenizer:") and "stand-in" in line for line in lines) == 1, lines
+    assert report["budget"]["terms"]["logits"] >= BS * (SEQ - 1) * VOCAB * 4
+    eager = [line for line in lines if line.startswith("attention:")]
+    falls_back = not supports_sdpa(family)   # Bloom; Gemma2 in recent transformers
+    assert len(eager) == falls_back and report["config"]["attn"] == (
+        "eager" if falls_back else "sdpa")
+    fused = [line for line in lines if line.startswith("not adapted:")]
+    assert len(fused) == (family == "mixtral" and targets == "all-linear"), lines
+    # The budget: the layer traced (Mixtral's routed experts included), within 3% with
+    # checkpointing and 5% without.
+    error = abs(report["peak_bytes"] / report["budget"]["peak_bytes"] - 1)
+    assert error <= (0.03 if ckpt == "manual" else 0.05), (family, targets, ckpt, error)
+    assert report["budget"]["method"] == "traced"
 
 
 @pytest.mark.parametrize("family", ["llama", "mixtral", "gemma2", "phi3", "gpt2", "bloom"])
