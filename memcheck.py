@@ -526,6 +526,7 @@ class _Stack:
     def __init__(self, tracker, device, saves, ooms):
         self.tracker, self.device, self.saves, self.ooms = tracker, device, saves, ooms
         self.model = self.optimizer = self.lm = None  # lm: the Hugging Face model in it, if any
+        self.optimizers = []               # every optimizer the loop steps; `optimizer` the first
         self.outside = []                  # parameters the optimizer steps that the model does not hold
         self.names, self.seen = {}, {}     # module -> name; what the training forwards showed (bs, seq, ...)
         self.step_tokens = None            # the open step's largest training batch, in tokens
@@ -534,12 +535,13 @@ class _Stack:
         self.phases_used, self.trainable, self.lm_signature = False, [], None
         self.leaf = None   # a weak reference to the last training forward's input leaf, if any
 
-    def attach(self, model, optimizer):
-        self.model, self.optimizer, self.lm = model, optimizer, _language_model(model)
+    def attach(self, model, optimizers):
+        self.model, self.lm = model, _language_model(model)
+        self.optimizer, self.optimizers = next(iter(optimizers), None), optimizers
         inside = {id(p) for p in model.parameters()}
-        stepped = [p for group in getattr(unwrapped_optimizer(optimizer), "param_groups", ())
-                   for p in group["params"]]
-        # what the optimizer trains beside the model (a projector the probe was not given): its
+        unwrapped = [unwrapped_optimizer(optimizer) for optimizer in optimizers]
+        stepped = [p for o in unwrapped for group in getattr(o, "param_groups", ()) for p in group["params"]]
+        # what an optimizer trains beside the model (a projector the probe was not given): its
         # weights, gradients and state are the stack's too
         self.outside = list({id(p): p for p in stepped if id(p) not in inside}.values())
         self.trainable = [p for p in [*model.parameters(), *self.outside] if p.requires_grad]
@@ -684,9 +686,8 @@ class _Stack:
         self.tracker.tag(buffers, "frozen_params", adopt)
         self.tracker.tag([p.grad for p in params if p.grad is not None], "gradients", adopt)
         self.graded.update(id(p) for p in params if p.grad is not None)
-        if self.optimizer is not None:
-            self.tracker.tag([v for state in self.optimizer.state.values() for v in state.values()
-                              if isinstance(v, torch.Tensor)], "optimizer_state", adopt)
+        self.tracker.tag([v for optimizer in self.optimizers for state in optimizer.state.values()
+                          for v in state.values() if isinstance(v, torch.Tensor)], "optimizer_state", adopt)
 
     def checkpointed(self):
         """The names of the layers Hugging Face's gradient checkpointing wraps."""
@@ -945,12 +946,16 @@ class Probe:
                      + (f"\n{reference}" if reference and self.rank == 0 else ""))
 
     def attach(self, model, optimizer=None):
+        """Watch `model` and the optimizer the loop steps, or a list of them (Lightning's manual
+        optimization): the first is the one the baseline and the budget read."""
         self._started = None
+        optimizers = [o for o in (optimizer if isinstance(optimizer, (list, tuple)) else [optimizer])
+                      if o is not None]
         if self.allocator_only:  # nothing inside what torch.compile traces; read for the config only
-            stack = self._stack
-            stack.model, stack.optimizer, stack.lm = model, optimizer, _language_model(model)
+            stack, stack.optimizer = self._stack, next(iter(optimizers), None)
+            stack.model, stack.lm = model, _language_model(model)
             return
-        self._stack.attach(model, optimizer)
+        self._stack.attach(model, optimizers)
         if _strategy(model) == "fsdp":
             _watch_fsdp_storage(self.tracker, self._scope, _gathered_category(model))
 
@@ -1403,8 +1408,9 @@ def lightning_callback(path, **probe_kwargs):
 
         def on_train_start(self, trainer, pl_module):
             self.loss, self.stepped = None, False   # (a callback may serve several fits)
-            optimizer = trainer.optimizers[0] if trainer.optimizers else None
-            self.probe = Probe(pl_module, optimizer, path=path, **probe_kwargs).__enter__()
+            # (several only under manual optimization: the last one's step ends the phase)
+            optimizer = trainer.optimizers[-1] if trainer.optimizers else None
+            self.probe = Probe(pl_module, trainer.optimizers, path=path, **probe_kwargs).__enter__()
             if not self.probe.allocator_only:   # (which hooks nothing)
                 self.probe._stack.watch_output(trainer.strategy.model)
             _end_phase_with_step(optimizer, self.probe)

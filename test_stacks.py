@@ -888,6 +888,31 @@ def test_a_lightning_users_on_train_batch_end_runs_outside_the_optimizer_phase(t
     assert "step" not in vars(user.optimizer)   # the optimizer as it was
 
 
+def test_every_optimizer_of_lightnings_manual_optimization_keeps_optimizer_state(tmp_path):
+    # only trainer.optimizers[0] was watched: the second one's AdamW state read as temporaries
+    def configure_optimizers(module):
+        trained = [p for p in module.parameters() if p.requires_grad]
+        return [torch.optim.AdamW(trained[:-2], lr=1e-3), torch.optim.AdamW(trained[-2:], lr=1e-3)]
+
+    def training_step(module, batch, batch_idx):
+        loss = module.llm(input_ids=batch, labels=batch).loss
+        module.manual_backward(loss)
+        for optimizer in module.optimizers():
+            optimizer.step()
+            optimizer.zero_grad()
+        return loss
+
+    path, kept = tmp_path / "stack.json", {}
+    hooks = dict(automatic_optimization=False, configure_optimizers=configure_optimizers,
+                 training_step=training_step, on_train_end=lambda m: kept.update(optimizers=m.optimizers()))
+    lightning_fit(peft_opt(), memcheck.lightning_callback(**quiet(path)), module_hooks=hooks)
+    state = [v for optimizer in kept["optimizers"] for s in optimizer.state.values() for v in s.values()]
+    moments, steps = sum(v.nbytes for v in state if v.dim()), sum(v.nbytes for v in state if not v.dim())
+    counted = memcheck.read_report(path)["categories"]["optimizer_state"]
+    assert moments <= counted <= moments + steps   # (AdamW's 4-byte step counts are not all counted)
+    assert len(kept["optimizers"]) == 2 and all(o.state for o in kept["optimizers"])
+
+
 @pytest.mark.parametrize("stack", ["lightning", "hf"])
 def test_a_step_is_the_optimizers_and_its_loss_the_mean_of_its_micro_batches(stack, tmp_path):
     # Lightning counted micro-batches as steps (6 for max_steps=3), each with its loss divided by
