@@ -1199,10 +1199,15 @@ def probed(stack, phases):
                       "reads autocast (torch.autocast), not a policy")
     untracked = [s["untracked_bytes"] for name, s in phases.items()
                  if name != "load" and "untracked_bytes" in s]
+    # what the optimizer steps beside the model, as parameters of a module (a plain tensor keeps
+    # its requires_grad: a Parameter made of it would require grad)
+    Parameter = torch.nn.Parameter
+    beside = torch.nn.ParameterList(p if isinstance(p, Parameter) else Parameter(p, p.requires_grad)
+                                    for p in stack.outside)
     try:
         return budget(stack.lm, bs=int(seen["bs"]), seq=int(seen["seq"]),
                       checkpointing=stack.checkpointing(), device=stack.device,
-                      extra=[stack.model, torch.nn.ParameterList(stack.outside)],
+                      extra=[stack.model, beside],
                       autocast_dtype=getattr(torch, seen["autocast"]) if seen["autocast"] else None,
                       cuda_workspace_bytes=min(untracked, default=None),
                       input_grads=seen.get("input_grads"), padded=_masked(seen),

@@ -520,6 +520,21 @@ def _fed_shape(given):
     return None
 
 
+def _graph_leaves(tensor, limit=100_000):
+    """The tensors that require grad whose gradient backward from `tensor` accumulates (parameters,
+    leaves), as far as `limit` nodes of its graph."""
+    leaves, visited, todo = [], set(), [tensor.grad_fn]
+    while todo and len(visited) < limit:
+        node = todo.pop()
+        if node is None or node in visited:
+            continue
+        visited.add(node)
+        if hasattr(node, "variable"):   # AccumulateGrad
+            leaves.append(node.variable)
+        todo += [next_node for next_node, _ in node.next_functions]
+    return leaves
+
+
 class _Stack:
     """The stack watched: module names, parameter roles, what the training forwards showed."""
 
@@ -602,14 +617,20 @@ class _Stack:
         # between phases, with grad allowed, is none; a model trained in eval mode still trains).
         return self._training() and (self.tracker.phase is not None or not self.phases_used)
 
-    def _batch_shape(self, shape):
+    def _batch_shape(self, shape, fed=False):
         # The first training batch's shapes and autocast, then the largest (the peak's, where a
         # collator pads each batch to its longest; of equal tokens, the longest) inside a phase, or
         # anywhere in a loop without phases: an evaluation's (another batch size), or a forward
-        # between phases (a callback's), never count.
+        # between phases (a callback's), never count. The batch is what the model's forward is fed
+        # once one trains; until then, and in a loop that runs the layers itself, the ids embedded.
         if shape is None:
             return
         training, (rows, tokens) = self._training_step(), shape
+        if fed and training and not self.seen.get("fed"):   # (what was embedded before: no batch)
+            self.seen["fed"], self.step_tokens = True, None
+            self.seen.pop("bs", None), self.seen.pop("seq", None)
+        elif not fed and self.seen.get("fed"):
+            return
         if training:
             self.step_tokens = max(self.step_tokens or 0, rows * tokens)
         if (training or self._training() and "bs" not in self.seen) \
@@ -621,8 +642,6 @@ class _Stack:
                                      if torch.is_autocast_enabled(kind) else None)
 
     def _embedding_ids(self, module, args):
-        # The ids embedded, where no forward of the model is (a loop that runs its layers itself);
-        # where one is, the larger of the two shapes: the model's, unless it is fed fewer tokens.
         self._batch_shape(_fed_shape({"input_ids": args[0] if args else None}))
 
     def _training_forward(self, module, args, kwargs):
@@ -630,7 +649,7 @@ class _Stack:
         # layer a mask), and whether gradients live from before (Lightning frees them after forward;
         # accumulation).
         given = _arguments(self.lm_signature, args, kwargs)
-        self._batch_shape(_fed_shape(given))
+        self._batch_shape(_fed_shape(given), fed=True)
         if not self._training():
             return
         if self.seen.get("padded") is not True:   # (a padded batch outweighs a packed one)
@@ -670,6 +689,7 @@ class _Stack:
         hidden = args[0] if args else kwargs.get("hidden_states")
         if "bs" in self.seen and "input_grads" not in self.seen and isinstance(hidden, torch.Tensor):
             self.seen["input_grads"] = hidden.requires_grad
+            self.seen["inject_items"] = self._injects(hidden)
             leaf = self.leaf() if self.leaf is not None else None
             if leaf is not None and leaf.untyped_storage().data_ptr() != hidden.untyped_storage().data_ptr():
                 self.seen["input_leaf"] = "apart"   # (a tensor of its own: positions added, items injected)
@@ -696,7 +716,7 @@ class _Stack:
     def inferred_config(self):
         if self.model is None:
             return {}
-        params = _unique_params([self.model])
+        params = _unique_params([self.model]) + self.outside
         config = {"probe": True, "model_class": type(self.lm or self.model).__name__,
                   "model": getattr(getattr(self.lm, "config", None), "_name_or_path", None) or None,
                   "model_config": self.config_dir,   # (where a report went: not compared by diff)
@@ -706,7 +726,7 @@ class _Stack:
                   "autocast": self.seen.get("autocast"),
                   "checkpointing_enabled": bool(_checkpointed_layers(self.model)),
                   "checkpointing": _checkpointing(self.checkpointing()), **_adapters(self.model),
-                  "inject_items": self.injects_items(),
+                  "inject_items": self.seen.get("inject_items"),
                   "optimizer": _optimizer_kind(self.optimizer)}
         config["not_reproduced"] = _not_reproduced(self.model, self.lm, self.seen, config["optimizer"])
         world_size = rank_and_world()[1]
@@ -715,13 +735,14 @@ class _Stack:
         config["baseline_command"] = baseline_command(config)
         return {k: v for k, v in config.items() if v is not None}  # unknown is absent, not null
 
-    def injects_items(self):
-        """Whether the decoder is fed vectors that train (iLoRA's projected items, a soft prompt): its
-        first layer's input requires grad, and parameters outside the language model train."""
-        if self.lm is None or "input_grads" not in self.seen:
-            return None
-        inside = {id(p) for p in self.lm.parameters()}
-        return self.seen["input_grads"] and any(id(p) not in inside for p in self.trainable)
+    def _injects(self, hidden):
+        """Whether the first decoder layer's input is made with parameters that train, other than the
+        embeddings' and adapters' (iLoRA's projector of items, a soft prompt): the baseline's
+        --inject-items."""
+        own = {id(p) for m in self.lm.modules() if "Embedding" in type(m).__name__ or _adapter(m)
+               for p in m.parameters()}
+        injecting = {id(p) for p in self.trainable} - own
+        return any(id(leaf) in injecting for leaf in _graph_leaves(hidden))
 
     def save_config(self, report_path, write):
         """A model with no path or hub name: its config.json beside the report, for the baseline
@@ -767,7 +788,8 @@ class _Stack:
             found.append({"kind": "model_mismatch", "class": cls, "model_type": read_as, "message": message})
         if not self.saves.backward_steps or self.model is None:
             return found
-        trainable = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
+        trainable = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad] + [
+            (f"{list(p.shape)} beside the model", p) for p in self.outside if p.requires_grad]
         missing = [n for n, p in trainable if id(p) not in self.graded]
         if missing:
             why = ("memory ran out inside the model, and a forward that caught it returned something else "

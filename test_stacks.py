@@ -404,21 +404,31 @@ def test_a_loop_without_phases_is_budgeted_at_its_largest_batch_the_longest_of_e
 
 def _inputs_embeds(model, ids, how):
     """The embeddings of `ids` as a stack that feeds the model inputs_embeds makes them: the whole
-    batch at once, row by row, with the embedding's weight and no call of its module, or with
-    vectors prepended (iLoRA's items as a soft prompt: here the first 8 tokens' embeddings)."""
+    batch at once, row by row, with the embedding's weight and no call of its module, with vectors
+    prepended (iLoRA's items as a soft prompt: here the first 8 tokens' embeddings), its first 8
+    positions cut, or with the pooled embeddings of 40 item titles of 8 tokens added (as LLaRA)."""
     embeddings = model.get_input_embeddings()
     if how == "row by row":
         return torch.cat([embeddings(row[None]) for row in ids])
     if how == "functional":
         return torch.nn.functional.embedding(ids, embeddings.weight)
     whole = embeddings(ids)
-    return torch.cat([whole[:, :8], whole], 1) if how == "prepended" else whole
+    if how == "prepended":
+        return torch.cat([whole[:, :8], whole], 1)
+    if how == "cut":
+        return whole[:, 8:]
+    if how == "titles added":
+        titles = embeddings(token_batches(1, bs=40, seq=8, vocab=VOCAB)[0])
+        return whole + titles.mean((0, 1))
+    return whole
 
 
-@pytest.mark.parametrize("how", ["whole batch", "row by row", "functional", "prepended"])
+@pytest.mark.parametrize("how", ["whole batch", "row by row", "functional", "prepended", "cut",
+                                 "titles added"])
 def test_a_stack_feeding_inputs_embeds_is_budgeted_at_the_shape_the_model_is_fed(how):
     # bs and seq were the embedding module's input: row by row read --bs 1 and "2.8x the budget",
-    # prepended vectors a seq 8 short, and a module never called "no training forward was seen"
+    # prepended vectors a seq 8 short, a module never called "no training forward was seen", the
+    # titles' embeddings --bs 40 --seq 8
     model = peft_opt()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
 
@@ -429,41 +439,48 @@ def test_a_stack_feeding_inputs_embeds_is_budgeted_at_the_shape_the_model_is_fed
     with memcheck.Probe(model, optimizer) as probe:
         phased_loop(probe, optimizer, token_batches(3, bs=BS, seq=SEQ, vocab=VOCAB), loss_of)
     report = probe.report()
-    fed = SEQ + 8 if how == "prepended" else SEQ
+    fed = {"prepended": SEQ + 8, "cut": SEQ - 8}.get(how, SEQ)
     assert (report["config"]["bs"], report["config"]["seq"]) == (BS, fed)
     assert f"--bs {BS} --seq {fed} " in report["config"]["baseline_command"]
     assert memcheck.verdict(report).endswith("as expected"), memcheck.verdict(report)
 
 
 class AroundTheModel(torch.nn.Module):
-    """A PEFT LM with a trained module beside it: a projector of item vectors written over the first
-    4 positions' embeddings (iLoRA's placeholders), or a temperature that scales the loss."""
+    """A PEFT LM with something trained beside it: "items", a projector of item vectors written over
+    the first 4 positions' embeddings (iLoRA's placeholders); "items inside", the same projector held
+    by the language model itself; "temperature", a scale of the loss."""
 
-    def __init__(self, llm, injects):
+    def __init__(self, llm, trains):
         super().__init__()
-        self.llm, self.injects = llm, injects
-        self.projector = torch.nn.Sequential(torch.nn.Linear(16, 64), torch.nn.GELU(), torch.nn.Linear(64, 64))
-        self.temperature = torch.nn.Parameter(torch.ones(()))
+        self.llm, self.trains = llm, trains
+        if trains == "temperature":
+            self.temperature = torch.nn.Parameter(torch.ones(()))
+            return
+        projector = torch.nn.Sequential(torch.nn.Linear(16, 64), torch.nn.GELU(), torch.nn.Linear(64, 64))
+        setattr(llm.get_base_model() if trains == "items inside" else self, "projector", projector)
 
     def forward(self, ids):
-        embeds = self.llm.get_input_embeddings()(ids)
-        if self.injects:
-            items = self.projector(torch.ones(ids.shape[0], 4, 16))
-            embeds = torch.cat([items, embeds[:, 4:]], 1)
-        return self.llm(inputs_embeds=embeds, labels=ids).loss * self.temperature
+        if self.trains == "temperature":
+            return self.llm(input_ids=ids, labels=ids).loss * self.temperature
+        projector = self.llm.get_base_model().projector if self.trains == "items inside" else self.projector
+        items = projector(torch.ones(ids.shape[0], 4, 16))
+        embeds = torch.cat([items, self.llm.get_input_embeddings()(ids)[:, 4:]], 1)
+        return self.llm(inputs_embeds=embeds, labels=ids).loss
 
 
-@pytest.mark.parametrize("injects", [True, False], ids=["items injected", "a loss scaled"])
-def test_the_baseline_injects_items_where_trained_vectors_feed_the_decoder(injects):
-    # with one expert the baseline always said --no-inject-items: 1.10x for a stack that injects
-    model = AroundTheModel(peft_opt(), injects)
+@pytest.mark.parametrize("trains, ckpt", [("items", None), ("items inside", True), ("temperature", None),
+                                          ("temperature", True)])
+def test_the_baseline_injects_items_where_trained_vectors_feed_the_decoder(trains, ckpt):
+    # with one expert the baseline always said --no-inject-items: 1.10x for a stack that injects; a
+    # rule of "input requires grad, parameters train beside the model" took checkpointing's for it
+    model = AroundTheModel(peft_opt(ckpt=ckpt), trains)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
     with memcheck.Probe(model, optimizer) as probe:
         phased_loop(probe, optimizer, token_batches(2, bs=BS, seq=SEQ, vocab=VOCAB), model)
-    config = probe.report()["config"]
-    assert config["inject_items"] is injects
-    args = ref_train.parse_args(config["baseline_command"].split()[2:])
-    assert (args.experts, args.inject_items) == (1, injects)
+    report, injects = probe.report(), trains != "temperature"
+    assert report["config"]["inject_items"] is injects and report["warnings"] == []
+    args = ref_train.parse_args(report["config"]["baseline_command"].split()[2:])
+    assert (args.experts, args.inject_items, args.ckpt) == (1, injects, "manual" if ckpt else "none")
 
 
 def test_what_the_optimizer_trains_beside_the_probed_model_counts_as_if_the_probe_had_it_all():
@@ -471,13 +488,16 @@ def test_what_the_optimizer_trains_beside_the_probed_model_counts_as_if_the_prob
     # state temporaries, and unbudgeted: the optimizer phase read 1.20x its budget
     reports = {}
     for given in ("the wrapper", "the language model"):
-        model = AroundTheModel(peft_opt(), injects=True)
-        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+        model = AroundTheModel(peft_opt(), "items")
+        frozen = torch.zeros(4096, 16)   # a plain tensor in the optimizer: frozen, not budgeted as trained
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad] + [frozen], lr=1e-3)
         with memcheck.Probe(model if given == "the wrapper" else model.llm, optimizer) as probe:
             phased_loop(probe, optimizer, token_batches(2, bs=BS, seq=SEQ, vocab=VOCAB), model)
         reports[given] = probe.report()
     wrapper, lm = reports.values()
     assert lm["phases"] == wrapper["phases"] and lm["budget"]["phases"] == wrapper["budget"]["phases"]
+    assert lm["config"]["param_count"] == wrapper["config"]["param_count"]
+    assert memcheck.verdict(lm).endswith("as expected"), memcheck.verdict(lm)
     state = [v for s in optimizer.state.values() for v in s.values()]
     moments, steps = sum(v.nbytes for v in state if v.dim()), sum(v.nbytes for v in state if not v.dim())
     # (AdamW's 4-byte step counts, made by torch.tensor(), are not all counted: the same either way)
