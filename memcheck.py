@@ -552,7 +552,7 @@ class _Stack:
 
     def attach(self, model, optimizers):
         self.model, self.lm = model, _language_model(model)
-        self.optimizer, self.optimizers = next(iter(optimizers), None), optimizers
+        self.optimizer, self.optimizers = optimizers[0] if optimizers else None, optimizers
         inside = {id(p) for p in model.parameters()}
         unwrapped = [unwrapped_optimizer(optimizer) for optimizer in optimizers]
         stepped = [p for o in unwrapped for group in getattr(o, "param_groups", ()) for p in group["params"]]
@@ -605,7 +605,9 @@ class _Stack:
             self.hooks.pop().remove()
 
     def _leave_module(self, module, args, output):  # returns None: anything else would replace the output
-        name = self.tracker.module_stack.pop() if self.tracker.module_stack else None
+        # (not pushed where a pre-hook registered before the probe's raised: nothing to pop)
+        stack = self.tracker.module_stack
+        name = stack.pop() if stack and stack[-1] == self.names.get(module) else None
         if self.ooms.open:  # (always called: as the forward returns, or as it raises, with no output)
             self.ooms.left(name, returned=output is not None or sys.exc_info()[1] is None)
 
@@ -974,8 +976,8 @@ class Probe:
         optimizers = [o for o in (optimizer if isinstance(optimizer, (list, tuple)) else [optimizer])
                       if o is not None]
         if self.allocator_only:  # nothing inside what torch.compile traces; read for the config only
-            stack, stack.optimizer = self._stack, next(iter(optimizers), None)
-            stack.model, stack.lm = model, _language_model(model)
+            self._stack.model, self._stack.lm = model, _language_model(model)
+            self._stack.optimizer = optimizers[0] if optimizers else None
             return
         self._stack.attach(model, optimizers)
         if _strategy(model) == "fsdp":

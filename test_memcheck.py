@@ -633,6 +633,40 @@ def test_an_oom_caught_in_a_retry_after_the_loops_own_oom_is_caught_and_the_loop
     assert [(c["module"], c["caught_in"]) for c in report["caught_ooms"]] == [("1", "1")]
 
 
+class FallsBack(nn.Module):
+    """Runs `inner`, and where it raises, a linear layer of its own weights instead."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner, self.weight = inner, nn.Parameter(torch.ones(64, 16))
+
+    def forward(self, x):
+        try:
+            return self.inner(x)
+        except torch.OutOfMemoryError:
+            return torch.nn.functional.linear(x, self.weight).relu()
+
+
+def test_a_hook_that_raises_before_the_probes_leaves_the_modules_it_runs_in_named():
+    # a pre-hook registered before the probe's (accelerate's, say) raising: the probe's push never
+    # came, its pop did, and took the caller's name: the fallback's activation was "(no module)"
+    def moving_the_weights(*_):
+        raise torch.OutOfMemoryError("raised by a pre-hook")
+
+    inner = nn.Linear(16, 64)
+    inner.register_forward_pre_hook(moving_the_weights)
+    model = nn.Sequential(nn.Linear(16, 16), FallsBack(inner))
+    with memcheck.Probe(model) as probe:
+        with probe.phase("forward"):
+            loss = model(torch.randn(32, 16)).sum()
+        with probe.phase("backward"):
+            loss.backward()
+        probe.step()
+        assert probe.tracker.module_stack == []
+    saved = {m["module"]: m["bytes"] for m in probe.report()["modules"]}
+    assert saved["1"] == 32 * 64 * 4   # relu's output
+
+
 def test_a_forward_that_raises_another_error_after_an_oom_did_not_go_on():
     layer = nn.Linear(16, 4096)
 
