@@ -67,6 +67,10 @@ STATUSES = ("ok", "oom", "error", "interrupted")
 _RANK = {c: i for i, c in enumerate(CATEGORIES)}
 TOP_SURVIVORS = 20
 NO_MODULE = "(no module)"
+# How each device's allocator starts its error as memory runs out: code that tells an OOM by its
+# words (accelerate's auto_find_batch_size, a loop's retry) tells max_memory_mib's too
+ALLOCATOR_OOM_WORDS = {"cuda": "CUDA out of memory.", "cpu": "DefaultCPUAllocator: can't allocate memory:",
+                       "xpu": "XPU out of memory.", "mps": "MPS backend out of memory"}
 EXPERT_COUNTS = ("lora_num", "num_moe")  # a mixture-of-LoRA-experts fork's count of its experts
 REFERENCE = "the reference for this stack"
 NO_LORA_BASELINE = (f"{REFERENCE}: none; ref_train.py trains LoRA adapters, and the probe found no LoRA "
@@ -242,7 +246,8 @@ class Tracker(TorchDispatchMode):
         if self.limit_bytes is not None and self.live_bytes + nbytes > self.limit_bytes:
             # as an allocator fails: the allocation is not made, so not counted, not even in the peak
             over = self.live_bytes + nbytes - self.limit_bytes
-            message = (f"allocating {mib(nbytes)} MiB ({list(tensor.shape)} {str(tensor.dtype)[6:]} from "
+            message = (f"{ALLOCATOR_OOM_WORDS.get(self.device_type, 'out of memory:')} "
+                       f"allocating {mib(nbytes)} MiB ({list(tensor.shape)} {str(tensor.dtype)[6:]} from "
                        f"{_op_name(op)} in {module}) with {mib(self.live_bytes)} MiB live: {over:,} bytes "
                        f"over the --max-memory / max_memory_mib limit of {mib(self.limit_bytes)} MiB")
             tensor = storage = None   # (this frame, kept by the error, holds no storage)
@@ -577,19 +582,22 @@ class _Stack:
             self.saves.layers = [self.names[layer] for layer in layers]
             if layers:
                 self.hooks.append(layers[0].register_forward_pre_hook(self._first_layer, with_kwargs=True))
-        self.watch_output(model)
+        self.watch_wrapper(model)
         for p in self.trainable:  # judged by what backward gave, whatever zero_grad does later
             self.hooks.append(p.register_post_accumulate_grad_hook(self._graded))
             self.hooks.append(p.register_hook(functools.partial(self._arriving, p)))
-        self.compiled = [type(m).__name__ for m in model.modules()
-                         if type(m).__name__ == "OptimizedModule" or getattr(m, "_compiled_call_impl", None)]
         self.tag_roles(adopt=True)  # what exists now is counted from now, and never as new
 
-    def watch_output(self, wrapper):
-        """Watch a DistributedDataParallel wrapper's output too: with find_unused_parameters (the HF
-        Trainer's default for a PEFT model) it hands the loop clones of the model's, not the model's."""
+    def watch_wrapper(self, wrapper):
+        """What wraps the model as the trainer runs it: a DistributedDataParallel's output (with
+        find_unused_parameters, the HF Trainer's default for a PEFT model, it hands the loop clones of
+        the model's, not the model's), and torch.compile (the HF Trainer's torch_compile compiles the
+        wrapper, not the model its callbacks are given)."""
         if type(wrapper).__name__ == "DistributedDataParallel":
             self.hooks.append(wrapper.register_forward_hook(self.saves.model_output))
+        if wrapper is not None:
+            self.compiled = self.compiled or [type(m).__name__ for m in wrapper.modules() if type(m).__name__
+                                              == "OptimizedModule" or getattr(m, "_compiled_call_impl", None)]
 
     def _arriving(self, param, grad):
         # A gradient arriving where one lives from before: backward adds to it (accumulation).
@@ -1436,7 +1444,7 @@ def lightning_callback(path, **probe_kwargs):
             optimizer = trainer.optimizers[-1] if trainer.optimizers else None
             self.probe = Probe(pl_module, trainer.optimizers, path=path, **probe_kwargs).__enter__()
             if not self.probe.allocator_only:   # (which hooks nothing)
-                self.probe._stack.watch_output(trainer.strategy.model)
+                self.probe._stack.watch_wrapper(trainer.strategy.model)
             _end_phase_with_step(optimizer, self.probe)
 
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
@@ -1566,7 +1574,7 @@ def hf_callback(path, **probe_kwargs):
                 self.probe.status, self.probe.error, self.probe.oom = failed.status, failed.error, failed.oom
             trainer = _running_trainer()
             if not self.probe.allocator_only:   # (which hooks nothing)
-                self.probe._stack.watch_output(getattr(trainer, "model_wrapped", None))
+                self.probe._stack.watch_wrapper(getattr(trainer, "model_wrapped", None))
             owners = [(trainer, name) for name in _HF_TRAINER_METHODS] + [
                 (optimizer, "step"), (getattr(trainer, "callback_handler", None), "call_event")]
             self.wrapped = [(owner, name) for owner, name in owners if hasattr(owner, name)]

@@ -576,7 +576,8 @@ def test_an_oom_caught_in_one_layer_then_one_raised_in_the_next_are_both_named(t
     assert report["status"] == "oom" and report["oom"]["module"] == "1"
     assert [(c["module"], c["caught_in"]) for c in report["caught_ooms"]] == [("0", "0")]
     shown = memcheck.format_report(report)
-    assert "OUT OF MEMORY in forward at step 1, inside 1: allocating 1.0 MiB" in shown
+    assert ("OUT OF MEMORY in forward at step 1, inside 1: DefaultCPUAllocator: can't allocate memory: "
+            "allocating 1.0 MiB") in shown
     assert "WARNING oom_caught (1x, in 0)" in memcheck.verdict(dict(report, budget=None))
 
 

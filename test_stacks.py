@@ -242,6 +242,18 @@ def test_an_oom_the_hf_trainer_recovers_from_at_a_smaller_batch_stays_in_the_rep
     assert first == pytest.approx(then[0], rel=0.1)
 
 
+def test_max_memory_mib_fails_in_the_words_of_the_devices_allocator_so_auto_find_batch_size_retries(tmp_path):
+    # accelerate tells an OOM by its message ("DefaultCPUAllocator: can't allocate memory" on CPU):
+    # the limit's own words stopped the run at bs 8 instead of retrying at 4
+    path = tmp_path / "stack.json"
+    hf_train(peft_opt(), [memcheck.hf_callback(**quiet(path, max_memory_mib=2))], tmp_path, steps=2,
+             rows=[{"input_ids": r, "labels": r} for r in token_batches(8, bs=4)[0].repeat(4, 1)],
+             per_device_train_batch_size=8, auto_find_batch_size=True)
+    report = memcheck.read_report(path)
+    assert (report["status"], report["config"]["bs"]) == ("ok", 4)
+    assert report["recovered_oom"]["message"].startswith("DefaultCPUAllocator: can't allocate memory: allocating")
+
+
 # ---------------------------------------------------------------- checkpointing some layers
 
 @pytest.mark.parametrize("oom", [False, True], ids=["measured", "configured-oom-in-step-1"])
@@ -1193,6 +1205,14 @@ def test_a_compiled_model_under_the_probe_is_said_to_run_eager():
     assert "allocator_only=True" in compiled["warnings"][0]["message"]   # what measures it compiled
     assert eager["warnings"] == []
     assert abs(compiled["peak_bytes"] / eager["peak_bytes"] - 1) <= 0.01
+
+
+def test_the_hf_trainers_torch_compile_under_the_probe_is_said_to_run_eager(tmp_path):
+    # the Trainer compiles the wrapper it runs (model_wrapped), not the model its callbacks get:
+    # compilation was off and no warning said so
+    path = tmp_path / "stack.json"
+    hf_train(peft_opt(), [memcheck.hf_callback(**quiet(path))], tmp_path, steps=2, torch_compile=True)
+    assert [w["kind"] for w in memcheck.read_report(path)["warnings"]] == ["compile_disabled"]
 
 
 # ---------------------------------------------------------------- one report per rank, under torchrun
