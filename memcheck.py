@@ -66,6 +66,7 @@ CATEGORIES = ("trainable_params", "frozen_params", "gradients", "optimizer_state
 STATUSES = ("ok", "oom", "error", "interrupted")
 _RANK = {c: i for i, c in enumerate(CATEGORIES)}
 TOP_SURVIVORS = 20
+TOP_TEMPORARIES = 5   # the largest temporaries a report lists at each peak
 NO_MODULE = "(no module)"
 # How each device's allocator starts its error as memory runs out: code that tells an OOM by its
 # words (accelerate's auto_find_batch_size, a loop's retry) tells max_memory_mib's too
@@ -281,7 +282,7 @@ class Tracker(TorchDispatchMode):
         self.window = list(self.live.values())
         self.peak_bytes, self.peak_event = self.live_bytes, self.event
 
-    def at(self, event, top=5):
+    def at(self, event, top=TOP_TEMPORARIES):
         """What was alive at `event`: bytes per category, the activations by the module (or op,
         outside any) that made them, and the `top` largest temporaries."""
         categories, by_module, temporaries = dict.fromkeys(CATEGORIES, 0), {}, []
@@ -2231,21 +2232,35 @@ def _left_out(a, b):
 
 
 def _changed_temporary(a, b, total):
-    """', the largest part <shape> <dtype> from <op> in <module> (+x MiB)': of the temporaries at the two
-    peaks, by op and module, the one whose bytes changed the most in the direction of the category's
-    `total` change, and by no more (one that came into, or left, a report's few largest counts whole)."""
-    held, sign = [{}, {}], 1 if total > 0 else -1
-    for side, report in zip(held, (a, b)):
+    """', the largest part <shape> <dtype> from <op> in <module> (+x MiB)': of the heavier side's
+    temporaries at its peak, by op and module, the one that grew the most over the other side's. One
+    missing from the other's list counts as its smallest where that list is full (it may be there,
+    among those not listed): a temporary that left the few largest is not counted whole."""
+    sign = 1 if total > 0 else -1
+    heavier, lighter = (b, a) if sign > 0 else (a, b)
+    held = [{}, {}]
+    for side, report in zip(held, (heavier, lighter)):
         for t in report.get("temporaries") or []:
             side[t["op"], t["module"]] = side.get((t["op"], t["module"]), 0) + t["bytes"]
-    change = {key: held[1].get(key, 0) - held[0].get(key, 0) for key in set(held[0]) | set(held[1])}
-    change = {key: c for key, c in change.items() if sign * c <= sign * total}
-    key = max(change, key=lambda k: sign * change[k], default=None)
-    if key is None or sign * change[key] <= 0:
+    listed = lighter.get("temporaries") or []
+    floor = min(t["bytes"] for t in listed) if len(listed) >= TOP_TEMPORARIES else 0
+    grew = {key: n - held[1].get(key, floor) for key, n in held[0].items()}
+    key = max(grew, key=grew.get, default=None)
+    if key is None or grew[key] <= 0:
         return ""
-    top = next(t for t in (b if sign > 0 else a)["temporaries"] if (t["op"], t["module"]) == key)
+    top = next(t for t in heavier["temporaries"] if (t["op"], t["module"]) == key)
     return (f", the largest part {top['shape']} {top['dtype']} from {top['op']} in {top['module']} "
-            f"({change[key] / MiB:+.1f} MiB)")
+            f"({sign * grew[key] / MiB:+.1f} MiB)")
+
+
+def _other_shape(a, b):
+    """' at another batch shape (seq: 64 -> 128; each as its budget expects)': a difference that is
+    the batch's, where the modules and ops that grew with it are no fault of either side."""
+    changed = [f"{k}: {x!r} -> {y!r}" for k, (x, y) in config_differences(a, b).items() if k in ("bs", "seq")]
+    if not changed:
+        return ""
+    expected = all(verdict(r).endswith("as expected") for r in (a, b))
+    return f" at another batch shape ({', '.join(changed)}{'; each as its budget expects' * expected})"
 
 
 def _same_moment(phase_a, phase_b):
@@ -2273,7 +2288,7 @@ def conclusion(a, b, rows):
     if abs(y / x - 1) <= SAME_WITHIN:
         return f"the two trainings cost the same (within 1%): {mib(x)} and {mib(y)} MiB{ranks}{notes}"
     sign = 1 if y > x else -1
-    line = f"B's peak is {y / x:.2f}x A's ({(y - x) / MiB:+.1f} MiB)"
+    line = f"B's peak is {y / x:.2f}x A's ({(y - x) / MiB:+.1f} MiB)" + _other_shape(a, b)
     if not _same_moment(a["peak_phase"], b["peak_phase"]):   # (then B's categories are another phase's)
         line += f", in {b['peak_phase']} where A's is in {a['peak_phase']}"
     cats = [r for r in rows if r[0].startswith("at peak: ") and r[1] is not None and r[2] is not None]

@@ -1793,6 +1793,27 @@ def test_the_conclusion_names_the_temporary_that_changed_not_the_largest():
                                     "(+0.5 MiB)"), concluded(a, b)
 
 
+def test_the_conclusion_says_a_difference_is_the_batch_shapes_when_each_run_is_as_budgeted(train_tiny):
+    # two runs at seq 64 and 128 read "the excess is in activations, the largest part in
+    # _log_softmax", as if something in B were to blame
+    short, long = (train_tiny("--steps", 2, "--seq", seq) for seq in (64, 128))
+    said = concluded(short, long)
+    assert said.startswith("B's peak is ") and " at another batch shape (seq: 64 -> 128; each as its budget " \
+        "expects); the excess is in " in said, said
+
+
+def test_the_conclusion_names_a_temporary_that_grew_more_than_its_category():
+    # an evaluation's gathered logits, 7 MiB, where the backward's five temporaries of A were gone:
+    # +6 MiB of temporaries in all, and "the largest part" was a 0.5 MiB one (none grew by no more)
+    made = lambda *rows: [{"bytes": int(n * MiB), "shape": shape, "dtype": "float32", "op": op,
+                           "module": "(no module)"} for n, shape, op in rows]
+    a = holding({"temporaries": made(*[(0.5, [128, 1000], f"op{i}") for i in range(5)])}, temporaries=2.5)
+    b = holding({"peak_phase": "eval",
+                 "temporaries": made((7, [16, 64, 1790], "cat"), (1, [256, 1000], "mm"))}, temporaries=8.5)
+    assert concluded(a, b).endswith("the excess is in temporaries (+6.0 MiB), the largest part [16, 64, 1790] "
+                                    "float32 from cat in (no module) (+6.5 MiB)"), concluded(a, b)
+
+
 def test_the_conclusion_names_either_sides_warnings_where_the_peaks_are_the_same():
     # an evaluation without no_grad between training steps: the training peak unchanged, its
     # grad_in_eval was named only beside an excess
