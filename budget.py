@@ -771,7 +771,12 @@ def optimizer_states(optimizer):
     """How many times its trained parameters' bytes an optimizer keeps as state: by its class and
     each group's options for torch's own (groups weighed by their trained bytes); for another, as
     its state after a step holds (Adafactor keeps row and column factors); AdamW's 2 for none
-    given, or another before its first step."""
+    given, or another before its first step. Several (a list): each weighed by the bytes it trains."""
+    if isinstance(optimizer, (list, tuple)):
+        trains = [sum(p.nbytes for group in unwrapped_optimizer(o).param_groups for p in group["params"]
+                      if p.requires_grad) for o in optimizer]
+        weighed = sum(optimizer_states(o) * n for o, n in zip(optimizer, trains))
+        return weighed / sum(trains) if sum(trains) else 2
     optimizer = unwrapped_optimizer(optimizer)
     if optimizer is None:
         return 2
@@ -790,7 +795,10 @@ def optimizer_states(optimizer):
 
 def _adamw_implementation(optimizer):
     """"fused", "foreach" or "single", as a torch Adam or AdamW was made (seen through accelerate's
-    wrapper, as the HF Trainer holds it); None: its default, or another optimizer."""
+    wrapper, as the HF Trainer holds it); None: its default, or another optimizer. Of several: the
+    first Adam's or AdamW's."""
+    if isinstance(optimizer, (list, tuple)):
+        return next((kind for o in optimizer if (kind := _adamw_implementation(o))), None)
     optimizer = unwrapped_optimizer(optimizer)
     if type(optimizer).__name__ not in ("Adam", "AdamW"):
         return None
@@ -1214,7 +1222,7 @@ def probed(stack, phases):
                       gradients_held=seen.get("gradients_held", ()),
                       input_leaf=seen.get("input_leaf", False), loss_held=seen.get("loss_held", ()),
                       kv_cache=seen.get("kv_cache", False),
-                      optimizer=stack.optimizer, **_placement(stack.model),
+                      optimizer=stack.optimizers or None, **_placement(stack.model),
                       shifted_logits=False), None   # a model's own forward and loss: every position's logits
     except (ValueError, AttributeError, KeyError, IndexError) as e:  # not a decoder the budget can read
         return None, (f"no budget: the budget cannot read {type(stack.lm).__name__} "

@@ -239,13 +239,14 @@ def token_batches(n, bs=2, seq=32, vocab=500):
 
 
 def lightning_fit(model, callback, steps=3, return_logits=False, module_hooks=None, validate=False,
-                  strategy="auto", devices=1, user_callbacks=(), **trainer_kwargs):
+                  strategy="auto", devices=1, user_callbacks=(), compiled=False, **trainer_kwargs):
     """Lightning's fit() of a LightningModule holding the model as self.llm. return_logits:
     training_step returns the logits beside the loss (Lightning holds them until the step ends);
     module_hooks: methods added to the LightningModule; validate: a validation batch after every
     training step, with grad allowed and no sanity check ("defaults": Lightning's, inference mode
     and a sanity check before training); strategy and devices: Lightning's (several devices: one
-    rank of on_ranks each); user_callbacks: listed before `callback`; trainer_kwargs: the Trainer's,
+    rank of on_ranks each); user_callbacks: listed before `callback`; compiled: fit() is given the
+    LightningModule torch.compile'd; trainer_kwargs: the Trainer's,
     beside or instead of these (steps is max_steps, and the batches of the loaders)."""
     pl = pytest.importorskip("lightning.pytorch")
 
@@ -271,7 +272,8 @@ def lightning_fit(model, callback, steps=3, return_logits=False, module_hooks=No
                          enable_model_summary=False, callbacks=[*user_callbacks, callback],
                          **{"max_steps": steps, **validation, **trainer_kwargs})
     loader = lambda: torch.utils.data.DataLoader(token_batches(steps), batch_size=None)
-    trainer.fit(Module(), loader(), loader() if validate else None)
+    module = torch.compile(Module()) if compiled else Module()
+    trainer.fit(module, loader(), loader() if validate else None)
 
 
 def hf_train(model, callbacks, tmp_path, steps=3, evaluate=False, rows=None, added=False, trainer=None,

@@ -70,8 +70,8 @@ TOP_TEMPORARIES = 5   # the largest temporaries a report lists at each peak
 NO_MODULE = "(no module)"
 # How each device's allocator starts its error as memory runs out: code that tells an OOM by its
 # words (accelerate's auto_find_batch_size, a loop's retry) tells max_memory_mib's too
-ALLOCATOR_OOM_WORDS = {"cuda": "CUDA out of memory.", "cpu": "DefaultCPUAllocator: can't allocate memory:",
-                       "xpu": "XPU out of memory.", "mps": "MPS backend out of memory"}
+ALLOCATOR_OOM_WORDS = {"cpu": "DefaultCPUAllocator: can't allocate memory:",
+                       "mps": "MPS backend out of memory"}   # (others: "CUDA out of memory.")
 EXPERT_COUNTS = ("lora_num", "num_moe")  # a mixture-of-LoRA-experts fork's count of its experts
 REFERENCE = "the reference for this stack"
 NO_LORA_BASELINE = (f"{REFERENCE}: none; ref_train.py trains LoRA adapters, and the probe found no LoRA "
@@ -247,7 +247,8 @@ class Tracker(TorchDispatchMode):
         if self.limit_bytes is not None and self.live_bytes + nbytes > self.limit_bytes:
             # as an allocator fails: the allocation is not made, so not counted, not even in the peak
             over = self.live_bytes + nbytes - self.limit_bytes
-            message = (f"{ALLOCATOR_OOM_WORDS.get(self.device_type, 'out of memory:')} "
+            words = ALLOCATOR_OOM_WORDS.get(self.device_type, f"{self.device_type.upper()} out of memory.")
+            message = (f"{words} "
                        f"allocating {mib(nbytes)} MiB ({list(tensor.shape)} {str(tensor.dtype)[6:]} from "
                        f"{_op_name(op)} in {module}) with {mib(self.live_bytes)} MiB live: {over:,} bytes "
                        f"over the --max-memory / max_memory_mib limit of {mib(self.limit_bytes)} MiB")
@@ -568,8 +569,9 @@ class _Stack:
         self.trainable = [p for p in [*model.parameters(), *self.outside] if p.requires_grad]
         self.names = module_names(model)
         for module, name in self.names.items():
+            # (first of its pre-hooks: one that raises before it would leave its name unpushed)
             self.hooks.append(module.register_forward_pre_hook(
-                lambda *_, name=name: self.tracker.module_stack.append(name)))
+                lambda *_, name=name: self.tracker.module_stack.append(name), prepend=True))
             self.hooks.append(module.register_forward_hook(self._leave_module, always_call=True))
         if self.lm is not None:
             self.lm_signature = inspect.signature(self.lm.forward)
@@ -597,8 +599,10 @@ class _Stack:
         if type(wrapper).__name__ == "DistributedDataParallel":
             self.hooks.append(wrapper.register_forward_hook(self.saves.model_output))
         if wrapper is not None:
-            self.compiled = self.compiled or [type(m).__name__ for m in wrapper.modules() if type(m).__name__
-                                              == "OptimizedModule" or getattr(m, "_compiled_call_impl", None)]
+            # (Lightning's fit() of a compiled LightningModule unwraps it and keeps the compile options)
+            self.compiled = self.compiled or [
+                type(m).__name__ for m in wrapper.modules() if type(m).__name__ == "OptimizedModule"
+                or getattr(m, "_compiled_call_impl", None) or getattr(m, "_compiler_ctx", None)]
 
     def _arriving(self, param, grad):
         # A gradient arriving where one lives from before: backward adds to it (accumulation).
@@ -614,9 +618,7 @@ class _Stack:
             self.hooks.pop().remove()
 
     def _leave_module(self, module, args, output):  # returns None: anything else would replace the output
-        # (not pushed where a pre-hook registered before the probe's raised: nothing to pop)
-        stack = self.tracker.module_stack
-        name = stack.pop() if stack and stack[-1] == self.names.get(module) else None
+        name = self.tracker.module_stack.pop() if self.tracker.module_stack else None
         if self.ooms.open:  # (always called: as the forward returns, or as it raises, with no output)
             self.ooms.left(name, returned=output is not None or sys.exc_info()[1] is None)
 
@@ -738,7 +740,7 @@ class _Stack:
                   "checkpointing_enabled": bool(_checkpointed_layers(self.model)),
                   "checkpointing": _checkpointing(self.checkpointing()), **_adapters(self.model),
                   "inject_items": self.seen.get("inject_items"),
-                  "optimizer": _optimizer_kind(self.optimizer)}
+                  "optimizer": ", ".join(dict.fromkeys(map(_optimizer_kind, self.optimizers))) or None}
         config["not_reproduced"] = _not_reproduced(self.model, self.lm, self.seen, config["optimizer"])
         world_size = rank_and_world()[1]
         if world_size > 1:
@@ -986,7 +988,7 @@ class Probe:
                       if o is not None]
         if self.allocator_only:  # nothing inside what torch.compile traces; read for the config only
             self._stack.model, self._stack.lm = model, _language_model(model)
-            self._stack.optimizer = optimizers[0] if optimizers else None
+            self._stack.optimizer, self._stack.optimizers = optimizers[0] if optimizers else None, optimizers
             return
         self._stack.attach(model, optimizers)
         if _strategy(model) == "fsdp":
@@ -1441,12 +1443,11 @@ def lightning_callback(path, **probe_kwargs):
 
         def on_train_start(self, trainer, pl_module):
             self.loss, self.stepped = None, False   # (a callback may serve several fits)
-            # (several only under manual optimization: the last one's step ends the phase)
-            optimizer = trainer.optimizers[-1] if trainer.optimizers else None
             self.probe = Probe(pl_module, trainer.optimizers, path=path, **probe_kwargs).__enter__()
             if not self.probe.allocator_only:   # (which hooks nothing)
                 self.probe._stack.watch_wrapper(trainer.strategy.model)
-            _end_phase_with_step(optimizer, self.probe)
+            for optimizer in trainer.optimizers:   # (several under manual optimization: each ends it)
+                _end_phase_with_step(optimizer, self.probe)
 
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
             self.probe.begin("forward")
@@ -1502,8 +1503,6 @@ def _added_loss(total, loss):
 def _end_phase_with_step(optimizer, probe):
     """Lightning's closure, on_before_optimizer_step and update all run inside the optimizer's step:
     the phase ends as it returns, before the user's on_train_batch_end callbacks (undone at close)."""
-    if optimizer is None:
-        return
     before, step = vars(optimizer).get("step"), optimizer.step  # (an LR scheduler's wrapper, or None)
 
     @functools.wraps(step)  # keeps the LR scheduler's mark on optimizer.step
@@ -2234,8 +2233,8 @@ def _left_out(a, b):
 def _changed_temporary(a, b, total):
     """', the largest part <shape> <dtype> from <op> in <module> (+x MiB)': of the heavier side's
     temporaries at its peak, by op and module, the one that grew the most over the other side's. One
-    missing from the other's list counts as its smallest where that list is full (it may be there,
-    among those not listed): a temporary that left the few largest is not counted whole."""
+    missing from the other's list counts as its smallest where the list leaves some out (it may be
+    there, not listed): a temporary that left the few largest is not counted whole."""
     sign = 1 if total > 0 else -1
     heavier, lighter = (b, a) if sign > 0 else (a, b)
     held = [{}, {}]
@@ -2243,14 +2242,16 @@ def _changed_temporary(a, b, total):
         for t in report.get("temporaries") or []:
             side[t["op"], t["module"]] = side.get((t["op"], t["module"]), 0) + t["bytes"]
     listed = lighter.get("temporaries") or []
-    floor = min(t["bytes"] for t in listed) if len(listed) >= TOP_TEMPORARIES else 0
+    left_out = sum(t["bytes"] for t in listed) < (lighter.get("categories") or {}).get("temporaries", 0)
+    floor = min(t["bytes"] for t in listed) if len(listed) >= TOP_TEMPORARIES and left_out else 0
     grew = {key: n - held[1].get(key, floor) for key, n in held[0].items()}
     key = max(grew, key=grew.get, default=None)
     if key is None or grew[key] <= 0:
         return ""
     top = next(t for t in heavier["temporaries"] if (t["op"], t["module"]) == key)
+    others = ", others shrank" if grew[key] > abs(total) else ""   # (a part more than the whole)
     return (f", the largest part {top['shape']} {top['dtype']} from {top['op']} in {top['module']} "
-            f"({sign * grew[key] / MiB:+.1f} MiB)")
+            f"({sign * grew[key] / MiB:+.1f} MiB{others})")
 
 
 def _other_shape(a, b):
@@ -2259,7 +2260,7 @@ def _other_shape(a, b):
     changed = [f"{k}: {x!r} -> {y!r}" for k, (x, y) in config_differences(a, b).items() if k in ("bs", "seq")]
     if not changed:
         return ""
-    expected = all(verdict(r).endswith("as expected") for r in (a, b))
+    expected = all("the budget: as expected" in verdict(r) for r in (a, b))
     return f" at another batch shape ({', '.join(changed)}{'; each as its budget expects' * expected})"
 
 

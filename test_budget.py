@@ -736,7 +736,7 @@ def meta_opt(tiny_model):
 
 def probed_stack(lm, model, device):
     """What budget.probed reads of a probe's _Stack: a first forward at bs 2, seq 16, no checkpointing."""
-    return SimpleNamespace(lm=lm, model=model, optimizer=None, outside=[], device=device,
+    return SimpleNamespace(lm=lm, model=model, optimizers=[], outside=[], device=device,
                            checkpointing=lambda: False, seen={"bs": 2, "seq": 16, "autocast": None})
 
 
