@@ -809,10 +809,18 @@ def _adamw_implementation(optimizer):
 
 
 def _optimizer_terms(optimizer, trained, trainable_bytes, *, on_cuda, **placement):
-    """The optimizer's state and its step's temporary, in bytes on this rank."""
+    """The optimizer's state and its step's temporary, in bytes on this rank. Of several, the step's
+    temporary is the largest Adam's or AdamW's, over what it steps (torch's other ones, none)."""
+    temporary = _adamw_temporary(trained, on_cuda=on_cuda, **placement, adamw=_adamw_implementation(optimizer))
+    if isinstance(optimizer, (list, tuple)):
+        ids = {id(p) for p in trained}
+        adams = [unwrapped_optimizer(o) for o in optimizer
+                 if type(unwrapped_optimizer(o)).__name__ in ("Adam", "AdamW")]
+        temporary = max((_adamw_temporary([p for g in o.param_groups for p in g["params"] if id(p) in ids],
+                                          on_cuda=on_cuda, **placement, adamw=_adamw_implementation(o))
+                         for o in adams), default=0)
     return {"optimizer_state": round(optimizer_states(optimizer) * trainable_bytes),
-            "optimizer_temporary": _adamw_temporary(trained, on_cuda=on_cuda, **placement,
-                                                    adamw=_adamw_implementation(optimizer))}
+            "optimizer_temporary": temporary}
 
 
 # ---------------------------------------------------------------- the budget
@@ -1132,9 +1140,9 @@ def budget(model, *, bs, seq, checkpointing, autocast_dtype=None, loss_chunks=1,
     keeps them); input_leaf: whether the embeddings' output is a leaf that requires grad; loss_held:
     the phases ("optimizer", "forward") into which the loop holds the loss, and that leaf with it;
     kv_cache: whether the forward makes a KV cache (use_cache in training, without checkpointing);
-    optimizer: the one the run steps, read for its state (optimizer_states) and its step's temporary
-    (None: torch's AdamW). Each kind of layer is traced ("method": "traced"), else estimated per
-    token ("formula: ", why)."""
+    optimizer: the one the run steps (or a list of them), read for its state (optimizer_states) and
+    its step's temporary (None: torch's AdamW). Each kind of layer is traced ("method": "traced"),
+    else estimated per token ("formula: ", why)."""
     s = _structure(model)
     checkpointed = _per_layer(checkpointing, s["layers"])
     act = _dtype_bytes(autocast_dtype or s["weights_dtype"])

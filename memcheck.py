@@ -32,6 +32,7 @@ import re
 import sys
 import tempfile
 import time
+import types
 import weakref
 
 try:  # the command line only reads JSON: run as a script, or where torch is missing, it needs none
@@ -547,8 +548,8 @@ class _Stack:
 
     def __init__(self, tracker, device, saves, ooms):
         self.tracker, self.device, self.saves, self.ooms = tracker, device, saves, ooms
-        self.model = self.optimizer = self.lm = None  # lm: the Hugging Face model in it, if any
-        self.optimizers = []               # every optimizer the loop steps; `optimizer` the first
+        self.model = self.lm = None        # lm: the Hugging Face model in it, if any
+        self.optimizers = []               # every optimizer the loop steps
         self.outside = []                  # parameters the optimizer steps that the model does not hold
         self.names, self.seen = {}, {}     # module -> name; what the training forwards showed (bs, seq, ...)
         self.step_tokens = None            # the open step's largest training batch, in tokens
@@ -559,7 +560,7 @@ class _Stack:
 
     def attach(self, model, optimizers):
         self.model, self.lm = model, _language_model(model)
-        self.optimizer, self.optimizers = optimizers[0] if optimizers else None, optimizers
+        self.optimizers = optimizers
         inside = {id(p) for p in model.parameters()}
         unwrapped = [unwrapped_optimizer(optimizer) for optimizer in optimizers]
         stepped = [p for o in unwrapped for group in getattr(o, "param_groups", ()) for p in group["params"]]
@@ -618,7 +619,9 @@ class _Stack:
             self.hooks.pop().remove()
 
     def _leave_module(self, module, args, output):  # returns None: anything else would replace the output
-        name = self.tracker.module_stack.pop() if self.tracker.module_stack else None
+        # (not pushed where a global pre-hook, or one prepended after the probe's, raised)
+        stack = self.tracker.module_stack
+        name = stack.pop() if stack and stack[-1] == self.names.get(module) else None
         if self.ooms.open:  # (always called: as the forward returns, or as it raises, with no output)
             self.ooms.left(name, returned=output is not None or sys.exc_info()[1] is None)
 
@@ -719,8 +722,9 @@ class _Stack:
         self.tracker.tag(buffers, "frozen_params", adopt)
         self.tracker.tag([p.grad for p in params if p.grad is not None], "gradients", adopt)
         self.graded.update(id(p) for p in params if p.grad is not None)
-        self.tracker.tag([v for optimizer in self.optimizers for state in optimizer.state.values()
-                          for v in state.values() if isinstance(v, torch.Tensor)], "optimizer_state", adopt)
+        states = [state for optimizer in self.optimizers for state in getattr(optimizer, "state", {}).values()]
+        self.tracker.tag([v for state in states for v in state.values() if isinstance(v, torch.Tensor)],
+                         "optimizer_state", adopt)
 
     def checkpointed(self):
         """The names of the layers Hugging Face's gradient checkpointing wraps."""
@@ -982,13 +986,13 @@ class Probe:
 
     def attach(self, model, optimizer=None):
         """Watch `model` and the optimizer the loop steps, or a list of them (Lightning's manual
-        optimization): the first is the one the baseline and the budget read."""
+        optimization)."""
         self._started = None
         optimizers = [o for o in (optimizer if isinstance(optimizer, (list, tuple)) else [optimizer])
                       if o is not None]
         if self.allocator_only:  # nothing inside what torch.compile traces; read for the config only
             self._stack.model, self._stack.lm = model, _language_model(model)
-            self._stack.optimizer, self._stack.optimizers = optimizers[0] if optimizers else None, optimizers
+            self._stack.optimizers = optimizers
             return
         self._stack.attach(model, optimizers)
         if _strategy(model) == "fsdp":
@@ -1506,11 +1510,12 @@ def _end_phase_with_step(optimizer, probe):
     before, step = vars(optimizer).get("step"), optimizer.step  # (an LR scheduler's wrapper, or None)
 
     @functools.wraps(step)  # keeps the LR scheduler's mark on optimizer.step
-    def stepped(*args, **kwargs):
+    def stepped(_, *args, **kwargs):
         result = step(*args, **kwargs)
         probe.end()  # (not on an error: an OOM is recorded in the phase it came in)
         return result
-    optimizer.step = stepped
+    # a bound method, as an LR scheduler made later wraps it (it reads step.__func__)
+    optimizer.step = types.MethodType(stepped, optimizer)
     probe._scope.callback(lambda: vars(optimizer).pop("step", None) if before is None
                           else setattr(optimizer, "step", before))
 
@@ -2242,14 +2247,15 @@ def _changed_temporary(a, b, total):
         for t in report.get("temporaries") or []:
             side[t["op"], t["module"]] = side.get((t["op"], t["module"]), 0) + t["bytes"]
     listed = lighter.get("temporaries") or []
-    left_out = sum(t["bytes"] for t in listed) < (lighter.get("categories") or {}).get("temporaries", 0)
+    left_out = sum(t["bytes"] for t in listed) < lighter["categories"]["temporaries"]
     floor = min(t["bytes"] for t in listed) if len(listed) >= TOP_TEMPORARIES and left_out else 0
     grew = {key: n - held[1].get(key, floor) for key, n in held[0].items()}
     key = max(grew, key=grew.get, default=None)
     if key is None or grew[key] <= 0:
         return ""
     top = next(t for t in heavier["temporaries"] if (t["op"], t["module"]) == key)
-    others = ", others shrank" if grew[key] > abs(total) else ""   # (a part more than the whole)
+    others = ("" if grew[key] <= abs(total) else ", others shrank" if sign > 0   # (a part more than the
+              else ", others grew")                                             # whole)
     return (f", the largest part {top['shape']} {top['dtype']} from {top['op']} in {top['module']} "
             f"({sign * grew[key] / MiB:+.1f} MiB{others})")
 

@@ -648,15 +648,8 @@ class FallsBack(nn.Module):
             return torch.nn.functional.linear(x, self.weight).relu()
 
 
-def test_a_hook_that_raises_before_the_probes_leaves_the_modules_it_runs_in_named():
-    # a pre-hook registered before the probe's (accelerate's, say) raising: the probe's push never
-    # came, its pop did, and took the caller's name: the fallback's activation was "(no module)"
-    def moving_the_weights(*_):
-        raise torch.OutOfMemoryError("raised by a pre-hook")
-
-    inner = nn.Linear(16, 64)
-    inner.register_forward_pre_hook(moving_the_weights)
-    model = nn.Sequential(nn.Linear(16, 16), FallsBack(inner))
+def _fall_back_under_a_probe(model):
+    """The probe of one step of `model` on a batch of 32, whose module stack is empty after it."""
     with memcheck.Probe(model) as probe:
         with probe.phase("forward"):
             loss = model(torch.randn(32, 16)).sum()
@@ -664,6 +657,27 @@ def test_a_hook_that_raises_before_the_probes_leaves_the_modules_it_runs_in_name
             loss.backward()
         probe.step()
         assert probe.tracker.module_stack == []
+    return probe
+
+
+@pytest.mark.parametrize("hook", ["the module's", "global"])
+def test_a_hook_that_raises_before_the_probes_leaves_the_modules_it_runs_in_named(hook):
+    # a pre-hook registered before the probe's (accelerate's, say), or a global one, raising: the
+    # probe's push never came, its pop did, and took the caller's name: the fallback's activation
+    # was "(no module)"
+    inner = nn.Linear(16, 64)
+
+    def moving_the_weights(module, args):
+        if module is inner:
+            raise torch.OutOfMemoryError("raised by a pre-hook")
+
+    model = nn.Sequential(nn.Linear(16, 16), FallsBack(inner))
+    with contextlib.ExitStack() as hooks:
+        if hook == "global":
+            hooks.callback(torch.nn.modules.module.register_module_forward_pre_hook(moving_the_weights).remove)
+        else:
+            inner.register_forward_pre_hook(moving_the_weights)
+        probe = _fall_back_under_a_probe(model)
     saved = {m["module"]: m["bytes"] for m in probe.report()["modules"]}
     assert saved["1"] == 32 * 64 * 4   # relu's output
 
@@ -1818,6 +1832,8 @@ def test_the_conclusion_names_a_temporary_that_grew_more_than_its_category(liste
     said = concluded(a, b)
     assert said.endswith("the excess is in temporaries (+6.0 MiB), the largest part [16, 64, 1790] float32 "
                          f"from cat in (no module) ({grew} MiB, others shrank)"), said
+    said = concluded(b, a)   # the saving: the others grew
+    assert said.endswith(f"from cat in (no module) (-{grew[1:]} MiB, others grew)"), said
 
 
 def test_the_conclusion_names_either_sides_warnings_where_the_peaks_are_the_same():

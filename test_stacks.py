@@ -903,6 +903,21 @@ def test_hf_evaluation_is_a_phase_and_user_callbacks_run_outside_the_optimizer_p
     assert (report["config"]["checkpointing"], report["config"]["bs"]) == (True, BS)
 
 
+def test_an_lr_scheduler_made_after_training_starts_wraps_the_probes_step_as_any(tmp_path):
+    # the probe's step was a plain function: a scheduler made later (it reads step.__func__) raised
+    # AttributeError inside fit(), a run that trains without the probe
+    pl = pytest.importorskip("lightning.pytorch")
+
+    class SchedulesLate(pl.Callback):
+        def on_train_epoch_start(self, trainer, *args):
+            torch.optim.lr_scheduler.StepLR(trainer.optimizers[0], step_size=1)
+
+    path = tmp_path / "stack.json"
+    lightning_fit(peft_opt(), memcheck.lightning_callback(**quiet(path)), steps=2,
+                  user_callbacks=[SchedulesLate()])
+    assert memcheck.read_report(path)["status"] == "ok"
+
+
 def test_a_lightning_users_on_train_batch_end_runs_outside_the_optimizer_phase(tmp_path):
     pl = pytest.importorskip("lightning.pytorch")
     big = 16 * memcheck.MiB
@@ -974,21 +989,28 @@ class _Both:
             optimizer.zero_grad()
 
 
-def test_several_optimizers_are_budgeted_each_by_the_state_it_keeps():
+def test_several_optimizers_are_budgeted_each_by_the_state_and_step_it_keeps():
     # the budget gave every trained parameter the first optimizer's state: AdamW's two moments for
-    # the embeddings a plain SGD steps (0.84x the budget), as expected only with SGD first
+    # the embeddings a plain SGD steps (0.84x the budget), as expected only with SGD first; then
+    # AdamW's step temporary over them (0.62x, where the optimizer phase peaks: untied embeddings
+    # of 5,000 rows at bs 1, seq 8)
+    from peft import LoraConfig, get_peft_model
+    from transformers import OPTConfig, OPTForCausalLM
     reports = []
     for sgd_first in (False, True):
-        model = peft_opt()
+        torch.manual_seed(0)
+        untied = OPTForCausalLM(OPTConfig(vocab_size=5000, tie_word_embeddings=False, **TINY_OPT))
+        model = get_peft_model(untied, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
         embeddings = model.get_input_embeddings().weight.requires_grad_(True)
         lora = [p for p in model.parameters() if p.requires_grad and p is not embeddings]
         optimizers = [torch.optim.AdamW(lora, lr=1e-3), torch.optim.SGD([embeddings], lr=1e-3)]
         optimizers = optimizers[::-1] if sgd_first else optimizers
         with memcheck.Probe(model, optimizers) as probe:
-            phased_loop(probe, _Both(optimizers), token_batches(3, bs=BS, seq=SEQ, vocab=VOCAB),
+            phased_loop(probe, _Both(optimizers), token_batches(3, bs=1, seq=8, vocab=5000),
                         lambda ids: model(input_ids=ids, labels=ids).loss)
         reports.append(probe.report())
     for report in reports:
+        assert report["peak_phase"] == "optimizer"
         assert memcheck.verdict(report).endswith("as expected"), memcheck.verdict(report)
     assert [r["config"]["optimizer"] for r in reports] == ["AdamW, SGD", "SGD, AdamW"]
 
