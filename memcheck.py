@@ -1459,6 +1459,9 @@ def lightning_callback(path, **probe_kwargs):
         def on_before_backward(self, trainer, pl_module, loss):
             self.probe.begin("backward")  # begin() closes the open phase
 
+        def on_after_backward(self, trainer, pl_module):   # (a micro-batch that does not step ends here)
+            self.probe.end()
+
         def on_before_optimizer_step(self, trainer, pl_module, optimizer):
             self.probe.begin("optimizer")
             self.stepped = True
