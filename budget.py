@@ -18,7 +18,7 @@ import torch.utils._pytree as pytree
 from memcheck import (AS_EXPECTED, BETWEEN_PHASES, CATEGORIES, Tracker, _adapter, _bytes_by_dtype,
                       _largest_temporary, _strategy, _unique_params, decoder_layers, first_line,
                       flattened_by_fsdp1, fsdp2_cast_dtypes, mib, named_warnings, rank_and_world,
-                      unwrapped_optimizer)
+                      stepped_params, unwrapped_optimizer)
 
 BUDGET_TOLERANCE = 0.10  # the budget's accuracy target: beyond it, a peak is an excess
 # Which decoder linears share an input: adapting any of them makes autograd save that input once.
@@ -773,8 +773,7 @@ def optimizer_states(optimizer):
     its state after a step holds (Adafactor keeps row and column factors); AdamW's 2 for none
     given, or another before its first step. Several (a list): each weighed by the bytes it trains."""
     if isinstance(optimizer, (list, tuple)):
-        trains = [sum(p.nbytes for group in unwrapped_optimizer(o).param_groups for p in group["params"]
-                      if p.requires_grad) for o in optimizer]
+        trains = [sum(p.nbytes for p in stepped_params(o) if p.requires_grad) for o in optimizer]
         weighed = sum(optimizer_states(o) * n for o, n in zip(optimizer, trains))
         return weighed / sum(trains) if sum(trains) else 2
     optimizer = unwrapped_optimizer(optimizer)
@@ -811,14 +810,15 @@ def _adamw_implementation(optimizer):
 def _optimizer_terms(optimizer, trained, trainable_bytes, *, on_cuda, **placement):
     """The optimizer's state and its step's temporary, in bytes on this rank. Of several, the step's
     temporary is the largest Adam's or AdamW's, over what it steps (torch's other ones, none)."""
-    temporary = _adamw_temporary(trained, on_cuda=on_cuda, **placement, adamw=_adamw_implementation(optimizer))
     if isinstance(optimizer, (list, tuple)):
         ids = {id(p) for p in trained}
-        adams = [unwrapped_optimizer(o) for o in optimizer
-                 if type(unwrapped_optimizer(o)).__name__ in ("Adam", "AdamW")]
-        temporary = max((_adamw_temporary([p for g in o.param_groups for p in g["params"] if id(p) in ids],
-                                          on_cuda=on_cuda, **placement, adamw=_adamw_implementation(o))
-                         for o in adams), default=0)
+        temporary = max((_adamw_temporary([p for p in stepped_params(o) if id(p) in ids], on_cuda=on_cuda,
+                                          **placement, adamw=_adamw_implementation(o))
+                         for o in optimizer if type(unwrapped_optimizer(o)).__name__ in ("Adam", "AdamW")),
+                        default=0)
+    else:
+        temporary = _adamw_temporary(trained, on_cuda=on_cuda, **placement,
+                                     adamw=_adamw_implementation(optimizer))
     return {"optimizer_state": round(optimizer_states(optimizer) * trainable_bytes),
             "optimizer_temporary": temporary}
 

@@ -562,8 +562,7 @@ class _Stack:
         self.model, self.lm = model, _language_model(model)
         self.optimizers = optimizers
         inside = {id(p) for p in model.parameters()}
-        unwrapped = [unwrapped_optimizer(optimizer) for optimizer in optimizers]
-        stepped = [p for o in unwrapped for group in getattr(o, "param_groups", ()) for p in group["params"]]
+        stepped = [p for optimizer in optimizers for p in stepped_params(optimizer)]
         # what an optimizer trains beside the model (a projector the probe was not given): its
         # weights, gradients and state are the stack's too
         self.outside = list({id(p): p for p in stepped if id(p) not in inside}.values())
@@ -664,10 +663,10 @@ class _Stack:
         # The batch's shape; whether a training batch has padding (transformers then gives every
         # layer a mask), and whether gradients live from before (Lightning frees them after forward;
         # accumulation).
+        if not self._training():   # (nothing to read of an evaluation's or generation's forwards)
+            return
         given = _arguments(self.lm_signature, args, kwargs)
         self._batch_shape(_fed_shape(given), fed=True)
-        if not self._training():
-            return
         if self.seen.get("padded") is not True:   # (a padded batch outweighs a packed one)
             masked = _masks_attention(given)
             self.seen["padded"] = masked or self.seen.get("padded", False)
@@ -1333,6 +1332,12 @@ def _adapters(model):
 def unwrapped_optimizer(optimizer):
     """The torch optimizer in `optimizer` (accelerate's wrapper, as the HF Trainer holds it, has it)."""
     return getattr(optimizer, "optimizer", optimizer)
+
+
+def stepped_params(optimizer):
+    """The parameters `optimizer` steps (none for one without param groups)."""
+    groups = getattr(unwrapped_optimizer(optimizer), "param_groups", ())
+    return [p for group in groups for p in group["params"]]
 
 
 def _optimizer_kind(optimizer):
