@@ -794,31 +794,26 @@ def optimizer_states(optimizer):
 
 def _adamw_implementation(optimizer):
     """"fused", "foreach" or "single", as a torch Adam or AdamW was made (seen through accelerate's
-    wrapper, as the HF Trainer holds it); None: its default, or another optimizer. Of several: the
-    first Adam's or AdamW's."""
-    if isinstance(optimizer, (list, tuple)):
-        return next((kind for o in optimizer if (kind := _adamw_implementation(o))), None)
-    optimizer = unwrapped_optimizer(optimizer)
-    if type(optimizer).__name__ not in ("Adam", "AdamW"):
-        return None
-    defaults = optimizer.defaults
+    wrapper, as the HF Trainer holds it); None: its default."""
+    defaults = unwrapped_optimizer(optimizer).defaults
     if defaults.get("fused"):
         return "fused"
     return None if defaults.get("foreach") is None else "foreach" if defaults["foreach"] else "single"
 
 
 def _optimizer_terms(optimizer, trained, trainable_bytes, *, on_cuda, **placement):
-    """The optimizer's state and its step's temporary, in bytes on this rank. Of several, the step's
-    temporary is the largest Adam's or AdamW's, over what it steps (torch's other ones, none)."""
-    if isinstance(optimizer, (list, tuple)):
-        ids = {id(p) for p in trained}
-        temporary = max((_adamw_temporary([p for p in stepped_params(o) if id(p) in ids], on_cuda=on_cuda,
-                                          **placement, adamw=_adamw_implementation(o))
-                         for o in optimizer if type(unwrapped_optimizer(o)).__name__ in ("Adam", "AdamW")),
-                        default=0)
+    """The optimizer's state and its step's temporary, in bytes on this rank. The temporary is AdamW's
+    for none given (the reference's); else the largest Adam's or AdamW's, over what it steps (torch's
+    other optimizers make none)."""
+    if optimizer is None:
+        temporary = _adamw_temporary(trained, on_cuda=on_cuda, **placement)
     else:
-        temporary = _adamw_temporary(trained, on_cuda=on_cuda, **placement,
-                                     adamw=_adamw_implementation(optimizer))
+        ids = {id(p) for p in trained}
+        adams = [o for o in (optimizer if isinstance(optimizer, (list, tuple)) else [optimizer])
+                 if type(unwrapped_optimizer(o)).__name__ in ("Adam", "AdamW")]
+        temporary = max((_adamw_temporary([p for p in stepped_params(o) if id(p) in ids], on_cuda=on_cuda,
+                                          adamw=_adamw_implementation(o), **placement) for o in adams),
+                        default=0)
     return {"optimizer_state": round(optimizer_states(optimizer) * trainable_bytes),
             "optimizer_temporary": temporary}
 
