@@ -14,6 +14,7 @@ import weakref
 
 import torch
 import torch.utils._pytree as pytree
+from torch.utils._python_dispatch import _disable_current_modes
 
 from memcheck import (AS_EXPECTED, BETWEEN_PHASES, CATEGORIES, Tracker, _adapter, _bytes_by_dtype,
                       _largest_temporary, _strategy, _unique_params, decoder_layers, first_line,
@@ -26,6 +27,7 @@ _SHARED_INPUTS = {"q_proj": "attention input", "k_proj": "attention input", "v_p
                   "fc1": "mlp input", "up_proj": "mlp input", "gate_proj": "mlp input"}
 # Inputs autograd saves anyway: the attention output (saved by SDPA) and the MLP activation.
 _ALREADY_SAVED = {"out_proj", "o_proj", "fc2", "down_proj"}
+STAND_IN_ELEMENTS = 1 << 20  # at most about this many elements stand in for an optimizer's parameters
 
 
 def _dtype_bytes(dtype):
@@ -746,17 +748,44 @@ def _held_terms(model, layers, terms, *, bs, seq, gradients_held, input_leaf, lo
                for phase in ("forward", "optimizer")}}
 
 
-def _adamw_temporary(trained, *, on_cuda, adamw=None, **placement):
-    """AdamW's temporary in its step, on this rank (its shards, under FSDP2), by its implementation
-    (None: torch's default, foreach on CUDA, else the single-tensor loop): foreach makes one of
-    every trained parameter at once; the single-tensor loop two of each in turn (sqrt, then its
-    division): twice the largest; fused, none."""
-    adamw = adamw or ("foreach" if on_cuda else "single")
-    if adamw == "fused":
+def _stand_ins(groups, elements, scale):
+    """CPU zeros for each parameter of each group, in order, of its dtype and elements[id]/scale."""
+    return [dict(group, params=[torch.zeros(max(1, round(elements[id(p)] / scale)), dtype=p.dtype)
+                                for p in group["params"]]) for group in groups]
+
+
+def _step_temporary(optimizer, trained, *, on_cuda, **placement):
+    """The bytes an optimizer's step makes beyond its state, on this rank (its shards, under FSDP2):
+    measured, its class stepping CPU stand-ins of what it trains (its groups and options, the
+    parameters in its order, each one's elements on this rank divided by one factor, which its
+    elementwise temporaries scale with) a second time; as CUDA runs it, foreach where the group
+    leaves it to torch. None: the reference's AdamW, over `trained`. 0 where it cannot be made."""
+    ids = {id(p) for p in trained}
+    if optimizer is None:
+        kind, groups = torch.optim.AdamW, [{"params": list(trained)}]
+    else:
+        kind = type(unwrapped_optimizer(optimizer))
+        groups = [dict(group, params=[p for p in group["params"] if id(p) in ids])
+                  for group in unwrapped_optimizer(optimizer).param_groups]
+    groups = [dict(g, foreach=True) if on_cuda and g.get("foreach") is None and not g.get("fused")
+              else g for g in groups if g["params"]]
+    if not groups:
         return 0
-    if adamw == "foreach":
-        return _held_bytes(trained, padded=False, **placement)
-    return 2 * max((_held_bytes([p], padded=False, **placement) for p in trained), default=0)
+    elements = {id(p): _held_bytes([p], padded=False, **placement) // p.element_size()
+                for g in groups for p in g["params"]}
+    scale = max(1, -(-sum(elements.values()) // STAND_IN_ELEMENTS))
+    try:
+        with _disable_current_modes():   # (a probe's tracker, if its report is made inside it)
+            stepping = kind(_stand_ins(groups, elements, scale))
+            for group in stepping.param_groups:
+                for p in group["params"]:
+                    p.grad = torch.zeros_like(p)
+            stepping.step()   # the first makes its state
+            with Tracker("cpu") as tracker:
+                stepping.step()
+    except Exception:   # (one that needs CUDA tensors, or other arguments)
+        return 0
+    return tracker.peak_bytes * scale
 
 
 # torch.optim's optimizers: state tensors the size of each parameter they step, from a group's options
@@ -792,30 +821,13 @@ def optimizer_states(optimizer):
     return kept / sum(p.nbytes for p, _ in stepped) if stepped else 2
 
 
-def _adamw_implementation(optimizer):
-    """"fused", "foreach" or "single", as a torch Adam or AdamW was made (seen through accelerate's
-    wrapper, as the HF Trainer holds it); None: its default."""
-    defaults = unwrapped_optimizer(optimizer).defaults
-    if defaults.get("fused"):
-        return "fused"
-    return None if defaults.get("foreach") is None else "foreach" if defaults["foreach"] else "single"
-
-
 def _optimizer_terms(optimizer, trained, trainable_bytes, *, on_cuda, **placement):
-    """The optimizer's state and its step's temporary, in bytes on this rank. The temporary is AdamW's
-    for none given (the reference's); else the largest Adam's or AdamW's, over what it steps (torch's
-    other optimizers make none)."""
-    if optimizer is None:
-        temporary = _adamw_temporary(trained, on_cuda=on_cuda, **placement)
-    else:
-        ids = {id(p) for p in trained}
-        adams = [o for o in (optimizer if isinstance(optimizer, (list, tuple)) else [optimizer])
-                 if type(unwrapped_optimizer(o)).__name__ in ("Adam", "AdamW")]
-        temporary = max((_adamw_temporary([p for p in stepped_params(o) if id(p) in ids], on_cuda=on_cuda,
-                                          adamw=_adamw_implementation(o), **placement) for o in adams),
-                        default=0)
+    """The optimizer's state and its step's temporary, in bytes on this rank. Of several, the step's
+    temporary is the largest (they step one after another)."""
+    optimizers = optimizer if isinstance(optimizer, (list, tuple)) else [optimizer]
     return {"optimizer_state": round(optimizer_states(optimizer) * trainable_bytes),
-            "optimizer_temporary": temporary}
+            "optimizer_temporary": max(_step_temporary(o, trained, on_cuda=on_cuda, **placement)
+                                       for o in optimizers)}
 
 
 # ---------------------------------------------------------------- the budget

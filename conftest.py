@@ -232,6 +232,19 @@ def peft_opt(ckpt=None, input_grads=True, vocab=500, dropout=0.0):
     return model, torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
 
 
+def step_temporary(kind, params, **options):
+    """The bytes an optimizer of class `kind` makes in its second step over `params` (each given a
+    gradient), beyond its state: measured."""
+    import memcheck
+    for p in params:
+        p.grad = torch.ones_like(p)
+    optimizer = kind(params, **options)
+    optimizer.step()   # its state
+    with memcheck.Tracker("cpu") as tracker:
+        optimizer.step()
+    return tracker.peak_bytes
+
+
 def token_batches(n, bs=2, seq=32, vocab=500):
     """Batches made up front, before any probe starts: a preloaded list."""
     generator = torch.Generator().manual_seed(0)

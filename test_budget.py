@@ -17,7 +17,8 @@ import ilora
 import memcheck
 import models
 import ref_train
-from conftest import BS, SEQ, STEPS, TINY_OPT, _save_tiny_opt, peft_opt, token_batches, user_loop
+from conftest import (BS, SEQ, STEPS, TINY_OPT, _save_tiny_opt, peft_opt, step_temporary, token_batches,
+                      user_loop)
 
 # ---------------------------------------------------------------- the reference's budget
 
@@ -183,6 +184,25 @@ def test_adamws_step_is_budgeted_as_the_loop_cpu_runs_and_the_foreach_cuda_runs(
     on_cuda = ref_train.plan(ref_train.parse_args(["--model", tiny_model, "--device", "cuda",
                                                    *map(str, flags)], budget_only=True))["terms"]
     assert on_cuda["optimizer_temporary"] == on_cuda["trainable_params"]
+
+
+@pytest.mark.parametrize("kind, options, on_cuda", [
+    ("AdamW", {}, False), ("AdamW", {}, True), ("Adagrad", {}, False), ("NAdam", {}, False),
+    ("SGD", {"momentum": 0.9, "nesterov": True}, False), ("RMSprop", {"foreach": True}, False)],
+    ids=["AdamW", "AdamW-on-cuda", "Adagrad", "NAdam", "SGD-nesterov", "RMSprop-foreach"])
+def test_an_optimizers_step_temporary_is_what_its_step_makes_on_stand_ins_a_third_the_size(
+        kind, options, on_cuda):
+    # Each optimizer's step makes its own temporaries (AdamW's single-tensor loop: a division and a
+    # square root of one parameter while the last one's division is alive; Adagrad, NAdam and
+    # RMSprop: none was budgeted); on CUDA, foreach where the optimizer leaves it to torch. 3M
+    # elements: the stand-ins are a third of each.
+    params = [torch.zeros(shape) for shape in [(1_000, 1_000), (2_000, 1_000), (300,), (64, 64)]]
+    optimizer = getattr(torch.optim, kind)(params, **options)
+    planned = budget._step_temporary(optimizer, params, on_cuda=on_cuda, strategy="none",
+                                     world_size=1, rank=0)
+    as_run = dict(options, foreach=True) if on_cuda else options
+    measured = step_temporary(getattr(torch.optim, kind), params, **as_run)
+    assert planned == pytest.approx(measured, rel=0.01) and measured > 0
 
 
 def test_the_logits_are_budgeted_for_every_position_but_the_last(tiny_model):

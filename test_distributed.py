@@ -13,7 +13,7 @@ import drive
 import memcheck
 import models
 import ref_train
-from conftest import free_port, on_ranks, one_error_line, run_main
+from conftest import free_port, on_ranks, one_error_line, run_main, step_temporary
 
 WORLD = 2
 RUN = ["--device", "cpu", "--seq", "64", "--steps", "3"]
@@ -350,9 +350,11 @@ def test_fsdp2_terms_are_each_ranks_torch_chunk_shards_padded_to_the_first(tiny_
         gradients = budget._gradient_terms(model, trained_params, each_layers, traced=True, **placement)
         assert gradients["layer_gradients"] == padded(layers[-1], True)
         assert gradients["outside_layers_gradients"] == padded(root, True)
-        # CPU's AdamW: two temporaries of the largest parameter's shard, made like its unpadded view
-        assert budget._adamw_temporary(trained_params, on_cuda=False, **placement) == 2 * max(
-            chunks(p)[rank] for p in trained_params)
+        # AdamW's step over tensors the size of this rank's shards (their unpadded views) makes what
+        # the budget counts
+        shard_sized = [torch.zeros(chunks(p)[rank] // p.element_size()) for p in trained_params]
+        assert budget._step_temporary(None, trained_params, on_cuda=False, **placement) == \
+            step_temporary(torch.optim.AdamW, shard_sized)
         shards.append(mine)
     assert (shards[-1] < shards[0]) == (world == 3)   # the last rank's shards are the short ones
 

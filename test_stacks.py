@@ -993,12 +993,13 @@ class _Both:
             optimizer.zero_grad()
 
 
-@pytest.mark.parametrize("kinds", [("AdamW", "SGD"), ("SGD", "AdamW"), ("SGD",)], ids="-".join)
+@pytest.mark.parametrize("kinds", [("AdamW", "SGD"), ("SGD", "AdamW"), ("SGD",), ("Adagrad",), ("NAdam",)],
+                         ids="-".join)
 def test_each_optimizer_is_budgeted_by_the_state_and_step_it_keeps(kinds):
     # the budget gave every trained parameter the first optimizer's state: AdamW's two moments for
     # the embeddings a plain SGD steps (0.84x the budget), as expected only with SGD first; then
     # AdamW's step temporary over them (0.62x, where the optimizer phase peaks: untied embeddings
-    # of 5,000 rows at bs 1, seq 8)
+    # of 5,000 rows at bs 1, seq 8); Adagrad's and NAdam's step temporaries left out (1.23x, 1.38x)
     from peft import LoraConfig, get_peft_model
     from transformers import OPTConfig, OPTForCausalLM
     torch.manual_seed(0)
@@ -1006,13 +1007,13 @@ def test_each_optimizer_is_budgeted_by_the_state_and_step_it_keeps(kinds):
     model = get_peft_model(untied, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
     embeddings = model.get_input_embeddings().weight.requires_grad_(True)
     lora = [p for p in model.parameters() if p.requires_grad and p is not embeddings]
-    trains = {"AdamW": lora, "SGD": [embeddings]} if len(kinds) > 1 else {"SGD": [embeddings, *lora]}
+    trains = {"AdamW": lora, "SGD": [embeddings]} if len(kinds) > 1 else {kinds[0]: [embeddings, *lora]}
     optimizers = [getattr(torch.optim, kind)(trains[kind], lr=1e-3) for kind in kinds]
     with memcheck.Probe(model, optimizers if len(kinds) > 1 else optimizers[0]) as probe:
         phased_loop(probe, _Both(optimizers), token_batches(3, bs=1, seq=8, vocab=5000),
                     lambda ids: model(input_ids=ids, labels=ids).loss)
     report = probe.report()
-    assert report["peak_phase"] == ("optimizer" if len(kinds) > 1 else "backward")
+    assert report["peak_phase"] == ("backward" if kinds == ("SGD",) else "optimizer")
     assert memcheck.verdict(report).endswith("as expected"), memcheck.verdict(report)
     assert report["config"]["optimizer"] == ", ".join(kinds)
 
