@@ -775,7 +775,8 @@ def _step_temporary(optimizer, trained, *, on_cuda, **placement):
                 for g in groups for p in g["params"]}
     scale = max(1, -(-sum(elements.values()) // STAND_IN_ELEMENTS))
     try:
-        with _disable_current_modes():   # (a probe's tracker, if its report is made inside it)
+        # (not in a probe's tracker, if its report is made inside it; on CPU whatever the default)
+        with _disable_current_modes(), torch.device("cpu"):
             stepping = kind(_stand_ins(groups, elements, scale))
             for group in stepping.param_groups:
                 for p in group["params"]:

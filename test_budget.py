@@ -205,6 +205,17 @@ def test_an_optimizers_step_temporary_is_what_its_step_makes_on_stand_ins_a_thir
     assert planned == pytest.approx(measured, rel=0.01) and measured > 0
 
 
+def test_the_stand_ins_step_on_the_cpu_unseen_by_a_running_tracker_whatever_the_default_device():
+    # a report made inside the probe, and a budget made under torch.device("meta"), as models are
+    params = [torch.zeros(1_000, 100), torch.zeros(10)]
+    optimizer = torch.optim.AdamW(params)
+    placement = dict(strategy="none", world_size=1, rank=0)
+    alone = budget._step_temporary(optimizer, params, on_cuda=False, **placement)
+    with memcheck.Tracker("cpu") as tracker, torch.device("meta"):
+        inside = budget._step_temporary(optimizer, params, on_cuda=False, **placement)
+    assert inside == alone > 0 and tracker.peak_bytes == 0
+
+
 def test_the_logits_are_budgeted_for_every_position_but_the_last(tiny_model):
     # the last position predicts nothing: the loss never makes its logits
     args = ref_train.parse_args(["--model", tiny_model, "--device", "cpu", "--bs", "2", "--seq", "16"])
