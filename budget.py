@@ -1262,9 +1262,11 @@ def _verdict(report):
     if report.get("status", "ok") not in ("ok", "oom") and not report.get("steps"):
         return f"no verdict: the run stopped ({report['status']}) before its first step ended{named}"
     ratio = report["peak_bytes"] / planned["peak_bytes"]
-    if report.get("oom"):
-        return (f"the budget for this setup is {mib(planned['peak_bytes'])} MiB; the OOM came at "
-                f"{mib(report['peak_bytes'])} MiB in {report['oom']['phase']} ({ratio:.2f}x the "
+    oom = report.get("oom")
+    if oom:   # (the failed allocation is never made: what was live as it failed)
+        live = oom.get("live_bytes", report["peak_bytes"])
+        return (f"the budget for this setup is {mib(planned['peak_bytes'])} MiB; the OOM came in "
+                f"{oom['phase']} with {mib(live)} MiB live ({live / planned['peak_bytes']:.2f}x the "
                 f"budget){named}")
     if abs(ratio - 1) <= AS_EXPECTED:
         return f"measured peak {ratio:.2f}x the budget: " + (named[2:] or "as expected")

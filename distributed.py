@@ -47,7 +47,7 @@ def say_how_a_rank_ended(report, path, args):
     if rank(args) == 0 or report["status"] == "interrupted":
         return
     oom, where = report["oom"], f"report written to {path}" if path else "no --report given"
-    ended = (f"OUT OF MEMORY in {oom['phase']} at step {oom['step']}" if oom
+    ended = (f"OUT OF MEMORY in {memcheck.oom_when(oom)}" if oom
              else f"run {report['status'].upper()}")
     print(f"[rank {rank(args)}] {ended}: {report['error']}; {where}", file=sys.stderr)
 
@@ -118,11 +118,18 @@ def global_sum(tensor, args):
     return tensor
 
 
-def gather_reports(report, args):
-    """Rank 0: the heaviest rank's report (its `rank` says which), with `ranks`, every rank's report.
+def gather_reports(report, args, failed=False):
+    """Rank 0: the heaviest rank's report (its `rank` says which), with `ranks`, every rank's report;
+    of a failed run, when other ranks may be gone, its own naming theirs (diff reads them beside it).
     Other ranks: their own. Each rank's report says its rank and the world size."""
     if not is_distributed(args):
         return report
+    if failed:
+        if rank(args) != 0 or not args.report:
+            return report
+        here = os.path.dirname(args.report) or "."
+        return dict(report, rank_reports=[os.path.relpath(path, here)
+                                          for path in memcheck.rank_paths(args.report, world_size(args))])
     report = dict(report, rank=rank(args), world_size=world_size(args))
     reports = [None] * world_size(args) if rank(args) == 0 else None
     dist.gather_object(report, reports, dst=0)

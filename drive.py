@@ -929,10 +929,13 @@ def budget_command(argv):
                 "term of the budget is printed. With --strategy ddp|fsdp --world-size N: the budget of "
                 "the heaviest of N ranks (rank 0's shards, with any rank's padding), without starting them.",
                 (("--full",), dict(action="store_true",
-                                   help="add a column for full fine-tuning of the same model and shapes")))
+                                   help="add a column for full fine-tuning of the same model and shapes")),
+                (("--report",), dict(metavar="PATH", help="also write each column's budget as JSON here")),
+                MARKDOWN)
     own, rest = p.parse_known_args(argv)
+    flags.check_output_path("--report", own.report)
     import ref_train
-    from memcheck import mib, text_table
+    from memcheck import markdown_block, mib, text_table, write_report
     args = ref_train.parse_args(rest, budget_only=True)   # built on meta: a config.json will do
     model, items, batches, setup = ref_train.build(args, meta=True)
     padded = ref_train.has_padding(ref_train.first_batches(args, batches))
@@ -956,11 +959,16 @@ def budget_command(argv):
         print(f"per rank of {args.world_size} under {args.strategy}: the heaviest rank's"
               + (", whose params, gradients and optimizer state are its shards" if args.strategy == "fsdp"
                  else ""))
-    print(text_table(("term (MiB)", *[c for c, _ in columns]), rows))
+    header = ("term (MiB)", *[c for c, _ in columns])
+    print(text_table(header, rows))
     print("params by dtype: " + ", ".join(f"{k} {mib(v)} MiB" for k, v in lora["params_by_dtype"].items()))
     if args.device == "cuda" and "cuda_workspaces" not in lora["terms"]:
         print("cuda_workspaces: not measured, no CUDA device here (cuBLAS's workspaces, 65.0 MiB on an "
               "H200 with torch 2.11, come on top)")
+    if own.markdown:
+        print("\n" + markdown_block("drive.py budget", [(header, rows)]))
+    if own.report:
+        write_report(own.report, dict(zip(("lora", "full"), (planned for _, planned in columns))))
     return 0
 
 
@@ -1177,10 +1185,11 @@ def figures_command(argv):
                 (("--only",), dict(metavar="NAMES", help="comma list of " + ", ".join(FIGURE_CHECKS))),
                 epilog="It takes no other flag: the quoted commands are rerun as written.")
     own = p.parse_args(argv)
-    sections = own.only.split(",") if own.only else list(FIGURE_CHECKS) if own.all else QUICK_SECTIONS
-    unknown = [s for s in sections if s not in FIGURE_CHECKS]
+    sections = (own.only.split(",") if own.only is not None else list(FIGURE_CHECKS) if own.all
+                else QUICK_SECTIONS)
+    unknown = [repr(s) if not s else s for s in sections if s not in FIGURE_CHECKS]
     if unknown:
-        raise CommandLineError(f"--only {own.only}: unknown {', '.join(unknown)}; expected "
+        raise CommandLineError(f"--only {own.only or repr(own.only)}: unknown {', '.join(unknown)}; expected "
                                + ", ".join(FIGURE_CHECKS))
     return 1 if figures(sections, measure_grid=own.all) else 0
 

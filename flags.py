@@ -16,6 +16,7 @@ CKPT_MODES = ("manual", "hf", "reentrant", "none")
 STRATEGIES = ("none", "ddp", "fsdp")
 TORCHRUN_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK")  # what torchrun sets in each process it starts
 MIN_SEQ = 16
+MAX_MEMORY_MIB = 2 ** 43  # 2**63 bytes (memcheck's too): beyond any device, and still an int64
 WEIGHTS_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
                  "pytorch_model.bin.index.json")
 MODEL_DIR = "a Hugging Face model directory (config.json and model.safetensors or pytorch_model.bin)"
@@ -200,8 +201,8 @@ def _value_checks(args, argv, budget_only=False):
         (not (args.inject_leak and args.experts == 1),
          "--inject-leak with --experts 1: one expert needs no gate, so there is no gate to keep; "
          "use --experts 2 or more"),
-        (args.max_memory is None or math.isfinite(args.max_memory) and args.max_memory > 0,
-         f"--max-memory {args.max_memory}: must be a positive number of MiB"),
+        (args.max_memory is None or 0 < args.max_memory <= MAX_MEMORY_MIB,
+         f"--max-memory {args.max_memory}: must be a positive number of MiB, at most 2**43"),
         # Reentrant checkpointing runs the layers' forward without a graph unless an input needs a
         # gradient; without the items' projector nothing before the layers is trainable.
         (not (args.ckpt == "reentrant" and not args.inject_items),

@@ -60,6 +60,7 @@ _MISSING = object()
 _KIND_NAMES = {type(None): "null", dict: "an object", list: "a list", int: "an integer", str: "a string",
                bool: "true or false", (int, float): "a number"}
 MiB = 2 ** 20
+MAX_MEMORY_MIB = 2 ** 43  # 2**63 bytes: beyond any device, and still an int64
 PHASES = ("load", "forward", "backward", "optimizer")
 # Highest priority first: a storage that is both a parameter and saved for backward is a parameter.
 CATEGORIES = ("trainable_params", "frozen_params", "gradients", "optimizer_state", "activations",
@@ -250,7 +251,8 @@ class Tracker(TorchDispatchMode):
             over = self.live_bytes + nbytes - self.limit_bytes
             words = ALLOCATOR_OOM_WORDS.get(self.device_type, f"{self.device_type.upper()} out of memory.")
             message = (f"{words} "
-                       f"allocating {mib(nbytes)} MiB ({list(tensor.shape)} {str(tensor.dtype)[6:]} from "
+                       f"allocating {mib(nbytes) + ' MiB' if nbytes >= MiB / 20 else f'{nbytes:,} bytes'} "
+                       f"({list(tensor.shape)} {str(tensor.dtype)[6:]} from "
                        f"{_op_name(op)} in {module}) with {mib(self.live_bytes)} MiB live: {over:,} bytes "
                        f"over the --max-memory / max_memory_mib limit of {mib(self.limit_bytes)} MiB")
             tensor = storage = None   # (this frame, kept by the error, holds no storage)
@@ -898,8 +900,9 @@ class Probe:
             raise ReportError(f"allocator_only=True on device {str(self.device)!r}: it needs CUDA (torch "
                               "keeps no allocator counters on CPU); use allocator_only=False there")
         if max_memory_mib is not None and (type(max_memory_mib) not in (int, float)
-                                           or not 0 < max_memory_mib < float("inf")):
-            raise ReportError(f"max_memory_mib={max_memory_mib!r}: must be a positive number of MiB")
+                                           or not 0 < max_memory_mib <= MAX_MEMORY_MIB):
+            raise ReportError(f"max_memory_mib={max_memory_mib!r}: must be a positive number of MiB, "
+                              "at most 2**43")
         if allocator_only and max_memory_mib is not None:
             raise ReportError(f"max_memory_mib={max_memory_mib} needs the tracker, and "
                               "allocator_only=True runs without it: pass one or the other")
@@ -1104,7 +1107,7 @@ class Probe:
         if self.cuda:
             torch.cuda.synchronize(self.device)
         now = time.perf_counter()
-        live = torch.cuda.memory_allocated(self.device) if self.cuda else self.tracker.live_bytes
+        live = self._live_bytes()
         self.steps.append({"step": self.tracker.step, "loss": _loss_value(loss),
                            "seconds": now - (self._started or self._step_ended),
                            "live_bytes": live, "peak_bytes": self._step_peak or live,
@@ -1120,6 +1123,9 @@ class Probe:
         self.tracker.step += 1
         self._new_window()
         return self.steps[-1]
+
+    def _live_bytes(self):
+        return torch.cuda.memory_allocated(self.device) if self.cuda else self.tracker.live_bytes
 
     def _check_step(self):
         """The end-of-step check of what autograd saved."""
@@ -1140,8 +1146,10 @@ class Probe:
 
     # -- failures
     def _record_oom(self, error, inside=(), ending=False):
-        """An out-of-memory error: the first not caught is the run's (the one `ending` it, if one does)."""
+        """An out-of-memory error: the first not caught is the run's (the one `ending` it, if one does),
+        with what was live when it came."""
         record = self._ooms.raised(error, inside)
+        record.setdefault("live_bytes", self._live_bytes())
         self.status, self.error = "oom", record["message"]
         self.oom = record if ending else self.oom or record
 
@@ -1824,18 +1832,21 @@ def _report_lines(report):
     oom, leak, peak, lines = report.get("oom"), report["leak"], report["peak_bytes"], []
     lines += [report["allocator_only"]] if report.get("allocator_only") else []
     weights = cats.get("trainable_params", 0) + cats.get("frozen_params", 0)
-    if peak and 2 * weights > peak:  # more than half of the peak: what to look at first after an OOM
+    # more than half of the peak, what to look at first; after an OOM, of what the budget needs
+    needs = (report.get("budget") or {}).get("peak_bytes") if oom else None
+    whole, of = (needs, "the budget") if needs else (peak, "the peak")
+    if whole and 2 * weights > whole:
         count = config.get("param_count") or params.get("trainable", 0) + params.get("frozen", 0)
         by_dtype = config.get("param_bytes_by_dtype") or {}
         dtype = max(by_dtype, key=by_dtype.get) if by_dtype else params.get("dtype", "")
         model = config.get("model_class") or config.get("model")
         sharded = config.get("strategy") == "fsdp" and config.get("world_size", 1) > 1
-        lines.append(f"the weights are {weights / peak:.0%} of the peak: {model}, {count:,} parameters, "
+        lines.append(f"the weights are {weights / whole:.0%} of {of}: {model}, {count:,} parameters, "
                      f"{dtype}, {mib(weights)} MiB" + (" on this rank (FSDP: its shards)" if sharded else ""))
     head, lines = lines, []
     if oom:
         inside = f", inside {oom['module']}" if oom.get("module", NO_MODULE) != NO_MODULE else ""
-        lines.append(f"OUT OF MEMORY in {oom['phase']} at step {oom['step']}{inside}: {oom['message']}")
+        lines.append(f"OUT OF MEMORY in {oom_when(oom)}{inside}: {oom['message']}")
     elif report.get("status", "ok") != "ok":
         lines.append(f"run {report['status'].upper()}: {report.get('error')}")
         lines += (["before it, memory ran out inside the model, and its code caught it (WARNING oom_caught)"]
@@ -1875,9 +1886,14 @@ def format_report(report):
     return "\n".join(head + [text_table(*_phase_table(report)), ""] + tail)
 
 
+def oom_when(oom):
+    """The phase an OOM came in, and the step but for loading (before any step)."""
+    return oom["phase"] if oom["phase"] == "load" else f"{oom['phase']} at step {oom['step']}"
+
+
 def _recovered(oom):
     inside = f", inside {oom['module']}" if oom.get("module", NO_MODULE) != NO_MODULE else ""
-    return (f"out of memory in {oom['phase']} at step {oom['step']}{inside} ({oom['message']}), and the "
+    return (f"out of memory in {oom_when(oom)}{inside} ({oom['message']}), and the "
             f"loop went on: step {oom['recovered_at_step']} finished after it")
 
 
@@ -2286,6 +2302,11 @@ def _same_moment(phase_a, phase_b):
         FORWARD_BACKWARD, "forward", "backward"}
 
 
+def _how_it_stopped(report):
+    oom = report.get("oom")
+    return f"ran out of memory in {oom_when(oom)}" if oom else f"stopped ({report['status']})"
+
+
 def conclusion(a, b, rows):
     """One line: how B's peak compares with A's, where the difference is (the category, module, op),
     and what either side leaks or warns of."""
@@ -2300,6 +2321,12 @@ def conclusion(a, b, rows):
     notes += "".join(f"; what only {side} does (ref_train.py has no flag for it): {', '.join(done)}"
                      for side, done in _left_out(a, b))
     ranks = _largest_rank_excess(rows)
+    stopped = {side: _how_it_stopped(r) for side, r in (("A", a), ("B", b)) if r.get("status", "ok") != "ok"}
+    lighter = "B" if y < x else "A"
+    if lighter in stopped and abs(y / x - 1) > SAME_WITHIN:   # (its peak may have been yet to come)
+        return (f"no saving to read: {lighter} {stopped[lighter]}, its peak so far "
+                f"{min(x, y) / max(x, y):.2f}x the other's{ranks}{notes}")
+    notes = "".join(f"; {side} {how}" for side, how in stopped.items()) + notes
     if abs(y / x - 1) <= SAME_WITHIN:
         return f"the two trainings cost the same (within 1%): {mib(x)} and {mib(y)} MiB{ranks}{notes}"
     sign = 1 if y > x else -1

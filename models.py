@@ -49,6 +49,9 @@ def _load_error(args, error):
     message = memcheck.first_line(error)
     if isinstance(error, ValueError):  # transformers' word on the config or the architecture
         return UsageError(f"--model {args.model}: cannot load it as a causal language model ({message})")
+    if "ignore_mismatched_sizes" in message:   # (its table of tensors went to the silenced log)
+        return UsageError(f"--model {args.model}: the weights in {_weights_file(args.model)} do not have the "
+                          "shapes its config.json gives; was config.json edited, or saved from another model?")
     # Anything else came from reading the weights: safetensors, torch.load or the file system.
     return UsageError(f"--model {args.model}: cannot read the weights in {_weights_file(args.model)} "
                       f"({message}); is the file truncated, or still downloading?")

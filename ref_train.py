@@ -355,7 +355,7 @@ def finish(args, probe, extra, recording, failure, log):
         torch.cuda.memory._dump_snapshot(distributed.rank_path(args.snapshot, args))
         torch.cuda.memory._record_memory_history(enabled=None)
     report = dict(probe.report(), **extra)
-    report = distributed.gather_reports(report, args) if failure is None else report
+    report = distributed.gather_reports(report, args, failed=failure is not None)
     path = distributed.report_path(args, failure)
     if path:
         memcheck.write_report(path, report)

@@ -231,6 +231,11 @@ def test_a_rank_that_runs_out_of_memory_writes_its_own_report_and_says_so(tiny_m
         said.rstrip().endswith(f"report written to {tmp_path}/oom.rank1.json"), said
     assert (tmp_path / "code1").read_text() == "1"
     assert memcheck.read_report(report)["rank"] == 0   # rank 0's own, however it ended
+    # diff reads every rank's (rank 0's named none: no rank rows), and at the rank that ran out
+    read = memcheck.with_ranks(memcheck.read_report(report), str(report))
+    assert [r["rank"] for r in read["ranks"]] == [0, 1] and read["rank"] == 1
+    assert [row[0] for row in memcheck.diff(read, read) if row[0].startswith("rank ")] == [
+        "rank 0 peak", "rank 1 peak"]
 
 
 def test_a_budget_of_many_ranks_counts_the_attention_mask_when_any_ranks_rows_pad(tiny_model):

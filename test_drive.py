@@ -224,12 +224,18 @@ def test_bench_times_the_tracker_and_the_fused_loss_in_turn(tiny_model):
 
 # ---------------------------------------------------------------- budget
 
-def test_budget_command_prints_lora_and_full_side_by_side(tiny_model, capsys):
+def test_budget_command_prints_lora_and_full_side_by_side_and_writes_them_where_asked(tiny_model, capsys,
+                                                                                      tmp_path):
+    # --report and --markdown were taken (the path even checked), and ignored
     done = run_main(drive.main, capsys, "budget", "--model", tiny_model, "--bs", 2, "--seq", 64,
-                    "--full")
+                    "--full", "--report", tmp_path / "budget.json", "--markdown")
     assert done.returncode == 0, done.stderr
     assert "LoRA (this config)" in done.stdout and "full fine-tuning" in done.stdout
     assert "predicted peak" in done.stdout
+    assert "### drive.py budget" in done.stdout and "| predicted peak |" in done.stdout
+    written = json.loads((tmp_path / "budget.json").read_text())
+    assert written["lora"]["peak_bytes"] < written["full"]["peak_bytes"]
+    assert f"| predicted peak | {memcheck.mib(written['lora']['peak_bytes'])} |" in done.stdout
 
 
 # ---------------------------------------------------------------- families
@@ -443,6 +449,9 @@ FAILURES = {
                                    "/no/such/dir/p.png"], ["--plot /no/such/dir/p.png", "does not exist"]),
     "bench-report-under-proc": (["bench", "--model", "{tiny}", "--report", "/proc/report.json"],
                                 ["--report /proc/report.json", "/proc"]),
+    "budget-report-under-proc": (["budget", "--model", "{tiny}", "--report", "/proc/report.json"],
+                                 ["--report /proc/report.json", "/proc"]),
+    "figures-only-nothing": (["figures", "--only", ""], ["--only ''", "unknown ''", "baseline"]),
     "sweep-bad-listed-value": (["sweep", "--model", "{tiny}", "--ckpt", "bogus"], ["--ckpt", "'bogus'"]),
     "sweep-unknown-base-flag": (["sweep", "--model", "{tiny}", "--bs", "1", "--bogus"], ["--bogus"]),
     "sweep-unknown-target": (["sweep", "--model", "{tiny}", "--bs", "1", "--targets", "nosuch"],

@@ -12,6 +12,7 @@ import gc
 import itertools
 import json
 import os
+import re
 import shutil
 import sys
 import warnings
@@ -75,6 +76,13 @@ def test_the_tracker_allows_live_bytes_up_to_its_limit_and_fails_one_byte_past_i
             torch.empty(1, dtype=torch.uint8)
         assert tracker.live_bytes == 4000
     del x
+
+
+def test_an_allocation_under_a_tenth_of_a_mib_that_fails_is_said_in_bytes():
+    # not "allocating 0.0 MiB"
+    with memcheck.Tracker("cpu", limit_bytes=4000):
+        with pytest.raises(torch.OutOfMemoryError, match=r"allocating 16,384 bytes \(\[64, 64\] float32"):
+            torch.empty(64, 64)
 
 
 def test_the_peak_is_the_first_moment_live_bytes_reach_it():
@@ -1602,6 +1610,19 @@ def synthetic(ratio, warnings=(), leak_per_step=0.0):
             "leak": {"detected": False, "bytes_per_step": leak_per_step, "step_end_bytes": [0, 0]}}
 
 
+@pytest.mark.parametrize("b_ratio, expected", [
+    (0.83, "no saving to read: B ran out of memory in optimizer at step 1, its peak so far 0.83x the other's"),
+    (1.5, "B's peak is 1.50x A's (+50.0 MiB); the excess is in activations (+50.0 MiB); B ran out of "
+          "memory in optimizer at step 1")])
+def test_the_diffs_conclusion_reads_no_saving_from_a_run_that_ran_out_of_memory(b_ratio, expected):
+    # B's figures stop where memory ran out: "B's peak is 0.83x A's; the saving is in optimizer state"
+    a = synthetic(1.0)
+    b = dict(synthetic(b_ratio), status="oom", oom={"phase": "optimizer", "step": 1, "message": "..."})
+    assert memcheck.conclusion(a, b, memcheck.diff(a, b)) == expected
+    healthy = synthetic(0.83)
+    assert "the saving is in activations" in memcheck.conclusion(a, healthy, memcheck.diff(a, healthy))
+
+
 @pytest.mark.parametrize("ratio, expected", [
     (1.02, "measured peak 1.02x the budget: as expected"),
     (1.06, "measured peak 1.06x the budget, within 10%: the excess is in activations (+6.0 MiB) "
@@ -2167,9 +2188,10 @@ def test_allocator_only_on_cpu_is_refused_in_one_line_naming_the_device_and_what
         memcheck.Probe(nn.Linear(4, 4), device="cuda", allocator_only=True, max_memory_mib=10)
 
 
-@pytest.mark.parametrize("limit", [0, -3, float("nan"), float("inf"), "5", True])
+@pytest.mark.parametrize("limit", [0, -3, float("nan"), float("inf"), 1e308, "5", True])
 def test_a_memory_limit_that_is_not_a_positive_number_is_refused_in_one_line(limit):
-    with pytest.raises(memcheck.ReportError, match=f"^max_memory_mib={limit!r}: must be a positive number"):
+    refused = "^" + re.escape(f"max_memory_mib={limit!r}: must be a positive number")
+    with pytest.raises(memcheck.ReportError, match=refused):
         memcheck.Probe(nn.Linear(4, 4), max_memory_mib=limit)
 
 

@@ -763,6 +763,14 @@ def truncated_model(tiny_model, directory):
     return str(directory)
 
 
+def reshaped_model(tiny_model, directory):
+    """The tiny model whose config.json was edited after its weights were saved (a wider MLP)."""
+    shutil.copytree(tiny_model, directory)
+    config = json.loads((directory / "config.json").read_text())
+    (directory / "config.json").write_text(json.dumps(dict(config, ffn_dim=2 * config["ffn_dim"])))
+    return str(directory)
+
+
 @pytest.fixture(scope="module")
 def values(tiny_model, tmp_path_factory):
     """What "{...}" in the flags of this section stand for: models, data and report paths."""
@@ -773,6 +781,7 @@ def values(tiny_model, tmp_path_factory):
             "bad_config": not_a_model(tmp / "bad-config", {"config.json": "{bad json"}),
             "small_vocab": _save_tiny_opt(tmp / "small-vocab", 500, with_tokenizer=False),
             "truncated": truncated_model(tiny_model, tmp / "truncated"),
+            "reshaped": reshaped_model(tiny_model, tmp / "reshaped"),
             "report": str(tmp / "report.json"), "seq_report": str(tmp / "seq.json"),
             "load_report": str(tmp / "load.json")}
 
@@ -807,6 +816,7 @@ BAD_INPUTS = {
     "loss-chunks-0": (["--loss-chunks", "0"], ["--loss-chunks 0", "1 or more"]),
     "seed-beyond-64-bits": (["--seed", str(2 ** 64)], [f"--seed {2 ** 64}", "2**64 - 1"]),
     "max-memory-infinite": (["--max-memory", "inf"], ["--max-memory inf", "positive"]),
+    "max-memory-beyond-int64-bytes": (["--max-memory", "1e308"], ["--max-memory 1e+308", "at most 2**43"]),
     "report-empty": (["--report", ""], ["--report ''", "empty"]),
     "report-in-missing-dir": (["--report", "/no/such/dir/r.json"], ["/no/such/dir/r.json"]),
     "leak-without-gate": (["--inject-leak", "--experts", "1"], ["--inject-leak", "--experts 1"]),
@@ -840,6 +850,9 @@ FAILURES = {
     "stand-in-beyond-the-embeddings": (["--model", "{small_vocab}", "--no-add-tokens"],
                                        ["--no-add-tokens", "500 embedding rows", "--add-tokens"]),
     "truncated-weights": (["--model", "{truncated}"], ["{truncated}/model.safetensors", "truncated"]),
+    # (not "truncated, or still downloading?", nor transformers' "look at the above report", unshown)
+    "weights-of-other-shapes": (["--model", "{reshaped}"], ["{reshaped}/model.safetensors", "shapes",
+                                                            "config.json"]),
     "report-under-proc": (["--report", "/proc/report.json"],
                           ["--report /proc/report.json", "cannot create a file in /proc"]),
     "snapshot-under-proc": (["--snapshot", "/proc/s.pickle"],
@@ -981,7 +994,7 @@ def test_out_of_memory_while_loading_says_the_peak_was_not_measured(values, caps
     done = ref_train_main(capsys, values, ["--model", "{tiny}", "--max-memory", "0.1",
                                            "--report", "{load_report}", "--markdown"])
     assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr
-    assert "OUT OF MEMORY in load at step 1" in done.stdout
+    assert "OUT OF MEMORY in load: " in done.stdout   # (before any step)
     assert "### memcheck: peak not measured (" in done.stdout   # --markdown: no "in None" either
     assert "peak: not measured (no training phase finished)" in done.stdout
     assert "in None" not in done.stdout and "peak 0.0 MiB" not in done.stdout
@@ -1029,6 +1042,28 @@ def test_out_of_memory_in_process_records_the_phase_writes_the_report_and_prints
     printed = "\n".join(map(str, lines))
     assert f"OUT OF MEMORY in {report['oom']['phase']} at step 1" in printed
     assert f"report written to {path}" in printed
+    # the verdict weighs what was live as the allocation failed (the peak so far can be an earlier
+    # phase's), as the allocator's message does
+    live = memcheck.mib(report["oom"]["live_bytes"])
+    assert f"with {live} MiB live:" in report["oom"]["message"]
+    assert f"the OOM came in {report['oom']['phase']} with {live} MiB live (" in memcheck.verdict(report)
+
+
+def test_after_an_oom_the_weights_are_weighed_against_what_the_budget_needs(tiny_model, tmp_path):
+    # dead at the first activations of a large batch, the peak so far was the weights: "the weights
+    # are 100% of the peak" sent the user to the weights, which are 1% of what the budget needs
+    path = tmp_path / "oom.json"
+    args = ref_train.parse_args(["--model", tiny_model, "--device", "cpu", "--steps", "1", "--bs", "64",
+                                 "--seq", "256", "--max-memory", "1", "--report", str(path)])
+    with pytest.raises(torch.OutOfMemoryError):
+        ref_train.train(args, log=lambda *a: None)
+    report = memcheck.read_report(path)
+    weights = report["categories"]["frozen_params"] + report["categories"]["trainable_params"]
+    assert report["oom"]["phase"] == "forward" and 2 * weights > report["peak_bytes"]
+    assert "the weights are" not in memcheck.format_report(report)
+    # where they are most of what it needs, the line says so
+    report["budget"]["peak_bytes"] = weights + 1
+    assert memcheck.format_report(report).startswith("the weights are 100% of the budget: ")
 
 
 def fail_in_forward(monkeypatch, error):
