@@ -29,8 +29,10 @@ import operator
 import os
 import platform
 import re
+import signal
 import sys
 import tempfile
+import threading
 import time
 import types
 import weakref
@@ -103,6 +105,10 @@ def _say(line):
     (the line, then its newline) interleave."""
     sys.stdout.write(line + "\n")
     sys.stdout.flush()
+
+
+def _terminated(signum, frame):
+    raise KeyboardInterrupt("SIGTERM")
 
 
 def first_line(error):
@@ -943,6 +949,11 @@ class Probe:
             self._scope.enter_context(self.tracker)
             self._scope.enter_context(torch.autograd.graph.saved_tensors_hooks(self._saves.pack,
                                                                                self._saves.unpack))
+        if threading.current_thread() is threading.main_thread() and \
+                signal.getsignal(signal.SIGTERM) == signal.SIG_DFL:
+            # a scheduler's stop, or `timeout`, ends the run as Ctrl-C does: with its report written
+            signal.signal(signal.SIGTERM, _terminated)
+            self._scope.callback(signal.signal, signal.SIGTERM, signal.SIG_DFL)
         self._open = True
         if self._pending[0] is not None:
             self.attach(*self._pending)
@@ -957,7 +968,8 @@ class Probe:
     def close(self, error=None):
         """Stop measuring, record how the run ended, write the report to `path`. Safe twice."""
         if isinstance(error, KeyboardInterrupt):
-            self.status, self.error = "interrupted", "interrupted (Ctrl-C)"
+            self.status = "interrupted"
+            self.error = "terminated (SIGTERM)" if error.args == ("SIGTERM",) else "interrupted (Ctrl-C)"
         elif is_out_of_memory(error):
             self._record_oom(error, ending=True)
         elif error is not None and self.status == "ok":
@@ -2231,10 +2243,12 @@ def _dominant_op(groups, label, net):
 
 
 def config_differences(a, b):
-    """{key: [A's, B's]} over the keys both configurations have."""
+    """{key: [A's, B's]} over the keys both configurations have, but where one still says "auto" (a run
+    stopped before it resolved it, while loading)."""
     ca, cb = a.get("config") or {}, b.get("config") or {}
     keys = sorted((set(ca) & set(cb)) - OUTPUT_FLAGS - {"probe", "baseline_command"})
-    return {k: [ca[k], cb[k]] for k in keys if ca[k] != cb[k]}
+    return {k: [ca[k], cb[k]] for k in keys if ca[k] != cb[k] and "auto" not in (ca[k], cb[k]) and
+            ["auto"] not in (ca[k], cb[k])}
 
 
 def _net_of_moves(row, places):

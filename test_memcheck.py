@@ -14,6 +14,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import sys
 import warnings
 
@@ -83,6 +84,26 @@ def test_an_allocation_under_a_tenth_of_a_mib_that_fails_is_said_in_bytes():
     with memcheck.Tracker("cpu", limit_bytes=4000):
         with pytest.raises(torch.OutOfMemoryError, match=r"allocating 16,384 bytes \(\[64, 64\] float32"):
             torch.empty(64, 64)
+
+
+def test_a_sigterm_ends_a_probed_loop_as_ctrl_c_does_with_the_report_written(tmp_path):
+    # a scheduler's stop, or `timeout`: the process died there and then, with no report
+    model, optimizer = peft_opt()
+    path = tmp_path / "stack.json"
+    with pytest.raises(KeyboardInterrupt):
+        with memcheck.Probe(model, optimizer, path=path, log=lambda *a: None) as probe:
+            for step, ids in enumerate(token_batches(3, bs=1, seq=16)):
+                with probe.phase("forward"):
+                    loss = model(input_ids=ids, labels=ids).loss
+                if step == 1:
+                    os.kill(os.getpid(), signal.SIGTERM)
+                with probe.phase("backward"):
+                    loss.backward()
+                probe.step(loss)
+    report = memcheck.read_report(path)
+    assert report["status"] == "interrupted" and report["error"] == "terminated (SIGTERM)"
+    assert len(report["steps"]) == 1 and report["phases"]["backward"]["peak_bytes"] > 0
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL   # put back
 
 
 def test_the_peak_is_the_first_moment_live_bytes_reach_it():
@@ -1680,6 +1701,12 @@ def test_the_reserved_row_is_trainings_not_the_loads():
         report["phases"] = {name: {"peak_bytes": 1, "live_bytes": 1, "reserved_bytes": n * MiB}
                             for name, n in (("load", load), ("forward", forward))}
     assert ("reserved", 100 * MiB, 200 * MiB) in memcheck.diff(a, b)
+
+
+def test_a_run_stopped_while_loading_differs_only_by_what_it_was_given(stopped_and_full):
+    # its targets were never resolved: "targets: ['auto'] -> ['q_proj', 'v_proj']"
+    stopped, full = map(memcheck.read_report, stopped_and_full)
+    assert memcheck.config_differences(stopped, full) == {"max_memory": [0.3, None]}
 
 
 def test_where_the_results_went_is_no_configuration_difference():
