@@ -28,6 +28,8 @@ _SHARED_INPUTS = {"q_proj": "attention input", "k_proj": "attention input", "v_p
 # Inputs autograd saves anyway: the attention output (saved by SDPA) and the MLP activation.
 _ALREADY_SAVED = {"out_proj", "o_proj", "fc2", "down_proj"}
 STAND_IN_ELEMENTS = 1 << 20  # at most about this many elements stand in for an optimizer's parameters
+STEADY_STEP = 1000  # a step count past every warm-up (RAdam's rectification starts at its 6th)
+_MEASURED_STEPS = {}   # (optimizer class, scale, groups' options and stand-ins) -> _measured_step's
 
 
 def _dtype_bytes(dtype):
@@ -750,16 +752,40 @@ def _held_terms(model, layers, terms, *, bs, seq, gradients_held, input_leaf, lo
 
 def _stand_ins(groups, elements, scale):
     """CPU zeros for each parameter of each group, in order, of its dtype and elements[id]/scale."""
-    return [dict(group, params=[torch.zeros(max(1, round(elements[id(p)] / scale)), dtype=p.dtype)
-                                for p in group["params"]]) for group in groups]
+    return [dict(group, params=[torch.zeros(max(1, round(elements[id(p)] / scale)), dtype=p.dtype,
+                                            requires_grad=True) for p in group["params"]])
+            for group in groups]
+
+
+def _as_on_cuda(group):
+    """A group as torch steps it on CUDA: foreach where it leaves the choice to torch, but for a
+    differentiable step or a tensor learning rate without capturable (torch's own exceptions)."""
+    left = group.get("foreach") is None and not group.get("fused") and not group.get("differentiable")
+    tensor_lr = isinstance(group.get("lr"), torch.Tensor) and not group.get("capturable")
+    return dict(group, foreach=True) if left and not tensor_lr else group
+
+
+def _steps_made(stepping):
+    """The peak of a step, the first's state made, early and late (RAdam's late steps make more)."""
+    peaks = []
+    stepping.step()
+    for late in (False, True):
+        for state in stepping.state.values() if late else ():   # (steps counted as tensors or ints)
+            step = state.get("step")
+            state["step"] = step.fill_(STEADY_STEP) if isinstance(step, torch.Tensor) else STEADY_STEP
+        with Tracker("cpu") as tracker:
+            stepping.step()
+        peaks.append(tracker.peak_bytes)
+    return max(peaks)
 
 
 def _step_temporary(optimizer, trained, *, on_cuda, **placement):
-    """The bytes an optimizer's step makes beyond its state, on this rank (its shards, under FSDP2):
-    measured, its class stepping CPU stand-ins of what it trains (its groups and options, the
-    parameters in its order, each one's elements on this rank divided by one factor, which its
-    elementwise temporaries scale with) a second time; as CUDA runs it, foreach where the group
-    leaves it to torch. None: the reference's AdamW, over `trained`. 0 where it cannot be made."""
+    """(bytes, None) an optimizer's step makes beyond its state, on this rank (its shards, under
+    FSDP2): measured, its class stepping CPU stand-ins of what it trains (its groups and options, the
+    parameters in its order, each one's elements on this rank divided by one factor, which
+    elementwise temporaries scale with), as CUDA runs it where the budget is CUDA's. None: the
+    reference's AdamW, over `trained`. Where the stand-ins cannot step: (one of every parameter it
+    trains, as foreach AdamW makes, why)."""
     ids = {id(p) for p in trained}
     if optimizer is None:
         kind, groups = torch.optim.AdamW, [{"params": list(trained)}]
@@ -767,13 +793,26 @@ def _step_temporary(optimizer, trained, *, on_cuda, **placement):
         kind = type(unwrapped_optimizer(optimizer))
         groups = [dict(group, params=[p for p in group["params"] if id(p) in ids])
                   for group in unwrapped_optimizer(optimizer).param_groups]
-    groups = [dict(g, foreach=True) if on_cuda and g.get("foreach") is None and not g.get("fused")
-              else g for g in groups if g["params"]]
+    groups = [_as_on_cuda(g) if on_cuda else g for g in groups if g["params"]]
     if not groups:
-        return 0
+        return 0, None
     elements = {id(p): _held_bytes([p], padded=False, **placement) // p.element_size()
                 for g in groups for p in g["params"]}
     scale = max(1, -(-sum(elements.values()) // STAND_IN_ELEMENTS))
+    # the same steps measured once a process (each budget of a sweep, each report's)
+    key = (kind, scale, repr([(sorted((k, repr(v)) for k, v in g.items() if k != "params"),
+                               [(elements[id(p)], p.dtype) for p in g["params"]]) for g in groups]))
+    if key not in _MEASURED_STEPS:
+        _MEASURED_STEPS[key] = _measured_step(kind, groups, elements, scale)
+    measured, why = _MEASURED_STEPS[key]
+    if why is not None:   # one of every parameter it trains, as foreach AdamW makes
+        measured = _held_bytes([p for g in groups for p in g["params"]], padded=False, **placement)
+    return measured, why
+
+
+def _measured_step(kind, groups, elements, scale):
+    """(the bytes of the larger of an early and a late step, on stand-ins, scaled back; None), or
+    (None, why it could not run)."""
     try:
         # (not in a probe's tracker, if its report is made inside it; on CPU whatever the default)
         with _disable_current_modes(), torch.device("cpu"):
@@ -781,12 +820,11 @@ def _step_temporary(optimizer, trained, *, on_cuda, **placement):
             for group in stepping.param_groups:
                 for p in group["params"]:
                     p.grad = torch.zeros_like(p)
-            stepping.step()   # the first makes its state
-            with Tracker("cpu") as tracker:
-                stepping.step()
-    except Exception:   # (one that needs CUDA tensors, or other arguments)
-        return 0
-    return tracker.peak_bytes * scale
+            return _steps_made(stepping) * scale, None
+    except Exception as e:   # (one that needs CUDA tensors, or matrices)
+        return None, (f"{kind.__name__}'s step could not run on stand-ins ({type(e).__name__}: "
+                      f"{first_line(e)}); its temporary is taken as one of every trained parameter, as "
+                      "foreach AdamW makes")
 
 
 # torch.optim's optimizers: state tensors the size of each parameter they step, from a group's options
@@ -823,12 +861,13 @@ def optimizer_states(optimizer):
 
 
 def _optimizer_terms(optimizer, trained, trainable_bytes, *, on_cuda, **placement):
-    """The optimizer's state and its step's temporary, in bytes on this rank. Of several, the step's
-    temporary is the largest (they step one after another)."""
+    """(the optimizer's state and its step's temporary, in bytes on this rank; what of them is an
+    estimate, and why). Of several, the step's temporary is the largest (they step in turn)."""
     optimizers = optimizer if isinstance(optimizer, (list, tuple)) else [optimizer]
-    return {"optimizer_state": round(optimizer_states(optimizer) * trainable_bytes),
-            "optimizer_temporary": max(_step_temporary(o, trained, on_cuda=on_cuda, **placement)
-                                       for o in optimizers)}
+    temporaries = [_step_temporary(o, trained, on_cuda=on_cuda, **placement) for o in optimizers]
+    return ({"optimizer_state": round(optimizer_states(optimizer) * trainable_bytes),
+             "optimizer_temporary": max((t for t, _ in temporaries), default=0)},
+            [why for _, why in temporaries if why])
 
 
 # ---------------------------------------------------------------- the budget
@@ -1162,17 +1201,17 @@ def budget(model, *, bs, seq, checkpointing, autocast_dtype=None, loss_chunks=1,
                              input_grads=input_grads, kv_cache=kv_cache)
     # (a layer that backward does not run through saves nothing, checkpointed or not)
     checkpointed = [c and layer["trains"] for c, layer in zip(checkpointed, layers)]
-    params = _unique_params([model, *extra])
-    by_dtype = _bytes_by_dtype(params)
+    by_dtype = _bytes_by_dtype(params := _unique_params([model, *extra]))
     trained = params if full else [p for p in params if p.requires_grad]
-    trainable_bytes = sum(p.numel() * p.element_size() for p in trained)
     terms = _terms(s, layers, bs=bs, seq=seq, act=act, mask=mask, full=full, loss_chunks=loss_chunks,
-                   checkpointed=checkpointed, trainable_bytes=trainable_bytes, casts_weights=casts_weights,
-                   param_bytes=sum(by_dtype.values()), positions=seq - 1 if shifted_logits else seq)
+                   checkpointed=checkpointed, trainable_bytes=sum(p.nbytes for p in trained),
+                   casts_weights=casts_weights, param_bytes=sum(by_dtype.values()),
+                   positions=seq - 1 if shifted_logits else seq)
     placement = dict(strategy=strategy, world_size=world_size, rank=rank)
     terms.update(rank_terms(model, extra, {id(p) for p in trained}, **placement))
-    terms.update(_optimizer_terms(optimizer, trained, terms["trainable_params"], on_cuda=on_cuda,
-                                  **placement))
+    optimizer_terms, estimated = _optimizer_terms(optimizer, trained, terms["trainable_params"],
+                                                  on_cuda=on_cuda, **placement)
+    terms.update(optimizer_terms)
     layer_gradients = _each_layers_gradients(model, trained, **placement)
     terms.update(_gradient_terms(model, trained, layer_gradients, traced=method == "traced", **placement))
     terms.update(_held_terms(model, layers, terms, bs=bs, seq=seq, gradients_held=gradients_held,
@@ -1184,8 +1223,8 @@ def budget(model, *, bs, seq, checkpointing, autocast_dtype=None, loss_chunks=1,
     phases = _phases(terms, layers, layer_gradients, tokens=bs * seq, h=s["hidden"],
                      checkpointed=checkpointed, loss_chunks=loss_chunks, logits_kept=not shifted_logits)
     peak_phase = max(phases, key=phases.get)
-    return {"full": full, "method": method, "terms": terms, "params_by_dtype": by_dtype,
-            "phases": phases, "peak_phase": peak_phase, "peak_bytes": phases[peak_phase],
+    return {"full": full, "method": method, "estimated": estimated, "terms": terms, "phases": phases,
+            "params_by_dtype": by_dtype, "peak_phase": peak_phase, "peak_bytes": phases[peak_phase],
             "categories": _categories(terms, phases, peak_phase, loss_chunks)}
 
 
@@ -1248,10 +1287,11 @@ def probed(stack, phases):
 def verdict(report):
     """The measured training peak against the budget, in plain words, with the weighty warnings, and
     why the budget is an estimate where its layers could not be traced."""
-    method = (report.get("budget") or {}).get("method", "")
-    estimated = method.startswith("formula: ") and report.get("peak_bytes")
+    planned = report.get("budget") or {}
+    method, measured = planned.get("method", ""), report.get("peak_bytes")
     why = method.removeprefix("formula: ")
-    return _verdict(report) + (f"; the budget is a per-token estimate: {why}" if estimated else "")
+    estimates = [f"the budget is a per-token estimate: {why}"] if why != method else []
+    return _verdict(report) + "".join(f"; {e}" for e in estimates + planned.get("estimated", []) if measured)
 
 
 def _verdict(report):
@@ -1264,10 +1304,10 @@ def _verdict(report):
     ratio = report["peak_bytes"] / planned["peak_bytes"]
     oom = report.get("oom")
     if oom:   # (the failed allocation is never made: what was live as it failed)
-        live = oom.get("live_bytes", report["peak_bytes"])
-        return (f"the budget for this setup is {mib(planned['peak_bytes'])} MiB; the OOM came in "
-                f"{oom['phase']} with {mib(live)} MiB live ({live / planned['peak_bytes']:.2f}x the "
-                f"budget){named}")
+        live, needs = oom.get("live_bytes"), planned["peak_bytes"]
+        when = (f"with {mib(live)} MiB live ({live / needs:.2f}x the budget)" if type(live) is int
+                else f"after a peak of {mib(report['peak_bytes'])} MiB ({ratio:.2f}x the budget)")
+        return f"the budget for this setup is {mib(needs)} MiB; the OOM came in {oom['phase']} {when}{named}"
     if abs(ratio - 1) <= AS_EXPECTED:
         return f"measured peak {ratio:.2f}x the budget: " + (named[2:] or "as expected")
     if ratio < 1:

@@ -232,16 +232,17 @@ def peft_opt(ckpt=None, input_grads=True, vocab=500, dropout=0.0):
     return model, torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
 
 
-def step_temporary(kind, params, **options):
-    """The bytes an optimizer of class `kind` makes in its second step over `params` (each given a
-    gradient), beyond its state: measured."""
+def step_temporary(kind, params, steps=8, **options):
+    """The most bytes an optimizer of class `kind` makes beyond its state in a step over `params`
+    (each given a gradient), of its first `steps`: measured."""
     import memcheck
     for p in params:
         p.grad = torch.ones_like(p)
     optimizer = kind(params, **options)
     optimizer.step()   # its state
     with memcheck.Tracker("cpu") as tracker:
-        optimizer.step()
+        for _ in range(steps - 1):
+            optimizer.step()
     return tracker.peak_bytes
 
 

@@ -16,7 +16,7 @@ CKPT_MODES = ("manual", "hf", "reentrant", "none")
 STRATEGIES = ("none", "ddp", "fsdp")
 TORCHRUN_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK")  # what torchrun sets in each process it starts
 MIN_SEQ = 16
-MAX_MEMORY_MIB = 2 ** 43  # 2**63 bytes (memcheck's too): beyond any device, and still an int64
+MAX_MEMORY_MIB = 2 ** 43  # 2**63 bytes (memcheck's too): beyond any device
 WEIGHTS_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
                  "pytorch_model.bin.index.json")
 MODEL_DIR = "a Hugging Face model directory (config.json and model.safetensors or pytorch_model.bin)"

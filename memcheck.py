@@ -62,7 +62,7 @@ _MISSING = object()
 _KIND_NAMES = {type(None): "null", dict: "an object", list: "a list", int: "an integer", str: "a string",
                bool: "true or false", (int, float): "a number"}
 MiB = 2 ** 20
-MAX_MEMORY_MIB = 2 ** 43  # 2**63 bytes: beyond any device, and still an int64
+MAX_MEMORY_MIB = 2 ** 43  # 2**63 bytes: beyond any device
 PHASES = ("load", "forward", "backward", "optimizer")
 # Highest priority first: a storage that is both a parameter and saved for backward is a parameter.
 CATEGORIES = ("trainable_params", "frozen_params", "gradients", "optimizer_state", "activations",
@@ -84,6 +84,11 @@ NO_BUDGET_YET = ("no budget yet: this report was written during the run, as memo
                  "caught it; the report written as the run ends has it")
 NO_BUDGET = ("no budget: copy budget.py beside memcheck.py for a verdict, or run the printed "
              "baseline command")
+
+
+def _size(n_bytes):
+    """In MiB with one decimal, or in bytes where that would read 0.0."""
+    return f"{mib(n_bytes)} MiB" if n_bytes >= MiB / 20 else f"{n_bytes:,} bytes"
 
 
 def mib(n_bytes):
@@ -256,11 +261,9 @@ class Tracker(TorchDispatchMode):
             # as an allocator fails: the allocation is not made, so not counted, not even in the peak
             over = self.live_bytes + nbytes - self.limit_bytes
             words = ALLOCATOR_OOM_WORDS.get(self.device_type, f"{self.device_type.upper()} out of memory.")
-            message = (f"{words} "
-                       f"allocating {mib(nbytes) + ' MiB' if nbytes >= MiB / 20 else f'{nbytes:,} bytes'} "
-                       f"({list(tensor.shape)} {str(tensor.dtype)[6:]} from "
-                       f"{_op_name(op)} in {module}) with {mib(self.live_bytes)} MiB live: {over:,} bytes "
-                       f"over the --max-memory / max_memory_mib limit of {mib(self.limit_bytes)} MiB")
+            message = (f"{words} allocating {_size(nbytes)} ({list(tensor.shape)} {str(tensor.dtype)[6:]} "
+                       f"from {_op_name(op)} in {module}) with {_size(self.live_bytes)} live: {over:,} bytes "
+                       f"over the --max-memory / max_memory_mib limit of {_size(self.limit_bytes)}")
             tensor = storage = None   # (this frame, kept by the error, holds no storage)
             raise torch.OutOfMemoryError(message)
         self.event += 1
@@ -2068,16 +2071,20 @@ _FALLOUT = ("DistBackendError", "DistNetworkError", "gloo", "NCCL", "closed by p
 
 def _sibling_reports(report, path):
     """Every rank's report, rank 0's (`report`, read from `path`) first: the others beside it, named
-    as `path`'s (renamed with it) or as recorded in its rank_reports."""
+    as `path`'s (renamed with it) or as recorded in its rank_reports; and the ranks of a failed run
+    that wrote none (killed first, say)."""
     folder, recorded = os.path.dirname(path), report["rank_reports"]
-    reports = [report]
+    reports, missing = [report], []
     for rank, renamed in enumerate(rank_paths(path, len(recorded))[1:], start=1):
         original = os.path.join(folder, recorded[rank])
         if not os.path.exists(renamed) and not os.path.exists(original):
             where = renamed if renamed == original else f"neither {renamed} nor {original}"
-            raise ReportError(f"{path}: rank {rank}'s report is missing: {where}")
+            if report.get("status", "ok") == "ok":
+                raise ReportError(f"{path}: rank {rank}'s report is missing: {where}")
+            missing.append(rank)
+            continue
         reports.append(read_report(renamed if os.path.exists(renamed) else original))
-    return reports
+    return reports, missing
 
 
 def _telling_rank(rank_report):
@@ -2094,14 +2101,15 @@ def with_ranks(report, path):
     with `ranks` (the reference's, or a probe's rank-0 report's siblings) and rank_imbalance where due
     (ranks that all finished: a stopped one's peak is partial)."""
     if "ranks" not in report and report.get("rank", 0) == 0 and len(report.get("rank_reports") or []) > 1:
-        report = dict(report, ranks=_sibling_reports(report, path))
+        ranks, missing = _sibling_reports(report, path)
+        report = dict(report, ranks=ranks, **({"unreported_ranks": missing} if missing else {}))
     ranks = report.get("ranks") or []
     if not ranks:
         return report
     finished = all(r.get("status", "ok") == "ok" for r in ranks)
     telling, imbalance = min(ranks, key=_telling_rank), rank_imbalance(ranks) if finished else None
     warnings = _ranks_warnings(telling, ranks) + ([imbalance] if imbalance else [])
-    return dict(telling, ranks=ranks, warnings=warnings)
+    return dict(telling, ranks=ranks, warnings=warnings, unreported_ranks=report.get("unreported_ranks", []))
 
 
 def _ranks_warnings(telling, ranks):
@@ -2338,8 +2346,8 @@ def conclusion(a, b, rows):
     stopped = {side: _how_it_stopped(r) for side, r in (("A", a), ("B", b)) if r.get("status", "ok") != "ok"}
     lighter = "B" if y < x else "A"
     if lighter in stopped and abs(y / x - 1) > SAME_WITHIN:   # (its peak may have been yet to come)
-        return (f"no saving to read: {lighter} {stopped[lighter]}, its peak so far "
-                f"{min(x, y) / max(x, y):.2f}x the other's{ranks}{notes}")
+        return (f"no {'saving' if lighter == 'B' else 'excess'} to read: {lighter} {stopped[lighter]}, its "
+                f"peak so far {min(x, y) / max(x, y):.2f}x the other's{ranks}{notes}")
     notes = "".join(f"; {side} {how}" for side, how in stopped.items()) + notes
     if abs(y / x - 1) <= SAME_WITHIN:
         return f"the two trainings cost the same (within 1%): {mib(x)} and {mib(y)} MiB{ranks}{notes}"
@@ -2385,6 +2393,10 @@ def _diff_notes(a, b):
             where = f" on rank {r['rank']}" if len(r.get("ranks") or []) > 1 else ""
             detail = (r.get("oom") or {}).get("message") or r.get("error") or ""
             notes.append(f"WARNING: {side} {what}{where} ({detail}); its figures stop where it stopped")
+        if r.get("unreported_ranks"):
+            unreported = ", ".join(map(str, r["unreported_ranks"]))
+            notes.append(f"WARNING: {side}'s rank {unreported} wrote no report (stopped before it could): "
+                         "its rows are the other ranks'")
         if r.get("mid_run"):
             notes.append(f"WARNING: {side}'s report was written during its run (as memory ran out, or as "
                          "the model caught it) and the run wrote no other: killed, or hung; its figures "

@@ -236,6 +236,11 @@ def test_a_rank_that_runs_out_of_memory_writes_its_own_report_and_says_so(tiny_m
     assert [r["rank"] for r in read["ranks"]] == [0, 1] and read["rank"] == 1
     assert [row[0] for row in memcheck.diff(read, read) if row[0].startswith("rank ")] == [
         "rank 0 peak", "rank 1 peak"]
+    # a rank killed before it wrote its report: the others' are read, and diff says which is missing
+    (tmp_path / "oom.rank1.json").unlink()
+    read = memcheck.with_ranks(memcheck.read_report(report), str(report))
+    assert [r["rank"] for r in read["ranks"]] == [0] and read["unreported_ranks"] == [1]
+    assert "WARNING: A's rank 1 wrote no report" in memcheck.format_diff(read, read)
 
 
 def test_a_budget_of_many_ranks_counts_the_attention_mask_when_any_ranks_rows_pad(tiny_model):
@@ -358,8 +363,8 @@ def test_fsdp2_terms_are_each_ranks_torch_chunk_shards_padded_to_the_first(tiny_
         # AdamW's step over tensors the size of this rank's shards (their unpadded views) makes what
         # the budget counts
         shard_sized = [torch.zeros(chunks(p)[rank] // p.element_size()) for p in trained_params]
-        assert budget._step_temporary(None, trained_params, on_cuda=False, **placement) == \
-            step_temporary(torch.optim.AdamW, shard_sized)
+        assert budget._step_temporary(None, trained_params, on_cuda=False, **placement) == (
+            step_temporary(torch.optim.AdamW, shard_sized), None)
         shards.append(mine)
     assert (shards[-1] < shards[0]) == (world == 3)   # the last rank's shards are the short ones
 

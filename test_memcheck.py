@@ -1631,14 +1631,17 @@ def synthetic(ratio, warnings=(), leak_per_step=0.0):
             "leak": {"detected": False, "bytes_per_step": leak_per_step, "step_end_bytes": [0, 0]}}
 
 
-@pytest.mark.parametrize("b_ratio, expected", [
-    (0.83, "no saving to read: B ran out of memory in optimizer at step 1, its peak so far 0.83x the other's"),
-    (1.5, "B's peak is 1.50x A's (+50.0 MiB); the excess is in activations (+50.0 MiB); B ran out of "
-          "memory in optimizer at step 1")])
-def test_the_diffs_conclusion_reads_no_saving_from_a_run_that_ran_out_of_memory(b_ratio, expected):
+@pytest.mark.parametrize("b_ratio, stopped, expected", [
+    (0.83, "B", "no saving to read: B ran out of memory in optimizer at step 1, its peak so far 0.83x "
+                "the other's"),
+    (1.5, "B", "B's peak is 1.50x A's (+50.0 MiB); the excess is in activations (+50.0 MiB); B ran out of "
+               "memory in optimizer at step 1"),
+    (1.25, "A", "no excess to read: A ran out of memory in optimizer at step 1, its peak so far 0.80x "
+                "the other's")])
+def test_the_diffs_conclusion_reads_no_saving_from_a_run_that_ran_out_of_memory(b_ratio, stopped, expected):
     # B's figures stop where memory ran out: "B's peak is 0.83x A's; the saving is in optimizer state"
-    a = synthetic(1.0)
-    b = dict(synthetic(b_ratio), status="oom", oom={"phase": "optimizer", "step": 1, "message": "..."})
+    a, b = synthetic(1.0), synthetic(b_ratio)
+    (a if stopped == "A" else b).update(status="oom", oom={"phase": "optimizer", "step": 1, "message": "..."})
     assert memcheck.conclusion(a, b, memcheck.diff(a, b)) == expected
     healthy = synthetic(0.83)
     assert "the saving is in activations" in memcheck.conclusion(a, healthy, memcheck.diff(a, healthy))

@@ -89,7 +89,7 @@ def test_every_python_block_of_the_readme_names_the_file_it_is_saved_as():
         compile(source, "readme", "exec")
 
 
-def test_the_readmes_code_blocks_run_as_written_in_order(user_dir):
+def test_the_readmes_code_blocks_run_in_order_as_written_but_at_the_tiny_models_size(user_dir):
     directory, env = user_dir
     ran = []
     for language, source in code_blocks(readme_text()):
