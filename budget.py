@@ -30,6 +30,9 @@ _ALREADY_SAVED = {"out_proj", "o_proj", "fc2", "down_proj"}
 STAND_IN_ELEMENTS = 1 << 20  # at most about this many elements stand in for an optimizer's parameters
 STEADY_STEP = 1000  # a step count past every warm-up (RAdam's rectification starts at its 6th)
 _MEASURED_STEPS = {}   # (optimizer class, scale, groups' options and stand-ins) -> _measured_step's
+# torch.optim's optimizers that choose foreach on CUDA when left the choice (Adafactor, LBFGS do not)
+_FOREACH_ON_CUDA = ("Adam", "AdamW", "Adadelta", "Adagrad", "Adamax", "ASGD", "NAdam", "RAdam", "RMSprop",
+                    "Rprop", "SGD")
 
 
 def _dtype_bytes(dtype):
@@ -757,26 +760,31 @@ def _stand_ins(groups, elements, scale):
             for group in groups]
 
 
-def _as_on_cuda(group):
-    """A group as torch steps it on CUDA: foreach where it leaves the choice to torch, but for a
-    differentiable step or a tensor learning rate without capturable (torch's own exceptions)."""
+def _as_on_cuda(kind, group):
+    """A group as torch steps it on CUDA: foreach where one of torch's optimizers that choose it
+    there is left the choice, but for a differentiable step, or Adam's with a tensor learning rate
+    without capturable (torch's own exceptions)."""
     left = group.get("foreach") is None and not group.get("fused") and not group.get("differentiable")
-    tensor_lr = isinstance(group.get("lr"), torch.Tensor) and not group.get("capturable")
-    return dict(group, foreach=True) if left and not tensor_lr else group
+    tensor_lr = kind.__name__ in ("Adam", "AdamW") and isinstance(group.get("lr"), torch.Tensor) \
+        and not group.get("capturable")
+    chooses = kind.__module__.startswith("torch.optim") and kind.__name__ in _FOREACH_ON_CUDA
+    return dict(group, foreach=True) if chooses and left and not tensor_lr else group
 
 
 def _steps_made(stepping):
-    """The peak of a step, the first's state made, early and late (RAdam's late steps make more)."""
-    peaks = []
+    """The peak of a step, the first's state made: an early one, and one past every warm-up (RAdam's
+    rectified steps make more; ASGD averages from a step on, seen in the step after its count)."""
     stepping.step()
-    for late in (False, True):
-        for state in stepping.state.values() if late else ():   # (steps counted as tensors or ints)
-            step = state.get("step")
+    with Tracker("cpu") as early:
+        stepping.step()
+    for state in stepping.state.values():   # (steps counted as tensors or ints)
+        step = state.get("step")
+        if step is not None:
             state["step"] = step.fill_(STEADY_STEP) if isinstance(step, torch.Tensor) else STEADY_STEP
-        with Tracker("cpu") as tracker:
-            stepping.step()
-        peaks.append(tracker.peak_bytes)
-    return max(peaks)
+    stepping.step()
+    with Tracker("cpu") as late:
+        stepping.step()
+    return max(early.peak_bytes, late.peak_bytes)
 
 
 def _step_temporary(optimizer, trained, *, on_cuda, **placement):
@@ -793,15 +801,18 @@ def _step_temporary(optimizer, trained, *, on_cuda, **placement):
         kind = type(unwrapped_optimizer(optimizer))
         groups = [dict(group, params=[p for p in group["params"] if id(p) in ids])
                   for group in unwrapped_optimizer(optimizer).param_groups]
-    groups = [_as_on_cuda(g) if on_cuda else g for g in groups if g["params"]]
+    groups = [_as_on_cuda(kind, g) if on_cuda else g for g in groups if g["params"]]
     if not groups:
         return 0, None
     elements = {id(p): _held_bytes([p], padded=False, **placement) // p.element_size()
                 for g in groups for p in g["params"]}
     scale = max(1, -(-sum(elements.values()) // STAND_IN_ELEMENTS))
-    # the same steps measured once a process (each budget of a sweep, each report's)
-    key = (kind, scale, repr([(sorted((k, repr(v)) for k, v in g.items() if k != "params"),
-                               [(elements[id(p)], p.dtype) for p in g["params"]]) for g in groups]))
+    # the same steps measured once a process (each budget of a sweep, each report's), whatever the
+    # learning rate a scheduler has set
+    options = [sorted((k, type(v) if k in ("lr", "initial_lr") else repr(v))
+                      for k, v in g.items() if k != "params") for g in groups]
+    sizes = [[(elements[id(p)], p.dtype) for p in g["params"]] for g in groups]
+    key = (kind, scale, repr(options), repr(sizes))
     if key not in _MEASURED_STEPS:
         _MEASURED_STEPS[key] = _measured_step(kind, groups, elements, scale)
     measured, why = _MEASURED_STEPS[key]
@@ -1291,7 +1302,8 @@ def verdict(report):
     method, measured = planned.get("method", ""), report.get("peak_bytes")
     why = method.removeprefix("formula: ")
     estimates = [f"the budget is a per-token estimate: {why}"] if why != method else []
-    return _verdict(report) + "".join(f"; {e}" for e in estimates + planned.get("estimated", []) if measured)
+    estimates += dict.fromkeys(planned.get("estimated", []))   # (several optimizers failing alike: once)
+    return _verdict(report) + "".join(f"; {e}" for e in estimates if measured)
 
 
 def _verdict(report):

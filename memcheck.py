@@ -2071,15 +2071,15 @@ _FALLOUT = ("DistBackendError", "DistNetworkError", "gloo", "NCCL", "closed by p
 
 def _sibling_reports(report, path):
     """Every rank's report, rank 0's (`report`, read from `path`) first: the others beside it, named
-    as `path`'s (renamed with it) or as recorded in its rank_reports; and the ranks of a failed run
-    that wrote none (killed first, say)."""
+    as `path`'s (renamed with it) or as recorded in its rank_reports; and the ranks of a failed run (or
+    one whose report was written as it ran) that wrote none (killed first, say)."""
     folder, recorded = os.path.dirname(path), report["rank_reports"]
     reports, missing = [report], []
     for rank, renamed in enumerate(rank_paths(path, len(recorded))[1:], start=1):
         original = os.path.join(folder, recorded[rank])
         if not os.path.exists(renamed) and not os.path.exists(original):
             where = renamed if renamed == original else f"neither {renamed} nor {original}"
-            if report.get("status", "ok") == "ok":
+            if report.get("status", "ok") == "ok" and not report.get("mid_run"):
                 raise ReportError(f"{path}: rank {rank}'s report is missing: {where}")
             missing.append(rank)
             continue
@@ -2109,7 +2109,8 @@ def with_ranks(report, path):
     finished = all(r.get("status", "ok") == "ok" for r in ranks)
     telling, imbalance = min(ranks, key=_telling_rank), rank_imbalance(ranks) if finished else None
     warnings = _ranks_warnings(telling, ranks) + ([imbalance] if imbalance else [])
-    return dict(telling, ranks=ranks, warnings=warnings, unreported_ranks=report.get("unreported_ranks", []))
+    unreported = {"unreported_ranks": report["unreported_ranks"]} if "unreported_ranks" in report else {}
+    return dict(telling, ranks=ranks, warnings=warnings, **unreported)
 
 
 def _ranks_warnings(telling, ranks):
@@ -2134,11 +2135,12 @@ def _ranks_warnings(telling, ranks):
 
 
 def _rank_rows(a, b):
-    """Each rank's peak, where both runs have several ranks."""
+    """Each rank's peak, by its rank (None where it wrote no report), where both runs have several."""
     if min(len(a.get("ranks") or []), len(b.get("ranks") or [])) < 2:
         return []
-    peak = lambda r, i: r["ranks"][i]["peak_bytes"] if i < len(r["ranks"]) else None
-    return [(f"rank {i} peak", peak(a, i), peak(b, i)) for i in range(max(len(a["ranks"]), len(b["ranks"])))]
+    peaks = [{r.get("rank", i): r["peak_bytes"] for i, r in enumerate(side["ranks"])} for side in (a, b)]
+    ranks = sorted({*peaks[0], *peaks[1], *a.get("unreported_ranks", ()), *b.get("unreported_ranks", ())})
+    return [(f"rank {rank} peak", peaks[0].get(rank), peaks[1].get(rank)) for rank in ranks]
 
 
 def _largest_rank_excess(rows):
@@ -2255,8 +2257,9 @@ def config_differences(a, b):
     stopped before it resolved it, while loading)."""
     ca, cb = a.get("config") or {}, b.get("config") or {}
     keys = sorted((set(ca) & set(cb)) - OUTPUT_FLAGS - {"probe", "baseline_command"})
-    return {k: [ca[k], cb[k]] for k in keys if ca[k] != cb[k] and "auto" not in (ca[k], cb[k]) and
-            ["auto"] not in (ca[k], cb[k])}
+    unresolved = ("auto", ["auto"])
+    return {k: [ca[k], cb[k]] for k in keys
+            if ca[k] != cb[k] and ca[k] not in unresolved and cb[k] not in unresolved}
 
 
 def _net_of_moves(row, places):
@@ -2394,9 +2397,10 @@ def _diff_notes(a, b):
             detail = (r.get("oom") or {}).get("message") or r.get("error") or ""
             notes.append(f"WARNING: {side} {what}{where} ({detail}); its figures stop where it stopped")
         if r.get("unreported_ranks"):
-            unreported = ", ".join(map(str, r["unreported_ranks"]))
-            notes.append(f"WARNING: {side}'s rank {unreported} wrote no report (stopped before it could): "
-                         "its rows are the other ranks'")
+            unreported = r["unreported_ranks"]
+            ranks = f"rank{'s' * (len(unreported) > 1)} {', '.join(map(str, unreported))}"
+            notes.append(f"WARNING: {side}'s {ranks} wrote no report (stopped before it could): its rows "
+                         "are the other ranks'")
         if r.get("mid_run"):
             notes.append(f"WARNING: {side}'s report was written during its run (as memory ran out, or as "
                          "the model caught it) and the run wrote no other: killed, or hung; its figures "

@@ -193,16 +193,17 @@ NO_PLACEMENT = dict(strategy="none", world_size=1, rank=0)
     ("AdamW", {}, False, {}), ("AdamW", {}, True, {"foreach": True}),
     ("AdamW", {"lr": torch.tensor(1e-3)}, True, {}), ("Adagrad", {}, False, {}), ("NAdam", {}, False, {}),
     ("RAdam", {}, False, {}), ("SGD", {"momentum": 0.9, "nesterov": True}, False, {}),
-    ("RMSprop", {"foreach": True}, False, {})],
+    ("RMSprop", {"foreach": True}, False, {}), ("ASGD", {"t0": 5}, False, {}),
+    ("NAdam", {"lr": torch.tensor(1e-3)}, True, {"foreach": True})],
     ids=["AdamW", "AdamW-on-cuda", "AdamW-tensor-lr-on-cuda", "Adagrad", "NAdam", "RAdam", "SGD-nesterov",
-         "RMSprop-foreach"])
+         "RMSprop-foreach", "ASGD-averaging-from-step-5", "NAdam-tensor-lr-on-cuda"])
 def test_an_optimizers_step_temporary_is_what_its_steps_make_on_stand_ins_a_third_the_size(
         kind, options, on_cuda, as_run):
     # Each optimizer's step makes its own temporaries (AdamW's single-tensor loop: a division and a
     # square root of one parameter while the last one's division is alive; Adagrad, NAdam and
-    # RMSprop: none was budgeted; RAdam: more from its 6th step on); on CUDA, foreach where the
-    # optimizer leaves it to torch (but not with a tensor learning rate, as torch decides). 3M
-    # elements: the stand-ins are a third of each.
+    # RMSprop: none was budgeted; RAdam: more from its 6th step on; ASGD: averaging from its t0-th);
+    # on CUDA, foreach where the optimizer leaves it to torch (but not Adam's with a tensor learning
+    # rate, as torch decides). 3M elements: the stand-ins are a third of each.
     params = [torch.zeros(shape) for shape in [(1_000, 1_000), (2_000, 1_000), (300,), (64, 64)]]
     optimizer = getattr(torch.optim, kind)(params, **options)
     planned, estimated = budget._step_temporary(optimizer, params, on_cuda=on_cuda, **NO_PLACEMENT)
@@ -220,6 +221,18 @@ def test_an_optimizer_whose_step_cannot_run_on_stand_ins_is_budgeted_as_foreach_
     report = _verdict_report(1.0)
     report["budget"]["estimated"] = planned["estimated"]
     assert memcheck.verdict(report).startswith("measured peak 1.00x the budget: as expected; Muon's step")
+
+
+def test_a_step_is_measured_once_whatever_learning_rate_a_scheduler_sets():
+    params = [torch.zeros(1_000, 10)]
+    optimizer = torch.optim.AdamW(params, lr=1e-3)
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=0.5)
+    first = budget._step_temporary(optimizer, params, on_cuda=False, **NO_PLACEMENT)
+    measured = len(budget._MEASURED_STEPS)
+    optimizer.step()
+    scheduler.step()
+    assert budget._step_temporary(optimizer, params, on_cuda=False, **NO_PLACEMENT) == first
+    assert len(budget._MEASURED_STEPS) == measured
 
 
 def test_the_stand_ins_step_on_the_cpu_unseen_by_a_running_tracker_whatever_the_default_device():

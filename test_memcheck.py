@@ -1647,6 +1647,17 @@ def test_the_diffs_conclusion_reads_no_saving_from_a_run_that_ran_out_of_memory(
     assert "the saving is in activations" in memcheck.conclusion(a, healthy, memcheck.diff(a, healthy))
 
 
+def test_rank_rows_are_by_rank_where_a_rank_wrote_no_report():
+    # a skipped rank moved every later one up a row: rank 2's peak read as rank 1's, which was blamed
+    ranked = lambda peaks: [dict(synthetic(p), rank=rank) for rank, p in peaks.items()]
+    a = dict(synthetic(1.0), ranks=ranked({0: 1.0, 2: 3.0}), unreported_ranks=[1])
+    b = dict(synthetic(1.0), ranks=ranked({0: 1.0, 1: 1.0, 2: 3.0}))
+    rows = {row[0]: row[1:] for row in memcheck.diff(a, b) if row[0].startswith("rank ")}
+    MiB = memcheck.MiB
+    assert rows == {"rank 0 peak": (100 * MiB, 100 * MiB), "rank 1 peak": (None, 100 * MiB),
+                    "rank 2 peak": (300 * MiB, 300 * MiB)}
+
+
 @pytest.mark.parametrize("ratio, expected", [
     (1.02, "measured peak 1.02x the budget: as expected"),
     (1.06, "measured peak 1.06x the budget, within 10%: the excess is in activations (+6.0 MiB) "
