@@ -931,7 +931,8 @@ def budget_command(argv):
                 (("--full",), dict(action="store_true",
                                    help="add a column for full fine-tuning of the same model and shapes")),
                 (("--report",), dict(metavar="PATH", help="also write each column's budget as JSON here")),
-                MARKDOWN)
+                MARKDOWN, epilog=BASELINE_FLAGS + " And --world-size N (default 1), the budget's own: the "
+                "number of ranks to budget for, with --strategy ddp|fsdp (torchrun's WORLD_SIZE).")
     own, rest = p.parse_known_args(argv)
     flags.check_output_path("--report", own.report)
     import ref_train

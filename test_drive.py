@@ -472,7 +472,7 @@ FAILURES = {
 # (flags, what the help must mention): every command explains its own flags
 HELPS = {
     "drive-sweep": (["sweep", "--help"], ["drive.py sweep", "--plot", "--bs"]),
-    "drive-budget": (["budget", "--help"], ["drive.py budget", "--full"]),
+    "drive-budget": (["budget", "--help"], ["drive.py budget", "--full", "--world-size N (default 1)"]),
     "drive-ablate": (["ablate", "--help"], ["drive.py ablate", "--report", "--markdown"]),
     "drive-bench": (["bench", "--help"], ["drive.py bench", "--steps", "--report"]),
 }
