@@ -127,9 +127,8 @@ def gather_reports(report, args, failed=False):
     if failed:
         if rank(args) != 0 or not args.report:
             return report
-        here = os.path.dirname(args.report) or "."
-        return dict(report, rank_reports=[os.path.relpath(path, here)
-                                          for path in memcheck.rank_paths(args.report, world_size(args))])
+        paths = memcheck.rank_paths(args.report, world_size(args))
+        return dict(report, rank_reports=memcheck.rank_reports(paths, 0))
     report = dict(report, rank=rank(args), world_size=world_size(args))
     reports = [None] * world_size(args) if rank(args) == 0 else None
     dist.gather_object(report, reports, dst=0)

@@ -72,6 +72,7 @@ _RANK = {c: i for i, c in enumerate(CATEGORIES)}
 TOP_SURVIVORS = 20
 TOP_TEMPORARIES = 5   # the largest temporaries a report lists at each peak
 NO_MODULE = "(no module)"
+_STOPPED_WORDS = {"error": "failed", "interrupted": "was interrupted"}   # a run's status, in a diff's words
 # How each device's allocator starts its error as memory runs out: code that tells an OOM by its
 # words (accelerate's auto_find_batch_size, a loop's retry) tells max_memory_mib's too
 ALLOCATOR_OOM_WORDS = {"cpu": "DefaultCPUAllocator: can't allocate memory:",
@@ -112,8 +113,12 @@ def _say(line):
     sys.stdout.flush()
 
 
+class Terminated(KeyboardInterrupt):
+    """A SIGTERM, ending the run as Ctrl-C does."""
+
+
 def _terminated(signum, frame):
-    raise KeyboardInterrupt("SIGTERM")
+    raise Terminated("SIGTERM")
 
 
 def first_line(error):
@@ -972,7 +977,7 @@ class Probe:
         """Stop measuring, record how the run ended, write the report to `path`. Safe twice."""
         if isinstance(error, KeyboardInterrupt):
             self.status = "interrupted"
-            self.error = "terminated (SIGTERM)" if error.args == ("SIGTERM",) else "interrupted (Ctrl-C)"
+            self.error = "terminated (SIGTERM)" if isinstance(error, Terminated) else "interrupted (Ctrl-C)"
         elif is_out_of_memory(error):
             self._record_oom(error, ending=True)
         elif error is not None and self.status == "ok":
@@ -1008,8 +1013,8 @@ class Probe:
         optimizers = [o for o in (optimizer if isinstance(optimizer, (list, tuple)) else [optimizer])
                       if o is not None]
         if self.allocator_only:  # nothing inside what torch.compile traces; read for the config only
-            self._stack.model, self._stack.lm = model, _language_model(model)
-            self._stack.optimizers = optimizers
+            stack = self._stack
+            stack.model, stack.lm, stack.optimizers = model, _language_model(model), optimizers
             return
         self._stack.attach(model, optimizers)
         if _strategy(model) == "fsdp":
@@ -1217,9 +1222,8 @@ class Probe:
             else:
                 report["budget"], why = (None, NO_BUDGET_YET) if mid_run else probed(self._stack, self.phases)
                 report.update({"no_budget": why} if why else {})
-        if self.paths and self.world_size > 1:  # relative to this report: diff finds them beside it
-            here = os.path.dirname(self.path) or "."
-            report["rank_reports"] = [os.path.relpath(p, here) for p in self.paths]
+        if self.paths and self.world_size > 1:
+            report["rank_reports"] = rank_reports(self.paths, self.rank)
         return dict(report, mid_run=True) if mid_run else report
 
     def save(self, path=None, mid_run=False):
@@ -1962,6 +1966,13 @@ def rank_paths(path, world_size):
     return [path] + [f"{root}.rank{r}{ext}" for r in range(1, world_size)]
 
 
+def rank_reports(paths, rank):
+    """Every rank's report path (`paths`), relative to rank `rank`'s: what its report records, so that
+    diff finds them beside it."""
+    here = os.path.dirname(paths[rank]) or "."
+    return [os.path.relpath(p, here) for p in paths]
+
+
 def flattened_by_fsdp1(model):
     """Whether FSDP1 flattened `model`'s parameters (FlatParameters hide the layers' shapes)."""
     return any(getattr(p, "_fsdp_flattened", False) for p in model.parameters())
@@ -2329,7 +2340,7 @@ def _same_moment(phase_a, phase_b):
 
 def _how_it_stopped(report):
     oom = report.get("oom")
-    return f"ran out of memory in {oom_when(oom)}" if oom else f"stopped ({report['status']})"
+    return f"ran out of memory in {oom_when(oom)}" if oom else _STOPPED_WORDS.get(report["status"], "stopped")
 
 
 def conclusion(a, b, rows):
@@ -2392,7 +2403,7 @@ def _diff_notes(a, b):
     for side, r in sides:
         status = r.get("status", "ok")
         if status != "ok" or r.get("oom"):
-            what = {"error": "failed", "interrupted": "was interrupted"}.get(status, "ran out of memory")
+            what = _STOPPED_WORDS.get(status, "ran out of memory")
             where = f" on rank {r['rank']}" if len(r.get("ranks") or []) > 1 else ""
             detail = (r.get("oom") or {}).get("message") or r.get("error") or ""
             notes.append(f"WARNING: {side} {what}{where} ({detail}); its figures stop where it stopped")

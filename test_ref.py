@@ -923,6 +923,10 @@ def test_flags_knows_the_gated_lora_forms_ilora_has():
     assert flags.IMPLS == ilora.IMPLS   # flags.py keeps its own copy: importing ilora imports torch
 
 
+def test_flags_caps_max_memory_where_the_probe_does():
+    assert flags.MAX_MEMORY_MIB == memcheck.MAX_MEMORY_MIB   # (its own copy, likewise)
+
+
 def test_seq_past_the_models_positions_fails_before_training(values, capsys):
     line = one_error_line(ref_train_main(capsys, values, ["--model", "{tiny}", "--seq", "1000",
                                                           "--report", "{seq_report}"]))
