@@ -14,7 +14,7 @@ import weakref
 
 import torch
 import torch.utils._pytree as pytree
-from torch.utils._python_dispatch import _disable_current_modes
+from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
 
 from memcheck import (AS_EXPECTED, BETWEEN_PHASES, CATEGORIES, Tracker, _adapter, _bytes_by_dtype,
                       _largest_temporary, _strategy, _unique_params, decoder_layers, first_line,
@@ -30,6 +30,7 @@ _ALREADY_SAVED = {"out_proj", "o_proj", "fc2", "down_proj"}
 STAND_IN_ELEMENTS = 1 << 20  # at most about this many elements stand in for an optimizer's parameters
 STEADY_STEP = 1000  # a step count past every warm-up (RAdam's rectification starts at its 6th)
 _MEASURED_STEPS = {}   # (optimizer class, scale, groups' options and stand-ins) -> _measured_step's
+_META_OUTPUTS = {}   # (op, its arguments' layouts) -> its outputs' (_MetaKernelsRemembered)
 # torch.optim's optimizers that choose foreach on CUDA when left the choice (Adafactor, LBFGS do not)
 _FOREACH_ON_CUDA = ("Adam", "AdamW", "Adadelta", "Adagrad", "Adamax", "ASGD", "NAdam", "RAdam", "RMSprop",
                     "Rprop", "SGD")
@@ -257,6 +258,57 @@ class _AutocastOnMeta(torch.overrides.TorchFunctionMode):
         if dtype is not None and torch.is_autocast_enabled(self.device_type):
             args, kwargs = pytree.tree_map(lambda t: self._cast(t, dtype), (args, kwargs or {}))
         return func(*args, **(kwargs or {}))
+
+
+def _described(value):
+    """What a meta kernel's output depends on, of one argument: a tensor's layout, or a value."""
+    if isinstance(value, torch.Tensor):
+        if value.device.type != "meta":
+            raise TypeError("not a meta tensor")
+        return value.shape, value.stride(), value.storage_offset(), value.dtype
+    if isinstance(value, (list, tuple)):
+        return tuple(map(_described, value))
+    hash(value)   # (a TypeError where it is not a plain value)
+    return value
+
+
+def _fresh_layouts(out, inputs):
+    """(pytree spec, each output's layout and storage bytes) of a meta kernel's outputs; "run" where
+    one is not a new storage (_unsafe_view returns its input's, its schema saying nothing)."""
+    leaves, spec = pytree.tree_flatten(out)
+    storages = {t.untyped_storage()._cdata for t in inputs}
+    if not all(isinstance(t, torch.Tensor) and t.untyped_storage()._cdata not in storages for t in leaves):
+        return "run"
+    return spec, [(*_described(t), t.untyped_storage().nbytes()) for t in leaves]
+
+
+class _MetaKernelsRemembered(TorchDispatchMode):
+    """Each meta kernel's outputs, remembered by its inputs' layouts: torch's meta kernels are mostly
+    Python (0.2 ms for a product, 2 ms for a layer norm), and a trace repeats the same ops at the
+    same shapes (a layer run twice, budgets of one model at one shape). Only ops that make new
+    tensors from tensors (no factories, views or in-place ops) are remembered, as fresh storages of
+    the sizes their kernels gave."""
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        schema = func._schema
+        tensors = [a for a in pytree.tree_leaves((args, kwargs)) if isinstance(a, torch.Tensor)]
+        if not tensors or schema.is_mutable or any(r.alias_info is not None for r in schema.returns):
+            return func(*args, **kwargs)
+        try:
+            key = (func, _described(args), _described(tuple(sorted(kwargs.items()))))
+        except TypeError:
+            return func(*args, **kwargs)
+        remembered = _META_OUTPUTS.get(key)
+        if remembered is None or remembered == "run":
+            out = func(*args, **kwargs)
+            if remembered is None:
+                _META_OUTPUTS[key] = _fresh_layouts(out, tensors)
+            return out
+        spec, layouts = remembered
+        return pytree.tree_unflatten([torch.empty(0, dtype=dtype, device="meta").set_(
+            torch.UntypedStorage(nbytes, device="meta"), offset, shape, stride)
+            for shape, stride, offset, dtype, nbytes in layouts], spec)
 
 
 class _CaughtOnMeta(Exception):
@@ -622,7 +674,7 @@ def trace_layers(model, *, bs, seq, full=False, autocast_dtype=None, device="cpu
     hooks = [m.register_forward_pre_hook(lambda m, args, kwargs: (args, dict(kwargs, gate=gate)),
                                          with_kwargs=True) for m in gated]
     try:
-        with _training_unchecked(model), _model_code_watched():
+        with _training_unchecked(model), _model_code_watched(), _MetaKernelsRemembered():
             ids = torch.zeros(bs, seq, dtype=torch.long, device="meta")
             calls, (model_held, outputs_held), embeddings_apart = _layer_inputs(
                 model, state, ids, inputs, autocast_dtype, device, weights, input_grads)

@@ -476,6 +476,24 @@ def test_the_trace_holds_what_a_real_forward_holds_before_and_inside_a_checkpoin
         assert by_layers >= 2 * 4 * 32 * 32 * 4
 
 
+@pytest.mark.parametrize("family, flags", [("opt", "--ckpt manual --dropout 0.1"),
+                                           ("llama", "--ckpt none --precision bf16-mixed --seq 256"),
+                                           ("mixtral", "--ckpt none --targets all-linear")])
+def test_a_trace_with_meta_kernels_remembered_is_the_trace_that_runs_every_kernel(
+        family_models, tiny_model, monkeypatch, family, flags):
+    # (the same kernels twice: a layer's second forward, a second budget at the same shape)
+    args = ref_train.parse_args(["--model", tiny_model if family == "opt" else family_models[family],
+                                 "--device", "cpu", "--bs", "2", "--seq", "32", *flags.split()])
+    model, *_ = ref_train.build(args)
+    trace = lambda: budget.trace_layers(model, bs=args.bs, seq=args.seq, padded=args.seq == 256,
+                                        autocast_dtype=ref_train.dtypes(args)[1])
+    monkeypatch.setattr(budget, "_META_OUTPUTS", {})
+    remembered, again = trace(), trace()
+    assert budget._META_OUTPUTS
+    monkeypatch.setattr(budget, "_MetaKernelsRemembered", contextlib.nullcontext)
+    assert remembered == again == trace()
+
+
 # fp32; fp32 weights under bf16 autocast; bf16 weights under it (only LoRA's fp32 weights cast)
 PRECISIONS = ["--precision 32", "--precision bf16-mixed", "--precision bf16-mixed --weights-dtype bf16"]
 

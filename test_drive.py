@@ -70,7 +70,7 @@ def test_a_failing_variant_is_a_row_that_says_so(tiny_model):
     # r 2 with one expert: the variants with 4 experts (the leak needs a gate, so it takes 4 too)
     # cannot split rank 2 four ways.
     rows = drive.ablate(["--model", tiny_model, "--device", "cpu", "--experts", "1", "--lora-r", "2"],
-                           log=lambda *a: None, run=in_process_runner)
+                           log=lambda *a: None, steps=1, run=in_process_runner)
     failed = [r for r in rows if r["error"] and not r["error"].startswith("skipped")]
     assert sorted(r["variant"] for r in failed) == ["4 experts", "injected leak"]
     assert all("--lora-r 2" in r["error"] for r in failed)
