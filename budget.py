@@ -1361,7 +1361,7 @@ def verdict(report):
 def _verdict(report):
     """The verdict's words on the peak, the budget and the weighty warnings."""
     planned, named = report.get("budget"), named_warnings(report)
-    if not planned or not report.get("peak_bytes"):
+    if not planned or not (report.get("peak_bytes") or report.get("oom")):
         return report.get("no_budget", "no budget to compare with") + named
     if report.get("status", "ok") not in ("ok", "oom") and not report.get("steps"):
         return f"no verdict: the run stopped ({report['status']}) before its first step ended{named}"

@@ -81,14 +81,18 @@ def movielens_catalogue(directory, seed=0):
     if not os.path.isdir(directory):
         raise DataError(f"--data {directory}: no such directory (expected MovieLens-100K's u.data "
                         "and u.item)")
-    titles = {}
+    titles, first_line = {}, {}
     for line_no, line in _lines(os.path.join(directory, "u.item")):
         fields = line.split("|")
         if len(fields) < 2 or not _is_id(fields[0]) or int(fields[0]) < 1 or not fields[1]:
             # id 0 is the padding id of item_ids and histories
             raise DataError(f"{directory}/u.item line {line_no}: expected 'id|title|...' with an "
                             f"id of 1 or more, got {line[:60]!r}")
-        titles[int(fields[0])] = fields[1]
+        item = int(fields[0])
+        if item in titles:
+            raise DataError(f"{directory}/u.item line {line_no}: item {item} again (first on line "
+                            f"{first_line[item]}); each id is one item")
+        titles[item], first_line[item] = fields[1], line_no
     if len(titles) < MAX_HISTORY + N_CANDIDATES:  # fewer could leave no negatives to draw
         raise DataError(f"{directory}/u.item: {len(titles)} items; a sample needs up to "
                         f"{MAX_HISTORY + N_CANDIDATES} distinct ones (history and candidates)")
@@ -123,7 +127,8 @@ def _is_id(field):
 
 def _lines(path):
     if not os.path.isfile(path):
-        raise DataError(f"{path}: missing (a MovieLens-100K directory holds u.data and u.item)")
+        what = "a directory, not a file" if os.path.isdir(path) else "missing"
+        raise DataError(f"{path}: {what} (a MovieLens-100K directory holds the files u.data and u.item)")
     with open(path, encoding="latin-1") as f:  # MovieLens-100K's titles are Latin-1
         for line_no, line in enumerate(f, 1):
             if line.strip():
@@ -219,17 +224,28 @@ def encode(sample, titles, tokenizer, seq, ids):
 
 
 def batches(samples, titles, tokenizer, bs, seq, ids, seed=0):
-    """Endless deterministic batches of exactly bs x seq; shuffled per epoch with `seed`."""
+    """Endless deterministic batches of exactly bs x seq; shuffled per epoch with `seed`. Each sample
+    is encoded once: a batch larger than the data repeats its samples."""
     rng = random.Random(seed)
-    order = list(range(len(samples))) * -(-bs // len(samples))  # a batch larger than the data repeats it
+    order = list(range(len(samples))) * -(-bs // len(samples))
+    encoded = {}
     while True:
         rng.shuffle(order)
         for start in range(0, len(order) - bs + 1, bs):
-            yield collate([samples[i] for i in order[start:start + bs]], titles, tokenizer, seq, ids)
+            chosen = order[start:start + bs]
+            for i in chosen:
+                if i not in encoded:
+                    encoded[i] = encode(samples[i], titles, tokenizer, seq, ids)
+            yield _batch([samples[i] for i in chosen], [encoded[i] for i in chosen], seq)
 
 
 def collate(samples, titles, tokenizer, seq, ids):
-    rows = [encode(s, titles, tokenizer, seq, ids) for s in samples]
+    return _batch(samples, [encode(s, titles, tokenizer, seq, ids) for s in samples], seq)
+
+
+def _batch(samples, rows, seq):
+    """The batch of `samples` from their rows (encode's). Made from lists, with no torch op: a probe
+    running on the CPU counts no batch made ahead of its step."""
     input_ids, labels, item_ids, lengths = zip(*rows)
     attention_mask = [[1] * n + [0] * (seq - n) for n in lengths]
     history = [s.history + [0] * (MAX_HISTORY - len(s.history)) for s in samples]

@@ -973,11 +973,23 @@ def budget_command(argv):
     return 0
 
 
+def _one_process_each(command, argv):
+    """CommandLineError where argv asks for ranks: ablate, sweep and bench run each point as one
+    process (a rank of torchrun's would start every point on every rank)."""
+    strategy = flags.build_parser().parse_known_args(argv)[0].strategy
+    if strategy != "none":
+        raise CommandLineError(
+            f"--strategy {strategy}: {command} runs each of its runs as one process; measure ranks with "
+            f"`torchrun --nproc_per_node N ref_train.py --strategy {strategy} ...`, or budget them with "
+            f"`python drive.py budget --strategy {strategy} --world-size N ...`")
+
+
 def ablate_command(argv):
     p = _parser("ablate", "Run the reference once per suspect, each one change from the baseline and in "
                 "a process of its own, and print the table sorted by the change in peak.",
                 REPORT, MARKDOWN)
     own, rest = p.parse_known_args(argv)
+    _one_process_each("ablate", rest)
     flags.check_output_path("--report", own.report)
     rows = ablate(rest)
     _print_and_save("drive.py ablate", ablation_table(rows), rows, own.markdown, own.report)
@@ -1023,6 +1035,7 @@ def sweep_command(argv):
                 (("--plot",), dict(metavar="PNG", help="plot measured and budget against each swept "
                                    "variable (needs matplotlib, which is optional)")))
     own, rest = p.parse_known_args(argv)
+    _one_process_each("sweep", rest)
     from memcheck import ReportError, markdown_block, text_table, write_report
     for flag, path in (("--report", own.report), ("--plot", own.plot)):
         flags.check_output_path(flag, path)
@@ -1067,6 +1080,7 @@ def bench_command(argv):
                 (("--steps",), dict(type=int, default=5, help="measured steps per loop (2 or more); "
                                     "times are medians")))
     own, rest = p.parse_known_args(argv)
+    _one_process_each("bench", rest)
     from memcheck import ReportError
     if own.steps < 2:
         raise ReportError(f"--steps {own.steps}: bench needs a whole number of steps, 2 or more")

@@ -59,8 +59,8 @@ _NESTED_FIELDS = {"leak": {"detected": bool, "bytes_per_step": (int, float), "st
                     "oom": _OOM_FIELDS, "recovered_oom": dict(_OOM_FIELDS, recovered_at_step=int),
                     "rank_reports": list, "ranks": list, "caught_ooms": list}
 _MISSING = object()
-_KIND_NAMES = {type(None): "null", dict: "an object", list: "a list", int: "an integer", str: "a string",
-               bool: "true or false", (int, float): "a number"}
+_KIND_NAMES = {type(None): "null", dict: "an object", list: "a list", int: "an integer, 0 or more",
+               str: "a string", bool: "true or false", (int, float): "a number"}
 MiB = 2 ** 20
 MAX_MEMORY_MIB = 2 ** 43  # 2**63 bytes: beyond any device
 PHASES = ("load", "forward", "backward", "optimizer")
@@ -1715,7 +1715,8 @@ def _check_fields(path, record, kinds, where=""):
         value = record.get(key, _MISSING)
         if isinstance(kind, dict):  # an object whose own fields are checked
             _check_fields(path, value, kind, f"{where}{key}.")
-        elif not isinstance(value, kind) or isinstance(value, bool) is not (kind is bool):
+        elif not isinstance(value, kind) or isinstance(value, bool) is not (kind is bool) or (
+                kind is int and value < 0):   # (a report's integers count bytes or steps)
             expected = _KIND_NAMES.get(kind) or " or ".join(_KIND_NAMES[k] for k in kind)
             got = "missing" if value is _MISSING else f"{type(value).__name__} {value!r:.40}"
             name = where + key if where else repr(key)
@@ -1872,8 +1873,11 @@ def _report_lines(report):
                   if report["status"] == "error" and report.get("caught_ooms") else [])
     if report.get("recovered_oom"):
         lines.append(_recovered(report["recovered_oom"]))
-    lines.append("peak: not measured (no training phase finished)" if report["peak_phase"] is None else
-                 f"peak {mib(peak)} MiB in {report['peak_phase']}; {verdict(report)}")
+    if report["peak_phase"] is not None:
+        lines.append(f"peak {mib(peak)} MiB in {report['peak_phase']}; {verdict(report)}")
+    else:   # (stopped while loading: against a budget where the run has one)
+        lines.append("peak: not measured (no training phase finished)"
+                     + (f"; {verdict(report)}" if oom and report.get("budget") else ""))
     if any(cats.values()):
         lines.append("at the peak: " + " | ".join(f"{c.replace('_', ' ')} {mib(v)}"
                                                  for c, v in cats.items() if v))

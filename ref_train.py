@@ -66,10 +66,9 @@ def checkpoint_layers(model, every=1):
 
 def enable_hf_checkpointing(model, reentrant=False):
     """The model's own gradient checkpointing, under either of transformers' names. reentrant=True
-    reproduces older transformers and PEFT: use_reentrant=True and no hook that makes the embeddings'
-    output require grad (transformers 5 adds it, so it is removed again): a checkpointed layer whose
-    inputs need no gradient gives its LoRA none (unless the injected items bring one), as memcheck's
-    no_grad warning says."""
+    is older transformers and PEFT: use_reentrant=True, without the hook that makes the embeddings'
+    output require grad (transformers 5's): a checkpointed layer whose inputs need no gradient gives
+    its LoRA none (unless the injected items bring one), as memcheck's no_grad warning says."""
     kwargs = {"use_reentrant": reentrant}
     if hasattr(model, "activation_checkpointing_enable"):  # the name since transformers 5.x
         model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
@@ -221,9 +220,8 @@ def train_step(trained, optimizer, scaler, batch, args, probe, leaked):
         leaked.append(gate)  # the careless pattern: a list that outlives the step
     # The model's own checkpointing (--ckpt hf, reentrant) recomputes layers in backward and finds
     # the gate through the scope, so backward runs inside it too. Reentrant checkpointing recomputes
-    # each layer inside a backward of its own, which would free the router's graph at the first
-    # layer and fail at the second: the layers get a leaf copy of the gate, and its gradient goes
-    # through the router once, after the layers'.
+    # each layer in a backward of its own, which would free the router's graph at the first layer:
+    # the layers get a leaf copy of the gate, whose gradient goes through the router once, after.
     inner = gate.detach().requires_grad_() if args.ckpt == "reentrant" and gate is not None else gate
     with probe.phase("backward"), ilora.use_gate(inner):
         # DDP and FSDP2 average the ranks' gradients: scaled by the world size, that is the sum's
@@ -354,6 +352,8 @@ def finish(args, probe, extra, recording, failure, log):
     if recording:
         torch.cuda.memory._dump_snapshot(distributed.rank_path(args.snapshot, args))
         torch.cuda.memory._record_memory_history(enabled=None)
+    if probe.oom and "budget" not in extra:   # out of memory while loading: budgeted on meta
+        extra["budget"] = plan(args)
     report = dict(probe.report(), **extra)
     report = distributed.gather_reports(report, args, failed=failure is not None)
     path = distributed.report_path(args, failure)

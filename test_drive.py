@@ -452,6 +452,10 @@ FAILURES = {
     "budget-report-under-proc": (["budget", "--model", "{tiny}", "--report", "/proc/report.json"],
                                  ["--report /proc/report.json", "/proc"]),
     "figures-only-nothing": (["figures", "--only", ""], ["--only ''", "unknown ''", "baseline"]),
+    **{f"{command}-under-a-strategy": ([command, "--model", "{tiny}", *bs, "--strategy", "ddp"],
+                                       ["--strategy ddp", f"{command} runs each",
+                                        "drive.py budget --strategy ddp"])
+       for command, bs in (("ablate", []), ("sweep", ["--bs", "1,2"]), ("bench", []))},
     "sweep-bad-listed-value": (["sweep", "--model", "{tiny}", "--ckpt", "bogus"], ["--ckpt", "'bogus'"]),
     "sweep-unknown-base-flag": (["sweep", "--model", "{tiny}", "--bs", "1", "--bogus"], ["--bogus"]),
     "sweep-unknown-target": (["sweep", "--model", "{tiny}", "--bs", "1", "--targets", "nosuch"],

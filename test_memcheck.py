@@ -1474,6 +1474,8 @@ def test_max_ratio_refuses_a_report_with_no_training_peak_in_one_line_naming_it(
     (b"\x80\x04\x95\x00pickle", "not JSON"),
     (lambda r: r.update(peak_bytes="645 MiB"), "field 'peak_bytes' is str"),
     (lambda r: r.update(peak_bytes=True), "field 'peak_bytes' is bool True, expected an integer"),
+    (lambda r: r.update(peak_bytes=-4404019), "field 'peak_bytes' is int -4404019, expected an integer, 0 or"),
+    (lambda r: r["categories"].update(gradients=-1), "field categories.gradients is int -1, expected an"),
     (lambda r: r["leak"].pop("detected"), "field leak.detected is missing, expected true or false"),
     (lambda r: r["phases"].update(forward=5), "field phases['forward'] is int 5, expected an object"),
     (lambda r: r.update(modules=[{"bytes": 3}]), "field modules[0].module is missing"),

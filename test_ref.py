@@ -75,6 +75,20 @@ def test_synthetic_catalogue_is_deterministic_and_well_formed():
         assert set(s.history) | set(s.candidates) <= set(titles)
 
 
+def test_a_batch_larger_than_the_data_encodes_each_sample_once_and_repeats_it(catalogue, monkeypatch):
+    # (--bs 100000 once spent minutes tokenising 500 samples 200 times each before its first step)
+    titles, samples, tokenizer, ids = catalogue
+    samples, encoded = samples[:20], []
+    monkeypatch.setattr(data, "encode", lambda sample, *a: encoded.append(sample) or (
+        [sample.target] * 8, [data.IGNORE] * 8, [0] * 8, 5))
+    first, second = itertools.islice(data.batches(samples, titles, tokenizer, 50, 8, ids), 2)
+    assert len(encoded) == len(samples)
+    assert first["input_ids"].shape == (50, 8) and first["input_ids"].dtype == torch.long
+    assert set(first["input_ids"][:, 0].tolist()) <= {s.target for s in samples}
+    assert first["attention_mask"].tolist() == [[1] * 5 + [0] * 3] * 50
+    assert not torch.equal(first["input_ids"], second["input_ids"])   # shuffled again
+
+
 def prompt_and_answer(row_ids, row_labels, row_mask):
     """Split one row into (prompt tokens, answer tokens, padding length) by its labels and mask."""
     length = int(row_mask.sum())
@@ -137,7 +151,8 @@ def test_item_ids_mark_exactly_the_placeholder_tokens(catalogue, seq):
 
 def epochs_of_batches(monkeypatch, n_samples, bs, seed=0, n_batches=10):
     """The indices of the samples in each of data.batches' first batches."""
-    monkeypatch.setattr(data, "collate", lambda rows, *_: rows)
+    monkeypatch.setattr(data, "encode", lambda *_: ([0], [0], [0], 1))
+    monkeypatch.setattr(data, "_batch", lambda samples, *_: samples)
     return list(itertools.islice(data.batches(list(range(n_samples)), {}, None, bs, 8, None, seed),
                                  n_batches))
 
@@ -240,8 +255,9 @@ GOOD = None  # write_movielens' default for that file
     (GOOD, ["1\t1\t5\t880000000\n", "\n", "1\t99\t5\t880000001\n"], "u.data line 3: item 99 is not"),
     (GOOD, ["1\t1\t5\t880000000\n"], "u.data: no user has more than 3 ratings"),
     (GOOD, ["1\t\xb2\t5\t880000000\n"], "u.data line 1: expected 'user item rating"),
+    ([f"{i}|T{i}" for i in range(1, 41)] + ["7|Heat (1995)"], GOOD, "u.item line 41: item 7 again"),
 ], ids=["u.item-bad-id", "u.item-id-0-is-padding", "too-few-items", "u.data-3-fields",
-        "u.data-unknown-item", "no-usable-user", "u.data-superscript-digit"])
+        "u.data-unknown-item", "no-usable-user", "u.data-superscript-digit", "u.item-id-repeated"])
 def test_malformed_movielens_names_the_file_and_line(tmp_path, item_lines, ratings, message):
     directory = write_movielens(tmp_path / "ml", item_lines=item_lines, ratings=ratings)
     with pytest.raises(data.DataError, match=message.replace("|", r"\|").replace(".", r"\.")):
@@ -252,6 +268,9 @@ def test_movielens_missing_file_is_named(tmp_path):
     directory = write_movielens(tmp_path / "ml")
     os.remove(os.path.join(directory, "u.data"))
     with pytest.raises(data.DataError, match="u.data: missing"):
+        data.movielens_catalogue(directory)
+    os.mkdir(os.path.join(directory, "u.data"))
+    with pytest.raises(data.DataError, match="u.data: a directory, not a file"):
         data.movielens_catalogue(directory)
 
 
@@ -994,18 +1013,24 @@ def test_full_size_smoke_run(values, capsys):
 
 # ---------------------------------------------------------------- failures during training
 
-def test_out_of_memory_while_loading_says_the_peak_was_not_measured(values, capsys):
+def test_out_of_memory_while_loading_says_the_peak_was_not_measured_and_what_the_run_needs(
+        values, capsys, train_tiny):
     # A limit that loading alone passes: the model's own weights do not fit
     done = ref_train_main(capsys, values, ["--model", "{tiny}", "--max-memory", "0.1",
                                            "--report", "{load_report}", "--markdown"])
     assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr
     assert "OUT OF MEMORY in load: " in done.stdout   # (before any step)
     assert "### memcheck: peak not measured (" in done.stdout   # --markdown: no "in None" either
-    assert "peak: not measured (no training phase finished)" in done.stdout
     assert "in None" not in done.stdout and "peak 0.0 MiB" not in done.stdout
     report = memcheck.read_report(values["load_report"])
     assert report["status"] == "oom" and report["oom"]["phase"] == "load"
     assert report["peak_phase"] is None
+    # the budget, made on meta as the run would have: what loading ran out before
+    needs = train_tiny("--steps", 1)["budget"]["peak_bytes"]
+    assert report["budget"]["peak_bytes"] == needs
+    live = memcheck.mib(report["oom"]["live_bytes"])
+    assert (f"peak: not measured (no training phase finished); the budget for this setup is "
+            f"{memcheck.mib(needs)} MiB; the OOM came in load with {live} MiB live") in done.stdout
 
 
 def test_out_of_memory_still_writes_the_report_naming_phase_and_step(tiny_model, train_tiny,
