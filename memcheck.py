@@ -175,6 +175,12 @@ def _op_name(op):
     return _OP_NAMES[op]
 
 
+def _step_of(tracker, phase):
+    """The step a record of `phase` belongs to: an evaluation is the last finished step's (it runs
+    after a step, as the trainers' eval hooks do), anything else the open step's."""
+    return tracker.step - 1 if phase == "eval" else tracker.step
+
+
 @functools.cache  # once per process
 def _keep_dynamo_out():
     """Keep torch.compile from tracing the tracker's per-op code: by marking its code for dynamo to
@@ -456,7 +462,8 @@ class _Saves:
         watch = self.watch
         for phase, storages in watch["bytes"].items():
             if phase not in watch["unpacked"]:
-                self._event("grad_in_eval", step, phase=phase, bytes=sum(storages.values()))
+                self._event("grad_in_eval", _step_of(self.tracker, phase), phase=phase,
+                            bytes=sum(storages.values()))
         if watch["unpacked"]:  # a backward ran
             self.backward_steps += 1
             for layer in self.layers:   # saves used inside it: not; at its level only (its input): yes
@@ -852,7 +859,8 @@ class _Ooms:
         record = next((r for k, r, _ in self.open if k == key), None)
         if record is None:
             stack = self.tracker.module_stack
-            record = {"phase": self.tracker.phase or BETWEEN_PHASES, "step": self.tracker.step,
+            phase = self.tracker.phase or BETWEEN_PHASES
+            record = {"phase": phase, "step": _step_of(self.tracker, phase),
                       "module": stack[-1] if stack else NO_MODULE, "message": key[1]}
             self.open.append((key, record, list(inside)))
         return record
@@ -1048,7 +1056,7 @@ class Probe:
         self._phased = self._stack.phases_used = True
         self._saves.outputs = []
         self.tracker.phase, self.tracker.module_stack[:] = name, []
-        if first:
+        if first and name != "eval":   # (an evaluation between steps takes no time of the next one's)
             self._started = time.perf_counter()
         self._new_window()
         self._tag_roles(again=first)
@@ -1086,7 +1094,7 @@ class Probe:
         if name in ("backward", FORWARD_BACKWARD):
             self._saves.backward_ended()
         stats = self._phase_stats()
-        if name != "load":
+        if name not in ("load", "eval"):   # (a step's peak and time are its training's)
             self._step_peak = max(self._step_peak, stats["peak_bytes"])
         if stats["peak_bytes"] >= self.phases.get(name, {"peak_bytes": -1})["peak_bytes"]:
             self.phases[name] = stats
@@ -1104,9 +1112,10 @@ class Probe:
         """The closing phase's peak, what was alive then, and on CUDA the allocator's own figures."""
         tracker = self.tracker
         if self.allocator_only:
-            return dict(_allocator_stats(self.device), step=tracker.step)
+            return dict(_allocator_stats(self.device), step=_step_of(tracker, tracker.phase))
         categories, modules, temporaries = tracker.at(tracker.peak_event)
-        stats = {"peak_bytes": tracker.peak_bytes, "live_bytes": tracker.live_bytes, "step": tracker.step,
+        stats = {"peak_bytes": tracker.peak_bytes, "live_bytes": tracker.live_bytes,
+                 "step": _step_of(tracker, tracker.phase),
                  "categories": categories, "modules": modules, "temporaries": temporaries}
         if self.cuda:
             stats["tracked_peak_bytes"] = stats["peak_bytes"]
@@ -1911,6 +1920,8 @@ def format_report(report):
 
 def oom_when(oom):
     """The phase an OOM came in, and the step but for loading (before any step)."""
+    if oom["phase"] == "eval":
+        return f"eval after step {oom['step']}" if oom["step"] else "eval before the first step"
     return oom["phase"] if oom["phase"] == "load" else f"{oom['phase']} at step {oom['step']}"
 
 

@@ -1694,6 +1694,40 @@ def test_a_warning_of_exactly_three_percent_of_the_peak_is_weighty_and_one_byte_
     assert memcheck.weighty_warnings(report) == [f"output_kept {memcheck.mib(three)} MiB"]
 
 
+def test_an_evaluation_between_steps_is_the_last_finished_steps_and_no_part_of_the_next(monkeypatch):
+    # a trainer's evaluation after step 1: it was step 2's, in its time and peak, and an OOM in it
+    # came "in eval at step 2"
+    now = [0.0]
+    monkeypatch.setattr(memcheck.time, "perf_counter", lambda: now[0])
+    model = nn.Linear(32, 32)
+    optimizer = torch.optim.AdamW(model.parameters())
+    probe = memcheck.Probe(model, optimizer, max_memory_mib=1, log=lambda *a: None)
+    with pytest.raises(torch.OutOfMemoryError):
+        with probe:
+            for evaluation in (2**16, 2**20):   # 256 KiB of logits kept, then 4 MiB: over the limit
+                for phase in ("forward", "backward", "optimizer"):
+                    with probe.phase(phase):
+                        now[0] += 1.0
+                        if phase == "forward":
+                            loss = model(torch.randn(4, 32)).square().mean()
+                        elif phase == "backward":
+                            loss.backward()
+                        else:
+                            optimizer.step()
+                            optimizer.zero_grad()
+                probe.step(loss)
+                with probe.phase("eval"), torch.no_grad():
+                    now[0] += 100.0   # a long evaluation
+                    logits = torch.empty(evaluation)
+                del logits
+    report = probe.report()
+    assert [s["seconds"] for s in report["steps"]] == [3.0, 3.0]
+    assert report["phases"]["eval"]["step"] == 1
+    assert report["steps"][1]["peak_bytes"] < 2**18 <= report["phases"]["eval"]["peak_bytes"]
+    assert report["oom"]["phase"] == "eval" and report["oom"]["step"] == 2
+    assert "OUT OF MEMORY in eval after step 2" in memcheck.format_report(report)
+
+
 def test_a_negative_leak_prints_as_none_and_growth_that_is_no_leak_as_zero():
     # growth in a run whose report found no leak (a 4-byte evaluation loss kept from step 2 on)
     # read "1" in the leak row
