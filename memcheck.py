@@ -1232,7 +1232,7 @@ class Probe:
                 report["budget"], why = (None, NO_BUDGET_YET) if mid_run else probed(self._stack, self.phases)
                 report.update({"no_budget": why} if why else {})
         if self.paths and self.world_size > 1:
-            report["rank_reports"] = rank_reports(self.paths, self.rank)
+            report.update(rank_reports=rank_reports(self.paths, self.rank), launch=launch())
         return dict(report, mid_run=True) if mid_run else report
 
     def save(self, path=None, mid_run=False):
@@ -1973,6 +1973,24 @@ def rank_and_world():
     return 0, 1
 
 
+def launch():
+    """What tells one launch of ranks from another, for a report read beside its ranks' (a rank
+    killed before it wrote leaves the last run's file there): torchrun's run id and restart count,
+    and the host and the agent that started the ranks, their parent process."""
+    return {"run_id": os.environ.get("TORCHELASTIC_RUN_ID"),
+            "restart": os.environ.get("TORCHELASTIC_RESTART_COUNT"), "host": platform.node(),
+            "agent_pid": os.getppid()}
+
+
+def _same_launch(a, b):
+    """Whether reports a and b are of one launch: on one host, of one agent (others: by run id)."""
+    a, b = a.get("launch"), b.get("launch")
+    if not a or not b:
+        return True
+    return (a["run_id"], a["restart"]) == (b["run_id"], b["restart"]) and (
+        a["host"] != b["host"] or a["agent_pid"] == b["agent_pid"])
+
+
 def rank_paths(path, world_size):
     """Every rank's report path: `{rank}` in `path` filled in, or stack.json, stack.rank1.json, ..."""
     if "{rank}" in path:
@@ -2103,13 +2121,16 @@ def _sibling_reports(report, path):
     reports, missing = [report], []
     for rank, renamed in enumerate(rank_paths(path, len(recorded))[1:], start=1):
         original = os.path.join(folder, recorded[rank])
-        if not os.path.exists(renamed) and not os.path.exists(original):
-            where = renamed if renamed == original else f"neither {renamed} nor {original}"
+        found = renamed if os.path.exists(renamed) else original if os.path.exists(original) else None
+        sibling = read_report(found) if found else None
+        if sibling is None or not _same_launch(report, sibling):
+            where = (f"{found} is another launch's" if found else renamed if renamed == original
+                     else f"neither {renamed} nor {original}")
             if report.get("status", "ok") == "ok" and not report.get("mid_run"):
                 raise ReportError(f"{path}: rank {rank}'s report is missing: {where}")
             missing.append(rank)
             continue
-        reports.append(read_report(renamed if os.path.exists(renamed) else original))
+        reports.append(sibling)
     return reports, missing
 
 
@@ -2425,8 +2446,8 @@ def _diff_notes(a, b):
         if r.get("unreported_ranks"):
             unreported = r["unreported_ranks"]
             ranks = f"rank{'s' * (len(unreported) > 1)} {', '.join(map(str, unreported))}"
-            notes.append(f"WARNING: {side}'s {ranks} wrote no report (stopped before it could): its rows "
-                         "are the other ranks'")
+            notes.append(f"WARNING: {side}'s {ranks} wrote no report in this launch (stopped before it "
+                         "could): its rows are the other ranks'")
         if r.get("mid_run"):
             notes.append(f"WARNING: {side}'s report was written during its run (as memory ran out, or as "
                          "the model caught it) and the run wrote no other: killed, or hung; its figures "

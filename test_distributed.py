@@ -237,10 +237,18 @@ def test_a_rank_that_runs_out_of_memory_writes_its_own_report_and_says_so(tiny_m
     assert [row[0] for row in memcheck.diff(read, read) if row[0].startswith("rank ")] == [
         "rank 0 peak", "rank 1 peak"]
     # a rank killed before it wrote its report: the others' are read, and diff says which is missing
+    earlier = (tmp_path / "oom.rank1.json").read_text()
     (tmp_path / "oom.rank1.json").unlink()
     read = memcheck.with_ranks(memcheck.read_report(report), str(report))
     assert [r["rank"] for r in read["ranks"]] == [0] and read["unreported_ranks"] == [1]
-    assert "WARNING: A's rank 1 wrote no report" in memcheck.format_diff(read, read)
+    assert "WARNING: A's rank 1 wrote no report in this launch" in memcheck.format_diff(read, read)
+    # ... where the last launch's report of that rank lies: it is not this one's
+    stale = json.loads(earlier)
+    assert stale["launch"] == memcheck.read_report(report)["launch"]
+    stale["launch"]["agent_pid"] += 1
+    (tmp_path / "oom.rank1.json").write_text(json.dumps(stale))
+    read = memcheck.with_ranks(memcheck.read_report(report), str(report))
+    assert [r["rank"] for r in read["ranks"]] == [0] and read["unreported_ranks"] == [1]
 
 
 def test_a_budget_of_many_ranks_counts_the_attention_mask_when_any_ranks_rows_pad(tiny_model):
