@@ -261,15 +261,16 @@ class _AutocastOnMeta(torch.overrides.TorchFunctionMode):
 
 
 def _described(value):
-    """What a meta kernel's output depends on, of one argument: a tensor's layout, or a value."""
+    """What a meta kernel's output depends on, of one argument: a dense meta tensor's layout, or a
+    value and its type (2 and 2.0 are equal, and make outputs of other dtypes)."""
     if isinstance(value, torch.Tensor):
-        if value.device.type != "meta":
-            raise TypeError("not a meta tensor")
+        if value.device.type != "meta" or value.layout != torch.strided:
+            raise TypeError("not a dense meta tensor")
         return value.shape, value.stride(), value.storage_offset(), value.dtype
     if isinstance(value, (list, tuple)):
         return tuple(map(_described, value))
     hash(value)   # (a TypeError where it is not a plain value)
-    return value
+    return type(value), value
 
 
 def _fresh_layouts(out, inputs):
@@ -277,9 +278,11 @@ def _fresh_layouts(out, inputs):
     one is not a new storage (_unsafe_view returns its input's, its schema saying nothing)."""
     leaves, spec = pytree.tree_flatten(out)
     storages = {t.untyped_storage()._cdata for t in inputs}
-    if not all(isinstance(t, torch.Tensor) and t.untyped_storage()._cdata not in storages for t in leaves):
+    try:
+        layouts = [(*_described(t), t.untyped_storage().nbytes()) for t in leaves]
+    except (TypeError, AttributeError):   # an output of another device (zeros_like(device="cpu")), or none
         return "run"
-    return spec, [(*_described(t), t.untyped_storage().nbytes()) for t in leaves]
+    return "run" if any(t.untyped_storage()._cdata in storages for t in leaves) else (spec, layouts)
 
 
 class _MetaKernelsRemembered(TorchDispatchMode):
@@ -287,7 +290,8 @@ class _MetaKernelsRemembered(TorchDispatchMode):
     Python (0.2 ms for a product, 2 ms for a layer norm), and a trace repeats the same ops at the
     same shapes (a layer run twice, budgets of one model at one shape). Only ops that make new
     tensors from tensors (no factories, views or in-place ops) are remembered, as fresh storages of
-    the sizes their kernels gave."""
+    the sizes their kernels gave. A dispatch mode entered before it would not see the ops it answers:
+    it is used only where none is (but trackers of other devices, which ignore meta tensors)."""
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -295,8 +299,9 @@ class _MetaKernelsRemembered(TorchDispatchMode):
         tensors = [a for a in pytree.tree_leaves((args, kwargs)) if isinstance(a, torch.Tensor)]
         if not tensors or schema.is_mutable or any(r.alias_info is not None for r in schema.returns):
             return func(*args, **kwargs)
-        try:
-            key = (func, _described(args), _described(tuple(sorted(kwargs.items()))))
+        try:   # (and the default dtype: that of a tensor made from an integer one and a float)
+            key = (func, _described(args), _described(tuple(sorted(kwargs.items()))),
+                   torch.get_default_dtype())
         except TypeError:
             return func(*args, **kwargs)
         remembered = _META_OUTPUTS.get(key)
@@ -309,6 +314,13 @@ class _MetaKernelsRemembered(TorchDispatchMode):
         return pytree.tree_unflatten([torch.empty(0, dtype=dtype, device="meta").set_(
             torch.UntypedStorage(nbytes, device="meta"), offset, shape, stride)
             for shape, stride, offset, dtype, nbytes in layouts], spec)
+
+
+def _meta_kernels_remembered():
+    """_MetaKernelsRemembered where no dispatch mode below it would miss the ops it answers."""
+    modes = torch.utils._python_dispatch._get_current_dispatch_mode_stack()
+    unseen = all(isinstance(m, Tracker) and m.device_type != "meta" for m in modes)
+    return _MetaKernelsRemembered() if unseen else contextlib.nullcontext()
 
 
 class _CaughtOnMeta(Exception):
@@ -674,7 +686,7 @@ def trace_layers(model, *, bs, seq, full=False, autocast_dtype=None, device="cpu
     hooks = [m.register_forward_pre_hook(lambda m, args, kwargs: (args, dict(kwargs, gate=gate)),
                                          with_kwargs=True) for m in gated]
     try:
-        with _training_unchecked(model), _model_code_watched(), _MetaKernelsRemembered():
+        with _training_unchecked(model), _model_code_watched(), _meta_kernels_remembered():
             ids = torch.zeros(bs, seq, dtype=torch.long, device="meta")
             calls, (model_held, outputs_held), embeddings_apart = _layer_inputs(
                 model, state, ids, inputs, autocast_dtype, device, weights, input_grads)

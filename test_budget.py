@@ -494,6 +494,27 @@ def test_a_trace_with_meta_kernels_remembered_is_the_trace_that_runs_every_kerne
     assert remembered == again == trace()
 
 
+def test_meta_kernels_remembered_tell_apart_what_changes_an_output_and_hide_no_op_from_a_mode_below(
+        monkeypatch):
+    monkeypatch.setattr(budget, "_META_OUTPUTS", {})
+    t = torch.empty(4, dtype=torch.long, device="meta")
+    with budget._MetaKernelsRemembered():
+        # a scalar's type (2 == 2.0), the default dtype; an output on another device is run each time
+        assert [(t * 2).dtype, (t * 2.0).dtype, (t * 2).dtype] == [torch.long, torch.float32, torch.long]
+        default = torch.get_default_dtype()
+        torch.set_default_dtype(torch.float64)
+        try:
+            assert (t * 0.5).dtype == torch.float64
+        finally:
+            torch.set_default_dtype(default)
+        assert [torch.zeros_like(t, device="cpu").device.type for _ in range(2)] == ["cpu", "cpu"]
+    # a mode entered before the trace (a FLOP counter, a meta tracker) would miss what it answers
+    with memcheck.Tracker("meta"):
+        assert isinstance(budget._meta_kernels_remembered(), contextlib.nullcontext)
+    with memcheck.Tracker("cpu"):   # (the probe's, around ref_train's budget: it ignores meta tensors)
+        assert isinstance(budget._meta_kernels_remembered(), budget._MetaKernelsRemembered)
+
+
 # fp32; fp32 weights under bf16 autocast; bf16 weights under it (only LoRA's fp32 weights cast)
 PRECISIONS = ["--precision 32", "--precision bf16-mixed", "--precision bf16-mixed --weights-dtype bf16"]
 

@@ -1136,30 +1136,43 @@ def test_any_other_exception_writes_the_report_with_status_error(tiny_model, tmp
     assert report["oom"] is None and report["phases"]["load"]["peak_bytes"] > 0
 
 
-class _CtrlCAfterAFlushedStepLine(io.StringIO):
-    """stdout that presses Ctrl-C once a step line is flushed: a user watching the log (a step line
-    kept in a buffer would never reach a pipe or `tee` while the run goes on)."""
+class _CtrlCAfterStepOne(io.StringIO):
+    """stdout that presses Ctrl-C once step 1's line is flushed (`where`: "step line"; one kept in a
+    buffer would never reach a pipe or `tee` while the run goes on), or inside step 2's forward."""
 
-    pressed = False
+    def __init__(self, where):
+        super().__init__()
+        self.where, self.pressed = where, False
 
-    def flush(self):
+    def press(self):
         if "step   1" in self.getvalue() and not self.pressed:
             self.pressed = True
             signal.raise_signal(signal.SIGINT)
 
+    def flush(self):
+        if self.where == "step line":
+            self.press()
 
-def test_ctrl_c_during_training_writes_the_report_so_far_and_exits_130(tiny_model, tmp_path, capsys):
+
+@pytest.mark.parametrize("where", ["step line", "forward"])
+def test_ctrl_c_during_training_writes_the_report_so_far_and_exits_130(tiny_model, tmp_path, capsys, where):
     path = tmp_path / "interrupted.json"
     previous = signal.signal(signal.SIGINT, signal.default_int_handler)   # Python's own, as in a shell
-    stdout = _CtrlCAfterAFlushedStepLine()
+    stdout = _CtrlCAfterStepOne(where)
+    hooks = ([nn.modules.module.register_module_forward_hook(lambda *_: stdout.press())]
+             if where == "forward" else [])
     try:
         with contextlib.redirect_stdout(stdout):
             code = ref_train.main(["--model", tiny_model, "--steps", "5", "--report", str(path)])
+    except KeyboardInterrupt:
+        pytest.fail("Ctrl-C escaped ref_train.main")
     finally:
         signal.signal(signal.SIGINT, previous)
+        for hook in hooks:
+            hook.remove()
     err = capsys.readouterr().err
     lines = [line for line in err.splitlines() if line.strip()]
-    assert code == 130, err
+    assert stdout.pressed and code == 130, err
     assert "Traceback" not in err and len(lines) == 1, err
     assert "interrupted at step 2" in lines[0] and f"report written to {path}" in lines[0]
     report = memcheck.read_report(path)
