@@ -79,8 +79,9 @@ def movielens_catalogue(directory, seed=0):
     target, the up to MAX_HISTORY items before it are the history.
     """
     if not os.path.isdir(directory):
-        raise DataError(f"--data {directory}: no such directory (expected MovieLens-100K's u.data "
-                        "and u.item)")
+        what = "a file, not a directory" if os.path.exists(directory) else "no such directory"
+        raise DataError(f"--data {directory}: {what} (expected MovieLens-100K's directory, which holds "
+                        "u.data and u.item)")
     titles, first_line = {}, {}
     for line_no, line in _lines(os.path.join(directory, "u.item")):
         fields = line.split("|")

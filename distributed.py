@@ -125,7 +125,6 @@ def gather_reports(report, args, failed=False):
     if not is_distributed(args):
         return report
     if failed:
-        report = dict(report, launch=memcheck.launch())   # (beside the reports of an earlier launch)
         if rank(args) != 0 or not args.report:
             return report
         paths = memcheck.rank_paths(args.report, world_size(args))

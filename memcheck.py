@@ -35,6 +35,7 @@ import tempfile
 import threading
 import time
 import types
+import uuid
 import weakref
 
 try:  # the command line only reads JSON: run as a script, or where torch is missing, it needs none
@@ -57,7 +58,7 @@ _ENTRY_FIELDS = {"steps": {"live_bytes": int}, "modules": {"module": str, "bytes
 _OOM_FIELDS = {"phase": str, "step": int, "message": str}
 _NESTED_FIELDS = {"leak": {"detected": bool, "bytes_per_step": (int, float), "step_end_bytes": list},
                     "oom": _OOM_FIELDS, "recovered_oom": dict(_OOM_FIELDS, recovered_at_step=int),
-                    "rank_reports": list, "ranks": list, "caught_ooms": list}
+                    "rank_reports": list, "ranks": list, "caught_ooms": list, "launch": str}
 _MISSING = object()
 _KIND_NAMES = {type(None): "null", dict: "an object", list: "a list", int: "an integer, 0 or more",
                str: "a string", bool: "true or false", (int, float): "a number"}
@@ -176,9 +177,9 @@ def _op_name(op):
 
 
 def _step_of(tracker, phase):
-    """The step a record of `phase` belongs to: an evaluation is the last finished step's (it runs
-    after a step, as the trainers' eval hooks do), anything else the open step's."""
-    return tracker.step - 1 if phase == "eval" else tracker.step
+    """The step a record of `phase` belongs to: an evaluation begun before the open step trained (as
+    the trainers' eval hooks run) is the last finished step's, anything else the open step's."""
+    return tracker.step - 1 if phase == "eval" and tracker.eval_between_steps else tracker.step
 
 
 @functools.cache  # once per process
@@ -216,6 +217,7 @@ class Tracker(TorchDispatchMode):
         self.window = []          # every storage alive at the phase start or created since
         self.live_bytes = self.peak_bytes = self.peak_event = self.event = 0
         self.step, self.phase, self.module_stack = 1, None, []
+        self.eval_between_steps = False   # whether the open or last eval began before its step trained
         flag = f"is_{device_type}"  # a fast test of a tensor's device: its flag, not a torch.device
         self._on_device = (operator.attrgetter(flag) if hasattr(torch.Tensor, flag)
                            else lambda tensor: tensor.device.type == device_type)
@@ -862,6 +864,8 @@ class _Ooms:
             phase = self.tracker.phase or BETWEEN_PHASES
             record = {"phase": phase, "step": _step_of(self.tracker, phase),
                       "module": stack[-1] if stack else NO_MODULE, "message": key[1]}
+            if phase == "eval" and self.tracker.eval_between_steps:   # ("after step N")
+                record["after_step"] = True
             self.open.append((key, record, list(inside)))
         return record
 
@@ -949,6 +953,7 @@ class Probe:
         a probe made before init_process_group)."""
         path = self._path
         self.rank, self.world_size = rank_and_world()
+        self.launch = launch() if self.world_size > 1 else None
         self.paths = rank_paths(str(path), self.world_size) if path else None  # every rank's report
         self.path = path and self.paths[self.rank]
         _check_report_path(self.path)
@@ -1002,7 +1007,7 @@ class Probe:
             self._scope.close()
         # A step left open by a loop that ended normally (an eval loop that never calls step())
         # still has its checks; one cut short by a failure saved for a backward that never came.
-        if self._started is not None and self.status == "ok":
+        if (self._started is not None or self._phased) and self.status == "ok":
             self._check_step()
         if self.path:
             report = self.save()
@@ -1056,7 +1061,9 @@ class Probe:
         self._phased = self._stack.phases_used = True
         self._saves.outputs = []
         self.tracker.phase, self.tracker.module_stack[:] = name, []
-        if first and name != "eval":   # (an evaluation between steps takes no time of the next one's)
+        if name == "eval":   # no time of a step's: between steps, or taken off the step's (end)
+            self.tracker.eval_between_steps, self._eval_began = first, time.perf_counter()
+        elif first:
             self._started = time.perf_counter()
         self._new_window()
         self._tag_roles(again=first)
@@ -1101,6 +1108,8 @@ class Probe:
         else:
             self.phases[name]["live_bytes"] = stats["live_bytes"]
         self.tracker.phase = None
+        if name == "eval" and self._started is not None:   # (an evaluation inside a step)
+            self._started += time.perf_counter() - self._eval_began
         # The peak is training's; loading (resize_token_embeddings included) keeps its own entry, and
         # what runs between phases after it is measured from its end.
         if name == "load":
@@ -1231,8 +1240,10 @@ class Probe:
             else:
                 report["budget"], why = (None, NO_BUDGET_YET) if mid_run else probed(self._stack, self.phases)
                 report.update({"no_budget": why} if why else {})
+        if self.world_size > 1:
+            report["launch"] = self.launch
         if self.paths and self.world_size > 1:
-            report.update(rank_reports=rank_reports(self.paths, self.rank), launch=launch())
+            report["rank_reports"] = rank_reports(self.paths, self.rank)
         return dict(report, mid_run=True) if mid_run else report
 
     def save(self, path=None, mid_run=False):
@@ -1920,7 +1931,7 @@ def format_report(report):
 
 def oom_when(oom):
     """The phase an OOM came in, and the step but for loading (before any step)."""
-    if oom["phase"] == "eval":
+    if oom.get("after_step"):   # (an evaluation between steps)
         return f"eval after step {oom['step']}" if oom["step"] else "eval before the first step"
     return oom["phase"] if oom["phase"] == "load" else f"{oom['phase']} at step {oom['step']}"
 
@@ -1974,21 +1985,21 @@ def rank_and_world():
 
 
 def launch():
-    """What tells one launch of ranks from another, for a report read beside its ranks' (a rank
-    killed before it wrote leaves the last run's file there): torchrun's run id and restart count,
-    and the host and the agent that started the ranks, their parent process."""
-    return {"run_id": os.environ.get("TORCHELASTIC_RUN_ID"),
-            "restart": os.environ.get("TORCHELASTIC_RESTART_COUNT"), "host": platform.node(),
-            "agent_pid": os.getppid()}
+    """An id of this launch of ranks, for a report read beside its ranks' (a rank killed before it
+    wrote leaves the last launch's file there): drawn by the first rank to ask and kept for the
+    others by the process group's store, which no rank waits on; None where the store cannot say."""
+    try:
+        store = torch.distributed.distributed_c10d._get_default_store()
+        drawn = store.compare_set("memcheck/launch", "", uuid.uuid4().hex)
+    except Exception:
+        return None
+    restart = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")   # (torchrun's restarts keep the store)
+    return f"{drawn.decode() if isinstance(drawn, bytes) else drawn}/{restart}"
 
 
 def _same_launch(a, b):
-    """Whether reports a and b are of one launch: on one host, of one agent (others: by run id)."""
-    a, b = a.get("launch"), b.get("launch")
-    if not a or not b:
-        return True
-    return (a["run_id"], a["restart"]) == (b["run_id"], b["restart"]) and (
-        a["host"] != b["host"] or a["agent_pid"] == b["agent_pid"])
+    """Whether reports a and b are of one launch (so taken where either does not say)."""
+    return a.get("launch") is None or b.get("launch") is None or a["launch"] == b["launch"]
 
 
 def rank_paths(path, world_size):

@@ -9,6 +9,7 @@ Nothing is downloaded: the model comes from a local path or the local Hugging Fa
 default falls back to opt-125m's architecture with seeded random weights (memory does not depend on
 weight values). Beside it: flags.py, models.py, fused_loss.py (--loss-chunks), distributed.py.
 """
+import contextlib
 import functools
 import itertools
 import os
@@ -243,13 +244,11 @@ SNAPSHOT_SETTINGS = (("all", "all"), ("python", "all"), ("python", None))
 
 
 def record_allocation_history(log):
-    """Start torch.cuda.memory's allocation history with the richest stack traces that work here.
-
-    torch 2.11 fails a checkpointed layer's recompute in backward while it records stack traces
-    ("SystemError: <built-in method dropout ...> returned NULL without setting an exception",
-    pytorch/pytorch#179536). So each setting first runs a tiny checkpointed layer's backward, under
-    a probe as the run will be, and the first that survives it is kept.
-    """
+    """Start torch.cuda.memory's allocation history with the richest stack traces that work here:
+    torch 2.11 fails a checkpointed layer's recompute while it records stack traces ("SystemError:
+    <built-in method dropout ...> returned NULL", pytorch/pytorch#179536), so each setting first runs
+    a tiny checkpointed layer's backward under a probe, as the run will, and the first that survives
+    it is kept."""
     layer = nn.Sequential(nn.Linear(8, 8), nn.Dropout(0.1)).cuda()
     x = torch.ones(2, 8, device="cuda", requires_grad=True)
     for stacks, context in SNAPSHOT_SETTINGS:
@@ -353,7 +352,8 @@ def finish(args, probe, extra, recording, failure, log):
         torch.cuda.memory._dump_snapshot(distributed.rank_path(args.snapshot, args))
         torch.cuda.memory._record_memory_history(enabled=None)
     if probe.oom and "budget" not in extra:   # out of memory while loading: budgeted on meta
-        extra["budget"] = plan(args)
+        with contextlib.suppress(Exception):   # (not in place of the OOM: the report still comes)
+            extra["budget"] = plan(args)
     report = dict(probe.report(), **extra)
     report = distributed.gather_reports(report, args, failed=failure is not None)
     path = distributed.report_path(args, failure)

@@ -1728,6 +1728,45 @@ def test_an_evaluation_between_steps_is_the_last_finished_steps_and_no_part_of_t
     assert "OUT OF MEMORY in eval after step 2" in memcheck.format_report(report)
 
 
+def test_an_evaluation_inside_a_step_is_that_steps_without_its_time_and_one_after_the_last_is_checked(
+        monkeypatch):
+    # (Lightning validates between the micro-batches of an accumulated step; a loop may evaluate
+    # before it calls probe.step(); an evaluation after the last step was never checked)
+    now = [0.0]
+    monkeypatch.setattr(memcheck.time, "perf_counter", lambda: now[0])
+    model = nn.Linear(32, 32)
+    optimizer = torch.optim.AdamW(model.parameters())
+    probe = memcheck.Probe(model, optimizer, max_memory_mib=1, log=lambda *a: None)
+    with pytest.raises(torch.OutOfMemoryError):
+        with probe:
+            for evaluation in (2**10, 2**20):
+                for phase in ("forward", "backward", "optimizer", "eval"):
+                    with probe.phase(phase):
+                        now[0] += 100.0 if phase == "eval" else 1.0
+                        if phase == "forward":
+                            loss = model(torch.randn(4, 32)).square().mean()
+                        elif phase == "backward":
+                            loss.backward()
+                        elif phase == "optimizer":
+                            optimizer.step()
+                            optimizer.zero_grad()
+                        else:
+                            logits = torch.empty(evaluation)
+                probe.step(loss)
+    report = probe.report()
+    assert [s["seconds"] for s in report["steps"]] == [3.0]
+    assert report["oom"]["step"] == 2 and "OUT OF MEMORY in eval at step 2" in memcheck.format_report(report)
+    with memcheck.Probe(model, optimizer, log=lambda *a: None) as probe:
+        with probe.phase("forward"):
+            loss = model(torch.randn(4, 32)).square().mean()
+        with probe.phase("backward"):
+            loss.backward()
+        probe.step(loss)
+        with probe.phase("eval"):   # after the last step, without torch.no_grad()
+            model(torch.randn(64, 32)).sum()
+    assert [w["kind"] for w in probe.report()["warnings"]] == ["grad_in_eval"]
+
+
 def test_a_negative_leak_prints_as_none_and_growth_that_is_no_leak_as_zero():
     # growth in a run whose report found no leak (a 4-byte evaluation loss kept from step 2 on)
     # read "1" in the leak row

@@ -272,6 +272,8 @@ def test_movielens_missing_file_is_named(tmp_path):
     os.mkdir(os.path.join(directory, "u.data"))
     with pytest.raises(data.DataError, match="u.data: a directory, not a file"):
         data.movielens_catalogue(directory)
+    with pytest.raises(data.DataError, match="u.item: a file, not a directory"):
+        data.movielens_catalogue(os.path.join(directory, "u.item"))
 
 
 # ---------------------------------------------------------------- the model and its tokenizer
@@ -1031,6 +1033,17 @@ def test_out_of_memory_while_loading_says_the_peak_was_not_measured_and_what_the
     live = memcheck.mib(report["oom"]["live_bytes"])
     assert (f"peak: not measured (no training phase finished); the budget for this setup is "
             f"{memcheck.mib(needs)} MiB; the OOM came in load with {live} MiB live") in done.stdout
+
+
+def test_out_of_memory_while_loading_is_reported_where_no_budget_can_be_made(tiny_model, tmp_path, capsys,
+                                                                           monkeypatch):
+    def cannot_budget(args):
+        raise ref_train.UsageError("--targets q_prj: unknown")   # (as a typo found by the meta build)
+    monkeypatch.setattr(ref_train, "plan", cannot_budget)
+    path = tmp_path / "load.json"
+    done = run_main(ref_train.main, capsys, "--model", tiny_model, "--max-memory", "0.1", "--report", path)
+    assert done.returncode == 1 and "OUT OF MEMORY in load: " in done.stdout, done.stderr
+    assert memcheck.read_report(path).get("budget") is None
 
 
 def test_out_of_memory_still_writes_the_report_naming_phase_and_step(tiny_model, train_tiny,
