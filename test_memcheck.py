@@ -1694,33 +1694,43 @@ def test_a_warning_of_exactly_three_percent_of_the_peak_is_weighty_and_one_byte_
     assert memcheck.weighty_warnings(report) == [f"output_kept {memcheck.mib(three)} MiB"]
 
 
-def test_an_evaluation_between_steps_is_the_last_finished_steps_and_no_part_of_the_next(monkeypatch):
-    # a trainer's evaluation after step 1: it was step 2's, in its time and peak, and an OOM in it
-    # came "in eval at step 2"
+def evaluated_loop(monkeypatch, inside):
+    """A Probe's report of two steps, each with an evaluation of 100 s on a fake clock (the steps'
+    phases take 1 s each) after its step (`inside`: before probe.step(), as Lightning validates
+    between accumulated micro-batches; else after, as the trainers' hooks do) that keeps 256 KiB
+    of logits, then 4 MiB: out of memory at the 1 MiB limit."""
     now = [0.0]
     monkeypatch.setattr(memcheck.time, "perf_counter", lambda: now[0])
     model = nn.Linear(32, 32)
     optimizer = torch.optim.AdamW(model.parameters())
     probe = memcheck.Probe(model, optimizer, max_memory_mib=1, log=lambda *a: None)
-    with pytest.raises(torch.OutOfMemoryError):
-        with probe:
-            for evaluation in (2**16, 2**20):   # 256 KiB of logits kept, then 4 MiB: over the limit
-                for phase in ("forward", "backward", "optimizer"):
-                    with probe.phase(phase):
-                        now[0] += 1.0
-                        if phase == "forward":
-                            loss = model(torch.randn(4, 32)).square().mean()
-                        elif phase == "backward":
-                            loss.backward()
-                        else:
-                            optimizer.step()
-                            optimizer.zero_grad()
-                probe.step(loss)
-                with probe.phase("eval"), torch.no_grad():
-                    now[0] += 100.0   # a long evaluation
-                    logits = torch.empty(evaluation)
-                del logits
-    report = probe.report()
+
+    def evaluate(size):
+        with probe.phase("eval"), torch.no_grad():
+            now[0] += 100.0
+            torch.empty(size)
+
+    losses = []
+    with pytest.raises(torch.OutOfMemoryError), probe:
+        for size in (2**16, 2**20):
+            for phase, work in (("forward", lambda: losses.append(model(torch.randn(4, 32)).sum())),
+                                ("backward", lambda: losses[-1].backward()),
+                                ("optimizer", lambda: (optimizer.step(), optimizer.zero_grad()))):
+                with probe.phase(phase):
+                    now[0] += 1.0
+                    work()
+            if inside:
+                evaluate(size)
+            probe.step(losses[-1])
+            if not inside:
+                evaluate(size)
+    return probe.report()
+
+
+def test_an_evaluation_between_steps_is_the_last_finished_steps_and_no_part_of_the_next(monkeypatch):
+    # a trainer's evaluation after step 1: it was step 2's, in its time and peak, and an OOM in it
+    # came "in eval at step 2"
+    report = evaluated_loop(monkeypatch, inside=False)
     assert [s["seconds"] for s in report["steps"]] == [3.0, 3.0]
     assert report["phases"]["eval"]["step"] == 1
     assert report["steps"][1]["peak_bytes"] < 2**18 <= report["phases"]["eval"]["peak_bytes"]
@@ -1730,33 +1740,13 @@ def test_an_evaluation_between_steps_is_the_last_finished_steps_and_no_part_of_t
 
 def test_an_evaluation_inside_a_step_is_that_steps_without_its_time_and_one_after_the_last_is_checked(
         monkeypatch):
-    # (Lightning validates between the micro-batches of an accumulated step; a loop may evaluate
-    # before it calls probe.step(); an evaluation after the last step was never checked)
-    now = [0.0]
-    monkeypatch.setattr(memcheck.time, "perf_counter", lambda: now[0])
-    model = nn.Linear(32, 32)
-    optimizer = torch.optim.AdamW(model.parameters())
-    probe = memcheck.Probe(model, optimizer, max_memory_mib=1, log=lambda *a: None)
-    with pytest.raises(torch.OutOfMemoryError):
-        with probe:
-            for evaluation in (2**10, 2**20):
-                for phase in ("forward", "backward", "optimizer", "eval"):
-                    with probe.phase(phase):
-                        now[0] += 100.0 if phase == "eval" else 1.0
-                        if phase == "forward":
-                            loss = model(torch.randn(4, 32)).square().mean()
-                        elif phase == "backward":
-                            loss.backward()
-                        elif phase == "optimizer":
-                            optimizer.step()
-                            optimizer.zero_grad()
-                        else:
-                            logits = torch.empty(evaluation)
-                probe.step(loss)
-    report = probe.report()
+    # (an evaluation inside a step was labelled with the step before; one after the last step, with
+    # no step after it, was never checked)
+    report = evaluated_loop(monkeypatch, inside=True)
     assert [s["seconds"] for s in report["steps"]] == [3.0]
     assert report["oom"]["step"] == 2 and "OUT OF MEMORY in eval at step 2" in memcheck.format_report(report)
-    with memcheck.Probe(model, optimizer, log=lambda *a: None) as probe:
+    model = nn.Linear(32, 32)
+    with memcheck.Probe(model, log=lambda *a: None) as probe:
         with probe.phase("forward"):
             loss = model(torch.randn(4, 32)).square().mean()
         with probe.phase("backward"):
