@@ -318,8 +318,8 @@ class _MetaKernelsRemembered(TorchDispatchMode):
 
 def _meta_kernels_remembered():
     """_MetaKernelsRemembered where no dispatch mode below it would miss the ops it answers."""
-    modes = torch.utils._python_dispatch._get_current_dispatch_mode_stack()
-    unseen = all(isinstance(m, Tracker) and m.device_type != "meta" for m in modes)
+    stack = getattr(torch.utils._python_dispatch, "_get_current_dispatch_mode_stack", None)
+    unseen = stack is not None and all(isinstance(m, Tracker) and m.device_type != "meta" for m in stack())
     return _MetaKernelsRemembered() if unseen else contextlib.nullcontext()
 
 

@@ -245,8 +245,8 @@ def collate(samples, titles, tokenizer, seq, ids):
 
 
 def _batch(samples, rows, seq):
-    """The batch of `samples` from their rows (encode's). Made from lists, with no torch op: a probe
-    running on the CPU counts no batch made ahead of its step."""
+    """The batch of `samples` from their rows (encode's), made from lists: a probe running on the
+    CPU counts no batch made ahead of its step (torch.stack's would be counted)."""
     input_ids, labels, item_ids, lengths = zip(*rows)
     attention_mask = [[1] * n + [0] * (seq - n) for n in lengths]
     history = [s.history + [0] * (MAX_HISTORY - len(s.history)) for s in samples]
