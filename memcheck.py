@@ -354,7 +354,7 @@ _EVENT_MESSAGES = {
     "graph_kept": "a graph outlived its backward: {tensors} tensors ({mib} MiB) saved for backward "
                   "were still alive at the end of step {first_step} ({steps} steps in all); a loss "
                   "or output kept with its graph, or backward(retain_graph=True)",
-    "grad_in_eval": "autograd saved {mib} MiB for backward during '{phase}' at step {first_step} "
+    "grad_in_eval": "autograd saved {mib} MiB for backward during '{phase}' {when} "
                     "({steps} steps in all) and no backward used it: run evaluation under "
                     "torch.no_grad()",
     "checkpointing_inactive": "gradient checkpointing is enabled but did not run: checkpointed "
@@ -464,8 +464,10 @@ class _Saves:
         watch = self.watch
         for phase, storages in watch["bytes"].items():
             if phase not in watch["unpacked"]:
-                self._event("grad_in_eval", _step_of(self.tracker, phase), phase=phase,
-                            bytes=sum(storages.values()))
+                at = _step_of(self.tracker, phase)   # ("after step N" as the OOM line says it)
+                after = phase == "eval" and self.tracker.eval_between_steps
+                self._event("grad_in_eval", at, phase=phase, bytes=sum(storages.values()),
+                            when=_at_or_after(at, after))
         if watch["unpacked"]:  # a backward ran
             self.backward_steps += 1
             for layer in self.layers:   # saves used inside it: not; at its level only (its input): yes
@@ -1929,11 +1931,16 @@ def format_report(report):
     return "\n".join(head + [text_table(*_phase_table(report)), ""] + tail)
 
 
+def _at_or_after(step, after):
+    """'at step N', or for an evaluation between steps 'after step N' ('before the first step')."""
+    return (f"after step {step}" if step else "before the first step") if after else f"at step {step}"
+
+
 def oom_when(oom):
     """The phase an OOM came in, and the step but for loading (before any step)."""
-    if oom.get("after_step"):   # (an evaluation between steps)
-        return f"eval after step {oom['step']}" if oom["step"] else "eval before the first step"
-    return oom["phase"] if oom["phase"] == "load" else f"{oom['phase']} at step {oom['step']}"
+    if oom["phase"] == "load":
+        return "load"
+    return f"{oom['phase']} {_at_or_after(oom['step'], oom.get('after_step'))}"
 
 
 def _recovered(oom):
