@@ -1112,6 +1112,9 @@ class Probe:
         self.tracker.phase = None
         if name == "eval" and self._started is not None:   # (an evaluation inside a step)
             self._started += time.perf_counter() - self._eval_began
+        elif name == "eval":   # between steps: the next is measured, and timed, from here
+            self._step_ended = time.perf_counter()
+            self._new_window()
         # The peak is training's; loading (resize_token_embeddings included) keeps its own entry, and
         # what runs between phases after it is measured from its end.
         if name == "load":
@@ -1138,7 +1141,7 @@ class Probe:
     def step(self, loss=None):
         """Close a training step: record its loss, time and the live bytes it leaves behind."""
         self.end()
-        if self._phased:
+        if self._started is not None:   # (a training phase ran: an evaluation alone is none)
             self._end_between()
         elif self._open:  # no phase in this step: the whole step is one
             self.tracker.phase = "step"

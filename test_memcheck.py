@@ -1758,6 +1758,30 @@ def test_an_evaluation_inside_a_step_is_that_steps_without_its_time_and_one_afte
     assert warning["kind"] == "grad_in_eval" and "during 'eval' after step 1 " in warning["message"]
 
 
+def test_a_loop_without_phases_is_measured_whole_at_each_step_whatever_evaluation_runs_between(monkeypatch):
+    # (an evaluation phase between steps made every later step "phased": not measured as a step,
+    # and timed with the evaluation)
+    now = [0.0]
+    monkeypatch.setattr(memcheck.time, "perf_counter", lambda: now[0])
+    model = nn.Linear(64, 64)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    with memcheck.Probe(model, optimizer, log=lambda *a: None) as probe:
+        for _ in range(3):
+            now[0] += 1.0
+            loss = model(torch.ones(2, 64)).sum()
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+            probe.step(loss)
+            with torch.no_grad(), probe.phase("eval"):
+                now[0] += 100.0
+                torch.empty(2**16)   # larger than anything the steps make
+    report = probe.report()
+    assert [s["seconds"] for s in report["steps"]] == [1.0, 1.0, 1.0]
+    assert (report["phases"]["step"]["step"], report["peak_phase"]) == (3, "eval")
+    assert all(0 < s["peak_bytes"] < 2**18 for s in report["steps"])
+
+
 def test_a_negative_leak_prints_as_none_and_growth_that_is_no_leak_as_zero():
     # growth in a run whose report found no leak (a 4-byte evaluation loss kept from step 2 on)
     # read "1" in the leak row
