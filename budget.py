@@ -16,9 +16,9 @@ import torch
 import torch.utils._pytree as pytree
 from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
 
-from memcheck import (AS_EXPECTED, BETWEEN_PHASES, CATEGORIES, Tracker, _adapter, _bytes_by_dtype,
-                      _largest_temporary, _strategy, _unique_params, decoder_layers, first_line,
-                      flattened_by_fsdp1, fsdp2_cast_dtypes, mib, named_warnings, rank_and_world,
+from memcheck import (AS_EXPECTED, BETWEEN_PHASES, CATEGORIES, Tracker, _adapter, _aliases_input,
+                      _bytes_by_dtype, _largest_temporary, _strategy, _unique_params, decoder_layers,
+                      first_line, flattened_by_fsdp1, fsdp2_cast_dtypes, mib, named_warnings, rank_and_world,
                       stepped_params, unwrapped_optimizer)
 
 BUDGET_TOLERANCE = 0.10  # the budget's accuracy target: beyond it, a peak is an excess
@@ -295,9 +295,10 @@ class _MetaKernelsRemembered(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        schema = func._schema
+        if func._schema.is_mutable or _aliases_input(func):
+            return func(*args, **kwargs)
         tensors = [a for a in pytree.tree_leaves((args, kwargs)) if isinstance(a, torch.Tensor)]
-        if not tensors or schema.is_mutable or any(r.alias_info is not None for r in schema.returns):
+        if not tensors:   # (a factory: its dtype may be the default's, its device the default's)
             return func(*args, **kwargs)
         try:   # (and the default dtype: that of a tensor made from an integer one and a float)
             key = (func, _described(args), _described(tuple(sorted(kwargs.items()))),

@@ -177,9 +177,11 @@ def _op_name(op):
 
 
 def _step_of(tracker, phase):
-    """The step a record of `phase` belongs to: an evaluation begun before the open step trained (as
-    the trainers' eval hooks run) is the last finished step's, anything else the open step's."""
-    return tracker.step - 1 if phase == "eval" and tracker.eval_between_steps else tracker.step
+    """(the step a record of `phase` belongs to, whether it came after it): an evaluation begun before
+    the open step trained (as the trainers' eval hooks run) is the last finished step's, after it;
+    anything else the open step's."""
+    after = phase == "eval" and tracker.eval_between_steps
+    return tracker.step - after, after
 
 
 @functools.cache  # once per process
@@ -464,8 +466,7 @@ class _Saves:
         watch = self.watch
         for phase, storages in watch["bytes"].items():
             if phase not in watch["unpacked"]:
-                at = _step_of(self.tracker, phase)   # ("after step N" as the OOM line says it)
-                after = phase == "eval" and self.tracker.eval_between_steps
+                at, after = _step_of(self.tracker, phase)   # ("after step N" as the OOM line says it)
                 self._event("grad_in_eval", at, phase=phase, bytes=sum(storages.values()),
                             when=_at_or_after(at, after))
         if watch["unpacked"]:  # a backward ran
@@ -864,10 +865,9 @@ class _Ooms:
         if record is None:
             stack = self.tracker.module_stack
             phase = self.tracker.phase or BETWEEN_PHASES
-            record = {"phase": phase, "step": _step_of(self.tracker, phase),
-                      "module": stack[-1] if stack else NO_MODULE, "message": key[1]}
-            if phase == "eval" and self.tracker.eval_between_steps:   # ("after step N")
-                record["after_step"] = True
+            step, after = _step_of(self.tracker, phase)
+            record = {"phase": phase, "step": step, "module": stack[-1] if stack else NO_MODULE,
+                      "message": key[1], **({"after_step": True} if after else {})}
             self.open.append((key, record, list(inside)))
         return record
 
@@ -1126,10 +1126,10 @@ class Probe:
         """The closing phase's peak, what was alive then, and on CUDA the allocator's own figures."""
         tracker = self.tracker
         if self.allocator_only:
-            return dict(_allocator_stats(self.device), step=_step_of(tracker, tracker.phase))
+            return dict(_allocator_stats(self.device), step=_step_of(tracker, tracker.phase)[0])
         categories, modules, temporaries = tracker.at(tracker.peak_event)
         stats = {"peak_bytes": tracker.peak_bytes, "live_bytes": tracker.live_bytes,
-                 "step": _step_of(tracker, tracker.phase),
+                 "step": _step_of(tracker, tracker.phase)[0],
                  "categories": categories, "modules": modules, "temporaries": temporaries}
         if self.cuda:
             stats["tracked_peak_bytes"] = stats["peak_bytes"]
