@@ -103,7 +103,8 @@ def _structure(model):
             inner.update(id(m) for m in module.modules() if m is not module)
         elif _is_linear(module) and id(module) not in inner:
             linears[leaf] = module
-    hidden = model.get_input_embeddings().embedding_dim
+    embeddings = model.get_input_embeddings()
+    hidden = getattr(embeddings, "base_layer", embeddings).embedding_dim   # (under PEFT's LoRA too)
     # The MLP's width under each family's name (OPT, Llama and most; GPT-2; Falcon), the one the
     # layers were built with where a config has two (an OPT config read by a Llama class), else 4 x hidden.
     widths = [v for k in ("ffn_dim", "intermediate_size", "n_inner", "ffn_hidden_size")

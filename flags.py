@@ -11,6 +11,7 @@ DEFAULT_MODEL = "facebook/opt-125m"
 PRECISIONS = {"32": ("fp32", None), "16-mixed": ("fp32", "fp16"), "bf16-mixed": ("fp32", "bf16"),
               "16-true": ("fp16", None), "bf16-true": ("bf16", None)}
 DTYPE_NAMES = ("fp32", "fp16", "bf16")
+TRUE_PRECISION = {"fp32": "32", "fp16": "16-true", "bf16": "bf16-true"}  # weights in it, no autocast
 IMPLS = ("lean", "einsum")  # ilora.IMPLS (a test checks they agree); ilora imports torch
 CKPT_MODES = ("manual", "hf", "reentrant", "none")
 STRATEGIES = ("none", "ddp", "fsdp")
@@ -179,6 +180,7 @@ def _world_size_checks(args, argv, budget_only):
 
 def _value_checks(args, argv, budget_only=False):
     """(holds, the one-line error when it does not) for each flag's value; argv for the messages."""
+    own_weights = PRECISIONS[args.precision][0]
     return _world_size_checks(args, argv, budget_only) + [
         (args.bs >= 1, f"--bs {args.bs}: must be 1 or more"),
         (args.seq >= MIN_SEQ, f"--seq {args.seq}: must be {MIN_SEQ} or more"),
@@ -215,8 +217,13 @@ def _value_checks(args, argv, budget_only=False):
         (not (args.strategy != "none" and args.ckpt == "reentrant"),
          f"--ckpt reentrant with --strategy {args.strategy}: its second backward (the router's) "
          "comes after the gradients are reduced; use --ckpt manual or hf"),
+        (args.weights_dtype in (None, own_weights) or args.precision.endswith("-mixed"),
+         f"--weights-dtype {args.weights_dtype} with --precision {args.precision}: that precision trains "
+         f"{own_weights} weights; use --precision {TRUE_PRECISION.get(args.weights_dtype)} for "
+         f"{args.weights_dtype} weights, or a *-mixed one to keep them under autocast"),
         (args.data is None or os.path.isdir(args.data),
-         f"--data {args.data}: no such directory (expected MovieLens-100K's u.data, u.item)"),
+         f"--data {args.data}: " + ("a file, not a directory" if os.path.isfile(args.data or "")
+                                    else "no such directory") + " (expected MovieLens-100K's u.data, u.item)"),
     ]
 
 
@@ -252,7 +259,8 @@ def check_model_dir(path):
         return  # a name in the local Hugging Face cache, looked up when the model loads
     directory = os.path.expanduser(path)
     if not os.path.isdir(directory):
-        raise UsageError(f"--model {path}: no such directory")
+        raise UsageError(f"--model {path}: " + ("a file, not a directory; expected " + MODEL_DIR
+                                               if os.path.isfile(directory) else "no such directory"))
     names = sorted(os.listdir(directory))
     if not names:
         raise UsageError(f"--model {path}: an empty directory; expected {MODEL_DIR}")
@@ -305,6 +313,17 @@ def print_error(prog, error):
     """The one-line error, printed once: under torchrun by rank 0 (every rank exits 2)."""
     if os.environ.get("RANK", "0") == "0" or os.environ.get("WORLD_SIZE", "1") == "1":
         print(f"{prog}: error: {error}", file=sys.stderr)
+
+
+def printer():
+    """print, flushed (live through a pipe or tee); once the reader has closed the pipe (`| head`),
+    the rest goes to /dev/null: the run and its report go on."""
+    def say(*values):
+        try:
+            print(*values, flush=True)
+        except BrokenPipeError:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    return say
 
 
 def exit_on_help_or_bad_flags(argv, prog="ref_train.py"):

@@ -276,9 +276,10 @@ class Tracker(TorchDispatchMode):
             # as an allocator fails: the allocation is not made, so not counted, not even in the peak
             over = self.live_bytes + nbytes - self.limit_bytes
             words = ALLOCATOR_OOM_WORDS.get(self.device_type, f"{self.device_type.upper()} out of memory.")
+            limit = max(mib(self.limit_bytes), f"{self.limit_bytes / MiB:g}", key=len)  # 3.0, or 1.35 as given
             message = (f"{words} allocating {_size(nbytes)} ({list(tensor.shape)} {str(tensor.dtype)[6:]} "
                        f"from {_op_name(op)} in {module}) with {_size(self.live_bytes)} live: {over:,} bytes "
-                       f"over the --max-memory / max_memory_mib limit of {_size(self.limit_bytes)}")
+                       f"over the --max-memory / max_memory_mib limit of {limit} MiB")
             tensor = storage = None   # (this frame, kept by the error, holds no storage)
             raise torch.OutOfMemoryError(message)
         self.event += 1
@@ -698,6 +699,8 @@ class _Stack:
         if self.seen.get("padded") is not True:   # (a padded batch outweighs a packed one)
             masked = _masks_attention(given)
             self.seen["padded"] = masked or self.seen.get("padded", False)
+        if self._training_step():   # (in train() mode, or not: a warning where no forward was)
+            self.seen.setdefault("train_mode", set()).add(module.training)
         held = self.seen.setdefault("gradients_held", [])
         if "forward" not in held and any(p.grad is not None for p in self.trainable):
             held.append("forward")
@@ -832,6 +835,15 @@ class _Stack:
             found.append({"kind": "model_mismatch", "class": cls, "model_type": read_as, "message": message})
         if not self.saves.backward_steps or self.model is None:
             return found
+        # dropout modules (LoRA's), and the model's own, which many call functionally (OPT's)
+        idle = {m.p for m in self.model.modules() if isinstance(m, torch.nn.Dropout) and m.p > 0}
+        own = getattr(getattr(lm, "config", None), "dropout", 0)
+        idle |= {own} if isinstance(own, float) and own > 0 else set()
+        if self.seen.get("train_mode") == {False} and idle:
+            found.append({"kind": "eval_mode", "message": (
+                f"the model trained in eval() mode, so its dropout (p "
+                f"{', '.join(map('{:g}'.format, sorted(idle)))}) did not run; call model.train() before "
+                "training (in train() mode its masks cost memory: the budget counts them)")})
         trainable = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad] + [
             (f"{list(p.shape)} beside the model", p) for p in self.outside if p.requires_grad]
         missing = [n for n, p in trainable if id(p) not in self.graded]
@@ -1360,9 +1372,20 @@ def _adapter(module):
                   "dropout": getattr(dropouts[name], "p", 0.0) if name in dropouts else 0.0}
 
 
+def _outside_layers(model):
+    """{module: name} of the LoRA adapters outside the decoder layers (on lm_head, embed_tokens)."""
+    layers = decoder_layers(model)
+    inside = {id(m) for m in layers.modules()} if layers is not None else None
+    return {m: name.rpartition(".")[2] for name, m in model.named_modules()
+            if inside is not None and id(m) not in inside and _adapter(m) is not None}
+
+
 def _adapters(model):
-    """The LoRA adapters in `model`: their kind, rank, alpha, experts, dropout and target names."""
-    found = [(name, m, a[1]) for name, m in model.named_modules() if (a := _adapter(m)) is not None]
+    """The LoRA adapters in `model`: their kind, rank, alpha, experts, dropout and target names (of
+    those in the decoder layers: ref_train.py adapts no other)."""
+    outside = _outside_layers(model)
+    found = [(name, m, a[1]) for name, m in model.named_modules()
+             if m not in outside and (a := _adapter(m)) is not None]
     if not found:
         return {"adapters": None}
     _, first, lora = found[0]
@@ -1403,7 +1426,8 @@ def _optimizer_kind(optimizer):
 
 def _not_reproduced(model, lm, seen, optimizer):
     """What a probed stack does that ref_train.py has no flag for: its baseline leaves it out."""
-    found = []
+    found = [f"LoRA on {name} (the reference adapts the decoder layers' linears only)"
+             for name in sorted(set(_outside_layers(model).values()))]
     if optimizer not in (None, "Adam", "AdamW"):
         found.append(f"optimizer {optimizer} (the reference steps AdamW)")
     if any(any(getattr(m, "use_dora", {}).values()) for m in model.modules()):
@@ -1833,12 +1857,16 @@ def named_warnings(report):
 
 
 def weighty_warnings(report):
-    """'kind N.N MiB' of each warning that weighs 3% of the peak or more, and any oom_caught."""
+    """'kind N.N MiB' of each warning that weighs 3% of the peak or more, and any oom_caught, no_grad
+    or eval_mode (a run that does not train as it should: its peak may read as expected)."""
     warnings = report.get("warnings") or []
     on = lambda w: (f", on rank {w['rank']}" if w.get("rank") is not None
                     else f", on ranks {', '.join(map(str, w['on_ranks']))}" if w.get("on_ranks") else "")
     return ([f"oom_caught ({w['count']}x, in {', '.join(w['caught_in'])}{on(w)})" for w in warnings
              if w["kind"] == "oom_caught"]
+            + [f"no_grad ({w['count']} of {w['of']} trainable parameters got no gradient{on(w)})"
+               for w in warnings if w["kind"] == "no_grad"]
+            + [f"eval_mode (dropout off{on(w)})" for w in warnings if w["kind"] == "eval_mode"]
             + [f"{w['kind']} {mib(w['bytes'])} MiB{on(w)}" for w in warnings
                if w.get("bytes", 0) >= AS_EXPECTED * w.get("rank_peak_bytes", report["peak_bytes"])])
 
@@ -2242,9 +2270,10 @@ def _modules_by_group(report):
     groups = {}
     for m in report.get("modules") or []:
         name = _ADAPTER_NAME.sub(r"\1", _WRAPPERS.sub("", m["module"]).lstrip("."))
-        g = groups.setdefault(_INDEX.sub(".*", name), {"bytes": 0, "count": 0, "ops": {}})
+        g = groups.setdefault(_INDEX.sub(".*", name), {"bytes": 0, "names": set(), "ops": {}})
         g["bytes"] += m["bytes"]
-        g["count"] += 1
+        g["names"].add(name)   # (a LoRA layer and its base linear: one module, x1)
+        g["count"] = len(g["names"])
         for op, n in (m.get("ops") or {}).items():
             g["ops"][op] = g["ops"].get(op, 0) + n
     return groups

@@ -24,6 +24,9 @@ DEFAULT_TARGETS = {
 # least 99% as many tokens as embedding rows (Llama 32000/32000, Qwen2 151643/151936, OPT
 # 50265/50272). Below MIN_TOKENS tokens, or 1% of the rows, the stand-in is used instead.
 MIN_TOKENS = 64
+# What a tokenizer is saved as, by the tokenizers library or a slow tokenizer (sentencepiece, BPE, WordPiece)
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "spiece.model",
+                   "vocab.json", "vocab.txt", "merges.txt")
 
 
 def _hf_cache():
@@ -113,10 +116,14 @@ def _instantiate(args, config, weights_dtype, meta, attn):
 def _load_tokenizer(args, model):
     """(the model's tokenizer or None for the stand-in, a note when it is the stand-in)."""
     from transformers import AutoTokenizer
+    none = f"tokenizer: none in {args.model}; using the stand-in BPE trained on the catalogue"
+    if os.path.isdir(args.model) and not any(os.path.exists(os.path.join(args.model, name))
+                                             for name in TOKENIZER_FILES):
+        return None, none   # (transformers would make a 0-5 token one of the config's type)
     try:
         tokenizer = AutoTokenizer.from_pretrained(args.model, local_files_only=True)
     except (OSError, ValueError):
-        return None, f"tokenizer: none in {args.model}; using the stand-in BPE trained on the catalogue"
+        return None, none
     except Exception as e:  # tokenizer files the tokenizers library cannot parse
         return None, (f"tokenizer: cannot read the one in {args.model} ({memcheck.first_line(e)}); "
                       "using the stand-in BPE trained on the catalogue")

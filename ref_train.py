@@ -57,10 +57,8 @@ def _checkpointed(forward, *args, **kwargs):
 
 def checkpoint_layers(model, every=1):
     """Manual gradient checkpointing: each decoder layer (every `every`-th from the first, as
-    transformers' every_n_layers) keeps only its inputs for backward.
-
-    The gate goes through torch.utils.checkpoint as an input, so the recomputation in backward runs
-    under the same gate even though the use_gate() scope of the forward pass has closed."""
+    transformers' every_n_layers) keeps only its inputs for backward. The gate is one of them: the
+    recomputation in backward runs under it, after the forward's use_gate() scope has closed."""
     for layer in models.decoder_layers(model)[::every]:
         layer.forward = functools.partial(_checkpointed, layer.forward)
 
@@ -102,6 +100,9 @@ def build_base(args, meta=False):
     # are drawn at random, so seed first: a run must not depend on what ran before it.
     torch.manual_seed(args.seed)
     models.prepare_vocabulary(model, tokenizer, stand_in, args.add_tokens, mean_resizing=not meta)
+    vocab = model.get_output_embeddings().weight.shape[0]
+    if args.loss_chunks > vocab:
+        raise UsageError(f"--loss-chunks {args.loss_chunks}: at most the vocabulary's {vocab} rows")
     model.to("meta" if meta else args.device)
     ids = data.placeholder_ids(tokenizer, args.add_tokens)
     batches = distributed.rank_rows(data.batches(samples, titles, tokenizer, args.bs * args.world_size,
@@ -375,8 +376,8 @@ def main(argv=None):
     try:
         args = parse_args(argv)
         with distributed.process_group(args) as rank:  # rank 0 speaks for all
-            log = functools.partial(print, flush=True) if rank == 0 else lambda *_: None
-            report = train(args, log=log)  # flushed: live through a pipe or tee
+            log = flags.printer() if rank == 0 else lambda *_: None
+            report = train(args, log=log)
     except (UsageError, data.DataError) as e:
         flags.print_error(prog, e)
         return 2
@@ -391,8 +392,7 @@ def main(argv=None):
         if memcheck.is_out_of_memory(e):  # CUDA's, or a CPU allocation that failed; already reported
             return 1
         raise
-    if rank == 0:
-        print(shown(report, args))
+    log(shown(report, args))
     return 0
 
 

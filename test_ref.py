@@ -299,14 +299,20 @@ def test_a_tokenizer_that_does_not_parse_is_named_and_the_stand_in_trains(tiny_m
     assert tokenizer is None and f"tokenizer: cannot read the one in {directory} (" in source
 
 
-def test_a_degenerate_tokenizer_counts_as_none_and_the_vocabulary_never_shrinks(family_models,
-                                                                                  tiny_model):
+def test_a_degenerate_tokenizer_counts_as_none_and_the_vocabulary_never_shrinks(family_models, tiny_model,
+                                                                                  tmp_path):
     from transformers import AutoTokenizer
 
-    directory = family_models["qwen2"]
-    # What transformers does for a Qwen2 folder without tokenizer files: a 1-token tokenizer.
+    # A folder without tokenizer files is said to have none, however transformers would fill it in.
+    args = ref_train.parse_args(["--model", family_models["qwen2"], "--device", "cpu"])
+    assert models.load_model(args, torch.float32, meta=True)[2].endswith(
+        f"tokenizer: none in {family_models['qwen2']}; using the stand-in BPE trained on the catalogue")
+    directory = tmp_path / "qwen2"
+    shutil.copytree(family_models["qwen2"], directory)
+    (directory / "tokenizer_config.json").write_text("{}")
+    # What transformers makes of a Qwen2 folder whose tokenizer is only its config: a 1-token tokenizer.
     assert 0 < len(AutoTokenizer.from_pretrained(directory, local_files_only=True)) < 64
-    args = ref_train.parse_args(["--model", directory, "--device", "cpu", "--seq", str(SEQ)])
+    args = ref_train.parse_args(["--model", str(directory), "--device", "cpu", "--seq", str(SEQ)])
     model, tokenizer, source = models.load_model(args, torch.float32)
     assert tokenizer is None and "cannot be the model's" in source and "stand-in" in source
     model, _, batches, _ = ref_train.build(args)
@@ -798,7 +804,9 @@ def values(tiny_model, tmp_path_factory):
     """What "{...}" in the flags of this section stand for: models, data and report paths."""
     tmp = tmp_path_factory.mktemp("commands")
     (tmp / "empty").mkdir()
-    return {"tiny": tiny_model, "bad_data": bad_movielens(tmp / "bad-ml"),
+    (tmp / "a-report.json").write_text("{}")
+    return {"report_file": str(tmp / "a-report.json"),
+            "tiny": tiny_model, "bad_data": bad_movielens(tmp / "bad-ml"),
             "text_dir": not_a_model(tmp / "text"), "empty_dir": str(tmp / "empty"),
             "bad_config": not_a_model(tmp / "bad-config", {"config.json": "{bad json"}),
             "small_vocab": _save_tiny_opt(tmp / "small-vocab", 500, with_tokenizer=False),
@@ -831,11 +839,20 @@ BAD_INPUTS = {
     "hub-name-not-cached": (["--model", "ilora-ref-tests/no-such-model"],
                             ["--model ilora-ref-tests/no-such-model", "nothing is downloaded"]),
     "missing-data": (["--data", "/no/such/dir"], ["/no/such/dir"]),
+    "data-a-file": (["--data", "{report_file}"], ["--data {report_file}: a file, not a directory"]),
+    "model-a-file": (["--model", "{report_file}"], ["--model {report_file}: a file, not a directory"]),
+    "weights-dtype-against-a-true-precision": (["--precision", "bf16-true", "--weights-dtype", "fp32"],
+                                               ["--weights-dtype fp32", "--precision bf16-true",
+                                                "--precision 32", "*-mixed"]),
+    "weights-dtype-against-precision-32": (["--precision", "32", "--weights-dtype", "bf16"],
+                                           ["--weights-dtype bf16", "--precision 32", "bf16-true"]),
     "malformed-u.data": (["--model", "{tiny}", "--data", "{bad_data}"],
                          ["{bad_data}/u.data line 3", "three"]),
     "lr-negative": (["--lr", "-1"], ["--lr -1.0", "positive"]),
     "alpha-zero": (["--alpha", "0"], ["--alpha 0.0", "positive"]),
     "loss-chunks-0": (["--loss-chunks", "0"], ["--loss-chunks 0", "1 or more"]),
+    "loss-chunks-beyond-the-vocabulary": (["--model", "{tiny}", "--loss-chunks", "100000"],
+                                          ["--loss-chunks 100000", "at most the vocabulary's"]),
     "seed-beyond-64-bits": (["--seed", str(2 ** 64)], [f"--seed {2 ** 64}", "2**64 - 1"]),
     "max-memory-infinite": (["--max-memory", "inf"], ["--max-memory inf", "positive"]),
     "max-memory-beyond-int64-bytes": (["--max-memory", "1e308"], ["--max-memory 1e+308", "at most 2**43"]),
@@ -1147,6 +1164,18 @@ def test_any_other_exception_writes_the_report_with_status_error(tiny_model, tmp
     report = memcheck.read_report(path)
     assert report["status"] == "error" and report["error"] == "ValueError: a bug in the loop"
     assert report["oom"] is None and report["phases"]["load"]["peak_bytes"] > 0
+
+
+def test_a_reader_that_closes_the_pipe_early_stops_neither_the_run_nor_its_report(tiny_model, tmp_path,
+                                                                                   monkeypatch, capsys):
+    # `ref_train.py ... | head -2`: head has exited when the first step's line is written.
+    read, write = os.pipe()
+    os.close(read)
+    monkeypatch.setattr(sys, "stdout", os.fdopen(write, "w"))
+    path = tmp_path / "r.json"
+    assert ref_train.main(["--model", tiny_model, "--steps", "3", "--seq", "32", "--report", str(path)]) == 0
+    assert memcheck.read_report(path)["status"] == "ok" and len(memcheck.read_report(path)["steps"]) == 3
+    assert capsys.readouterr().err == ""
 
 
 class _CtrlCAfterStepOne(io.StringIO):

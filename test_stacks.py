@@ -1200,10 +1200,31 @@ def test_weights_that_dominate_come_first_and_a_model_built_in_code_is_named_by_
     assert not memcheck.format_report(big).startswith("the weights are")
 
 
+@pytest.mark.parametrize("outside", ["lm_head", "embed_tokens"])
+def test_lora_outside_the_decoder_layers_is_left_out_of_a_baseline_that_runs_and_the_budget_reads_it(
+        outside, tmp_path):
+    from peft import LoraConfig, get_peft_model
+    from transformers import OPTConfig, OPTForCausalLM
+    torch.manual_seed(0)
+    model = OPTForCausalLM(OPTConfig(vocab_size=VOCAB, **TINY_OPT))
+    model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", outside]))
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    with memcheck.Probe(model, optimizer, path=str(tmp_path / "stack.json")) as probe:
+        user_loop(probe, model, optimizer, token_batches(3, vocab=VOCAB))
+    config = probe.save()["config"]
+    assert config["targets"] == ["q_proj", "v_proj"]
+    left_out = f"LoRA on {outside} (the reference adapts the decoder layers' linears only)"
+    assert left_out in config["not_reproduced"]
+    assert probe.report()["budget"], probe.report().get("no_budget")   # (embed_tokens: an AttributeError)
+    # the printed baseline builds: its targets are the decoder's linears (lm_head was refused)
+    args = ref_train.parse_args(shlex.split(config["baseline_command"])[2:])
+    assert ref_train.build(args, meta=True)[3]["targets"] == ("q_proj", "v_proj")
+
+
 def test_an_opt_folder_loaded_into_llama_is_a_model_mismatch(tiny_model, tmp_path):
     from transformers import AutoModelForCausalLM, LlamaForCausalLM
     for cls, kinds in ((LlamaForCausalLM, ["model_mismatch"]), (AutoModelForCausalLM, [])):
-        model = cls.from_pretrained(tiny_model)
+        model = cls.from_pretrained(tiny_model).train()   # (from_pretrained gives it in eval mode)
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
         with memcheck.Probe(model, optimizer) as probe:
             ids = token_batches(1)[0]
