@@ -314,11 +314,33 @@ def hf_train(model, callbacks, tmp_path, steps=3, evaluate=False, rows=None, add
         assert "training_step" not in vars(trainer) and "step" not in vars(trainer.optimizer)
 
 
+def _micro_batches(probe, model, optimizer, ids, summed):
+    """One step over the rows of `ids` as micro-batches: each one's backward before the next forward,
+    or (summed) their losses added up before one backward, as a careless accumulation does."""
+    losses = []
+    for rows in ids.split(1):
+        with probe.phase("forward"):
+            losses.append(model(input_ids=rows, labels=rows).loss / len(ids))
+        if not summed:
+            with probe.phase("backward"):
+                losses.pop().backward()
+    if summed:
+        with probe.phase("backward"):
+            sum(losses).backward()
+    with probe.phase("optimizer"):
+        optimizer.step()
+        optimizer.zero_grad()
+
+
 def user_loop(probe, model, optimizer, batches, pattern="clean", autocast_dtype=None):
     """A user's loop, clean or with one careless pattern, under a Probe or the bare tracker; its
     forward under CPU autocast when autocast_dtype is given."""
     kept = []
     for ids in batches:
+        if pattern.endswith("micro_batches"):
+            _micro_batches(probe, model, optimizer, ids, summed=pattern == "summed_micro_batches")
+            probe.step()
+            continue
         evaluating = pattern.startswith("eval")
         cast = torch.autocast("cpu", autocast_dtype, enabled=autocast_dtype is not None)
         with probe.phase("forward"), cast, (torch.no_grad() if pattern == "eval_under_no_grad"

@@ -360,6 +360,11 @@ _EVENT_MESSAGES = {
     "grad_in_eval": "autograd saved {mib} MiB for backward during '{phase}' {when} "
                     "({steps} steps in all) and no backward used it: run evaluation under "
                     "torch.no_grad()",
+    "graphs_together": "the graphs of {forwards} training forwards were alive together as a backward began "
+                       "(step {first_step}, {steps} steps in all): {mib} MiB saved for backward beyond one "
+                       "forward's; micro-batch losses summed before one backward hold every micro-batch's "
+                       "graph (call backward on each loss, divided by their count); a loss that needs them "
+                       "all (two views, chosen and rejected) holds them by design",
     "checkpointing_inactive": "gradient checkpointing is enabled but did not run: checkpointed "
                               "layers saved {mib} MiB for backward at step {first_step} (e.g. "
                               "{modules[0]}); is the model in train() mode?",
@@ -370,11 +375,11 @@ class _Saved:
     """What autograd keeps for a saved tensor: a detached alias, since the tensor's grad_fn would
     make a cycle keeping alive a graph nobody backpropagates (a leak the probe made itself). Its
     version is checked when backward unpacks it: autograd skips that check for hooked saves."""
-    __slots__ = ("tensor", "version", "phase", "module", "nbytes", "used", "__weakref__")
+    __slots__ = ("tensor", "version", "phase", "module", "nbytes", "used", "forward", "__weakref__")
 
-    def __init__(self, tensor, phase, module, nbytes):
+    def __init__(self, tensor, phase, module, nbytes, forward):
         self.tensor, self.version, self.phase, self.module = tensor.detach(), tensor._version, phase, module
-        self.nbytes, self.used = nbytes, False
+        self.nbytes, self.used, self.forward = nbytes, False, forward
 
 
 class _Saves:
@@ -387,6 +392,7 @@ class _Saves:
         self.outputs = []              # (record, what made it) of the model's outputs, this forward
         self.unsaved = []              # those alive when it ended, autograd not saving them
         self.backward_steps, self.checkpointed = 0, {}   # layer -> whether its backward looked checkpointed
+        self.forwards = self.judged = 0   # the training forwards of the model so far; those judged
         self.new_step()
 
     def new_step(self):
@@ -404,7 +410,7 @@ class _Saves:
             module = tracker.module_stack[-1] if tracker.module_stack else NO_MODULE
         # What saving holds: a parameter exists anyway, and nothing frees it when the graph goes.
         held = record is not None and record.category == "activations"
-        saved = _Saved(tensor, phase, module, record.nbytes if held else 0)
+        saved = _Saved(tensor, phase, module, record.nbytes if held else 0, self.forwards if module else 0)
         self.watch["saved"].append(weakref.ref(saved))
         if held:
             self.watch["bytes"].setdefault(phase, {})[id(record)] = record.nbytes
@@ -417,6 +423,9 @@ class _Saves:
                 f"operation: [{str(saved.tensor.dtype).replace('torch.', '')} {list(saved.tensor.shape)}] "
                 f"is at version {saved.tensor._version}; expected version {saved.version} instead "
                 "(checked by memcheck's probe, as autograd does without it)")
+        if self.judged != self.forwards:   # a backward's first unpack since a training forward
+            self.judged = self.forwards
+            self._forwards_together()
         # What a backward used: the saves that tell whether checkpointing ran (an eval's never do).
         if not saved.used:
             saved.used = True
@@ -425,6 +434,17 @@ class _Saves:
                 modules = self.watch["modules"]
                 modules[saved.module] = modules.get(saved.module, 0) + saved.nbytes
         return saved.tensor
+
+    def _forwards_together(self):
+        # the training forwards whose graphs no backward has used yet, alive as this one begins
+        unused = {}   # forward -> {storage: bytes}: a tensor saved by several ops, counted once
+        for saved in filter(None, (ref() for ref in self.watch["saved"])):
+            if saved.forward and not saved.used:
+                unused.setdefault(saved.forward, {})[saved.tensor.untyped_storage().data_ptr()] = saved.nbytes
+        sizes = [sum(storages.values()) for storages in unused.values()]
+        if len(sizes) > 1:
+            self._event("graphs_together", self.tracker.step, forwards=len(sizes),
+                        bytes=sum(sizes) - max(sizes))
 
     def model_output(self, module, args, output):
         # A training forward's output, the loss aside (the loop keeps that one): output_kept's watch.
@@ -701,6 +721,7 @@ class _Stack:
             self.seen["padded"] = masked or self.seen.get("padded", False)
         if self._training_step():   # (in train() mode, or not: a warning where no forward was)
             self.seen.setdefault("train_mode", set()).add(module.training)
+            self.saves.forwards += 1
         held = self.seen.setdefault("gradients_held", [])
         if "forward" not in held and any(p.grad is not None for p in self.trainable):
             held.append("forward")

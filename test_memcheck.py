@@ -888,6 +888,8 @@ WARNINGS = [
      ({"ckpt": "reentrant"}, "clean", False), "8 of 10 trainable parameters"),
     ("checkpointing_inactive", ({"ckpt": "non-reentrant"}, "clean", True),
      ({"ckpt": "non-reentrant"}, "clean", False), "e.g. model.decoder.layers."),
+    ("graphs_together", ({}, "summed_micro_batches", False), ({}, "micro_batches", False),
+     "the graphs of 2 training forwards were alive together as a backward began (step 1, 4 steps"),
     ("eval_mode", ({"dropout": 0.1}, "clean", True), ({"dropout": 0.1}, "clean", False),
      "trained in eval() mode, so its dropout (p 0.1) did not run"),
 ]
