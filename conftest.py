@@ -332,6 +332,19 @@ def _micro_batches(probe, model, optimizer, ids, summed):
         optimizer.zero_grad()
 
 
+def phased_loop(probe, optimizer, batches, loss_of):
+    """A user's loop, each phase under the probe; its forward is loss_of(batch)."""
+    for batch in batches:
+        with probe.phase("forward"):
+            loss = loss_of(batch)
+        with probe.phase("backward"):
+            loss.backward()
+        with probe.phase("optimizer"):
+            optimizer.step()
+            optimizer.zero_grad()
+        probe.step(loss)
+
+
 def user_loop(probe, model, optimizer, batches, pattern="clean", autocast_dtype=None):
     """A user's loop, clean or with one careless pattern, under a Probe or the bare tracker; its
     forward under CPU autocast when autocast_dtype is given."""

@@ -129,8 +129,9 @@ def _memory(p):
     g.add_argument("--precision", choices=tuple(PRECISIONS), default="32",
                    help="Lightning's precision names; *-mixed keeps fp32 weights under autocast")
     g.add_argument("--weights-dtype", choices=DTYPE_NAMES,
-                   help="override the weights' dtype (bf16 under 16-mixed is iLoRA's setup)")
-    g.add_argument("--loss-chunks", type=int, default=1,
+                   help="the weights' dtype under a *-mixed precision (bf16 under 16-mixed is "
+                        "iLoRA's setup); 32 and *-true name their own")
+    g.add_argument("--loss-chunks", type=int, default=1, metavar="N",
                    help="compute lm_head + loss fused, over N slices of the vocabulary, with the "
                         "gradient taken in forward: the bs x seq x vocab logits never exist at once "
                         "and backward recomputes nothing")

@@ -276,7 +276,8 @@ class Tracker(TorchDispatchMode):
             # as an allocator fails: the allocation is not made, so not counted, not even in the peak
             over = self.live_bytes + nbytes - self.limit_bytes
             words = ALLOCATOR_OOM_WORDS.get(self.device_type, f"{self.device_type.upper()} out of memory.")
-            limit = max(mib(self.limit_bytes), f"{self.limit_bytes / MiB:g}", key=len)  # 3.0, or 1.35 as given
+            given = f"{self.limit_bytes / MiB:.6f}".rstrip("0").rstrip(".")
+            limit = max(mib(self.limit_bytes), given, key=len)  # 3.0, or 1.35 as it was given
             message = (f"{words} allocating {_size(nbytes)} ({list(tensor.shape)} {str(tensor.dtype)[6:]} "
                        f"from {_op_name(op)} in {module}) with {_size(self.live_bytes)} live: {over:,} bytes "
                        f"over the --max-memory / max_memory_mib limit of {limit} MiB")
@@ -392,7 +393,9 @@ class _Saves:
         self.outputs = []              # (record, what made it) of the model's outputs, this forward
         self.unsaved = []              # those alive when it ended, autograd not saving them
         self.backward_steps, self.checkpointed = 0, {}   # layer -> whether its backward looked checkpointed
-        self.forwards = self.judged = 0   # the training forwards of the model so far; those judged
+        # the training forwards through the first decoder layer so far, the one whose graph is being
+        # made (0: none since the last backward began), and the count as a backward last judged them
+        self.forwards = self.current = self.judged = 0
         self.new_step()
 
     def new_step(self):
@@ -410,7 +413,8 @@ class _Saves:
             module = tracker.module_stack[-1] if tracker.module_stack else NO_MODULE
         # What saving holds: a parameter exists anyway, and nothing frees it when the graph goes.
         held = record is not None and record.category == "activations"
-        saved = _Saved(tensor, phase, module, record.nbytes if held else 0, self.forwards if module else 0)
+        forward = self.current if module is not None and phase != "eval" else 0
+        saved = _Saved(tensor, phase, module, record.nbytes if held else 0, forward)
         self.watch["saved"].append(weakref.ref(saved))
         if held:
             self.watch["bytes"].setdefault(phase, {})[id(record)] = record.nbytes
@@ -424,7 +428,7 @@ class _Saves:
                 f"is at version {saved.tensor._version}; expected version {saved.version} instead "
                 "(checked by memcheck's probe, as autograd does without it)")
         if self.judged != self.forwards:   # a backward's first unpack since a training forward
-            self.judged = self.forwards
+            self.judged, self.current = self.forwards, 0
             self._forwards_together()
         # What a backward used: the saves that tell whether checkpointing ran (an eval's never do).
         if not saved.used:
@@ -721,7 +725,6 @@ class _Stack:
             self.seen["padded"] = masked or self.seen.get("padded", False)
         if self._training_step():   # (in train() mode, or not: a warning where no forward was)
             self.seen.setdefault("train_mode", set()).add(module.training)
-            self.saves.forwards += 1
         held = self.seen.setdefault("gradients_held", [])
         if "forward" not in held and any(p.grad is not None for p in self.trainable):
             held.append("forward")
@@ -751,8 +754,12 @@ class _Stack:
             held.append(phase)
 
     def _first_layer(self, module, args, kwargs):
-        # Whether the first training forward's first decoder layer takes an input that requires grad
+        # A training forward through the layers, however the loop calls them (not a recomputation in
+        # backward); whether the first one's first decoder layer takes an input that requires grad
         # (embeddings that train, injected, or enable_input_require_grads): the budget traces it so.
+        if self._training_step() and torch._C._current_autograd_node() is None:
+            self.saves.forwards += 1
+            self.saves.current = self.saves.forwards
         hidden = args[0] if args else kwargs.get("hidden_states")
         if "bs" in self.seen and "input_grads" not in self.seen and isinstance(hidden, torch.Tensor):
             self.seen["input_grads"] = hidden.requires_grad
@@ -967,7 +974,7 @@ class Probe:
         if allocator_only and max_memory_mib is not None:
             raise ReportError(f"max_memory_mib={max_memory_mib} needs the tracker, and "
                               "allocator_only=True runs without it: pass one or the other")
-        limit = None if max_memory_mib is None else int(max_memory_mib * MiB)
+        limit = None if max_memory_mib is None else round(max_memory_mib * MiB)
         self.tracker = Tracker(self.device, limit, on_error=self._on_op_error)
         self.config, self.log, self._path = config or {}, log or _say, path
         self._join_ranks()
@@ -1395,7 +1402,7 @@ def _adapter(module):
 
 def _outside_layers(model):
     """{module: name} of the LoRA adapters outside the decoder layers (on lm_head, embed_tokens)."""
-    layers = decoder_layers(model)
+    layers = decoder_layers(_language_model(model) or model)   # (in a LightningModule, say)
     inside = {id(m) for m in layers.modules()} if layers is not None else None
     return {m: name.rpartition(".")[2] for name, m in model.named_modules()
             if inside is not None and id(m) not in inside and _adapter(m) is not None}
@@ -1527,7 +1534,10 @@ def reference_line(config):
         return f"{REFERENCE}: {config['baseline_command']}" + (
             f" (it leaves out what it has no flag for: {'; '.join(left_out)})" if left_out else "")
     if config.get("probe") and config.get("bs") and not config.get("adapters"):
-        return NO_LORA_BASELINE
+        outside = [n.removeprefix("LoRA on ").split(" (")[0] for n in config.get("not_reproduced") or []
+                   if n.startswith("LoRA on ")]
+        return (f"{REFERENCE}: none; ref_train.py adapts the decoder layers' linears, and this model's LoRA "
+                f"is only on {' and '.join(outside)}" if outside else NO_LORA_BASELINE)
     if isinstance(config.get("checkpointing"), list):
         layers = [i for i, c in enumerate(config["checkpointing"]) if c]
         return (f"{REFERENCE}: none; layers {', '.join(map(str, layers))} were checkpointed, and "

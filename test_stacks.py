@@ -13,7 +13,8 @@ import transformers
 import budget
 import memcheck
 import ref_train
-from conftest import TINY_OPT, hf_train, lightning_fit, on_ranks, run_main, token_batches, user_loop
+from conftest import (TINY_OPT, hf_train, lightning_fit, on_ranks, phased_loop, run_main, token_batches,
+                      user_loop)
 
 VOCAB, BS, SEQ = 500, 2, 32
 
@@ -101,19 +102,6 @@ def raising_oom(module, when):
         out.register_hook(fail)   # (returns None: a forward hook's value would replace the output)
 
     module.register_forward_hook(fail if when == "forward" else fail_in_backward)
-
-
-def phased_loop(probe, optimizer, batches, loss_of):
-    """A user's loop, each phase under the probe; its forward is loss_of(batch)."""
-    for batch in batches:
-        with probe.phase("forward"):
-            loss = loss_of(batch)
-        with probe.phase("backward"):
-            loss.backward()
-        with probe.phase("optimizer"):
-            optimizer.step()
-            optimizer.zero_grad()
-        probe.step(loss)
 
 
 def quiet(path, **kwargs):
@@ -1200,14 +1188,31 @@ def test_weights_that_dominate_come_first_and_a_model_built_in_code_is_named_by_
     assert not memcheck.format_report(big).startswith("the weights are")
 
 
-@pytest.mark.parametrize("outside", ["lm_head", "embed_tokens"])
-def test_lora_outside_the_decoder_layers_is_left_out_of_a_baseline_that_runs_and_the_budget_reads_it(
-        outside, tmp_path):
+class Holder(torch.nn.Module):
+    """A user's module that holds the model, as a LightningModule holds self.llm."""
+
+    def __init__(self, llm):
+        super().__init__()
+        self.llm = llm
+
+    def forward(self, **kwargs):
+        return self.llm(**kwargs)
+
+
+def peft_opt_on(targets):
     from peft import LoraConfig, get_peft_model
     from transformers import OPTConfig, OPTForCausalLM
     torch.manual_seed(0)
     model = OPTForCausalLM(OPTConfig(vocab_size=VOCAB, **TINY_OPT))
-    model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", outside]))
+    return get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=targets))
+
+
+@pytest.mark.parametrize("outside, held", [("lm_head", False), ("embed_tokens", False), ("lm_head", True)],
+                         ids=["lm_head", "embed_tokens", "lm_head-in-a-module-of-the-user"])
+def test_lora_outside_the_decoder_layers_is_left_out_of_a_baseline_that_runs_and_the_budget_reads_it(
+        outside, held, tmp_path):
+    model = peft_opt_on(["q_proj", "v_proj", outside])
+    model = Holder(model).train() if held else model
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
     with memcheck.Probe(model, optimizer, path=str(tmp_path / "stack.json")) as probe:
         user_loop(probe, model, optimizer, token_batches(3, vocab=VOCAB))
@@ -1219,6 +1224,15 @@ def test_lora_outside_the_decoder_layers_is_left_out_of_a_baseline_that_runs_and
     # the printed baseline builds: its targets are the decoder's linears (lm_head was refused)
     args = ref_train.parse_args(shlex.split(config["baseline_command"])[2:])
     assert ref_train.build(args, meta=True)[3]["targets"] == ("q_proj", "v_proj")
+
+
+def test_lora_only_outside_the_decoder_layers_is_said_to_have_no_baseline_for_that_reason():
+    model = peft_opt_on(["lm_head"])
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    with memcheck.Probe(model, optimizer) as probe:
+        user_loop(probe, model, optimizer, token_batches(2, vocab=VOCAB))
+    assert memcheck.reference_line(probe.report()["config"]).endswith(   # (was: "found no LoRA layer")
+        "none; ref_train.py adapts the decoder layers' linears, and this model's LoRA is only on lm_head")
 
 
 def test_an_opt_folder_loaded_into_llama_is_a_model_mismatch(tiny_model, tmp_path):
