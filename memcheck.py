@@ -803,7 +803,8 @@ class _Stack:
                   "checkpointing": _checkpointing(self.checkpointing()), **_adapters(self.model),
                   "inject_items": self.seen.get("inject_items"),
                   "optimizer": ", ".join(dict.fromkeys(map(_optimizer_kind, self.optimizers))) or None}
-        config["not_reproduced"] = _not_reproduced(self.model, self.lm, self.seen, config["optimizer"])
+        config["not_reproduced"] = _not_reproduced(self.model, self.lm, self.seen, config["optimizer"],
+                                                   config["lora_outside"])
         world_size = rank_and_world()[1]
         if world_size > 1:
             config.update(strategy=_strategy(self.model) or "ddp", world_size=world_size)
@@ -1410,12 +1411,13 @@ def _outside_layers(model):
 
 def _adapters(model):
     """The LoRA adapters in `model`: their kind, rank, alpha, experts, dropout and target names (of
-    those in the decoder layers: ref_train.py adapts no other)."""
+    those in the decoder layers: ref_train.py adapts no other), and the names of those outside them."""
     outside = _outside_layers(model)
+    lora_outside = sorted(set(outside.values())) or None
     found = [(name, m, a[1]) for name, m in model.named_modules()
              if m not in outside and (a := _adapter(m)) is not None]
     if not found:
-        return {"adapters": None}
+        return {"adapters": None, "lora_outside": lora_outside}
     _, first, lora = found[0]
     kinds = {"gated_lora" if hasattr(m, "n_experts") or a["experts"] > 1 else "peft_lora"
              for _, m, a in found}
@@ -1429,7 +1431,7 @@ def _adapters(model):
                   else str(own.dtype))
     return {"adapters": ",".join(sorted(kinds)), "r": lora["r"], "alpha": alpha, "experts": lora["experts"],
             "dropout": lora["dropout"], "targets": sorted({name.rpartition(".")[2] for name, _, _ in found}),
-            "lora_dtype": lora_dtype}
+            "lora_dtype": lora_dtype, "lora_outside": lora_outside}
 
 
 def unwrapped_optimizer(optimizer):
@@ -1452,10 +1454,10 @@ def _optimizer_kind(optimizer):
     return type(optimizer).__name__ + (" (amsgrad)" if amsgrad else "")
 
 
-def _not_reproduced(model, lm, seen, optimizer):
+def _not_reproduced(model, lm, seen, optimizer, lora_outside):
     """What a probed stack does that ref_train.py has no flag for: its baseline leaves it out."""
     found = [f"LoRA on {name} (the reference adapts the decoder layers' linears only)"
-             for name in sorted(set(_outside_layers(model).values()))]
+             for name in lora_outside or ()]
     if optimizer not in (None, "Adam", "AdamW"):
         found.append(f"optimizer {optimizer} (the reference steps AdamW)")
     if any(any(getattr(m, "use_dora", {}).values()) for m in model.modules()):
@@ -1534,8 +1536,7 @@ def reference_line(config):
         return f"{REFERENCE}: {config['baseline_command']}" + (
             f" (it leaves out what it has no flag for: {'; '.join(left_out)})" if left_out else "")
     if config.get("probe") and config.get("bs") and not config.get("adapters"):
-        outside = [n.removeprefix("LoRA on ").split(" (")[0] for n in config.get("not_reproduced") or []
-                   if n.startswith("LoRA on ")]
+        outside = config.get("lora_outside")
         return (f"{REFERENCE}: none; ref_train.py adapts the decoder layers' linears, and this model's LoRA "
                 f"is only on {' and '.join(outside)}" if outside else NO_LORA_BASELINE)
     if isinstance(config.get("checkpointing"), list):

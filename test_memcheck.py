@@ -853,7 +853,7 @@ def test_only_a_layer_with_peft_loras_dicts_is_read_as_lora_and_one_gated_expert
     ours = nn.Sequential(nn.Linear(8, 8))
     ilora.add_gated_lora(ours, targets=("0",), r=4, alpha=8, n_experts=1)
     assert memcheck._adapters(ours)["adapters"] == "gated_lora"
-    assert memcheck._adapters(nn.Sequential(NotLora())) == {"adapters": None}
+    assert memcheck._adapters(nn.Sequential(NotLora())) == {"adapters": None, "lora_outside": None}
 
 
 def test_the_probe_sees_the_gated_lora_of_the_reference(tiny_model):

@@ -1217,7 +1217,7 @@ def test_lora_outside_the_decoder_layers_is_left_out_of_a_baseline_that_runs_and
     with memcheck.Probe(model, optimizer, path=str(tmp_path / "stack.json")) as probe:
         user_loop(probe, model, optimizer, token_batches(3, vocab=VOCAB))
     config = probe.save()["config"]
-    assert config["targets"] == ["q_proj", "v_proj"]
+    assert config["targets"] == ["q_proj", "v_proj"] and config["lora_outside"] == [outside]
     left_out = f"LoRA on {outside} (the reference adapts the decoder layers' linears only)"
     assert left_out in config["not_reproduced"]
     assert probe.report()["budget"], probe.report().get("no_budget")   # (embed_tokens: an AttributeError)
