@@ -83,6 +83,13 @@ def _features(module):
     return module.weight.shape[0], module.nf
 
 
+def _embedding(module):
+    """The embeddings or head itself, under PEFT's LoRA (base_layer) or trainable tokens (whose
+    wrapper's weight is a merged copy, made as it is read)."""
+    module = getattr(module, "token_adapter", module)
+    return getattr(module, "base_layer", module)
+
+
 def _structure(model):
     """The few numbers the budget needs, read off a model (on the meta device or not)."""
     config = model.config
@@ -103,8 +110,7 @@ def _structure(model):
             inner.update(id(m) for m in module.modules() if m is not module)
         elif _is_linear(module) and id(module) not in inner:
             linears[leaf] = module
-    embeddings = model.get_input_embeddings()
-    hidden = getattr(embeddings, "base_layer", embeddings).embedding_dim   # (under PEFT's LoRA too)
+    hidden = _embedding(model.get_input_embeddings()).embedding_dim
     # The MLP's width under each family's name (OPT, Llama and most; GPT-2; Falcon), the one the
     # layers were built with where a config has two (an OPT config read by a Llama class), else 4 x hidden.
     widths = [v for k in ("ffn_dim", "intermediate_size", "n_inner", "ffn_hidden_size")
@@ -118,11 +124,15 @@ def _structure(model):
         "heads": config.num_attention_heads,
         "ffn": ffn,
         "gated_mlp": "gate_proj" in linears or "gate_up_proj" in linears,
-        "vocab": model.get_output_embeddings().out_features,
-        "head_trains": model.get_output_embeddings().weight.requires_grad,
+        "vocab": _embedding(model.get_output_embeddings()).out_features,
+        "head_trains": _embedding(model.get_output_embeddings()).weight.requires_grad,
+        # PEFT's trainable tokens on a tied head merge their rows into a copy of the whole matrix,
+        # which the head's forward saves for backward
+        "head_copy": (_embedding(model.get_output_embeddings()).weight.nbytes
+                      if hasattr(model.get_output_embeddings(), "token_adapter") else 0),
         "dropout": float(getattr(config, "dropout", 0.0) or 0.0),
         "attn": getattr(config, "_attn_implementation", None) or "sdpa",
-        "weights_dtype": model.get_input_embeddings().weight.dtype,
+        "weights_dtype": _embedding(model.get_input_embeddings()).weight.dtype,
         "linears": {n: _features(m) for n, m in linears.items()},
         "adapted": {n: _features(m) for n, m in adapted.items()},
         "lora": lora or {"r": 0, "experts": 1, "impl": "lean", "dropout": 0.0},
@@ -436,8 +446,11 @@ def _is_fsdp_hook(hook):
 @contextlib.contextmanager
 def _training_unchecked(model):
     """The model in train mode, transformers' own checkpointing and FSDP2's hooks off (the forward
-    they wrap is what is traced; FSDP2's would gather the real shards); all as they were afterwards."""
+    they wrap is what is traced; FSDP2's would gather the real shards); all as they were afterwards,
+    its parameters the same objects (functional_call puts new ones in a ParameterDict: PEFT's
+    trainable tokens, which the user's optimizer would then no longer step)."""
     modes = [(m, m.training) for m in model.modules()]
+    parameters = [(m, dict(m._parameters)) for m in model.modules()]
     model.train()
     checkpointing = [m for m in model.modules() if m.__dict__.get("gradient_checkpointing") is True]
     for m in checkpointing:
@@ -456,6 +469,8 @@ def _training_unchecked(model):
             m.gradient_checkpointing = True
         for m, name, hooks in hooked:
             setattr(m, name, hooks)
+        for m, kept in parameters:
+            m._parameters.update(kept)
 
 
 def _as_run(autocast_dtype, device, weights):
@@ -791,9 +806,9 @@ def _gradient_terms(model, trained, layer_gradients, *, traced, **placement):
     "head_gradient": a trained head weight's, which its backward makes whole."""
     in_layers = {id(p) for p in _unique_params(decoder_layers(model))}
     outside = [p for p in trained if id(p) not in in_layers]
-    head = model.get_output_embeddings().weight
+    head = _embedding(model.get_output_embeddings()).weight
     trains = any(p is head for p in trained)
-    tied = head is model.get_input_embeddings().weight and trains
+    tied = head is _embedding(model.get_input_embeddings()).weight and trains
     return {"layer_gradients": layer_gradients[-1] if traced else 0,
             "head_gradient": head.numel() * head.element_size() if trains else 0,
             "outside_layers_gradients": _held_bytes(outside, padded=True, **placement),
@@ -808,7 +823,7 @@ def _held_terms(model, layers, terms, *, bs, seq, gradients_held, input_leaf, lo
     new tensor of it, else as the trace finds it): the graph holds it through forward's end and backward;
     "<phase>_held_input_leaf": that leaf and its gradient from the step before, alive as long as the
     loop holds its loss (the phases loss_held names)."""
-    weight = model.get_input_embeddings().weight
+    weight = _embedding(model.get_input_embeddings()).weight
     leaf = bs * seq * weight.shape[-1] * weight.element_size() if input_leaf else 0
     apart = input_leaf == "apart" or layers[-1]["embeddings_apart"]
     # (a held leaf and its gradient outlive the graph, whether or not a layer saved the leaf)
@@ -1052,6 +1067,7 @@ def _terms(s, layers, *, bs, seq, act, mask, full, checkpointed, loss_chunks, tr
                              + (bs * seq * seq if layer["attention_mask"] else 0)  # + the bool mask, once
                              + shared,
         "logits": bs * positions * s["vocab"] * 4 // loss_chunks,   # one fp32 copy
+        "head_token_copy": s["head_copy"] if loss_chunks == 1 else 0,   # (the fused loss has its own head)
         "logits_16bit": (bs * positions * s["vocab"] * act // loss_chunks) if act < 4 else 0,
         # chunked: the gradients the fused head and loss take in forward and keep for backward
         # (the hidden states', in their dtype, the last position's zero included; the head's, fp32)
@@ -1138,19 +1154,20 @@ def _phases(terms, layers, layer_gradients, *, tokens, h, checkpointed, loss_chu
     in_forward = steady + root + terms["forward_held_gradients"] + terms["forward_held_input_leaf"]
     training = steady + root + held + terms["input_leaf"]
     saved = terms["saved_activations"] + terms["autocast_weight_copies"]
-    # a hidden state (the final norm's lives through the loss)
-    hidden = tokens * h * layers[-1]["hidden_bytes"]
+    hidden = tokens * h * layers[-1]["hidden_bytes"]   # a hidden state (the final norm's, through the loss)
     if loss_chunks == 1:
         # forward ends with the logits and their log-softmax; backward starts with the log-softmax
         # (saved), the loss's gradient and the logits' gradient. ref_train's 16-bit logits exist
-        # only until .float() has copied them: a spike below the log-softmax's.
-        forward_peak = (in_forward + saved + hidden + 2 * terms["logits"]
+        # only until .float() has copied them: a spike below the log-softmax's. A head with
+        # trainable tokens saves its merged copy, and its backward makes its gradient.
+        copy = terms["head_token_copy"]
+        forward_peak = (in_forward + saved + hidden + 2 * terms["logits"] + copy
                         + (terms["logits_16bit"] if logits_kept else 0))
-        backward_start = training + buffer + saved + 3 * terms["logits"]
+        backward_start = training + buffer + saved + 3 * terms["logits"] + copy
         # then a trained head's backward: the logits' gradient, and the head's and the hidden
         # states' gradients it makes
         backward_start = max(backward_start, training + buffer + saved + terms["logits"]
-                             + terms["head_gradient"] + hidden)
+                             + terms["head_gradient"] + hidden + 2 * copy)
     else:
         # The head and the loss fused: in forward, one chunk of fp32 logits at a time (exp'd in
         # place; under 16-bit beside its 16-bit copy), while the hidden states' gradient (and the
@@ -1196,7 +1213,8 @@ def _categories(terms, phases, peak_phase, loss_chunks):
                       else terms[f"{peak_phase}_held_gradients"]),
         "optimizer_state": terms["optimizer_state"],
         "activations": terms["saved_activations"] + terms["autocast_weight_copies"]
-                       + (terms["logits"] if loss_chunks == 1 else terms["kept_loss_gradient"]),
+                       + (terms["logits"] + terms["head_token_copy"] if loss_chunks == 1
+                          else terms["kept_loss_gradient"]),
     }
     if peak_phase == "optimizer":
         categories["activations"] = 0

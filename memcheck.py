@@ -393,7 +393,7 @@ class _Saves:
         self.outputs = []              # (record, what made it) of the model's outputs, this forward
         self.unsaved = []              # those alive when it ended, autograd not saving them
         self.backward_steps, self.checkpointed = 0, {}   # layer -> whether its backward looked checkpointed
-        # the training forwards through the first decoder layer so far, the one whose graph is being
+        # the training forwards into the decoder so far, the one whose graph is being
         # made (0: none since the last backward began), and the count as a backward last judged them
         self.forwards = self.current = self.judged = 0
         self.new_step()
@@ -610,6 +610,7 @@ class _Stack:
         self.compiled, self.config_dir = [], None  # torch.compile'd modules; a written config.json's
         self.phases_used, self.trainable, self.lm_signature = False, [], None
         self.leaf = None   # a weak reference to the last training forward's input leaf, if any
+        self.decoder_depth = 0   # calls of the module holding the decoder layers now running
 
     def attach(self, model, optimizers):
         self.model, self.lm = model, _language_model(model)
@@ -638,6 +639,9 @@ class _Stack:
             self.saves.layers = [self.names[layer] for layer in layers]
             if layers:
                 self.hooks.append(layers[0].register_forward_pre_hook(self._first_layer, with_kwargs=True))
+                decoder = next(m for m in self.lm.modules() if any(c is layers for c in m.children()))
+                self.hooks += [decoder.register_forward_pre_hook(self._decoder_entered),
+                               decoder.register_forward_hook(self._decoder_left, always_call=True)]
         self.watch_wrapper(model)
         for p in self.trainable:  # judged by what backward gave, whatever zero_grad does later
             self.hooks.append(p.register_post_accumulate_grad_hook(self._graded))
@@ -753,13 +757,21 @@ class _Stack:
         if phase not in held and self.leaf is not None and self.leaf() is not None:
             held.append(phase)
 
-    def _first_layer(self, module, args, kwargs):
-        # A training forward through the layers, however the loop calls them (not a recomputation in
-        # backward); whether the first one's first decoder layer takes an input that requires grad
-        # (embeddings that train, injected, or enable_input_require_grads): the budget traces it so.
-        if self._training_step() and torch._C._current_autograd_node() is None:
+    def _decoder_entered(self, module, args):
+        # A training forward, counted once as it enters the module that holds the decoder layers,
+        # however the loop calls it (the model, its decoder), before its embeddings and checkpoint's
+        # saved inputs, and once however often it runs its layers
+        self.decoder_depth += 1
+        if self.decoder_depth == 1 and self._training_step():
             self.saves.forwards += 1
             self.saves.current = self.saves.forwards
+
+    def _decoder_left(self, module, args, output):
+        self.decoder_depth = max(0, self.decoder_depth - 1)   # (0 where a pre-hook before ours raised)
+
+    def _first_layer(self, module, args, kwargs):
+        # Whether the first training forward's first decoder layer takes an input that requires grad
+        # (embeddings that train, injected, or enable_input_require_grads): the budget traces it so.
         hidden = args[0] if args else kwargs.get("hidden_states")
         if "bs" in self.seen and "input_grads" not in self.seen and isinstance(hidden, torch.Tensor):
             self.seen["input_grads"] = hidden.requires_grad
@@ -879,7 +891,9 @@ class _Stack:
         if missing:
             why = ("memory ran out inside the model, and a forward that caught it returned something else "
                    "(WARNING oom_caught)" if oom_caught else "with reentrant checkpointing and frozen input "
-                   "embeddings, call model.enable_input_require_grads() or use use_reentrant=False")
+                   "embeddings, call model.enable_input_require_grads() or use use_reentrant=False"
+                   if self.seen.get("input_grads") is False and _checkpointed_layers(self.model) else
+                   "the loss does not depend on them: a module the forward does not run, or a detach()")
             message = (f"{len(missing)} of {len(trainable)} trainable parameters never received a "
                        f"gradient, e.g. {', '.join(missing[:3])}: {why}")
             found.append({"kind": "no_grad", "count": len(missing), "of": len(trainable),

@@ -896,15 +896,20 @@ WARNINGS = [
 ]
 
 
-@pytest.mark.parametrize("loop", ["projector before the model", "decoder and own loss, summed"])
+@pytest.mark.parametrize("loop", ["projector before the model", "decoder and own loss, summed",
+                                  "a model that runs its first layer twice"])
 def test_graphs_together_counts_forwards_through_the_layers_however_the_loop_calls_them(loop):
     # A trainable projector makes the next step's inputs before the model's forward: its saves were
     # taken for the last forward's (a false warning in the verdict, 0.5 MiB); a loop that runs the
-    # decoder and its own loss, two micro-batches summed, was not seen at all.
+    # decoder and its own loss, two micro-batches summed, was not seen at all; a model that reuses
+    # its first layer was taken for two forwards.
     model, optimizer = peft_opt()
     lm, projector = model.get_base_model(), torch.nn.Linear(64, 64)
     if loop.startswith("projector"):
         optimizer.add_param_group({"params": list(projector.parameters())})
+    if loop.endswith("twice"):
+        lm.model.decoder.layers = torch.nn.ModuleList([lm.model.decoder.layers[0]] * 2)
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad])
 
     def loss_of(ids):
         if loop == "projector before the model":
@@ -914,9 +919,31 @@ def test_graphs_together_counts_forwards_through_the_layers_however_the_loop_cal
         return torch.nn.functional.cross_entropy(logits.flatten(0, 1), ids[:, 1:].flatten())
     with memcheck.Probe(model, optimizer) as probe:
         summed = lambda ids: sum(map(loss_of, ids.split(1)))   # micro-batches of a row each
-        phased_loop(probe, optimizer, token_batches(3), loss_of if loop.startswith("projector") else summed)
+        phased_loop(probe, optimizer, token_batches(3), summed if loop.endswith("summed") else loss_of)
     kinds = [w["kind"] for w in probe.report()["warnings"]]
-    assert kinds == ([] if loop.startswith("projector") else ["graphs_together"]), kinds
+    assert kinds == (["graphs_together"] if loop.endswith("summed") else []), kinds
+
+
+@pytest.mark.parametrize("ckpt", [None, "reentrant", "non-reentrant"])
+def test_graphs_together_sizes_what_the_graphs_beyond_one_micro_batch_saved(ckpt):
+    # Counted independently: the floating-point tensors one micro-batch's forward and loss save,
+    # parameters aside (the probe counts the saved inputs of checkpoint's layers, as autograd does).
+    model, optimizer = peft_opt(ckpt=ckpt)
+    loss_of = lambda ids: model(input_ids=ids, labels=ids).loss
+    batches, params = token_batches(2), {p.untyped_storage().data_ptr() for p in model.parameters()}
+    saved = {}
+
+    def pack(t):
+        if t.untyped_storage().data_ptr() not in params and t.is_floating_point():
+            saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss_of(batches[0][:1])
+    with memcheck.Probe(model, optimizer) as probe:
+        phased_loop(probe, optimizer, batches, lambda ids: sum(map(loss_of, ids.split(1))))
+    [warning] = probe.report()["warnings"]
+    assert warning["kind"] == "graphs_together"
+    assert warning["bytes"] == pytest.approx(sum(saved.values()), rel=0.01)
 
 
 def test_a_full_fine_tune_gets_no_lora_baseline_and_the_report_says_why(tmp_path):
@@ -1010,6 +1037,18 @@ def test_the_no_grad_warning_counts_the_parameters_that_got_none():
     # the final layer norm after them does.
     assert (warning["count"], warning["of"]) == (8, 10)
     assert "lora_A" in warning["message"] and "8 of 10" in warning["message"]
+    assert warning["message"].endswith("call model.enable_input_require_grads() or use use_reentrant=False")
+
+
+def test_the_no_grad_warning_blames_reentrant_checkpointing_only_where_it_ran():
+    model, _ = peft_opt()
+    model.get_base_model().unused = torch.nn.Linear(4, 4)   # trained, never run by the forward
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad])
+    with memcheck.Probe(model, optimizer) as probe:
+        user_loop(probe, model, optimizer, token_batches(2))
+    [warning] = probe.report()["warnings"]
+    assert warning["message"].endswith(
+        "the loss does not depend on them: a module the forward does not run, or a detach()"), warning
 
 
 class KeepsOnCtx(torch.autograd.Function):

@@ -506,11 +506,23 @@ def test_what_the_optimizer_trains_beside_the_probed_model_counts_as_if_the_prob
     assert moments <= lm["phases"]["optimizer"]["categories"]["optimizer_state"] <= moments + steps
 
 
-def trainable_tokens():
+class ScaledEmbedding(torch.nn.Module):
+    """A user's embeddings: a table under a name of its own, scaled."""
+
+    def __init__(self, table):
+        super().__init__()
+        self.table = table
+
+    def forward(self, ids):
+        return self.table(ids) * 2.0
+
+
+def own_embeddings():
     from peft import LoraConfig, get_peft_model
     from transformers import OPTConfig, OPTForCausalLM
-    return get_peft_model(OPTForCausalLM(OPTConfig(vocab_size=VOCAB, **TINY_OPT)), LoraConfig(
-        r=4, target_modules=["q_proj", "v_proj"], trainable_token_indices=[VOCAB - 2, VOCAB - 1]))
+    model = OPTForCausalLM(OPTConfig(vocab_size=VOCAB, **TINY_OPT))
+    model.model.decoder.embed_tokens = ScaledEmbedding(model.model.decoder.embed_tokens)
+    return get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
 
 
 def t5():
@@ -522,12 +534,12 @@ def t5():
 
 
 @pytest.mark.parametrize("build, why", [
-    # PEFT's trainable_token_indices wraps the embeddings in a module the budget cannot read
-    (trainable_tokens, "the budget cannot read OPTForCausalLM (AttributeError: 'TrainableTokensWrapper' "
-                       "object has no attribute 'embedding_dim')"),
+    # embeddings in a module of the user's, which the budget cannot read
+    (own_embeddings, "the budget cannot read OPTForCausalLM (AttributeError: 'ScaledEmbedding' "
+                     "object has no attribute 'embedding_dim')"),
     # an encoder-decoder was said to have shown no training forward
     (t5, "T5ForConditionalGeneration is an encoder-decoder model; the budget reads decoder-only causal LMs"),
-], ids=["trainable-tokens", "t5"])
+], ids=["embeddings-of-the-users", "t5"])
 def test_a_stack_the_budget_cannot_read_is_told_why_in_its_verdict(build, why):
     # the verdict said only "no budget to compare with", or a reason that was not the stack's
     model = build()
@@ -1233,6 +1245,45 @@ def test_lora_only_outside_the_decoder_layers_is_said_to_have_no_baseline_for_th
         user_loop(probe, model, optimizer, token_batches(2, vocab=VOCAB))
     assert memcheck.reference_line(probe.report()["config"]).endswith(   # (was: "found no LoRA layer")
         "none; ref_train.py adapts the decoder layers' linears, and this model's LoRA is only on lm_head")
+
+
+def peft_opt_with_trainable_tokens(tied):
+    from peft import LoraConfig, get_peft_model
+    from transformers import OPTConfig, OPTForCausalLM
+    torch.manual_seed(0)
+    model = OPTForCausalLM(OPTConfig(vocab_size=4000, tie_word_embeddings=tied, **TINY_OPT))
+    return get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                                            trainable_token_indices=[3, 5, 7]))
+
+
+@pytest.mark.parametrize("stack", ["trainable tokens", "LoRA on embed_tokens"])
+def test_the_budget_leaves_every_parameter_the_object_the_optimizer_steps(stack):
+    # The budget runs the model on meta through functional_call, which put new parameters in a
+    # ParameterDict (PEFT keeps trainable tokens and an Embedding's LoRA in them): a training that
+    # went on after the report stepped parameters the model no longer held.
+    model = (peft_opt_with_trainable_tokens(tied=True) if stack == "trainable tokens"
+             else peft_opt_on(["q_proj", "v_proj", "embed_tokens"]))
+    model.train()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    held = dict(model.named_parameters())
+    with memcheck.Probe(model, optimizer) as probe:
+        user_loop(probe, model, optimizer, token_batches(2, vocab=VOCAB))
+    assert probe.report()["budget"], probe.report().get("no_budget")
+    changed = [n for n, p in model.named_parameters() if held[n] is not p]
+    assert changed == [], changed
+
+
+@pytest.mark.parametrize("tied", [True, False], ids=["tied head", "untied head"])
+def test_peft_trainable_tokens_get_a_budget_that_counts_the_tied_heads_merged_copy(tied):
+    # (was: "no budget: ... 'TrainableTokensWrapper' object has no attribute 'embedding_dim'")
+    model = peft_opt_with_trainable_tokens(tied).train()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    with memcheck.Probe(model, optimizer) as probe:
+        user_loop(probe, model, optimizer, token_batches(3, vocab=4000))
+    report = probe.report()
+    assert report["budget"], report.get("no_budget")
+    assert report["peak_bytes"] == pytest.approx(report["budget"]["peak_bytes"], rel=0.01)
+    assert memcheck.verdict(report).endswith("as expected"), memcheck.verdict(report)
 
 
 def test_an_opt_folder_loaded_into_llama_is_a_model_mismatch(tiny_model, tmp_path):
