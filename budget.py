@@ -19,7 +19,7 @@ from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_mod
 from memcheck import (AS_EXPECTED, BETWEEN_PHASES, CATEGORIES, Tracker, _adapter, _aliases_input,
                       _bytes_by_dtype, _largest_temporary, _strategy, _unique_params, decoder_layers,
                       first_line, flattened_by_fsdp1, fsdp2_cast_dtypes, mib, named_warnings, rank_and_world,
-                      stepped_params, unwrapped_optimizer)
+                      signed_mib, stepped_params, unwrapped_optimizer)
 
 BUDGET_TOLERANCE = 0.10  # the budget's accuracy target: beyond it, a peak is an excess
 # Which decoder linears share an input: adapting any of them makes autograd save that input once.
@@ -1412,7 +1412,7 @@ def _verdict(report):
     excess = {c: report["categories"].get(c, 0) - planned["categories"].get(c, 0) for c in CATEGORIES}
     worst = max(excess, key=excess.get)
     when = report["peak_phase"] if report["peak_phase"] == BETWEEN_PHASES else f"during {report['peak_phase']}"
-    where = (f"the excess is in {worst.replace('_', ' ')} (+{mib(excess[worst])} MiB) {when}"
+    where = (f"the excess is in {worst.replace('_', ' ')} ({signed_mib(excess[worst])}) {when}"
              + (_largest_temporary(report) if worst == "temporaries" else ""))
     if ratio > 1 + BUDGET_TOLERANCE:
         return f"measured peak {ratio:.1f}x the budget: {where}{named}"

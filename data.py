@@ -138,11 +138,13 @@ def _lines(path):
 
 # ---------------------------------------------------------------- tokenizer
 
-def train_tokenizer(titles, vocab_size=4000):
-    """A byte-level BPE trained on the catalogue: the stand-in when the model has no local tokenizer.
+def train_tokenizer(titles, rows=None, add_tokens=True):
+    """A byte-level BPE trained on the catalogue: the stand-in when the model has no local tokenizer;
+    its tokens fit in `rows` embedding rows with the placeholders (--vocab) where it can.
 
     Deterministic and built in memory in about a second, so there is no file to cache or manage.
     """
+    vocab_size = min(4000, rows - len(SPECIAL_TOKENS) * add_tokens) if rows else 4000
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 

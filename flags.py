@@ -77,6 +77,9 @@ def _model_and_data(p):
                    help="a MovieLens-100K directory (u.data, u.item); without it, synthetic users")
     g.add_argument("--add-tokens", action=argparse.BooleanOptionalAction, default=True,
                    help="add the placeholder tokens and call resize_token_embeddings (suspect #1)")
+    g.add_argument("--vocab", type=int, metavar="ROWS",
+                   help="resize the embeddings to ROWS (a probed stack's vocabulary, which its "
+                        "baseline command gives); default: the tokenizer's size, tokens added")
     g.add_argument("--inject-items", action=argparse.BooleanOptionalAction, default=True,
                    help="overwrite the placeholders' embeddings with projected item vectors")
     g.add_argument("--attn", choices=("sdpa", "eager"), default="sdpa",
@@ -197,6 +200,7 @@ def _value_checks(args, argv, budget_only=False):
          "(--ckpt manual) picks its layers"),
         (args.loss_chunks >= 1,
          f"--loss-chunks {args.loss_chunks}: must be 1 or more (slices of the vocabulary)"),
+        (args.vocab is None or args.vocab >= 1, f"--vocab {args.vocab}: must be 1 or more rows"),
         (-2 ** 63 <= args.seed < 2 ** 64,
          f"--seed {args.seed}: must be between -2**63 and 2**64 - 1 (torch.manual_seed's range)"),
         (math.isfinite(args.lr) and args.lr > 0, f"--lr {args.lr}: must be a positive number"),

@@ -97,6 +97,11 @@ def mib(n_bytes):
     return f"{n_bytes / MiB:.1f}"
 
 
+def signed_mib(n_bytes):
+    """'+1.5 MiB'; a change that one decimal would show as 0.0 in KiB ('+24.0 KiB')."""
+    return f"{n_bytes / 1024:+.1f} KiB" if 0 < abs(n_bytes) < MiB / 20 else f"{n_bytes / MiB:+.1f} MiB"
+
+
 class ReportError(ValueError):
     """A file that is not a memcheck report of this schema, or a bad argument: one line, exit 2."""
 
@@ -809,6 +814,7 @@ class _Stack:
                   "model_config": self.config_dir,   # (where a report went: not compared by diff)
                   "param_count": sum(p.numel() for p in params),
                   "param_bytes_by_dtype": _bytes_by_dtype(params),
+                  "vocab_rows": getattr(getattr(self.lm, "config", None), "vocab_size", None),
                   "bs": self.seen.get("bs"), "seq": self.seen.get("seq"), "padded": self.seen.get("padded"),
                   "autocast": self.seen.get("autocast"),
                   "checkpointing_enabled": bool(_checkpointed_layers(self.model)),
@@ -1523,6 +1529,8 @@ def baseline_command(config):
     flags = [f"--bs {config['bs']} --seq {config['seq']}"]
     if config.get("model") or config.get("model_config"):
         flags.append(f"--model {config.get('model') or config['model_config']}")
+    if config.get("vocab_rows"):   # the stack's, resized or not (its tokenizer may have fewer tokens)
+        flags.append(f"--vocab {config['vocab_rows']}")
     flags.append(f"--lora-r {config['r']} --alpha {config['alpha']:g} --experts {config['experts']} "
                  f"--dropout {config['dropout']:g} --targets {','.join(config['targets'])}"
                  + ("" if config.get("inject_items") else " --no-inject-items")
@@ -1961,7 +1969,8 @@ def _report_lines(report):
         model = config.get("model_class") or config.get("model")
         sharded = config.get("strategy") == "fsdp" and config.get("world_size", 1) > 1
         lines.append(f"the weights are {weights / whole:.0%} of {of}: {model}, {count:,} parameters, "
-                     f"{dtype}, {mib(weights)} MiB" + (" on this rank (FSDP: its shards)" if sharded else ""))
+                     f"{dtype}, {mib(weights)} MiB" + (" on this rank at the peak (FSDP: its shards, and "
+                                                        "what it had gathered whole then)" if sharded else ""))
     head, lines = lines, []
     if oom:
         inside = f", inside {oom['module']}" if oom.get("module", NO_MODULE) != NO_MODULE else ""
@@ -2449,7 +2458,7 @@ def _changed_temporary(a, b, total):
     others = ("" if grew[key] <= abs(total) else ", others shrank" if sign > 0   # (a part more than the
               else ", others grew")                                             # whole)
     return (f", the largest part {top['shape']} {top['dtype']} from {top['op']} in {top['module']} "
-            f"({sign * grew[key] / MiB:+.1f} MiB{others})")
+            f"({signed_mib(sign * grew[key])}{others})")
 
 
 def _other_shape(a, b):
@@ -2498,14 +2507,14 @@ def conclusion(a, b, rows):
     if abs(y / x - 1) <= SAME_WITHIN:
         return f"the two trainings cost the same (within 1%): {mib(x)} and {mib(y)} MiB{ranks}{notes}"
     sign = 1 if y > x else -1
-    line = f"B's peak is {y / x:.2f}x A's ({(y - x) / MiB:+.1f} MiB)" + _other_shape(a, b)
+    line = f"B's peak is {y / x:.2f}x A's ({signed_mib(y - x)})" + _other_shape(a, b)
     if not _same_moment(a["peak_phase"], b["peak_phase"]):   # (then B's categories are another phase's)
         line += f", in {b['peak_phase']} where A's is in {a['peak_phase']}"
     cats = [r for r in rows if r[0].startswith("at peak: ") and r[1] is not None and r[2] is not None]
     if cats:
         what, ca, cb = max(cats, key=lambda r: sign * (r[2] - r[1]))
         line += (f"; the {'excess' if sign > 0 else 'saving'} is in {what[len('at peak: '):]} "
-                 f"({(cb - ca) / MiB:+.1f} MiB)")
+                 f"({signed_mib(cb - ca)})")
         places = [r for r in rows if r[0].startswith(("module ", "op "))]
         if places and what.endswith("activations"):  # module and op rows are saved activations
             net, name = max(((_net_of_moves(r, places), r[0]) for r in places), key=lambda n: sign * n[0])
@@ -2513,7 +2522,7 @@ def conclusion(a, b, rows):
                 op = _dominant_op(_aligned_groups(a, b), name, net) if name.startswith("module ") else None
                 most = net / (cb - ca) > 0.5   # (of the category's change)
                 line += (f", {'mostly' if most else 'the largest part in'} {name.split(' ', 1)[1]} "
-                         f"({net / MiB:+.1f} MiB" + (f", op {op[0]})" if op else ")"))
+                         f"({signed_mib(net)}" + (f", op {op[0]})" if op else ")"))
         elif what.endswith("temporaries"):
             line += _changed_temporary(a, b, cb - ca)
     return line + ranks + notes

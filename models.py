@@ -167,24 +167,30 @@ def load_model(args, weights_dtype, meta=False):
     return model, tokenizer, "\n".join([source, *notes, *([note] if note else [])])
 
 
-def prepare_vocabulary(model, tokenizer, stand_in, add_tokens=True, mean_resizing=True):
-    """Add the placeholder tokens and resize the embeddings, as the real stack does (--add-tokens).
+def prepare_vocabulary(model, tokenizer, stand_in, add_tokens=True, mean_resizing=True, vocab=None):
+    """Add the placeholder tokens and resize the embeddings, as the real stack does (--add-tokens),
+    or to `vocab` rows (--vocab); returns the line that says so.
 
     A stand-in tokenizer trained here has a small vocabulary of its own, so the model keeps its size
     and grows by the added tokens, as it would with its real tokenizer (and never has fewer rows
-    than the stand-in has tokens). Without --add-tokens nothing is resized: a tokenizer with more
-    tokens than the embeddings have rows is refused.
+    than the stand-in has tokens). Without --add-tokens or --vocab nothing is resized. A tokenizer
+    with more tokens than the embeddings get rows is refused.
     """
     rows = model.get_input_embeddings().num_embeddings
-    if not add_tokens:
-        if len(tokenizer) > rows:
-            raise UsageError(f"--no-add-tokens: the {'stand-in ' if stand_in else ''}tokenizer has "
-                             f"{len(tokenizer)} tokens for the model's {rows} embedding rows, so its "
-                             "ids would index past them; use --add-tokens (it resizes the embeddings)")
-        return
-    added = data.add_special_tokens(tokenizer)
-    size = max(model.config.vocab_size + added, len(tokenizer)) if stand_in else len(tokenizer)
-    model.resize_token_embeddings(size, mean_resizing=mean_resizing)
+    added = data.add_special_tokens(tokenizer) if add_tokens else 0
+    size = vocab or (rows if not add_tokens else max(rows + added, len(tokenizer)) if stand_in
+                     else len(tokenizer))
+    if len(tokenizer) > size:
+        flag = f"--vocab {vocab}" if vocab else "--no-add-tokens"
+        raise UsageError(f"{flag}: the {'stand-in ' if stand_in else ''}tokenizer has {len(tokenizer)} "
+                         f"tokens{' with the placeholders' * bool(added)} for {size} embedding rows, so its "
+                         f"ids would index past them; use --vocab {len(tokenizer)} or more"
+                         + ("" if vocab else ", or --add-tokens (it resizes the embeddings)"))
+    if size != rows:
+        model.resize_token_embeddings(size, mean_resizing=mean_resizing)
+    why = ("--vocab" if vocab else f"the tokenizer's {len(tokenizer) - added} tokens + {added} added"
+           if added and not stand_in else f"{added} placeholder tokens added" if added else "no token added")
+    return f"vocabulary: {rows} embedding rows{f', resized to {size}' if size != rows else ''} ({why})"
 
 
 def resolve_targets(model, targets, known):

@@ -81,8 +81,7 @@ def build_base(args, meta=False):
     """(model with its vocabulary prepared, batches, items in the catalogue, setup): no adapters yet.
 
     setup holds what the flags left open and this run resolved: where the weights came from, the
-    targets ("auto" replaced) and the attention kernel (a model without SDPA falls back to eager).
-    """
+    targets ("auto" replaced), the attention kernel (eager where SDPA is not) and the vocabulary."""
     model, tokenizer, source = models.load_model(args, dtypes(args)[0], meta)
     known = ilora.linear_names(model)
     targets = models.resolve_targets(model, args.targets, known)
@@ -95,11 +94,10 @@ def build_base(args, meta=False):
                        else data.synthetic_catalogue(args.seed))
     stand_in = tokenizer is None
     if stand_in:
-        tokenizer = data.train_tokenizer(titles)
-    # The real stack resizes with transformers' default, mean_resizing, and so do we; the new rows
-    # are drawn at random, so seed first: a run must not depend on what ran before it.
+        tokenizer = data.train_tokenizer(titles, args.vocab, args.add_tokens)
+    # (resizing draws the new rows at random, as the real stack's mean_resizing does: seed first)
     torch.manual_seed(args.seed)
-    models.prepare_vocabulary(model, tokenizer, stand_in, args.add_tokens, mean_resizing=not meta)
+    resized = models.prepare_vocabulary(model, tokenizer, stand_in, args.add_tokens, not meta, args.vocab)
     vocab = model.get_output_embeddings().weight.shape[0]
     if args.loss_chunks > vocab:
         raise UsageError(f"--loss-chunks {args.loss_chunks}: at most the vocabulary's {vocab} rows")
@@ -107,7 +105,8 @@ def build_base(args, meta=False):
     ids = data.placeholder_ids(tokenizer, args.add_tokens)
     batches = distributed.rank_rows(data.batches(samples, titles, tokenizer, args.bs * args.world_size,
                                                  args.seq, ids, args.seed), args)  # the global batch
-    setup = {"source": source, "targets": targets, "attn": model.config._attn_implementation}
+    setup = {"source": f"{source}\n{resized}", "targets": targets, "attn": model.config._attn_implementation,
+             "vocab": vocab}
     return model, batches, max(titles), setup
 
 
@@ -323,7 +322,8 @@ def train(args, log=print):
             # The run's first batches, made now (torch.tensor() from lists is no allocation the
             # tracker sees), tell whether it pads: a term of the budget.
             first = first_batches(args, batches)
-            config.update(targets=list(setup["targets"]), attn=setup["attn"], padded=has_padding(first))
+            config.update(targets=list(setup["targets"]), attn=setup["attn"], vocab_rows=setup["vocab"],
+                          padded=has_padding(first))
             extra["budget"] = plan(args, model, items, padded=config["padded"])
             batches = itertools.chain(first, batches)
             torch.manual_seed(args.seed)

@@ -833,7 +833,7 @@ def test_the_probe_infers_the_stack_and_prints_its_baseline_command():
     assert config["targets"] == ["q_proj", "v_proj"]
     assert config["checkpointing_enabled"] and config["checkpointing"]
     assert config["param_bytes_by_dtype"].keys() == {"float32"}
-    command = ("python ref_train.py --bs 2 --seq 32 --lora-r 4 --alpha 8 --experts 1 --dropout 0 "
+    command = ("python ref_train.py --bs 2 --seq 32 --vocab 500 --lora-r 4 --alpha 8 --experts 1 --dropout 0 "
                "--targets q_proj,v_proj --no-inject-items --precision 32 --ckpt manual")
     assert config["baseline_command"] == command
     assert f"the reference for this stack: {command}" in memcheck.format_report(report)
@@ -1939,6 +1939,15 @@ def test_the_excess_is_never_a_category_that_shrank():
     b = holding(activations=135, temporaries=125, optimizer_state=60)
     assert "; the excess is in activations (+35.0 MiB)" in concluded(a, b), concluded(a, b)
     assert "; the saving is in activations (-35.0 MiB)" in concluded(b, a), concluded(b, a)
+
+
+def test_a_change_that_one_decimal_of_mib_would_show_as_zero_is_said_in_kib():
+    # A tiny model's diff read "B's peak is 1.03x A's (+0.0 MiB); the excess is in activations (+0.0 MiB)".
+    a, b = synthetic(1.0), synthetic(1.0003)
+    a["peak_bytes"] = a["categories"]["activations"] = 1 * MiB
+    b["peak_bytes"] = b["categories"]["activations"] = 1 * MiB + 30 * 1024
+    assert concluded(a, b) == "B's peak is 1.03x A's (+30.0 KiB); the excess is in activations (+30.0 KiB)"
+    assert memcheck.signed_mib(0) == "+0.0 MiB" and memcheck.signed_mib(-MiB) == "-1.0 MiB"
 
 
 def test_an_op_is_named_only_where_it_holds_most_of_a_modules_excess():

@@ -853,6 +853,10 @@ BAD_INPUTS = {
     "loss-chunks-0": (["--loss-chunks", "0"], ["--loss-chunks 0", "1 or more"]),
     "loss-chunks-beyond-the-vocabulary": (["--model", "{tiny}", "--loss-chunks", "100000"],
                                           ["--loss-chunks 100000", "at most the vocabulary's"]),
+    "vocab-0": (["--vocab", "0"], ["--vocab 0", "1 or more rows"]),
+    "vocab-below-the-tokenizers": (["--model", "{tiny}", "--vocab", "300"],
+                                   ["--vocab 300", "560 tokens with the placeholders",
+                                    "use --vocab 560 or more"]),
     "seed-beyond-64-bits": (["--seed", str(2 ** 64)], [f"--seed {2 ** 64}", "2**64 - 1"]),
     "max-memory-infinite": (["--max-memory", "inf"], ["--max-memory inf", "positive"]),
     "max-memory-beyond-int64-bytes": (["--max-memory", "1e308"], ["--max-memory 1e+308", "at most 2**43"]),
@@ -1021,8 +1025,11 @@ def test_full_size_smoke_run(values, capsys):
     for s in report["steps"]:
         assert math.isfinite(s["loss"]) and s["seconds"] > 0, s
         assert s["live_bytes"] > 0 and s["peak_bytes"] >= s["live_bytes"], s
-    # every flag, and whether the batches padded (a term of the budget the flags do not set)
-    assert set(report["config"]) == set(vars(ref_train.parse_args([]))) | {"padded"}, "a key is missing"
+    # every flag, whether the batches padded and the embedding rows (terms of the budget the flags do
+    # not set)
+    assert set(report["config"]) == set(vars(ref_train.parse_args([]))) | {"padded", "vocab_rows"}, \
+        "a key is missing"
+    assert report["config"]["vocab_rows"] == 50276   # opt-125m's 50,272 rows, 4 placeholder tokens added
     assert report["config"]["bs"] == 2 and report["config"]["seq"] == 128
     import transformers
     assert report["env"]["python"].count(".") == 2

@@ -1189,9 +1189,11 @@ def test_weights_that_dominate_come_first_and_a_model_built_in_code_is_named_by_
     assert first.startswith("the weights are "), first
     assert f"LlamaForCausalLM, {params:,} parameters, float32" in first
     assert first.endswith(" MiB")
-    # under FSDP, the parameters are counted whole and their bytes are this rank's shards
+    # under FSDP, the parameters are counted whole, their bytes are this rank's at the peak (its
+    # shards and the root's and a layer's all-gathered: "its shards" alone read 1.1 MiB of a 0.8 MiB model)
     report["config"].update(strategy="fsdp", world_size=2)
-    assert memcheck.format_report(report).splitlines()[0].endswith(" MiB on this rank (FSDP: its shards)")
+    assert memcheck.format_report(report).splitlines()[0].endswith(
+        " MiB on this rank at the peak (FSDP: its shards, and what it had gathered whole then)")
     folder = str(tmp_path / "small-model")
     assert os.path.exists(os.path.join(folder, "config.json"))
     assert f"--model {folder} " in report["config"]["baseline_command"]
@@ -1236,6 +1238,26 @@ def test_lora_outside_the_decoder_layers_is_left_out_of_a_baseline_that_runs_and
     # the printed baseline builds: its targets are the decoder's linears (lm_head was refused)
     args = ref_train.parse_args(shlex.split(config["baseline_command"])[2:])
     assert ref_train.build(args, meta=True)[3]["targets"] == ("q_proj", "v_proj")
+
+
+def test_the_baseline_trains_the_stacks_vocabulary_where_its_tokenizer_has_fewer_tokens(tiny_model, tmp_path):
+    # The tiny folder's tokenizer has 556 tokens for 4,200 embedding rows: the baseline resized them
+    # to 560, and the diff read 4.7x, "in temporaries", under "same configuration".
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model),
+                           LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])).train()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    with memcheck.Probe(model, optimizer, path=str(tmp_path / "stack.json")) as probe:
+        user_loop(probe, model, optimizer, token_batches(3, vocab=4200))
+    stack = probe.save()
+    assert "--vocab 4200 " in stack["config"]["baseline_command"]
+    argv = shlex.split(stack["config"]["baseline_command"])[2:]
+    report_path = str(tmp_path / "ref.json")
+    assert ref_train.main([*argv, "--device", "cpu", "--steps", "3", "--report", report_path]) == 0
+    reference = memcheck.read_report(tmp_path / "ref.json")
+    assert reference["config"]["vocab_rows"] == stack["config"]["vocab_rows"] == 4200
+    assert stack["peak_bytes"] == pytest.approx(reference["peak_bytes"], rel=0.05)
 
 
 def test_lora_only_outside_the_decoder_layers_is_said_to_have_no_baseline_for_that_reason():
