@@ -18,8 +18,8 @@ from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_mod
 
 from memcheck import (AS_EXPECTED, BETWEEN_PHASES, CATEGORIES, Tracker, _adapter, _aliases_input,
                       _bytes_by_dtype, _largest_temporary, _strategy, _unique_params, decoder_layers,
-                      first_line, flattened_by_fsdp1, fsdp2_cast_dtypes, mib, named_warnings, rank_and_world,
-                      signed_mib, stepped_params, unwrapped_optimizer)
+                      embedding_module, first_line, flattened_by_fsdp1, fsdp2_cast_dtypes, mib, named_warnings,
+                      rank_and_world, signed_mib, stepped_params, unwrapped_optimizer)
 
 BUDGET_TOLERANCE = 0.10  # the budget's accuracy target: beyond it, a peak is an excess
 # Which decoder linears share an input: adapting any of them makes autograd save that input once.
@@ -83,13 +83,6 @@ def _features(module):
     return module.weight.shape[0], module.nf
 
 
-def _embedding(module):
-    """The embeddings or head itself, under PEFT's LoRA (base_layer) or trainable tokens (whose
-    wrapper's weight is a merged copy, made as it is read)."""
-    module = getattr(module, "token_adapter", module)
-    return getattr(module, "base_layer", module)
-
-
 def _structure(model):
     """The few numbers the budget needs, read off a model (on the meta device or not)."""
     config = model.config
@@ -110,7 +103,7 @@ def _structure(model):
             inner.update(id(m) for m in module.modules() if m is not module)
         elif _is_linear(module) and id(module) not in inner:
             linears[leaf] = module
-    hidden = _embedding(model.get_input_embeddings()).embedding_dim
+    hidden = embedding_module(model.get_input_embeddings()).embedding_dim
     # The MLP's width under each family's name (OPT, Llama and most; GPT-2; Falcon), the one the
     # layers were built with where a config has two (an OPT config read by a Llama class), else 4 x hidden.
     widths = [v for k in ("ffn_dim", "intermediate_size", "n_inner", "ffn_hidden_size")
@@ -124,15 +117,15 @@ def _structure(model):
         "heads": config.num_attention_heads,
         "ffn": ffn,
         "gated_mlp": "gate_proj" in linears or "gate_up_proj" in linears,
-        "vocab": _embedding(model.get_output_embeddings()).out_features,
-        "head_trains": _embedding(model.get_output_embeddings()).weight.requires_grad,
+        "vocab": embedding_module(model.get_output_embeddings()).out_features,
+        "head_trains": embedding_module(model.get_output_embeddings()).weight.requires_grad,
         # PEFT's trainable tokens on a tied head merge their rows into a copy of the whole matrix,
         # which the head's forward saves for backward
-        "head_copy": (_embedding(model.get_output_embeddings()).weight.nbytes
+        "head_copy": (embedding_module(model.get_output_embeddings()).weight.nbytes
                       if hasattr(model.get_output_embeddings(), "token_adapter") else 0),
         "dropout": float(getattr(config, "dropout", 0.0) or 0.0),
         "attn": getattr(config, "_attn_implementation", None) or "sdpa",
-        "weights_dtype": _embedding(model.get_input_embeddings()).weight.dtype,
+        "weights_dtype": embedding_module(model.get_input_embeddings()).weight.dtype,
         "linears": {n: _features(m) for n, m in linears.items()},
         "adapted": {n: _features(m) for n, m in adapted.items()},
         "lora": lora or {"r": 0, "experts": 1, "impl": "lean", "dropout": 0.0},
@@ -806,9 +799,9 @@ def _gradient_terms(model, trained, layer_gradients, *, traced, **placement):
     "head_gradient": a trained head weight's, which its backward makes whole."""
     in_layers = {id(p) for p in _unique_params(decoder_layers(model))}
     outside = [p for p in trained if id(p) not in in_layers]
-    head = _embedding(model.get_output_embeddings()).weight
+    head = embedding_module(model.get_output_embeddings()).weight
     trains = any(p is head for p in trained)
-    tied = head is _embedding(model.get_input_embeddings()).weight and trains
+    tied = head is embedding_module(model.get_input_embeddings()).weight and trains
     return {"layer_gradients": layer_gradients[-1] if traced else 0,
             "head_gradient": head.numel() * head.element_size() if trains else 0,
             "outside_layers_gradients": _held_bytes(outside, padded=True, **placement),
@@ -823,7 +816,7 @@ def _held_terms(model, layers, terms, *, bs, seq, gradients_held, input_leaf, lo
     new tensor of it, else as the trace finds it): the graph holds it through forward's end and backward;
     "<phase>_held_input_leaf": that leaf and its gradient from the step before, alive as long as the
     loop holds its loss (the phases loss_held names)."""
-    weight = _embedding(model.get_input_embeddings()).weight
+    weight = embedding_module(model.get_input_embeddings()).weight
     leaf = bs * seq * weight.shape[-1] * weight.element_size() if input_leaf else 0
     apart = input_leaf == "apart" or layers[-1]["embeddings_apart"]
     # (a held leaf and its gradient outlive the graph, whether or not a layer saved the leaf)

@@ -144,7 +144,7 @@ def train_tokenizer(titles, rows=None, add_tokens=True):
 
     Deterministic and built in memory in about a second, so there is no file to cache or manage.
     """
-    vocab_size = min(4000, rows - len(SPECIAL_TOKENS) * add_tokens) if rows else 4000
+    vocab_size = min(4000, max(0, rows - len(SPECIAL_TOKENS) * add_tokens)) if rows else 4000
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 

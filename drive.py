@@ -37,7 +37,8 @@ def ablation_variants(args):
     other_targets = "all-linear" if args.targets != ("all-linear",) else "auto"
     variants = [
         ("baseline", []),
-        ("added tokens + resize " + ("off" if args.add_tokens else "on"),
+        # (under --vocab the rows stay, whether tokens are added or not)
+        (("added tokens " if args.vocab else "added tokens + resize ") + ("off" if args.add_tokens else "on"),
          ["--no-add-tokens" if args.add_tokens else "--add-tokens"]),
         *[(f"checkpointing {c}", ["--ckpt", c, "--ckpt-every", "1"])
           for c in flags.CKPT_MODES if c != args.ckpt],

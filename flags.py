@@ -76,10 +76,13 @@ def _model_and_data(p):
     g.add_argument("--data", metavar="DIR",
                    help="a MovieLens-100K directory (u.data, u.item); without it, synthetic users")
     g.add_argument("--add-tokens", action=argparse.BooleanOptionalAction, default=True,
-                   help="add the placeholder tokens and call resize_token_embeddings (suspect #1)")
+                   help="add the placeholder tokens and call resize_token_embeddings to hold them "
+                        "(suspect #1; --vocab sets the rows instead)")
     g.add_argument("--vocab", type=int, metavar="ROWS",
-                   help="resize the embeddings to ROWS (a probed stack's vocabulary, which its "
-                        "baseline command gives); default: the tokenizer's size, tokens added")
+                   help="resize the embeddings to ROWS rows (a probed stack's, which its baseline "
+                        "command gives); default: what the tokens need (the tokenizer's size; with the "
+                        "stand-in tokenizer, the model's rows plus the placeholders; none resized "
+                        "with --no-add-tokens)")
     g.add_argument("--inject-items", action=argparse.BooleanOptionalAction, default=True,
                    help="overwrite the placeholders' embeddings with projected item vectors")
     g.add_argument("--attn", choices=("sdpa", "eager"), default="sdpa",

@@ -762,14 +762,20 @@ class _Stack:
         if phase not in held and self.leaf is not None and self.leaf() is not None:
             held.append(phase)
 
-    def _decoder_entered(self, module, args):
-        # A training forward, counted once as it enters the module that holds the decoder layers,
-        # however the loop calls it (the model, its decoder), before its embeddings and checkpoint's
-        # saved inputs, and once however often it runs its layers
-        self.decoder_depth += 1
-        if self.decoder_depth == 1 and self._training_step():
+    def _forward_began(self):
+        # A training forward: not a recomputation in backward (checkpoint's, of a layer or the decoder)
+        if self._training_step() and torch._C._current_autograd_node() is None:
             self.saves.forwards += 1
             self.saves.current = self.saves.forwards
+
+    def _decoder_entered(self, module, args):
+        # A forward is counted once as it enters the module that holds the decoder layers, however
+        # the loop calls it (the model, its decoder), before its embeddings and checkpoint's saved
+        # inputs, and once however often it runs its layers; at the first layer in a loop that
+        # runs the layers itself.
+        self.decoder_depth += 1
+        if self.decoder_depth == 1:
+            self._forward_began()
 
     def _decoder_left(self, module, args, output):
         self.decoder_depth = max(0, self.decoder_depth - 1)   # (0 where a pre-hook before ours raised)
@@ -777,6 +783,8 @@ class _Stack:
     def _first_layer(self, module, args, kwargs):
         # Whether the first training forward's first decoder layer takes an input that requires grad
         # (embeddings that train, injected, or enable_input_require_grads): the budget traces it so.
+        if not self.decoder_depth:
+            self._forward_began()
         hidden = args[0] if args else kwargs.get("hidden_states")
         if "bs" in self.seen and "input_grads" not in self.seen and isinstance(hidden, torch.Tensor):
             self.seen["input_grads"] = hidden.requires_grad
@@ -814,7 +822,7 @@ class _Stack:
                   "model_config": self.config_dir,   # (where a report went: not compared by diff)
                   "param_count": sum(p.numel() for p in params),
                   "param_bytes_by_dtype": _bytes_by_dtype(params),
-                  "vocab_rows": getattr(getattr(self.lm, "config", None), "vocab_size", None),
+                  "vocab_rows": self._vocab_rows(),
                   "bs": self.seen.get("bs"), "seq": self.seen.get("seq"), "padded": self.seen.get("padded"),
                   "autocast": self.seen.get("autocast"),
                   "checkpointing_enabled": bool(_checkpointed_layers(self.model)),
@@ -828,6 +836,13 @@ class _Stack:
             config.update(strategy=_strategy(self.model) or "ddp", world_size=world_size)
         config["baseline_command"] = baseline_command(config)
         return {k: v for k, v in config.items() if v is not None}  # unknown is absent, not null
+
+    def _vocab_rows(self):
+        # the embeddings' rows (a config's vocab_size goes stale where they are replaced by hand)
+        if self.lm is None:
+            return None
+        rows = getattr(embedding_module(self.lm.get_input_embeddings()), "num_embeddings", None)
+        return rows or getattr(self.lm.config, "vocab_size", None)
 
     def _injects(self, hidden):
         """Whether the first decoder layer's input is made with parameters that train, other than the
@@ -893,12 +908,17 @@ class _Stack:
                 "training (in train() mode its masks cost memory: the budget counts them)")})
         trainable = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad] + [
             (f"{list(p.shape)} beside the model", p) for p in self.outside if p.requires_grad]
-        missing = [n for n, p in trainable if id(p) not in self.graded]
+        missing = [(n, p) for n, p in trainable if id(p) not in self.graded]
+        # (reentrant checkpointing runs no backward through layers whose input needs no gradient)
+        layers = decoder_layers(lm) if lm is not None else None
+        in_layers = {id(p) for p in layers.parameters()} if layers is not None else set()
+        reentrant = self.seen.get("input_grads") is False and any(id(p) in in_layers for _, p in missing)
+        missing = [n for n, _ in missing]
         if missing:
             why = ("memory ran out inside the model, and a forward that caught it returned something else "
                    "(WARNING oom_caught)" if oom_caught else "with reentrant checkpointing and frozen input "
                    "embeddings, call model.enable_input_require_grads() or use use_reentrant=False"
-                   if self.seen.get("input_grads") is False and _checkpointed_layers(self.model) else
+                   if reentrant else
                    "the loss does not depend on them: a module the forward does not run, or a detach()")
             message = (f"{len(missing)} of {len(trainable)} trainable parameters never received a "
                        f"gradient, e.g. {', '.join(missing[:3])}: {why}")
@@ -1216,7 +1236,7 @@ class Probe:
                            "seconds": now - (self._started or self._step_ended),
                            "live_bytes": live, "peak_bytes": self._step_peak or live,
                            "tokens": self._stack.step_tokens})
-        self._stack.step_tokens = None
+        self._stack.step_tokens, self._stack.decoder_depth = None, 0   # (a forward interrupted inside)
         self._check_step()
         self._keep_survivors()
         if self.status == "oom":  # the loop caught it and went on (with a smaller batch, say)
@@ -1378,6 +1398,13 @@ def _language_model(model):
     return next((m for m in model.modules() if is_lm(m)), None)
 
 
+def embedding_module(module):
+    """The embeddings or head itself, under PEFT's LoRA (base_layer) or trainable tokens (whose
+    wrapper's weight is a merged copy, made as it is read)."""
+    module = getattr(module, "token_adapter", module)
+    return getattr(module, "base_layer", module)
+
+
 def decoder_layers(model):
     """The ModuleList of decoder layers (the one as long as the config's layer count), or None."""
     n_layers = getattr(getattr(model, "config", None), "num_hidden_layers", None)
@@ -1533,7 +1560,7 @@ def baseline_command(config):
         flags.append(f"--vocab {config['vocab_rows']}")
     flags.append(f"--lora-r {config['r']} --alpha {config['alpha']:g} --experts {config['experts']} "
                  f"--dropout {config['dropout']:g} --targets {','.join(config['targets'])}"
-                 + ("" if config.get("inject_items") else " --no-inject-items")
+                 + ("" if config.get("inject_items") else " --no-inject-items --no-add-tokens")
                  + (" --lora-dtype match" if config.get("lora_dtype") == "match" else ""))
     # Measured, or before any backward (an OOM in step 1) as configured.
     checkpointing = config.get("checkpointing")

@@ -185,7 +185,8 @@ def prepare_vocabulary(model, tokenizer, stand_in, add_tokens=True, mean_resizin
         raise UsageError(f"{flag}: the {'stand-in ' if stand_in else ''}tokenizer has {len(tokenizer)} "
                          f"tokens{' with the placeholders' * bool(added)} for {size} embedding rows, so its "
                          f"ids would index past them; use --vocab {len(tokenizer)} or more"
-                         + ("" if vocab else ", or --add-tokens (it resizes the embeddings)"))
+                         + ("" if vocab else ", or --add-tokens (it resizes the embeddings)")
+                         + (" (the stand-in is a byte-level BPE: 258 tokens at least)" * stand_in))
     if size != rows:
         model.resize_token_embeddings(size, mean_resizing=mean_resizing)
     why = ("--vocab" if vocab else f"the tokenizer's {len(tokenizer) - added} tokens + {added} added"

@@ -110,7 +110,7 @@ def _promised(name):
     words = name.split()
     if name == "baseline":
         return {}
-    if name.startswith("added tokens + resize"):
+    if name.startswith("added tokens"):   # (+ resize, but for a base that sets --vocab)
         return {"add_tokens": words[-1] == "on"}
     if name == "checkpointing every layer":
         return {"ckpt_every": 1}
@@ -140,7 +140,8 @@ def _promised(name):
     ["--no-add-tokens", "--ckpt", "none", "--impl", "einsum", "--experts", "1", "--dropout", "0.1",
      "--no-inject-items", "--targets", "all-linear", "--precision", "bf16-mixed"],
     ["--ckpt-every", "2"],
-], ids=["defaults", "every-switch-flipped", "every-2nd-layer-checkpointed"])
+    ["--vocab", "4200"],
+], ids=["defaults", "every-switch-flipped", "every-2nd-layer-checkpointed", "vocabulary-set"])
 def test_each_ablate_variant_changes_exactly_what_its_name_says(tiny_model, base):
     # Mistake: a variant whose flags do not match its name ('resize off' passing no flag).
     base = ["--model", tiny_model, "--device", "cpu", *base]

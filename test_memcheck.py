@@ -834,7 +834,7 @@ def test_the_probe_infers_the_stack_and_prints_its_baseline_command():
     assert config["checkpointing_enabled"] and config["checkpointing"]
     assert config["param_bytes_by_dtype"].keys() == {"float32"}
     command = ("python ref_train.py --bs 2 --seq 32 --vocab 500 --lora-r 4 --alpha 8 --experts 1 --dropout 0 "
-               "--targets q_proj,v_proj --no-inject-items --precision 32 --ckpt manual")
+               "--targets q_proj,v_proj --no-inject-items --no-add-tokens --precision 32 --ckpt manual")
     assert config["baseline_command"] == command
     assert f"the reference for this stack: {command}" in memcheck.format_report(report)
     assert not probed_report({}, "clean", False)["config"]["checkpointing"]
@@ -896,13 +896,30 @@ WARNINGS = [
 ]
 
 
+def _layers_and_own_loss(lm, ids, checkpointed_decoder=False):
+    """A loop's own forward: the layers run by hand, or the decoder under non-reentrant checkpoint."""
+    decoder = lm.get_decoder()
+    if checkpointed_decoder:
+        hidden = torch.utils.checkpoint.checkpoint(lambda e: decoder(inputs_embeds=e).last_hidden_state,
+                                                   decoder.embed_tokens(ids), use_reentrant=False)
+    else:
+        hidden = decoder.embed_tokens(ids) + decoder.embed_positions(torch.ones_like(ids))
+        for layer in decoder.layers:
+            hidden = layer(hidden)
+            hidden = hidden[0] if isinstance(hidden, tuple) else hidden
+        hidden = decoder.final_layer_norm(hidden)
+    logits = lm.get_output_embeddings()(hidden[:, :-1])
+    return torch.nn.functional.cross_entropy(logits.flatten(0, 1), ids[:, 1:].flatten())
+
+
 @pytest.mark.parametrize("loop", ["projector before the model", "decoder and own loss, summed",
-                                  "a model that runs its first layer twice"])
+                                  "a model that runs its first layer twice", "layers run by hand, summed",
+                                  "the decoder checkpointed whole"])
 def test_graphs_together_counts_forwards_through_the_layers_however_the_loop_calls_them(loop):
     # A trainable projector makes the next step's inputs before the model's forward: its saves were
     # taken for the last forward's (a false warning in the verdict, 0.5 MiB); a loop that runs the
     # decoder and its own loss, two micro-batches summed, was not seen at all; a model that reuses
-    # its first layer was taken for two forwards.
+    # its first layer was taken for two forwards; so was the whole decoder's recomputation in backward.
     model, optimizer = peft_opt()
     lm, projector = model.get_base_model(), torch.nn.Linear(64, 64)
     if loop.startswith("projector"):
@@ -914,6 +931,8 @@ def test_graphs_together_counts_forwards_through_the_layers_however_the_loop_cal
     def loss_of(ids):
         if loop == "projector before the model":
             return model(inputs_embeds=projector(lm.get_input_embeddings()(ids)), labels=ids).loss
+        if loop.startswith(("layers run by hand", "the decoder checkpointed")):
+            return _layers_and_own_loss(lm, ids, checkpointed_decoder=loop.endswith("whole"))
         hidden = lm.get_decoder()(input_ids=ids).last_hidden_state
         logits = lm.get_output_embeddings()(hidden[:, :-1])
         return torch.nn.functional.cross_entropy(logits.flatten(0, 1), ids[:, 1:].flatten())
@@ -1040,15 +1059,55 @@ def test_the_no_grad_warning_counts_the_parameters_that_got_none():
     assert warning["message"].endswith("call model.enable_input_require_grads() or use use_reentrant=False")
 
 
-def test_the_no_grad_warning_blames_reentrant_checkpointing_only_where_it_ran():
+@pytest.mark.parametrize("cause", ["a module never run", "torch's reentrant checkpoint_wrapper"])
+def test_the_no_grad_warning_blames_reentrant_checkpointing_only_where_the_layers_got_none(cause):
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import CheckpointImpl, checkpoint_wrapper
     model, _ = peft_opt()
-    model.get_base_model().unused = torch.nn.Linear(4, 4)   # trained, never run by the forward
+    if cause == "a module never run":
+        model.get_base_model().unused = torch.nn.Linear(4, 4)   # trained, never run by the forward
+    else:   # (as FSDP's apply_activation_checkpointing wraps them: no flag of transformers' says so)
+        layers = model.get_base_model().model.decoder.layers
+        for i, layer in enumerate(layers):
+            layers[i] = checkpoint_wrapper(layer, checkpoint_impl=CheckpointImpl.REENTRANT)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad])
     with memcheck.Probe(model, optimizer) as probe:
         user_loop(probe, model, optimizer, token_batches(2))
     [warning] = probe.report()["warnings"]
     assert warning["message"].endswith(
-        "the loss does not depend on them: a module the forward does not run, or a detach()"), warning
+        "the loss does not depend on them: a module the forward does not run, or a detach()"
+        if cause == "a module never run" else "use use_reentrant=False"), warning
+
+
+def test_the_vocabulary_is_the_embeddings_rows_where_the_config_was_not_updated():
+    from peft import LoraConfig, get_peft_model
+    from transformers import OPTConfig, OPTForCausalLM
+    torch.manual_seed(0)
+    lm = OPTForCausalLM(OPTConfig(vocab_size=500, **TINY_OPT))
+    lm.set_input_embeddings(torch.nn.Embedding(2000, 64))   # by hand: the config still says 500
+    lm.lm_head = torch.nn.Linear(64, 2000, bias=False)
+    model = get_peft_model(lm, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])).train()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    own_loss = lambda ids: torch.nn.functional.cross_entropy(model(input_ids=ids).logits[:, :-1].flatten(0, 1),
+                                                             ids[:, 1:].flatten())
+    with memcheck.Probe(model, optimizer) as probe:
+        phased_loop(probe, optimizer, token_batches(2, vocab=2000), own_loss)
+    assert probe.report()["config"]["vocab_rows"] == 2000
+
+
+def test_a_forward_interrupted_inside_the_decoder_leaves_the_next_steps_forwards_counted():
+    # KeyboardInterrupt runs no always_call hook: the decoder stayed entered, and no forward after it
+    # was counted (graphs_together off for the rest of the run).
+    model, optimizer = peft_opt()
+    loss_of = lambda ids: model(input_ids=ids, labels=ids).loss
+    layer = model.get_base_model().model.decoder.layers[1]
+    with memcheck.Probe(model, optimizer) as probe:
+        hook = layer.register_forward_pre_hook(lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+        with pytest.raises(KeyboardInterrupt), probe.phase("forward"):
+            loss_of(token_batches(1)[0])
+        hook.remove()
+        probe.step()   # (its saves no backward used: grad_in_eval, rightly)
+        phased_loop(probe, optimizer, token_batches(3), lambda ids: sum(map(loss_of, ids.split(1))))
+    assert "graphs_together" in [w["kind"] for w in probe.report()["warnings"]]
 
 
 class KeepsOnCtx(torch.autograd.Function):
