@@ -909,10 +909,14 @@ class _Stack:
         trainable = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad] + [
             (f"{list(p.shape)} beside the model", p) for p in self.outside if p.requires_grad]
         missing = [(n, p) for n, p in trainable if id(p) not in self.graded]
-        # (reentrant checkpointing runs no backward through layers whose input needs no gradient)
+        # (reentrant checkpointing, transformers' or torch's CheckpointWrapper's, runs no backward
+        # through layers whose input needs no gradient)
         layers = decoder_layers(lm) if lm is not None else None
         in_layers = {id(p) for p in layers.parameters()} if layers is not None else set()
-        reentrant = self.seen.get("input_grads") is False and any(id(p) in in_layers for _, p in missing)
+        wrapped = [m for m in layers or [] if hasattr(m, "checkpoint_fn")]
+        checkpointed = bool(_checkpointed_layers(self.model) or wrapped)
+        reentrant = (self.seen.get("input_grads") is False and checkpointed
+                     and any(id(p) in in_layers for _, p in missing))
         missing = [n for n, _ in missing]
         if missing:
             why = ("memory ran out inside the model, and a forward that caught it returned something else "
@@ -1556,11 +1560,11 @@ def baseline_command(config):
     flags = [f"--bs {config['bs']} --seq {config['seq']}"]
     if config.get("model") or config.get("model_config"):
         flags.append(f"--model {config.get('model') or config['model_config']}")
-    if config.get("vocab_rows"):   # the stack's, resized or not (its tokenizer may have fewer tokens)
-        flags.append(f"--vocab {config['vocab_rows']}")
+    if config.get("vocab_rows"):   # the stack's rows, whatever its tokenizer's size; no placeholder
+        flags.append(f"--vocab {config['vocab_rows']} --no-add-tokens")   # added, so that they fit
     flags.append(f"--lora-r {config['r']} --alpha {config['alpha']:g} --experts {config['experts']} "
                  f"--dropout {config['dropout']:g} --targets {','.join(config['targets'])}"
-                 + ("" if config.get("inject_items") else " --no-inject-items --no-add-tokens")
+                 + ("" if config.get("inject_items") else " --no-inject-items")
                  + (" --lora-dtype match" if config.get("lora_dtype") == "match" else ""))
     # Measured, or before any backward (an OOM in step 1) as configured.
     checkpointing = config.get("checkpointing")

@@ -833,8 +833,9 @@ def test_the_probe_infers_the_stack_and_prints_its_baseline_command():
     assert config["targets"] == ["q_proj", "v_proj"]
     assert config["checkpointing_enabled"] and config["checkpointing"]
     assert config["param_bytes_by_dtype"].keys() == {"float32"}
-    command = ("python ref_train.py --bs 2 --seq 32 --vocab 500 --lora-r 4 --alpha 8 --experts 1 --dropout 0 "
-               "--targets q_proj,v_proj --no-inject-items --no-add-tokens --precision 32 --ckpt manual")
+    command = ("python ref_train.py --bs 2 --seq 32 --vocab 500 --no-add-tokens --lora-r 4 --alpha 8 "
+               "--experts 1 --dropout 0 --targets q_proj,v_proj --no-inject-items --precision 32 "
+               "--ckpt manual")
     assert config["baseline_command"] == command
     assert f"the reference for this stack: {command}" in memcheck.format_report(report)
     assert not probed_report({}, "clean", False)["config"]["checkpointing"]
@@ -1059,23 +1060,31 @@ def test_the_no_grad_warning_counts_the_parameters_that_got_none():
     assert warning["message"].endswith("call model.enable_input_require_grads() or use use_reentrant=False")
 
 
-@pytest.mark.parametrize("cause", ["a module never run", "torch's reentrant checkpoint_wrapper"])
+@pytest.mark.parametrize("cause", ["a module never run", "a loss on the first layer's output",
+                                   "torch's reentrant checkpoint_wrapper"])
 def test_the_no_grad_warning_blames_reentrant_checkpointing_only_where_the_layers_got_none(cause):
     from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import CheckpointImpl, checkpoint_wrapper
     model, _ = peft_opt()
+    lm = model.get_base_model()
     if cause == "a module never run":
-        model.get_base_model().unused = torch.nn.Linear(4, 4)   # trained, never run by the forward
-    else:   # (as FSDP's apply_activation_checkpointing wraps them: no flag of transformers' says so)
-        layers = model.get_base_model().model.decoder.layers
+        lm.unused = torch.nn.Linear(4, 4)   # trained, never run by the forward
+    if cause.endswith("checkpoint_wrapper"):   # (as FSDP's apply_activation_checkpointing wraps them)
+        layers = lm.model.decoder.layers
         for i, layer in enumerate(layers):
             layers[i] = checkpoint_wrapper(layer, checkpoint_impl=CheckpointImpl.REENTRANT)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad])
+
+    def first_layers(ids):   # (the second layer's LoRA and the final norm get no gradient: no checkpointing)
+        return lm.lm_head(model(input_ids=ids, output_hidden_states=True).hidden_states[1]).sum()
     with memcheck.Probe(model, optimizer) as probe:
-        user_loop(probe, model, optimizer, token_batches(2))
+        if cause.startswith("a loss"):
+            phased_loop(probe, optimizer, token_batches(2), first_layers)
+        else:
+            user_loop(probe, model, optimizer, token_batches(2))
     [warning] = probe.report()["warnings"]
-    assert warning["message"].endswith(
-        "the loss does not depend on them: a module the forward does not run, or a detach()"
-        if cause == "a module never run" else "use use_reentrant=False"), warning
+    assert warning["message"].endswith("use use_reentrant=False" if cause.endswith("checkpoint_wrapper") else
+                                       "the loss does not depend on them: a module the forward does not run, "
+                                       "or a detach()"), warning
 
 
 def test_the_vocabulary_is_the_embeddings_rows_where_the_config_was_not_updated():

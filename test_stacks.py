@@ -1263,6 +1263,26 @@ def test_the_baseline_trains_the_stacks_vocabulary_whatever_its_tokenizers_size(
     assert stack["peak_bytes"] == pytest.approx(reference["peak_bytes"], rel=0.05)
 
 
+def test_the_baseline_of_a_stack_that_injects_items_runs_where_the_tokenizer_fills_the_rows(tmp_path):
+    # Its placeholders were added to a tokenizer that fills the rows: "--vocab 556: the tokenizer has
+    # 560 tokens with the placeholders for 556 embedding rows", exit 2.
+    folder = _save_tiny_opt(tmp_path / "full", 556, with_tokenizer=True)
+    args = ref_train.parse_args(["--model", folder, "--device", "cpu", "--bs", "2", "--seq", "32",
+                                 "--no-add-tokens"])
+    model, items, batches, _ = ref_train.build(args)
+    optimizer = torch.optim.AdamW([p for m in (model, items) for p in m.parameters() if p.requires_grad])
+    with memcheck.Probe(torch.nn.ModuleDict({"lm": model, "ilora": items}), optimizer) as probe:
+        for _ in range(2):
+            ref_train.train_step(ref_train.ILoraModel(model, items, args), optimizer,
+                                 torch.amp.GradScaler("cpu", enabled=False), next(batches), args, probe, [])
+            probe.step()
+    command = probe.report()["config"]["baseline_command"]
+    assert "--vocab 556 --no-add-tokens" in command and "--no-inject-items" not in command, command
+    argv = [*shlex.split(command)[2:], "--device", "cpu", "--steps", "2",
+            "--report", str(tmp_path / "ref.json")]
+    assert ref_train.main(argv) == 0
+
+
 def test_lora_only_outside_the_decoder_layers_is_said_to_have_no_baseline_for_that_reason():
     model = peft_opt_on(["lm_head"])
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
