@@ -1560,8 +1560,8 @@ def baseline_command(config):
     flags = [f"--bs {config['bs']} --seq {config['seq']}"]
     if config.get("model") or config.get("model_config"):
         flags.append(f"--model {config.get('model') or config['model_config']}")
-    if config.get("vocab_rows"):   # the stack's rows, whatever its tokenizer's size; no placeholder
-        flags.append(f"--vocab {config['vocab_rows']} --no-add-tokens")   # added, so that they fit
+    if config.get("vocab_rows"):   # the stack's, whatever its tokenizer's size: no placeholder added
+        flags.append(f"--vocab {config['vocab_rows']} --no-add-tokens")
     flags.append(f"--lora-r {config['r']} --alpha {config['alpha']:g} --experts {config['experts']} "
                  f"--dropout {config['dropout']:g} --targets {','.join(config['targets'])}"
                  + ("" if config.get("inject_items") else " --no-inject-items")

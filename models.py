@@ -178,8 +178,14 @@ def prepare_vocabulary(model, tokenizer, stand_in, add_tokens=True, mean_resizin
     """
     rows = model.get_input_embeddings().num_embeddings
     added = data.add_special_tokens(tokenizer) if add_tokens else 0
-    size = vocab or (rows if not add_tokens else max(rows + added, len(tokenizer)) if stand_in
-                     else len(tokenizer))
+    if vocab:
+        size, why = vocab, "--vocab"
+    elif not add_tokens:
+        size, why = rows, "no token added"
+    elif stand_in:   # (its own vocabulary is small: the model keeps its rows)
+        size, why = max(rows + added, len(tokenizer)), f"{added} placeholder tokens added"
+    else:
+        size, why = len(tokenizer), f"the tokenizer's {len(tokenizer) - added} tokens + {added} added"
     if len(tokenizer) > size:
         flag = f"--vocab {vocab}" if vocab else "--no-add-tokens"
         raise UsageError(f"{flag}: the {'stand-in ' if stand_in else ''}tokenizer has {len(tokenizer)} "
@@ -189,8 +195,6 @@ def prepare_vocabulary(model, tokenizer, stand_in, add_tokens=True, mean_resizin
                          + (" (the stand-in is a byte-level BPE: 258 tokens at least)" * stand_in))
     if size != rows:
         model.resize_token_embeddings(size, mean_resizing=mean_resizing)
-    why = ("--vocab" if vocab else f"the tokenizer's {len(tokenizer) - added} tokens + {added} added"
-           if added and not stand_in else f"{added} placeholder tokens added" if added else "no token added")
     return f"vocabulary: {rows} embedding rows{f', resized to {size}' if size != rows else ''} ({why})"
 
 
