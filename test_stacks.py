@@ -1258,7 +1258,7 @@ def test_the_baseline_trains_the_stacks_vocabulary_whatever_its_tokenizers_size(
     argv = shlex.split(stack["config"]["baseline_command"])[2:]
     report_path = str(tmp_path / "ref.json")
     assert ref_train.main([*argv, "--device", "cpu", "--steps", "3", "--report", report_path]) == 0
-    reference = memcheck.read_report(tmp_path / "ref.json")
+    reference = memcheck.read_report(report_path)
     assert reference["config"]["vocab_rows"] == stack["config"]["vocab_rows"] == rows
     assert stack["peak_bytes"] == pytest.approx(reference["peak_bytes"], rel=0.05)
 
