@@ -395,6 +395,7 @@ class _Saves:
         self.tracker = tracker
         self.layers = []               # the decoder layers' names
         self.events = {}               # warning kind -> details, first seen
+        self.last_steps = {}           # warning kind -> the last step it was seen in
         self.outputs = []              # (record, what made it) of the model's outputs, this forward
         self.unsaved = []              # those alive when it ended, autograd not saving them
         self.backward_steps, self.checkpointed = 0, {}   # layer -> whether its backward looked checkpointed
@@ -529,7 +530,9 @@ class _Saves:
 
     def _event(self, kind, step, **details):
         event = self.events.setdefault(kind, dict(details, first_step=step, steps=0))
-        event["steps"] += 1
+        if self.last_steps.get(kind) != step:   # (a step's micro-batches are one step)
+            self.last_steps[kind] = step
+            event["steps"] += 1
 
     def warnings(self, peak_bytes):
         """Memory held once is named from 1% of the peak or 1 MiB; checkpointing_inactive always."""

@@ -1109,6 +1109,17 @@ def returns_logits(self, batch, batch_idx):
     return {"loss": output.loss, "logits": output.logits}
 
 
+def test_a_warning_counts_the_steps_it_was_seen_in_not_the_micro_batches(tmp_path):
+    # Lightning with accumulate_grad_batches=2: "(step 1, 6 steps in all)" for a report of 3 steps.
+    path = tmp_path / "stack.json"
+    lightning_fit(peft_opt(), memcheck.lightning_callback(**quiet(path)), steps=3, accumulate_grad_batches=2,
+                  module_hooks={"training_step": returns_logits})
+    report = memcheck.read_report(path)
+    [warning] = report["warnings"]
+    assert (warning["kind"], warning["steps"], len(report["steps"])) == ("output_kept", 3, 3), warning
+    assert "(step 1, 3 steps in all)" in warning["message"]
+
+
 def test_a_verdict_names_a_weighty_warning_and_its_tensor_shape(tmp_path):
     path = tmp_path / "stack.json"
     lightning_fit(peft_opt(), memcheck.lightning_callback(**quiet(path)),
