@@ -103,7 +103,9 @@ def _structure(model):
             inner.update(id(m) for m in module.modules() if m is not module)
         elif _is_linear(module) and id(module) not in inner:
             linears[leaf] = module
-    hidden = embedding_module(model.get_input_embeddings()).embedding_dim
+    embeddings, wrapped_head = embedding_module(model.get_input_embeddings()), model.get_output_embeddings()
+    head = embedding_module(wrapped_head)
+    hidden = embeddings.embedding_dim
     # The MLP's width under each family's name (OPT, Llama and most; GPT-2; Falcon), the one the
     # layers were built with where a config has two (an OPT config read by a Llama class), else 4 x hidden.
     widths = [v for k in ("ffn_dim", "intermediate_size", "n_inner", "ffn_hidden_size")
@@ -117,15 +119,14 @@ def _structure(model):
         "heads": config.num_attention_heads,
         "ffn": ffn,
         "gated_mlp": "gate_proj" in linears or "gate_up_proj" in linears,
-        "vocab": embedding_module(model.get_output_embeddings()).out_features,
-        "head_trains": embedding_module(model.get_output_embeddings()).weight.requires_grad,
+        "vocab": head.out_features,
+        "head_trains": head.weight.requires_grad,
         # PEFT's trainable tokens on a tied head merge their rows into a copy of the whole matrix,
         # which the head's forward saves for backward
-        "head_copy": (embedding_module(model.get_output_embeddings()).weight.nbytes
-                      if hasattr(model.get_output_embeddings(), "token_adapter") else 0),
+        "head_copy": head.weight.nbytes if hasattr(wrapped_head, "token_adapter") else 0,
         "dropout": float(getattr(config, "dropout", 0.0) or 0.0),
         "attn": getattr(config, "_attn_implementation", None) or "sdpa",
-        "weights_dtype": embedding_module(model.get_input_embeddings()).weight.dtype,
+        "weights_dtype": embeddings.weight.dtype,
         "linears": {n: _features(m) for n, m in linears.items()},
         "adapted": {n: _features(m) for n, m in adapted.items()},
         "lora": lora or {"r": 0, "experts": 1, "impl": "lean", "dropout": 0.0},

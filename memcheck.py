@@ -911,7 +911,7 @@ class _Stack:
                 "training (in train() mode its masks cost memory: the budget counts them)")})
         trainable = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad] + [
             (f"{list(p.shape)} beside the model", p) for p in self.outside if p.requires_grad]
-        missing = [(n, p) for n, p in trainable if id(p) not in self.graded]
+        missing = [n for n, p in trainable if id(p) not in self.graded]
         # (reentrant checkpointing, transformers' or torch's CheckpointWrapper's, runs no backward
         # through layers whose input needs no gradient)
         layers = decoder_layers(lm) if lm is not None else None
@@ -919,8 +919,7 @@ class _Stack:
         wrapped = [m for m in layers or [] if hasattr(m, "checkpoint_fn")]
         checkpointed = bool(_checkpointed_layers(self.model) or wrapped)
         reentrant = (self.seen.get("input_grads") is False and checkpointed
-                     and any(id(p) in in_layers for _, p in missing))
-        missing = [n for n, _ in missing]
+                     and any(id(p) in in_layers and id(p) not in self.graded for _, p in trainable))
         if missing:
             why = ("memory ran out inside the model, and a forward that caught it returned something else "
                    "(WARNING oom_caught)" if oom_caught else "with reentrant checkpointing and frozen input "
