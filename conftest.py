@@ -4,6 +4,7 @@ the model families' tiny models, and the helpers several test files use.
 Nothing here downloads: HF_HUB_OFFLINE is set before transformers is imported anywhere.
 """
 import contextlib
+import gc
 import os
 import random
 import socket
@@ -19,6 +20,15 @@ import torch
 torch.set_num_threads(1)
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+@pytest.fixture(autouse=True)
+def _survivors_frozen():
+    """After each test, what is still alive stays out of every later collection: the HF Trainer calls
+    gc.collect() as it starts, and over the whole heap of a long session that took a second a call."""
+    yield
+    gc.collect()
+    gc.freeze()
 # The same shape as opt-125m's decoder, scaled down: 2 layers of width 64, 256 positions.
 TINY_OPT = dict(hidden_size=64, ffn_dim=128, num_hidden_layers=2, num_attention_heads=4,
                 max_position_embeddings=256, word_embed_proj_dim=64)
