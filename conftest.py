@@ -271,7 +271,8 @@ def lightning_fit(model, callback, steps=3, return_logits=False, module_hooks=No
     and a sanity check before training); strategy and devices: Lightning's (several devices: one
     rank of on_ranks each); user_callbacks: listed before `callback`; compiled: fit() is given the
     LightningModule torch.compile'd; trainer_kwargs: the Trainer's,
-    beside or instead of these (steps is max_steps, and the batches of the loaders)."""
+    beside or instead of these (steps is max_steps, and the batches of the loaders). Returns the
+    trainer and the LightningModule it fitted."""
     pl = pytest.importorskip("lightning.pytorch")
 
     class Module(pl.LightningModule):
@@ -298,6 +299,7 @@ def lightning_fit(model, callback, steps=3, return_logits=False, module_hooks=No
     loader = lambda: torch.utils.data.DataLoader(token_batches(steps), batch_size=None)
     module = torch.compile(Module()) if compiled else Module()
     trainer.fit(module, loader(), loader() if validate else None)
+    return trainer, module
 
 
 def hf_train(model, callbacks, tmp_path, steps=3, evaluate=False, rows=None, added=False, trainer=None,

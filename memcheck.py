@@ -42,6 +42,7 @@ try:  # the command line only reads JSON: run as a script, or where torch is mis
     if __name__ == "__main__":
         raise ModuleNotFoundError("torch: not needed by the command line")
     import torch
+    from torch.optim.optimizer import register_optimizer_step_pre_hook
     import torch.utils._pytree as pytree
     from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
 except ModuleNotFoundError:
@@ -622,13 +623,6 @@ class _Stack:
 
     def attach(self, model, optimizers):
         self.model, self.lm = model, _language_model(model)
-        self.optimizers = optimizers
-        inside = {id(p) for p in model.parameters()}
-        stepped = [p for optimizer in optimizers for p in stepped_params(optimizer)]
-        # what an optimizer trains beside the model (a projector the probe was not given): its
-        # weights, gradients and state are the stack's too
-        self.outside = list({id(p): p for p in stepped if id(p) not in inside}.values())
-        self.trainable = [p for p in [*model.parameters(), *self.outside] if p.requires_grad]
         self.names = module_names(model)
         for module, name in self.names.items():
             # (first of its pre-hooks: one that raises before it would leave its name unpushed)
@@ -651,10 +645,40 @@ class _Stack:
                 self.hooks += [decoder.register_forward_pre_hook(self._decoder_entered),
                                decoder.register_forward_hook(self._decoder_left, always_call=True)]
         self.watch_wrapper(model)
-        for p in self.trainable:  # judged by what backward gave, whatever zero_grad does later
+        self.trainable = []
+        self._watch_optimizers(optimizers)
+        if not optimizers:   # a loop that gave none: the first that steps the model's parameters
+            self.hooks.append(register_optimizer_step_pre_hook(self._found_optimizer))
+        self.tag_roles(adopt=True)  # what exists now is counted from now, and never as new
+
+    def _watch_optimizers(self, optimizers):
+        """Watch the gradients of what trains: the model's parameters, and what the optimizers step
+        beside it (a projector the probe was not given), whose weights, gradients and state are the
+        stack's too. Returns the parameters newly watched."""
+        self.optimizers = list(optimizers)
+        inside = {id(p) for p in self.model.parameters()}
+        stepped = [p for optimizer in optimizers for p in stepped_params(optimizer)]
+        self.outside = list({id(p): p for p in stepped if id(p) not in inside}.values())
+        watched = {id(p) for p in self.trainable}
+        new = [p for p in [*self.model.parameters(), *self.outside]
+               if p.requires_grad and id(p) not in watched]
+        self.trainable += new
+        for p in new:  # judged by what backward gave, whatever zero_grad does later
             self.hooks.append(p.register_post_accumulate_grad_hook(self._graded))
             self.hooks.append(p.register_hook(functools.partial(self._arriving, p)))
-        self.tag_roles(adopt=True)  # what exists now is counted from now, and never as new
+        return new
+
+    def _found_optimizer(self, optimizer, args, kwargs):
+        """The loop's optimizer, as it first steps (a global step pre-hook): its state is optimizer
+        state, not temporaries, and what it steps beside the model is counted."""
+        inside = {id(p) for p in self.model.parameters()}
+        if self.optimizers or not any(id(p) in inside for p in stepped_params(optimizer)):
+            return
+        self.graded.update(id(p) for p in self._watch_optimizers([optimizer]) if p.grad is not None)
+        self.roles = None
+        self.tag_roles(adopt=True)   # (what it steps beside the model, made before the probe began)
+        if self.outside:   # the next training forward tells whether they make the layers' input
+            self.seen.pop("input_grads", None)
 
     def watch_wrapper(self, wrapper):
         """What wraps the model as the trainer runs it: a DistributedDataParallel's output (with
@@ -839,6 +863,11 @@ class _Stack:
             config.update(strategy=_strategy(self.model) or "ddp", world_size=world_size)
         config["baseline_command"] = baseline_command(config)
         return {k: v for k, v in config.items() if v is not None}  # unknown is absent, not null
+
+    def param_counts(self):
+        params = _unique_params([self.model]) + self.outside
+        trainable = sum(p.numel() for p in params if p.requires_grad)
+        return {"trainable": trainable, "frozen": sum(p.numel() for p in params) - trainable}
 
     def _vocab_rows(self):
         # the embeddings' rows (a config's vocab_size goes stale where they are replaced by hand)
@@ -1123,9 +1152,16 @@ class Probe:
             _watch_fsdp_storage(self.tracker, self._scope, _gathered_category(model))
 
     # -- measurement
+    def _check_open(self, call):
+        if not self._open:   # (its tracker sees nothing: every figure would read 0, or a stale one)
+            was = f"; its scope closed, report written to {self.path}" if self.path and self.steps else ""
+            raise ReportError(f"{call} outside the probe's scope{was}: nothing there is measured; run the "
+                              "loop inside `with probe:` (callbacks: probe.__enter__() first, close() last)")
+
     @contextlib.contextmanager
     def phase(self, name):
         """Measure the code inside as phase `name` (forward, backward, optimizer, or your own)."""
+        self._check_open(f"probe.phase({name!r})")
         if self._within is not None:   # (an inner phase would end the outer one where it began)
             raise ReportError(f"phase {name!r} inside phase {self._within!r}: phases do not nest; "
                               f"end {self._within!r} first, or measure the two as one")
@@ -1144,6 +1180,7 @@ class Probe:
     def begin(self, name):
         """Open a phase without a with-block (closing the open one, as callbacks do: unlike phase(),
         which refuses a phase inside its own); pair with end()."""
+        self._check_open(f"probe.begin({name!r})")
         self.end()
         self._end_between()
         first = self._started is None
@@ -1227,10 +1264,11 @@ class Probe:
 
     def step(self, loss=None):
         """Close a training step: record its loss, time and the live bytes it leaves behind."""
+        self._check_open("probe.step()")
         self.end()
         if self._started is not None:   # (a training phase ran: an evaluation alone is none)
             self._end_between()
-        elif self._open:  # no phase in this step: the whole step is one
+        else:  # no phase in this step: the whole step is one
             self.tracker.phase = "step"
             self._tag_roles()
             self.end()
@@ -1324,6 +1362,8 @@ class Probe:
                   + self._saves.warnings(self.peak["peak_bytes"])}
         if self.allocator_only:
             report["allocator_only"] = ALLOCATOR_ONLY
+        if self._stack.model is not None:
+            report["params"] = self._stack.param_counts()
         if not self.config:
             try:
                 from budget import probed  # late: budget.py imports this file
@@ -1635,7 +1675,7 @@ def lightning_callback(path, **probe_kwargs):
             self.stepped = True
 
         def on_validation_start(self, trainer, pl_module):   # (and its epoch's end, the outputs gathered)
-            if self.probe is not None:  # (not the sanity check before training)
+            if self.probe is not None and self.probe._open:  # (not the sanity check, nor validate() after)
                 self.probe.begin("eval")
 
         def on_validation_end(self, trainer, pl_module):
@@ -2443,8 +2483,19 @@ def config_differences(a, b):
     ca, cb = a.get("config") or {}, b.get("config") or {}
     keys = sorted((set(ca) & set(cb)) - OUTPUT_FLAGS - {"probe", "baseline_command"})
     unresolved = ("auto", ["auto"])
-    return {k: [ca[k], cb[k]] for k in keys
-            if ca[k] != cb[k] and ca[k] not in unresolved and cb[k] not in unresolved}
+    differences = {k: [ca[k], cb[k]] for k in keys
+                   if ca[k] != cb[k] and ca[k] not in unresolved and cb[k] not in unresolved}
+    adapters = [_adapter_kind(ca), _adapter_kind(cb)]   # (a key that only LoRA's side has)
+    if None not in adapters and (adapters[0] == "none") != (adapters[1] == "none"):
+        differences["adapters"] = adapters
+    return differences
+
+
+def _adapter_kind(config):
+    """A configuration's LoRA: its kind; "none" where a probe found no LoRA layer; None if unknown."""
+    if config.get("adapters") or config.get("r"):
+        return config.get("adapters") or "gated_lora"   # (the reference's config: its flags)
+    return "none" if config.get("probe") else None
 
 
 def _net_of_moves(row, places):

@@ -298,6 +298,30 @@ def mlp_and_adamw(width):
     return model, torch.optim.AdamW(model.parameters())
 
 
+def test_a_probe_given_no_optimizer_counts_the_state_of_the_one_that_steps_its_model():
+    # without it, AdamW's state was temporaries and what it stepped beside the model was not counted
+    reports = {}
+    for given in (True, False):
+        model, _ = mlp_and_adamw(64)
+        projector = nn.Linear(16, 64)   # made before the probe, trained beside the model
+        optimizer = torch.optim.AdamW([*model.parameters(), *projector.parameters()])
+        unrelated = torch.optim.SGD(nn.Linear(4, 4).parameters(), momentum=0.9)
+
+        def loss_of(batch):
+            unrelated.step()   # (steps nothing of the model: not the loop's)
+            return model(projector(batch)).square().mean()
+        with memcheck.Probe(model, optimizer if given else None) as probe:
+            phased_loop(probe, optimizer, [torch.randn(8, 16) for _ in range(3)], loss_of)
+        reports[given] = probe.report()
+    stepped = optimizer.param_groups[0]["params"]
+    moments = sum(2 * p.numel() * 4 for p in stepped)   # exp_avg, exp_avg_sq
+    assert reports[False]["phases"]["optimizer"]["categories"]["optimizer_state"] == moments
+    for key in ("peak_bytes", "phases", "categories", "params"):
+        assert reports[False][key] == reports[True][key], key
+    assert reports[False]["config"]["optimizer"] == reports[True]["config"]["optimizer"] == "AdamW"
+    assert reports[False]["params"] == {"trainable": sum(p.numel() for p in stepped), "frozen": 0}
+
+
 def test_gradients_freed_inside_a_step_without_phases_are_still_gradients_at_its_peak():
     # A hand-written callback that calls only probe.step(), after zero_grad(set_to_none=True).
     model, optimizer = mlp_and_adamw(256)
@@ -488,6 +512,31 @@ def test_a_probe_inside_a_probe_is_refused_and_probes_one_after_another_measure_
             user_loop(probe, model, optimizer, token_batches(2))
         peaks.append(probe.report()["peak_bytes"])
     assert peaks[1] == pytest.approx(peaks[0], abs=64)   # (AdamW's step counts: made in the first)
+
+
+def test_a_phase_or_a_step_outside_the_probes_scope_is_refused_in_one_line(tmp_path):
+    # never entered, its report read: every phase at 0.0 MiB and "leak: none"; after its scope: stale
+    model, optimizer = mlp_and_adamw(32)
+    probe = memcheck.Probe(model, optimizer, path=tmp_path / "stack.json", log=lambda *a: None)
+    for call, outside in [("probe.phase('forward')", lambda: probe.phase("forward").__enter__()),
+                          ("probe.begin('forward')", lambda: probe.begin("forward")),
+                          ("probe.step()", probe.step)]:
+        with pytest.raises(memcheck.ReportError, match=re.escape(f"{call} outside the probe's scope: ")):
+            outside()
+    with probe:
+        with probe.phase("forward"):
+            model(torch.randn(4, 32)).sum().backward()
+        probe.step()
+    closed = "its scope closed, report written to .*stack.json: nothing"
+    with pytest.raises(memcheck.ReportError, match=closed):
+        with probe.phase("eval"):
+            pass
+    assert list(probe.report()["phases"]) == ["forward"] and len(probe.steps) == 1
+    with probe:   # (entered again, it measures on)
+        with probe.phase("forward"):
+            model(torch.randn(4, 32)).sum().backward()
+        probe.step()
+    assert len(probe.steps) == 2
 
 
 def test_a_phases_figures_are_its_largest_steps_not_its_last():
@@ -1482,6 +1531,22 @@ def test_a_peft_wrapped_and_an_unwrapped_model_training_the_same_thing_diff_to_t
     assert "module model.decoder.layers.*.self_attn (x2)" in [what for what, _, _ in modules]
     assert memcheck.format_diff(plain, wrapped).splitlines()[-1].startswith(
         "the two trainings cost the same (within 1%)")
+
+
+def test_a_lora_training_diffed_with_a_full_fine_tune_names_the_adapters_as_the_difference(train_tiny):
+    # "same configuration": a full fine-tune's config has no LoRA keys to compare
+    from transformers import OPTConfig, OPTForCausalLM
+    torch.manual_seed(0)
+    model = OPTForCausalLM(OPTConfig(vocab_size=500, **TINY_OPT)).train()
+    full = probed(model, torch.optim.AdamW(model.parameters(), lr=1e-3))
+    lora = probed(*peft_opt())
+    reference = json.loads(json.dumps(train_tiny("--steps", 2)))
+    assert memcheck.config_differences(reference, full)["adapters"] == ["gated_lora", "none"]
+    assert memcheck.config_differences(full, lora)["adapters"] == ["none", "peft_lora"]
+    assert "adapters" not in memcheck.config_differences(reference, lora)
+    assert "adapters: 'peft_lora' -> 'none'" in memcheck.format_diff(lora, full)
+    assert "parameters: 0 trainable" not in memcheck.format_report(full)
+    assert full["params"]["frozen"] == 0 and full["params"]["trainable"] == model.num_parameters()
 
 
 def test_both_loras_dropout_masks_are_one_row_of_the_diff():

@@ -849,6 +849,15 @@ def test_lightnings_default_validation_with_its_sanity_check_leaves_the_training
             == {k: v for k, v in plain["config"].items() if k not in beside})
 
 
+def test_a_lightning_validate_after_fit_is_not_measured_and_leaves_fits_report_as_it_was(tmp_path):
+    path = tmp_path / "stack.json"
+    hooks = {"validation_step": lambda self, batch, i: self.llm(input_ids=batch).loss}
+    trainer, module = lightning_fit(peft_opt(), memcheck.lightning_callback(**quiet(path)), module_hooks=hooks)
+    written = path.read_text()
+    trainer.validate(module, torch.utils.data.DataLoader(token_batches(1), batch_size=None), verbose=False)
+    assert path.read_text() == written
+
+
 def evaluated(stack, logits_gathered, path, batches, vocab=4000):
     """The report of one training step, then an evaluation of `batches` batches that gathers every
     batch's logits to compute metrics at its end (the HF Trainer does so with compute_metrics, a
