@@ -344,6 +344,21 @@ def _micro_batches(probe, model, optimizer, ids, summed):
         optimizer.zero_grad()
 
 
+class OptimizersAsOne:
+    """Several optimizers stepped as one by phased_loop (a GAN's, one per part of the model)."""
+
+    def __init__(self, optimizers):
+        self.optimizers = optimizers
+
+    def step(self):
+        for optimizer in self.optimizers:
+            optimizer.step()
+
+    def zero_grad(self):
+        for optimizer in self.optimizers:
+            optimizer.zero_grad()
+
+
 def phased_loop(probe, optimizer, batches, loss_of):
     """A user's loop, each phase under the probe; its forward is loss_of(batch)."""
     for batch in batches:

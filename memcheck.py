@@ -647,7 +647,7 @@ class _Stack:
         self.watch_wrapper(model)
         self.trainable = []
         self._watch_optimizers(optimizers)
-        if not optimizers:   # a loop that gave none: the first that steps the model's parameters
+        if not optimizers:   # a loop that gave none: those that step the model's parameters
             self.hooks.append(register_optimizer_step_pre_hook(self._found_optimizer))
         self.tag_roles(adopt=True)  # what exists now is counted from now, and never as new
 
@@ -669,14 +669,19 @@ class _Stack:
         return new
 
     def _found_optimizer(self, optimizer, args, kwargs):
-        """The loop's optimizer, as it first steps (a global step pre-hook): its state is optimizer
-        state, not temporaries, and what it steps beside the model is counted."""
-        inside = {id(p) for p in self.model.parameters()}
-        if self.optimizers or not any(id(p) in inside for p in stepped_params(optimizer)):
+        """Each optimizer that steps the model's parameters, as it first steps (a global step
+        pre-hook): its state is optimizer state, not temporaries, and what it steps beside the model
+        is counted."""
+        if any(unwrapped_optimizer(o) is unwrapped_optimizer(optimizer) for o in self.optimizers):
             return
-        self.graded.update(id(p) for p in self._watch_optimizers([optimizer]) if p.grad is not None)
-        self.roles = None
-        self.tag_roles(adopt=True)   # (what it steps beside the model, made before the probe began)
+        inside = {id(p) for p in self.model.parameters()}
+        if not any(id(p) in inside for p in stepped_params(optimizer)):
+            return
+        new = self._watch_optimizers([*self.optimizers, optimizer])
+        self.graded.update(id(p) for p in new if p.grad is not None)
+        for p in self.outside:   # (made before the probe began)
+            self.tracker.tag([p], "trainable_params" if p.requires_grad else "frozen_params", adopt=True)
+        self.roles = None   # (listed again with them)
         if self.outside:   # the next training forward tells whether they make the layers' input
             self.seen.pop("input_grads", None)
 
@@ -1028,8 +1033,8 @@ class _Ooms:
 
 class Probe:
     """Measure any training loop (the module docstring shows one). With `path`, the report is written
-    when the scope closes, however it closes (and as an allocation fails); begin()/end()/close() are
-    the same without with-blocks, for callbacks."""
+    when the scope closes, however it closes (and as an allocation fails). For callbacks, the same
+    without with-blocks: __enter__() opens the scope, begin()/end() a phase, close() the scope."""
 
     measuring = None   # the probe whose scope is open: one at a time (one's tracker hides the other's ops)
 
@@ -1106,6 +1111,8 @@ class Probe:
 
     def close(self, error=None):
         """Stop measuring, record how the run ended, write the report to `path`. Safe twice."""
+        if not self._open:   # (closed: how a later run ended is not this one's)
+            return
         if isinstance(error, KeyboardInterrupt):
             self.status = "interrupted"
             self.error = "terminated (SIGTERM)" if isinstance(error, Terminated) else "interrupted (Ctrl-C)"
@@ -1113,8 +1120,6 @@ class Probe:
             self._record_oom(error, ending=True)
         elif error is not None and self.status == "ok":
             self.status, self.error = "error", f"{type(error).__name__}: {first_line(error)}"
-        if not self._open:
-            return
         self._open = False
         if Probe.measuring is self:
             Probe.measuring = None
@@ -1154,9 +1159,9 @@ class Probe:
     # -- measurement
     def _check_open(self, call):
         if not self._open:   # (its tracker sees nothing: every figure would read 0, or a stale one)
-            was = f"; its scope closed, report written to {self.path}" if self.path and self.steps else ""
+            was = f" (closed, its report written to {self.path})" if self.path and self.steps else ""
             raise ReportError(f"{call} outside the probe's scope{was}: nothing there is measured; run the "
-                              "loop inside `with probe:` (callbacks: probe.__enter__() first, close() last)")
+                              "loop inside `with probe:`")
 
     @contextlib.contextmanager
     def phase(self, name):
@@ -2495,7 +2500,7 @@ def _adapter_kind(config):
     """A configuration's LoRA: its kind; "none" where a probe found no LoRA layer; None if unknown."""
     if config.get("adapters") or config.get("r"):
         return config.get("adapters") or "gated_lora"   # (the reference's config: its flags)
-    return "none" if config.get("probe") else None
+    return "none" if config.get("probe") and not config.get("lora_outside") else None
 
 
 def _net_of_moves(row, places):

@@ -26,8 +26,9 @@ import budget
 import ilora
 import memcheck
 import ref_train
-from conftest import (HANG_SECONDS, TINY_OPT, assert_markdown_tables, help_text, hf_train,
-                      lightning_fit, one_error_line, peft_opt, phased_loop, run_main, token_batches, user_loop)
+from conftest import (HANG_SECONDS, OptimizersAsOne, TINY_OPT, assert_markdown_tables, help_text,
+                      hf_train, lightning_fit, one_error_line, peft_opt, phased_loop, run_main, token_batches,
+                      user_loop)
 from memcheck import MiB
 
 
@@ -298,28 +299,31 @@ def mlp_and_adamw(width):
     return model, torch.optim.AdamW(model.parameters())
 
 
-def test_a_probe_given_no_optimizer_counts_the_state_of_the_one_that_steps_its_model():
-    # without it, AdamW's state was temporaries and what it stepped beside the model was not counted
+@pytest.mark.parametrize("optimizers", [1, 2])
+def test_a_probe_given_no_optimizer_counts_the_state_of_those_that_step_its_model(optimizers):
+    # without them, AdamW's state was temporaries and what it stepped beside the model was not counted
     reports = {}
     for given in (True, False):
         model, _ = mlp_and_adamw(64)
         projector = nn.Linear(16, 64)   # made before the probe, trained beside the model
-        optimizer = torch.optim.AdamW([*model.parameters(), *projector.parameters()])
+        stepped = [*model[2].parameters(), *projector.parameters()]
+        parts = ([torch.optim.AdamW([*model[0].parameters(), *stepped])] if optimizers == 1 else
+                 [torch.optim.AdamW(model[0].parameters()), torch.optim.AdamW(stepped)])
         unrelated = torch.optim.SGD(nn.Linear(4, 4).parameters(), momentum=0.9)
 
         def loss_of(batch):
             unrelated.step()   # (steps nothing of the model: not the loop's)
             return model(projector(batch)).square().mean()
-        with memcheck.Probe(model, optimizer if given else None) as probe:
-            phased_loop(probe, optimizer, [torch.randn(8, 16) for _ in range(3)], loss_of)
+        with memcheck.Probe(model, parts if given else None) as probe:
+            phased_loop(probe, OptimizersAsOne(parts), [torch.randn(8, 16) for _ in range(3)], loss_of)
         reports[given] = probe.report()
-    stepped = optimizer.param_groups[0]["params"]
-    moments = sum(2 * p.numel() * 4 for p in stepped)   # exp_avg, exp_avg_sq
+    trained = [p for optimizer in parts for group in optimizer.param_groups for p in group["params"]]
+    moments = sum(2 * p.numel() * 4 for p in trained)   # exp_avg, exp_avg_sq
     assert reports[False]["phases"]["optimizer"]["categories"]["optimizer_state"] == moments
     for key in ("peak_bytes", "phases", "categories", "params"):
         assert reports[False][key] == reports[True][key], key
     assert reports[False]["config"]["optimizer"] == reports[True]["config"]["optimizer"] == "AdamW"
-    assert reports[False]["params"] == {"trainable": sum(p.numel() for p in stepped), "frozen": 0}
+    assert reports[False]["params"] == {"trainable": sum(p.numel() for p in trained), "frozen": 0}
 
 
 def test_gradients_freed_inside_a_step_without_phases_are_still_gradients_at_its_peak():
@@ -527,11 +531,13 @@ def test_a_phase_or_a_step_outside_the_probes_scope_is_refused_in_one_line(tmp_p
         with probe.phase("forward"):
             model(torch.randn(4, 32)).sum().backward()
         probe.step()
-    closed = "its scope closed, report written to .*stack.json: nothing"
+    closed = r"outside the probe's scope \(closed, its report written to .*stack.json\): nothing"
     with pytest.raises(memcheck.ReportError, match=closed):
         with probe.phase("eval"):
             pass
     assert list(probe.report()["phases"]) == ["forward"] and len(probe.steps) == 1
+    probe.close(RuntimeError("a later run's"))   # (Lightning's on_exception after fit() ended)
+    assert probe.report()["status"] == "ok"
     with probe:   # (entered again, it measures on)
         with probe.phase("forward"):
             model(torch.randn(4, 32)).sum().backward()
@@ -1544,6 +1550,8 @@ def test_a_lora_training_diffed_with_a_full_fine_tune_names_the_adapters_as_the_
     assert memcheck.config_differences(reference, full)["adapters"] == ["gated_lora", "none"]
     assert memcheck.config_differences(full, lora)["adapters"] == ["none", "peft_lora"]
     assert "adapters" not in memcheck.config_differences(reference, lora)
+    on_the_head = dict(full, config=dict(full["config"], lora_outside=["lm_head"]))   # (LoRA, elsewhere)
+    assert "adapters" not in memcheck.config_differences(reference, on_the_head)
     assert "adapters: 'peft_lora' -> 'none'" in memcheck.format_diff(lora, full)
     assert "parameters: 0 trainable" not in memcheck.format_report(full)
     assert full["params"]["frozen"] == 0 and full["params"]["trainable"] == model.num_parameters()

@@ -13,8 +13,8 @@ import transformers
 import budget
 import memcheck
 import ref_train
-from conftest import (TINY_OPT, _save_tiny_opt, hf_train, lightning_fit, on_ranks, phased_loop, run_main,
-                      token_batches, user_loop)
+from conftest import (OptimizersAsOne, TINY_OPT, _save_tiny_opt, hf_train, lightning_fit, on_ranks,
+                      phased_loop, run_main, token_batches, user_loop)
 
 VOCAB, BS, SEQ = 500, 2, 32
 
@@ -988,21 +988,6 @@ def test_every_optimizer_of_lightnings_manual_optimization_keeps_state_and_ends_
     assert report["phases"]["optimizer"]["peak_bytes"] < big / 4
 
 
-class _Both:
-    """Several optimizers stepped as one by phased_loop."""
-
-    def __init__(self, optimizers):
-        self.optimizers = optimizers
-
-    def step(self):
-        for optimizer in self.optimizers:
-            optimizer.step()
-
-    def zero_grad(self):
-        for optimizer in self.optimizers:
-            optimizer.zero_grad()
-
-
 @pytest.mark.parametrize("kinds", [("AdamW", "SGD"), ("SGD", "AdamW"), ("SGD",), ("Adagrad",), ("NAdam",)],
                          ids="-".join)
 def test_each_optimizer_is_budgeted_by_the_state_and_step_it_keeps(kinds):
@@ -1020,7 +1005,7 @@ def test_each_optimizer_is_budgeted_by_the_state_and_step_it_keeps(kinds):
     trains = {"AdamW": lora, "SGD": [embeddings]} if len(kinds) > 1 else {kinds[0]: [embeddings, *lora]}
     optimizers = [getattr(torch.optim, kind)(trains[kind], lr=1e-3) for kind in kinds]
     with memcheck.Probe(model, optimizers if len(kinds) > 1 else optimizers[0]) as probe:
-        phased_loop(probe, _Both(optimizers), token_batches(3, bs=1, seq=8, vocab=5000),
+        phased_loop(probe, OptimizersAsOne(optimizers), token_batches(3, bs=1, seq=8, vocab=5000),
                     lambda ids: model(input_ids=ids, labels=ids).loss)
     report = probe.report()
     assert report["peak_phase"] == ("backward" if kinds == ("SGD",) else "optimizer")
