@@ -58,12 +58,25 @@ def ablation_variants(args):
 
 
 # 16-bit matmuls on a CPU without bf16/fp16 units are emulated: minutes a step at opt-125m's size
-# (and CPU autocast cannot run bf16 weights under fp16 at all), so ablate budgets them instead.
-SLOW_ON_CPU = "16-bit precision on CPU takes minutes a step: measure it with --device cuda"
+# (478 MiB of weights), a tenth of a second for a model of a few MiB. Such runs, and those CPU
+# autocast cannot run at all, ablate budgets instead.
+SLOW_ON_CPU = "16-bit precision on CPU takes minutes a step at this size: use --device cuda"
+NOT_ON_CPU = "CPU autocast cannot mix these weights with 16-bit activations: use --device cuda"
+SLOW_WEIGHTS_BYTES = 64 * 2 ** 20
 
 
-def _slow_on_cpu(args):
+def _sixteen_bit_on_cpu(args):
     return args.device == "cpu" and (args.precision != "32" or args.weights_dtype not in (None, "fp32"))
+
+
+def _not_run_on_cpu(args, planned):
+    """Why a 16-bit variant is budgeted instead of run on the CPU, or None where it runs."""
+    import ref_train
+    try:
+        ref_train.check_runnable(args)
+    except ref_train.UsageError:
+        return NOT_ON_CPU
+    return SLOW_ON_CPU if planned["terms"]["params"] > SLOW_WEIGHTS_BYTES else None
 
 
 def _run_reference(argv, report_path, timeout=600, threads=None):
@@ -108,9 +121,11 @@ def ablate(base_argv, log=print, steps=3, run=None):
                 variant_args = ref_train.parse_args([*base_argv, *flags])
             except ref_train.UsageError:
                 variant_args = None   # a bad combination: the run below says why, in its row
-            if variant_args and _slow_on_cpu(variant_args) and not _slow_on_cpu(args):
-                report, error = None, f"skipped: {SLOW_ON_CPU}"
-                planned = ref_train.plan(variant_args)["peak_bytes"]
+            planned = (ref_train.plan(variant_args) if variant_args and _sixteen_bit_on_cpu(variant_args)
+                       and not _sixteen_bit_on_cpu(args) else None)
+            why = planned and _not_run_on_cpu(variant_args, planned)
+            if why:
+                report, error, planned = None, f"skipped: {why}", planned["peak_bytes"]
             else:
                 report, error = run([*base_argv, *flags], os.path.join(tmp, f"{i}.json"))
                 planned = (report.get("budget") or {}).get("peak_bytes") if report else None

@@ -82,7 +82,8 @@ ALLOCATOR_OOM_WORDS = {"cpu": "DefaultCPUAllocator: can't allocate memory:",
 EXPERT_COUNTS = ("lora_num", "num_moe")  # a mixture-of-LoRA-experts fork's count of its experts
 REFERENCE = "the reference for this stack"
 NO_LORA_BASELINE = (f"{REFERENCE}: none; ref_train.py trains LoRA adapters, and the probe found no LoRA "
-                    "layer (PEFT's, or a gated one) in this model")
+                    "layer in this model (it reads PEFT's, ilora.py's, and a hand-written one by PEFT's "
+                    "attribute names: lora_A, dicts r and lora_alpha; docs/probe.md)")
 NO_BUDGET_YET = ("no budget yet: this report was written during the run, as memory ran out or as the model "
                  "caught it; the report written as the run ends has it")
 NO_BUDGET = ("no budget: copy budget.py beside memcheck.py for a verdict, or run the printed "
@@ -985,6 +986,11 @@ class _Ooms:
         record = next((r for k, r, _ in self.open if k == key), None)
         if record is None:
             stack = self.tracker.module_stack
+            # an earlier error raised inside a module whose code runs on (to make the zeros it returns
+            # instead, say): that code caught it, even if this error stops it from returning
+            handling = [name for name in stack if any(name in modules for _, _, modules in self.open)]
+            if handling:
+                self.left(handling[-1], returned=True)
             phase = self.tracker.phase or BETWEEN_PHASES
             step, after = _step_of(self.tracker, phase)
             record = {"phase": phase, "step": step, "module": stack[-1] if stack else NO_MODULE,
@@ -2055,8 +2061,8 @@ def _report_lines(report):
         lines.append(f"OUT OF MEMORY in {oom_when(oom)}{inside}: {oom['message']}")
     elif report.get("status", "ok") != "ok":
         lines.append(f"run {report['status'].upper()}: {report.get('error')}")
-        lines += (["before it, memory ran out inside the model, and its code caught it (WARNING oom_caught)"]
-                  if report["status"] == "error" and report.get("caught_ooms") else [])
+    if report.get("status") in ("error", "oom") and report.get("caught_ooms"):
+        lines.append("before it, memory ran out inside the model, and its code caught it (WARNING oom_caught)")
     if report.get("recovered_oom"):
         lines.append(_recovered(report["recovered_oom"]))
     if report["peak_phase"] is not None:
@@ -2469,13 +2475,16 @@ def diff(a, b):
 
 def _dominant_op(groups, label, net):
     """(op, excess bytes) when one op explains most of a module row's `net` excess (_net_of_moves'),
-    else None, from both reports' `groups` (_aligned_groups'). An op whose excess is more than the net
-    holds bytes that moved from the modules inside."""
+    else None, from both reports' `groups` (_aligned_groups'). The bytes that moved from the modules
+    inside are taken off the op whose change is closest to them: the op that made them here."""
     group = label[len("module "):].split(" (x")[0]
     ops_a, ops_b = (side.get(group, {}).get("ops", {}) for side in groups)
     excess = {op: ops_b.get(op, 0) - ops_a.get(op, 0) for op in set(ops_a) | set(ops_b)}
-    if net != sum(excess.values()):
-        excess = {op: e for op, e in excess.items() if abs(e) <= abs(net)}
+    moved = sum(excess.values()) - net
+    carriers = [op for op, e in excess.items() if e * moved > 0]
+    if carriers:
+        carrier = min(carriers, key=lambda o: abs(excess[o] - moved))
+        excess[carrier] -= moved
     if not excess:
         return None
     op = max(excess, key=lambda o: abs(excess[o]))

@@ -657,6 +657,32 @@ def test_an_oom_a_layer_catches_is_named_and_so_is_the_error_it_leads_to(tmp_pat
     assert "WARNING oom_caught: memory ran out once inside the model, and the forward of 1 caught it" in shown
 
 
+def test_an_oom_a_layer_catches_then_runs_out_again_making_its_zeros_is_named_caught(tmp_path):
+    # the report named only the zeros' allocation: the first OOM, which the layer's code caught, was
+    # in no caught_ooms and no warning, and only the layer's own print said it
+    layer = nn.Linear(16, 4096)
+
+    def catching(x):   # iLoRA's fork: the zeros made inside its except clause
+        try:
+            return nn.Linear.forward(layer, x)
+        except Exception:
+            return torch.zeros(x.shape[0], 4096)
+    layer.forward = catching
+    path = tmp_path / "again.json"
+    with pytest.raises(torch.OutOfMemoryError, match=r"from zeros in 1\)"):
+        with memcheck.Probe(nn.Sequential(nn.Linear(16, 16), layer), path=path, max_memory_mib=1,
+                            log=lambda *a: None) as probe:
+            with probe.phase("forward"):
+                probe._stack.model(torch.randn(64, 16))
+    report = memcheck.read_report(path)
+    assert report["status"] == "oom" and "from zeros in 1" in report["oom"]["message"]
+    [caught] = report["caught_ooms"]
+    assert caught["caught_in"] == "1" and "from addmm in 1" in caught["message"]
+    shown = memcheck.format_report(report)
+    assert "before it, memory ran out inside the model, and its code caught it (WARNING oom_caught)" in shown
+    assert [w["kind"] for w in report["warnings"]] == ["oom_caught"]
+
+
 def test_an_oom_caught_in_one_layer_then_one_raised_in_the_next_are_both_named(tmp_path):
     model = nn.Sequential(careless(nn.Linear(16, 4096)), nn.Linear(16, 4096))
     path = tmp_path / "fatal.json"
@@ -2138,6 +2164,16 @@ def test_bytes_made_a_level_lower_in_the_other_run_are_no_modules_excess():
           for name in ("k_proj", "v_proj"))]}, activations=2 * k_v + sum(ops.values()))
     said = concluded(attn(20, sdpa=5), attn(0, sdpa=5, cat=40, where=15))
     assert said.endswith(", mostly layers.*.attn (x1) (+15.0 MiB, op where)"), said
+    # and a small move (autocast's copy of lora_B's weight, made in q_proj where the einsum form reads
+    # it) beside an op only A had leaves the op that made the excess named: it was left out, being
+    # more than the net
+    q_proj = lambda lora_b, **ops: holding({"modules": [
+        {"module": "layers.0.q_proj", "bytes": sum(ops.values()) * MiB,
+         "ops": {o: n * MiB for o, n in ops.items()}},
+        {"module": "layers.0.q_proj.lora_B", "bytes": lora_b * MiB, "ops": {"_to_copy": lora_b * MiB}}]},
+        activations=lora_b + sum(ops.values()))
+    said = concluded(q_proj(2, mul=8), q_proj(0, _to_copy=2, bmm=256))
+    assert said.endswith(", mostly layers.*.q_proj (x1) (+248.0 MiB, op bmm)"), said
 
 
 def test_a_forward_and_a_backward_stand_for_an_hf_trainers_forward_backward_by_the_larger_peak():
