@@ -717,7 +717,9 @@ class _Stack:
         stack = self.tracker.module_stack
         name = stack.pop() if stack and stack[-1] == self.names.get(module) else None
         if self.ooms.open:  # (always called: as the forward returns, or as it raises, with no output)
-            self.ooms.left(name, returned=output is not None or sys.exc_info()[1] is None)
+            error = sys.exc_info()[1]
+            self.ooms.left(name, returned=(output is not None or error is None)
+                           and not self.ooms.propagating(error, name))
 
     def _training(self):
         return self.tracker.phase != "eval" and torch.is_grad_enabled()
@@ -970,6 +972,15 @@ class _Stack:
 
 # ---------------------------------------------------------------- the probe: what ran out of memory
 
+def _in_flight(error):
+    """The ids of the errors being handled as `error` was raised: its context, and theirs."""
+    ids, context = set(), error.__context__
+    while context is not None and id(context) not in ids:
+        ids.add(id(context))
+        context = context.__context__
+    return ids
+
+
 class _Ooms:
     """The run's out-of-memory errors. One raised inside modules' forwards is caught by the first of
     them to return normally after it: the model's own code went on. One that leaves them all is the
@@ -986,17 +997,28 @@ class _Ooms:
         record = next((r for k, r, _ in self.open if k == key), None)
         if record is None:
             stack = self.tracker.module_stack
-            # an earlier error raised inside a module whose code runs on (to make the zeros it returns
-            # instead, say): that code caught it, even if this error stops it from returning
-            handling = [name for name in stack if any(name in modules for _, _, modules in self.open)]
+            # an earlier error raised inside a module whose code runs on past its except clause (to
+            # make the zeros it returns instead, say): that code caught it, even if this error stops it
+            # from returning. (One still in flight, being handled or cleaned up after, is no catch.)
+            flying = _in_flight(error)
+            handling = [name for name in stack if any(name in modules and key[0] not in flying
+                                                      for key, _, modules in self.open)]
             if handling:
                 self.left(handling[-1], returned=True)
+            handled = [dict(module=next(m for m in reversed(stack) if m in modules), message=r["message"])
+                       for key, r, modules in self.open if key[0] in flying and set(modules) & set(stack)]
             phase = self.tracker.phase or BETWEEN_PHASES
             step, after = _step_of(self.tracker, phase)
             record = {"phase": phase, "step": step, "module": stack[-1] if stack else NO_MODULE,
-                      "message": key[1], **({"after_step": True} if after else {})}
+                      "message": key[1], **({"after_step": True} if after else {}),
+                      **({"while_handling": handled[-1]} if handled else {})}
             self.open.append((key, record, list(inside)))
         return record
+
+    def propagating(self, error, name):
+        """Whether `error`, in flight, was raised inside module `name` (in a hook after its forward)."""
+        key = error is not None and (id(error), first_line(error))
+        return any(k == key and name in modules for k, _, modules in self.open)
 
     def left(self, name, returned):
         """Module `name`'s forward ended, and `returned` normally, or raising."""
@@ -2055,16 +2077,7 @@ def _report_lines(report):
         lines.append(f"the weights are {weights / whole:.0%} of {of}: {model}, {count:,} parameters, "
                      f"{dtype}, {mib(weights)} MiB" + (" on this rank at the peak (FSDP: its shards, and "
                                                         "what it had gathered whole then)" if sharded else ""))
-    head, lines = lines, []
-    if oom:
-        inside = f", inside {oom['module']}" if oom.get("module", NO_MODULE) != NO_MODULE else ""
-        lines.append(f"OUT OF MEMORY in {oom_when(oom)}{inside}: {oom['message']}")
-    elif report.get("status", "ok") != "ok":
-        lines.append(f"run {report['status'].upper()}: {report.get('error')}")
-    if report.get("status") in ("error", "oom") and report.get("caught_ooms"):
-        lines.append("before it, memory ran out inside the model, and its code caught it (WARNING oom_caught)")
-    if report.get("recovered_oom"):
-        lines.append(_recovered(report["recovered_oom"]))
+    head, lines = lines, _how_it_ended(report)
     if report["peak_phase"] is not None:
         lines.append(f"peak {mib(peak)} MiB in {report['peak_phase']}; {verdict(report)}")
     else:   # (stopped while loading: against a budget where the run has one)
@@ -2093,6 +2106,26 @@ def _report_lines(report):
     lines += [f"WARNING {w['kind']}: {w['message']}" for w in report.get("warnings") or []]
     reference = reference_line(config)
     return head, lines + ([reference] if reference else [])
+
+
+def _how_it_ended(report):
+    """The lines on a run that ran out of memory, failed, or recovered from an OOM; none if it ended
+    well."""
+    oom, lines = report.get("oom"), []
+    if oom:
+        inside = f", inside {oom['module']}" if oom.get("module", NO_MODULE) != NO_MODULE else ""
+        lines.append(f"OUT OF MEMORY in {oom_when(oom)}{inside}: {oom['message']}")
+        handling = oom.get("while_handling")
+        if handling:
+            lines.append(f"it came as the code of {handling['module']} handled an earlier one, raised in it "
+                         f"(an except or finally clause that allocates): {handling['message']}")
+    elif report.get("status", "ok") != "ok":
+        lines.append(f"run {report['status'].upper()}: {report.get('error')}")
+    if report.get("status") in ("error", "oom") and report.get("caught_ooms"):
+        lines.append("before it, memory ran out inside the model, and its code caught it (WARNING oom_caught)")
+    if report.get("recovered_oom"):
+        lines.append(_recovered(report["recovered_oom"]))
+    return lines
 
 
 def format_report(report):
@@ -2475,20 +2508,27 @@ def diff(a, b):
 
 def _dominant_op(groups, label, net):
     """(op, excess bytes) when one op explains most of a module row's `net` excess (_net_of_moves'),
-    else None, from both reports' `groups` (_aligned_groups'). The bytes that moved from the modules
-    inside are taken off the op whose change is closest to them: the op that made them here."""
+    else None, from both reports' `groups` (_aligned_groups'). An op whose excess is more than the net
+    holds bytes that moved from the modules inside; where that leaves no op to name, the moved bytes
+    are taken off the op whose change is closest to them instead (the op that made them here)."""
     group = label[len("module "):].split(" (x")[0]
     ops_a, ops_b = (side.get(group, {}).get("ops", {}) for side in groups)
-    excess = {op: ops_b.get(op, 0) - ops_a.get(op, 0) for op in set(ops_a) | set(ops_b)}
+    excess = {op: ops_b.get(op, 0) - ops_a.get(op, 0) for op in sorted(set(ops_a) | set(ops_b))}
     moved = sum(excess.values()) - net
+    if not moved:
+        return _explaining(excess, net)
+    found = _explaining({op: e for op, e in excess.items() if abs(e) <= abs(net)}, net)
     carriers = [op for op, e in excess.items() if e * moved > 0]
-    if carriers:
+    if found is None and carriers:
         carrier = min(carriers, key=lambda o: abs(excess[o] - moved))
-        excess[carrier] -= moved
-    if not excess:
-        return None
-    op = max(excess, key=lambda o: abs(excess[o]))
-    return (op, excess[op]) if net and excess[op] / net > 0.5 else None
+        found = _explaining(dict(excess, **{carrier: excess[carrier] - moved}), net)
+    return found
+
+
+def _explaining(excess, net):
+    """The (op, excess) of {op: excess} that is most of `net`, else None (ties: the first by name)."""
+    op = max(excess, key=lambda o: abs(excess[o]), default=None)
+    return (op, excess[op]) if op is not None and net and excess[op] / net > 0.5 else None
 
 
 def config_differences(a, b):

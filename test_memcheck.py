@@ -657,16 +657,19 @@ def test_an_oom_a_layer_catches_is_named_and_so_is_the_error_it_leads_to(tmp_pat
     assert "WARNING oom_caught: memory ran out once inside the model, and the forward of 1 caught it" in shown
 
 
-def test_an_oom_a_layer_catches_then_runs_out_again_making_its_zeros_is_named_caught(tmp_path):
-    # the report named only the zeros' allocation: the first OOM, which the layer's code caught, was
-    # in no caught_ooms and no warning, and only the layer's own print said it
+@pytest.mark.parametrize("zeros", ["after its except clause", "in its except clause"])
+def test_an_oom_a_layer_catches_then_runs_out_again_making_its_zeros_names_the_first(zeros, tmp_path):
+    # the report named only the zeros' allocation: the first OOM was in no caught_ooms, no warning and
+    # no line, and only the layer's own print said it
     layer = nn.Linear(16, 4096)
 
-    def catching(x):   # iLoRA's fork: the zeros made inside its except clause
+    def catching(x):   # (iLoRA's fork makes them in its except clause: the first error still in flight)
         try:
             return nn.Linear.forward(layer, x)
         except Exception:
-            return torch.zeros(x.shape[0], 4096)
+            if zeros == "in its except clause":
+                return torch.zeros(x.shape[0], 4096)
+        return torch.zeros(x.shape[0], 4096)
     layer.forward = catching
     path = tmp_path / "again.json"
     with pytest.raises(torch.OutOfMemoryError, match=r"from zeros in 1\)"):
@@ -676,11 +679,45 @@ def test_an_oom_a_layer_catches_then_runs_out_again_making_its_zeros_is_named_ca
                 probe._stack.model(torch.randn(64, 16))
     report = memcheck.read_report(path)
     assert report["status"] == "oom" and "from zeros in 1" in report["oom"]["message"]
-    [caught] = report["caught_ooms"]
-    assert caught["caught_in"] == "1" and "from addmm in 1" in caught["message"]
     shown = memcheck.format_report(report)
-    assert "before it, memory ran out inside the model, and its code caught it (WARNING oom_caught)" in shown
-    assert [w["kind"] for w in report["warnings"]] == ["oom_caught"]
+    if zeros == "after its except clause":   # its code went on: it caught it
+        [caught] = report["caught_ooms"]
+        assert caught["caught_in"] == "1" and "from addmm in 1" in caught["message"]
+        assert "before it, memory ran out inside the model, and its code caught it (WARNING oom_caught)" \
+            in shown and [w["kind"] for w in report["warnings"]] == ["oom_caught"]
+    else:   # still handling it (an except or a finally clause): no catch, but said
+        assert report["caught_ooms"] == [] and report["warnings"] == []
+        assert "it came as the code of 1 handled an earlier one, raised in it (an except or finally clause " \
+               "that allocates): DefaultCPUAllocator" in shown and "from addmm in 1" in shown
+
+
+def _runs_out_in_cleanup(layer):
+    """`layer` whose forward runs out of memory, and so does what runs as its error leaves it."""
+    def forward(x):
+        try:
+            return nn.Linear.forward(layer, x)
+        finally:
+            torch.empty(1024, 1024)
+    layer.forward = forward
+    return layer
+
+
+@pytest.mark.parametrize("cleanup", ["a finally clause", "a forward hook"])
+def test_an_oom_nothing_catches_is_not_said_caught_however_much_runs_as_it_leaves(cleanup):
+    layer = nn.Linear(16, 4096)
+    if cleanup == "a finally clause":
+        _runs_out_in_cleanup(layer)
+    else:   # (after the forward returned: the hook's own OOM, which the module did not catch)
+        layer.register_forward_hook(lambda *_: torch.empty(1024, 1024))
+        layer.weight.data = torch.zeros(4096, 16)   # (a forward that fits: the hook runs out alone)
+    model = nn.Sequential(nn.Linear(16, 16), layer)
+    with pytest.raises(torch.OutOfMemoryError):
+        with memcheck.Probe(model, max_memory_mib=1 if cleanup == "a finally clause" else 3,
+                            log=lambda *a: None) as probe:
+            with probe.phase("forward"):
+                model(torch.randn(64 if cleanup == "a finally clause" else 8, 16))
+    report = probe.report()
+    assert report["status"] == "oom" and report["caught_ooms"] == [] and report["warnings"] == []
 
 
 def test_an_oom_caught_in_one_layer_then_one_raised_in_the_next_are_both_named(tmp_path):
@@ -2174,6 +2211,9 @@ def test_bytes_made_a_level_lower_in_the_other_run_are_no_modules_excess():
         activations=lora_b + sum(ops.values()))
     said = concluded(q_proj(2, mul=8), q_proj(0, _to_copy=2, bmm=256))
     assert said.endswith(", mostly layers.*.q_proj (x1) (+248.0 MiB, op bmm)"), said
+    # (and moved bytes that two ops carry still leave the op of the real excess named)
+    said = concluded(attn(20, sdpa=5), attn(0, sdpa=5, cat=20, stack=20, where=15))
+    assert said.endswith(", mostly layers.*.attn (x1) (+15.0 MiB, op where)"), said
 
 
 def test_a_forward_and_a_backward_stand_for_an_hf_trainers_forward_backward_by_the_larger_peak():
