@@ -719,7 +719,7 @@ class _Stack:
         if self.ooms.open:  # (always called: as the forward returns, or as it raises, with no output)
             error = sys.exc_info()[1]
             self.ooms.left(name, returned=(output is not None or error is None)
-                           and not self.ooms.propagating(error, name))
+                           and not self.ooms.propagating(error, name, len(stack) + 1))
 
     def _training(self):
         return self.tracker.phase != "eval" and torch.is_grad_enabled()
@@ -988,13 +988,15 @@ class _Ooms:
 
     def __init__(self, tracker, on_caught):
         self.tracker, self.on_caught = tracker, on_caught
-        self.open = []   # (key, record, modules it is inside) of each error neither caught nor stepped past
+        # (key, record, modules it is inside, how deep it was raised) of each error neither caught nor
+        # stepped past
+        self.open = []
         self.caught, self.times_caught, self.caught_in = [], 0, []   # (the first TOP_SURVIVORS kept)
 
     def raised(self, error, inside=()):
         """The record of `error`: new, or the one made as it was raised (then inside `inside`)."""
         key = (id(error), first_line(error))   # not the error itself: its frames hold tensors
-        record = next((r for k, r, _ in self.open if k == key), None)
+        record = next((r for k, r, _, _ in self.open if k == key), None)
         if record is None:
             stack = self.tracker.module_stack
             # an earlier error raised inside a module whose code runs on past its except clause (to
@@ -1002,23 +1004,24 @@ class _Ooms:
             # from returning. (One still in flight, being handled or cleaned up after, is no catch.)
             flying = _in_flight(error)
             handling = [name for name in stack if any(name in modules and key[0] not in flying
-                                                      for key, _, modules in self.open)]
+                                                      for key, _, modules, _ in self.open)]
             if handling:
                 self.left(handling[-1], returned=True)
             handled = [dict(module=next(m for m in reversed(stack) if m in modules), message=r["message"])
-                       for key, r, modules in self.open if key[0] in flying and set(modules) & set(stack)]
+                       for key, r, modules, _ in self.open if key[0] in flying and set(modules) & set(stack)]
             phase = self.tracker.phase or BETWEEN_PHASES
             step, after = _step_of(self.tracker, phase)
             record = {"phase": phase, "step": step, "module": stack[-1] if stack else NO_MODULE,
                       "message": key[1], **({"after_step": True} if after else {}),
                       **({"while_handling": handled[-1]} if handled else {})}
-            self.open.append((key, record, list(inside)))
+            self.open.append((key, record, list(inside), len(inside)))
         return record
 
-    def propagating(self, error, name):
-        """Whether `error`, in flight, was raised inside module `name` (in a hook after its forward)."""
-        key = error is not None and (id(error), first_line(error))
-        return any(k == key and name in modules for k, _, modules in self.open)
+    def propagating(self, error, name, depth):
+        """Whether `error`, in flight, was raised in the call of module `name` now ending, `depth` deep
+        (by a hook, after its forward returned): not by another call of a module of that name."""
+        return error is not None and any(k[0] == id(error) and r["module"] == name and d == depth
+                                         for k, r, _, d in self.open)
 
     def left(self, name, returned):
         """Module `name`'s forward ended, and `returned` normally, or raising."""
@@ -1029,13 +1032,13 @@ class _Ooms:
             self.open = [e for e in self.open if e not in inside]
             self.times_caught += len(inside)
             self.caught_in += [] if name in self.caught_in else [name]
-            records = [record for _, record, _ in inside]
+            records = [record for _, record, _, _ in inside]
             room = TOP_SURVIVORS - len(self.caught)
             self.caught += [dict(record, caught_in=name) for record in records[:room]]
             self.on_caught(records)
 
     def uncaught(self):
-        return [record for _, record, _ in self.open]
+        return [record for _, record, _, _ in self.open]
 
     def stepped(self):
         """A step ended: the errors still open were the loop's, and it went on."""

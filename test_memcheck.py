@@ -720,6 +720,35 @@ def test_an_oom_nothing_catches_is_not_said_caught_however_much_runs_as_it_leave
     assert report["status"] == "oom" and report["caught_ooms"] == [] and report["warnings"] == []
 
 
+class _Halves(nn.Module):
+    """A layer that, out of memory, does its work again on halves: itself, inside its except clause."""
+
+    def __init__(self):
+        super().__init__()
+        self.linear = nn.Linear(16, 4096)
+
+    def forward(self, x):
+        try:
+            return self.linear(x).sum(1)
+        except torch.OutOfMemoryError:
+            if len(x) == 1:
+                raise
+            return torch.cat([self(half) for half in x.chunk(2)])
+
+
+@pytest.mark.parametrize("where", ["a layer", "the whole model"])
+def test_a_layer_that_catches_an_oom_and_calls_itself_on_halves_caught_it(where):
+    # its calls on halves, ending while the first error was still handled, were taken for that error
+    # leaving them (a hook's): no catch, and a run that finished read as the loop's OOM
+    model = nn.Sequential(nn.Linear(16, 16), _Halves()) if where == "a layer" else _Halves()
+    with memcheck.Probe(model, max_memory_mib=1, log=lambda *a: None) as probe:
+        with probe.phase("forward"):
+            assert model(torch.randn(64, 16)).shape == (64,)
+    report = probe.report()
+    assert report["status"] == "ok" and [w["kind"] for w in report["warnings"]][:1] == ["oom_caught"]
+    assert report["caught_ooms"][0]["caught_in"] == ("1" if where == "a layer" else memcheck.NO_MODULE)
+
+
 def test_an_oom_caught_in_one_layer_then_one_raised_in_the_next_are_both_named(tmp_path):
     model = nn.Sequential(careless(nn.Linear(16, 4096)), nn.Linear(16, 4096))
     path = tmp_path / "fatal.json"
