@@ -680,9 +680,13 @@ class _Stack:
             return
         new = self._watch_optimizers([*self.optimizers, optimizer])
         self.graded.update(id(p) for p in new if p.grad is not None)
-        for p in self.outside:   # (made before the probe began)
+        # what was made before the probe began, as attach() adopts it: what it steps beside the model,
+        # and its state from steps before (a warm-up, a resumed run)
+        for p in self.outside:
             self.tracker.tag([p], "trainable_params" if p.requires_grad else "frozen_params", adopt=True)
-        self.roles = None   # (listed again with them)
+        state = [v for kept in getattr(optimizer, "state", {}).values() for v in kept.values()]
+        self.tracker.tag([v for v in state if isinstance(v, torch.Tensor)], "optimizer_state", adopt=True)
+        self.roles = None   # (tag_roles lists the parameters again, these among them)
         if self.outside:   # the next training forward tells whether they make the layers' input
             self.seen.pop("input_grads", None)
 
@@ -719,7 +723,7 @@ class _Stack:
         if self.ooms.open:  # (always called: as the forward returns, or as it raises, with no output)
             error = sys.exc_info()[1]
             self.ooms.left(name, returned=(output is not None or error is None)
-                           and not self.ooms.propagating(error, name, len(stack) + 1))
+                           and not self.ooms.raised_by_this_call(error, name, len(stack) + 1))
 
     def _training(self):
         return self.tracker.phase != "eval" and torch.is_grad_enabled()
@@ -1003,12 +1007,13 @@ class _Ooms:
             # make the zeros it returns instead, say): that code caught it, even if this error stops it
             # from returning. (One still in flight, being handled or cleaned up after, is no catch.)
             flying = _in_flight(error)
-            handling = [name for name in stack if any(name in modules and key[0] not in flying
-                                                      for key, _, modules, _ in self.open)]
+            handling = [name for name in stack if any(name in modules and other[0] not in flying
+                                                      for other, _, modules, _ in self.open)]
             if handling:
                 self.left(handling[-1], returned=True)
             handled = [dict(module=next(m for m in reversed(stack) if m in modules), message=r["message"])
-                       for key, r, modules, _ in self.open if key[0] in flying and set(modules) & set(stack)]
+                       for other, r, modules, _ in self.open
+                       if other[0] in flying and set(modules) & set(stack)]
             phase = self.tracker.phase or BETWEEN_PHASES
             step, after = _step_of(self.tracker, phase)
             record = {"phase": phase, "step": step, "module": stack[-1] if stack else NO_MODULE,
@@ -1017,7 +1022,7 @@ class _Ooms:
             self.open.append((key, record, list(inside), len(inside)))
         return record
 
-    def propagating(self, error, name, depth):
+    def raised_by_this_call(self, error, name, depth):
         """Whether `error`, in flight, was raised in the call of module `name` now ending, `depth` deep
         (by a hook, after its forward returned): not by another call of a module of that name."""
         return error is not None and any(k[0] == id(error) and r["module"] == name and d == depth

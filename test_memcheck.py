@@ -299,8 +299,9 @@ def mlp_and_adamw(width):
     return model, torch.optim.AdamW(model.parameters())
 
 
+@pytest.mark.parametrize("warm_up", [0, 1], ids=["fresh", "stepped before the probe"])
 @pytest.mark.parametrize("optimizers", [1, 2])
-def test_a_probe_given_no_optimizer_counts_the_state_of_those_that_step_its_model(optimizers):
+def test_a_probe_given_no_optimizer_counts_the_state_of_those_that_step_its_model(optimizers, warm_up):
     # without them, AdamW's state was temporaries and what it stepped beside the model was not counted
     reports = {}
     for given in (True, False):
@@ -314,12 +315,17 @@ def test_a_probe_given_no_optimizer_counts_the_state_of_those_that_step_its_mode
         def loss_of(batch):
             unrelated.step()   # (steps nothing of the model: not the loop's)
             return model(projector(batch)).square().mean()
+        for _ in range(warm_up):   # (its state, made before the probe, was not counted)
+            loss_of(torch.randn(8, 16)).backward()
+            OptimizersAsOne(parts).step()
+            OptimizersAsOne(parts).zero_grad()
         with memcheck.Probe(model, parts if given else None) as probe:
             phased_loop(probe, OptimizersAsOne(parts), [torch.randn(8, 16) for _ in range(3)], loss_of)
         reports[given] = probe.report()
     trained = [p for optimizer in parts for group in optimizer.param_groups for p in group["params"]]
     moments = sum(2 * p.numel() * 4 for p in trained)   # exp_avg, exp_avg_sq
-    assert reports[False]["phases"]["optimizer"]["categories"]["optimizer_state"] == moments
+    counts = 4 * len(trained) * warm_up   # (AdamW's steps, made by torch.tensor(): seen if made before)
+    assert reports[False]["phases"]["optimizer"]["categories"]["optimizer_state"] == moments + counts
     for key in ("peak_bytes", "phases", "categories", "params"):
         assert reports[False][key] == reports[True][key], key
     assert reports[False]["config"]["optimizer"] == reports[True]["config"]["optimizer"] == "AdamW"
