@@ -855,7 +855,7 @@ class _Stack:
     def inferred_config(self):
         if self.model is None:
             return {}
-        params = _unique_params([self.model]) + self.outside
+        params = self.params()
         config = {"probe": True, "model_class": type(self.lm or self.model).__name__,
                   "model": getattr(getattr(self.lm, "config", None), "_name_or_path", None) or None,
                   "model_config": self.config_dir,   # (where a report went: not compared by diff)
@@ -876,8 +876,12 @@ class _Stack:
         config["baseline_command"] = baseline_command(config)
         return {k: v for k, v in config.items() if v is not None}  # unknown is absent, not null
 
+    def params(self):
+        """Every parameter of the stack once: the model's, and what the optimizers step beside it."""
+        return _unique_params([self.model]) + self.outside
+
     def param_counts(self):
-        params = _unique_params([self.model]) + self.outside
+        params = self.params()
         trainable = sum(p.numel() for p in params if p.requires_grad)
         return {"trainable": trainable, "frozen": sum(p.numel() for p in params) - trainable}
 
