@@ -69,14 +69,14 @@ def _sixteen_bit_on_cpu(args):
     return args.device == "cpu" and (args.precision != "32" or args.weights_dtype not in (None, "fp32"))
 
 
-def _not_run_on_cpu(args, planned):
+def _not_run_on_cpu(args, budget):
     """Why a 16-bit variant is budgeted instead of run on the CPU, or None where it runs."""
     import ref_train
     try:
         ref_train.check_runnable(args)
     except ref_train.UsageError:
         return NOT_ON_CPU
-    return SLOW_ON_CPU if planned["terms"]["params"] > SLOW_WEIGHTS_BYTES else None
+    return SLOW_ON_CPU if budget["terms"]["params"] > SLOW_WEIGHTS_BYTES else None
 
 
 def _run_reference(argv, report_path, timeout=600, threads=None):
@@ -121,11 +121,11 @@ def ablate(base_argv, log=print, steps=3, run=None):
                 variant_args = ref_train.parse_args([*base_argv, *flags])
             except ref_train.UsageError:
                 variant_args = None   # a bad combination: the run below says why, in its row
-            planned = (ref_train.plan(variant_args) if variant_args and _sixteen_bit_on_cpu(variant_args)
-                       and not _sixteen_bit_on_cpu(args) else None)
-            why = planned and _not_run_on_cpu(variant_args, planned)
+            budget = (ref_train.plan(variant_args) if variant_args and _sixteen_bit_on_cpu(variant_args)
+                      and not _sixteen_bit_on_cpu(args) else None)
+            why = budget and _not_run_on_cpu(variant_args, budget)
             if why:
-                report, error, planned = None, f"skipped: {why}", planned["peak_bytes"]
+                report, error, planned = None, f"skipped: {why}", budget["peak_bytes"]
             else:
                 report, error = run([*base_argv, *flags], os.path.join(tmp, f"{i}.json"))
                 planned = (report.get("budget") or {}).get("peak_bytes") if report else None
