@@ -1,6 +1,5 @@
 """ref_train.py's flags, parsed and checked once. argparse only, so --help never waits for torch."""
 import argparse
-import math
 import os
 import shlex
 import sys
@@ -18,6 +17,8 @@ STRATEGIES = ("none", "ddp", "fsdp")
 TORCHRUN_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK")  # what torchrun sets in each process it starts
 MIN_SEQ = 16
 MAX_MEMORY_MIB = 2 ** 43  # 2**63 bytes (memcheck's too): beyond any device
+MAX_ROWS = 2 ** 16  # a step's global batch: its rows are made as Python lists before any model runs
+FLOAT32_MAX = 3.4028234663852886e38   # --lr and --alpha reach the weights as float32
 WEIGHTS_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
                  "pytorch_model.bin.index.json")
 MODEL_DIR = "a Hugging Face model directory (config.json and model.safetensors or pytorch_model.bin)"
@@ -173,6 +174,9 @@ def _world_size_checks(args, argv, budget_only):
     """The world size's checks: the budget's flag, or torchrun's environment."""
     if budget_only:
         return [(args.world_size >= 1, f"--world-size {args.world_size}: must be 1 or more"),
+                (args.bs * args.world_size <= MAX_ROWS or args.bs > MAX_ROWS,
+                 f"--world-size {args.world_size} with --bs {args.bs}: {args.bs * args.world_size:,} rows "
+                 f"a step in all; at most {MAX_ROWS:,}"),
                 (args.strategy != "none" or args.world_size == 1,
                  f"--world-size {args.world_size} with --strategy none: one process; use --strategy "
                  "ddp or fsdp")]
@@ -189,7 +193,7 @@ def _value_checks(args, argv, budget_only=False):
     """(holds, the one-line error when it does not) for each flag's value; argv for the messages."""
     own_weights = PRECISIONS[args.precision][0]
     return _world_size_checks(args, argv, budget_only) + [
-        (args.bs >= 1, f"--bs {args.bs}: must be 1 or more"),
+        (1 <= args.bs <= MAX_ROWS, f"--bs {args.bs}: must be 1 or more, at most {MAX_ROWS:,}"),
         (args.seq >= MIN_SEQ, f"--seq {args.seq}: must be {MIN_SEQ} or more"),
         (args.steps >= 1, f"--steps {args.steps}: must be 1 or more"),
         (args.r >= 1, f"--lora-r {args.r}: must be 1 or more"),
@@ -206,8 +210,9 @@ def _value_checks(args, argv, budget_only=False):
         (args.vocab is None or args.vocab >= 1, f"--vocab {args.vocab}: must be 1 or more rows"),
         (-2 ** 63 <= args.seed < 2 ** 64,
          f"--seed {args.seed}: must be between -2**63 and 2**64 - 1 (torch.manual_seed's range)"),
-        (math.isfinite(args.lr) and args.lr > 0, f"--lr {args.lr}: must be a positive number"),
-        (math.isfinite(args.alpha) and args.alpha > 0, f"--alpha {args.alpha}: must be a positive number"),
+        (0 < args.lr <= FLOAT32_MAX, f"--lr {args.lr}: must be a positive number a float32 holds (<= 3.4e38)"),
+        (0 < args.alpha <= FLOAT32_MAX,
+         f"--alpha {args.alpha}: must be a positive number a float32 holds (<= 3.4e38)"),
         (not (args.inject_leak and args.experts == 1),
          "--inject-leak with --experts 1: one expert needs no gate, so there is no gate to keep; "
          "use --experts 2 or more"),
@@ -229,7 +234,9 @@ def _value_checks(args, argv, budget_only=False):
          f"--weights-dtype {args.weights_dtype} with --precision {args.precision}: that precision trains "
          f"{own_weights} weights; use --precision {TRUE_PRECISION.get(args.weights_dtype)} for "
          f"{args.weights_dtype} weights, or a *-mixed one to keep them under autocast"),
-        (args.data is None or os.path.isdir(args.data),
+        (args.model != "", "--model '': an empty name; give a model directory or a name in the local cache"),
+        (args.data != "", "--data '': an empty path; give a MovieLens-100K directory (u.data, u.item)"),
+        (args.data in (None, "") or os.path.isdir(args.data),
          f"--data {args.data}: " + ("a file, not a directory" if os.path.isfile(args.data or "")
                                     else "no such directory") + " (expected MovieLens-100K's u.data, u.item)"),
     ]
@@ -244,8 +251,12 @@ def check_output_path(flag, path):
     directory = os.path.dirname(os.path.abspath(path))
     if os.path.isdir(path):
         raise UsageError(f"{flag} {path}: is a directory; give a file name")
+    if os.path.exists(path) and not os.path.isfile(path):
+        raise UsageError(f"{flag} {path}: not a regular file (a device or a pipe); give a file name")
     if not os.path.isdir(directory):
-        raise UsageError(f"{flag} {path}: the directory {directory} does not exist")
+        raise UsageError(f"{flag} {path}: " + (f"{directory} is a file, not a directory" if
+                                                os.path.exists(directory) else
+                                                f"the directory {directory} does not exist"))
     # Creating a file is the only test that holds everywhere: os.access says yes to root in a
     # read-only mount, and /proc takes no new files whatever its mode bits say.
     try:
@@ -307,7 +318,7 @@ def parse_args(argv=None, budget_only=False):
     if args.model.startswith("~"):  # a quoted ~ the shell left alone
         args.model = os.path.expanduser(args.model)
     check_model_dir(args.model)
-    args.targets = tuple(t for t in args.targets.split(",") if t)
+    args.targets = tuple(t.strip() for t in args.targets.split(",") if t.strip())
     _resolve_device(args, budget_only)
     return args
 

@@ -121,12 +121,20 @@ def _say(line):
     sys.stdout.flush()
 
 
+# a scheduler's stop, `timeout`, a closed terminal or SSH session: each ends a run as Ctrl-C does
+STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGHUP") if hasattr(signal, name))
+
+
 class Terminated(KeyboardInterrupt):
-    """A SIGTERM, ending the run as Ctrl-C does."""
+    """A SIGTERM or SIGHUP, ending the run as Ctrl-C does."""
+
+    def __init__(self, signum):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
 
 
 def _terminated(signum, frame):
-    raise Terminated("SIGTERM")
+    raise Terminated(signum)
 
 
 def first_line(error):
@@ -141,6 +149,9 @@ def _check_report_path(path):
     folder = os.path.dirname(os.path.abspath(path))
     if os.path.isdir(path):
         raise ReportError(f"report path {str(path)!r}: is a directory; give a file name")
+    if os.path.exists(path) and not os.path.isfile(path):   # (a report would replace the device)
+        raise ReportError(f"report path {str(path)!r}: not a regular file (a device or a pipe); "
+                          "give a file name")
     try:
         os.makedirs(folder, exist_ok=True)
         fd, tried = tempfile.mkstemp(dir=folder, prefix=".memcheck-")
@@ -1133,11 +1144,10 @@ class Probe:
             self._scope.enter_context(self.tracker)
             self._scope.enter_context(torch.autograd.graph.saved_tensors_hooks(self._saves.pack,
                                                                                self._saves.unpack))
-        if threading.current_thread() is threading.main_thread() and \
-                signal.getsignal(signal.SIGTERM) == signal.SIG_DFL:
-            # a scheduler's stop, or `timeout`, ends the run as Ctrl-C does: with its report written
-            signal.signal(signal.SIGTERM, _terminated)
-            self._scope.callback(signal.signal, signal.SIGTERM, signal.SIG_DFL)
+        for signum in STOP_SIGNALS if threading.current_thread() is threading.main_thread() else ():
+            if signal.getsignal(signum) == signal.SIG_DFL:   # (not under nohup, nor the user's own)
+                signal.signal(signum, _terminated)   # the report is written, as after Ctrl-C
+                self._scope.callback(signal.signal, signum, signal.SIG_DFL)
         self._open = True
         if self._pending[0] is not None:
             self.attach(*self._pending)
@@ -1155,7 +1165,7 @@ class Probe:
             return
         if isinstance(error, KeyboardInterrupt):
             self.status = "interrupted"
-            self.error = "terminated (SIGTERM)" if isinstance(error, Terminated) else "interrupted (Ctrl-C)"
+            self.error = f"terminated ({error})" if isinstance(error, Terminated) else "interrupted (Ctrl-C)"
         elif is_out_of_memory(error):
             self._record_oom(error, ending=True)
         elif error is not None and self.status == "ok":
@@ -1911,8 +1921,10 @@ def find_leak(steps, survivors=(), kept_steps=0):
 # ---------------------------------------------------------------- reports
 
 def write_report(path, report):
-    """Write JSON atomically: a reader never sees half a report, even if the run dies while writing."""
-    directory = os.path.dirname(os.path.abspath(path))
+    """Write JSON atomically: a reader never sees half a report, even if the run dies while writing.
+    Through a symbolic link: its target is written, and the link stays."""
+    path = os.path.realpath(path)
+    directory = os.path.dirname(path)
     fd, tmp = tempfile.mkstemp(dir=directory, prefix=".memcheck-", suffix=".json")
     try:
         with os.fdopen(fd, "w") as f:
@@ -1930,8 +1942,8 @@ def write_report(path, report):
 def _check_fields(path, record, kinds, where=""):
     """ReportError unless `record` is an object whose every field in `kinds` is of its kind."""
     if not isinstance(record, dict):
-        raise ReportError(f"{path}: field {where.rstrip('.')} is {type(record).__name__} {record!r:.40}, "
-                          "expected an object")
+        what = f"field {where.rstrip('.')}" if where else "the report"
+        raise ReportError(f"{path}: {what} is {type(record).__name__} {record!r:.40}, expected an object")
     for key, kind in kinds.items():
         value = record.get(key, _MISSING)
         if isinstance(kind, dict):  # an object whose own fields are checked
@@ -2786,11 +2798,12 @@ def diff_parser():
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     try:
-        if argv[:1] in (["-h"], ["--help"]) or not argv:
+        if argv[:1] in (["-h"], ["--help"]):
             print(__doc__.strip())
-            return 0 if argv else 2
-        if argv[0] != "diff":
-            raise ReportError(f"unknown command {argv[0]!r}; expected diff (--help explains)")
+            return 0
+        if argv[:1] != ["diff"]:
+            what = f"unknown command {argv[0]!r}" if argv else "no command"
+            raise ReportError(f"{what}; expected diff A.json B.json (--help explains)")
         args = diff_parser().parse_args(argv[1:])
         if args.max_ratio is not None and not args.max_ratio > 0:
             raise ReportError(f"--max-ratio {args.max_ratio}: must be a positive number")

@@ -52,12 +52,14 @@ def _load_error(args, error):
     message = memcheck.first_line(error)
     if isinstance(error, ValueError):  # transformers' word on the config or the architecture
         return UsageError(f"--model {args.model}: cannot load it as a causal language model ({message})")
+    if _config_only(args.model):   # no weights: what failed is the architecture its config gives
+        return UsageError(f"--model {args.model}: cannot build the model its config.json gives ({message})")
     if "ignore_mismatched_sizes" in message:   # (its table of tensors went to the silenced log)
         return UsageError(f"--model {args.model}: the weights in {_weights_file(args.model)} do not have the "
                           "shapes its config.json gives; was config.json edited, or saved from another model?")
     # Anything else came from reading the weights: safetensors, torch.load or the file system.
     return UsageError(f"--model {args.model}: cannot read the weights in {_weights_file(args.model)} "
-                      f"({message}); is the file truncated, or still downloading?")
+                      f"({type(error).__name__}: {message}); is the file truncated, or still downloading?")
 
 
 def _read_config(args):
@@ -73,9 +75,10 @@ def _read_config(args):
             raise UsageError(f"--model {args.model}: not a local model directory and not in the local "
                              f"Hugging Face cache ({_hf_cache()}); nothing is downloaded") from e
         config = None
-    except ValueError as e:  # a config.json without model_type, or of an unknown one
-        raise UsageError(f"--model {args.model}: its config.json is not a model's config "
-                         f"({memcheck.first_line(e)})") from e
+    except Exception as e:  # no or an unknown model_type; a field of the wrong type; heads that do not divide
+        said = " ".join(str(e).split())   # (a field's error comes on the line after its name)
+        raise UsageError(f"--model {args.model}: its config.json is not a valid model config "
+                         f"({said[:said.find('. ', 60) + 1 or None]})") from e
     max_positions = getattr(config or OPTConfig(), "max_position_embeddings", None)
     if max_positions is not None and args.seq > max_positions:  # before the weights are read
         raise UsageError(f"--seq {args.seq}: {args.model} holds at most {max_positions} positions")
@@ -122,9 +125,9 @@ def _load_tokenizer(args, model):
         return None, none   # (transformers would make a 0-5 token one of the config's type)
     try:
         tokenizer = AutoTokenizer.from_pretrained(args.model, local_files_only=True)
-    except (OSError, ValueError):
-        return None, none
-    except Exception as e:  # tokenizer files the tokenizers library cannot parse
+    except Exception as e:
+        if isinstance(e, (OSError, ValueError)) and not os.path.isdir(args.model):
+            return None, none   # a model in the cache without tokenizer files
         return None, (f"tokenizer: cannot read the one in {args.model} ({memcheck.first_line(e)}); "
                       "using the stand-in BPE trained on the catalogue")
     rows = model.get_input_embeddings().num_embeddings
@@ -163,6 +166,7 @@ def load_model(args, weights_dtype, meta=False):
                          "PyTorch's scaled_dot_product_attention; using eager attention (it stores "
                          "bs x heads x seq^2 scores; the budget counts them)")
             attn = "eager"
+    decoder_layers(model)   # none: said now, not as unknown --targets
     tokenizer, note = _load_tokenizer(args, model)
     return model, tokenizer, "\n".join([source, *notes, *([note] if note else [])])
 
@@ -214,7 +218,8 @@ def resolve_targets(model, targets, known):
 
 def decoder_layers(model):
     layers = memcheck.decoder_layers(model)
-    if layers is None:
-        raise UsageError(f"--model {model.name_or_path}: no list of "
-                         f"{model.config.num_hidden_layers} decoder layers found")
+    if not layers:
+        raise UsageError(f"--model {model.name_or_path}: " + (
+            f"no list of {model.config.num_hidden_layers} decoder layers found" if layers is None else
+            "no decoder layers (num_hidden_layers 0): nothing to adapt or checkpoint"))
     return layers

@@ -288,12 +288,13 @@ def test_model_dir_without_tokenizer_gets_the_stand_in_tokenizer(bare_tiny_model
     assert (answer_lengths > 1).all()  # a title and </s>, not </s> alone
 
 
-def test_a_tokenizer_that_does_not_parse_is_named_and_the_stand_in_trains(tiny_model, tmp_path):
+@pytest.mark.parametrize("broken", ["merges", "not json"])
+def test_a_tokenizer_that_does_not_parse_is_named_and_the_stand_in_trains(tiny_model, tmp_path, broken):
     directory = tmp_path / "broken-tokenizer"
     shutil.copytree(tiny_model, directory)
     tokenizer = json.loads((directory / "tokenizer.json").read_text())
     tokenizer["model"]["merges"] = [["a", "b", "c"]]   # valid JSON that the tokenizers library refuses
-    (directory / "tokenizer.json").write_text(json.dumps(tokenizer))
+    (directory / "tokenizer.json").write_text(json.dumps(tokenizer) if broken == "merges" else "garbage")
     args = ref_train.parse_args(["--model", str(directory), "--device", "cpu"])
     model, tokenizer, source = models.load_model(args, torch.float32, meta=True)
     assert tokenizer is None and f"tokenizer: cannot read the one in {directory} (" in source
@@ -791,6 +792,13 @@ def truncated_model(tiny_model, directory):
     return str(directory)
 
 
+def edited_config(tiny_model, directory, **fields):
+    """A folder holding only the tiny model's config.json, with `fields` changed."""
+    with open(os.path.join(tiny_model, "config.json")) as f:
+        config = json.load(f)
+    return not_a_model(directory, {"config.json": json.dumps(dict(config, **fields))})
+
+
 def reshaped_model(tiny_model, directory):
     """The tiny model whose config.json was edited after its weights were saved (a wider MLP)."""
     shutil.copytree(tiny_model, directory)
@@ -805,13 +813,17 @@ def values(tiny_model, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("commands")
     (tmp / "empty").mkdir()
     (tmp / "a-report.json").write_text("{}")
-    return {"report_file": str(tmp / "a-report.json"),
+    os.mkfifo(tmp / "fifo")   # (not /dev/null: code that replaced it would break the machine)
+    return {"report_file": str(tmp / "a-report.json"), "fifo": str(tmp / "fifo"),
             "tiny": tiny_model, "bad_data": bad_movielens(tmp / "bad-ml"),
             "text_dir": not_a_model(tmp / "text"), "empty_dir": str(tmp / "empty"),
             "bad_config": not_a_model(tmp / "bad-config", {"config.json": "{bad json"}),
             "small_vocab": _save_tiny_opt(tmp / "small-vocab", 500, with_tokenizer=False),
             "truncated": truncated_model(tiny_model, tmp / "truncated"),
             "reshaped": reshaped_model(tiny_model, tmp / "reshaped"),
+            "width_as_text": edited_config(tiny_model, tmp / "width-as-text", hidden_size="64"),
+            "negative_width": edited_config(tiny_model, tmp / "negative-width", ffn_dim=-64),
+            "no_layers": edited_config(tiny_model, tmp / "no-layers", num_hidden_layers=0),
             "report": str(tmp / "report.json"), "seq_report": str(tmp / "seq.json"),
             "load_report": str(tmp / "load.json")}
 
@@ -824,6 +836,7 @@ def ref_train_main(capsys, values, flags):
 # (flags, what the message must name); "{tiny}" is the tiny model, whose 256 positions keep it fast
 BAD_INPUTS = {
     "bs-0": (["--bs", "0"], ["--bs 0"]),
+    "bs-beyond-what-a-step-can-make": (["--bs", str(10 ** 23)], [f"--bs {10 ** 23}", "at most 65,536"]),
     "seq-8": (["--seq", "8"], ["--seq 8"]),
     "seq-beyond-positions": (["--model", "{tiny}", "--seq", "100000"], ["--seq 100000", "256"]),
     "r-0": (["--lora-r", "0"], ["--lora-r 0"]),
@@ -839,6 +852,8 @@ BAD_INPUTS = {
     "hub-name-not-cached": (["--model", "ilora-ref-tests/no-such-model"],
                             ["--model ilora-ref-tests/no-such-model", "nothing is downloaded"]),
     "missing-data": (["--data", "/no/such/dir"], ["/no/such/dir"]),
+    "data-empty": (["--data", ""], ["--data '': an empty path"]),
+    "model-empty": (["--model", ""], ["--model '': an empty name"]),
     "data-a-file": (["--data", "{report_file}"], ["--data {report_file}: a file, not a directory"]),
     "model-a-file": (["--model", "{report_file}"], ["--model {report_file}: a file, not a directory"]),
     "weights-dtype-against-a-true-precision": (["--precision", "bf16-true", "--weights-dtype", "fp32"],
@@ -850,6 +865,8 @@ BAD_INPUTS = {
                          ["{bad_data}/u.data line 3", "three"]),
     "lr-negative": (["--lr", "-1"], ["--lr -1.0", "positive"]),
     "alpha-zero": (["--alpha", "0"], ["--alpha 0.0", "positive"]),
+    "lr-beyond-float32": (["--lr", "1e39"], ["--lr 1e+39", "float32"]),
+    "alpha-beyond-float32": (["--alpha", "1e308"], ["--alpha 1e+308", "float32"]),
     "loss-chunks-0": (["--loss-chunks", "0"], ["--loss-chunks 0", "1 or more"]),
     "loss-chunks-beyond-the-vocabulary": (["--model", "{tiny}", "--loss-chunks", "100000"],
                                           ["--loss-chunks 100000", "at most the vocabulary's"]),
@@ -862,6 +879,9 @@ BAD_INPUTS = {
     "max-memory-beyond-int64-bytes": (["--max-memory", "1e308"], ["--max-memory 1e+308", "at most 2**43"]),
     "report-empty": (["--report", ""], ["--report ''", "empty"]),
     "report-in-missing-dir": (["--report", "/no/such/dir/r.json"], ["/no/such/dir/r.json"]),
+    "report-under-a-file": (["--report", "{report_file}/r.json"],
+                            ["{report_file} is a file, not a directory"]),
+    "report-a-pipe": (["--report", "{fifo}"], ["--report {fifo}: not a regular file"]),
     "leak-without-gate": (["--inject-leak", "--experts", "1"], ["--inject-leak", "--experts 1"]),
     "ckpt-every-0": (["--ckpt-every", "0"], ["--ckpt-every 0", "1 or more"]),
     "ckpt-every-with-hf": (["--ckpt", "hf", "--ckpt-every", "2"], ["--ckpt-every 2", "--ckpt hf", "manual"]),
@@ -870,6 +890,10 @@ BAD_INPUTS = {
 
 def test_a_negative_seed_is_one_torch_takes():
     assert ref_train.parse_args(["--seed", "-1"]).seed == -1
+
+
+def test_targets_listed_with_spaces_are_the_names_without_them():
+    assert ref_train.parse_args(["--targets", "q_proj, v_proj"]).targets == ("q_proj", "v_proj")
 
 
 @pytest.mark.parametrize("case", BAD_INPUTS)
@@ -896,6 +920,13 @@ FAILURES = {
     # (not "truncated, or still downloading?", nor transformers' "look at the above report", unshown)
     "weights-of-other-shapes": (["--model", "{reshaped}"], ["{reshaped}/model.safetensors", "shapes",
                                                             "config.json"]),
+    "config-field-of-another-type": (["--model", "{width_as_text}"],
+                                     ["--model {width_as_text}", "config.json", "hidden_size", "int"]),
+    "config-that-builds-no-model": (["--model", "{negative_width}"],
+                                    ["--model {negative_width}", "negative dimension",
+                                     "cannot build the model its config.json gives"]),
+    "config-without-decoder-layers": (["--model", "{no_layers}"],
+                                      ["--model {no_layers}", "no decoder layers"]),
     "report-under-proc": (["--report", "/proc/report.json"],
                           ["--report /proc/report.json", "cannot create a file in /proc"]),
     "snapshot-under-proc": (["--snapshot", "/proc/s.pickle"],
@@ -1186,28 +1217,32 @@ def test_a_reader_that_closes_the_pipe_early_stops_neither_the_run_nor_its_repor
 
 
 class _CtrlCAfterStepOne(io.StringIO):
-    """stdout that presses Ctrl-C once step 1's line is flushed (`where`: "step line"; one kept in a
-    buffer would never reach a pipe or `tee` while the run goes on), or inside step 2's forward."""
+    """stdout that presses Ctrl-C (or sends `signum`) once step 1's line is flushed (`where`: "step
+    line"; one kept in a buffer would never reach a pipe or `tee` while the run goes on), or inside
+    step 2's forward."""
 
-    def __init__(self, where):
+    def __init__(self, where, signum=signal.SIGINT):
         super().__init__()
-        self.where, self.pressed = where, False
+        self.where, self.signum, self.pressed = where, signum, False
 
     def press(self):
         if "step   1" in self.getvalue() and not self.pressed:
             self.pressed = True
-            signal.raise_signal(signal.SIGINT)
+            signal.raise_signal(self.signum)
 
     def flush(self):
         if self.where == "step line":
             self.press()
 
 
-@pytest.mark.parametrize("where", ["step line", "forward"])
-def test_ctrl_c_during_training_writes_the_report_so_far_and_exits_130(tiny_model, tmp_path, capsys, where):
+@pytest.mark.parametrize("where, signum", [("step line", signal.SIGINT), ("forward", signal.SIGINT),
+                                           ("step line", signal.SIGHUP)],
+                         ids=["ctrl-c at the step line", "ctrl-c in forward", "a closed terminal"])
+def test_ctrl_c_or_a_hangup_in_training_writes_the_report_so_far_and_exits_128_and_the_signal(
+        tiny_model, tmp_path, capsys, where, signum):
     path = tmp_path / "interrupted.json"
     previous = signal.signal(signal.SIGINT, signal.default_int_handler)   # Python's own, as in a shell
-    stdout = _CtrlCAfterStepOne(where)
+    stdout = _CtrlCAfterStepOne(where, signum)
     hooks = ([nn.modules.module.register_module_forward_hook(lambda *_: stdout.press())]
              if where == "forward" else [])
     try:
@@ -1221,10 +1256,11 @@ def test_ctrl_c_during_training_writes_the_report_so_far_and_exits_130(tiny_mode
             hook.remove()
     err = capsys.readouterr().err
     lines = [line for line in err.splitlines() if line.strip()]
-    assert stdout.pressed and code == 130, err
+    assert stdout.pressed and code == 128 + signum, err
     assert "Traceback" not in err and len(lines) == 1, err
     assert "interrupted at step 2" in lines[0] and f"report written to {path}" in lines[0]
     report = memcheck.read_report(path)
     assert report["status"] == "interrupted" and report["oom"] is None
+    assert report["error"] == ("interrupted (Ctrl-C)" if signum == signal.SIGINT else "terminated (SIGHUP)")
     assert len(report["steps"]) == 1
     assert "run INTERRUPTED" in stdout.getvalue()
