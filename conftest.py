@@ -7,6 +7,7 @@ import contextlib
 import gc
 import os
 import random
+import signal
 import socket
 import sys
 
@@ -29,6 +30,17 @@ def _survivors_frozen():
     yield
     gc.collect()
     gc.freeze()
+
+
+@pytest.fixture
+def default_stop_signals():
+    """SIGTERM and SIGHUP at their default action, as a shell leaves them (nohup ignores SIGHUP, and
+    the probe then leaves it ignored)."""
+    stops = [s for s in (getattr(signal, n, None) for n in ("SIGTERM", "SIGHUP")) if s is not None]
+    previous = {s: signal.signal(s, signal.SIG_DFL) for s in stops}
+    yield
+    for s, handler in previous.items():
+        signal.signal(s, handler)
 # The same shape as opt-125m's decoder, scaled down: 2 layers of width 64, 256 positions.
 TINY_OPT = dict(hidden_size=64, ffn_dim=128, num_hidden_layers=2, num_attention_heads=4,
                 max_position_embeddings=256, word_embed_proj_dim=64)

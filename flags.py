@@ -1,5 +1,6 @@
 """ref_train.py's flags, parsed and checked once. argparse only, so --help never waits for torch."""
 import argparse
+import contextlib
 import os
 import shlex
 import sys
@@ -17,8 +18,9 @@ STRATEGIES = ("none", "ddp", "fsdp")
 TORCHRUN_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK")  # what torchrun sets in each process it starts
 MIN_SEQ = 16
 MAX_MEMORY_MIB = 2 ** 43  # 2**63 bytes (memcheck's too): beyond any device
-MAX_ROWS = 2 ** 16  # a step's global batch: its rows are made as Python lists before any model runs
-FLOAT32_MAX = 3.4028234663852886e38   # --lr and --alpha reach the weights as float32
+MAX_ROWS = 2 ** 18  # a step's global batch, which one process builds to tell whether any row pads
+FLOAT32_MAX = 3.4028234663852886e38   # --alpha reaches the weights as float32
+MAX_LR = FLOAT32_MAX / 10   # AdamW's first step is 10x the rate (1 / (1 - beta1)), in float32
 WEIGHTS_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
                  "pytorch_model.bin.index.json")
 MODEL_DIR = "a Hugging Face model directory (config.json and model.safetensors or pytorch_model.bin)"
@@ -176,7 +178,7 @@ def _world_size_checks(args, argv, budget_only):
         return [(args.world_size >= 1, f"--world-size {args.world_size}: must be 1 or more"),
                 (args.bs * args.world_size <= MAX_ROWS or args.bs > MAX_ROWS,
                  f"--world-size {args.world_size} with --bs {args.bs}: {args.bs * args.world_size:,} rows "
-                 f"a step in all; at most {MAX_ROWS:,}"),
+                 f"a step in all; at most {MAX_ROWS:,} (the budget builds them to see whether any pads)"),
                 (args.strategy != "none" or args.world_size == 1,
                  f"--world-size {args.world_size} with --strategy none: one process; use --strategy "
                  "ddp or fsdp")]
@@ -210,7 +212,9 @@ def _value_checks(args, argv, budget_only=False):
         (args.vocab is None or args.vocab >= 1, f"--vocab {args.vocab}: must be 1 or more rows"),
         (-2 ** 63 <= args.seed < 2 ** 64,
          f"--seed {args.seed}: must be between -2**63 and 2**64 - 1 (torch.manual_seed's range)"),
-        (0 < args.lr <= FLOAT32_MAX, f"--lr {args.lr}: must be a positive number a float32 holds (<= 3.4e38)"),
+        (0 < args.lr <= MAX_LR,
+         f"--lr {args.lr}: must be a positive number, at most 3.4e37 (AdamW's first step, 10x it, "
+         "in float32)"),
         (0 < args.alpha <= FLOAT32_MAX,
          f"--alpha {args.alpha}: must be a positive number a float32 holds (<= 3.4e38)"),
         (not (args.inject_leak and args.experts == 1),
@@ -248,7 +252,7 @@ def check_output_path(flag, path):
         return
     if not path:
         raise UsageError(f"{flag} '': an empty path; give a file name")
-    directory = os.path.dirname(os.path.abspath(path))
+    directory = os.path.dirname(os.path.realpath(path))   # a link's: the report is written there
     if os.path.isdir(path):
         raise UsageError(f"{flag} {path}: is a directory; give a file name")
     if os.path.exists(path) and not os.path.isfile(path):
@@ -340,9 +344,15 @@ def printer():
     def say(*values):
         try:
             print(*values, flush=True)
-        except BrokenPipeError:
+        except OSError:   # a closed pipe; or a terminal gone with its SSH session (EIO)
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
     return say
+
+
+def tell(line):
+    """A line on stderr, unless the terminal is gone (a hangup): the report holds what it says."""
+    with contextlib.suppress(OSError):
+        print(line, file=sys.stderr)
 
 
 def exit_on_help_or_bad_flags(argv, prog="ref_train.py"):

@@ -126,15 +126,24 @@ STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGHUP") if 
 
 
 class Terminated(KeyboardInterrupt):
-    """A SIGTERM or SIGHUP, ending the run as Ctrl-C does."""
+    """A SIGTERM or SIGHUP, ending the run as Ctrl-C does; its one argument, the signal's number."""
 
-    def __init__(self, signum):
-        super().__init__(signal.Signals(signum).name)
-        self.signum = signum
+    @property
+    def signum(self):
+        return self.args[0]
+
+    def __str__(self):
+        return signal.Signals(self.signum).name
 
 
 def _terminated(signum, frame):
     raise Terminated(signum)
+
+
+def _put_back(signum):
+    """The default action of `signum` again, unless a handler other than the probe's was set since."""
+    if signal.getsignal(signum) is _terminated:
+        signal.signal(signum, signal.SIG_DFL)
 
 
 def first_line(error):
@@ -146,9 +155,9 @@ def _check_report_path(path):
     said now, not when the training ends."""
     if not path:
         return
-    folder = os.path.dirname(os.path.abspath(path))
     if os.path.isdir(path):
         raise ReportError(f"report path {str(path)!r}: is a directory; give a file name")
+    folder = os.path.dirname(os.path.realpath(path))   # a link's target's: the report is written there
     if os.path.exists(path) and not os.path.isfile(path):   # (a report would replace the device)
         raise ReportError(f"report path {str(path)!r}: not a regular file (a device or a pipe); "
                           "give a file name")
@@ -1147,7 +1156,7 @@ class Probe:
         for signum in STOP_SIGNALS if threading.current_thread() is threading.main_thread() else ():
             if signal.getsignal(signum) == signal.SIG_DFL:   # (not under nohup, nor the user's own)
                 signal.signal(signum, _terminated)   # the report is written, as after Ctrl-C
-                self._scope.callback(signal.signal, signum, signal.SIG_DFL)
+                self._scope.callback(_put_back, signum)
         self._open = True
         if self._pending[0] is not None:
             self.attach(*self._pending)

@@ -78,7 +78,7 @@ def _read_config(args):
     except Exception as e:  # no or an unknown model_type; a field of the wrong type; heads that do not divide
         said = " ".join(str(e).split())   # (a field's error comes on the line after its name)
         raise UsageError(f"--model {args.model}: its config.json is not a valid model config "
-                         f"({said[:said.find('. ', 60) + 1 or None]})") from e
+                         f"({said if len(said) <= 300 else said[:297] + '...'})") from e
     max_positions = getattr(config or OPTConfig(), "max_position_embeddings", None)
     if max_positions is not None and args.seq > max_positions:  # before the weights are read
         raise UsageError(f"--seq {args.seq}: {args.model} holds at most {max_positions} positions")
@@ -167,6 +167,9 @@ def load_model(args, weights_dtype, meta=False):
                          "bs x heads x seq^2 scores; the budget counts them)")
             attn = "eager"
     decoder_layers(model)   # none: said now, not as unknown --targets
+    if getattr(model.config, "num_attention_heads", None) is None:   # Mamba, RWKV: what the budget reads
+        raise UsageError(f"--model {args.model}: {model.config.model_type} has no attention heads; the "
+                         "budget and this loop cover transformer decoders (attention and MLP layers)")
     tokenizer, note = _load_tokenizer(args, model)
     return model, tokenizer, "\n".join([source, *notes, *([note] if note else [])])
 

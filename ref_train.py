@@ -386,7 +386,7 @@ def main(argv=None):
         where = ("" if report is None else f" at step {len(report['steps']) + 1}"
                  if "forward" in report["phases"] else " while loading")
         saved = f"report written to {e.report_path}" if getattr(e, "report_path", None) else "no report written"
-        print(f"{prog}: interrupted{where}; {saved}", file=sys.stderr)
+        flags.tell(f"{prog}: interrupted{where}; {saved}")
         return 128 + getattr(e, "signum", 2)  # as a shell reports it: 130 for Ctrl-C (SIGINT 2)
     except Exception as e:
         if memcheck.is_out_of_memory(e):  # CUDA's, or a CPU allocation that failed; already reported

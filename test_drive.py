@@ -475,7 +475,7 @@ FAILURES = {
                                 ["--report /proc/report.json", "/proc"]),
     "budget-beyond-what-a-step-can-make": (["budget", "--model", "{tiny}", "--strategy", "fsdp",
                                             "--world-size", str(10 ** 11)],
-                                           [f"--world-size {10 ** 11} with --bs 2", "at most 65,536"]),
+                                           [f"--world-size {10 ** 11} with --bs 2", "at most 262,144"]),
     "budget-report-under-proc": (["budget", "--model", "{tiny}", "--report", "/proc/report.json"],
                                  ["--report /proc/report.json", "/proc"]),
     "figures-only-nothing": (["figures", "--only", ""], ["--only ''", "unknown ''", "baseline"]),

@@ -12,6 +12,7 @@ import gc
 import itertools
 import json
 import os
+import pickle
 import re
 import shutil
 import signal
@@ -88,7 +89,8 @@ def test_an_allocation_under_a_tenth_of_a_mib_that_fails_is_said_in_bytes():
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP], ids=["SIGTERM", "SIGHUP"])
-def test_a_sigterm_or_a_hangup_ends_a_probed_loop_as_ctrl_c_does_with_the_report_written(tmp_path, signum):
+def test_a_sigterm_or_a_hangup_ends_a_probed_loop_as_ctrl_c_does_with_the_report_written(
+        tmp_path, signum, default_stop_signals):
     # a scheduler's stop, `timeout`, a closed SSH session: the process died there, with no report
     model, optimizer = peft_opt()
     path = tmp_path / "stack.json"
@@ -106,6 +108,20 @@ def test_a_sigterm_or_a_hangup_ends_a_probed_loop_as_ctrl_c_does_with_the_report
     assert report["status"] == "interrupted" and report["error"] == f"terminated ({signum.name})"
     assert len(report["steps"]) == 1 and report["phases"]["backward"]["peak_bytes"] > 0
     assert signal.getsignal(signum) == signal.SIG_DFL   # put back
+
+
+def test_a_stop_handler_the_loop_sets_while_probed_is_left_in_place(default_stop_signals):
+    def users_own(signum, frame):
+        pass
+    with memcheck.Probe(nn.Linear(2, 2), log=lambda *a: None):
+        signal.signal(signal.SIGTERM, users_own)
+    assert signal.getsignal(signal.SIGTERM) is users_own
+    assert signal.getsignal(signal.SIGHUP) == signal.SIG_DFL
+
+
+def test_a_stop_by_signal_crosses_processes_as_the_signal_it_was():
+    stop = pickle.loads(pickle.dumps(memcheck.Terminated(signal.SIGHUP)))   # (spawned workers pickle it)
+    assert stop.signum == signal.SIGHUP and str(stop) == "SIGHUP"
 
 
 def test_the_peak_is_the_first_moment_live_bytes_reach_it():
@@ -944,6 +960,10 @@ def test_a_report_written_through_a_link_fills_its_target_and_the_link_stays(tmp
         phased_loop(probe, optimizer, [torch.randn(4, 8)], lambda batch: model(batch).sum())
     assert (tmp_path / "latest.json").is_symlink()
     assert memcheck.read_report(tmp_path / "runs" / "stack.json")["peak_bytes"] == probe.report()["peak_bytes"]
+    (tmp_path / "next.json").symlink_to(tmp_path / "later" / "stack.json")   # its folder made, as any
+    with memcheck.Probe(model, optimizer, path=tmp_path / "next.json", log=lambda *a: None):
+        pass
+    assert (tmp_path / "next.json").is_symlink() and memcheck.read_report(tmp_path / "later" / "stack.json")
 
 
 def test_preloaded_batches_are_not_allocations_of_later_steps():

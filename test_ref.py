@@ -814,7 +814,11 @@ def values(tiny_model, tmp_path_factory):
     (tmp / "empty").mkdir()
     (tmp / "a-report.json").write_text("{}")
     os.mkfifo(tmp / "fifo")   # (not /dev/null: code that replaced it would break the machine)
+    os.symlink(tmp / "no-such-folder" / "r.json", tmp / "dangling.json")
     return {"report_file": str(tmp / "a-report.json"), "fifo": str(tmp / "fifo"),
+            "dangling": str(tmp / "dangling.json"), "no_folder": str(tmp / "no-such-folder"),
+            "long_folder": not_a_model(tmp / ("checkpoints-of-a-long-fine-tuning-run-" * 3),
+                                       {"config.json": "{}"}),
             "tiny": tiny_model, "bad_data": bad_movielens(tmp / "bad-ml"),
             "text_dir": not_a_model(tmp / "text"), "empty_dir": str(tmp / "empty"),
             "bad_config": not_a_model(tmp / "bad-config", {"config.json": "{bad json"}),
@@ -824,6 +828,8 @@ def values(tiny_model, tmp_path_factory):
             "width_as_text": edited_config(tiny_model, tmp / "width-as-text", hidden_size="64"),
             "negative_width": edited_config(tiny_model, tmp / "negative-width", ffn_dim=-64),
             "no_layers": edited_config(tiny_model, tmp / "no-layers", num_hidden_layers=0),
+            "mamba": not_a_model(tmp / "mamba", {"config.json": json.dumps(
+                {"model_type": "mamba", "hidden_size": 64, "num_hidden_layers": 2, "vocab_size": 500})}),
             "report": str(tmp / "report.json"), "seq_report": str(tmp / "seq.json"),
             "load_report": str(tmp / "load.json")}
 
@@ -836,7 +842,7 @@ def ref_train_main(capsys, values, flags):
 # (flags, what the message must name); "{tiny}" is the tiny model, whose 256 positions keep it fast
 BAD_INPUTS = {
     "bs-0": (["--bs", "0"], ["--bs 0"]),
-    "bs-beyond-what-a-step-can-make": (["--bs", str(10 ** 23)], [f"--bs {10 ** 23}", "at most 65,536"]),
+    "bs-beyond-what-a-step-can-make": (["--bs", str(10 ** 23)], [f"--bs {10 ** 23}", "at most 262,144"]),
     "seq-8": (["--seq", "8"], ["--seq 8"]),
     "seq-beyond-positions": (["--model", "{tiny}", "--seq", "100000"], ["--seq 100000", "256"]),
     "r-0": (["--lora-r", "0"], ["--lora-r 0"]),
@@ -865,7 +871,7 @@ BAD_INPUTS = {
                          ["{bad_data}/u.data line 3", "three"]),
     "lr-negative": (["--lr", "-1"], ["--lr -1.0", "positive"]),
     "alpha-zero": (["--alpha", "0"], ["--alpha 0.0", "positive"]),
-    "lr-beyond-float32": (["--lr", "1e39"], ["--lr 1e+39", "float32"]),
+    "lr-beyond-float32": (["--lr", "1e38"], ["--lr 1e+38", "at most 3.4e37", "float32"]),
     "alpha-beyond-float32": (["--alpha", "1e308"], ["--alpha 1e+308", "float32"]),
     "loss-chunks-0": (["--loss-chunks", "0"], ["--loss-chunks 0", "1 or more"]),
     "loss-chunks-beyond-the-vocabulary": (["--model", "{tiny}", "--loss-chunks", "100000"],
@@ -882,6 +888,8 @@ BAD_INPUTS = {
     "report-under-a-file": (["--report", "{report_file}/r.json"],
                             ["{report_file} is a file, not a directory"]),
     "report-a-pipe": (["--report", "{fifo}"], ["--report {fifo}: not a regular file"]),
+    "report-a-link-into-a-missing-folder": (
+        ["--report", "{dangling}"], ["--report {dangling}", "the directory {no_folder} does not exist"]),
     "leak-without-gate": (["--inject-leak", "--experts", "1"], ["--inject-leak", "--experts 1"]),
     "ckpt-every-0": (["--ckpt-every", "0"], ["--ckpt-every 0", "1 or more"]),
     "ckpt-every-with-hf": (["--ckpt", "hf", "--ckpt-every", "2"], ["--ckpt-every 2", "--ckpt hf", "manual"]),
@@ -925,6 +933,8 @@ FAILURES = {
     "config-that-builds-no-model": (["--model", "{negative_width}"],
                                     ["--model {negative_width}", "negative dimension",
                                      "cannot build the model its config.json gives"]),
+    "attention-free": (["--model", "{mamba}"], ["--model {mamba}", "mamba has no attention heads"]),
+    "config-without-model-type": (["--model", "{long_folder}"], ["--model {long_folder}", "`model_type` key"]),
     "config-without-decoder-layers": (["--model", "{no_layers}"],
                                       ["--model {no_layers}", "no decoder layers"]),
     "report-under-proc": (["--report", "/proc/report.json"],
@@ -1239,7 +1249,7 @@ class _CtrlCAfterStepOne(io.StringIO):
                                            ("step line", signal.SIGHUP)],
                          ids=["ctrl-c at the step line", "ctrl-c in forward", "a closed terminal"])
 def test_ctrl_c_or_a_hangup_in_training_writes_the_report_so_far_and_exits_128_and_the_signal(
-        tiny_model, tmp_path, capsys, where, signum):
+        tiny_model, tmp_path, capsys, where, signum, default_stop_signals):
     path = tmp_path / "interrupted.json"
     previous = signal.signal(signal.SIGINT, signal.default_int_handler)   # Python's own, as in a shell
     stdout = _CtrlCAfterStepOne(where, signum)
@@ -1264,3 +1274,29 @@ def test_ctrl_c_or_a_hangup_in_training_writes_the_report_so_far_and_exits_128_a
     assert report["error"] == ("interrupted (Ctrl-C)" if signum == signal.SIGINT else "terminated (SIGHUP)")
     assert len(report["steps"]) == 1
     assert "run INTERRUPTED" in stdout.getvalue()
+
+
+def test_a_hangup_with_its_terminal_gone_still_writes_the_report_and_exits_129(
+        tiny_model, tmp_path, monkeypatch, default_stop_signals):
+    # a closed SSH session: SIGHUP in step 2, and from then on every write to the terminal fails (EIO)
+    controller, terminal = os.openpty()
+    out = os.fdopen(terminal, "w")
+    monkeypatch.setattr(sys, "stdout", out)
+    monkeypatch.setattr(sys, "stderr", out)
+    steps, train_step = [], ref_train.train_step
+
+    def hung_up_in_step_2(*args):
+        steps.append(None)
+        if len(steps) == 2:
+            os.close(controller)
+            signal.raise_signal(signal.SIGHUP)
+        return train_step(*args)
+    monkeypatch.setattr(ref_train, "train_step", hung_up_in_step_2)
+    path = tmp_path / "r.json"
+    try:
+        code = ref_train.main(["--model", tiny_model, "--steps", "5", "--seq", "32", "--report", str(path)])
+    finally:
+        out.close()
+    report = memcheck.read_report(path)
+    assert code == 129 and report["status"] == "interrupted" and report["error"] == "terminated (SIGHUP)"
+    assert len(report["steps"]) == 1
