@@ -1,6 +1,7 @@
 """ref_train.py's flags, parsed and checked once. argparse only, so --help never waits for torch."""
 import argparse
 import contextlib
+import errno
 import os
 import shlex
 import sys
@@ -18,9 +19,11 @@ STRATEGIES = ("none", "ddp", "fsdp")
 TORCHRUN_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK")  # what torchrun sets in each process it starts
 MIN_SEQ = 16
 MAX_MEMORY_MIB = 2 ** 43  # 2**63 bytes (memcheck's too): beyond any device
-MAX_ROWS = 2 ** 18  # a step's global batch, which one process builds to tell whether any row pads
+# A step's global batch is built in host memory (the budget builds every rank's, to see whether any
+# row pads): about 3 GB at 2**24 tokens.
+MAX_TOKENS = 2 ** 24
 FLOAT32_MAX = 3.4028234663852886e38   # --alpha reaches the weights as float32
-MAX_LR = FLOAT32_MAX / 10   # AdamW's first step is 10x the rate (1 / (1 - beta1)), in float32
+MAX_LR = 3.4e37   # AdamW's first step is 10x the rate (1 / (1 - beta1)), in float32
 WEIGHTS_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
                  "pytorch_model.bin.index.json")
 MODEL_DIR = "a Hugging Face model directory (config.json and model.safetensors or pytorch_model.bin)"
@@ -176,9 +179,10 @@ def _world_size_checks(args, argv, budget_only):
     """The world size's checks: the budget's flag, or torchrun's environment."""
     if budget_only:
         return [(args.world_size >= 1, f"--world-size {args.world_size}: must be 1 or more"),
-                (args.bs * args.world_size <= MAX_ROWS or args.bs > MAX_ROWS,
-                 f"--world-size {args.world_size} with --bs {args.bs}: {args.bs * args.world_size:,} rows "
-                 f"a step in all; at most {MAX_ROWS:,} (the budget builds them to see whether any pads)"),
+                (args.world_size * args.bs * args.seq <= MAX_TOKENS or args.bs * args.seq > MAX_TOKENS,
+                 f"--world-size {args.world_size} with --bs {args.bs} --seq {args.seq}: "
+                 f"{args.world_size * args.bs * args.seq:,} tokens a step in all; at most {MAX_TOKENS:,} "
+                 "(the budget builds every rank's batch to see whether any row pads)"),
                 (args.strategy != "none" or args.world_size == 1,
                  f"--world-size {args.world_size} with --strategy none: one process; use --strategy "
                  "ddp or fsdp")]
@@ -195,8 +199,11 @@ def _value_checks(args, argv, budget_only=False):
     """(holds, the one-line error when it does not) for each flag's value; argv for the messages."""
     own_weights = PRECISIONS[args.precision][0]
     return _world_size_checks(args, argv, budget_only) + [
-        (1 <= args.bs <= MAX_ROWS, f"--bs {args.bs}: must be 1 or more, at most {MAX_ROWS:,}"),
+        (args.bs >= 1, f"--bs {args.bs}: must be 1 or more"),
         (args.seq >= MIN_SEQ, f"--seq {args.seq}: must be {MIN_SEQ} or more"),
+        (args.bs * args.seq <= MAX_TOKENS,
+         f"--bs {args.bs} with --seq {args.seq}: {args.bs * args.seq:,} tokens a step; at most {MAX_TOKENS:,} "
+         "(2**24: the batch is built in host memory, about 3 GB at that)"),
         (args.steps >= 1, f"--steps {args.steps}: must be 1 or more"),
         (args.r >= 1, f"--lora-r {args.r}: must be 1 or more"),
         (args.experts >= 1, f"--experts {args.experts}: must be 1 or more"),
@@ -344,7 +351,10 @@ def printer():
     def say(*values):
         try:
             print(*values, flush=True)
-        except OSError:   # a closed pipe; or a terminal gone with its SSH session (EIO)
+        except OSError as e:   # quietly for a closed pipe or a terminal gone (EIO); else said once
+            if not isinstance(e, BrokenPipeError) and e.errno != errno.EIO:
+                tell(f"ref_train.py: stdout: {e.strerror}; the rest of the output is dropped (a --report "
+                     "keeps the figures)")
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
     return say
 

@@ -842,7 +842,8 @@ def ref_train_main(capsys, values, flags):
 # (flags, what the message must name); "{tiny}" is the tiny model, whose 256 positions keep it fast
 BAD_INPUTS = {
     "bs-0": (["--bs", "0"], ["--bs 0"]),
-    "bs-beyond-what-a-step-can-make": (["--bs", str(10 ** 23)], [f"--bs {10 ** 23}", "at most 262,144"]),
+    "bs-beyond-what-a-step-can-make": (["--bs", str(10 ** 23)], [f"--bs {10 ** 23} with --seq 128",
+                                                                 "tokens a step; at most 16,777,216"]),
     "seq-8": (["--seq", "8"], ["--seq 8"]),
     "seq-beyond-positions": (["--model", "{tiny}", "--seq", "100000"], ["--seq 100000", "256"]),
     "r-0": (["--lora-r", "0"], ["--lora-r 0"]),
@@ -900,6 +901,32 @@ def test_a_negative_seed_is_one_torch_takes():
     assert ref_train.parse_args(["--seed", "-1"]).seed == -1
 
 
+def test_the_largest_learning_rate_allowed_takes_adamws_first_step_without_overflow(tiny_model, capsys):
+    assert run_main(ref_train.main, capsys, "--model", tiny_model, "--steps", "1", "--seq", "32", "--lr",
+                    str(flags.MAX_LR)).returncode == 0
+
+
+def main_writing_to(stream, monkeypatch, names, tiny_model, report, steps):
+    """ref_train.main with sys.`names` (stdout, stderr) on `stream`, which is closed afterwards."""
+    for name in names:
+        monkeypatch.setattr(sys, name, stream)
+    try:
+        return ref_train.main(["--model", tiny_model, "--steps", str(steps), "--seq", "32",
+                               "--report", str(report)])
+    finally:
+        stream.close()
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="no /dev/full to fill stdout")
+def test_a_full_disk_under_stdout_is_said_once_and_the_run_and_its_report_go_on(tiny_model, tmp_path, capsys,
+                                                                                monkeypatch):
+    path = tmp_path / "r.json"   # (/dev/full opened, never replaced: every write fails with ENOSPC)
+    code = main_writing_to(open("/dev/full", "w"), monkeypatch, ["stdout"], tiny_model, path, steps=2)
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert code == 0 and memcheck.read_report(path)["status"] == "ok"
+    assert len(lines) == 1 and "stdout: No space left on device" in lines[0], lines
+
+
 def test_targets_listed_with_spaces_are_the_names_without_them():
     assert ref_train.parse_args(["--targets", "q_proj, v_proj"]).targets == ("q_proj", "v_proj")
 
@@ -933,7 +960,8 @@ FAILURES = {
     "config-that-builds-no-model": (["--model", "{negative_width}"],
                                     ["--model {negative_width}", "negative dimension",
                                      "cannot build the model its config.json gives"]),
-    "attention-free": (["--model", "{mamba}"], ["--model {mamba}", "mamba has no attention heads"]),
+    "attention-free": (["--model", "{mamba}", "--targets", "all-linear"],
+                       ["--model {mamba}", "mamba has no attention heads"]),
     "config-without-model-type": (["--model", "{long_folder}"], ["--model {long_folder}", "`model_type` key"]),
     "config-without-decoder-layers": (["--model", "{no_layers}"],
                                       ["--model {no_layers}", "no decoder layers"]),
@@ -1280,9 +1308,6 @@ def test_a_hangup_with_its_terminal_gone_still_writes_the_report_and_exits_129(
         tiny_model, tmp_path, monkeypatch, default_stop_signals):
     # a closed SSH session: SIGHUP in step 2, and from then on every write to the terminal fails (EIO)
     controller, terminal = os.openpty()
-    out = os.fdopen(terminal, "w")
-    monkeypatch.setattr(sys, "stdout", out)
-    monkeypatch.setattr(sys, "stderr", out)
     steps, train_step = [], ref_train.train_step
 
     def hung_up_in_step_2(*args):
@@ -1293,10 +1318,8 @@ def test_a_hangup_with_its_terminal_gone_still_writes_the_report_and_exits_129(
         return train_step(*args)
     monkeypatch.setattr(ref_train, "train_step", hung_up_in_step_2)
     path = tmp_path / "r.json"
-    try:
-        code = ref_train.main(["--model", tiny_model, "--steps", "5", "--seq", "32", "--report", str(path)])
-    finally:
-        out.close()
+    code = main_writing_to(os.fdopen(terminal, "w"), monkeypatch, ["stdout", "stderr"], tiny_model, path,
+                           steps=5)
     report = memcheck.read_report(path)
     assert code == 129 and report["status"] == "interrupted" and report["error"] == "terminated (SIGHUP)"
     assert len(report["steps"]) == 1
