@@ -41,6 +41,8 @@ def default_stop_signals():
     yield
     for s, handler in previous.items():
         signal.signal(s, handler)
+
+
 # The same shape as opt-125m's decoder, scaled down: 2 layers of width 64, 256 positions.
 TINY_OPT = dict(hidden_size=64, ffn_dim=128, num_hidden_layers=2, num_attention_heads=4,
                 max_position_embeddings=256, word_embed_proj_dim=64)

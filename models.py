@@ -224,5 +224,6 @@ def decoder_layers(model):
     if not layers:
         raise UsageError(f"--model {model.name_or_path}: " + (
             f"no list of {model.config.num_hidden_layers} decoder layers found" if layers is None else
-            "no decoder layers (num_hidden_layers 0): nothing to adapt or checkpoint"))
+            f"no decoder layers (num_hidden_layers {model.config.num_hidden_layers}): nothing to adapt "
+            "or checkpoint"))
     return layers
