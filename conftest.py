@@ -32,6 +32,14 @@ def _survivors_frozen():
     gc.freeze()
 
 
+# The longest tests, started first: one started last would run on alone while the other core idles.
+LONGEST = ("test_readme.py::", "test_ref.py::test_full_size_smoke_run", "test_stacks.py::test_lightning_ddp_and")
+
+
+def pytest_collection_modifyitems(items):
+    items.sort(key=lambda item: not item.nodeid.startswith(LONGEST))   # (stable: the rest keep their order)
+
+
 @pytest.fixture
 def default_stop_signals():
     """SIGTERM and SIGHUP at their default action, as a shell leaves them (nohup ignores SIGHUP, and
