@@ -33,7 +33,8 @@ def _survivors_frozen():
 
 
 # The longest tests, started first: one started last would run on alone while the other core idles.
-LONGEST = ("test_readme.py::", "test_ref.py::test_full_size_smoke_run", "test_stacks.py::test_lightning_ddp_and")
+LONGEST = ("test_readme.py::", "test_ref.py::test_full_size_smoke_run",
+           "test_stacks.py::test_lightning_ddp_and_fsdp_and_the_hf_trainer_under_torchrun")
 
 
 def pytest_collection_modifyitems(items):
