@@ -611,6 +611,12 @@ def _fed_shape(given):
     return None
 
 
+def _state_tensors(optimizers):
+    """The tensors the optimizers keep per parameter: moments, step counts."""
+    return [v for optimizer in optimizers for kept in getattr(optimizer, "state", {}).values()
+            for v in kept.values() if isinstance(v, torch.Tensor)]
+
+
 def _graph_leaves(tensor, limit=100_000):
     """The tensors that require grad whose gradient backward from `tensor` accumulates (parameters,
     leaves), as far as `limit` nodes of its graph."""
@@ -702,10 +708,8 @@ class _Stack:
         self.graded.update(id(p) for p in new if p.grad is not None)
         # what was made before the probe began, as attach() adopts it: what it steps beside the model,
         # and its state from steps before (a warm-up, a resumed run)
-        for p in self.outside:
-            self.tracker.tag([p], "trainable_params" if p.requires_grad else "frozen_params", adopt=True)
-        state = [v for kept in getattr(optimizer, "state", {}).values() for v in kept.values()]
-        self.tracker.tag([v for v in state if isinstance(v, torch.Tensor)], "optimizer_state", adopt=True)
+        self._tag_weights(self.outside, adopt=True)
+        self.tracker.tag(_state_tensors([optimizer]), "optimizer_state", adopt=True)
         self.roles = None   # (tag_roles lists the parameters again, these among them)
         if self.outside:   # the next training forward tells whether they make the layers' input
             self.seen.pop("input_grads", None)
@@ -859,14 +863,15 @@ class _Stack:
         if again or self.roles is None:
             self.roles = ([*self.model.parameters(), *self.outside], list(self.model.buffers()))
         params, buffers = self.roles
-        self.tracker.tag([p for p in params if p.requires_grad], "trainable_params", adopt)
-        self.tracker.tag([p for p in params if not p.requires_grad], "frozen_params", adopt)
+        self._tag_weights(params, adopt)
         self.tracker.tag(buffers, "frozen_params", adopt)
         self.tracker.tag([p.grad for p in params if p.grad is not None], "gradients", adopt)
         self.graded.update(id(p) for p in params if p.grad is not None)
-        states = [state for optimizer in self.optimizers for state in getattr(optimizer, "state", {}).values()]
-        self.tracker.tag([v for state in states for v in state.values() if isinstance(v, torch.Tensor)],
-                         "optimizer_state", adopt)
+        self.tracker.tag(_state_tensors(self.optimizers), "optimizer_state", adopt)
+
+    def _tag_weights(self, params, adopt):
+        self.tracker.tag([p for p in params if p.requires_grad], "trainable_params", adopt)
+        self.tracker.tag([p for p in params if not p.requires_grad], "frozen_params", adopt)
 
     def checkpointed(self):
         """The names of the layers Hugging Face's gradient checkpointing wraps."""
