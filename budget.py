@@ -472,6 +472,23 @@ def _as_run(autocast_dtype, device, weights):
     return _KernelsOnMeta(torch.device(device).type), _autocast_on_meta(autocast_dtype, device, weights)
 
 
+@contextlib.contextmanager
+def _tracked_as_run(device):
+    """Trackers of what a forward on meta makes, entered: the meta device's, and on a CPU run the
+    CPU's, where what a model makes with no device named lands (OPT's layerdrop draw, which some
+    transformers versions make whether or not a layer drops)."""
+    trackers = [Tracker("meta")] + ([Tracker("cpu")] if torch.device(device).type == "cpu" else [])
+    with contextlib.ExitStack() as entered:
+        yield [entered.enter_context(tracker) for tracker in trackers]
+
+
+def _held_since(trackers, starts, skipped):
+    """The bytes `trackers` hold, `skipped`'s storages aside: (made by each one's start event, since)."""
+    made = [(r.created <= start, r.nbytes) for tracker, start in zip(trackers, starts)
+            for k, r in tracker.live.items() if k not in skipped]
+    return sum(n for before, n in made if before), sum(n for before, n in made if not before)
+
+
 def _layer_inputs(model, state, ids, inputs, autocast_dtype, device, weights, input_grads):
     """Every decoder layer's call (args, kwargs, hidden: its hidden states taken out, described as
     (shape, dtype, requires_grad)), from a forward on meta stopped as the last layer starts, and what
@@ -482,8 +499,7 @@ def _layer_inputs(model, state, ids, inputs, autocast_dtype, device, weights, in
     `inputs` gathers, by storage, what every layer takes besides the hidden states (layers of other
     kinds take other masks: Gemma2's sliding window), made once by the model and kept until backward
     (kept: a storage freed meanwhile could see its address reused, and a new one taken for it)."""
-    layers = decoder_layers(model)
-    calls, captured, tracker = [], {}, Tracker("meta")
+    layers, calls, captured = decoder_layers(model), [], {}
     key = lambda t: t.untyped_storage()._cdata
     embedded = model.get_input_embeddings().register_forward_hook(   # (update returns None: no new output)
         lambda module, args, output: captured.update(embedded=key(output)))
@@ -495,7 +511,7 @@ def _layer_inputs(model, state, ids, inputs, autocast_dtype, device, weights, in
             [v for v in rest if not _is_cache(v)]) if isinstance(t, torch.Tensor))
         changed = None
         if module is layers[0]:
-            captured.update(first=key(hidden), start=tracker.event)
+            captured.update(first=key(hidden), starts=[tracker.event for tracker in trackers])
             if input_grads is not None and hidden.requires_grad != input_grads:
                 hidden = hidden.detach().requires_grad_(input_grads)   # (the same storage)
                 changed = (((hidden, *args[1:]), kwargs) if args
@@ -511,10 +527,7 @@ def _layer_inputs(model, state, ids, inputs, autocast_dtype, device, weights, in
             # apart, layer by layer) aside: the outputs beside the hidden states that the loop
             # keeps (Bloom's attention weights), which a layer that is not checkpointed saves anyway
             own = {key(hidden)} | {key(t) for v in rest if _is_cache(v) for t in _cache_tensors(v)}
-            made = [(r.created <= captured["start"], r.nbytes) for k, r in tracker.live.items()
-                    if k != captured["first"] and k not in own]
-            captured["held"] = (sum(n for before, n in made if before),
-                                sum(n for before, n in made if not before))
+            captured["held"] = _held_since(trackers, captured["starts"], own | {captured["first"]})
             raise _Captured
         return changed
 
@@ -524,7 +537,8 @@ def _layer_inputs(model, state, ids, inputs, autocast_dtype, device, weights, in
         # Nothing is saved: the layers before are checkpointed, as far as this forward knows.
         # (fork_rng: a model may draw on the CPU's generator, as OPT's layerdrop does)
         with kernels, cast, _unpadded_on_meta(), torch.random.fork_rng(devices=[]), \
-                torch.autograd.graph.saved_tensors_hooks(lambda t: None, lambda t: t), tracker:
+                torch.autograd.graph.saved_tensors_hooks(lambda t: None, lambda t: t), \
+                _tracked_as_run(device) as trackers:
             torch.func.functional_call(model, state, (), {"input_ids": ids})
     except _Captured:
         pass
