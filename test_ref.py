@@ -828,6 +828,7 @@ def values(tiny_model, tmp_path_factory):
             "width_as_text": edited_config(tiny_model, tmp / "width-as-text", hidden_size="64"),
             "negative_width": edited_config(tiny_model, tmp / "negative-width", ffn_dim=-64),
             "no_layers": edited_config(tiny_model, tmp / "no-layers", num_hidden_layers=0),
+            "no_positions": edited_config(tiny_model, tmp / "no-positions", max_position_embeddings=-5),
             "mamba": not_a_model(tmp / "mamba", {"config.json": json.dumps(
                 {"model_type": "mamba", "hidden_size": 64, "num_hidden_layers": 2, "vocab_size": 500})}),
             "report": str(tmp / "report.json"), "seq_report": str(tmp / "seq.json"),
@@ -965,6 +966,8 @@ FAILURES = {
     "config-without-model-type": (["--model", "{long_folder}"], ["--model {long_folder}", "`model_type` key"]),
     "config-without-decoder-layers": (["--model", "{no_layers}"],
                                       ["--model {no_layers}", "no decoder layers"]),
+    "config-without-positions": (["--model", "{no_positions}"],   # the config's fault, not --seq's
+                                 ["--model {no_positions}", "max_position_embeddings -5"]),
     "report-under-proc": (["--report", "/proc/report.json"],
                           ["--report /proc/report.json", "cannot create a file in /proc"]),
     "snapshot-under-proc": (["--snapshot", "/proc/s.pickle"],
