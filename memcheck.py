@@ -1144,9 +1144,15 @@ class Probe:
         self.launch = launch() if self.world_size > 1 else None
         self.paths = rank_paths(str(path), self.world_size) if path else None  # every rank's report
         self.path = path and self.paths[self.rank]
-        _check_report_path(self.path)
         beside = "" if "{rank}" in str(path) else f"; ranks but 0 add .rankN to {path}, which has no {{rank}}"
         self._rank_note = f" (rank {self.rank} of {self.world_size}{beside})" if self.world_size > 1 else ""
+        alone = _launched_alone() if path else None
+        if alone:  # each process its own report, named as a rank's would be, not one file for all
+            self.path = rank_paths(str(path), alone[1])[alone[0]]
+            self.paths = [self.path]
+            self._rank_note = (f" (process {alone[0]} of the {alone[1]} torchrun started; in no process "
+                               "group, each trains alone)")
+        _check_report_path(self.path)
 
     # -- scope
     def __enter__(self):
@@ -2230,6 +2236,17 @@ def rank_and_world():
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         return torch.distributed.get_rank(), torch.distributed.get_world_size()
     return 0, 1
+
+
+def _launched_alone():
+    """(rank, world size) that a launcher's environment (torchrun's RANK, WORLD_SIZE) gives a process
+    in no process group, as a script that never joins one gets; None where it is in one, or alone."""
+    try:
+        rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    except (KeyError, ValueError):
+        return None
+    alone = world_size > 1 and 0 <= rank < world_size and rank_and_world()[1] == 1
+    return (rank, world_size) if alone else None
 
 
 def launch():

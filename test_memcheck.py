@@ -2461,6 +2461,20 @@ def ranks_of_a_run(path, batch_sizes, log=lambda *a: None):
                 user_loop(probe, model, optimizer, token_batches(2, bs=bs))
 
 
+def test_processes_torchrun_started_in_no_process_group_each_write_their_own_report(tmp_path, monkeypatch):
+    # a script that never joins a process group, under torchrun: every process has RANK and WORLD_SIZE
+    lines = []
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    for rank in ("0", "1"):
+        monkeypatch.setenv("RANK", rank)
+        probe_loop(path=str(tmp_path / "stack.json"), log=lines.append)
+    assert sorted(os.listdir(tmp_path)) == ["stack.json", "stack.rank1.json"]
+    assert lines[1].endswith(f"{tmp_path}/stack.rank1.json (process 1 of the 2 torchrun started; in no "
+                             "process group, each trains alone)"), lines[1]
+    reports = [memcheck.read_report(tmp_path / name) for name in ("stack.json", "stack.rank1.json")]
+    assert all((r["rank"], r["world_size"], r["status"]) == (0, 1, "ok") for r in reports)
+
+
 @pytest.fixture(scope="module")
 def two_runs_of_two_ranks(tmp_path_factory):
     """(balanced, imbalanced): rank 0 of each at batch size 2, rank 1 at 2 and 4; rank 0's path."""
