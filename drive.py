@@ -303,9 +303,8 @@ def fit_growth(rows):
             curvatures.append(_quadratic_share(xs, ys))
     if curvatures:
         share = sum(curvatures) / len(curvatures)
-        shape = {"quadratic_share": share,
-                 "law": "quadratic (attention scores grow as seq^2)" if share > QUADRATIC_SHARE
-                 else "linear"}
+        quadratic = "quadratic (a seq x seq term: eager attention's scores, or a padding mask)"
+        shape = {"quadratic_share": share, "law": quadratic if share > QUADRATIC_SHARE else "linear"}
     elif len({r["seq"] for r in ok if "seq" in r}) == 2:   # (a line through two points says nothing of it)
         shape = {"quadratic_share": None, "law": None}
     return {"mib_per_unit": growth, "seq": shape}
