@@ -439,8 +439,9 @@ def _is_fsdp_hook(hook):
 
 @contextlib.contextmanager
 def _training_unchecked(model):
-    """The model in train mode, transformers' own checkpointing and FSDP2's hooks off (the forward
-    they wrap is what is traced; FSDP2's would gather the real shards); all as they were afterwards,
+    """The model in train mode, transformers' own checkpointing, layerdrop (the peak is the step
+    that drops no layer) and FSDP2's hooks off (the forward they wrap is what is traced; FSDP2's
+    would gather the real shards); all as they were afterwards,
     its parameters the same objects (functional_call puts new ones in a ParameterDict: PEFT's
     trainable tokens, which the user's optimizer would then no longer step)."""
     modes = [(m, m.training) for m in model.modules()]
@@ -449,6 +450,9 @@ def _training_unchecked(model):
     checkpointing = [m for m in model.modules() if m.__dict__.get("gradient_checkpointing") is True]
     for m in checkpointing:
         m.gradient_checkpointing = False
+    dropping = [(m, m.layerdrop) for m in model.modules() if "layerdrop" in m.__dict__]
+    for m, _ in dropping:
+        m.layerdrop = 0.0
     hooked = [(m, name, getattr(m, name)) for m in model.modules()
               for name in ("_forward_pre_hooks", "_forward_hooks")
               if any(map(_is_fsdp_hook, getattr(m, name).values()))]
@@ -461,6 +465,8 @@ def _training_unchecked(model):
             m.training = training
         for m in checkpointing:
             m.gradient_checkpointing = True
+        for m, layerdrop in dropping:
+            m.layerdrop = layerdrop
         for m, name, hooks in hooked:
             setattr(m, name, hooks)
         for m, kept in parameters:
@@ -475,8 +481,8 @@ def _as_run(autocast_dtype, device, weights):
 @contextlib.contextmanager
 def _tracked_as_run(device):
     """Trackers of what a forward on meta makes, entered: the meta device's, and on a CPU run the
-    CPU's, where what a model makes with no device named lands (OPT's layerdrop draw, which some
-    transformers versions make whether or not a layer drops)."""
+    CPU's, where what a model makes with no device named lands (OPT's layerdrop draw, which
+    transformers 5.17 makes whether or not a layer drops)."""
     trackers = [Tracker("meta")] + ([Tracker("cpu")] if torch.device(device).type == "cpu" else [])
     with contextlib.ExitStack() as entered:
         yield [entered.enter_context(tracker) for tracker in trackers]

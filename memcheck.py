@@ -1147,6 +1147,7 @@ class Probe:
         beside = "" if "{rank}" in str(path) else f"; ranks but 0 add .rankN to {path}, which has no {{rank}}"
         self._rank_note = f" (rank {self.rank} of {self.world_size}{beside})" if self.world_size > 1 else ""
         alone = _launched_alone() if path else None
+        self._launched_rank = alone[0] if alone else self.rank   # the one that prints the baseline: 0
         if alone:  # each process its own report, named as a rank's would be, not one file for all
             self.path = rank_paths(str(path), alone[1])[alone[0]]
             self.paths = [self.path]
@@ -1202,6 +1203,8 @@ class Probe:
         # still has its checks; one cut short by a failure saved for a backward that never came.
         if (self._started is not None or self._phased) and self.status == "ok":
             self._check_step()
+        if self.path and self.world_size == 1 and rank_and_world()[1] > 1:
+            self._join_ranks()   # a process group came up inside the scope: this rank's report is a rank's
         if self.path:
             report = self.save()
             kinds, reference = [w["kind"] for w in report["warnings"]], reference_line(report["config"])
@@ -1210,7 +1213,7 @@ class Probe:
             self.log(f"memcheck: peak {mib(report['peak_bytes'])} MiB ({report['status']}"
                      f"{', allocator only' if self.allocator_only else ''}), {warned}; "
                      f"report written to {self.path}{self._rank_note}"
-                     + (f"\n{reference}" if reference and self.rank == 0 else ""))
+                     + (f"\n{reference}" if reference and self._launched_rank == 0 else ""))
 
     def attach(self, model, optimizer=None):
         """Watch `model` and the optimizer the loop steps, or a list of them (Lightning's manual
@@ -2239,8 +2242,10 @@ def rank_and_world():
 
 
 def _launched_alone():
-    """(rank, world size) that a launcher's environment (torchrun's RANK, WORLD_SIZE) gives a process
-    in no process group, as a script that never joins one gets; None where it is in one, or alone."""
+    """(rank, world size) that torchrun's environment (RANK, WORLD_SIZE) gives a process in no process
+    group, as a script that never joins one gets; None where it is in one, alone, or not torchrun's."""
+    if "TORCHELASTIC_RUN_ID" not in os.environ:   # torchrun's own: not a stale or another launcher's RANK
+        return None
     try:
         rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     except (KeyError, ValueError):

@@ -81,8 +81,10 @@ def _read_config(args):
                          f"({said if len(said) <= 300 else said[:297] + '...'})") from e
     max_positions = getattr(config or OPTConfig(), "max_position_embeddings", None)
     if isinstance(max_positions, int) and max_positions < 1:
-        raise UsageError(f"--model {args.model}: its config.json gives max_position_embeddings "
-                         f"{max_positions}; a model holds at least one position")
+        key = getattr(config, "attribute_map", {}).get("max_position_embeddings",   # GPT-2's: n_positions
+                                                       "max_position_embeddings")
+        raise UsageError(f"--model {args.model}: its config.json gives {key} {max_positions}; a model "
+                         "holds at least one position")
     if max_positions is not None and args.seq > max_positions:  # before the weights are read
         raise UsageError(f"--seq {args.seq}: {args.model} holds at most {max_positions} positions")
     return config

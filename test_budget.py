@@ -476,6 +476,31 @@ def test_the_trace_holds_what_a_real_forward_holds_before_and_inside_a_checkpoin
         assert by_layers >= 2 * 4 * 32 * 32 * 4
 
 
+def tiny_opt_built(tiny_model):
+    args = ref_train.parse_args(["--model", tiny_model, "--device", "cpu", "--bs", "2", "--seq", "32",
+                                 "--ckpt", "none"])
+    return ref_train.build(args)[0]
+
+
+def test_what_a_model_makes_with_no_device_is_held_in_the_trace_as_in_a_cpu_forward(tiny_model):
+    # as transformers 5.17's OPT draws layerdrop's torch.rand([]) before every layer, dropped or not
+    model, drawn = tiny_opt_built(tiny_model), {}
+    for layer in models.decoder_layers(model):
+        layer.register_forward_pre_hook(lambda module, args: drawn.update(draw=torch.rand([])))
+    traced = budget.trace_layers(model, bs=2, seq=32)[-1]
+    (before, by_layers), _ = held_in_a_real_forward(model, torch.randint(0, 500, (2, 32)))
+    assert (traced["model_held"], traced["outputs_held"]) == (before, by_layers) and by_layers == 4
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_a_model_that_drops_layers_is_traced_with_every_layer(tiny_model, seed):
+    model = tiny_opt_built(tiny_model)
+    model.model.decoder.layerdrop = 0.5   # the peak is the step that drops none
+    torch.manual_seed(seed)
+    assert len(budget.trace_layers(model, bs=2, seq=32)) == len(models.decoder_layers(model))
+    assert model.model.decoder.layerdrop == 0.5
+
+
 @pytest.mark.parametrize("family, flags", [("opt", "--ckpt manual --dropout 0.1"),
                                            ("llama", "--ckpt none --precision bf16-mixed --seq 256"),
                                            ("mixtral", "--ckpt none --targets all-linear")])

@@ -989,6 +989,12 @@ def test_a_failure_before_training_is_one_line_naming_the_value_with_exit_code_2
     assert "step" not in done.stdout   # nothing trained
 
 
+def test_positions_below_one_are_named_by_the_key_the_config_file_holds(family_models, tmp_path):
+    directory = edited_config(family_models["gpt2"], tmp_path / "gpt2", n_positions=0)
+    with pytest.raises(flags.UsageError, match="its config.json gives n_positions 0;"):
+        models._read_config(ref_train.parse_args(["--model", str(directory)]))
+
+
 def test_a_quoted_tilde_in_the_model_path_is_the_home_directory(tiny_model, tmp_path, monkeypatch):
     monkeypatch.setenv("HOME", str(tmp_path))
     shutil.copytree(tiny_model, tmp_path / "tiny")
