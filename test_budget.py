@@ -459,13 +459,17 @@ def held_in_a_real_forward(model, ids):
     return captured["held"], layer_tracker.peak_bytes
 
 
+def built_for_a_trace(model_dir):
+    """The model in `model_dir` as ref_train builds it, for a trace at bs 2, seq 32, no checkpointing."""
+    args = ref_train.parse_args(["--model", model_dir, "--device", "cpu", "--bs", "2", "--seq", "32",
+                                 "--ckpt", "none"])
+    return ref_train.build(args)[0]
+
+
 @pytest.mark.parametrize("family", ["opt", "llama", "mixtral", "phi3", "gemma2", "gpt2", "bloom"])
 def test_the_trace_holds_what_a_real_forward_holds_before_and_inside_a_checkpointed_layer(
         family_models, tiny_model, family):
-    model_dir = tiny_model if family == "opt" else family_models[family]
-    args = ref_train.parse_args(["--model", model_dir, "--device", "cpu", "--bs", "2", "--seq", "32",
-                                 "--ckpt", "none"])
-    model, *_ = ref_train.build(args)
+    model = built_for_a_trace(tiny_model if family == "opt" else family_models[family])
     traced = budget.trace_layers(model, bs=2, seq=32)[-1]
     (before, by_layers), forward_peak = held_in_a_real_forward(model, torch.randint(0, 500, (2, 32)))
     assert (traced["model_held"], traced["outputs_held"], traced["forward_unsaved"]) == (
@@ -476,15 +480,9 @@ def test_the_trace_holds_what_a_real_forward_holds_before_and_inside_a_checkpoin
         assert by_layers >= 2 * 4 * 32 * 32 * 4
 
 
-def tiny_opt_built(tiny_model):
-    args = ref_train.parse_args(["--model", tiny_model, "--device", "cpu", "--bs", "2", "--seq", "32",
-                                 "--ckpt", "none"])
-    return ref_train.build(args)[0]
-
-
 def test_what_a_model_makes_with_no_device_is_held_in_the_trace_as_in_a_cpu_forward(tiny_model):
     # as transformers 5.17's OPT draws layerdrop's torch.rand([]) before every layer, dropped or not
-    model, drawn, ids = tiny_opt_built(tiny_model), {}, torch.randint(0, 500, (2, 32))
+    model, drawn, ids = built_for_a_trace(tiny_model), {}, torch.randint(0, 500, (2, 32))
     (_, without), _ = held_in_a_real_forward(model, ids)   # (transformers 5.17's OPT draws too)
     for layer in models.decoder_layers(model):
         layer.register_forward_pre_hook(lambda module, args: drawn.update(draw=torch.rand([])))
@@ -495,7 +493,7 @@ def test_what_a_model_makes_with_no_device_is_held_in_the_trace_as_in_a_cpu_forw
 
 @pytest.mark.parametrize("seed", range(6))
 def test_a_model_that_drops_layers_is_traced_with_every_layer(tiny_model, seed):
-    model = tiny_opt_built(tiny_model)
+    model = built_for_a_trace(tiny_model)
     model.model.decoder.layerdrop = 0.5   # the peak is the step that drops none
     torch.manual_seed(seed)
     assert len(budget.trace_layers(model, bs=2, seq=32)) == len(models.decoder_layers(model))
