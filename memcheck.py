@@ -1151,7 +1151,7 @@ class Probe:
         if alone:  # each process its own report, named as a rank's would be, not one file for all
             self.path = rank_paths(str(path), alone[1])[alone[0]]
             self.paths = [self.path]
-            self._rank_note = (f" (process {alone[0]} of the {alone[1]} torchrun started; in no process "
+            self._rank_note = (f" (process {alone[0]} of the {alone[1]} {alone[2]} started; in no process "
                                "group, each trains alone)")
         _check_report_path(self.path)
 
@@ -2002,25 +2002,29 @@ def _check_report(path, report):
 
 
 def _other_ranks(path):
-    """The reports a run of ranks wrote where `path`'s would be: NAME.rankN.json beside it, or the same
-    name in a folder named by another rank ({rank} in a folder)."""
+    """The reports a run of ranks wrote where `path`'s would be: NAME.rankN.json beside it (a rank's, or
+    a process's that torchrun started in no group), or the same name in a folder named by another rank
+    ({rank} in a folder: a single run's there is an experiment's numbered folder, not a rank's)."""
     stem, ext = os.path.splitext(str(path))
     found = [p for p in glob.glob(f"{glob.escape(stem)}.rank*{glob.escape(ext)}")
-             if re.fullmatch(r"\.rank\d+", p[len(stem):len(p) - len(ext)])]
+             if re.fullmatch(r"\.rank\d+", p[len(stem):len(p) - len(ext)]) and _world_size(p)]
     folder, name = os.path.split(str(path))
     if name and os.path.basename(folder).isdigit():
         beside = os.path.join(glob.escape(os.path.dirname(folder)), "*", glob.escape(name))
-        found += [p for p in glob.glob(beside) if os.path.basename(os.path.dirname(p)).isdigit()]
-    return sorted((p for p in found if _of_ranks(p)), key=lambda p: (len(p), p))
+        found += [p for p in glob.glob(beside)
+                  if os.path.basename(os.path.dirname(p)).isdigit() and _world_size(p) > 1]
+    return sorted(found, key=lambda p: (len(p), p))
 
 
-def _of_ranks(path):
-    """Whether `path` holds the report of one of several ranks."""
+def _world_size(path):
+    """The world size a memcheck report at `path` records; 0 where `path` holds none."""
     try:
         with open(path) as f:
-            return json.load(f).get("world_size", 1) > 1
+            report = json.load(f)
+        world_size = report.get("world_size", 1) if "schema" in report else 0
+        return world_size if isinstance(world_size, int) else 0
     except (OSError, ValueError, AttributeError, TypeError):
-        return False
+        return 0
 
 
 def read_report(path):
@@ -2241,17 +2245,26 @@ def rank_and_world():
     return 0, 1
 
 
+# What each launcher tells the processes it starts: (its name, a variable only it sets, rank, count).
+# torchrun first: under srun or mpirun, its RANK is the one among every process it started.
+_LAUNCHERS = (("torchrun", "TORCHELASTIC_RUN_ID", "RANK", "WORLD_SIZE"),
+              ("srun", "SLURM_STEP_NUM_TASKS", "SLURM_PROCID", "SLURM_STEP_NUM_TASKS"),
+              ("mpirun", "OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE"),
+              ("mpirun", "PMI_SIZE", "PMI_RANK", "PMI_SIZE"))
+
+
 def _launched_alone():
-    """(rank, world size) that torchrun's environment (RANK, WORLD_SIZE) gives a process in no process
-    group, as a script that never joins one gets; None where it is in one, alone, or not torchrun's."""
-    if "TORCHELASTIC_RUN_ID" not in os.environ:   # torchrun's own: not a stale or another launcher's RANK
-        return None
-    try:
-        rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    except (KeyError, ValueError):
-        return None
-    alone = world_size > 1 and 0 <= rank < world_size and rank_and_world()[1] == 1
-    return (rank, world_size) if alone else None
+    """(rank, world size, launcher) that a launcher's environment gives a process in no process group,
+    as a script that never joins one gets; None where it is in one, alone, or no launcher's."""
+    for name, own, rank, size in _LAUNCHERS:
+        if own in os.environ:   # the launcher's own variable: not a stale or another launcher's RANK
+            try:
+                rank, world_size = int(os.environ[rank]), int(os.environ[size])
+            except (KeyError, ValueError):
+                return None
+            alone = world_size > 1 and 0 <= rank < world_size and rank_and_world()[1] == 1
+            return (rank, world_size, name) if alone else None
+    return None
 
 
 def launch():

@@ -2461,36 +2461,44 @@ def ranks_of_a_run(path, batch_sizes, log=lambda *a: None):
                 user_loop(probe, model, optimizer, token_batches(2, bs=bs))
 
 
-def probed_under_torchrun(path, rank, log, joins=False):
-    """A PEFT loop under a Probe writing to `path` in process `rank` of 2 that torchrun started (its
+LAUNCHED = {"torchrun": {"TORCHELASTIC_RUN_ID": "none", "WORLD_SIZE": "2", "RANK": "{rank}"},
+            "srun": {"SLURM_STEP_NUM_TASKS": "2", "SLURM_PROCID": "{rank}", "SLURM_NTASKS": "2"},
+            "mpirun": {"OMPI_COMM_WORLD_SIZE": "2", "OMPI_COMM_WORLD_RANK": "{rank}"}}
+
+
+def probed_under_a_launcher(path, rank, log, joins=False, launcher="torchrun"):
+    """A PEFT loop under a Probe writing to `path` in process `rank` of 2 that `launcher` started (its
     environment), in no process group; `joins`: one comes up inside the probe's scope (faked)."""
     model, optimizer = peft_opt()
     with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("TORCHELASTIC_RUN_ID", "none")
-        patch.setenv("WORLD_SIZE", "2")
-        patch.setenv("RANK", str(rank))
+        for name, value in LAUNCHED[launcher].items():
+            patch.setenv(name, value.format(rank=rank))
         with memcheck.Probe(model, optimizer, path=path, log=log) as probe:
             if joins:
                 patch.setattr(memcheck, "rank_and_world", lambda: (rank, 2))
             user_loop(probe, model, optimizer, token_batches(2, bs=2))
 
 
-def test_processes_torchrun_started_in_no_process_group_each_write_their_own_report(tmp_path):
+@pytest.mark.parametrize("launcher", ["torchrun", "srun", "mpirun"])
+def test_processes_a_launcher_started_in_no_process_group_each_write_their_own_report(tmp_path, launcher):
     lines = []
     for rank in (0, 1):
-        probed_under_torchrun(str(tmp_path / "stack.json"), rank, lines.append)
+        probed_under_a_launcher(str(tmp_path / "stack.json"), rank, lines.append, launcher=launcher)
     assert sorted(f for f in os.listdir(tmp_path) if f.endswith(".json")) == ["stack.json", "stack.rank1.json"]
-    assert lines[1].endswith(f"{tmp_path}/stack.rank1.json (process 1 of the 2 torchrun started; in no "
+    assert lines[1].endswith(f"{tmp_path}/stack.rank1.json (process 1 of the 2 {launcher} started; in no "
                              "process group, each trains alone)"), lines[1]
     assert "\nthe reference for this stack: python ref_train.py" in lines[0]   # process 0 alone prints it
     reports = [memcheck.read_report(tmp_path / name) for name in ("stack.json", "stack.rank1.json")]
     assert all((r["rank"], r["world_size"], r["status"]) == (0, 1, "ok") for r in reports)
+    os.remove(tmp_path / "stack.json")   # process 0 killed before it wrote: diff points at the other's
+    with pytest.raises(memcheck.ReportError, match=re.escape(f"are there ({tmp_path}/stack.rank1.json)")):
+        memcheck.read_report(tmp_path / "stack.json")
 
 
 def test_a_process_group_that_comes_up_inside_the_scope_makes_the_report_a_ranks(tmp_path):
     lines = []
     for rank in (0, 1):
-        probed_under_torchrun(str(tmp_path / "stack.json"), rank, lines.append, joins=True)
+        probed_under_a_launcher(str(tmp_path / "stack.json"), rank, lines.append, joins=True)
     beside = f"; ranks but 0 add .rankN to {tmp_path}/stack.json, which has no {{rank}})"
     assert lines[1].endswith(f"{tmp_path}/stack.rank1.json (rank 1 of 2{beside}"), lines[1]
     for rank, name in enumerate(["stack.json", "stack.rank1.json"]):
@@ -2498,9 +2506,11 @@ def test_a_process_group_that_comes_up_inside_the_scope_makes_the_report_a_ranks
         assert (report["rank"], report["world_size"], report["config"]["world_size"]) == (rank, 2, 2)
 
 
-def test_a_rank_in_the_environment_without_torchrun_is_not_taken_for_one(tmp_path, monkeypatch):
+def test_a_rank_in_the_environment_without_its_launcher_is_not_taken_for_one(tmp_path, monkeypatch):
     monkeypatch.setenv("RANK", "1")   # a stale export, another launcher's
     monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("SLURM_PROCID", "1")   # sbatch's one process, in a job of two tasks, not srun's
+    monkeypatch.setenv("SLURM_NTASKS", "2")
     probe_loop(path=str(tmp_path / "stack.json"))
     assert os.listdir(tmp_path) == ["stack.json"]
 
