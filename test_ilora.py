@@ -268,6 +268,20 @@ def test_several_experts_without_a_gate_raise_a_clear_error():
         gated_layer(n_experts=4)(torch.randn(2, 5, 32))
 
 
+@pytest.mark.parametrize("n_experts", [1, 4])
+def test_a_16_bit_layer_adds_the_fp32_update_scaled_then_rounded_once(n_experts):
+    # alpha 24 scales by 3 or 12, which rounding to bf16 before scaling would not give bit for bit
+    torch.manual_seed(0)
+    base = nn.Linear(32, 48).to(torch.bfloat16).requires_grad_(False)
+    layer = ilora.GatedLoraLinear(base, r=8, alpha=24, n_experts=n_experts, lora_dtype=torch.float32)
+    nn.init.normal_(layer.lora_B.weight)
+    x = torch.randn(3, 5, 32).to(torch.bfloat16)
+    gate = torch.randn(3, n_experts).softmax(-1) if n_experts > 1 else None
+    delta = ilora._lean(layer, x.float(), gate) if gate is not None else layer.lora_B(layer.lora_A(x.float()))
+    assert layer.scaling == 24 / (8 / n_experts)
+    assert torch.equal(layer(x, gate=gate), base(x) + (delta * layer.scaling).to(torch.bfloat16))
+
+
 def test_one_expert_needs_no_gate():
     layer = gated_layer(n_experts=1)
     x = torch.randn(2, 5, 32)

@@ -517,6 +517,34 @@ def test_manual_checkpointing_carries_the_gate_into_recomputation(tiny_model):
         assert torch.allclose(g, h, rtol=1e-5, atol=1e-7)
 
 
+def test_each_rows_gate_comes_from_its_own_users_items_before_the_padding(tiny_model):
+    args = ref_train.parse_args(["--model", tiny_model, "--device", "cpu", "--seq", "64", "--bs", "4"])
+    model, items, batches, _ = ref_train.build(args)
+    batch = next(batches)
+    history, lengths = batch["history"], batch["history_len"]
+    assert (lengths < history.shape[1]).any() and len(set(map(tuple, history.tolist()))) == len(history)
+    _, gate = ref_train.ILoraModel(model, items, args)(batch)
+    for row, length in enumerate(lengths.tolist()):
+        alone = items.gate(history[row:row + 1, :length], lengths[row:row + 1])   # no padding, no other row
+        assert torch.allclose(gate[row], alone[0], atol=1e-6), row
+
+
+@pytest.mark.parametrize("flags, trained_dtype", [
+    (("--precision", "bf16-true"), torch.float32),                            # iLoRA: fp32 on any model
+    (("--precision", "bf16-mixed", "--weights-dtype", "bf16"), torch.float32),
+    (("--precision", "bf16-true", "--lora-dtype", "match"), torch.bfloat16),
+    (("--precision", "bf16-mixed", "--weights-dtype", "bf16", "--lora-dtype", "match"), torch.bfloat16)])
+def test_the_adapters_router_and_projector_are_fp32_on_a_16_bit_model_unless_told_to_match(
+        tiny_model, flags, trained_dtype):
+    args = ref_train.parse_args(["--model", tiny_model, "--device", "cpu", "--seq", "64", *flags])
+    model, items, _, _ = ref_train.build(args)
+    trained = {name: p.dtype for name, p in [*model.named_parameters(), *items.named_parameters()]
+               if "lora_" in name or name.startswith(("router", "projector"))}
+    assert any(n.startswith("router") for n in trained) and any(n.startswith("projector") for n in trained)
+    assert set(trained.values()) == {trained_dtype}, trained
+    assert model.get_input_embeddings().weight.dtype == torch.bfloat16
+
+
 def test_every_nth_layer_checkpointed_trains_as_none_and_only_the_others_save_in_them(
         tiny_model, train_tiny):
     loss, grads = one_step_gradients(tiny_model, "none")
