@@ -399,6 +399,16 @@ def test_a_leak_is_found_from_three_steps_and_two_are_said_not_to_measure_one(st
     assert (said in memcheck.format_report(report).splitlines()) == (steps == 2)
 
 
+@pytest.mark.parametrize("kept_steps, leaks", [(2, False), (3, True)])
+def test_with_batches_that_grow_only_what_three_steps_kept_is_a_leak(kept_steps, leaks):
+    # sorted by length: a step's batch and the next one read ahead grow with them; a running loss
+    # made in step 1 beside them survives from two steps, a list that keeps one a step from three
+    steps = [{"live_bytes": 1000 * n, "tokens": 64 * n} for n in range(1, 5)]
+    leak = memcheck.find_leak(steps, ["a survivor"], kept_steps)
+    assert (leak["detected"], leak["batches_grew"]) == (leaks, not leaks)
+    assert leak["survivors"] == (["a survivor"] if leaks else [])
+
+
 @pytest.mark.parametrize("kept", ["losses-without-phases", "made-between-phases", "gradients",
                                   "outputs-concatenated", "batches"])
 def test_a_leak_is_found_in_three_steps_whatever_holds_it(kept):
@@ -1130,13 +1140,15 @@ def test_graphs_together_counts_forwards_through_the_layers_however_the_loop_cal
     assert kinds == (["graphs_together"] if loop.endswith("summed") else []), kinds
 
 
-@pytest.mark.parametrize("ckpt", [None, "reentrant", "non-reentrant"])
-def test_graphs_together_sizes_what_the_graphs_beyond_one_micro_batch_saved(ckpt):
+@pytest.mark.parametrize("ckpt, rows", [(None, 1), ("reentrant", 1), ("non-reentrant", 1), (None, 2)])
+def test_graphs_together_sizes_what_the_graphs_beyond_the_largest_micro_batch_saved(ckpt, rows):
     # Counted independently: the floating-point tensors one micro-batch's forward and loss save,
     # parameters aside (the probe counts the saved inputs of checkpoint's layers, as autograd does).
+    # Micro-batches of `rows` rows and one: beyond the largest, one row's graph was one too many.
     model, optimizer = peft_opt(ckpt=ckpt)
     loss_of = lambda ids: model(input_ids=ids, labels=ids).loss
-    batches, params = token_batches(2), {p.untyped_storage().data_ptr() for p in model.parameters()}
+    batches = token_batches(2, bs=rows + 1)
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
     saved = {}
 
     def pack(t):
@@ -1146,7 +1158,7 @@ def test_graphs_together_sizes_what_the_graphs_beyond_one_micro_batch_saved(ckpt
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         loss_of(batches[0][:1])
     with memcheck.Probe(model, optimizer) as probe:
-        phased_loop(probe, optimizer, batches, lambda ids: sum(map(loss_of, ids.split(1))))
+        phased_loop(probe, optimizer, batches, lambda ids: sum(map(loss_of, ids.split(rows))))
     [warning] = probe.report()["warnings"]
     assert warning["kind"] == "graphs_together"
     assert warning["bytes"] == pytest.approx(sum(saved.values()), rel=0.01)
@@ -1204,11 +1216,31 @@ def test_a_warning_about_saved_tensors_weighs_the_activations_not_the_weights_au
         assert 0 < warning["bytes"] <= report["phases"][phase]["categories"]["activations"], warning
 
 
+@pytest.mark.parametrize("train_from_step", [1, 2, None])
+def test_eval_mode_is_said_only_when_no_training_step_ran_in_train_mode(train_from_step):
+    model, optimizer = peft_opt(dropout=0.1)
+    model.eval()   # (a sanity evaluation before fit leaves it so, until the loop calls train())
+    with memcheck.Probe(model, optimizer) as probe:
+        for step, ids in enumerate(token_batches(3), start=1):
+            model.train(step == train_from_step or model.training)
+            user_loop(probe, model, optimizer, [ids])
+    said = [w["kind"] for w in probe.report()["warnings"]]
+    assert said == ([] if train_from_step else ["eval_mode"]), said
+
+
 def test_checkpointing_inactive_is_named_however_small_and_memory_held_once_is_not():
     saves = memcheck._Saves(memcheck.Tracker("cpu"))
     saves._event("checkpointing_inactive", 1, bytes=1, modules=["model.layers.0"])
     saves._event("grad_in_eval", 1, phase="eval", bytes=1)
     assert [w["kind"] for w in saves.warnings(peak_bytes=10 * MiB)] == ["checkpointing_inactive"]
+
+
+@pytest.mark.parametrize("held, named", [(MiB - 1, False), (MiB, True), (101 * MiB, True)])
+def test_memory_held_once_is_named_from_1_mib_on_a_large_peak_or_1_percent_of_it(held, named):
+    saves = memcheck._Saves(memcheck.Tracker("cpu"))
+    saves._event("grad_in_eval", 1, phase="eval", when="in step 1", bytes=held)
+    assert bool(saves.warnings(peak_bytes=10 * 1024 * MiB)) is named   # 1% of 10 GiB: 102.4 MiB
+    assert bool(saves.warnings(peak_bytes=100 * held)) is True         # 1% of the peak, however small
 
 
 def test_a_model_compiled_in_place_is_said_to_run_eager_under_the_probe():
@@ -1634,6 +1666,11 @@ def test_diff_lines_up_the_references_item_modules_with_a_stack_that_holds_them_
         m["module"] = m["module"].removeprefix("ilora.")
     [(what, in_a, in_b)] = [row for row in memcheck.diff(a, b) if "projector" in row[0]]
     assert what.startswith("module projector.* ") and in_a == in_b > 0
+    c = copy.deepcopy(b)   # a module whose name only ends like the other's is another module
+    for m in c["modules"]:
+        m["module"] = m["module"].replace("projector.", "item_projector.")
+    rows = [row[0].split()[1] for row in memcheck.diff(b, c) if "projector" in row[0]]
+    assert sorted(rows) == ["item_projector.*", "projector.*"], rows
 
 
 def test_diff_markdown_is_a_valid_table(train_tiny):
@@ -1794,8 +1831,9 @@ def test_diff_json_and_the_max_ratio_gate(train_tiny, tmp_path, capsys):
                     f"{ratio * 1.01:.4f}").returncode == 0
     stopped = tmp_path / "stopped.json"   # an OOM stops early, at a smaller peak: never a pass
     memcheck.write_report(stopped, dict(memcheck.read_report(short), status="oom"))
-    gate = run_main(memcheck.main, capsys, "diff", long, stopped, "--max-ratio", "100")
-    assert gate.returncode == 1 and "B oom" in gate.stderr
+    for a, b, side in ((long, stopped, "B"), (stopped, long, "A")):   # the baseline's OOM as much
+        gate = run_main(memcheck.main, capsys, "diff", a, b, "--max-ratio", "100")
+        assert gate.returncode == 1 and f"{side} oom" in gate.stderr, side
     caught = tmp_path / "caught.json"   # a model that caught OOMs skipped work: never a pass either
     memcheck.write_report(caught, dict(memcheck.read_report(short), warnings=[CAUGHT]))
     gate = run_main(memcheck.main, capsys, "diff", long, caught, "--max-ratio", "100")
@@ -2043,6 +2081,17 @@ def test_a_warning_of_exactly_three_percent_of_the_peak_is_weighty_and_one_byte_
     assert memcheck.weighty_warnings(report) == [f"output_kept {memcheck.mib(three)} MiB"]
 
 
+def test_a_run_that_does_not_train_as_it_should_is_named_however_few_parameters_or_bytes():
+    report = synthetic(1.0)
+    report["warnings"] = [{"kind": "no_grad", "count": 1, "of": 10, "message": "..."},
+                          {"kind": "oom_caught", "count": 1, "caught_in": ["model.layers.0"],
+                           "message": "..."},
+                          {"kind": "eval_mode", "message": "..."}]
+    assert memcheck.weighty_warnings(report) == [
+        "oom_caught (1x, in model.layers.0)", "no_grad (1 of 10 trainable parameters got no gradient)",
+        "eval_mode (dropout off)"]
+
+
 def evaluated_loop(monkeypatch, inside):
     """A Probe's report of two steps, each with an evaluation of 100 s on a fake clock (the steps'
     phases take 1 s each) after its step (`inside`: before probe.step(), as Lightning validates
@@ -2236,6 +2285,8 @@ def test_a_module_with_half_the_excess_or_less_is_named_its_largest_part_not_mos
                                  activations=sum(mib.values()))
     assert concluded(held(attn=10, mlp=10, norm=10), held(attn=22, mlp=20, norm=18)).endswith(
         ", the largest part in layers.*.attn (x1) (+12.0 MiB, op mm)")
+    assert concluded(held(attn=10, mlp=10), held(attn=20, mlp=20)).endswith(   # exactly half
+        ", the largest part in layers.*.attn (x1) (+10.0 MiB, op mm)")
 
 
 def test_bytes_made_a_level_lower_in_the_other_run_are_no_modules_excess():
@@ -2281,14 +2332,16 @@ def test_bytes_made_a_level_lower_in_the_other_run_are_no_modules_excess():
     assert said.endswith(", mostly layers.*.attn (x1) (+15.0 MiB, op where)"), said
 
 
-def test_a_forward_and_a_backward_stand_for_an_hf_trainers_forward_backward_by_the_larger_peak():
+@pytest.mark.parametrize("forward, backward", [(80, 100), (120, 100)])
+def test_a_forward_and_a_backward_stand_for_an_hf_trainers_forward_backward_by_the_larger_peak(
+        forward, backward):
     # The two phases' peak taken together is the larger of their peaks, never their sum.
     phases = lambda **peaks: {"phases": {p.replace("_", "+"): {"peak_bytes": n * MiB, "live_bytes": 0}
                                          for p, n in peaks.items()}}
-    reference = holding(phases(forward=80, backward=100), activations=100)
+    reference = holding(phases(forward=forward, backward=backward), activations=100)
     trainer = holding(phases(forward_backward=100), activations=100)
     rows = {what: (x, y) for what, x, y in memcheck.diff(reference, trainer)}
-    assert rows["forward+backward peak"] == (max(80, 100) * MiB, 100 * MiB)
+    assert rows["forward+backward peak"] == (max(forward, backward) * MiB, 100 * MiB)
 
 
 @pytest.mark.parametrize("heavier", ["A", "B"])
@@ -2810,6 +2863,21 @@ def test_allocator_only_runs_through_both_callbacks_with_no_dispatch_mode_and_no
     assert report["status"] == "ok" and len(report["steps"]) == 3 and report["allocator_only"]
     assert report["peak_bytes"] == 3000 and report["categories"] == {}
     assert "optimizer" in report["phases"] and report["warnings"][0]["kind"] == "leak"
+
+
+def test_untracked_bytes_are_what_the_allocator_holds_live_beyond_the_tracked_tensors(fake_cuda):
+    # The model trains on the CPU, where the tracker (watching "cuda") sees none of it: every byte the
+    # faked allocator holds at a phase's end is untracked, and its peak, above that, is no part of it.
+    linear = nn.Linear(8, 8)
+    optimizer = torch.optim.SGD(linear.parameters(), lr=0.1)
+    with memcheck.Probe(linear, optimizer, device="cuda", log=lambda *a: None) as probe:
+        with probe.phase("forward"):
+            loss = linear(torch.randn(4, 8)).sum()
+            fake_cuda.allocate(5000)
+            fake_cuda.free(2000)
+        probe.step(loss)
+    forward = probe.report()["phases"]["forward"]
+    assert (forward["peak_bytes"], forward["live_bytes"], forward["untracked_bytes"]) == (5000, 3000, 3000)
 
 
 def test_allocator_only_on_a_checkpointed_model_writes_its_report(fake_cuda, tmp_path):
