@@ -17,8 +17,8 @@ import ilora
 import memcheck
 import models
 import ref_train
-from conftest import (BS, SEQ, STEPS, TINY_OPT, _save_tiny_opt, peft_opt, step_temporary, token_batches,
-                      user_loop)
+from conftest import (BS, SEQ, STEPS, TINY_OPT, _save_tiny_opt, peft_opt, phased_loop, step_temporary,
+                      token_batches, user_loop)
 
 # ---------------------------------------------------------------- the reference's budget
 
@@ -223,6 +223,44 @@ def test_an_optimizer_whose_step_cannot_run_on_stand_ins_is_budgeted_as_foreach_
     assert memcheck.verdict(report).startswith("measured peak 1.00x the budget: as expected; Muon's step")
 
 
+def test_several_optimizers_step_in_turn_so_their_temporary_is_the_largest_ones_not_the_sum():
+    # two AdamWs over equal halves (as a GAN's two parts): each step's temporaries are freed before
+    # the next optimizer steps, so the peak holds one AdamW's, over half the parameters
+    params = [torch.zeros(1_000, 100) for _ in range(4)]
+    halves = [torch.optim.AdamW(params[:2]), torch.optim.AdamW(params[2:])]
+    trainable = sum(p.nbytes for p in params)
+    both, _ = budget._optimizer_terms(halves, params, trainable, on_cuda=False, **NO_PLACEMENT)
+    one, _ = budget._optimizer_terms(halves[0], params[:2], trainable // 2, on_cuda=False, **NO_PLACEMENT)
+    assert both["optimizer_temporary"] == one["optimizer_temporary"] > 0
+
+
+class _OneBufferAndAStep(torch.optim.Optimizer):
+    """Not one of torch's: a parameter-sized buffer and a 0-d step count per parameter."""
+
+    def __init__(self, params):
+        super().__init__(params, {})
+
+    def step(self):
+        for group in self.param_groups:
+            for p in group["params"]:
+                state = self.state[p]
+                if not state:
+                    state.update(step=torch.tensor(0.0), buffer=torch.zeros_like(p))
+                state["step"] += 1
+                state["buffer"].add_(p.grad)
+
+
+def test_an_optimizer_not_torchs_is_read_off_its_state_its_0_d_step_counts_left_out():
+    # a step count is a scalar, not a state per element: one buffer the size of each parameter is
+    # 1.0 times the trained bytes (small parameters, where counting the scalars would show)
+    params = [torch.nn.Parameter(torch.zeros(8)), torch.nn.Parameter(torch.zeros(4, 4))]
+    optimizer = _OneBufferAndAStep(params)
+    for p in params:
+        p.grad = torch.ones_like(p)
+    optimizer.step()
+    assert budget.optimizer_states(optimizer) == 1.0
+
+
 def test_a_step_is_measured_once_whatever_learning_rate_a_scheduler_sets():
     params = [torch.zeros(1_000, 10)]
     optimizer = torch.optim.AdamW(params, lr=1e-3)
@@ -373,6 +411,30 @@ def test_a_trace_that_fails_leaves_autocast_transformers_and_torch_as_they_were(
     # and the budget says why it falls back
     assert budget.budget(model, bs=2, seq=32, checkpointing=True)["method"].startswith(
         "formula: the layer does not run on meta (RuntimeError: a layer that cannot run on meta)")
+
+
+def test_the_estimate_of_a_16_bit_layer_with_eager_attention_keeps_its_scores_in_fp32():
+    # a layer that cannot run on meta is estimated per token; eager attention's softmax runs in
+    # fp32 whatever the weights' dtype: bs x heads x seq^2 x 4 bytes, the only term that grows with
+    # seq^2 (the rest is per token: doubling seq doubles it)
+    from transformers import OPTConfig, OPTForCausalLM
+    config = OPTConfig(vocab_size=500, **TINY_OPT)
+    config._attn_implementation = "eager"
+    with torch.device("meta"):
+        model = OPTForCausalLM(config).to(torch.bfloat16)
+
+    def fail(*_):
+        raise RuntimeError("a layer that cannot run on meta")
+    models.decoder_layers(model)[0].register_forward_pre_hook(fail)
+    bs, heads = 2, TINY_OPT["num_attention_heads"]
+
+    def per_layer(seq):
+        planned = budget.budget(model, bs=bs, seq=seq, checkpointing=False, full=True)
+        assert planned["method"].startswith("formula: the layer does not run on meta"), planned["method"]
+        return planned["terms"]["activations_per_layer"]
+
+    seq = 32
+    assert per_layer(2 * seq) - 2 * per_layer(seq) == bs * heads * ((2 * seq) ** 2 - 2 * seq ** 2) * 4
 
 
 def test_a_trained_fp32_weight_used_twice_is_cast_once_on_meta_as_autocast_caches_it():
@@ -620,6 +682,22 @@ def test_the_attention_weights_a_layer_returns_are_held_once_while_the_next_one_
     for phase in ("forward", "backward", "optimizer"):
         measured, predicted = report["phases"][phase]["peak_bytes"], report["budget"]["phases"][phase]
         assert abs(measured / predicted - 1) <= 0.03, (phase, measured, predicted)
+
+
+def test_a_4_d_mask_is_budgeted_as_a_mask_even_one_that_masks_nothing():
+    # a 4-D mask the caller made goes to SDPA as an explicit mask whatever it holds (is_causal is
+    # off): the layers make and save its bias, all True or not. (OPT counts positions off a 2-D
+    # mask: given a 4-D one, the positions are given too.)
+    model, optimizer = peft_opt()
+    bs, seq = 2, 32
+    everywhere, positions = torch.ones(bs, 1, seq, seq, dtype=torch.bool), torch.arange(seq).expand(bs, -1)
+    assert memcheck._masks_attention({"attention_mask": everywhere}) is True
+    with memcheck.Probe(model, optimizer) as probe:
+        phased_loop(probe, optimizer, token_batches(2, bs=bs, seq=seq), lambda ids: model(
+            input_ids=ids, attention_mask=everywhere, position_ids=positions, labels=ids).loss)
+    report = probe.report()
+    assert report["config"]["padded"] is True
+    assert report["budget"]["terms"]["attention_mask_per_layer"] == bs * seq * seq * 4 > 0
 
 
 def test_a_layer_that_cannot_take_the_padded_mask_is_traced_without_it_and_its_bias_added(
