@@ -9,6 +9,7 @@ import torch
 import torch.multiprocessing as mp
 
 import budget
+import distributed
 import drive
 import memcheck
 import models
@@ -122,6 +123,24 @@ def test_two_ddp_ranks_at_bs_1_train_as_one_process_at_bs_2(single, ddp):
     assert_same_weights(weights, single_weights)
     assert all(w.abs().sum() > 0 for n, w in weights.items() if "lora_B" in n)  # B started at zero
     assert_every_rank_within_its_budget(report, WORLD)
+
+
+def test_two_ddp_ranks_at_bs_2_train_on_the_rows_of_one_process_at_bs_4(dropout_free_model, tmp_path):
+    # rank r's rows start at r x bs: at bs 1 a start of r alone would pass the test above
+    run = ["--device", "cpu", "--seq", "32", "--steps", "2"]
+    report, *_ = run_ranks(dropout_free_model, "ddp", tmp_path, "--bs", "2", run=run)
+    single = ref_train.train(ref_train.parse_args(["--model", dropout_free_model, *run, "--bs", "4"]),
+                             log=lambda *_: None)
+    assert losses(report) == pytest.approx(losses(single), rel=1e-5)
+
+
+def test_the_table_of_ranks_gives_each_rank_its_own_figures_in_rank_order():
+    held = lambda mib: {"peak_bytes": mib * memcheck.MiB, "categories": {"activations": mib * memcheck.MiB}}
+    rank = lambda r, peak, planned: dict(held(peak), rank=r, peak_phase="backward", warnings=[],
+                                         budget=held(planned))
+    report = dict(rank(0, 10, 10), ranks=[rank(0, 10, 10), rank(1, 30, 20)])
+    rows = [line.split()[:4] for line in distributed.rank_table(report).splitlines()[1:]]
+    assert rows == [["0", "10.0", "backward", "10.0"], ["1", "30.0", "backward", "20.0"]]
 
 
 def test_fsdp2_trains_as_ddp(ddp, fsdp):

@@ -477,6 +477,8 @@ FAILURES = {
                                             "--world-size", str(10 ** 11)],
                                            [f"--world-size {10 ** 11} with --bs 2 --seq 128",
                                             "at most 16,777,216"]),
+    "budget-world-size-0": (["budget", "--model", "{tiny}", "--strategy", "ddp", "--world-size", "0"],
+                            ["--world-size 0", "1 or more"]),
     "budget-report-under-proc": (["budget", "--model", "{tiny}", "--report", "/proc/report.json"],
                                  ["--report /proc/report.json", "/proc"]),
     "figures-only-nothing": (["figures", "--only", ""], ["--only ''", "unknown ''", "baseline"]),

@@ -865,7 +865,8 @@ def values(tiny_model, tmp_path_factory):
 
 def ref_train_main(capsys, values, flags):
     """`ref_train.py FLAGS --steps 1` through ref_train.main, in this process."""
-    return run_main(ref_train.main, capsys, *(f.format(**values) for f in flags), "--steps", "1")
+    steps = [] if "--steps" in flags else ["--steps", "1"]
+    return run_main(ref_train.main, capsys, *(f.format(**values) for f in flags), *steps)
 
 
 # (flags, what the message must name); "{tiny}" is the tiny model, whose 256 positions keep it fast
@@ -875,7 +876,10 @@ BAD_INPUTS = {
                                                                  "tokens a step; at most 16,777,216"]),
     "seq-8": (["--seq", "8"], ["--seq 8"]),
     "seq-beyond-positions": (["--model", "{tiny}", "--seq", "100000"], ["--seq 100000", "256"]),
+    "steps-0": (["--steps", "0"], ["--steps 0", "1 or more"]),
     "r-0": (["--lora-r", "0"], ["--lora-r 0"]),
+    "experts-0": (["--experts", "0"], ["--experts 0", "1 or more"]),
+    "dropout-1": (["--dropout", "1"], ["--dropout 1.0", "[0, 1)"]),
     "r-not-divisible": (["--lora-r", "6", "--experts", "4"], ["--lora-r 6", "--experts 4"]),
     # an older report's baseline command, and an abbreviation, which never becomes another flag
     "r-renamed": (["--r", "16"], ["--r: renamed --lora-r"]),
@@ -900,6 +904,7 @@ BAD_INPUTS = {
     "malformed-u.data": (["--model", "{tiny}", "--data", "{bad_data}"],
                          ["{bad_data}/u.data line 3", "three"]),
     "lr-negative": (["--lr", "-1"], ["--lr -1.0", "positive"]),
+    "lr-0": (["--lr", "0"], ["--lr 0.0", "positive"]),
     "alpha-zero": (["--alpha", "0"], ["--alpha 0.0", "positive"]),
     "lr-beyond-float32": (["--lr", "1e38"], ["--lr 1e+38", "at most 3.4e37", "float32"]),
     "alpha-beyond-float32": (["--alpha", "1e308"], ["--alpha 1e+308", "float32"]),
@@ -912,8 +917,10 @@ BAD_INPUTS = {
                                     "use --vocab 560 or more"]),
     "seed-beyond-64-bits": (["--seed", str(2 ** 64)], [f"--seed {2 ** 64}", "2**64 - 1"]),
     "max-memory-infinite": (["--max-memory", "inf"], ["--max-memory inf", "positive"]),
+    "max-memory-0": (["--max-memory", "0"], ["--max-memory 0", "positive"]),
     "max-memory-beyond-int64-bytes": (["--max-memory", "1e308"], ["--max-memory 1e+308", "at most 2**43"]),
     "report-empty": (["--report", ""], ["--report ''", "empty"]),
+    "report-a-directory": (["--report", "{empty_dir}"], ["--report {empty_dir}: is a directory"]),
     "report-in-missing-dir": (["--report", "/no/such/dir/r.json"], ["/no/such/dir/r.json"]),
     "report-under-a-file": (["--report", "{report_file}/r.json"],
                             ["{report_file} is a file, not a directory"]),
@@ -924,6 +931,20 @@ BAD_INPUTS = {
     "ckpt-every-0": (["--ckpt-every", "0"], ["--ckpt-every 0", "1 or more"]),
     "ckpt-every-with-hf": (["--ckpt", "hf", "--ckpt-every", "2"], ["--ckpt-every 2", "--ckpt hf", "manual"]),
 }
+
+
+@pytest.mark.parametrize("environment, given, named", [
+    ({"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0"}, ["--strategy", "fsdp", "--ckpt", "reentrant"],
+     "--ckpt reentrant with --strategy fsdp"),
+    ({"RANK": "0"}, ["--strategy", "ddp"], "--strategy ddp: needs torchrun's environment")])
+def test_a_strategy_is_refused_in_one_line_without_all_of_torchruns_environment_or_with_reentrant(
+        environment, given, named, values, capsys, monkeypatch):
+    for name in flags.TORCHRUN_ENV:
+        monkeypatch.delenv(name, raising=False)
+    for name, value in environment.items():
+        monkeypatch.setenv(name, value)
+    result = ref_train_main(capsys, values, given)
+    assert result.returncode == 2 and result.stderr.count("\n") == 1 and named in result.stderr, result.stderr
 
 
 def test_a_negative_seed_is_one_torch_takes():
