@@ -3,6 +3,7 @@ import contextlib
 import json
 import os
 import shutil
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -132,6 +133,16 @@ def test_two_ddp_ranks_at_bs_2_train_on_the_rows_of_one_process_at_bs_4(dropout_
     single = ref_train.train(ref_train.parse_args(["--model", dropout_free_model, *run, "--bs", "4"]),
                              log=lambda *_: None)
     assert losses(report) == pytest.approx(losses(single), rel=1e-5)
+
+
+@pytest.mark.parametrize("strategy", ["none", "ddp", "fsdp"])
+def test_fsdp2s_16_mixed_scales_with_the_sharded_scaler_that_agrees_across_ranks_on_infs(strategy):
+    # each FSDP2 rank holds only its shards of the gradients: a plain scaler finds an inf on one
+    # rank alone, and the ranks' weights drift apart (the scaler's all-reduce is torch's, tested there)
+    from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
+    args = ref_train.parse_args(["--device", "cpu", "--precision", "16-mixed"])
+    scaler = distributed.grad_scaler(SimpleNamespace(**{**vars(args), "strategy": strategy}))
+    assert isinstance(scaler, ShardedGradScaler) == (strategy == "fsdp") and scaler.is_enabled()
 
 
 def test_the_table_of_ranks_gives_each_rank_its_own_figures_in_rank_order():
