@@ -7,6 +7,7 @@ import contextlib
 import gc
 import os
 import random
+import shutil
 import signal
 import socket
 import sys
@@ -101,6 +102,19 @@ def growing_vocab_model(tmp_path_factory):
 # The model families of drive.FAMILIES run at this shape: activations are most of the peak, so
 # that an error in them shows.
 STEPS, BS, SEQ = 2, 4, 128
+
+
+@pytest.fixture(scope="session")
+def hub_cache_with_tiny_opt(tiny_model, tmp_path_factory):
+    """A Hugging Face cache whose facebook/opt-125m is the tiny OPT: the default --model, and the
+    README's commands exactly as written, load it (nothing is downloaded) and train in seconds."""
+    revision = "0" * 40
+    cache = tmp_path_factory.mktemp("hub")
+    repo = cache / "models--facebook--opt-125m"
+    shutil.copytree(tiny_model, repo / "snapshots" / revision)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(revision)
+    return str(cache)
 
 
 @pytest.fixture(scope="session")

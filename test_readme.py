@@ -22,7 +22,6 @@ NOT_RUN = {
 }
 # Whole commands the test does not run: why
 REPEATED = {"python ref_train.py --bs 2 --seq 128": "a later block runs it again, with --report baseline.json"}
-FAKE_REVISION = "0" * 40
 # The python blocks build opt-125m's architecture; here the tiny OPT's, as the cached opt-125m is.
 # The same loop at full size is docs/probe.md's script, which `drive.py figures` reruns.
 AT_TINY_SIZE = {"OPTConfig()": f"OPTConfig(vocab_size=560, **{TINY_OPT})", "50272": "560"}
@@ -41,18 +40,6 @@ def code_blocks(text):
 def commands(source):
     """A bash block's commands, one per line, continuation lines joined."""
     return [line for line in source.replace("\\\n", " ").splitlines() if line.strip()]
-
-
-@pytest.fixture(scope="module")
-def hub_cache_with_tiny_opt(tiny_model, tmp_path_factory):
-    """A Hugging Face cache whose facebook/opt-125m is the tiny OPT: the README's commands, exactly
-    as written, load it (nothing is downloaded) and train in seconds."""
-    cache = tmp_path_factory.mktemp("hub")
-    repo = cache / "models--facebook--opt-125m"
-    shutil.copytree(tiny_model, repo / "snapshots" / FAKE_REVISION)
-    (repo / "refs").mkdir()
-    (repo / "refs" / "main").write_text(FAKE_REVISION)
-    return str(cache)
 
 
 @pytest.fixture

@@ -244,6 +244,19 @@ def test_movielens_ids_with_gaps_are_numbered_in_order_so_the_item_table_is_thei
         assert set(s.candidates) <= set(titles)
 
 
+def test_movielens_items_are_numbered_in_id_order_whatever_the_order_of_the_lines_of_u_item(tmp_path):
+    directory = write_movielens(tmp_path / "ml", item_ids=list(range(2, 82, 2)))
+    in_id_order = data.movielens_catalogue(directory)
+    path = os.path.join(directory, "u.item")
+    with open(path, encoding="latin-1") as f:
+        lines = f.readlines()
+    with open(path, "w", encoding="latin-1") as f:
+        f.writelines(reversed(lines))
+    titles, samples = data.movielens_catalogue(directory)
+    assert titles[1].startswith("Movie number 2 ")   # the smallest id's title
+    assert (titles, samples) == in_id_order
+
+
 GOOD = None  # write_movielens' default for that file
 
 
@@ -277,6 +290,34 @@ def test_movielens_missing_file_is_named(tmp_path):
 
 
 # ---------------------------------------------------------------- the model and its tokenizer
+
+def test_the_default_model_in_the_local_cache_is_loaded_from_its_files_not_built_from_optconfig(
+        hub_cache_with_tiny_opt, monkeypatch, capsys):
+    import huggingface_hub.constants
+
+    # (read from HF_HUB_CACHE when huggingface_hub is imported: setting the variable now is too late)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", hub_cache_with_tiny_opt)
+    assert ref_train.main(["--device", "cpu", "--steps", "1", "--seq", "32"]) == 0
+    out = capsys.readouterr().out
+    assert f"model: {flags.DEFAULT_MODEL} from local files" in out
+    assert "not in the local cache" not in out and "random weights" not in out
+
+
+def test_random_weights_from_a_config_alone_follow_the_seed_and_nothing_run_before(tmp_path):
+    from transformers import OPTConfig
+
+    OPTConfig(vocab_size=500, **TINY_OPT).save_pretrained(tmp_path)   # config.json, no weights
+
+    def weights(seed):
+        args = ref_train.parse_args(["--model", str(tmp_path), "--seed", str(seed)])
+        return models.load_model(args, torch.float32)[0].state_dict()
+
+    first = weights(0)
+    torch.manual_seed(123)
+    again, other = weights(0), weights(1)
+    assert [name for name in first if not torch.equal(first[name], again[name])] == []
+    assert any(not torch.equal(first[name], other[name]) for name in first)
+
 
 def test_model_dir_without_tokenizer_gets_the_stand_in_tokenizer(bare_tiny_model):
     args = ref_train.parse_args(["--model", bare_tiny_model, "--device", "cpu", "--seq", "128"])
@@ -326,6 +367,23 @@ def test_a_degenerate_tokenizer_counts_as_none_and_the_vocabulary_never_shrinks(
     assert len(tokenizer) == 556 and "tokenizer" not in source
 
 
+def test_a_tokenizer_with_fewer_tokens_than_a_hundredth_of_the_rows_is_not_the_models(tmp_path):
+    from tokenizers import Tokenizer
+    from tokenizers.models import WordLevel
+    from transformers import OPTConfig, PreTrainedTokenizerFast
+
+    OPTConfig(vocab_size=10_000, **TINY_OPT).save_pretrained(tmp_path)
+    words = {f"w{i}": i for i in range(90)} | {"<unk>": 90}
+    PreTrainedTokenizerFast(tokenizer_object=Tokenizer(WordLevel(words, unk_token="<unk>")),
+                            unk_token="<unk>").save_pretrained(tmp_path)
+    assert models.MIN_TOKENS < 91   # so that only the share of the rows rules it out
+    args = ref_train.parse_args(["--model", str(tmp_path)])
+    _, tokenizer, source = models.load_model(args, torch.float32, meta=True)
+    assert tokenizer is None
+    assert "has 91 token(s) for 10000 embedding rows, so it cannot be the model's" in source
+    assert source.endswith("using the stand-in BPE trained on the catalogue")
+
+
 def test_auto_targets_follow_the_model_type_and_unknown_types_are_named(tiny_model):
     opt = type("M", (), {"config": type("C", (), {"model_type": "opt"})})()
     assert models.resolve_targets(opt, ("auto", "fc1"), ["fc1", "q_proj"]) == ("q_proj", "v_proj", "fc1")
@@ -336,6 +394,12 @@ def test_auto_targets_follow_the_model_type_and_unknown_types_are_named(tiny_mod
         models.resolve_targets(other, ("auto",), ["c_attn", "c_proj"])
     assert ref_train.parse_args(["--model", tiny_model]).targets == ("auto",)
     assert "auto" in flags.build_parser().format_help()
+
+
+def test_auto_targets_of_an_unknown_model_type_need_both_q_proj_and_v_proj():
+    other = type("M", (), {"config": type("C", (), {"model_type": "newarch"})})()
+    with pytest.raises(flags.UsageError, match="no default targets for model type newarch.*k_proj, q_proj"):
+        models.resolve_targets(other, ("auto",), ["k_proj", "q_proj"])
 
 
 def test_a_model_without_sdpa_falls_back_to_eager_and_the_budget_follows(tiny_model, monkeypatch,
@@ -1036,6 +1100,13 @@ def test_a_failure_before_training_is_one_line_naming_the_value_with_exit_code_2
     for value in FAILURES[case][1]:
         assert value.format(**values) in line, (value, line)
     assert "step" not in done.stdout   # nothing trained
+
+
+def test_a_stand_in_with_more_tokens_than_the_model_has_rows_grows_the_embeddings_to_hold_it(values, capsys):
+    # The stand-in's 556 tokens and the 4 placeholders: more rows than the model's 500 + 4 added
+    done = ref_train_main(capsys, values, ["--model", "{small_vocab}", "--seq", "32"])
+    assert done.returncode == 0, done.stderr
+    assert "vocabulary: 500 embedding rows, resized to 560 (4 placeholder tokens added)" in done.stdout
 
 
 def test_positions_below_one_are_named_by_the_key_the_config_file_holds(family_models, tmp_path):
