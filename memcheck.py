@@ -2003,7 +2003,7 @@ def _check_report(path, report):
 
 def _other_ranks(path):
     """The reports a run of ranks wrote where `path`'s would be: NAME.rankN.json beside it (a rank's, or
-    a process's that torchrun started in no group), or the same name in a folder named by another rank
+    a process's that a launcher started in no group), or the same name in a folder named by another rank
     ({rank} in a folder: a single run's there is an experiment's numbered folder, not a rank's)."""
     stem, ext = os.path.splitext(str(path))
     found = [p for p in glob.glob(f"{glob.escape(stem)}.rank*{glob.escape(ext)}")
@@ -2022,7 +2022,7 @@ def _world_size(path):
         with open(path) as f:
             report = json.load(f)
         world_size = report.get("world_size", 1) if "schema" in report else 0
-        return world_size if isinstance(world_size, int) else 0
+        return world_size if type(world_size) is int and world_size > 0 else 0
     except (OSError, ValueError, AttributeError, TypeError):
         return 0
 
@@ -2036,7 +2036,7 @@ def read_report(path):
         others = _other_ranks(path) if isinstance(e, FileNotFoundError) else []
         listed = ", ".join(others[:4]) + (f" and {len(others) - 4} more" if len(others) > 4 else "")
         raise ReportError(f"{path}: cannot read ({e.strerror})" + (
-            f"; the reports of a run of ranks are there ({listed}): a rank that torchrun stopped, as "
+            f"; the reports of a run of ranks are there ({listed}): a rank that its launcher stopped, as "
             "another failed, writes none" if others else ""))
     except ValueError as e:  # a binary file (UnicodeDecodeError), or JSONDecodeError
         what = f"not JSON ({e.msg} at line {e.lineno})" if hasattr(e, "lineno") else "a binary file, not JSON"
@@ -2245,25 +2245,29 @@ def rank_and_world():
     return 0, 1
 
 
-# What each launcher tells the processes it starts: (its name, a variable only it sets, rank, count).
-# torchrun first: under srun or mpirun, its RANK is the one among every process it started.
+# What each launcher tells the processes it starts: (its name, a variable it sets, rank, count). The
+# innermost first: torchrun's or mpirun's processes inherit the variables of an srun step around them.
 _LAUNCHERS = (("torchrun", "TORCHELASTIC_RUN_ID", "RANK", "WORLD_SIZE"),
-              ("srun", "SLURM_STEP_NUM_TASKS", "SLURM_PROCID", "SLURM_STEP_NUM_TASKS"),
               ("mpirun", "OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE"),
-              ("mpirun", "PMI_SIZE", "PMI_RANK", "PMI_SIZE"))
+              ("mpirun", "PMI_SIZE", "PMI_RANK", "PMI_SIZE"),
+              ("srun", "SLURM_STEP_NUM_TASKS", "SLURM_PROCID", "SLURM_STEP_NUM_TASKS"))
 
 
 def _launched_alone():
     """(rank, world size, launcher) that a launcher's environment gives a process in no process group,
-    as a script that never joins one gets; None where it is in one, alone, or no launcher's."""
-    for name, own, rank, size in _LAUNCHERS:
-        if own in os.environ:   # the launcher's own variable: not a stale or another launcher's RANK
-            try:
-                rank, world_size = int(os.environ[rank]), int(os.environ[size])
-            except (KeyError, ValueError):
-                return None
-            alone = world_size > 1 and 0 <= rank < world_size and rank_and_world()[1] == 1
-            return (rank, world_size, name) if alone else None
+    as a script that never joins one gets: the innermost launcher that started more than one; None
+    where the process is in a group, or alone."""
+    if rank_and_world()[1] > 1:
+        return None
+    for name, own, rank_variable, size_variable in _LAUNCHERS:
+        if own not in os.environ:   # (its own variable: not a stale or another launcher's RANK)
+            continue
+        try:
+            rank, world_size = int(os.environ[rank_variable]), int(os.environ[size_variable])
+        except (KeyError, ValueError):
+            continue
+        if world_size > 1 and 0 <= rank < world_size:
+            return rank, world_size, name
     return None
 
 

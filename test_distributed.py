@@ -136,7 +136,7 @@ def test_two_ddp_ranks_at_bs_2_train_on_the_rows_of_one_process_at_bs_4(dropout_
 
 
 @pytest.mark.parametrize("strategy", ["none", "ddp", "fsdp"])
-def test_fsdp2s_16_mixed_scales_with_the_sharded_scaler_that_agrees_across_ranks_on_infs(strategy):
+def test_16_mixed_scales_with_the_sharded_scaler_under_fsdp_only(strategy):
     # each FSDP2 rank holds only its shards of the gradients: a plain scaler finds an inf on one
     # rank alone, and the ranks' weights drift apart (the scaler's all-reduce is torch's, tested there)
     from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler

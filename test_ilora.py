@@ -269,7 +269,7 @@ def test_several_experts_without_a_gate_raise_a_clear_error():
 
 
 @pytest.mark.parametrize("n_experts", [1, 4])
-def test_a_16_bit_layer_adds_the_fp32_update_scaled_then_rounded_once(n_experts):
+def test_a_16_bit_layer_rounds_the_fp32_update_after_scaling_it(n_experts):
     # alpha 24 scales by 3 or 12, which rounding to bf16 before scaling would not give bit for bit
     torch.manual_seed(0)
     base = nn.Linear(32, 48).to(torch.bfloat16).requires_grad_(False)

@@ -2514,9 +2514,22 @@ def ranks_of_a_run(path, batch_sizes, log=lambda *a: None):
                 user_loop(probe, model, optimizer, token_batches(2, bs=bs))
 
 
-LAUNCHED = {"torchrun": {"TORCHELASTIC_RUN_ID": "none", "WORLD_SIZE": "2", "RANK": "{rank}"},
-            "srun": {"SLURM_STEP_NUM_TASKS": "2", "SLURM_PROCID": "{rank}", "SLURM_NTASKS": "2"},
-            "mpirun": {"OMPI_COMM_WORLD_SIZE": "2", "OMPI_COMM_WORLD_RANK": "{rank}"}}
+# (the launcher's name, the environment it gives process {rank} of 2)
+LAUNCHED = {"torchrun": ("torchrun", {"TORCHELASTIC_RUN_ID": "none", "WORLD_SIZE": "2", "RANK": "{rank}"}),
+            "srun": ("srun", {"SLURM_STEP_NUM_TASKS": "2", "SLURM_PROCID": "{rank}", "SLURM_NTASKS": "2"}),
+            "openmpi": ("mpirun", {"OMPI_COMM_WORLD_SIZE": "2", "OMPI_COMM_WORLD_RANK": "{rank}"}),
+            "hydra": ("mpirun", {"PMI_SIZE": "2", "PMI_RANK": "{rank}"}),
+            # an interactive srun step's variables, inherited by the mpirun inside it
+            "mpirun-in-an-srun-step": ("mpirun", {"SLURM_STEP_NUM_TASKS": "1", "SLURM_PROCID": "0",
+                                                  "OMPI_COMM_WORLD_SIZE": "2",
+                                                  "OMPI_COMM_WORLD_RANK": "{rank}"})}
+
+
+def no_launcher(patch):
+    """No launcher's variables in the environment (a test run under srun or mpirun has some)."""
+    for _, *variables in memcheck._LAUNCHERS:
+        for name in variables:
+            patch.delenv(name, raising=False)
 
 
 def probed_under_a_launcher(path, rank, log, joins=False, launcher="torchrun"):
@@ -2524,7 +2537,8 @@ def probed_under_a_launcher(path, rank, log, joins=False, launcher="torchrun"):
     environment), in no process group; `joins`: one comes up inside the probe's scope (faked)."""
     model, optimizer = peft_opt()
     with pytest.MonkeyPatch.context() as patch:
-        for name, value in LAUNCHED[launcher].items():
+        no_launcher(patch)
+        for name, value in LAUNCHED[launcher][1].items():
             patch.setenv(name, value.format(rank=rank))
         with memcheck.Probe(model, optimizer, path=path, log=log) as probe:
             if joins:
@@ -2532,14 +2546,14 @@ def probed_under_a_launcher(path, rank, log, joins=False, launcher="torchrun"):
             user_loop(probe, model, optimizer, token_batches(2, bs=2))
 
 
-@pytest.mark.parametrize("launcher", ["torchrun", "srun", "mpirun"])
+@pytest.mark.parametrize("launcher", LAUNCHED)
 def test_processes_a_launcher_started_in_no_process_group_each_write_their_own_report(tmp_path, launcher):
     lines = []
     for rank in (0, 1):
         probed_under_a_launcher(str(tmp_path / "stack.json"), rank, lines.append, launcher=launcher)
     assert sorted(f for f in os.listdir(tmp_path) if f.endswith(".json")) == ["stack.json", "stack.rank1.json"]
-    assert lines[1].endswith(f"{tmp_path}/stack.rank1.json (process 1 of the 2 {launcher} started; in no "
-                             "process group, each trains alone)"), lines[1]
+    assert lines[1].endswith(f"{tmp_path}/stack.rank1.json (process 1 of the 2 {LAUNCHED[launcher][0]} "
+                             "started; in no process group, each trains alone)"), lines[1]
     assert "\nthe reference for this stack: python ref_train.py" in lines[0]   # process 0 alone prints it
     reports = [memcheck.read_report(tmp_path / name) for name in ("stack.json", "stack.rank1.json")]
     assert all((r["rank"], r["world_size"], r["status"]) == (0, 1, "ok") for r in reports)
@@ -2560,6 +2574,7 @@ def test_a_process_group_that_comes_up_inside_the_scope_makes_the_report_a_ranks
 
 
 def test_a_rank_in_the_environment_without_its_launcher_is_not_taken_for_one(tmp_path, monkeypatch):
+    no_launcher(monkeypatch)
     monkeypatch.setenv("RANK", "1")   # a stale export, another launcher's
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("SLURM_PROCID", "1")   # sbatch's one process, in a job of two tasks, not srun's
@@ -2729,15 +2744,18 @@ def test_a_diff_missing_a_ranks_report_names_it_in_one_line(two_runs_of_two_rank
         shutil.copy(alone, written)
         line = one_error_line(run_main(memcheck.main, capsys, "diff", missing, alone))
         assert f"{missing}: cannot read (No such file or directory); the reports of a run of ranks are " \
-               f"there ({written}): a rank that torchrun stopped" in line, line
+               f"there ({written}): a rank that its launcher stopped" in line, line
     # numbered folders of single-process runs, and names that only start like a rank's, are none
     os.makedirs(tmp_path / "exp" / "1")
     single = dict(memcheck.read_report(alone), world_size=1)
     memcheck.write_report(tmp_path / "exp" / "1" / "stack.json", single)
     shutil.copy(alone, tmp_path / "gone.rankings.json")
+    for rank, world_size in ((2, True), (3, -3)):   # nor a report whose world size is no count
+        memcheck.write_report(tmp_path / f"gone.rank{rank}.json", dict(single, world_size=world_size))
     for missing in (tmp_path / "exp" / "3" / "stack.json", tmp_path / "gone.json"):
         line = one_error_line(run_main(memcheck.main, capsys, "diff", missing, alone))
-        assert "gone.rankings" not in line and "exp/1" not in line, line
+        assert "gone.rankings" not in line and "exp/1" not in line and "gone.rank2" not in line, line
+        assert "gone.rank3" not in line, line
 
 
 def test_a_run_of_ranks_is_read_at_the_rank_that_ran_out_of_memory_not_at_its_fallout(
