@@ -1146,7 +1146,7 @@ class Probe:
         self.path = path and self.paths[self.rank]
         beside = "" if "{rank}" in str(path) else f"; ranks but 0 add .rankN to {path}, which has no {{rank}}"
         self._rank_note = f" (rank {self.rank} of {self.world_size}{beside})" if self.world_size > 1 else ""
-        alone = _launched_alone() if path else None
+        alone = _launched_alone(self.world_size) if path else None
         self._launched_rank = alone[0] if alone else self.rank   # the one that prints the baseline: 0
         if alone:  # each process its own report, named as a rank's would be, not one file for all
             self.path = rank_paths(str(path), alone[1])[alone[0]]
@@ -2253,11 +2253,11 @@ _LAUNCHERS = (("torchrun", "TORCHELASTIC_RUN_ID", "RANK", "WORLD_SIZE"),
               ("srun", "SLURM_STEP_NUM_TASKS", "SLURM_PROCID", "SLURM_STEP_NUM_TASKS"))
 
 
-def _launched_alone():
-    """(rank, world size, launcher) that a launcher's environment gives a process in no process group,
-    as a script that never joins one gets: the innermost launcher that started more than one; None
-    where the process is in a group, or alone."""
-    if rank_and_world()[1] > 1:
+def _launched_alone(world_size):
+    """(rank, world size, launcher) that a launcher's environment gives a process in no process group
+    (`world_size`, the group's, is 1), as a script that never joins one gets: the innermost launcher
+    that started more than one; None where the process is in a group, or alone."""
+    if world_size > 1:
         return None
     for name, own, rank_variable, size_variable in _LAUNCHERS:
         if own not in os.environ:   # (its own variable: not a stale or another launcher's RANK)

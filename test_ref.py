@@ -1007,8 +1007,7 @@ def test_a_strategy_is_refused_in_one_line_without_all_of_torchruns_environment_
         monkeypatch.delenv(name, raising=False)
     for name, value in environment.items():
         monkeypatch.setenv(name, value)
-    result = ref_train_main(capsys, values, given)
-    assert result.returncode == 2 and result.stderr.count("\n") == 1 and named in result.stderr, result.stderr
+    assert named in one_error_line(ref_train_main(capsys, values, given))
 
 
 def test_a_negative_seed_is_one_torch_takes():
